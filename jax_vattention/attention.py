@@ -1,0 +1,173 @@
+"""Unpaged attention over a KV cache, with the kernel chosen by one argument.
+
+Every backend reads the per-layer cache arrays ``[max_batch, capacity,
+kv_heads, head_dim]`` as they are, with no slice, transpose or copy of a whole
+cache array, and uses only each row's first ``kv_lengths[b]`` positions. That
+is what lets a virtual cache, whose pages past the live tokens are unmapped,
+serve unmodified kernels: switching kernels is a change of ``backend=``.
+
+Backends
+--------
+``xla``
+    The reference: plain einsums with float32 softmax. It reads the whole
+    capacity and masks, so it is for CPU and dense caches (tests, CI).
+``cudnn``
+    ``jax.nn.dot_product_attention(implementation="cudnn")`` with
+    ``key_value_seq_lengths``: it stops at each row's length, safe on a partly
+    mapped cache. Prefill (``q_len > 1``) assumes each row's queries start at
+    position 0 (top-left causal mask), which is how :mod:`jax_vattention.generate`
+    prefills.
+``pallas``
+    Decode (``q_len == 1``) runs
+    ``jax_vattention.kernels.decode_attention.decode_attention``; prefill falls
+    back to ``cudnn`` on GPU and ``xla`` elsewhere.
+
+Rows and slots: a batch row ``b`` may live in any cache slot ``slots[b]``. The
+kernels pair query row ``i`` with cache row ``i``, so the (small) queries are
+scattered into a ``[max_batch, ...]`` array, attended, and the rows gathered
+back; the cache itself is never gathered.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots):
+    if q.ndim != 4:
+        raise ValueError(f"q must be [batch, q_len, q_heads, head_dim]; got shape {q.shape}")
+    if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must both be [max_batch, capacity, kv_heads, head_dim]; "
+                         f"got {k_cache.shape} and {v_cache.shape}")
+    batch, q_len, q_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    if head_dim != k_cache.shape[3]:
+        raise ValueError(f"q has head_dim {head_dim}; the cache has {k_cache.shape[3]}")
+    if q_heads % kv_heads:
+        raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    if q_positions.shape != (batch, q_len):
+        raise ValueError(f"q_positions must have shape {(batch, q_len)}; got {q_positions.shape}")
+    if kv_lengths.shape != (batch,):
+        raise ValueError(f"kv_lengths must have shape {(batch,)}; got {kv_lengths.shape}")
+    if slots is None and batch > k_cache.shape[0]:
+        raise ValueError(f"batch {batch} exceeds the cache's max_batch {k_cache.shape[0]}; pass slots")
+    if slots is not None and slots.shape != (batch,):
+        raise ValueError(f"slots must have shape {(batch,)}; got {slots.shape}")
+
+
+def xla_attention(q, k_cache, v_cache, q_positions, kv_lengths):
+    """Reference attention: key ``s`` is visible to query ``t`` of row ``b`` when
+    ``s < kv_lengths[b]`` and ``s <= q_positions[b, t]``. Rows with no visible key give zeros.
+
+    Shapes: q [B, T, N, H], caches [B, S, K, H], q_positions [B, T], kv_lengths [B] -> [B, T, N, H].
+    """
+    batch, q_len, q_heads, head_dim = q.shape
+    capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    groups = q_heads // kv_heads
+    q = q.astype(k_cache.dtype).reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, K, G, H]
+    logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k_cache,
+                        preferred_element_type=jnp.float32)  # [B, K, G, T, S]
+    logits = logits * jnp.float32(head_dim ** -0.5)  # [B, K, G, T, S]
+    key_positions = jnp.arange(capacity, dtype=jnp.int32)  # [S]
+    visible = ((key_positions[None, None, :] < kv_lengths[:, None, None])
+               & (key_positions[None, None, :] <= q_positions[:, :, None]))  # [B, T, S]
+    visible = visible[:, None, None]  # [B, 1, 1, T, S]
+    logits = jnp.where(visible, logits, jnp.float32(-1e30))  # [B, K, G, T, S]
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, K, G, T, S]
+    probs = jnp.where(visible, probs, 0.0)  # [B, K, G, T, S]
+    out = jnp.einsum('BKGTS,BSKH->BTKGH', probs.astype(v_cache.dtype), v_cache,
+                     preferred_element_type=jnp.float32)  # [B, T, K, G, H]
+    return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)  # [B, T, N, H]
+
+
+def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, *, implementation="cudnn"):
+    """``jax.nn.dot_product_attention`` over the cache, bounded by ``kv_lengths``.
+
+    Decode (``T == 1``) attends the first ``kv_lengths[b]`` keys; prefill (``T > 1``)
+    is causal from position 0. ``implementation=None`` runs JAX's own XLA version of the
+    same call, which is how the argument mapping is tested on CPU.
+    """
+    del q_positions  # decode: the query sees all kv_lengths keys; prefill: top-left causal from 0
+    q_len = q.shape[1]
+    q = q.astype(k_cache.dtype)  # [B, T, N, H]
+    if q_len == 1:
+        return jax.nn.dot_product_attention(
+            q, k_cache, v_cache, key_value_seq_lengths=kv_lengths,
+            implementation=implementation)  # [B, 1, N, H]
+    return jax.nn.dot_product_attention(
+        q, k_cache, v_cache, is_causal=True, key_value_seq_lengths=kv_lengths,
+        query_seq_lengths=jnp.minimum(kv_lengths, q_len),
+        implementation=implementation)  # [B, T, N, H]
+
+
+def cudnn_attention(q, k_cache, v_cache, q_positions, kv_lengths):
+    """cuDNN flash attention; see :func:`dot_product_attention`."""
+    return dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, implementation="cudnn")
+
+
+def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths):
+    """The project's Pallas decode kernel; prefill falls back to cuDNN (GPU) or XLA."""
+    if q.shape[1] > 1:
+        fallback = cudnn_attention if jax.default_backend() == "gpu" else xla_attention
+        return fallback(q, k_cache, v_cache, q_positions, kv_lengths)
+    try:
+        from jax_vattention.kernels.decode_attention import decode_attention
+    except ModuleNotFoundError as error:
+        raise ValueError("backend 'pallas' needs jax_vattention.kernels.decode_attention, "
+                         f"which cannot be imported ({error})") from error
+    out = decode_attention(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths)  # [B, N, H]
+    return out[:, None]  # [B, 1, N, H]
+
+
+BACKENDS: dict[str, Callable] = {
+    "xla": xla_attention,
+    "cudnn": cudnn_attention,
+    "pallas": pallas_attention,
+}
+
+
+def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions: jax.Array,
+           kv_lengths: jax.Array, backend: str = "xla", slots: jax.Array | None = None) -> jax.Array:
+    """Attention of new queries over one layer's cache, read in place.
+
+    Parameters
+    ----------
+    q : [batch, q_len, q_heads, head_dim], already rotated
+    k_cache, v_cache : [max_batch, capacity, kv_heads, head_dim], this layer's cache
+        (holding the new tokens' keys and values already)
+    q_positions : int32 [batch, q_len], each query's position in its sequence
+    kv_lengths : int32 [batch], how many cache positions of each row are valid
+    backend : ``"xla"``, ``"cudnn"`` or ``"pallas"`` (see the module docstring)
+    slots : int32 [batch] or None, the cache slot of each row (default: row ``b`` is slot ``b``);
+        rows whose slot is ``>= max_batch`` are padding and get zeros
+
+    Returns
+    -------
+    [batch, q_len, q_heads, head_dim], the dtype of ``q``.
+
+    Example::
+
+        out = attend(q, cache.k[0], cache.v[0], q_positions=lengths[:, None],
+                     kv_lengths=lengths + 1, backend="cudnn")
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots)
+    kernel = BACKENDS[backend]
+    batch, q_len = q.shape[:2]
+    max_batch = k_cache.shape[0]
+    kv_lengths = kv_lengths.astype(jnp.int32)
+    q_positions = q_positions.astype(jnp.int32)
+    if slots is None and batch == max_batch:
+        return kernel(q, k_cache, v_cache, q_positions, kv_lengths).astype(q.dtype)
+    if slots is None:
+        slots = jnp.arange(batch, dtype=jnp.int32)
+    full_q = jnp.zeros((max_batch, *q.shape[1:]), q.dtype).at[slots].set(q, mode="drop")  # [M, T, N, H]
+    full_positions = jnp.zeros((max_batch, q_len), jnp.int32).at[slots].set(
+        q_positions, mode="drop")  # [M, T]
+    full_lengths = jnp.zeros((max_batch,), jnp.int32).at[slots].set(kv_lengths, mode="drop")  # [M]
+    full_out = kernel(full_q, k_cache, v_cache, full_positions, full_lengths)  # [M, T, N, H]
+    return full_out.at[slots].get(mode="fill", fill_value=0).astype(q.dtype)  # [B, T, N, H]

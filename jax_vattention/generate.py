@@ -1,0 +1,244 @@
+"""Jitted generation over a KV cache: one prefill, then a ``lax.while_loop`` of decode steps.
+
+The cache is donated and returned, so a virtual cache is updated in place; the
+mapping op :func:`jax_vattention.ops.grow` runs at the top of every decode step,
+before that step's writes. Prompts of a call are padded to a *batch bucket*
+and a *prompt bucket* (powers of two), and everything else that varies between
+calls (prompt lengths, slots, ``max_new_tokens``, stop tokens, sampling knobs,
+the seed) is a traced argument, so the loop compiles once per bucket pair.
+
+::
+
+    rows of one call            cache slots (max_batch of them)
+    row 0: prompt A  ──slot 2──▶ [A A A A a a . . . . . . ]   capacity positions
+    row 1: prompt B  ──slot 0──▶ [B B b b b . . . . . . . ]
+    row 2: padding   ──slot M──▶ (dropped: nothing is written, attention gives zeros)
+
+Padding tokens are never written: each row writes ``count[b]`` tokens, the
+prompt length at prefill and 1 (0 once finished) per decode step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from jax_vattention.cache import KVCache
+from jax_vattention.sampling import sample_tokens
+
+MIN_PROMPT_BUCKET = 16
+
+
+def _grow(cache: KVCache, tokens: int) -> KVCache:
+    if cache.is_dense:
+        return cache
+    from jax_vattention import ops
+    return ops.grow(cache, tokens=tokens)
+
+
+def batch_bucket(batch: int, max_batch: int) -> int:
+    """The padded batch: the next power of two, at most ``max(batch, max_batch)``."""
+    return min(1 << (batch - 1).bit_length(), max(batch, max_batch))
+
+
+def prompt_bucket(length: int, capacity: int) -> int:
+    """The padded prompt length: the next power of two (at least 16), at most ``capacity``."""
+    return min(max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length()), capacity)
+
+
+def _generate(graphdef, state, cache: KVCache, prompts, prompt_lengths, slots, max_new_tokens,
+              stop_tokens, temperature, top_k, top_p, key, *, backend: str, return_logits: bool):
+    """The traced body of :data:`generate_jit`; shapes are in :func:`generate`'s docstring."""
+    model = nnx.merge(graphdef, state)
+    batch, prompt_len = prompts.shape
+    capacity = cache.capacity
+    rows = jnp.arange(batch, dtype=jnp.int32)  # [B]
+
+    def is_stop(tokens):  # [B] -> [B]
+        return jnp.any(tokens[:, None] == stop_tokens, axis=-1)
+
+    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))  # [B, P]
+    logits, cache = model(prompts, positions, cache, start=jnp.zeros_like(prompt_lengths),
+                          count=prompt_lengths, slots=slots, backend=backend,
+                          logit_index=jnp.maximum(prompt_lengths - 1, 0))  # [B, V]
+    key, step_key = jax.random.split(key)
+    first = sample_tokens(logits, step_key, temperature, top_k, top_p)  # [B]
+    out_tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, 0].set(first)  # [B, L]
+    out_logits = (jnp.zeros((batch, capacity, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
+                  if return_logits else jnp.zeros((batch, 0, 0), jnp.float32))  # [B, L, V]
+    generated = jnp.ones((batch,), jnp.int32)  # [B]
+    done = (prompt_lengths == 0) | is_stop(first) | (generated >= max_new_tokens)  # [B]
+    max_steps = jnp.max(jnp.where(prompt_lengths > 0, max_new_tokens, 1)) - 1  # []
+
+    def cond(carry):
+        step, _, _, _, done, _, _, _, _ = carry
+        return ((step < max_steps)  # stop 1: the decode steps the host reserved pages for are spent
+                & ~jnp.all(done))  # stop 2: every row hit a stop token or its own max_new_tokens
+
+    def body(carry):
+        step, cache, last, lengths, done, generated, out_tokens, out_logits, key = carry
+        cache = _grow(cache, tokens=1)
+        active = ~done  # [B]
+        count = active.astype(jnp.int32)  # [B]; a finished row writes nothing
+        logits, cache = model(last[:, None], lengths[:, None], cache, start=lengths, count=count,
+                              slots=slots, backend=backend,
+                              logit_index=jnp.zeros_like(lengths))  # [B, V]
+        key, step_key = jax.random.split(key)
+        token = sample_tokens(logits, step_key, temperature, top_k, top_p)  # [B]
+        column = jnp.where(active, generated, capacity)  # [B]; out of bounds for finished rows
+        out_tokens = out_tokens.at[rows, column].set(token, mode="drop")  # [B, L]
+        if return_logits:
+            out_logits = out_logits.at[rows, column].set(logits, mode="drop")  # [B, L, V]
+        generated = generated + count  # [B]
+        done = done | is_stop(token) | (generated >= max_new_tokens)  # [B]
+        last = jnp.where(active, token, last)  # [B]
+        return (step + 1, cache, last, lengths + count, done, generated, out_tokens, out_logits, key)
+
+    carry = (jnp.int32(0), cache, first, prompt_lengths, done, generated, out_tokens, out_logits, key)
+    _, cache, _, _, _, generated, out_tokens, out_logits, _ = lax.while_loop(cond, body, carry)
+    return out_tokens, out_logits, generated, cache
+
+
+generate_jit = jax.jit(_generate, static_argnames=("graphdef", "backend", "return_logits"),
+                       donate_argnames=("cache",))
+"""The compiled generation loop: one executable per (batch bucket, prompt bucket, cache, model)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """What :func:`generate` produced for each prompt, in order.
+
+    ``tokens[i]`` are the new tokens of prompt ``i`` (ending with its stop token if one was
+    hit); ``logits[i]`` is float32 ``[len(tokens[i]), vocab]``, the logits each was drawn from,
+    when asked for.
+    """
+
+    tokens: list[list[int]]
+    logits: list[np.ndarray] | None = None
+
+
+def _per_prompt(value, count: int, name: str, dtype) -> np.ndarray:
+    array = np.asarray(value, dtype=dtype)
+    if array.ndim == 0:
+        return np.full((count,), array, dtype)
+    if array.shape != (count,):
+        raise ValueError(f"{name} must be one value or one per prompt ({count}); got shape {array.shape}")
+    return array
+
+
+def _stop_table(stop_tokens, count: int) -> np.ndarray:
+    """int32 [count, width], padded with -1: each prompt's stop tokens."""
+    if stop_tokens is None:
+        stop_tokens = ()
+    stop_tokens = list(stop_tokens)
+    if not stop_tokens or all(np.ndim(s) == 0 for s in stop_tokens):
+        per_prompt = [[int(s) for s in stop_tokens]] * count
+    elif len(stop_tokens) == count:
+        per_prompt = [[int(s) for s in row] for row in stop_tokens]
+    else:
+        raise ValueError(f"stop_tokens must be one list for all prompts or one list per prompt "
+                         f"({count}); got {len(stop_tokens)} lists")
+    width = max(1, max(len(row) for row in per_prompt))
+    table = np.full((count, width), -1, np.int32)
+    for i, row in enumerate(per_prompt):
+        table[i, :len(row)] = row
+    return table
+
+
+def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
+             slots: Sequence[int] | None = None, max_len: int | None = None,
+             max_new_tokens: int | Sequence[int] = 32, stop_tokens=None,
+             temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] = 0,
+             top_p: float | Sequence[float] = 1.0, seed: int = 0, backend: str = "xla",
+             return_logits: bool = False) -> tuple[GenerationResult, KVCache]:
+    """Generate new tokens for each prompt; the cache is donated and the updated one returned.
+
+    Parameters
+    ----------
+    model : a :class:`~jax_vattention.models.llama.Llama`
+    cache : the KV cache (dense or a manager's); every array ``[max_batch, capacity, kv_heads,
+        head_dim]``. It is donated: use the returned cache afterwards.
+    prompts : token ids, one non-empty list per prompt (at most ``max_batch`` prompts)
+    slots : the cache slot of each prompt (default ``0, 1, ...``); a manager's slots must
+        already be allocated with the prompt's length, and growth reserved
+    max_len : the longest sequence a slot may hold (default: the cache's capacity); each
+        prompt needs ``len(prompt) + max_new_tokens - 1 <= max_len``
+    max_new_tokens : at least 1; one for all prompts or one per prompt
+    stop_tokens : token ids that end a sequence (kept in its output), one list for all prompts
+        or one list per prompt; default: none
+    temperature, top_k, top_p : sampling knobs, one or one per prompt; temperature 0 is greedy
+    seed : the sampling seed
+    backend : the attention backend (``xla``, ``cudnn``, ``pallas``)
+    return_logits : also return the logits of every new token (float32 ``[capacity, vocab]`` per
+        row on the device: for tests and small vocabularies)
+
+    Returns
+    -------
+    (result, cache) : the :class:`GenerationResult` and the updated cache. Each slot's
+    device-side length ends at ``len(prompt) + len(tokens) - 1``.
+
+    Example::
+
+        cache = KVCache.dense(num_layers=2, max_batch=4, capacity=128, kv_heads=2, head_dim=16,
+                              dtype=jnp.float32)
+        result, cache = generate(model, cache, [[5, 6, 7], [8, 9]], max_new_tokens=10)
+    """
+    count = len(prompts)
+    max_batch, capacity = cache.max_batch, cache.capacity
+    max_len = capacity if max_len is None else min(max_len, capacity)
+    if count == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    if count > max_batch:
+        raise ValueError(f"{count} prompts but the cache has only {max_batch} slots (max_batch)")
+    vocab = model.config.vocab_size
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    new_tokens = _per_prompt(max_new_tokens, count, "max_new_tokens", np.int32)
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if new_tokens[i] < 1:
+            raise ValueError(f"max_new_tokens must be at least 1; got {new_tokens[i]} for prompt {i}")
+        if lengths[i] + new_tokens[i] - 1 > max_len:
+            raise ValueError(f"prompt {i} has {lengths[i]} tokens; with max_new_tokens="
+                             f"{new_tokens[i]} it needs {lengths[i] + new_tokens[i] - 1} positions, "
+                             f"more than max_len={max_len}")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt {i} has a token id outside [0, {vocab})")
+    slot_ids = np.arange(count, dtype=np.int32) if slots is None else np.asarray(slots, np.int32)
+    if slot_ids.shape != (count,) or len(set(slot_ids.tolist())) != count:
+        raise ValueError(f"slots must be {count} distinct slot ids; got {list(slot_ids)}")
+    if slot_ids.min() < 0 or slot_ids.max() >= max_batch:
+        raise ValueError(f"slots must lie in [0, {max_batch}); got {list(slot_ids)}")
+
+    rows = batch_bucket(count, max_batch)
+    width = prompt_bucket(int(lengths.max()), capacity)
+    padded = np.zeros((rows, width), np.int32)
+    for i, prompt in enumerate(prompts):
+        padded[i, :len(prompt)] = prompt
+
+    def pad(values, fill):
+        return np.concatenate([values, np.full((rows - count, *values.shape[1:]), fill, values.dtype)])
+
+    graphdef, state = nnx.split(model)
+    out_tokens, out_logits, generated, cache = generate_jit(
+        graphdef, state, cache, jnp.asarray(padded), jnp.asarray(pad(lengths, 0)),
+        jnp.asarray(pad(slot_ids, max_batch)), jnp.asarray(pad(new_tokens, 0)),
+        jnp.asarray(pad(_stop_table(stop_tokens, count), -1)),
+        jnp.asarray(pad(_per_prompt(temperature, count, "temperature", np.float32), 0)),
+        jnp.asarray(pad(_per_prompt(top_k, count, "top_k", np.int32), 0)),
+        jnp.asarray(pad(_per_prompt(top_p, count, "top_p", np.float32), 1)),
+        jax.random.key(seed), backend=backend, return_logits=return_logits)
+    out_tokens, generated = np.asarray(out_tokens), np.asarray(generated)
+    tokens = [out_tokens[i, :generated[i]].tolist() for i in range(count)]
+    logits = None
+    if return_logits:
+        out_logits = np.asarray(out_logits)
+        logits = [out_logits[i, :generated[i]] for i in range(count)]
+    return GenerationResult(tokens=tokens, logits=logits), cache

@@ -1,0 +1,163 @@
+"""A Llama-family decoder in Flax NNX that reads and writes a :class:`KVCache`.
+
+One forward pass serves prefill and decode alike: the new tokens' keys and
+values go into the cache through :func:`~jax_vattention.writes.write_kv` (only
+``count[b]`` tokens of row ``b``, so padding never reaches the cache), and
+attention reads the cache in place through :func:`~jax_vattention.attention.attend`.
+
+Weights are laid out for einsums, with axis letters: ``V`` vocabulary,
+``D`` model width, ``N`` query heads, ``K`` key/value heads, ``H`` head_dim,
+``F`` MLP width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax import lax
+
+from jax_vattention.attention import attend
+from jax_vattention.cache import KVCache
+from jax_vattention.models.configs import LlamaConfig
+from jax_vattention.models.rope import apply_rope, inverse_frequencies
+from jax_vattention.writes import write_kv
+
+
+def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> nnx.Param:
+    """A weight drawn from N(0, 1 / fan_in): activations keep unit scale through the network."""
+    return nnx.Param(jax.random.normal(rngs.params(), shape, dtype) * jnp.asarray(fan_in ** -0.5, dtype))
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32, scaled by a learned weight ``[D]``."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)  # [..., D]
+        normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)  # [..., D]
+        return self.weight[...] * normed.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention over the cache of one layer."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        d, n, k, h, dtype = (config.hidden_size, config.num_heads, config.num_kv_heads,
+                             config.head_dim, config.jnp_dtype)
+        self.wq = _normal(rngs, (d, n, h), d, dtype)  # [D, N, H]
+        self.wk = _normal(rngs, (d, k, h), d, dtype)  # [D, K, H]
+        self.wv = _normal(rngs, (d, k, h), d, dtype)  # [D, K, H]
+        self.wo = _normal(rngs, (n, h, d), n * h, dtype)  # [N, H, D]
+
+    def __call__(self, x, positions, cache: KVCache, layer: int, *, inv_freq, start, count, slots,
+                 backend: str):
+        q = jnp.einsum('BTD,DNH->BTNH', x, self.wq[...])  # [B, T, N, H]
+        k = jnp.einsum('BTD,DKH->BTKH', x, self.wk[...])  # [B, T, K, H]
+        v = jnp.einsum('BTD,DKH->BTKH', x, self.wv[...])  # [B, T, K, H]
+        q = apply_rope(q, positions, inv_freq)  # [B, T, N, H]
+        k = apply_rope(k, positions, inv_freq)  # [B, T, K, H]
+        dtype = cache.k[layer].dtype
+        cache = write_kv(cache, layer, k.astype(dtype), v.astype(dtype), start, count, slots)
+        out = attend(q, cache.k[layer], cache.v[layer], q_positions=positions,
+                     kv_lengths=start + count, backend=backend, slots=slots)  # [B, T, N, H]
+        y = jnp.einsum('BTNH,NHD->BTD', out.astype(x.dtype), self.wo[...])  # [B, T, D]
+        return y, cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        d, f, dtype = config.hidden_size, config.intermediate_size, config.jnp_dtype
+        self.w_gate = _normal(rngs, (d, f), d, dtype)  # [D, F]
+        self.w_up = _normal(rngs, (d, f), d, dtype)  # [D, F]
+        self.w_down = _normal(rngs, (f, d), f, dtype)  # [F, D]
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = jnp.einsum('BTD,DF->BTF', x, self.w_gate[...])  # [B, T, F]
+        up = jnp.einsum('BTD,DF->BTF', x, self.w_up[...])  # [B, T, F]
+        return jnp.einsum('BTF,FD->BTD', jax.nn.silu(gate) * up, self.w_down[...])  # [B, T, D]
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual block: attention, then the MLP."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        dtype = config.jnp_dtype
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.attention = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, cache, layer, **kwargs):
+        attended, cache = self.attention(self.attention_norm(x), positions, cache, layer, **kwargs)
+        x = x + attended  # [B, T, D]
+        x = x + self.mlp(self.mlp_norm(x))  # [B, T, D]
+        return x, cache
+
+
+class Llama(nnx.Module):
+    """The decoder: embeddings, ``num_layers`` blocks, a final norm and the output projection.
+
+    Example::
+
+        model = Llama(get_config("tiny"), rngs=nnx.Rngs(0))
+        cache = KVCache.dense(num_layers=2, max_batch=1, capacity=64, kv_heads=2, head_dim=16,
+                              dtype=jnp.float32)
+        tokens = jnp.array([[5, 6, 7]], jnp.int32)
+        logits, cache = model(tokens, jnp.arange(3)[None], cache,
+                              start=jnp.zeros(1, jnp.int32), count=jnp.full(1, 3, jnp.int32))
+        logits.shape  # (1, 3, 256)
+    """
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = config.jnp_dtype
+        self.embed = _normal(rngs, (config.vocab_size, config.hidden_size), 1, dtype)  # [V, D]
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.lm_head = (None if config.tie_embeddings else
+                        _normal(rngs, (config.hidden_size, config.vocab_size), config.hidden_size,
+                                dtype))  # [D, V]
+
+    def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
+                 start: jax.Array, count: jax.Array, slots: jax.Array | None = None,
+                 backend: str = "xla", logit_index: jax.Array | None = None):
+        """Run ``tokens`` through the model, writing their keys and values into ``cache``.
+
+        Parameters
+        ----------
+        tokens : int32 [batch, tokens]
+        positions : int32 [batch, tokens], each token's position (``start[b] + t`` for real tokens)
+        cache : the KV cache; its arrays are ``[max_batch, capacity, kv_heads, head_dim]``
+        start : int32 [batch], the cache position of each row's first token
+        count : int32 [batch], how many of each row's tokens are real; the rest is padding,
+            never written to the cache
+        slots : int32 [batch] or None, the cache slot of each row (default: row ``b`` is slot ``b``)
+        backend : the attention backend (see :mod:`jax_vattention.attention`)
+        logit_index : int32 [batch] or None, if given, compute logits only at this token of each row
+
+        Returns
+        -------
+        logits : float32 [batch, tokens, vocab], or [batch, vocab] with ``logit_index``
+        cache : the updated cache
+        """
+        inv_freq = inverse_frequencies(self.config)
+        x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
+        for layer, block in enumerate(self.layers):
+            x, cache = block(x, positions, cache, layer, inv_freq=inv_freq, start=start,
+                             count=count, slots=slots, backend=backend)
+        if logit_index is not None:
+            x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]  # [B, D]
+        x = self.norm(x)  # [B, (T,) D]
+        if self.lm_head is None:
+            logits = jnp.einsum('...D,VD->...V', x, self.embed[...],
+                                preferred_element_type=jnp.float32)  # [B, (T,) V]
+        else:
+            logits = jnp.einsum('...D,DV->...V', x, self.lm_head[...],
+                                preferred_element_type=jnp.float32)  # [B, (T,) V]
+        return logits, cache

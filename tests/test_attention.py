@@ -1,0 +1,164 @@
+"""Attention backends against a naive per-row, per-head reference written here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jax_vattention.attention import BACKENDS, attend, dot_product_attention, xla_attention
+
+
+def naive_attention(q, k_cache, v_cache, q_positions, kv_lengths):
+    """float64 loops: query (b, t, n) sees keys s < kv_lengths[b] with s <= q_positions[b, t]."""
+    q, k_cache, v_cache = (np.asarray(a, np.float64) for a in (q, k_cache, v_cache))
+    batch, q_len, q_heads, head_dim = q.shape
+    groups = q_heads // k_cache.shape[2]
+    out = np.zeros(q.shape)
+    for b in range(batch):
+        for t in range(q_len):
+            visible = min(int(kv_lengths[b]), int(q_positions[b, t]) + 1)
+            if visible <= 0:
+                continue
+            for n in range(q_heads):
+                keys = k_cache[b, :visible, n // groups]  # [S, H]
+                scores = keys @ q[b, t, n] / np.sqrt(head_dim)  # [S]
+                weights = np.exp(scores - scores.max())
+                out[b, t, n] = weights @ v_cache[b, :visible, n // groups] / weights.sum()
+    return out
+
+
+def random_case(seed, batch=3, q_len=1, capacity=40, q_heads=4, kv_heads=2, head_dim=16):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, q_len, q_heads, head_dim)).astype(np.float32)
+    k = rng.standard_normal((batch, capacity, kv_heads, head_dim)).astype(np.float32)
+    v = rng.standard_normal((batch, capacity, kv_heads, head_dim)).astype(np.float32)
+    return rng, q, k, v
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(4, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_xla_decode_and_chunk_match_naive(seed, q_heads, kv_heads):
+    rng, q, k, v = random_case(seed, q_len=5, q_heads=q_heads, kv_heads=kv_heads)
+    starts = rng.integers(0, 30, size=3).astype(np.int32)
+    positions = starts[:, None] + np.arange(5, dtype=np.int32)[None]  # a chunk at any offset
+    lengths = (starts + rng.integers(0, 6, size=3)).astype(np.int32)
+    got = xla_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(positions),
+                        jnp.asarray(lengths))
+    np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, positions, lengths),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("q_len", [1, 7])
+def test_dot_product_attention_mapping_matches_naive(q_len):
+    """The cudnn backend's arguments, run through JAX's XLA implementation of the same call."""
+    rng, q, k, v = random_case(2, q_len=q_len)
+    if q_len == 1:  # decode: the query sits at the last valid position
+        lengths = rng.integers(1, 40, size=3).astype(np.int32)
+        positions = (lengths - 1)[:, None]
+    else:  # prefill from position 0, rows padded past their length
+        lengths = np.array([7, 3, 5], np.int32)
+        positions = np.broadcast_to(np.arange(q_len, dtype=np.int32), (3, q_len))
+    got = dot_product_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                jnp.asarray(positions), jnp.asarray(lengths), implementation=None)
+    want = naive_attention(q, k, v, positions, lengths)
+    for b in range(3):  # only real query tokens matter
+        real = min(q_len, int(lengths[b]))
+        np.testing.assert_allclose(np.asarray(got)[b, :real], want[b, :real], atol=1e-5, rtol=1e-5)
+
+
+def test_slots_map_rows_to_cache_rows_and_padding_gets_zeros():
+    rng, _, k, v = random_case(3, batch=4)
+    q = rng.standard_normal((3, 1, 4, 16)).astype(np.float32)
+    slots = np.array([2, 0, 4], np.int32)  # the third row is padding: slot 4 >= max_batch
+    lengths = np.array([9, 33, 5], np.int32)
+    positions = (lengths - 1)[:, None]
+    got = np.asarray(attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                            q_positions=jnp.asarray(positions), kv_lengths=jnp.asarray(lengths),
+                            slots=jnp.asarray(slots)))
+    for row, slot in enumerate(slots[:2]):
+        want = naive_attention(q[row:row + 1], k[slot:slot + 1], v[slot:slot + 1],
+                               positions[row:row + 1], lengths[row:row + 1])
+        np.testing.assert_allclose(got[row:row + 1], want, atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(got[2], 0.0)
+
+
+def test_pallas_backend_matches_xla_on_cpu():
+    pytest.importorskip("jax_vattention.kernels.decode_attention")
+    rng, q, k, v = random_case(4, batch=3, capacity=64)
+    lengths = np.array([1, 64, 17], np.int32)
+    args = dict(q_positions=jnp.asarray((lengths - 1)[:, None]), kv_lengths=jnp.asarray(lengths))
+    got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend="pallas", **args)
+    np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, (lengths - 1)[:, None], lengths),
+                               atol=1e-4, rtol=1e-4)
+
+
+def _cache_consumers(backend, q_len):
+    """Primitives of attend's jaxpr that take a cache array as a direct input."""
+    q = jnp.zeros((2, q_len, 4, 16), jnp.bfloat16)
+    cache = jnp.zeros((2, 32, 2, 16), jnp.bfloat16)
+    positions = jnp.zeros((2, q_len), jnp.int32)
+    lengths = jnp.ones((2,), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda k, v: attend(q, k, v, q_positions=positions, kv_lengths=lengths,
+                                               backend=backend))(cache, cache).jaxpr
+    consumers = set()
+
+    def sub_jaxprs(params):
+        for value in params.values():
+            for item in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(item, "consts") and hasattr(item, "jaxpr"):
+                    yield item.jaxpr
+                elif hasattr(item, "eqns"):
+                    yield item
+
+    def visit(eqns, cache_vars):
+        for eqn in eqns:
+            fed = [type(var).__name__ != "Literal" and var in cache_vars for var in eqn.invars]
+            if not any(fed):
+                continue
+            subs = list(sub_jaxprs(eqn.params))
+            if not subs:
+                consumers.add(eqn.primitive.name)
+            for sub in subs:  # a container (pjit, custom_jvp): follow the cache inside
+                visit(sub.eqns, {inner for inner, f in zip(sub.invars, fed) if f})
+
+    visit(jaxpr.eqns, set(jaxpr.invars))
+    return consumers
+
+
+@pytest.mark.parametrize("q_len", [1, 8])
+def test_xla_backend_reads_the_cache_only_through_dots(q_len):
+    assert _cache_consumers("xla", q_len) <= {"dot_general"}
+
+
+def test_unknown_backend_is_a_value_error():
+    q = jnp.zeros((1, 1, 4, 16))
+    cache = jnp.zeros((1, 8, 2, 16))
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        attend(q, cache, cache, q_positions=jnp.zeros((1, 1), jnp.int32),
+               kv_lengths=jnp.ones((1,), jnp.int32), backend="flash")
+    assert set(BACKENDS) == {"xla", "cudnn", "pallas"}
+
+
+gpu_only = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+
+@gpu_only
+@pytest.mark.parametrize("backend", ["cudnn", "pallas"])
+@pytest.mark.parametrize("q_len", [1, 8])
+def test_gpu_backends_read_the_cache_in_place(backend, q_len):
+    consumers = _cache_consumers(backend, q_len)
+    assert not consumers & {"transpose", "slice", "dynamic_slice", "gather", "copy", "convert_element_type"}
+
+
+@gpu_only
+@pytest.mark.parametrize("backend", ["cudnn", "pallas"])
+def test_gpu_backends_match_naive(backend):
+    rng, q, k, v = random_case(5, batch=4, capacity=256, q_heads=8, kv_heads=2, head_dim=64)
+    lengths = np.array([1, 256, 100, 37], np.int32)
+    got = attend(jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16),
+                 q_positions=jnp.asarray((lengths - 1)[:, None]), kv_lengths=jnp.asarray(lengths),
+                 backend=backend)
+    want = naive_attention(np.asarray(jnp.asarray(q, jnp.bfloat16), np.float32),
+                           np.asarray(jnp.asarray(k, jnp.bfloat16), np.float32),
+                           np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32), (lengths - 1)[:, None], lengths)
+    np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2, rtol=3e-2)
