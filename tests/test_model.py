@@ -1,0 +1,134 @@
+"""The Llama model against a cache-free float64 numpy forward pass written here."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jax_vattention.cache import KVCache
+from jax_vattention.models import CONFIGS, Llama, RopeScaling, get_config
+from jax_vattention.models.rope import inverse_frequencies
+
+
+def reference_logits(model: Llama, tokens) -> np.ndarray:
+    """float64 logits [T, V] of one sequence, full causal attention, no cache."""
+    config = model.config
+    p = lambda param: np.asarray(param[...], np.float64)
+    tokens = np.asarray(tokens)
+    length = len(tokens)
+
+    def norm(x, weight):
+        return weight * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config.rms_norm_eps)
+
+    angles = np.arange(length)[:, None] * inverse_frequencies(config).astype(np.float64)[None]  # [T, H/2]
+    cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]  # [T, 1, H/2]
+
+    def rope(x):  # [T, N, H], dimension i pairs with i + H/2
+        first, second = np.split(x, 2, axis=-1)
+        return np.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+
+    groups = config.num_heads // config.num_kv_heads
+    causal = np.tril(np.ones((length, length), bool))
+    x = p(model.embed)[tokens]  # [T, D]
+    for block in model.layers:
+        h = norm(x, p(block.attention_norm.weight))
+        q = rope(np.einsum('TD,DNH->TNH', h, p(block.attention.wq)))
+        k = np.repeat(rope(np.einsum('TD,DKH->TKH', h, p(block.attention.wk))), groups, axis=1)
+        v = np.repeat(np.einsum('TD,DKH->TKH', h, p(block.attention.wv)), groups, axis=1)
+        scores = np.einsum('TNH,SNH->NTS', q, k) / np.sqrt(config.head_dim)
+        scores = np.where(causal, scores, -np.inf)
+        weights = np.exp(scores - scores.max(-1, keepdims=True))
+        weights /= weights.sum(-1, keepdims=True)
+        x = x + np.einsum('NTS,SNH,NHD->TD', weights, v, p(block.attention.wo))
+        h = norm(x, p(block.mlp_norm.weight))
+        gate = h @ p(block.mlp.w_gate)
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ p(block.mlp.w_up))) @ p(block.mlp.w_down)
+    x = norm(x, p(model.norm.weight))
+    head = p(model.embed).T if model.lm_head is None else p(model.lm_head)
+    return x @ head
+
+
+def tiny_cache(config, max_batch=4, capacity=64):
+    return KVCache.dense(num_layers=config.num_layers, max_batch=max_batch, capacity=capacity,
+                         kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_padded_prefill_then_decode_matches_reference(tie):
+    config = get_config("tiny").replace(tie_embeddings=tie)
+    model = Llama(config, rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(7)
+    lengths = np.array([5, 12, 1], np.int32)
+    width = 16
+    tokens = rng.integers(0, config.vocab_size, size=(3, width + 1)).astype(np.int32)
+    cache = tiny_cache(config)
+    positions = np.broadcast_to(np.arange(width, dtype=np.int32), (3, width))
+    logits, cache = model(jnp.asarray(tokens[:, :width]), jnp.asarray(positions), cache,
+                          start=jnp.zeros(3, jnp.int32), count=jnp.asarray(lengths))
+    for b, length in enumerate(lengths):
+        want = reference_logits(model, tokens[b, :length + 1])
+        np.testing.assert_allclose(np.asarray(logits)[b, :length], want[:length], atol=2e-4, rtol=2e-4)
+    for layer in range(config.num_layers):  # padding never reached the cache
+        for b, length in enumerate(lengths):
+            assert not np.any(np.asarray(cache.k[layer])[b, length:])
+            assert not np.any(np.asarray(cache.v[layer])[b, length:])
+    # one decode step: row b feeds the token at position lengths[b]
+    step = tokens[np.arange(3), lengths][:, None]
+    logits, cache = model(jnp.asarray(step), jnp.asarray(lengths[:, None]), cache,
+                          start=jnp.asarray(lengths), count=jnp.ones(3, jnp.int32),
+                          logit_index=jnp.zeros(3, jnp.int32))
+    for b, length in enumerate(lengths):
+        want = reference_logits(model, tokens[b, :length + 1])[length]
+        np.testing.assert_allclose(np.asarray(logits)[b], want, atol=2e-4, rtol=2e-4)
+
+
+def test_rows_follow_their_slots():
+    config = get_config("tiny")
+    model = Llama(config, rngs=nnx.Rngs(2))
+    tokens = np.random.default_rng(3).integers(0, config.vocab_size, size=(2, 6)).astype(np.int32)
+    cache = tiny_cache(config, max_batch=4)
+    logits, cache = model(jnp.asarray(tokens), jnp.asarray(np.broadcast_to(np.arange(6), (2, 6))), cache,
+                          start=jnp.zeros(2, jnp.int32), count=jnp.array([6, 4], jnp.int32),
+                          slots=jnp.array([3, 1], jnp.int32))
+    np.testing.assert_allclose(np.asarray(logits)[0], reference_logits(model, tokens[0]), atol=2e-4, rtol=2e-4)
+    np.testing.assert_allclose(np.asarray(logits)[1, :4], reference_logits(model, tokens[1, :4]),
+                               atol=2e-4, rtol=2e-4)
+    written = [bool(np.any(np.asarray(cache.k[0])[slot])) for slot in range(4)]
+    assert written == [False, True, False, True]
+    assert not np.any(np.asarray(cache.k[0])[1, 4:])
+
+
+def test_llama3_rope_scaling_keeps_high_and_divides_low_frequencies():
+    base = get_config("tiny").replace(rope_scaling=None, head_dim=64, rope_theta=500000.0)
+    scaled = base.replace(rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                                   original_max_position_embeddings=8192))
+    plain, stretched = inverse_frequencies(base), inverse_frequencies(scaled)
+    wavelength = 2 * np.pi / plain
+    high, low = wavelength < 8192 / 4, wavelength > 8192
+    np.testing.assert_array_equal(stretched[high], plain[high])
+    np.testing.assert_allclose(stretched[low], plain[low] / 8, rtol=1e-6)
+    middle = ~high & ~low
+    assert middle.any() and np.all((stretched[middle] < plain[middle]) & (stretched[middle] > plain[middle] / 8))
+
+
+@pytest.mark.parametrize("name,billions,kv_kib", [("yi-6b", 6.06, 64), ("llama-3-8b", 8.03, 128),
+                                                   ("yi-34b", 34.39, 240)])
+def test_named_configs_have_the_real_shapes(name, billions, kv_kib):
+    config = get_config(name)
+    assert config.kv_bytes_per_token == kv_kib * 1024
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    params = sum(x.size for x in jax.tree_util.tree_leaves(nnx.state(abstract, nnx.Param)))
+    assert abs(params / 1e9 - billions) < 0.01
+
+
+def test_bad_configs_are_value_errors():
+    tiny = CONFIGS["tiny"]
+    with pytest.raises(ValueError, match="num_heads"):
+        tiny.replace(num_heads=3)
+    with pytest.raises(ValueError, match="dtype"):
+        tiny.replace(dtype="int8")
+    with pytest.raises(ValueError, match="rope scaling kind 'yarn'"):
+        RopeScaling(kind="yarn")
+    with pytest.raises(ValueError, match="unknown config 'gpt2'"):
+        get_config("gpt2")
