@@ -1,0 +1,145 @@
+// Python bindings of the C++ core: drivers, the page manager, the registry
+// the FFI handlers read, DLPack views of reserved buffers, and the handlers.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
+
+#include <memory>
+
+#include "cuda_driver.h"
+#include "errors.h"
+#include "fake_driver.h"
+#include "ffi_handlers.h"
+#include "host_driver.h"
+#include "page_manager.h"
+#include "registry.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace vattention {
+namespace {
+
+nb::dict stats_dict(const ManagerStats& stats) {
+  nb::dict out;
+  out["page_bytes"] = stats.page_bytes;
+  out["budget_pages"] = stats.budget_pages;
+  out["created_pages"] = stats.created_pages;
+  out["pooled_pages"] = stats.pooled_pages;
+  out["mapped_pages"] = stats.mapped_pages;
+  out["deferred_pages"] = stats.deferred_pages;
+  out["active_slots"] = stats.active_slots;
+  out["used_tokens"] = stats.used_tokens;
+  out["used_bytes"] = stats.used_bytes;
+  out["waste_bytes"] = stats.waste_bytes;
+  out["pages_mapped_total"] = stats.pages_mapped_total;
+  out["pages_unmapped_total"] = stats.pages_unmapped_total;
+  out["grow_calls"] = stats.grow_calls;
+  out["map_seconds"] = stats.map_seconds;
+  out["unmap_seconds"] = stats.unmap_seconds;
+  return out;
+}
+
+std::shared_ptr<PageManager> make_page_manager(std::size_t num_buffers, std::size_t max_batch, std::size_t capacity,
+                                               std::size_t token_bytes, std::size_t page_bytes,
+                                               std::shared_ptr<Driver> driver, std::size_t budget_bytes) {
+  if (!driver) throw std::invalid_argument("driver must not be None");
+  CacheGeometry geometry{num_buffers, max_batch, capacity, token_bytes, page_bytes};
+  return std::make_shared<PageManager>(geometry, std::move(driver), budget_bytes);
+}
+
+// A DLPack-exportable view of `address`, kept alive by `owner`.
+nb::ndarray<> device_view(nb::handle owner, std::uint64_t address, const std::vector<std::size_t>& shape,
+                          std::uint8_t dtype_code, std::uint8_t dtype_bits, int device_type, int device_id) {
+  nb::dlpack::dtype dtype{dtype_code, dtype_bits, 1};
+  return nb::ndarray<>(reinterpret_cast<void*>(address), shape.size(), shape.data(), owner, nullptr, dtype,
+                       device_type, device_id);
+}
+
+nb::tuple residency(std::uint64_t address, std::size_t bytes) {
+  std::vector<bool> pages = resident_pages(address, bytes);
+  std::size_t resident = 0;
+  for (bool page : pages) resident += page;
+  return nb::make_tuple(resident, pages.size());
+}
+
+}  // namespace
+}  // namespace vattention
+
+NB_MODULE(_core, m) {
+  using namespace vattention;
+  m.doc() = "C++ core of jax_vattention: page manager, drivers and XLA FFI handlers.";
+
+  nb::exception<DriverError>(m, "DriverError", PyExc_RuntimeError);
+  nb::exception<OutOfPages>(m, "OutOfPagesError", PyExc_MemoryError);
+  nb::exception<NoFreeSlot>(m, "NoFreeSlotError", PyExc_RuntimeError);
+
+  nb::class_<Driver>(m, "Driver")
+      .def_prop_ro("name", &Driver::name)
+      .def_prop_ro("granularity", &Driver::granularity)
+      .def("memory_info", [](Driver& driver) {
+        MemoryInfo info = driver.memory_info();
+        return nb::make_tuple(info.free_bytes, info.total_bytes);
+      }, "Returns (free_bytes, total_bytes).");
+
+  m.def("cuda_driver", [](int ordinal) { return std::shared_ptr<Driver>(make_cuda_driver(ordinal)); },
+        "ordinal"_a, "The CUDA driver of device `ordinal` (its primary context).");
+  m.def("host_driver", [] { return std::shared_ptr<Driver>(make_host_driver()); },
+        "The driver of the CPU backend: the OS commits pages, madvise returns them.");
+
+  nb::class_<FakeDriver, Driver>(m, "FakeDriver")
+      .def(nb::init<std::size_t, std::size_t>(), "granularity"_a = std::size_t(2) << 20,
+           "memory_bytes"_a = std::size_t(1) << 40)
+      .def("fail_on", &FakeDriver::fail_on, "operation"_a, "nth"_a = 1,
+           "Makes the nth next call of operation raise DriverError.")
+      .def("calls", &FakeDriver::calls, "operation"_a)
+      .def_prop_ro("mapped_bytes", &FakeDriver::mapped_bytes)
+      .def_prop_ro("live_handles", &FakeDriver::live_handles)
+      .def_prop_ro("live_reservations", &FakeDriver::live_reservations)
+      .def("is_accessible", &FakeDriver::is_accessible, "address"_a, "bytes"_a);
+
+  using Release = nb::call_guard<nb::gil_scoped_release>;
+  nb::class_<PageManager>(m, "PageManager")
+      .def(nb::new_(&make_page_manager), "num_buffers"_a, "max_batch"_a, "capacity"_a, "token_bytes"_a,
+           "page_bytes"_a, "driver"_a, "budget_bytes"_a)
+      .def("reserve_buffers", &PageManager::reserve_buffers, Release())
+      .def("adopt_buffers", &PageManager::adopt_buffers, "bases"_a)
+      .def("buffer_bases", &PageManager::buffer_bases)
+      .def("alloc", &PageManager::alloc, "prompt_len"_a, Release())
+      .def("free", &PageManager::free, "slot"_a)
+      .def("grow", [](PageManager& manager, std::size_t tokens) { manager.grow(tokens, nullptr); }, "tokens"_a,
+           Release())
+      .def("reserve_growth", &PageManager::reserve_growth, "tokens"_a, Release())
+      .def("reclaim", &PageManager::reclaim, Release())
+      .def("trim", &PageManager::trim, Release())
+      .def("release", &PageManager::release, Release())
+      .def("stats", [](const PageManager& manager) { return stats_dict(manager.stats()); })
+      .def("lengths", &PageManager::lengths)
+      .def("active", &PageManager::active)
+      .def("mapped_pages", &PageManager::mapped_pages);
+
+  m.def("register_manager", [](std::shared_ptr<PageManager> manager) {
+    return ManagerRegistry::instance().add(std::move(manager));
+  }, "manager"_a, "Makes the manager visible to the FFI handlers; returns its id.");
+  m.def("unregister_manager", [](std::uint64_t id) { ManagerRegistry::instance().remove(id); }, "id"_a);
+
+  m.def("device_view", &device_view, "owner"_a, "address"_a, "shape"_a, "dtype_code"_a, "dtype_bits"_a,
+        "device_type"_a, "device_id"_a, "A DLPack-exportable array over memory that `owner` keeps alive.");
+  m.def("residency", &residency, "address"_a, "bytes"_a,
+        "(resident OS pages, OS pages) of the host range, from mincore.");
+  m.def("discard_pages", &discard_pages, "address"_a, "bytes"_a,
+        "Returns the whole OS pages of the host range to the OS (madvise MADV_DONTNEED).");
+  m.def("os_page_bytes", &os_page_bytes);
+
+  nb::dict cpu_targets;
+  cpu_targets["vattention_grow"] = nb::capsule(reinterpret_cast<void*>(VattentionGrowCpu));
+  cpu_targets["vattention_uninitialized"] = nb::capsule(reinterpret_cast<void*>(VattentionUninitialized));
+  nb::dict cuda_targets;
+  cuda_targets["vattention_grow"] = nb::capsule(reinterpret_cast<void*>(VattentionGrowCuda));
+  nb::dict targets;
+  targets["cpu"] = cpu_targets;
+  targets["CUDA"] = cuda_targets;
+  m.attr("ffi_targets") = targets;
+}

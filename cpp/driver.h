@@ -1,0 +1,60 @@
+// The few virtual-memory operations the page manager needs from a device
+// driver, behind an interface so that the manager can run on the CUDA driver,
+// on host memory (the CPU backend) or on a fake that counts calls and injects
+// failures in tests.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace vattention {
+
+using DevicePtr = std::uint64_t;
+using PhysicalHandle = std::uint64_t;
+
+// A driver call failed. The message names the call and carries the driver's
+// own description of the error.
+class DriverError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+struct MemoryInfo {
+  std::size_t free_bytes = 0;
+  std::size_t total_bytes = 0;
+};
+
+class Driver {
+ public:
+  virtual ~Driver() = default;
+
+  // "cuda", "host" or "fake".
+  virtual std::string name() const = 0;
+  // The smallest page the driver maps; page sizes are multiples of it.
+  virtual std::size_t granularity() const = 0;
+  virtual MemoryInfo memory_info() = 0;
+
+  // Reserves `bytes` of virtual address space aligned to `alignment`.
+  virtual DevicePtr reserve(std::size_t bytes, std::size_t alignment) = 0;
+  virtual void free_reservation(DevicePtr base, std::size_t bytes) = 0;
+
+  // Creates / releases one physical page of `bytes`.
+  virtual PhysicalHandle create(std::size_t bytes) = 0;
+  virtual void release(PhysicalHandle handle) = 0;
+
+  // Maps one physical page at `address`; the range is usable only after
+  // set_access, which may cover many adjacent pages at once (it dominates the
+  // cost, so the manager batches it).
+  virtual void map(DevicePtr address, std::size_t bytes, PhysicalHandle handle) = 0;
+  virtual void set_access(DevicePtr address, std::size_t bytes) = 0;
+  virtual void unmap(DevicePtr address, std::size_t bytes) = 0;
+
+  // Waits until device work that may read or write pages about to be unmapped
+  // has completed: `stream` when the caller runs inside a compiled program,
+  // the whole device when it is null. Unmapping does not wait by itself.
+  virtual void synchronize(void* stream) = 0;
+};
+
+}  // namespace vattention

@@ -1,0 +1,176 @@
+#include "fake_driver.h"
+
+#include <sstream>
+
+namespace vattention {
+namespace {
+
+std::string hex(DevicePtr address) {
+  std::ostringstream out;
+  out << "0x" << std::hex << address;
+  return out.str();
+}
+
+}  // namespace
+
+FakeDriver::FakeDriver(std::size_t granularity, std::size_t memory_bytes)
+    : granularity_(granularity), memory_bytes_(memory_bytes) {
+  if (granularity == 0) throw std::invalid_argument("FakeDriver: granularity must be positive");
+}
+
+MemoryInfo FakeDriver::memory_info() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::size_t used = 0;
+  for (const auto& [handle, bytes] : handles_) used += bytes;
+  return MemoryInfo{memory_bytes_ > used ? memory_bytes_ - used : 0, memory_bytes_};
+}
+
+void FakeDriver::record(const std::string& operation) {
+  ++calls_[operation];
+  auto failure = failures_.find(operation);
+  if (failure != failures_.end() && --failure->second == 0) {
+    failures_.erase(failure);
+    throw DriverError("fake " + operation + " failed: injected failure");
+  }
+}
+
+DevicePtr FakeDriver::reserve(std::size_t bytes, std::size_t alignment) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("reserve");
+  const std::size_t align = alignment ? alignment : granularity_;
+  const DevicePtr base = (next_address_ + align - 1) / align * align;
+  next_address_ = base + bytes + granularity_;  // a gap, as between real reservations
+  reservations_[base] = bytes;
+  return base;
+}
+
+void FakeDriver::free_reservation(DevicePtr base, std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("free_reservation");
+  auto it = reservations_.find(base);
+  if (it == reservations_.end() || it->second != bytes) {
+    throw DriverError("fake free_reservation failed: " + hex(base) + " is not a reservation");
+  }
+  for (const auto& [address, mapping] : mappings_) {
+    if (address >= base && address < base + bytes) {
+      throw DriverError("fake free_reservation failed: " + hex(address) + " is still mapped");
+    }
+  }
+  reservations_.erase(it);
+}
+
+PhysicalHandle FakeDriver::create(std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("create");
+  if (bytes % granularity_ != 0) throw DriverError("fake create failed: size not a multiple of the granularity");
+  std::size_t used = 0;
+  for (const auto& [handle, size] : handles_) used += size;
+  if (used + bytes > memory_bytes_) throw DriverError("fake create failed: out of memory");
+  const PhysicalHandle handle = next_handle_++;
+  handles_[handle] = bytes;
+  return handle;
+}
+
+void FakeDriver::release(PhysicalHandle handle) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("release");
+  if (handles_.erase(handle) == 0) throw DriverError("fake release failed: unknown handle");
+}
+
+const std::pair<const DevicePtr, FakeDriver::Mapping>* FakeDriver::mapping_at(DevicePtr address) const {
+  auto it = mappings_.upper_bound(address);
+  if (it == mappings_.begin()) return nullptr;
+  --it;
+  if (address < it->first + it->second.bytes) return &*it;
+  return nullptr;
+}
+
+void FakeDriver::map(DevicePtr address, std::size_t bytes, PhysicalHandle handle) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("map");
+  auto owner = handles_.find(handle);
+  if (owner == handles_.end() || owner->second != bytes) {
+    throw DriverError("fake map failed: handle does not exist or has another size");
+  }
+  // Buffers adopted from elsewhere (the CPU backend) are not reservations of
+  // this driver; only its own reservations are checked for bounds and alignment.
+  if (!reservations_.empty()) {
+    bool inside = false;
+    for (const auto& [base, size] : reservations_) {
+      inside = inside || (address >= base && address + bytes <= base + size);
+    }
+    if (!inside) throw DriverError("fake map failed: " + hex(address) + " is outside every reservation");
+    if (address % granularity_ != 0) throw DriverError("fake map failed: unaligned address " + hex(address));
+  }
+  for (DevicePtr a = address; a < address + bytes; a += granularity_) {
+    if (mapping_at(a) != nullptr) throw DriverError("fake map failed: " + hex(a) + " is already mapped");
+  }
+  mappings_[address] = Mapping{bytes, handle, false};
+}
+
+void FakeDriver::set_access(DevicePtr address, std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("set_access");
+  for (DevicePtr a = address; a < address + bytes;) {
+    auto* mapping = mapping_at(a);
+    if (mapping == nullptr) throw DriverError("fake set_access failed: " + hex(a) + " is not mapped");
+    mappings_[mapping->first].accessible = true;
+    a = mapping->first + mapping->second.bytes;
+  }
+}
+
+void FakeDriver::unmap(DevicePtr address, std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("unmap");
+  auto it = mappings_.find(address);
+  if (it == mappings_.end() || it->second.bytes != bytes) {
+    throw DriverError("fake unmap failed: no mapping of that size at " + hex(address));
+  }
+  mappings_.erase(it);
+}
+
+void FakeDriver::synchronize(void*) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("synchronize");
+}
+
+void FakeDriver::fail_on(const std::string& operation, int nth) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (nth < 1) throw std::invalid_argument("fail_on: nth must be at least 1");
+  failures_[operation] = nth;
+}
+
+int FakeDriver::calls(const std::string& operation) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = calls_.find(operation);
+  return it == calls_.end() ? 0 : it->second;
+}
+
+std::size_t FakeDriver::mapped_bytes() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::size_t total = 0;
+  for (const auto& [address, mapping] : mappings_) total += mapping.bytes;
+  return total;
+}
+
+std::size_t FakeDriver::live_handles() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return handles_.size();
+}
+
+std::size_t FakeDriver::live_reservations() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return reservations_.size();
+}
+
+bool FakeDriver::is_accessible(DevicePtr address, std::size_t bytes) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (DevicePtr a = address; a < address + bytes;) {
+    auto* mapping = mapping_at(a);
+    if (mapping == nullptr || !mapping->second.accessible) return false;
+    a = mapping->first + mapping->second.bytes;
+  }
+  return true;
+}
+
+}  // namespace vattention

@@ -1,0 +1,68 @@
+// A Driver for tests: it keeps an exact table of what is mapped where, rejects
+// misuse (mapping twice, unmapping what is not mapped, leaking handles) as the
+// real driver would, counts every call, and fails chosen calls on demand.
+#pragma once
+
+#include <cstddef>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "driver.h"
+
+namespace vattention {
+
+class FakeDriver final : public Driver {
+ public:
+  // `granularity` is the page size it reports; `memory_bytes` the free memory.
+  FakeDriver(std::size_t granularity, std::size_t memory_bytes);
+
+  std::string name() const override { return "fake"; }
+  std::size_t granularity() const override { return granularity_; }
+  MemoryInfo memory_info() override;
+
+  DevicePtr reserve(std::size_t bytes, std::size_t alignment) override;
+  void free_reservation(DevicePtr base, std::size_t bytes) override;
+  PhysicalHandle create(std::size_t bytes) override;
+  void release(PhysicalHandle handle) override;
+  void map(DevicePtr address, std::size_t bytes, PhysicalHandle handle) override;
+  void set_access(DevicePtr address, std::size_t bytes) override;
+  void unmap(DevicePtr address, std::size_t bytes) override;
+  void synchronize(void* stream) override;
+
+  // Makes the `nth` next call of `operation` ("reserve", "create", "map",
+  // "set_access", "unmap", "release", "synchronize") throw DriverError.
+  void fail_on(const std::string& operation, int nth);
+  int calls(const std::string& operation) const;
+  std::size_t mapped_bytes() const;
+  std::size_t live_handles() const;
+  std::size_t live_reservations() const;
+  // True if every byte of [address, address + bytes) is mapped and accessible.
+  bool is_accessible(DevicePtr address, std::size_t bytes) const;
+
+ private:
+  struct Mapping {
+    std::size_t bytes;
+    PhysicalHandle handle;
+    bool accessible;
+  };
+
+  // Counts the call and throws if a failure was injected for it.
+  void record(const std::string& operation);
+  const std::pair<const DevicePtr, Mapping>* mapping_at(DevicePtr address) const;
+
+  mutable std::mutex mutex_;
+  std::size_t granularity_;
+  std::size_t memory_bytes_;
+  DevicePtr next_address_ = 1ull << 40;
+  PhysicalHandle next_handle_ = 1;
+  std::map<std::string, int> calls_;
+  std::map<std::string, int> failures_;
+  std::map<DevicePtr, std::size_t> reservations_;
+  std::map<PhysicalHandle, std::size_t> handles_;
+  std::map<DevicePtr, Mapping> mappings_;
+};
+
+}  // namespace vattention

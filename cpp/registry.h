@@ -1,0 +1,34 @@
+// Where XLA FFI handlers find the page managers that Python owns.
+//
+// A handler gets a manager's id as an attribute of the custom call; Python
+// registers a manager when it creates one and removes it when it closes it.
+// The registry only holds shared references, so a manager removed while a
+// handler still uses it stays alive until the handler returns.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+
+#include "page_manager.h"
+
+namespace vattention {
+
+class ManagerRegistry {
+ public:
+  // The process-wide registry: handlers have no other way to reach Python state.
+  static ManagerRegistry& instance();
+
+  std::uint64_t add(std::shared_ptr<PageManager> manager);
+  void remove(std::uint64_t id);
+  // Null when no manager has that id.
+  std::shared_ptr<PageManager> find(std::uint64_t id) const;
+
+ private:
+  mutable std::mutex mutex_;
+  std::uint64_t next_id_ = 1;
+  std::unordered_map<std::uint64_t, std::shared_ptr<PageManager>> managers_;
+};
+
+}  // namespace vattention

@@ -1,0 +1,40 @@
+"""vAttention for JAX: a virtually contiguous KV cache with pages mapped on demand.
+
+Example::
+
+    import jax, jax.numpy as jnp
+    import jax_vattention as jv
+
+    manager = jv.CacheManager(jv.CacheConfig(num_layers=2, max_batch=4, max_len=512,
+                                             kv_heads=2, head_dim=64))
+    slot = manager.alloc(prompt_len=7)
+    cache = manager.cache          # per-layer k/v arrays [4, capacity, 2, 64]
+
+    @jv.cache_jit
+    def step(cache, k, v, start):
+        cache = jv.grow(cache, tokens=1)              # maps pages just in time
+        return jv.write_kv(cache, 0, k, v, start, jnp.ones_like(start))
+"""
+
+from jax_vattention._core import DriverError, NoFreeSlotError, OutOfPagesError
+from jax_vattention.cache import KVCache
+from jax_vattention.config import CacheConfig
+from jax_vattention.donation import cache_jit, check_cache_donation
+from jax_vattention.manager import CacheManager
+from jax_vattention.ops import grow
+from jax_vattention.writes import scatter_tokens, write_kv
+
+__all__ = [
+    "CacheConfig",
+    "CacheManager",
+    "DriverError",
+    "KVCache",
+    "NoFreeSlotError",
+    "OutOfPagesError",
+    "cache_jit",
+    "check_cache_donation",
+    "grow",
+    "scatter_tokens",
+    "write_kv",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,71 @@
+"""The KV cache pytree that flows through jitted code.
+
+A :class:`KVCache` holds one ``k`` and one ``v`` array per layer, each shaped
+``[max_batch, capacity, kv_heads, head_dim]``. For a cache made by a
+:class:`~jax_vattention.CacheManager` these arrays are views of reserved
+virtual ranges (GPU) or XLA-owned buffers the OS commits lazily (CPU): only
+the pages that hold live tokens use physical memory. They must be donated to
+every jitted function that takes them and returned from it, so that XLA
+updates them in place.
+
+``manager_id`` names the manager whose mapping op serves the cache; it is
+static (part of the tree structure), so changing managers retraces. A dense
+cache (``manager_id == 0``) is an ordinary zero-filled cache with the same
+interface: the reference that tests compare against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Per-layer key and value arrays, each ``[max_batch, capacity, kv_heads, head_dim]``.
+
+    Example::
+
+        cache = KVCache.dense(num_layers=2, max_batch=4, capacity=128,
+                              kv_heads=2, head_dim=16, dtype=jnp.float32)
+        cache.k[0].shape  # (4, 128, 2, 16)
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
+    manager_id: int = dataclasses.field(default=0, metadata=dict(static=True))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    @property
+    def max_batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def capacity(self) -> int:
+        """Tokens a slot can hold: the second axis of every array."""
+        return self.k[0].shape[1]
+
+    @property
+    def is_dense(self) -> bool:
+        """True for a plain zero-filled cache that no manager serves."""
+        return self.manager_id == 0
+
+    def replace(self, **changes) -> "KVCache":
+        return dataclasses.replace(self, **changes)
+
+    @staticmethod
+    def dense(*, num_layers: int, max_batch: int, capacity: int, kv_heads: int,
+              head_dim: int, dtype=jnp.bfloat16, device=None) -> "KVCache":
+        """A plain contiguous cache of zeros: the reference for the virtual one."""
+        shape = (max_batch, capacity, kv_heads, head_dim)
+        def zeros():
+            array = jnp.zeros(shape, dtype)
+            return jax.device_put(array, device) if device is not None else array
+        return KVCache(k=tuple(zeros() for _ in range(num_layers)),
+                       v=tuple(zeros() for _ in range(num_layers)))

@@ -1,0 +1,106 @@
+"""What a cache holds: layers, slots, tokens per slot, heads, dtype, memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+# How a cache lays its layers out in virtual memory. "per_layer": one K and
+# one V buffer per layer, each [max_batch, capacity, kv_heads, head_dim]; the
+# only layout built so far. A layer-interleaved layout ([max_batch, capacity,
+# layers, kv_heads, head_dim], one page holding a few tokens of every layer)
+# would cut the page waste per request by the number of layers.
+LAYOUTS = ("per_layer",)
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """The shape and memory policy of a virtual KV cache.
+
+    Parameters
+    ----------
+    num_layers, max_batch, max_len, kv_heads, head_dim : int
+        The cache holds ``max_batch`` slots of up to ``max_len`` tokens for
+        each of ``num_layers`` layers; a token of one layer is
+        ``kv_heads * head_dim`` values in K and as many in V.
+    dtype : bfloat16, float16 or float32
+    page_bytes : int or None
+        Size of one physical page; a multiple of the driver's granularity
+        (2 MiB on the CUDA driver; 64 KiB on the CPU backend). None: the
+        granularity.
+    budget_bytes : int or None
+        Physical memory the cache may map at once. None: ``budget_fraction``
+        of the device's free memory when the manager is created.
+    budget_fraction : float
+    layout : str
+        ``"per_layer"``.
+
+    Example::
+
+        config = CacheConfig(num_layers=32, max_batch=8, max_len=4096,
+                             kv_heads=8, head_dim=128)
+        config.kv_bytes_per_token  # 131072: 128 KiB over all layers
+    """
+
+    num_layers: int
+    max_batch: int
+    max_len: int
+    kv_heads: int
+    head_dim: int
+    dtype: Any = jnp.bfloat16
+    page_bytes: int | None = None
+    budget_bytes: int | None = None
+    budget_fraction: float = 0.9
+    layout: str = "per_layer"
+
+    def __post_init__(self):
+        for name in ("num_layers", "max_batch", "max_len", "kv_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"CacheConfig.{name} must be a positive integer, got {value!r}")
+        if jnp.dtype(self.dtype) not in [jnp.dtype(d) for d in DTYPES]:
+            raise ValueError(f"CacheConfig.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.page_bytes is not None and (not isinstance(self.page_bytes, (int, np.integer))
+                                            or self.page_bytes <= 0):
+            raise ValueError(f"CacheConfig.page_bytes must be a positive integer or None, got {self.page_bytes!r}")
+        if self.budget_bytes is not None and (not isinstance(self.budget_bytes, (int, np.integer))
+                                              or self.budget_bytes < 0):
+            raise ValueError(f"CacheConfig.budget_bytes must be a non-negative integer or None, "
+                             f"got {self.budget_bytes!r}")
+        if not 0.0 < self.budget_fraction <= 1.0:
+            raise ValueError(f"CacheConfig.budget_fraction must be in (0, 1], got {self.budget_fraction!r}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"CacheConfig.layout {self.layout!r} is not supported; choose one of {LAYOUTS}")
+
+    @property
+    def num_buffers(self) -> int:
+        """K and V of every layer."""
+        return 2 * self.num_layers
+
+    @property
+    def token_bytes(self) -> int:
+        """Bytes of one token in one buffer (the K or the V of one layer)."""
+        return self.kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of one token over all layers, K and V."""
+        return self.token_bytes * self.num_buffers
+
+    def capacity(self, page_bytes: int) -> int:
+        """Tokens per slot: ``max_len`` rounded up so that a slot is whole pages.
+
+        Slots then never share a page, so each one's memory is mapped and
+        reclaimed on its own.
+        """
+        quantum = page_bytes // math.gcd(page_bytes, self.token_bytes)
+        return -(-self.max_len // quantum) * quantum
+
+    def static_bytes(self) -> int:
+        """What a static contiguous cache of ``max_batch`` x ``max_len`` tokens would hold."""
+        return self.max_batch * self.max_len * self.kv_bytes_per_token

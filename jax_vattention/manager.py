@@ -1,0 +1,226 @@
+"""The host side of a virtual cache: slots, pages and the cache arrays.
+
+A :class:`CacheManager` owns the virtual buffers of one :class:`KVCache` on one
+device and decides which physical pages back them. The host keeps every slot's
+length: it knows a request's length when it is admitted (:meth:`alloc`), and
+the in-graph op :func:`jax_vattention.grow` adds the step's tokens to every
+active slot each time a compiled step runs, mapping pages just before the
+step writes into them. The device never has to tell the host anything.
+
+On a GPU the buffers are ranges reserved with the CUDA driver's virtual-memory
+API, handed to JAX through DLPack without a copy; pages are 2 MiB physical
+allocations mapped into them. On the CPU backend they are XLA-owned buffers
+that the operating system commits page by page when they are first written;
+freed pages go back with ``madvise``. The API is the same on both.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_vattention import _core, _ffi
+from jax_vattention.cache import KVCache
+from jax_vattention.config import CacheConfig
+
+_DLPACK_DEVICE_CUDA = 2
+_DLPACK_DTYPES = {  # dtype -> (DLPack type code, bits)
+    jnp.dtype(jnp.float32): (2, 32),
+    jnp.dtype(jnp.float16): (2, 16),
+    jnp.dtype(jnp.bfloat16): (4, 16),
+}
+
+
+class CacheManager:
+    """Slots and physical pages of one virtual KV cache on one device.
+
+    Parameters
+    ----------
+    config : CacheConfig
+    device : jax.Device or None
+        A CUDA GPU or a CPU device; default ``jax.devices()[0]``.
+    driver : optional
+        A ``jax_vattention._core`` driver to use instead of the device's own
+        (tests pass a ``FakeDriver``; only on a CPU device).
+
+    Attributes
+    ----------
+    cache : KVCache
+        The cache, arrays ``[max_batch, capacity, kv_heads, head_dim]``. Pass
+        it to jitted functions that donate it, and keep what they return.
+    capacity : int
+        Tokens per slot: ``config.max_len`` rounded up to whole pages.
+
+    Example::
+
+        manager = CacheManager(CacheConfig(num_layers=2, max_batch=4, max_len=256,
+                                           kv_heads=2, head_dim=16))
+        slot = manager.alloc(prompt_len=10)    # maps the pages for 10 tokens
+        cache = manager.cache
+        ...                                    # jitted steps: grow(cache, 1), write_kv(...)
+        manager.free(slot)                     # pages stay for the next request there
+    """
+
+    def __init__(self, config: CacheConfig, device: jax.Device | None = None, *, driver=None):
+        if not isinstance(config, CacheConfig):
+            raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
+        device = device if device is not None else jax.devices()[0]
+        if device.platform not in ("gpu", "cpu") or (device.platform == "gpu" and "cuda" not in
+                                                       device.client.platform_version.lower()):
+            raise ValueError(f"{device} is not supported: use a CUDA GPU or a CPU device")
+        on_gpu = device.platform == "gpu"
+        if driver is not None and on_gpu:
+            raise ValueError("a custom driver can only serve a CPU device")
+        if driver is None:
+            driver = _core.cuda_driver(device.local_hardware_id) if on_gpu else _core.host_driver()
+        page_bytes = config.page_bytes or driver.granularity
+        if page_bytes % driver.granularity:
+            raise ValueError(f"page_bytes={page_bytes} is not a multiple of the {driver.name} driver's "
+                             f"granularity {driver.granularity}")
+        budget = config.budget_bytes
+        if budget is None:
+            budget = int(config.budget_fraction * driver.memory_info()[0])
+        self.config = config
+        self.device = device
+        self.driver = driver
+        self.page_bytes = page_bytes
+        self.capacity = config.capacity(page_bytes)
+        self._shape = (config.max_batch, self.capacity, config.kv_heads, config.head_dim)
+        self._core = _core.PageManager(config.num_buffers, config.max_batch, self.capacity,
+                                       config.token_bytes, page_bytes, driver, budget)
+        self._id = 0
+        try:
+            buffers = self._gpu_buffers() if on_gpu else self._cpu_buffers()
+            self._id = _core.register_manager(self._core)
+        except BaseException:
+            self._core.release()
+            raise
+        self._finalizer = weakref.finalize(self, _release, self._core, self._id)
+        layers = config.num_layers
+        self.cache = KVCache(k=tuple(buffers[:layers]), v=tuple(buffers[layers:]), manager_id=self._id)
+
+    def _gpu_buffers(self) -> list[jax.Array]:
+        self._core.reserve_buffers()
+        code, bits = _DLPACK_DTYPES[jnp.dtype(self.config.dtype)]
+        buffers = []
+        for base in self._core.buffer_bases():
+            view = _core.device_view(self._core, base, self._shape, code, bits, _DLPACK_DEVICE_CUDA,
+                                     self.device.local_hardware_id)
+            array = jax.dlpack.from_dlpack(view)
+            if array.unsafe_buffer_pointer() != base:
+                raise RuntimeError("JAX copied a reserved buffer on import instead of viewing it")
+            buffers.append(array)
+        return buffers
+
+    def _cpu_buffers(self) -> list[jax.Array]:
+        sharding = jax.sharding.SingleDeviceSharding(self.device)
+        make = jax.jit(lambda: jax.ffi.ffi_call(
+            _ffi.UNINITIALIZED_TARGET, jax.ShapeDtypeStruct(self._shape, self.config.dtype),
+            has_side_effect=True)(), out_shardings=sharding)
+        buffers = [make() for _ in range(self.config.num_buffers)]
+        bases = [buffer.unsafe_buffer_pointer() for buffer in buffers]
+        buffer_bytes = int(np.prod(self._shape)) * jnp.dtype(self.config.dtype).itemsize
+        for base in bases:
+            # XLA may hand out recycled memory: make sure none of it is resident.
+            _core.discard_pages(base, buffer_bytes)
+        self._core.adopt_buffers(bases)
+        return buffers
+
+    @property
+    def manager_id(self) -> int:
+        """The id the in-graph op finds this manager by."""
+        return self._id
+
+    def alloc(self, prompt_len: int) -> int:
+        """Places a request of ``prompt_len`` tokens in a free slot and maps its pages.
+
+        A free slot whose deferred pages cover the prompt is preferred.
+        Raises ``ValueError`` for a prompt longer than ``max_len``,
+        ``NoFreeSlotError`` when every slot is taken and ``OutOfPagesError``
+        when the budget cannot cover the prompt; nothing changes then.
+        """
+        prompt_len = _count("prompt_len", prompt_len)
+        if prompt_len > self.config.max_len:
+            raise ValueError(f"a prompt of {prompt_len} tokens is longer than max_len={self.config.max_len}")
+        return self._core.alloc(prompt_len)
+
+    def free(self, slot: int) -> None:
+        """Ends the request in ``slot``; its pages stay mapped until they are needed elsewhere."""
+        self._core.free(_count("slot", slot))
+
+    def reserve_growth(self, tokens: int) -> None:
+        """Creates now the pages that growing every active slot by ``tokens`` needs.
+
+        Call it before a decode loop of ``tokens`` steps: the loop then only
+        maps pages it already has, and cannot run out of memory half-way.
+        Raises ``OutOfPagesError`` with nothing changed if the budget is short.
+        """
+        self._core.reserve_growth(_count("tokens", tokens))
+
+    def grow(self, tokens: int) -> None:
+        """Host-side growth, outside a compiled program: what :func:`jax_vattention.grow` does in one."""
+        self._core.grow(_count("tokens", tokens))
+
+    def reclaim(self) -> int:
+        """Unmaps the pages of free slots, after the device finished with them; returns the page count."""
+        return self._core.reclaim()
+
+    def trim(self) -> int:
+        """Releases pooled (created, unmapped) pages back to the device; returns the page count."""
+        return self._core.trim()
+
+    def lengths(self) -> np.ndarray:
+        """int32 [max_batch]: the host's mirror of every slot's length (0 for free slots)."""
+        return np.asarray(self._core.lengths(), dtype=np.int32)
+
+    def active(self) -> np.ndarray:
+        """bool [max_batch]: which slots hold a request."""
+        return np.asarray(self._core.active(), dtype=bool)
+
+    def mapped_pages(self) -> np.ndarray:
+        """int64 [max_batch]: pages mapped per slot in each buffer."""
+        return np.asarray(self._core.mapped_pages(), dtype=np.int64)
+
+    def stats(self) -> dict:
+        """Exact counts: pages created, pooled, mapped and deferred; tokens and bytes used; waste.
+
+        ``mapped_bytes``, ``used_bytes`` and ``waste_bytes`` add up over all
+        buffers; ``static_bytes`` is what a static cache of ``max_batch`` x
+        ``max_len`` tokens would hold.
+        """
+        stats = self._core.stats()
+        stats["mapped_bytes"] = stats["mapped_pages"] * self.page_bytes
+        stats["static_bytes"] = self.config.static_bytes()
+        return stats
+
+    def close(self) -> None:
+        """Unmaps and releases all memory. The cache's arrays must not be used afterwards.
+
+        Runs by itself when the manager is garbage-collected or at exit.
+        """
+        self._finalizer()
+
+    def __enter__(self) -> "CacheManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        stats = self._core.stats()
+        return (f"CacheManager({self.device}, {self.config.num_layers} layers, {self.config.max_batch} slots x "
+                f"{self.capacity} tokens, {stats['mapped_pages']} of {stats['budget_pages']} pages mapped)")
+
+
+def _release(core, manager_id: int) -> None:
+    _core.unregister_manager(manager_id)
+    core.release()
+
+
+def _count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)

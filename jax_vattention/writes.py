@@ -1,0 +1,78 @@
+"""Writing new keys and values into a cache without touching anything else.
+
+On a virtual cache only pages that hold live tokens are mapped; a write to any
+other position would land on an unmapped page and kill the CUDA context. The
+write here is therefore a scatter whose every dropped token gets an
+out-of-bounds index, which XLA skips entirely, instead of a masked
+``dynamic_update_slice`` that would still store the whole window.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jax_vattention.cache import KVCache
+
+
+def scatter_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array,
+                   count: jax.Array, slots: jax.Array | None = None) -> jax.Array:
+    """Write ``new[b, t]`` at ``buffer[slots[b], start[b] + t]`` for ``t < count[b]``.
+
+    Parameters
+    ----------
+    buffer : [max_batch, capacity, kv_heads, head_dim]
+    new : [batch, tokens, kv_heads, head_dim], the same dtype as ``buffer``
+    start : int32 [batch], the position of each row's first new token
+    count : int32 [batch], how many of the row's tokens are real (the rest is padding)
+    slots : int32 [batch] or None, the slot of each row (default: row ``b`` is slot ``b``)
+
+    Returns
+    -------
+    The updated buffer. Tokens past ``count``, past the capacity or at a negative
+    position are dropped: nothing is written for them.
+    """
+    max_batch, capacity = buffer.shape[:2]
+    batch, tokens = new.shape[:2]
+    if slots is None:
+        slots = jnp.arange(batch, dtype=jnp.int32)
+    offsets = jnp.arange(tokens, dtype=jnp.int32)[None, :]                  # [1, T]
+    positions = start.astype(jnp.int32)[:, None] + offsets                 # [B, T]
+    keep = (offsets < count[:, None]) & (positions >= 0) & (positions < capacity)
+    dropped_row = max_batch + jnp.arange(batch, dtype=jnp.int32)[:, None]  # [B, 1], out of bounds and unique
+    rows = jnp.where(keep, slots.astype(jnp.int32)[:, None], dropped_row)  # [B, T]
+    indices = jnp.stack([rows, positions], axis=-1).reshape(batch * tokens, 2)
+    updates = new.reshape(batch * tokens, *new.shape[2:])
+    dimension_numbers = lax.ScatterDimensionNumbers(
+        update_window_dims=(1, 2), inserted_window_dims=(0, 1),
+        scatter_dims_to_operand_dims=(0, 1))
+    return lax.scatter(buffer, indices, updates, dimension_numbers,
+                       indices_are_sorted=False, unique_indices=True,
+                       mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+
+def write_kv(cache: KVCache, layer: int, k: jax.Array, v: jax.Array, start: jax.Array,
+             count: jax.Array, slots: jax.Array | None = None) -> KVCache:
+    """Write one layer's new keys and values; see :func:`scatter_tokens` for the shapes.
+
+    Example::
+
+        cache = write_kv(cache, layer=0, k=k_new, v=v_new, start=lengths, count=jnp.ones_like(lengths))
+    """
+    if not 0 <= layer < cache.num_layers:
+        raise ValueError(f"layer {layer} is out of range for a cache of {cache.num_layers} layers")
+    for name, new, buffer in (("k", k, cache.k[layer]), ("v", v, cache.v[layer])):
+        if new.ndim != 4 or new.shape[2:] != buffer.shape[2:]:
+            raise ValueError(f"{name} has shape {new.shape}; expected [batch, tokens, "
+                             f"{buffer.shape[2]}, {buffer.shape[3]}] for this cache")
+        if new.dtype != buffer.dtype:
+            raise ValueError(f"{name} has dtype {new.dtype}; the cache holds {buffer.dtype}: cast it first")
+    if start.shape != (k.shape[0],) or count.shape != (k.shape[0],):
+        raise ValueError(f"start and count must have shape [batch] = ({k.shape[0]},); "
+                         f"got {start.shape} and {count.shape}")
+    new_k = list(cache.k)
+    new_v = list(cache.v)
+    new_k[layer] = scatter_tokens(cache.k[layer], k, start, count, slots)
+    new_v[layer] = scatter_tokens(cache.v[layer], v, start, count, slots)
+    return cache.replace(k=tuple(new_k), v=tuple(new_v))

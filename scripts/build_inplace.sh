@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Builds the C++ module into the source tree, for working with PYTHONPATH=.
+# (pip install . is the way to install; this is the fast edit-compile loop).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python="${PYTHON:-python3}"
+cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$("$python" -c 'import sys; print(sys.executable)')" -Wno-dev >/dev/null
+cmake --build build/inplace
+cp build/inplace/_core*.so jax_vattention/

@@ -1,0 +1,260 @@
+"""The page manager on the fake driver: exact pages, rollback, budget, reclamation."""
+
+import random
+import threading
+
+import pytest
+
+from jax_vattention import _core
+from jax_vattention._core import DriverError, NoFreeSlotError, OutOfPagesError
+
+MiB = 1 << 20
+PAGE = 2 * MiB
+TOKEN = 64 * 1024        # 32 tokens per page
+CAPACITY = 128           # 4 pages per slot
+LAYERS = 2
+BUFFERS = 2 * LAYERS
+
+
+def make(max_batch=3, budget_pages=1000, driver=None):
+    driver = driver or _core.FakeDriver(PAGE)
+    manager = _core.PageManager(BUFFERS, max_batch, CAPACITY, TOKEN, PAGE, driver, budget_pages * PAGE)
+    manager.reserve_buffers()
+    return manager, driver
+
+
+def snapshot(manager, driver):
+    stats = manager.stats()
+    for key in ("map_seconds", "unmap_seconds", "grow_calls"):
+        stats.pop(key)
+    return stats, manager.lengths(), manager.active(), manager.mapped_pages(), driver.mapped_bytes
+
+
+def check_consistent(manager, driver):
+    stats = manager.stats()
+    assert driver.mapped_bytes == stats["mapped_pages"] * PAGE
+    assert driver.live_handles == stats["created_pages"]
+    assert stats["created_pages"] == stats["mapped_pages"] + stats["pooled_pages"]
+    bases = manager.buffer_bases()
+    for slot, pages in enumerate(manager.mapped_pages()):
+        for base in bases:
+            start = base + slot * CAPACITY * TOKEN
+            if pages:
+                assert driver.is_accessible(start, pages * PAGE)
+            if pages < CAPACITY * TOKEN // PAGE:
+                assert not driver.is_accessible(start + pages * PAGE, PAGE)
+
+
+@pytest.mark.parametrize("prompt_len, pages", [(0, 0), (1, 1), (32, 1), (33, 2), (128, 4)])
+def test_alloc_maps_exact_pages(prompt_len, pages):
+    manager, driver = make()
+    slot = manager.alloc(prompt_len)
+    assert manager.mapped_pages()[slot] == pages
+    stats = manager.stats()
+    assert stats["mapped_pages"] == pages * BUFFERS
+    assert stats["used_tokens"] == prompt_len
+    assert stats["waste_bytes"] == pages * BUFFERS * PAGE - prompt_len * TOKEN * BUFFERS
+    assert driver.calls("map") == pages * BUFFERS
+    # set_access is batched: one call per buffer covers the slot's new pages.
+    assert driver.calls("set_access") == (BUFFERS if pages else 0)
+    check_consistent(manager, driver)
+
+
+def test_growth_crosses_page_boundaries():
+    manager, driver = make()
+    slot = manager.alloc(30)
+    expected = []
+    for _ in range(70):
+        manager.grow(1)
+        expected.append(manager.mapped_pages()[slot])
+    assert manager.lengths()[slot] == 100
+    # 31, 32 -> 1 page; 33..64 -> 2; 65..96 -> 3; 97..100 -> 4
+    assert expected == [1] * 2 + [2] * 32 + [3] * 32 + [4] * 4
+    assert driver.calls("map") == 4 * BUFFERS
+    check_consistent(manager, driver)
+
+
+def test_growth_stops_at_capacity():
+    manager, _ = make()
+    slot = manager.alloc(120)
+    manager.grow(50)
+    assert manager.lengths()[slot] == CAPACITY
+    assert manager.mapped_pages()[slot] == 4
+
+
+def test_free_keeps_pages_for_the_next_request_in_the_slot():
+    manager, driver = make()
+    first = manager.alloc(100)        # 4 pages
+    other = manager.alloc(1)          # 1 page
+    manager.free(first)
+    stats = manager.stats()
+    assert stats["deferred_pages"] == 4 * BUFFERS and stats["active_slots"] == 1
+    maps = driver.calls("map")
+    again = manager.alloc(64)         # fits in the freed slot's pages
+    assert again == first and driver.calls("map") == maps
+    assert manager.stats()["deferred_pages"] == 0
+    manager.free(again)
+    manager.free(other)
+    assert manager.reclaim() == 5 * BUFFERS
+    assert driver.calls("synchronize") == 1
+    assert manager.stats()["mapped_pages"] == 0 and driver.mapped_bytes == 0
+    assert manager.stats()["pooled_pages"] == 5 * BUFFERS
+    assert manager.trim() == 5 * BUFFERS
+    assert driver.live_handles == 0
+
+
+def test_pressure_reclaims_deferred_pages_after_synchronizing():
+    manager, driver = make(max_batch=2, budget_pages=3 * BUFFERS)
+    first = manager.alloc(64)          # 2 pages per buffer
+    second = manager.alloc(1)          # 1 page per buffer: the budget is full
+    manager.free(first)
+    manager.grow(40)                   # second needs a page more: the freed slot's top one
+    assert manager.mapped_pages()[second] == 2 and manager.mapped_pages()[first] == 1
+    assert driver.calls("synchronize") == 1
+    check_consistent(manager, driver)
+
+
+def test_out_of_pages_leaves_everything_unchanged():
+    manager, driver = make(budget_pages=2 * BUFFERS)
+    manager.alloc(64)
+    before = snapshot(manager, driver)
+    with pytest.raises(OutOfPagesError, match="budget"):
+        manager.alloc(1)
+    with pytest.raises(OutOfPagesError):
+        manager.grow(1)
+    with pytest.raises(OutOfPagesError):
+        manager.reserve_growth(1)
+    assert snapshot(manager, driver) == before
+
+
+def test_out_of_pages_is_a_memory_error():
+    assert issubclass(OutOfPagesError, MemoryError)
+
+
+@pytest.mark.parametrize("operation, nth", [("map", 1), ("map", 6), ("set_access", 1), ("set_access", 3),
+                                            ("create", 4)])
+def test_driver_failure_halfway_rolls_back(operation, nth):
+    manager, driver = make()
+    manager.alloc(40)
+    before = snapshot(manager, driver)
+    driver.fail_on(operation, nth)
+    with pytest.raises(DriverError, match="injected"):
+        manager.alloc(100)
+    assert snapshot(manager, driver) == before
+    check_consistent(manager, driver)
+    slot = manager.alloc(100)          # the next attempt works
+    assert manager.mapped_pages()[slot] == 4
+
+
+def test_failure_while_growing_several_slots_rolls_back_all():
+    manager, driver = make()
+    manager.alloc(32)
+    manager.alloc(32)
+    before = snapshot(manager, driver)
+    driver.fail_on("map", BUFFERS + 2)  # the second slot's mapping fails
+    with pytest.raises(DriverError):
+        manager.grow(1)
+    assert snapshot(manager, driver) == before
+
+
+def test_reserve_growth_creates_pages_that_growth_then_uses():
+    manager, driver = make()
+    manager.alloc(10)
+    manager.alloc(10)
+    manager.reserve_growth(60)         # both slots: 1 -> 3 pages
+    assert manager.stats()["pooled_pages"] == 2 * 2 * BUFFERS
+    creates = driver.calls("create")
+    for _ in range(60):
+        manager.grow(1)
+    assert driver.calls("create") == creates
+    assert manager.stats()["pooled_pages"] == 0
+
+
+def test_bad_inputs():
+    manager, _ = make(max_batch=2)
+    with pytest.raises(ValueError, match="does not fit"):
+        manager.alloc(CAPACITY + 1)
+    slot = manager.alloc(1)
+    manager.alloc(1)
+    with pytest.raises(NoFreeSlotError):
+        manager.alloc(1)
+    with pytest.raises(ValueError, match="does not exist"):
+        manager.free(7)
+    with pytest.raises(ValueError, match="does not exist"):
+        manager.free(-1)
+    manager.free(slot)
+    with pytest.raises(ValueError, match="not allocated"):
+        manager.free(slot)
+    with pytest.raises(ValueError, match="whole number"):
+        _core.PageManager(BUFFERS, 2, 100, TOKEN, PAGE, _core.FakeDriver(PAGE), 10 * PAGE)
+    with pytest.raises(ValueError, match="granularity"):
+        _core.PageManager(BUFFERS, 2, CAPACITY, TOKEN, PAGE, _core.FakeDriver(3 * MiB), 10 * PAGE)
+
+
+def test_release_unmaps_releases_and_frees_reservations():
+    manager, driver = make()
+    manager.alloc(100)
+    slot = manager.alloc(5)
+    manager.free(slot)
+    manager.release()
+    assert driver.mapped_bytes == 0 and driver.live_handles == 0 and driver.live_reservations == 0
+    with pytest.raises(RuntimeError, match="closed"):
+        manager.alloc(1)
+
+
+def test_random_cycles_end_with_nothing_mapped():
+    rng = random.Random(0)
+    manager, driver = make(max_batch=6, budget_pages=12 * BUFFERS)
+    live = set()
+    for step in range(10_000):
+        action = rng.random()
+        try:
+            if action < 0.35:
+                live.add(manager.alloc(rng.randrange(0, CAPACITY + 1)))
+            elif action < 0.7 and live:
+                slot = rng.choice(sorted(live))
+                live.remove(slot)
+                manager.free(slot)
+            elif action < 0.95:
+                manager.grow(rng.randrange(1, 40))
+            else:
+                manager.reclaim()
+        except (OutOfPagesError, NoFreeSlotError):
+            pass
+        if step % 500 == 0:
+            check_consistent(manager, driver)
+            assert set(i for i, a in enumerate(manager.active()) if a) == live
+    for slot in list(live):
+        manager.free(slot)
+    manager.reclaim()
+    assert manager.stats()["mapped_pages"] == 0 and driver.mapped_bytes == 0
+    manager.trim()
+    assert driver.live_handles == 0
+
+
+def test_concurrent_callers_keep_the_books_exact():
+    manager, driver = make(max_batch=8, budget_pages=40 * BUFFERS)
+    errors = []
+
+    def worker(seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(300):
+                try:
+                    slot = manager.alloc(rng.randrange(1, 64))
+                except (OutOfPagesError, NoFreeSlotError):
+                    continue
+                manager.grow(rng.randrange(1, 8))
+                manager.free(slot)
+        except Exception as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    check_consistent(manager, driver)
+    manager.reclaim()
+    assert driver.mapped_bytes == 0
