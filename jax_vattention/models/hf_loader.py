@@ -1,0 +1,239 @@
+"""Loading a Hugging Face Llama-family checkpoint directory into :class:`Llama`.
+
+A directory holds ``config.json``, the weights as ``model.safetensors`` or as
+shards listed in ``model.safetensors.index.json`` (bfloat16, float16 or
+float32), and optionally ``tokenizer.json``. Hugging Face stores each linear
+layer as ``[out_features, in_features]``; the model keeps einsum layouts, so
+each weight is transposed and split into heads on the way in. Every tensor is
+checked against the shape the config implies, and anything the model cannot
+reproduce exactly (biases, sliding windows, other activations, other rope
+types) is refused with a ``ValueError`` naming the field or tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_vattention.models.configs import LlamaConfig, RopeScaling
+from jax_vattention.models.llama import Llama
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Buffers some older checkpoints store that the model recomputes.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def _rope_scaling(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """``(rope_theta, scaling)`` from either transformers 4 (``rope_theta``, ``rope_scaling``) or
+    transformers 5 (``rope_parameters``) fields."""
+    parameters = dict(hf.get("rope_parameters") or {})
+    scaling = hf.get("rope_scaling") or parameters
+    theta = float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return theta, None
+    if kind == "llama3":
+        return theta, RopeScaling(
+            kind="llama3", factor=float(scaling["factor"]),
+            low_freq_factor=float(scaling["low_freq_factor"]),
+            high_freq_factor=float(scaling["high_freq_factor"]),
+            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
+    if kind == "linear":
+        return theta, RopeScaling(kind="linear", factor=float(scaling["factor"]))
+    raise ValueError(f"config.json: rope type {kind!r} (rope_scaling / rope_parameters) is not "
+                     f"supported; supported: default, llama3, linear")
+
+
+def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> LlamaConfig:
+    """A :class:`LlamaConfig` from the fields of a Hugging Face ``config.json``.
+
+    ``dtype`` overrides the checkpoint's ``torch_dtype`` / ``dtype`` (default float32 if absent).
+    Raises ``ValueError`` naming the field for any architecture or feature we do not support.
+    """
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"config.json: model_type {model_type!r} is not supported; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    for architecture in hf.get("architectures") or ():
+        if architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(f"config.json: architectures has {architecture!r}; "
+                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    refusals = {
+        "hidden_act": hf.get("hidden_act", "silu") != "silu",
+        "attention_bias": bool(hf.get("attention_bias", False)),
+        "mlp_bias": bool(hf.get("mlp_bias", False)),
+        "sliding_window": hf.get("sliding_window") is not None,
+        "quantization_config": hf.get("quantization_config") is not None,
+    }
+    for field, refused in refusals.items():
+        if refused:
+            raise ValueError(f"config.json: {field}={hf[field]!r} is not supported")
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                  "num_attention_heads"):
+        if field not in hf:
+            raise ValueError(f"config.json: the field {field!r} is missing")
+    num_heads = int(hf["num_attention_heads"])
+    theta, scaling = _rope_scaling(hf)
+    eos = hf.get("eos_token_id")
+    eos = () if eos is None else tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+    dtype = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    return LlamaConfig(
+        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+        intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
+        num_heads=num_heads, num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // num_heads),
+        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+        dtype=str(dtype), eos_token_ids=eos)
+
+
+def _tensor_files(directory: str) -> dict[str, str]:
+    """Each tensor name -> the safetensors file that holds it."""
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(directory, file) for name, file in weight_map.items()}
+    single = os.path.join(directory, "model.safetensors")
+    if not os.path.exists(single):
+        raise ValueError(f"{directory} has neither model.safetensors nor model.safetensors.index.json")
+    from safetensors import safe_open
+    with safe_open(single, framework="flax") as f:
+        return {name: single for name in f.keys()}
+
+
+def _placements(config: LlamaConfig) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Each Hugging Face tensor name -> (the model attribute path, a layout transform)."""
+    d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    same = lambda w: w
+    out_in = lambda *shape: (lambda w: w.T.reshape(shape))  # [out, in] -> [in, ...]
+    placements = {
+        "model.embed_tokens.weight": (("embed",), same),
+        "model.norm.weight": (("norm", "weight"), same),
+    }
+    if not config.tie_embeddings:
+        placements["lm_head.weight"] = (("lm_head",), out_in(d, config.vocab_size))
+    for i in range(config.num_layers):
+        prefix = f"model.layers.{i}."
+        layer = ("layers", i)
+        placements.update({
+            prefix + "input_layernorm.weight": (layer + ("attention_norm", "weight"), same),
+            prefix + "post_attention_layernorm.weight": (layer + ("mlp_norm", "weight"), same),
+            prefix + "self_attn.q_proj.weight": (layer + ("attention", "wq"), out_in(d, n, h)),
+            prefix + "self_attn.k_proj.weight": (layer + ("attention", "wk"), out_in(d, k, h)),
+            prefix + "self_attn.v_proj.weight": (layer + ("attention", "wv"), out_in(d, k, h)),
+            prefix + "self_attn.o_proj.weight": (layer + ("attention", "wo"), out_in(n, h, d)),
+            prefix + "mlp.gate_proj.weight": (layer + ("mlp", "w_gate"), out_in(d, config.intermediate_size)),
+            prefix + "mlp.up_proj.weight": (layer + ("mlp", "w_up"), out_in(d, config.intermediate_size)),
+            prefix + "mlp.down_proj.weight": (layer + ("mlp", "w_down"), out_in(config.intermediate_size, d)),
+        })
+    return placements
+
+
+def _param(model: Llama, path: tuple) -> nnx.Param:
+    node = model
+    for step in path:
+        node = node[step] if isinstance(step, int) else getattr(node, step)
+    return node
+
+
+def load_model(directory: str, *, dtype: str | None = None) -> Llama:
+    """Build a :class:`Llama` holding the checkpoint's weights.
+
+    Parameters
+    ----------
+    directory : a Hugging Face model directory (``config.json`` + safetensors)
+    dtype : ``float32``, ``bfloat16`` or ``float16``; default: the checkpoint's dtype
+
+    Raises
+    ------
+    ValueError
+        For an unsupported architecture or feature (naming the config field), or a missing,
+        unexpected or mis-shaped tensor (naming the tensor).
+
+    Example::
+
+        model = load_model("/models/Llama-3.1-8B-Instruct", dtype="bfloat16")
+    """
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{directory} has no config.json")
+    with open(config_path) as f:
+        config = config_from_hf(json.load(f), dtype)
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    placements = _placements(config)
+    files = _tensor_files(directory)
+    ignored = {name for name in files if name.endswith(IGNORED_SUFFIXES)
+               or (config.tie_embeddings and name == "lm_head.weight")}
+    missing = sorted(set(placements) - set(files))
+    if missing:
+        raise ValueError(f"checkpoint {directory} lacks the tensor {missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(set(files) - set(placements) - ignored)
+    if unexpected:
+        raise ValueError(f"checkpoint {directory} has the tensor {unexpected[0]}, which a "
+                         f"{config.num_layers}-layer Llama does not use")
+    from safetensors import safe_open
+    by_file: dict[str, list[str]] = {}
+    for name in placements:
+        by_file.setdefault(files[name], []).append(name)
+    for file, names in by_file.items():
+        with safe_open(file, framework="flax") as f:
+            for name in names:
+                path, transform = placements[name]
+                param = _param(model, path)
+                expected_source = _expected_source_shape(name, param.shape)
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != expected_source:
+                    raise ValueError(f"tensor {name} has shape {shape}; config.json implies "
+                                     f"{expected_source}")
+                value = transform(f.get_tensor(name)).astype(config.jnp_dtype)
+                _set(param, jax.device_put(value))
+    return model
+
+
+def _set(param: nnx.Param, value: jax.Array) -> None:
+    """Replace an abstract parameter's value (``set_value`` is newer than flax 0.12.0)."""
+    if hasattr(param, "set_value"):
+        param.set_value(value)
+    else:
+        param.value = value
+
+
+def _expected_source_shape(name: str, model_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The Hugging Face shape of a tensor whose model-side shape is ``model_shape``."""
+    if name.endswith(("norm.weight", "embed_tokens.weight")):
+        return model_shape
+    if name.endswith("o_proj.weight"):  # model [N, H, D] <- HF [D, N*H]
+        return (model_shape[-1], model_shape[0] * model_shape[1])
+    out = 1
+    for size in model_shape[1:]:
+        out *= size
+    return (out, model_shape[0])  # model [in, ...out] <- HF [out, in]
+
+
+def load_tokenizer(directory: str):
+    """The ``tokenizers.Tokenizer`` of ``directory/tokenizer.json``, or None if there is none."""
+    path = os.path.join(directory, "tokenizer.json")
+    if not os.path.exists(path):
+        return None
+    from tokenizers import Tokenizer
+    return Tokenizer.from_file(path)
+
+
+def eos_token_ids(directory: str, config: LlamaConfig) -> tuple[int, ...]:
+    """End-of-sequence ids: ``generation_config.json``'s if present, else ``config.json``'s."""
+    path = os.path.join(directory, "generation_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        if eos is not None:
+            return tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+    return config.eos_token_ids

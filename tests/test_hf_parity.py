@@ -1,0 +1,106 @@
+"""Our loader and model against Hugging Face ``transformers`` on tiny random checkpoints."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import jax.numpy as jnp  # noqa: E402
+
+from jax_vattention.cache import KVCache  # noqa: E402
+from jax_vattention.generate import generate  # noqa: E402
+from jax_vattention.models.hf_loader import load_model, load_tokenizer  # noqa: E402
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
+
+
+def save_tiny_llama(directory, *, tie=False, dtype=torch.float32, shard=False, seed=0, **overrides):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-5, initializer_range=0.3, tie_word_embeddings=tie, rope_scaling=LLAMA3_ROPE,
+        **overrides)
+    model = transformers.LlamaForCausalLM(config).to(dtype).eval()
+    model.save_pretrained(directory, safe_serialization=True, max_shard_size="40KB" if shard else "1GB")
+    return model
+
+
+def hf_logits(model, tokens):
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0].float().numpy()
+
+
+@pytest.mark.parametrize("tie,shard", [(False, False), (True, True)])
+def test_logits_and_greedy_generations_match_transformers(tmp_path, tie, shard):
+    hf = save_tiny_llama(tmp_path, tie=tie, shard=shard)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json") == shard
+    model = load_model(str(tmp_path))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 97, size=n).tolist() for n in (3, 11, 6)]
+    max_new = 8
+    cache = KVCache.dense(num_layers=2, max_batch=4, capacity=64, kv_heads=2, head_dim=8, dtype=jnp.float32)
+    result, cache = generate(model, cache, prompts, max_new_tokens=max_new, return_logits=True)
+    for prompt, tokens, logits in zip(prompts, result.tokens, result.logits):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert tokens == want
+        full = hf_logits(hf, prompt + tokens[:-1])  # the logits each new token was drawn from
+        np.testing.assert_allclose(logits, full[len(prompt) - 1:], atol=1e-4, rtol=1e-4)
+
+
+def test_bfloat16_checkpoint_loads_and_casts(tmp_path):
+    hf = save_tiny_llama(tmp_path, dtype=torch.bfloat16)
+    assert load_model(str(tmp_path)).embed[...].dtype == jnp.bfloat16
+    model = load_model(str(tmp_path), dtype="float32")
+    np.testing.assert_array_equal(np.asarray(model.layers[1].mlp.w_down[...]),
+                                  hf.model.layers[1].mlp.down_proj.weight.detach().float().numpy().T)
+
+
+def test_tokenizer_json_is_loaded(tmp_path):
+    tokenizers = pytest.importorskip("tokenizers")
+    save_tiny_llama(tmp_path)
+    assert load_tokenizer(str(tmp_path)) is None
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    assert load_tokenizer(str(tmp_path)).encode("hello world").ids == [1, 2]
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"model_type": "gpt2"}, "model_type 'gpt2'"),
+    ({"attention_bias": True}, "attention_bias"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope type 'yarn'"),
+    ({"num_key_value_heads": 3}, "k_proj"),
+    ({"intermediate_size": 81}, "gate_proj.weight has shape"),
+])
+def test_unsupported_or_inconsistent_checkpoints_are_value_errors(tmp_path, changes, message):
+    save_tiny_llama(tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=message):
+        load_model(str(tmp_path))
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+    save_tiny_llama(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="lacks the tensor model.layers.1.mlp.up_proj.weight"):
+        load_model(str(tmp_path))
