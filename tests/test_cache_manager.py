@@ -1,0 +1,210 @@
+"""The cache manager on JAX's CPU backend: in-place jitted updates, the mapping op, residency."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_vattention as jv
+from jax_vattention import _core
+
+KiB = 1024
+CPU = jax.devices("cpu")[0]
+
+
+def small_config(**overrides):
+    settings = dict(num_layers=2, max_batch=3, max_len=600, kv_heads=2, head_dim=16, dtype=jnp.float32,
+                    page_bytes=64 * KiB, budget_bytes=256 * 64 * KiB)
+    settings.update(overrides)
+    return jv.CacheConfig(**settings)
+
+
+@pytest.fixture
+def manager():
+    with jv.CacheManager(small_config(), CPU) as manager:
+        yield manager
+
+
+def pointers(cache):
+    return [array.unsafe_buffer_pointer() for array in (*cache.k, *cache.v)]
+
+
+def test_capacity_is_rounded_to_whole_pages(manager):
+    # 2 heads x 16 x 4 bytes = 128 bytes a token: 512 tokens a page.
+    assert manager.capacity == 1024
+    assert manager.cache.k[0].shape == (3, 1024, 2, 16)
+    assert len(manager.cache.k) == len(manager.cache.v) == 2
+
+
+@functools.partial(jv.cache_jit)
+def decode_steps(cache, keys, start, active, steps):
+    """Writes keys[:, i] at start + i in every layer for `steps` steps, growing first."""
+
+    def body(i, cache):
+        cache = jv.grow(cache, tokens=1)
+        for layer in range(cache.num_layers):
+            new = jax.lax.dynamic_slice_in_dim(keys, i, 1, axis=1) * (layer + 1)
+            cache = jv.write_kv(cache, layer, new, -new, start + i, active.astype(jnp.int32))
+        return cache
+
+    return jax.lax.fori_loop(0, steps, body, cache)
+
+
+def test_jitted_loop_writes_in_place_and_maps_each_step(manager):
+    rng = np.random.default_rng(0)
+    slots = [manager.alloc(500), manager.alloc(3)]
+    cache = manager.cache
+    before = pointers(cache)
+    steps = 40
+    keys = jnp.asarray(rng.normal(size=(3, steps, 2, 16)), jnp.float32)
+    start = jnp.asarray(manager.lengths())
+    active = jnp.asarray(manager.active())
+    manager.reserve_growth(steps)
+    cache = decode_steps(cache, keys, start, active, steps)
+    assert pointers(cache) == before
+    assert manager.lengths().tolist() == [540, 43, 0]
+    assert manager.mapped_pages().tolist() == [2, 1, 0]      # 540 tokens cross into a second page
+    assert manager.stats()["grow_calls"] == steps
+    dense = np.zeros((3, 1024, 2, 16), np.float32)
+    for slot in slots:
+        dense[slot, int(start[slot]):int(start[slot]) + steps] = np.asarray(keys[slot])
+    for layer in range(2):
+        np.testing.assert_array_equal(np.asarray(cache.k[layer][1, :64]), dense[1, :64] * (layer + 1))
+        np.testing.assert_array_equal(np.asarray(cache.v[layer][0, 490:560]), -dense[0, 490:560] * (layer + 1))
+
+
+def test_compiles_once_and_keeps_pointers_across_calls(manager):
+    manager.alloc(10)
+    cache = manager.cache
+    before = pointers(cache)
+    traces = []
+
+    @jv.cache_jit
+    def step(cache, new, start):
+        traces.append(1)
+        cache = jv.grow(cache, 1)
+        return jv.write_kv(cache, 0, new, new, start, jnp.array([1, 0, 0], jnp.int32))
+
+    for i in range(5):
+        cache = step(cache, jnp.full((3, 1, 2, 16), i, jnp.float32), jnp.array([10 + i, 0, 0], jnp.int32))
+    assert len(traces) == 1
+    assert pointers(cache) == before
+    np.testing.assert_array_equal(np.asarray(cache.k[0][0, 10:15, 0, 0]), np.arange(5))
+    assert manager.lengths()[0] == 15
+
+
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+def test_undonated_cache_is_refused_before_it_runs(manager):
+    manager.alloc(1)
+    cache = manager.cache
+
+    def step(cache):
+        return jv.grow(cache, 1)
+
+    with pytest.raises(ValueError, match="without donation"):
+        jv.check_cache_donation(jax.jit(step).lower(cache), (cache,), {})
+    not_returned = jax.jit(lambda cache: cache.k[0].sum(), donate_argnums=0)
+    with pytest.raises(ValueError, match="not returned"):
+        jv.check_cache_donation(not_returned.lower(cache), (cache,), {})
+    jv.check_cache_donation(jax.jit(step, donate_argnums=0).lower(cache), (cache,), {})
+    assert manager.lengths()[0] == 1
+
+
+def test_a_copied_cache_is_reported_by_the_op(manager):
+    manager.alloc(1)
+    with pytest.raises(Exception, match="copied the cache.*[Dd]onate"):
+        jax.block_until_ready(jax.jit(lambda cache: jv.grow(cache, 1))(manager.cache))
+    assert manager.lengths()[0] == 1
+
+
+def test_growth_past_the_budget_fails_cleanly():
+    config = small_config(budget_bytes=4 * 64 * KiB)          # one page per buffer
+    with jv.CacheManager(config, CPU) as manager:
+        manager.alloc(500)
+        with pytest.raises(jv.OutOfPagesError):
+            manager.reserve_growth(20)
+        cache = manager.cache
+        with pytest.raises(Exception, match="RESOURCE_EXHAUSTED|budget"):
+            jax.block_until_ready(jv.cache_jit(lambda cache: jv.grow(cache, 20))(cache))
+        assert manager.lengths()[0] == 500
+
+
+def test_bad_inputs(manager):
+    with pytest.raises(ValueError, match="max_len"):
+        manager.alloc(601)
+    with pytest.raises(ValueError, match="non-negative"):
+        manager.alloc(-1)
+    with pytest.raises(ValueError, match="does not exist"):
+        manager.free(3)
+    slot = manager.alloc(1)
+    manager.free(slot)
+    with pytest.raises(ValueError, match="not allocated"):
+        manager.free(slot)
+    for _ in range(3):
+        manager.alloc(1)
+    with pytest.raises(jv.NoFreeSlotError):
+        manager.alloc(1)
+    cache = manager.cache
+    with pytest.raises(ValueError, match="shape"):
+        jv.write_kv(cache, 0, jnp.zeros((3, 1, 4, 16)), jnp.zeros((3, 1, 4, 16)), jnp.zeros(3, jnp.int32),
+                    jnp.ones(3, jnp.int32))
+    with pytest.raises(ValueError, match="dtype"):
+        jv.write_kv(cache, 0, jnp.zeros((3, 1, 2, 16), jnp.bfloat16), jnp.zeros((3, 1, 2, 16), jnp.bfloat16),
+                    jnp.zeros(3, jnp.int32), jnp.ones(3, jnp.int32))
+    with pytest.raises(ValueError, match="layer"):
+        jv.write_kv(cache, 5, jnp.zeros((3, 1, 2, 16)), jnp.zeros((3, 1, 2, 16)), jnp.zeros(3, jnp.int32),
+                    jnp.ones(3, jnp.int32))
+    with pytest.raises(ValueError, match="tokens"):
+        jv.grow(cache, -1)
+
+
+@pytest.mark.parametrize("field, value", [("num_layers", 0), ("max_len", -4), ("head_dim", 2.5),
+                                          ("dtype", jnp.int8), ("layout", "paged"), ("budget_fraction", 0.0)])
+def test_config_rejects_bad_fields(field, value):
+    with pytest.raises(ValueError, match=field):
+        small_config(**{field: value})
+
+
+def test_page_size_must_match_the_driver():
+    with pytest.raises(ValueError, match="granularity"):
+        jv.CacheManager(small_config(page_bytes=3 * KiB), CPU)
+
+
+def test_writes_drop_padding_and_out_of_range_tokens():
+    buffer = jnp.zeros((2, 8, 1, 1), jnp.float32)
+    new = jnp.arange(1, 9, dtype=jnp.float32).reshape(2, 4, 1, 1)
+    out = jv.scatter_tokens(buffer, new, jnp.array([6, -1]), jnp.array([4, 3]))
+    np.testing.assert_array_equal(np.asarray(out[..., 0, 0]),
+                                  [[0, 0, 0, 0, 0, 0, 1, 2], [6, 7, 0, 0, 0, 0, 0, 0]])
+
+
+def test_resident_memory_follows_the_mapped_pages():
+    # 8 heads x 128 x 4 bytes = 4 KiB a token: a 64 KiB page holds 16 tokens.
+    config = jv.CacheConfig(num_layers=1, max_batch=2, max_len=4096, kv_heads=8, head_dim=128,
+                            dtype=jnp.float32, page_bytes=64 * KiB, budget_bytes=1 << 30)
+    with jv.CacheManager(config, CPU) as manager:
+        cache = manager.cache
+        slot_bytes = manager.capacity * config.token_bytes
+
+        def resident(slot):
+            return _core.residency(cache.k[0].unsafe_buffer_pointer() + slot * slot_bytes, slot_bytes)[0] * \
+                _core.os_page_bytes()
+
+        edge = _core.os_page_bytes()  # an OS page a slot shares with its neighbour or the allocator
+        assert resident(0) <= edge and resident(1) <= edge
+        slot = manager.alloc(0)
+        write = jv.cache_jit(lambda cache, new, start, count: jv.write_kv(cache, 0, new, new, start, count))
+        tokens = 100
+        new = jnp.ones((2, tokens, 8, 128), jnp.float32)
+        manager.grow(tokens)
+        count = jnp.array([tokens, 0], jnp.int32) if slot == 0 else jnp.array([0, tokens], jnp.int32)
+        cache = write(cache, new, jnp.zeros(2, jnp.int32), count)
+        mapped = manager.mapped_pages()[slot] * manager.page_bytes
+        assert tokens * config.token_bytes <= resident(slot) <= mapped + 2 * edge
+        assert resident(1 - slot) <= edge
+        manager.free(slot)
+        assert resident(slot) > 0               # deferred: kept for the next request
+        manager.reclaim()
+        assert resident(slot) <= 2 * edge
