@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m jax_vattention.bench {alloc,attention}`` or ``vattention bench ...``."""

@@ -1,0 +1,49 @@
+"""The ``vattention`` command: ``generate`` and ``bench {alloc,attention}``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (command words, module with add_arguments(parser) and run(args), help)
+COMMANDS = [
+    (("generate",), "jax_vattention.commands.generate", "generate text through the virtual cache"),
+    (("bench", "alloc"), "jax_vattention.bench.alloc", "page map/unmap latency and bandwidth"),
+    (("bench", "attention"), "jax_vattention.bench.attention", "decode attention against paged kernels"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vattention", description="vAttention for JAX")
+    commands = parser.add_subparsers(dest="command", required=True)
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for words, module, help_text in COMMANDS:
+        if len(words) == 1:
+            sub = commands.add_parser(words[0], help=help_text)
+        else:
+            if words[0] not in groups:
+                group = commands.add_parser(words[0], help=f"{words[0]} commands")
+                groups[words[0]] = group.add_subparsers(dest="subcommand", required=True)
+            sub = groups[words[0]].add_parser(words[1], help=help_text)
+        sub.set_defaults(module=module)
+        _add_arguments(sub, module)
+    return parser
+
+
+def _add_arguments(parser: argparse.ArgumentParser, module: str) -> None:
+    # Subcommands whose module is missing still parse; running them says why.
+    try:
+        importlib.import_module(module).add_arguments(parser)
+    except ModuleNotFoundError as error:
+        if error.name != module:
+            raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    return importlib.import_module(args.module).run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
