@@ -30,17 +30,13 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from jax_vattention import ops
+from jax_vattention.attention import BACKENDS
 from jax_vattention.cache import KVCache
+from jax_vattention.donation import cache_jit
 from jax_vattention.sampling import sample_tokens
 
 MIN_PROMPT_BUCKET = 16
-
-
-def _grow(cache: KVCache, tokens: int) -> KVCache:
-    if cache.is_dense:
-        return cache
-    from jax_vattention import ops
-    return ops.grow(cache, tokens=tokens)
 
 
 def batch_bucket(batch: int, max_batch: int) -> int:
@@ -53,9 +49,9 @@ def prompt_bucket(length: int, capacity: int) -> int:
     return min(max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length()), capacity)
 
 
-def _generate(graphdef, state, cache: KVCache, prompts, prompt_lengths, slots, max_new_tokens,
-              stop_tokens, temperature, top_k, top_p, key, *, backend: str, return_logits: bool):
-    """The traced body of :data:`generate_jit`; shapes are in :func:`generate`'s docstring."""
+def _generate(graphdef, backend: str, return_logits: bool, state, cache: KVCache, prompts,
+              prompt_lengths, slots, max_new_tokens, stop_tokens, temperature, top_k, top_p, key):
+    """The traced generation; shapes are in :func:`generate`'s docstring."""
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompts.shape
     capacity = cache.capacity
@@ -84,7 +80,7 @@ def _generate(graphdef, state, cache: KVCache, prompts, prompt_lengths, slots, m
 
     def body(carry):
         step, cache, last, lengths, done, generated, out_tokens, out_logits, key = carry
-        cache = _grow(cache, tokens=1)
+        cache = ops.grow(cache, tokens=1)
         active = ~done  # [B]
         count = active.astype(jnp.int32)  # [B]; a finished row writes nothing
         logits, cache = model(last[:, None], lengths[:, None], cache, start=lengths, count=count,
@@ -106,9 +102,15 @@ def _generate(graphdef, state, cache: KVCache, prompts, prompt_lengths, slots, m
     return out_tokens, out_logits, generated, cache
 
 
-generate_jit = jax.jit(_generate, static_argnames=("graphdef", "backend", "return_logits"),
-                       donate_argnames=("cache",))
-"""The compiled generation loop: one executable per (batch bucket, prompt bucket, cache, model)."""
+@functools.lru_cache(maxsize=32)
+def generate_fn(graphdef, backend: str, return_logits: bool):
+    """The jitted generation loop of one model structure and backend.
+
+    It donates the cache (and checks that XLA aliases it to the output, see
+    :func:`~jax_vattention.donation.cache_jit`); it compiles once per (batch bucket,
+    prompt bucket) for a given cache shape.
+    """
+    return cache_jit(functools.partial(_generate, graphdef, backend, return_logits))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +154,37 @@ def _stop_table(stop_tokens, count: int) -> np.ndarray:
     return table
 
 
+def check_prompts(prompts: Sequence[Sequence[int]], *, max_batch: int, max_len: int, vocab_size: int,
+                  max_new_tokens) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a request; returns int32 ``[count]`` prompt lengths and max_new_tokens.
+
+    Raises ``ValueError`` for no prompts, more prompts than ``max_batch`` slots, an empty prompt,
+    a token id outside the vocabulary, ``max_new_tokens < 1``, or a prompt that cannot grow by
+    ``max_new_tokens - 1`` within ``max_len``.
+    """
+    count = len(prompts)
+    if count == 0:
+        raise ValueError("prompts is empty: give at least one prompt")
+    if count > max_batch:
+        raise ValueError(f"{count} prompts but the cache has only {max_batch} slots (max_batch)")
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    new_tokens = _per_prompt(max_new_tokens, count, "max_new_tokens", np.int32)
+    for i, prompt in enumerate(prompts):
+        if len(prompt) == 0:
+            raise ValueError(f"prompt {i} is empty")
+        if lengths[i] > max_len:
+            raise ValueError(f"prompt {i} has {lengths[i]} tokens, more than max_len={max_len}")
+        if new_tokens[i] < 1:
+            raise ValueError(f"max_new_tokens must be at least 1; got {new_tokens[i]} for prompt {i}")
+        if lengths[i] + new_tokens[i] - 1 > max_len:
+            raise ValueError(f"prompt {i} has {lengths[i]} tokens; with max_new_tokens="
+                             f"{new_tokens[i]} it needs {lengths[i] + new_tokens[i] - 1} positions, "
+                             f"more than max_len={max_len}")
+        if min(prompt) < 0 or max(prompt) >= vocab_size:
+            raise ValueError(f"prompt {i} has a token id outside [0, {vocab_size})")
+    return lengths, new_tokens
+
+
 def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
              slots: Sequence[int] | None = None, max_len: int | None = None,
              max_new_tokens: int | Sequence[int] = 32, stop_tokens=None,
@@ -190,27 +223,19 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
                               dtype=jnp.float32)
         result, cache = generate(model, cache, [[5, 6, 7], [8, 9]], max_new_tokens=10)
     """
-    count = len(prompts)
     max_batch, capacity = cache.max_batch, cache.capacity
     max_len = capacity if max_len is None else min(max_len, capacity)
-    if count == 0:
-        raise ValueError("prompts is empty: give at least one prompt")
-    if count > max_batch:
-        raise ValueError(f"{count} prompts but the cache has only {max_batch} slots (max_batch)")
-    vocab = model.config.vocab_size
-    lengths = np.array([len(p) for p in prompts], np.int32)
-    new_tokens = _per_prompt(max_new_tokens, count, "max_new_tokens", np.int32)
-    for i, prompt in enumerate(prompts):
-        if len(prompt) == 0:
-            raise ValueError(f"prompt {i} is empty")
-        if new_tokens[i] < 1:
-            raise ValueError(f"max_new_tokens must be at least 1; got {new_tokens[i]} for prompt {i}")
-        if lengths[i] + new_tokens[i] - 1 > max_len:
-            raise ValueError(f"prompt {i} has {lengths[i]} tokens; with max_new_tokens="
-                             f"{new_tokens[i]} it needs {lengths[i] + new_tokens[i] - 1} positions, "
-                             f"more than max_len={max_len}")
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"prompt {i} has a token id outside [0, {vocab})")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    config = model.config
+    expected = (config.num_layers, config.num_kv_heads, config.head_dim)
+    if (cache.num_layers, *cache.k[0].shape[2:]) != expected:
+        raise ValueError(f"the cache has (layers, kv_heads, head_dim) = "
+                         f"{(cache.num_layers, *cache.k[0].shape[2:])}; the model needs {expected}")
+    lengths, new_tokens = check_prompts(prompts, max_batch=max_batch, max_len=max_len,
+                                        vocab_size=model.config.vocab_size,
+                                        max_new_tokens=max_new_tokens)
+    count = len(prompts)
     slot_ids = np.arange(count, dtype=np.int32) if slots is None else np.asarray(slots, np.int32)
     if slot_ids.shape != (count,) or len(set(slot_ids.tolist())) != count:
         raise ValueError(f"slots must be {count} distinct slot ids; got {list(slot_ids)}")
@@ -227,14 +252,14 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
         return np.concatenate([values, np.full((rows - count, *values.shape[1:]), fill, values.dtype)])
 
     graphdef, state = nnx.split(model)
-    out_tokens, out_logits, generated, cache = generate_jit(
-        graphdef, state, cache, jnp.asarray(padded), jnp.asarray(pad(lengths, 0)),
+    out_tokens, out_logits, generated, cache = generate_fn(graphdef, backend, return_logits)(
+        state, cache, jnp.asarray(padded), jnp.asarray(pad(lengths, 0)),
         jnp.asarray(pad(slot_ids, max_batch)), jnp.asarray(pad(new_tokens, 0)),
         jnp.asarray(pad(_stop_table(stop_tokens, count), -1)),
         jnp.asarray(pad(_per_prompt(temperature, count, "temperature", np.float32), 0)),
         jnp.asarray(pad(_per_prompt(top_k, count, "top_k", np.int32), 0)),
         jnp.asarray(pad(_per_prompt(top_p, count, "top_p", np.float32), 1)),
-        jax.random.key(seed), backend=backend, return_logits=return_logits)
+        jax.random.key(seed))
     out_tokens, generated = np.asarray(out_tokens), np.asarray(generated)
     tokens = [out_tokens[i, :generated[i]].tolist() for i in range(count)]
     logits = None
@@ -242,3 +267,41 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
         out_logits = np.asarray(out_logits)
         logits = [out_logits[i, :generated[i]] for i in range(count)]
     return GenerationResult(tokens=tokens, logits=logits), cache
+
+
+def generate_in_manager(model, manager, prompts: Sequence[Sequence[int]], *,
+                        max_new_tokens: int | Sequence[int] = 32, **options) -> GenerationResult:
+    """:func:`generate` in slots of a :class:`~jax_vattention.CacheManager`, freed afterwards.
+
+    Allocates one slot per prompt (mapping its pages), reserves the pages of the decode
+    steps, runs the loop on ``manager.cache`` and stores the returned cache back into
+    ``manager.cache``. Every slot allocated here is freed, also on any error. ``options``
+    are :func:`generate`'s keyword arguments.
+
+    Raises
+    ------
+    ValueError
+        A bad request (see :func:`check_prompts`); nothing is allocated then.
+    NoFreeSlotError, OutOfPagesError
+        The manager cannot hold the request now (back-pressure); nothing stays allocated.
+
+    Example::
+
+        manager = CacheManager(CacheConfig(num_layers=2, max_batch=4, max_len=256, kv_heads=2,
+                                           head_dim=16, dtype=jnp.float32))
+        result = generate_in_manager(model, manager, [[5, 6, 7]], max_new_tokens=20)
+    """
+    config = manager.config
+    _, new_tokens = check_prompts(prompts, max_batch=config.max_batch, max_len=config.max_len,
+                                  vocab_size=model.config.vocab_size, max_new_tokens=max_new_tokens)
+    slots: list[int] = []
+    try:
+        for prompt in prompts:
+            slots.append(manager.alloc(len(prompt)))
+        manager.reserve_growth(int(new_tokens.max()) - 1)
+        result, manager.cache = generate(model, manager.cache, prompts, slots=slots,
+                                         max_len=config.max_len, max_new_tokens=new_tokens, **options)
+    finally:
+        for slot in slots:
+            manager.free(slot)
+    return result
