@@ -227,6 +227,9 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
     max_len = capacity if max_len is None else min(max_len, capacity)
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "xla" and not cache.is_dense and any(d.platform == "gpu" for d in cache.k[0].devices()):
+        raise ValueError("backend 'xla' reads the whole cache capacity, which a virtual cache on a GPU "
+                         "has not mapped: use 'cudnn' or 'pallas'")
     config = model.config
     expected = (config.num_layers, config.num_kv_heads, config.head_dim)
     if (cache.num_layers, *cache.k[0].shape[2:]) != expected:

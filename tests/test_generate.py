@@ -165,3 +165,30 @@ def test_manager_slots_are_freed_on_any_error(model):
         assert not small.active().any()
         result = generate_in_manager(model, small, random_prompts(0, [3]), max_new_tokens=4)
         assert len(result.tokens[0]) == 4
+
+
+def run_command(argv):
+    import argparse
+
+    from jax_vattention.commands import generate as command
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    return command.run(parser.parse_args(argv))
+
+
+def test_generate_command_reports_speed_and_memory(capsys):
+    assert run_command(["--batch", "2", "--prompt-len", "8", "--max-new-tokens", "6", "--max-len", "1024",
+                        "--rounds", "1", "--prompt", "hello", "--temperature", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "tokens/s" in out and "a static cache of 2 x 1024 tokens holds" in out
+    assert out.count("prompt tokens -> 6 new") == 2
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--prompt-len", "300", "--max-len", "256"], "more than max_len=256"),
+    (["--config", "gpt5"], "unknown config 'gpt5'"),
+    (["--batch", "0"], "--batch must be at least 1"),
+])
+def test_generate_command_rejects_bad_input(capsys, argv, message):
+    assert run_command(argv + ["--rounds", "1", "--max-new-tokens", "2"]) == 2
+    assert message in capsys.readouterr().err
