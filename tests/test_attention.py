@@ -139,10 +139,7 @@ def test_unknown_backend_is_a_value_error():
     assert set(BACKENDS) == {"xla", "cudnn", "pallas"}
 
 
-gpu_only = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
-
-
-@gpu_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cudnn", "pallas"])
 @pytest.mark.parametrize("q_len", [1, 8])
 def test_gpu_backends_read_the_cache_in_place(backend, q_len):
@@ -150,7 +147,7 @@ def test_gpu_backends_read_the_cache_in_place(backend, q_len):
     assert not consumers & {"transpose", "slice", "dynamic_slice", "gather", "copy", "convert_element_type"}
 
 
-@gpu_only
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["cudnn", "pallas"])
 def test_gpu_backends_match_naive(backend):
     rng, q, k, v = random_case(5, batch=4, capacity=256, q_heads=8, kv_heads=2, head_dim=64)

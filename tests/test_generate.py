@@ -192,3 +192,28 @@ def test_generate_command_reports_speed_and_memory(capsys):
 def test_generate_command_rejects_bad_input(capsys, argv, message):
     assert run_command(argv + ["--rounds", "1", "--max-new-tokens", "2"]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cudnn", "pallas"])
+def test_gpu_virtual_cache_matches_dense_reference(backend):
+    config = CONFIG.replace(dtype="bfloat16", head_dim=64, num_heads=8)
+    model = Llama(config, rngs=nnx.Rngs(5))
+    prompts = random_prompts(7, [5, 70, 33])
+    cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=512,
+                                  kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.bfloat16)
+    with jv.CacheManager(cache_config) as virtual:
+        got = generate_in_manager(model, virtual, prompts, max_new_tokens=20, stop_tokens=[], backend=backend,
+                                  return_logits=True)
+        capacity = virtual.capacity
+    dense = KVCache.dense(num_layers=config.num_layers, max_batch=4, capacity=capacity,
+                          kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.bfloat16)
+    same_kernel, _ = generate(model, dense, prompts, max_new_tokens=20, stop_tokens=[], backend=backend,
+                              return_logits=True)
+    assert got.tokens == same_kernel.tokens
+    dense = KVCache.dense(num_layers=config.num_layers, max_batch=4, capacity=capacity,
+                          kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.bfloat16)
+    reference, _ = generate(model, dense, prompts, max_new_tokens=20, stop_tokens=[], backend="xla",
+                            return_logits=True)
+    for got_logits, want_logits in zip(got.logits, reference.logits):  # the first steps, before any divergence
+        np.testing.assert_allclose(got_logits[:2], want_logits[:2], atol=0.1, rtol=0.05)
