@@ -215,5 +215,8 @@ def test_gpu_virtual_cache_matches_dense_reference(backend):
                           kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.bfloat16)
     reference, _ = generate(model, dense, prompts, max_new_tokens=20, stop_tokens=[], backend="xla",
                             return_logits=True)
-    for got_logits, want_logits in zip(got.logits, reference.logits):  # the first steps, before any divergence
-        np.testing.assert_allclose(got_logits[:2], want_logits[:2], atol=0.1, rtol=0.05)
+    for tokens, want_tokens, logits, want_logits in zip(got.tokens, reference.tokens, got.logits,
+                                                        reference.logits):
+        same = next((i for i, (a, b) in enumerate(zip(tokens, want_tokens)) if a != b), len(tokens))
+        steps = min(same + 1, len(tokens))  # bf16 kernels may break a near tie: compare up to it
+        np.testing.assert_allclose(logits[:steps], want_logits[:steps], atol=0.1, rtol=0.05)
