@@ -104,3 +104,23 @@ def test_missing_tensor_is_named(tmp_path):
     save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="lacks the tensor model.layers.1.mlp.up_proj.weight"):
         load_model(str(tmp_path))
+
+
+def test_generate_command_runs_a_checkpoint_with_its_tokenizer(tmp_path, capsys):
+    import argparse
+
+    import tokenizers
+
+    from jax_vattention.commands import generate as command
+    save_tiny_llama(tmp_path)
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "hello": 5, "world": 9},
+                                                                 unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path), "--prompt", "hello world hello", "--batch", "1",
+                              "--max-new-tokens", "5", "--max-len", "64", "--rounds", "1"])
+    assert command.run(args) == 0
+    out = capsys.readouterr().out
+    assert f"model: {tmp_path}" in out and "[0] 3 prompt tokens ->" in out and "tokens/s" in out
