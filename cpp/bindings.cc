@@ -50,12 +50,13 @@ std::shared_ptr<PageManager> make_page_manager(std::size_t num_buffers, std::siz
   return std::make_shared<PageManager>(geometry, std::move(driver), budget_bytes);
 }
 
-// A DLPack-exportable view of `address`, kept alive by `owner`.
-nb::ndarray<> device_view(nb::handle owner, std::uint64_t address, const std::vector<std::size_t>& shape,
+// A view of `address` that JAX imports with jax.dlpack.from_dlpack (it has
+// __dlpack__ and __dlpack_device__), keeping `owner` alive while it is used.
+nb::ndarray<nb::array_api> device_view(nb::handle owner, std::uint64_t address, const std::vector<std::size_t>& shape,
                           std::uint8_t dtype_code, std::uint8_t dtype_bits, int device_type, int device_id) {
   nb::dlpack::dtype dtype{dtype_code, dtype_bits, 1};
-  return nb::ndarray<>(reinterpret_cast<void*>(address), shape.size(), shape.data(), owner, nullptr, dtype,
-                       device_type, device_id);
+  return nb::ndarray<nb::array_api>(reinterpret_cast<void*>(address), shape.size(), shape.data(), owner, nullptr,
+                                    dtype, device_type, device_id);
 }
 
 nb::tuple residency(std::uint64_t address, std::size_t bytes) {

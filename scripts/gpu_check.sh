@@ -12,6 +12,6 @@ status=0
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; "$python" -c "import jax; print(jax.__version__, jax.devices())"; } 2>&1 | tee "$out/device.log"
 "$python" -m pip install --no-build-isolation --no-deps --no-index -q . 2>&1 | tee "$out/build.log" || exit 1
 # -P: import the installed package, not the source tree.
-"$python" -P -m pytest -m gpu -q -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$out/gpu_tests.log" || status=1
-"$python" -P -m jax_vattention.bench alloc 2>&1 | tee "$out/bench_alloc.log" || status=1
+"$python" -X faulthandler -P -m pytest -m gpu -q -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$out/gpu_tests.log" || status=1
+"$python" -X faulthandler -P -m jax_vattention.bench alloc 2>&1 | tee "$out/bench_alloc.log" || status=1
 exit $status

@@ -170,7 +170,7 @@ def test_reclaim_waits_for_queued_work_that_reads_the_pages():
         pages = manager.reclaim()             # must wait for slow_sum before unmapping
         print("reclaimed", pages, "total", float(total))
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reclaimed 128" in result.stdout
     expected = 400 * 65536 * 8 * 128 * 1e-9
