@@ -36,10 +36,14 @@ def check_cache_donation(lowered: jax.stages.Lowered, args: Sequence[Any], kwarg
 
     ``lowered`` is ``jitted.lower(*args, **kwargs)``.
     """
-    mask = _virtual_cache_mask((tuple(args), kwargs))
+    info_args, info_kwargs = lowered.args_info
+    if len(info_args) != len(args):
+        raise ValueError("pass static arguments of a function that takes a cache by name (static_argnames)")
+    traced_kwargs = {name: value for name, value in kwargs.items() if name in info_kwargs}  # static ones are not
+    mask = _virtual_cache_mask((tuple(args), traced_kwargs))
     if not any(mask):
         return
-    infos = jax.tree_util.tree_leaves(lowered.args_info)
+    infos = jax.tree_util.tree_leaves((info_args, info_kwargs))
     if len(infos) != len(mask):
         raise RuntimeError("the lowered arguments do not match the call's arguments")
     undonated = sum(1 for is_cache, info in zip(mask, infos) if is_cache and not info.donated)

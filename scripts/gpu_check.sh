@@ -13,5 +13,5 @@ status=0
 "$python" -m pip install --no-build-isolation --no-deps --no-index -q . 2>&1 | tee "$out/build.log" || exit 1
 # -P: import the installed package, not the source tree.
 "$python" -X faulthandler -P -m pytest -m gpu -q -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$out/gpu_tests.log" || status=1
-"$python" -X faulthandler -P -m jax_vattention.bench alloc 2>&1 | tee "$out/bench_alloc.log" || status=1
+(cd /tmp && "$python" -X faulthandler -m jax_vattention.bench alloc) 2>&1 | tee "$out/bench_alloc.log" || status=1
 exit $status
