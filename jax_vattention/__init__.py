@@ -16,6 +16,10 @@ Example::
         return jv.write_kv(cache, 0, k, v, start, jnp.ones_like(start))
 """
 
+# JAX first: loading the C++ core before JAX (and ml_dtypes) crashed JAX's
+# import on the GPU machine (Python 3.12, jax 0.11.2).
+import jax  # noqa: F401
+
 from jax_vattention._core import DriverError, NoFreeSlotError, OutOfPagesError
 from jax_vattention.cache import KVCache
 from jax_vattention.config import CacheConfig
