@@ -108,7 +108,8 @@ NB_MODULE(_core, m) {
       .def("reserve_buffers", &PageManager::reserve_buffers, Release())
       .def("adopt_buffers", &PageManager::adopt_buffers, "bases"_a)
       .def("buffer_bases", &PageManager::buffer_bases)
-      .def("alloc", &PageManager::alloc, "prompt_len"_a, Release())
+      .def("alloc", &PageManager::alloc, "prompt_len"_a, "lookahead"_a = 0, Release())
+      .def("prefetch", &PageManager::prefetch, "tokens"_a, Release())
       .def("free", &PageManager::free, "slot"_a)
       .def("grow", [](PageManager& manager, std::size_t tokens) { manager.grow(tokens, nullptr); }, "tokens"_a,
            Release())

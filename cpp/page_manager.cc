@@ -189,14 +189,14 @@ void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> kee
   }
 }
 
-int PageManager::alloc(std::size_t prompt_len) {
+int PageManager::alloc(std::size_t prompt_len, std::size_t lookahead) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
   if (prompt_len > geometry_.capacity) {
     throw std::invalid_argument("a prompt of " + std::to_string(prompt_len) + " tokens does not fit a slot of " +
                                 std::to_string(geometry_.capacity) + " tokens");
   }
-  const std::size_t need = geometry_.pages_for(prompt_len);
+  const std::size_t need = geometry_.pages_for(std::min(prompt_len + lookahead, geometry_.capacity));
   std::optional<std::size_t> best;
   auto reuse = [&](std::size_t s) { return std::min(slots_[s].pages.size(), need); };
   for (std::size_t s = 0; s < slots_.size(); ++s) {
@@ -236,6 +236,19 @@ void PageManager::grow(std::size_t tokens, void* stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
   ++grow_calls_;
+  map_for_growth(tokens, stream);
+  for (Slot& slot : slots_) {
+    if (slot.active) slot.length = std::min(slot.length + tokens, geometry_.capacity);
+  }
+}
+
+void PageManager::prefetch(std::size_t tokens) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  map_for_growth(tokens, nullptr);
+}
+
+void PageManager::map_for_growth(std::size_t tokens, void* stream) {
   std::vector<std::size_t> targets(slots_.size(), 0);
   std::size_t extra = 0;
   for (std::size_t s = 0; s < slots_.size(); ++s) {
@@ -270,9 +283,6 @@ void PageManager::grow(std::size_t tokens, void* stream) {
       pages_unmapped_total_ = unmapped_total_before;
       throw;
     }
-  }
-  for (std::size_t s = 0; s < slots_.size(); ++s) {
-    if (slots_[s].active) slots_[s].length = std::min(slots_[s].length + tokens, geometry_.capacity);
   }
 }
 

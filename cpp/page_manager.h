@@ -80,14 +80,18 @@ class PageManager {
   void adopt_buffers(const std::vector<DevicePtr>& bases);
   std::vector<DevicePtr> buffer_bases() const;
 
-  // Places a request of `prompt_len` tokens in a free slot, maps its pages
-  // and returns the slot. Prefers a slot whose deferred pages cover the most.
-  int alloc(std::size_t prompt_len);
+  // Places a request of `prompt_len` tokens in a free slot, maps the pages
+  // of its first `prompt_len + lookahead` tokens (eager allocation) and
+  // returns the slot. Prefers a slot whose deferred pages cover the most.
+  int alloc(std::size_t prompt_len, std::size_t lookahead = 0);
   // Ends the request in `slot`; its pages stay mapped for the next one.
   void free(int slot);
   // Adds `tokens` to every active slot (up to the capacity) and maps the
   // pages that takes. `stream` is XLA's when called from the mapping op.
   void grow(std::size_t tokens, void* stream);
+  // Maps now what growing every active slot by `tokens` will need, without
+  // growing: the host maps ahead while the device computes.
+  void prefetch(std::size_t tokens);
   // Makes sure that growing every active slot by `tokens` cannot run out of
   // pages: creates the missing physical pages now (eager allocation).
   void reserve_growth(std::size_t tokens);
@@ -121,6 +125,8 @@ class PageManager {
   void unmap_down_to(std::size_t slot, std::size_t target);
   // Unmaps deferred pages until the pool's headroom reaches `needed`.
   void reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream);
+  // Maps pages for every active slot to hold `tokens` more; all or nothing.
+  void map_for_growth(std::size_t tokens, void* stream);
   void unmap_everything() noexcept;
 
   mutable std::mutex mutex_;

@@ -134,10 +134,12 @@ class CacheManager:
         """The id the in-graph op finds this manager by."""
         return self._id
 
-    def alloc(self, prompt_len: int) -> int:
+    def alloc(self, prompt_len: int, lookahead: int = 0) -> int:
         """Places a request of ``prompt_len`` tokens in a free slot and maps its pages.
 
-        A free slot whose deferred pages cover the prompt is preferred.
+        ``lookahead`` tokens more are mapped at once (eager allocation), so the
+        first decode steps find their pages ready. A free slot whose deferred
+        pages cover the request is preferred.
         Raises ``ValueError`` for a prompt longer than ``max_len``,
         ``NoFreeSlotError`` when every slot is taken and ``OutOfPagesError``
         when the budget cannot cover the prompt; nothing changes then.
@@ -145,7 +147,7 @@ class CacheManager:
         prompt_len = _count("prompt_len", prompt_len)
         if prompt_len > self.config.max_len:
             raise ValueError(f"a prompt of {prompt_len} tokens is longer than max_len={self.config.max_len}")
-        return self._core.alloc(prompt_len)
+        return self._core.alloc(prompt_len, _count("lookahead", lookahead))
 
     def free(self, slot: int) -> None:
         """Ends the request in ``slot``; its pages stay mapped until they are needed elsewhere."""
@@ -159,6 +161,14 @@ class CacheManager:
         Raises ``OutOfPagesError`` with nothing changed if the budget is short.
         """
         self._core.reserve_growth(_count("tokens", tokens))
+
+    def prefetch(self, tokens: int) -> None:
+        """Maps now the pages that growing every active slot by ``tokens`` will need, without growing.
+
+        Called while the device computes, it takes the mapping off the
+        critical path. Raises ``OutOfPagesError`` with nothing changed.
+        """
+        self._core.prefetch(_count("tokens", tokens))
 
     def grow(self, tokens: int) -> None:
         """Host-side growth, outside a compiled program: what :func:`jax_vattention.grow` does in one."""

@@ -258,3 +258,15 @@ def test_concurrent_callers_keep_the_books_exact():
     check_consistent(manager, driver)
     manager.reclaim()
     assert driver.mapped_bytes == 0
+
+
+def test_alloc_lookahead_and_prefetch_map_ahead_without_growing():
+    manager, driver = make()
+    slot = manager.alloc(10, 40)                 # 50 tokens' worth: 2 pages
+    assert manager.lengths()[slot] == 10 and manager.mapped_pages()[slot] == 2
+    manager.prefetch(60)                         # 70 tokens' worth: 3 pages
+    assert manager.lengths()[slot] == 10 and manager.mapped_pages()[slot] == 3
+    maps = driver.calls("map")
+    manager.grow(60)
+    assert driver.calls("map") == maps           # growth found its pages mapped
+    check_consistent(manager, driver)
