@@ -1,0 +1,305 @@
+"""Continuous batching over a virtual KV cache.
+
+Slots are the cache's batch rows. Each :meth:`Engine.step` admits waiting
+requests into free slots (one jitted prefill each), runs one jitted chunk of
+``chunk_steps`` decode steps over all slots, streams the new tokens and
+retires finished requests. The paper's memory policies are switches of
+:class:`EngineConfig`, so each can be measured:
+
+* ``overlap``: while the device computes a chunk, the host maps the pages the
+  next chunk will need (:meth:`CacheManager.prefetch`), so the in-graph
+  mapping op finds them ready;
+* ``deferred_reclamation``: a finished request's pages stay with its slot for
+  the next request there; they are unmapped only under memory pressure, after
+  the device work that could touch them has completed. Off: unmapped at once;
+* ``eager_allocation``: a request's first chunk of pages is mapped with its
+  prompt, before it is admitted.
+
+Memory pressure: admission stops at the first request whose pages the budget
+cannot cover; when a chunk's growth cannot be covered, the youngest running
+request is preempted (its pages freed, the request requeued to be recomputed
+from its prompt and what it already generated). No request is lost, and
+tokens already streamed are not streamed again.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_vattention._core import OutOfPagesError
+from jax_vattention.engine.requests import Request, RequestState, TokenEvent
+from jax_vattention.engine.steps import decode_chunk_fn, prefill_fn
+from jax_vattention.generate import prompt_bucket
+from jax_vattention.manager import CacheManager
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs.
+
+    chunk_steps : decode steps per compiled chunk (K)
+    backend : attention backend (``xla``, ``cudnn``, ``pallas``)
+    overlap, deferred_reclamation, eager_allocation : the memory policies (module docstring)
+    max_stop_tokens : width of the per-slot stop-token table
+    seed : sampling seed
+    """
+
+    chunk_steps: int = 8
+    backend: str = "xla"
+    overlap: bool = True
+    deferred_reclamation: bool = True
+    eager_allocation: bool = True
+    max_stop_tokens: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.chunk_steps < 1:
+            raise ValueError(f"chunk_steps must be at least 1, got {self.chunk_steps}")
+        if self.max_stop_tokens < 1:
+            raise ValueError(f"max_stop_tokens must be at least 1, got {self.max_stop_tokens}")
+
+
+@dataclasses.dataclass
+class EngineStats:
+    """What the engine did, for reports."""
+
+    steps: int = 0
+    chunks: int = 0
+    prefills: int = 0
+    preemptions: int = 0
+    tokens: int = 0
+    prefetch_seconds: float = 0.0     # mapping done on the host while the device computed
+    chunk_seconds: list = dataclasses.field(default_factory=list)
+    chunk_crossed_page: list = dataclasses.field(default_factory=list)
+    mapped_bytes: list = dataclasses.field(default_factory=list)   # (time, bytes) after each step
+    running: list = dataclasses.field(default_factory=list)        # running requests after each admission
+
+
+class Engine:
+    """Serves requests over one :class:`CacheManager`'s cache.
+
+    Example::
+
+        engine = Engine(model, manager, EngineConfig(chunk_steps=8))
+        request_id = engine.submit(Request(prompt=[1, 2, 3], max_new_tokens=16))
+        for event in engine.stream():
+            print(event.request_id, event.token, event.finished)
+    """
+
+    def __init__(self, model, manager: CacheManager, config: EngineConfig = EngineConfig()):
+        model_config = model.config
+        cache_config = manager.config
+        if (model_config.num_layers, model_config.num_kv_heads, model_config.head_dim) != (
+                cache_config.num_layers, cache_config.kv_heads, cache_config.head_dim):
+            raise ValueError("the cache's layers, KV heads and head_dim must match the model's")
+        self.model = model
+        self.manager = manager
+        self.config = config
+        self.stats = EngineStats()
+        self._graphdef, self._state = nnx.split(model)
+        self._cache = manager.cache
+        slots = cache_config.max_batch
+        self._waiting: collections.deque[RequestState] = collections.deque()
+        self._by_slot: dict[int, RequestState] = {}
+        self._next_id = 0
+        self._key = jax.random.key(config.seed)
+        self._last = np.zeros(slots, np.int32)
+        self._lengths = np.zeros(slots, np.int32)
+        self._generated = np.zeros(slots, np.int32)
+        self._max_new = np.zeros(slots, np.int32)
+        self._stops = np.full((slots, config.max_stop_tokens), -1, np.int32)
+        self._temperature = np.zeros(slots, np.float32)
+        self._top_k = np.zeros(slots, np.int32)
+        self._top_p = np.ones(slots, np.float32)
+        self._prefill = prefill_fn(self._graphdef, config.backend)
+        self._decode = decode_chunk_fn(self._graphdef, config.backend, config.chunk_steps)
+
+    # ----------------------------------------------------------------- requests
+    def submit(self, request: Request) -> int:
+        """Queues a request; returns its id. Raises ``ValueError`` for one that can never be served."""
+        prompt = list(request.prompt)
+        vocab = self.model.config.vocab_size
+        max_len = self.manager.config.max_len
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"the prompt has a token id outside [0, {vocab})")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+        if len(prompt) + request.max_new_tokens - 1 > max_len:
+            raise ValueError(f"a prompt of {len(prompt)} tokens with max_new_tokens={request.max_new_tokens} "
+                             f"needs more than max_len={max_len} positions")
+        if len(request.stop_tokens) > self.config.max_stop_tokens:
+            raise ValueError(f"at most {self.config.max_stop_tokens} stop tokens (EngineConfig.max_stop_tokens)")
+        needed = self._pages_for(len(prompt) + request.max_new_tokens + self.config.chunk_steps)
+        budget = self.manager.stats()["budget_pages"]
+        if needed > budget:
+            raise ValueError(f"the request needs {needed} pages at most but the whole budget is {budget} pages")
+        state = RequestState(self._next_id, dataclasses.replace(request, prompt=prompt), time.perf_counter())
+        self._next_id += 1
+        self._waiting.append(state)
+        return state.request_id
+
+    @property
+    def idle(self) -> bool:
+        return not self._waiting and not self._by_slot
+
+    def _pages_for(self, tokens: int) -> int:
+        token_bytes = self.manager.config.token_bytes
+        return -(-min(tokens, self.manager.capacity) * token_bytes // self.manager.page_bytes) * \
+            self.manager.config.num_buffers
+
+    # ------------------------------------------------------------------- steps
+    def step(self) -> list[TokenEvent]:
+        """Admits what fits, runs one decode chunk and retires finished requests."""
+        events = self._admit()
+        if self._by_slot:
+            events += self._decode_chunk()
+        self.stats.steps += 1
+        self.stats.mapped_bytes.append((time.perf_counter(), self.manager.stats()["mapped_bytes"]))
+        return events
+
+    def stream(self) -> Iterator[TokenEvent]:
+        """Runs until every submitted request is done, yielding tokens as they come."""
+        while not self.idle:
+            yield from self.step()
+
+    def run(self, callback: Callable[[TokenEvent], None] | None = None) -> dict[int, list[int]]:
+        """Runs until idle; returns every request's tokens by id (and calls ``callback`` per token)."""
+        outputs: dict[int, list[int]] = collections.defaultdict(list)
+        for event in self.stream():
+            outputs[event.request_id].append(event.token)
+            if callback is not None:
+                callback(event)
+        return dict(outputs)
+
+    def _admit(self) -> list[TokenEvent]:
+        events = []
+        lookahead = self.config.chunk_steps if self.config.eager_allocation else 0
+        while self._waiting and len(self._by_slot) < self.manager.config.max_batch:
+            state = self._waiting[0]
+            context = state.context
+            try:
+                slot = self.manager.alloc(len(context), lookahead=min(lookahead, state.remaining))
+            except OutOfPagesError:
+                if not self._by_slot:
+                    raise RuntimeError("an idle engine cannot admit a request that passed submit(): "
+                                       "the page budget accounting is inconsistent")
+                break  # back-pressure: wait for running requests to finish
+            self._waiting.popleft()
+            state.slot = slot
+            state.admitted_at = self.stats.steps
+            events += self._prefill_one(state, context)
+        self.stats.running.append(len(self._by_slot))
+        return events
+
+    def _prefill_one(self, state: RequestState, context: list[int]) -> list[TokenEvent]:
+        request, slot = state.request, state.slot
+        bucket = prompt_bucket(len(context), self.manager.capacity)
+        tokens = np.zeros((1, bucket), np.int32)
+        tokens[0, :len(context)] = context
+        self._key, key = jax.random.split(self._key)
+        first, self._cache = self._prefill(
+            self._state, self._cache, jnp.asarray(tokens), jnp.array([len(context)], jnp.int32),
+            jnp.array([slot], jnp.int32), jnp.array([request.temperature], jnp.float32),
+            jnp.array([request.top_k], jnp.int32), jnp.array([request.top_p], jnp.float32), key)
+        self.stats.prefills += 1
+        token = int(first[0])
+        state.generated.append(token)
+        finished = token in request.stop_tokens or state.remaining <= 0
+        if finished:
+            self._retire(slot)
+        else:
+            self._by_slot[slot] = state
+            self._last[slot] = token
+            self._lengths[slot] = len(context)
+            self._generated[slot] = len(state.generated)
+            self._max_new[slot] = request.max_new_tokens
+            self._stops[slot] = -1
+            self._stops[slot, :len(request.stop_tokens)] = request.stop_tokens
+            self._temperature[slot] = request.temperature
+            self._top_k[slot] = request.top_k
+            self._top_p[slot] = request.top_p
+        self.stats.tokens += 1
+        return [TokenEvent(state.request_id, token, finished)]
+
+    def _reserve_chunk(self) -> None:
+        """Makes sure the next chunk's growth is covered, preempting the youngest requests if not."""
+        while True:
+            try:
+                self.manager.reserve_growth(self.config.chunk_steps)
+                return
+            except OutOfPagesError:
+                if len(self._by_slot) <= 1:
+                    raise RuntimeError("a single request's growth exceeds the page budget") from None
+                youngest = max(self._by_slot.values(), key=lambda s: (s.admitted_at, s.request_id))
+                self._preempt(youngest)
+
+    def _preempt(self, state: RequestState) -> None:
+        slot = state.slot
+        del self._by_slot[slot]
+        self._retire(slot)
+        state.slot = None
+        state.preemptions += 1
+        self.stats.preemptions += 1
+        self._waiting.appendleft(state)
+
+    def _decode_chunk(self) -> list[TokenEvent]:
+        self._reserve_chunk()
+        steps = self.config.chunk_steps
+        running = np.zeros(len(self._lengths), bool)
+        running[list(self._by_slot)] = True
+        pages_before = self.manager.mapped_pages()
+        start = time.perf_counter()
+        self._key, key = jax.random.split(self._key)
+        outputs = self._decode(
+            self._state, self._cache, jnp.asarray(self._last), jnp.asarray(self._lengths), jnp.asarray(running),
+            jnp.asarray(self._generated), jnp.asarray(self._max_new), jnp.asarray(self._stops),
+            jnp.asarray(self._temperature), jnp.asarray(self._top_k), jnp.asarray(self._top_p), key)
+        self._cache = outputs[0]
+        if self.config.overlap:
+            # The device is busy with this chunk: map the next chunk's pages now.
+            prefetch_start = time.perf_counter()
+            try:
+                self.manager.prefetch(2 * steps)
+            except OutOfPagesError:
+                pass  # the next chunk's reservation will preempt if it must
+            self.stats.prefetch_seconds += time.perf_counter() - prefetch_start
+        last, lengths, _, generated, tokens = (np.asarray(x) for x in outputs[1:6])
+        self.stats.chunk_seconds.append(time.perf_counter() - start)
+        self.stats.chunk_crossed_page.append(bool(np.any(self.manager.mapped_pages() != pages_before)))
+        self.stats.chunks += 1
+        self._last[:], self._lengths[:], self._generated[:] = last, lengths, generated
+        events = []
+        for slot, state in list(self._by_slot.items()):
+            for token in tokens[slot]:
+                if token < 0:
+                    break
+                state.generated.append(int(token))
+                finished = int(token) in state.request.stop_tokens or state.remaining <= 0
+                events.append(TokenEvent(state.request_id, int(token), finished))
+                self.stats.tokens += 1
+                if finished:
+                    del self._by_slot[slot]
+                    self._retire(slot)
+                    break
+        return events
+
+    def _retire(self, slot: int) -> None:
+        self.manager.free(slot)
+        self._lengths[slot] = 0
+        if not self.config.deferred_reclamation:
+            self.manager.reclaim()
+
+    @property
+    def cache(self):
+        """The current cache (the engine keeps it between steps)."""
+        return self._cache

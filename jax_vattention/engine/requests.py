@@ -1,0 +1,56 @@
+"""What goes into the engine and what comes out of it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class Request:
+    """One generation request.
+
+    Parameters
+    ----------
+    prompt : token ids
+    max_new_tokens : how many tokens to generate at most
+    stop_tokens : generation ends after any of these (it is emitted)
+    temperature, top_k, top_p : sampling; temperature 0 is greedy
+    """
+
+    prompt: list[int]
+    max_new_tokens: int = 32
+    stop_tokens: tuple[int, ...] = ()
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """A token of request ``request_id``; ``finished`` on its last one."""
+
+    request_id: int
+    token: int
+    finished: bool
+
+
+@dataclasses.dataclass
+class RequestState:
+    """The engine's record of a request: what it generated so far and where it lives."""
+
+    request_id: int
+    request: Request
+    arrival: float
+    generated: list[int] = dataclasses.field(default_factory=list)
+    slot: int | None = None
+    admitted_at: int = 0      # engine step of the (latest) admission; youngest is preempted first
+    preemptions: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.request.max_new_tokens - len(self.generated)
+
+    @property
+    def context(self) -> list[int]:
+        """What prefill must process: the prompt and, after a preemption, what was generated."""
+        return list(self.request.prompt) + self.generated
