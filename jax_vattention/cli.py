@@ -11,6 +11,7 @@ COMMANDS = [
     (("generate",), "jax_vattention.commands.generate", "generate text through the virtual cache"),
     (("bench", "alloc"), "jax_vattention.bench.alloc", "page map/unmap latency and bandwidth"),
     (("bench", "attention"), "jax_vattention.bench.attention", "decode attention against paged kernels"),
+    (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),
 ]
 
 

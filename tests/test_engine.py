@@ -120,3 +120,15 @@ def test_bad_requests_are_refused(model):
     with pytest.raises(ValueError, match="budget"):
         engine.submit(Request(prompt=[3] * 60, max_new_tokens=4))
     assert engine.idle
+
+
+def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
+    from jax_vattention.cli import main
+    assert main(["serve-bench", "--requests", "12", "--rate", "200", "--max-batch", "4", "--max-len", "256",
+                 "--prompt-len", "8", "40", "--output-len", "4", "24", "--budget-mib", "2", "--page-kib", "64",
+                 "--out", str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    for line in ("throughput", "time per output token", "pages mapped", "mapping time", "preemptions"):
+        assert line in report
+    rows = (tmp_path / "mapped_memory.csv").read_text().splitlines()
+    assert rows[0] == "seconds,mapped_mib" and len(rows) > 2

@@ -76,7 +76,7 @@ class EngineStats:
     prefills: int = 0
     preemptions: int = 0
     tokens: int = 0
-    prefetch_seconds: float = 0.0     # mapping done on the host while the device computed
+    prefetch_seconds: float = 0.0     # time spent mapping on the host while the device computed
     chunk_seconds: list = dataclasses.field(default_factory=list)
     chunk_crossed_page: list = dataclasses.field(default_factory=list)
     mapped_bytes: list = dataclasses.field(default_factory=list)   # (time, bytes) after each step
@@ -151,6 +151,16 @@ class Engine:
     @property
     def idle(self) -> bool:
         return not self._waiting and not self._by_slot
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted (or preempted and requeued)."""
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        """Requests holding a slot."""
+        return len(self._by_slot)
 
     def _pages_for(self, tokens: int) -> int:
         token_bytes = self.manager.config.token_bytes
@@ -257,7 +267,7 @@ class Engine:
         steps = self.config.chunk_steps
         running = np.zeros(len(self._lengths), bool)
         running[list(self._by_slot)] = True
-        pages_before = self.manager.mapped_pages()
+        lengths_before = self._lengths.copy()
         start = time.perf_counter()
         self._key, key = jax.random.split(self._key)
         outputs = self._decode(
@@ -267,15 +277,15 @@ class Engine:
         self._cache = outputs[0]
         if self.config.overlap:
             # The device is busy with this chunk: map the next chunk's pages now.
-            prefetch_start = time.perf_counter()
+            mapped_before = self.manager.stats()["map_seconds"]
             try:
                 self.manager.prefetch(2 * steps)
             except OutOfPagesError:
                 pass  # the next chunk's reservation will preempt if it must
-            self.stats.prefetch_seconds += time.perf_counter() - prefetch_start
+            self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - mapped_before
         last, lengths, _, generated, tokens = (np.asarray(x) for x in outputs[1:6])
         self.stats.chunk_seconds.append(time.perf_counter() - start)
-        self.stats.chunk_crossed_page.append(bool(np.any(self.manager.mapped_pages() != pages_before)))
+        self.stats.chunk_crossed_page.append(self._crossed_page(lengths_before, lengths, running))
         self.stats.chunks += 1
         self._last[:], self._lengths[:], self._generated[:] = last, lengths, generated
         events = []
@@ -292,6 +302,13 @@ class Engine:
                     self._retire(slot)
                     break
         return events
+
+    def _crossed_page(self, before: np.ndarray, after: np.ndarray, running: np.ndarray) -> bool:
+        """Did a running slot write its first token into a new page during the chunk?"""
+        tokens_per_page = self.manager.page_bytes / self.manager.config.token_bytes
+        pages_before = np.ceil(before / tokens_per_page)
+        pages_after = np.ceil(after / tokens_per_page)
+        return bool(np.any(running & (pages_after > pages_before)))
 
     def _retire(self, slot: int) -> None:
         self.manager.free(slot)

@@ -1,0 +1,204 @@
+"""``vattention serve-bench``: the engine under a synthetic serving workload.
+
+Requests arrive as a Poisson process; prompt and output lengths are drawn
+uniformly from the given ranges. The engine runs with the chosen memory
+policies on a model of a named shape (random weights) and a cache under a
+fixed page budget. The report gives throughput, per-token latency
+percentiles, mapped memory over time (a PNG where matplotlib is installed,
+always a CSV), pages mapped and unmapped, the time spent mapping and how much
+of it was hidden behind device work, the cost of decode chunks that cross a
+page boundary against those that do not, and the batch the engine sustained
+against what an ideal allocator (exact tokens, no page rounding) would fit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from jax_vattention.config import CacheConfig
+from jax_vattention.engine import Engine, EngineConfig, Request
+from jax_vattention.manager import CacheManager
+from jax_vattention.models.configs import get_config
+from jax_vattention.models.llama import Llama
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="tiny", help="model shape (tiny, yi-6b, llama-3-8b, yi-34b)")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=50.0, help="mean arrivals per second (Poisson)")
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=(16, 128), metavar=("MIN", "MAX"))
+    parser.add_argument("--max-batch", type=int, default=16)
+    parser.add_argument("--max-len", type=int, default=512)
+    parser.add_argument("--budget-mib", type=int, default=None, help="cache budget (default: 90%% of free)")
+    parser.add_argument("--page-kib", type=int, default=None, help="page size (default: the driver's)")
+    parser.add_argument("--chunk-steps", type=int, default=8)
+    parser.add_argument("--backend", default=None, help="attention backend (default: cudnn on GPU, xla on CPU)")
+    parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument("--no-deferred-reclamation", action="store_true")
+    parser.add_argument("--no-eager-allocation", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="serve-bench", help="folder for the CSV and PNG")
+
+
+def _workload(args, vocab: int) -> list[tuple[float, Request]]:
+    rng = np.random.default_rng(args.seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / args.rate, args.requests))
+    requests = []
+    for arrival in arrivals:
+        prompt_len = int(rng.integers(args.prompt_len[0], args.prompt_len[1] + 1))
+        output_len = int(rng.integers(args.output_len[0], args.output_len[1] + 1))
+        prompt = rng.integers(2, vocab, prompt_len).tolist()
+        requests.append((float(arrival), Request(prompt=prompt, max_new_tokens=output_len)))
+    return requests
+
+
+def run(args: argparse.Namespace) -> int:
+    device = jax.devices()[0]
+    on_gpu = device.platform == "gpu"
+    model_config = get_config(args.config)
+    if on_gpu and model_config.dtype == "float32":
+        model_config = model_config.replace(dtype="bfloat16")
+    model = Llama(model_config, rngs=nnx.Rngs(args.seed))
+    cache_config = CacheConfig(
+        num_layers=model_config.num_layers, max_batch=args.max_batch, max_len=args.max_len,
+        kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=model_config.jnp_dtype,
+        page_bytes=args.page_kib * 1024 if args.page_kib else None,
+        budget_bytes=args.budget_mib << 20 if args.budget_mib else None)
+    manager = CacheManager(cache_config, device)
+    engine_config = EngineConfig(chunk_steps=args.chunk_steps, backend=args.backend or ("cudnn" if on_gpu else "xla"),
+                                 overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
+                                 eager_allocation=not args.no_eager_allocation, seed=args.seed)
+    engine = Engine(model, manager, engine_config)
+    workload = _workload(args, model_config.vocab_size)
+
+    # Warm-up: compile the decode chunk and the prefill buckets outside the timed run.
+    for bucket in sorted({16 << i for i in range(12) if 16 << i <= manager.capacity}):
+        if bucket // 2 < args.prompt_len[1] and bucket // 2 + 1 >= 1:
+            engine.submit(Request(prompt=[2] * min(bucket, args.max_len - 2), max_new_tokens=2))
+    engine.run()
+    manager.reclaim()
+    warm_stats = manager.stats()
+    engine.stats.__init__()
+
+    token_times: dict[int, list[float]] = {}
+    arrival_of: dict[int, float] = {}
+    pending = list(workload)
+    start = time.perf_counter()
+    blocked_steps, used_fraction = 0, []
+    with tqdm(total=len(workload), desc="requests", unit="req") as progress:
+        while pending or not engine.idle:
+            now = time.perf_counter() - start
+            while pending and pending[0][0] <= now:
+                arrival, request = pending.pop(0)
+                request_id = engine.submit(request)
+                arrival_of[request_id] = start + arrival
+                token_times[request_id] = []
+            if engine.idle:
+                time.sleep(max(0.0, min(pending[0][0] - now, 0.05)))
+                continue
+            events = engine.step()
+            stamp = time.perf_counter()
+            for event in events:
+                token_times[event.request_id].append(stamp)
+                progress.update(int(event.finished))
+            stats = manager.stats()
+            if engine.waiting and engine.running < args.max_batch:
+                blocked_steps += 1                 # admission held back by memory, not by slots
+                used_fraction.append(stats["used_bytes"] / (stats["budget_pages"] * stats["page_bytes"]))
+    elapsed = time.perf_counter() - start
+    stats = manager.stats()
+
+    tokens = sum(len(times) for times in token_times.values())
+    # Time per output token of each request: a chunk delivers its tokens together, so the
+    # spacing of single tokens says little; the average over a request's decode does.
+    per_token = np.array([(times[-1] - times[0]) / (len(times) - 1) for times in token_times.values()
+                          if len(times) > 1])
+    first = np.array([times[0] - arrival_of[i] for i, times in token_times.items() if times])
+    chunks = np.array(engine.stats.chunk_seconds)
+    crossed = np.array(engine.stats.chunk_crossed_page, bool)
+    map_seconds = stats["map_seconds"] - warm_stats["map_seconds"]
+    hidden = engine.stats.prefetch_seconds
+
+    os.makedirs(args.out, exist_ok=True)
+    memory_csv = os.path.join(args.out, "mapped_memory.csv")
+    with open(memory_csv, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["seconds", "mapped_mib"])
+        for stamp, mapped in engine.stats.mapped_bytes:
+            writer.writerow([f"{stamp - start:.4f}", f"{mapped / 2**20:.1f}"])
+    plot = _plot(engine.stats.mapped_bytes, start, stats, os.path.join(args.out, "mapped_memory.png"))
+
+    policies = ", ".join(f"{name}={'on' if on else 'off'}" for name, on in (
+        ("overlap", engine_config.overlap), ("deferred_reclamation", engine_config.deferred_reclamation),
+        ("eager_allocation", engine_config.eager_allocation)))
+    print(f"\nvattention serve-bench on {device.device_kind} ({device.platform}), {datetime.date.today()}")
+    print(f"model {args.config} (random weights), backend {engine_config.backend}, chunk {args.chunk_steps} steps, "
+          f"{args.max_batch} slots x {manager.capacity} tokens, page {manager.page_bytes >> 10} KiB, "
+          f"budget {stats['budget_pages'] * manager.page_bytes >> 20} MiB; {policies}")
+    print(f"workload: {len(workload)} requests, Poisson {args.rate}/s, prompt U{tuple(args.prompt_len)}, "
+          f"output U{tuple(args.output_len)}")
+    print(f"throughput          {tokens / elapsed:10.1f} tokens/s ({tokens} tokens in {elapsed:.2f} s)")
+    print(f"time per output token p50 {np.percentile(per_token, 50) * 1e3:.2f} ms, "
+          f"p90 {np.percentile(per_token, 90) * 1e3:.2f} ms, p99 {np.percentile(per_token, 99) * 1e3:.2f} ms")
+    print(f"first-token latency p50 {np.percentile(first, 50) * 1e3:.1f} ms, p99 {np.percentile(first, 99) * 1e3:.1f} ms")
+    print(f"pages mapped {stats['pages_mapped_total'] - warm_stats['pages_mapped_total']}, unmapped "
+          f"{stats['pages_unmapped_total'] - warm_stats['pages_unmapped_total']}, peak mapped "
+          f"{max(m for _, m in engine.stats.mapped_bytes) >> 20} MiB")
+    print(f"mapping time {map_seconds * 1e3:.1f} ms, of it done while the device computed {hidden * 1e3:.1f} ms "
+          f"({100 * hidden / map_seconds if map_seconds else 100:.0f}% hidden)")
+    if crossed.any() and (~crossed).any():
+        print(f"decode chunk {chunks[~crossed].mean() * 1e3:.2f} ms without a page crossing, "
+              f"{chunks[crossed].mean() * 1e3:.2f} ms with one: ratio {chunks[crossed].mean() / chunks[~crossed].mean():.3f} "
+              f"({crossed.sum()} of {len(chunks)} chunks crossed)")
+    print(f"preemptions {engine.stats.preemptions}, prefills {engine.stats.prefills}")
+    if used_fraction:
+        print(f"memory-bound steps {blocked_steps}: live tokens filled {100 * np.mean(used_fraction):.1f}% of the "
+              f"budget, so the batch was {np.mean(used_fraction):.3f}x what an ideal allocator would fit")
+    else:
+        print("admission was never held back by memory (raise --rate or lower --budget-mib to measure it)")
+    print(f"mapped memory over time: {memory_csv}" + (f", {plot}" if plot else " (no matplotlib: no PNG)"))
+    manager.close()
+    return 0
+
+
+def _plot(samples, start, stats, path) -> str | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    seconds = [stamp - start for stamp, _ in samples]
+    mapped = [value / 2**20 for _, value in samples]
+    figure, axis = plt.subplots(figsize=(8, 3.5))
+    axis.plot(seconds, mapped, label="mapped")
+    axis.axhline(stats["budget_pages"] * stats["page_bytes"] / 2**20, color="gray", linestyle="--", label="budget")
+    axis.set_xlabel("seconds")
+    axis.set_ylabel("MiB")
+    axis.set_title("KV cache memory mapped over time")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
