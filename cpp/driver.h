@@ -50,6 +50,10 @@ class Driver {
   virtual void map(DevicePtr address, std::size_t bytes, PhysicalHandle handle) = 0;
   virtual void set_access(DevicePtr address, std::size_t bytes) = 0;
   virtual void unmap(DevicePtr address, std::size_t bytes) = 0;
+  // Called once for a contiguous range whose pages were all just unmapped:
+  // the host driver returns the memory to the OS here, in one piece, so that
+  // OS pages straddling two of our pages go back too. Nothing to do elsewhere.
+  virtual void discard(DevicePtr, std::size_t) {}
 
   // Waits until device work that may read or write pages about to be unmapped
   // has completed: `stream` when the caller runs inside a compiled program,

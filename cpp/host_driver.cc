@@ -43,7 +43,8 @@ class HostDriver final : public Driver {
   void map(DevicePtr, std::size_t, PhysicalHandle) override {}
   void set_access(DevicePtr, std::size_t) override {}
 
-  void unmap(DevicePtr address, std::size_t bytes) override { discard_pages(address, bytes); }
+  void unmap(DevicePtr, std::size_t) override {}
+  void discard(DevicePtr address, std::size_t bytes) override { discard_pages(address, bytes); }
 
   // XLA's CPU client runs a handler inline, in program order, so there is
   // nothing in flight to wait for there.

@@ -1,7 +1,7 @@
 // The Driver of the CPU backend. Cache buffers there are ordinary XLA-owned
 // host buffers that the operating system commits page by page when they are
 // first written, so "mapping" needs no call: creating a page only counts it
-// against the budget, and unmapping hands the memory back to the OS with
+// against the budget, and a discarded range goes back to the OS with
 // madvise(MADV_DONTNEED).
 #pragma once
 

@@ -154,6 +154,8 @@ void PageManager::map_up_to(std::size_t slot, std::size_t target) {
 
 void PageManager::unmap_down_to(std::size_t slot, std::size_t target) {
   Slot& state = slots_[slot];
+  if (state.pages.size() <= target) return;
+  const std::size_t top = state.pages.size();
   const auto start = Clock::now();
   while (state.pages.size() > target) {
     const std::size_t p = state.pages.size() - 1;
@@ -163,6 +165,9 @@ void PageManager::unmap_down_to(std::size_t slot, std::size_t target) {
     pool_.put(state.pages.back());
     state.pages.pop_back();
     pages_unmapped_total_ += geometry_.num_buffers;
+  }
+  for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
+    driver_->discard(page_address(b, slot, target), (top - target) * geometry_.page_bytes);
   }
   unmap_time_ += Clock::now() - start;
 }
@@ -182,9 +187,10 @@ void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> kee
     return slots_[a].pages.size() > slots_[b].pages.size();
   });
   for (std::size_t s : order) {
-    while (pool_.headroom() < needed && !slots_[s].pages.empty()) {
-      unmap_down_to(s, slots_[s].pages.size() - 1);
-    }
+    const std::size_t missing = needed - pool_.headroom();
+    const std::size_t pages = std::min(slots_[s].pages.size(),
+                                       (missing + geometry_.num_buffers - 1) / geometry_.num_buffers);
+    unmap_down_to(s, slots_[s].pages.size() - pages);
     if (pool_.headroom() >= needed) return;
   }
 }
