@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build and install offline, run the GPU tests
-# and the benchmarks, and leave the logs in $OUT (or ./out).
+# One call on the GPU machine: build and install offline, run the GPU tests,
+# the allocation benchmark, generate with both GPU backends and serve-bench on
+# a Llama-3-8B-shaped model; logs go to $OUT (or ./out).
 #   bash scripts/gpu_check.sh [test paths and pytest args; default: tests]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +13,14 @@ status=0
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; "$python" -c "import jax; print(jax.__version__, jax.devices())"; } 2>&1 | tee "$out/device.log"
 "$python" -m pip install --no-build-isolation --no-deps --no-index -q . 2>&1 | tee "$out/build.log" || exit 1
 # -P: import the installed package, not the source tree.
-"$python" -X faulthandler -P -m pytest -m gpu -q -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$out/gpu_tests.log" || status=1
-(cd /tmp && "$python" -X faulthandler -m jax_vattention.bench alloc) 2>&1 | tee "$out/bench_alloc.log" || status=1
+timeout 300 "$python" -X faulthandler -P -m pytest -m gpu -q -p no:cacheprovider "${@:-tests}" 2>&1 | tee "$out/gpu_tests.log" || status=1
+# The benchmarks run from /tmp, away from the source tree.
+cd /tmp
+timeout 60 "$python" -m jax_vattention.bench alloc 2>&1 | tee "$out/bench_alloc.log" || status=1
+for backend in cudnn pallas; do
+  timeout 90 "$python" -m jax_vattention.cli generate --backend "$backend" 2>&1 | tail -8
+done | tee "$out/generate.log" || status=1
+timeout 300 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --requests 64 --rate 40 \
+  --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 3072 \
+  --chunk-steps 16 --out "$out/serve" 2>&1 | grep -v "requests:" | tee "$out/serve.log" || status=1
 exit $status

@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Warm-up: compile the decode chunk and the prefill buckets outside the timed run.
     for bucket in sorted({16 << i for i in range(12) if 16 << i <= manager.capacity}):
-        if bucket // 2 < args.prompt_len[1] and bucket // 2 + 1 >= 1:
+        if bucket >= args.prompt_len[0] and bucket // 2 < args.prompt_len[1]:
             engine.submit(Request(prompt=[2] * min(bucket, args.max_len - 2), max_new_tokens=2))
     engine.run()
     manager.reclaim()
