@@ -112,9 +112,9 @@ def run(args: argparse.Namespace) -> int:
             for event in events:
                 token_times[event.request_id].append(stamp)
                 progress.update(int(event.finished))
-            stats = manager.stats()
-            if engine.waiting and engine.running < args.max_batch:
-                blocked_steps += 1                 # admission held back by memory, not by slots
+            if engine.stats.blocked_by_memory[-1]:
+                stats = manager.stats()            # admission was held back by memory, not by slots
+                blocked_steps += 1
                 used_fraction.append(stats["used_bytes"] / (stats["budget_pages"] * stats["page_bytes"]))
     elapsed = time.perf_counter() - start
     stats = manager.stats()
@@ -125,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
     per_token = np.array([(times[-1] - times[0]) / (len(times) - 1) for times in token_times.values()
                           if len(times) > 1])
     first = np.array([times[0] - arrival_of[i] for i, times in token_times.items() if times])
-    chunks = np.array(engine.stats.chunk_seconds)
-    crossed = np.array(engine.stats.chunk_crossed_page, bool)
+    # Chunks that waited for a prefill queued before them are left out of the crossing comparison.
+    clean = ~np.array(engine.stats.chunk_after_prefill, bool)
+    chunks = np.array(engine.stats.chunk_seconds)[clean]
+    crossed = np.array(engine.stats.chunk_crossed_page, bool)[clean]
     map_seconds = stats["map_seconds"] - warm_stats["map_seconds"]
     hidden = engine.stats.prefetch_seconds
 
@@ -160,11 +162,12 @@ def run(args: argparse.Namespace) -> int:
     if crossed.any() and (~crossed).any():
         print(f"decode chunk {chunks[~crossed].mean() * 1e3:.2f} ms without a page crossing, "
               f"{chunks[crossed].mean() * 1e3:.2f} ms with one: ratio {chunks[crossed].mean() / chunks[~crossed].mean():.3f} "
-              f"({crossed.sum()} of {len(chunks)} chunks crossed)")
+              f"({crossed.sum()} of {len(chunks)} chunks without a prefill before them crossed)")
     print(f"preemptions {engine.stats.preemptions}, prefills {engine.stats.prefills}")
     if used_fraction:
-        print(f"memory-bound steps {blocked_steps}: live tokens filled {100 * np.mean(used_fraction):.1f}% of the "
-              f"budget, so the batch was {np.mean(used_fraction):.3f}x what an ideal allocator would fit")
+        print(f"steps whose admission the budget held back: {blocked_steps}; in them live tokens filled "
+              f"{100 * np.mean(used_fraction):.1f}% of the budget: the batch was {np.mean(used_fraction):.3f}x what "
+              f"an ideal allocator (exact tokens, no page rounding) would fit")
     else:
         print("admission was never held back by memory (raise --rate or lower --budget-mib to measure it)")
     print(f"mapped memory over time: {memory_csv}" + (f", {plot}" if plot else " (no matplotlib: no PNG)"))

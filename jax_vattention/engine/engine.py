@@ -79,6 +79,8 @@ class EngineStats:
     prefetch_seconds: float = 0.0     # time spent mapping on the host while the device computed
     chunk_seconds: list = dataclasses.field(default_factory=list)
     chunk_crossed_page: list = dataclasses.field(default_factory=list)
+    chunk_after_prefill: list = dataclasses.field(default_factory=list)   # prefills queued before the chunk
+    blocked_by_memory: list = dataclasses.field(default_factory=list)     # admission stopped by the budget
     mapped_bytes: list = dataclasses.field(default_factory=list)   # (time, bytes) after each step
     running: list = dataclasses.field(default_factory=list)        # running requests after each admission
 
@@ -170,9 +172,11 @@ class Engine:
     # ------------------------------------------------------------------- steps
     def step(self) -> list[TokenEvent]:
         """Admits what fits, runs one decode chunk and retires finished requests."""
+        prefills = self.stats.prefills
         events = self._admit()
         if self._by_slot:
             events += self._decode_chunk()
+            self.stats.chunk_after_prefill.append(self.stats.prefills > prefills)
         self.stats.steps += 1
         self.stats.mapped_bytes.append((time.perf_counter(), self.manager.stats()["mapped_bytes"]))
         return events
@@ -193,6 +197,7 @@ class Engine:
 
     def _admit(self) -> list[TokenEvent]:
         events = []
+        blocked = False
         lookahead = self.config.chunk_steps if self.config.eager_allocation else 0
         while self._waiting and len(self._by_slot) < self.manager.config.max_batch:
             state = self._waiting[0]
@@ -203,12 +208,14 @@ class Engine:
                 if not self._by_slot:
                     raise RuntimeError("an idle engine cannot admit a request that passed submit(): "
                                        "the page budget accounting is inconsistent")
+                blocked = True
                 break  # back-pressure: wait for running requests to finish
             self._waiting.popleft()
             state.slot = slot
             state.admitted_at = self.stats.steps
             events += self._prefill_one(state, context)
         self.stats.running.append(len(self._by_slot))
+        self.stats.blocked_by_memory.append(blocked)
         return events
 
     def _prefill_one(self, state: RequestState, context: list[int]) -> list[TokenEvent]:
