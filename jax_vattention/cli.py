@@ -41,6 +41,13 @@ def _add_arguments(parser: argparse.ArgumentParser, module: str) -> None:
             raise
 
 
+def standalone(doc: str, add_arguments, run, argv: list[str] | None = None) -> int:
+    """Runs one command module on its own (``python -m jax_vattention.bench.alloc``)."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     return importlib.import_module(args.module).run(args)

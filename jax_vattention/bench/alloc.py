@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from jax_vattention.cli import standalone
 from jax_vattention.config import CacheConfig
 from jax_vattention.manager import CacheManager
 
@@ -105,11 +106,5 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(standalone(__doc__, add_arguments, run))

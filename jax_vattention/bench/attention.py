@@ -33,338 +33,450 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_vattention.kernels import decode_attention
+from jax_vattention.cli import standalone
 from jax_vattention.kernels.decode_attention import default_block_k, default_num_splits
 from jax_vattention.kernels.reference import decode_attention_reference
 
 OURS, CUDNN, PAGED_CUDNN, PAGED_PALLAS = "ours", "cudnn", "paged_cudnn", "paged_pallas"
 IMPLEMENTATIONS = (OURS, CUDNN, PAGED_CUDNN, PAGED_PALLAS)
-CSV_FIELDS = ("card", "batch", "context", "impl", "page_size", "config", "us", "tb_per_s",
-              "max_abs_error", "note")
+CSV_FIELDS = (
+    "card",
+    "batch",
+    "context",
+    "impl",
+    "page_size",
+    "config",
+    "us",
+    "tb_per_s",
+    "max_abs_error",
+    "note",
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds the benchmark's options to ``parser``."""
-  parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
-  parser.add_argument("--context", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
-  parser.add_argument("--max-tokens", type=int, default=1 << 20,
-                      help="skip grid points whose batch * context exceeds this")
-  parser.add_argument("--q-heads", type=int, default=32)
-  parser.add_argument("--kv-heads", type=int, default=8)
-  parser.add_argument("--head-dim", type=int, default=128)
-  parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-  parser.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
-  parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
-  parser.add_argument("--calls", type=int, default=20, help="attention calls per timed program")
-  parser.add_argument("--repeats", type=int, default=10)
-  parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the memcpy ceiling")
-  parser.add_argument("--block-k", type=int, default=None, help="our kernel's tile (tokens)")
-  parser.add_argument("--num-splits", type=int, default=None)
-  parser.add_argument("--num-warps", type=int, default=4)
-  parser.add_argument("--num-stages", type=int, default=3)
-  parser.add_argument("--sweep", action="store_true",
-                      help="also sweep our block_k, num_warps, num_stages and num_splits")
-  parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("bench_results"))
+    """Adds the benchmark's options to ``parser``."""
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--context", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
+    parser.add_argument(
+        "--max-tokens", type=int, default=1 << 20, help="skip grid points whose batch * context exceeds this"
+    )
+    parser.add_argument("--q-heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    parser.add_argument("--calls", type=int, default=20, help="attention calls per timed program")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the memcpy ceiling")
+    parser.add_argument("--block-k", type=int, default=None, help="our kernel's tile (tokens)")
+    parser.add_argument("--num-splits", type=int, default=None)
+    parser.add_argument("--num-warps", type=int, default=4)
+    parser.add_argument("--num-stages", type=int, default=3)
+    parser.add_argument(
+        "--sweep", action="store_true", help="also sweep our block_k, num_warps, num_stages and num_splits"
+    )
+    parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("bench_results"))
 
 
 def time_per_call(attend, queries: jax.Array, *operands, repeats: int) -> float:
-  """Median seconds per ``attend(query, *operands)`` over ``repeats`` runs of one program.
+    """Median seconds per ``attend(query, *operands)`` over ``repeats`` runs of one program.
 
-  The program makes one call per row of ``queries`` [calls, batch, q_heads, head_dim]; the rows are
-  separate arguments, so the program holds the attention calls and nothing else.
-  """
-  rows = [queries[i] for i in range(queries.shape[0])]
-  program = jax.jit(lambda qs, *ops: [attend(q, *ops) for q in qs])
-  jax.block_until_ready(program(rows, *operands))
-  seconds = []
-  for _ in range(repeats):
-    start = time.perf_counter()
+    The program makes one call per row of ``queries`` [calls, batch, q_heads, head_dim]; the rows are
+    separate arguments, so the program holds the attention calls and nothing else.
+    """
+    rows = [queries[i] for i in range(queries.shape[0])]
+    program = jax.jit(lambda qs, *ops: [attend(q, *ops) for q in qs])
     jax.block_until_ready(program(rows, *operands))
-    seconds.append((time.perf_counter() - start) / len(rows))
-  return statistics.median(seconds)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(program(rows, *operands))
+        seconds.append((time.perf_counter() - start) / len(rows))
+    return statistics.median(seconds)
 
 
 def copy_ceiling(gib: float, repeats: int = 20) -> float | None:
-  """Bytes per second (read + written) of a plain device-to-device cudaMemcpy of ``gib`` GiB."""
-  try:
-    import cupy
-  except ImportError:
-    print("cupy is not importable: no memcpy ceiling", file=sys.stderr)
-    return None
-  size = int(gib * 2**30)
-  source, destination = cupy.ones(size, cupy.uint8), cupy.empty(size, cupy.uint8)
-  start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-  kind = cupy.cuda.runtime.memcpyDeviceToDevice
-  milliseconds = []
-  for i in range(repeats + 3):
-    start.record()
-    cupy.cuda.runtime.memcpy(destination.data.ptr, source.data.ptr, size, kind)
-    stop.record()
-    stop.synchronize()
-    if i >= 3:
-      milliseconds.append(cupy.cuda.get_elapsed_time(start, stop))
-  del source, destination
-  cupy.get_default_memory_pool().free_all_blocks()
-  return 2 * size / (statistics.median(milliseconds) * 1e-3)
+    """Bytes per second (read + written) of a plain device-to-device cudaMemcpy of ``gib`` GiB."""
+    try:
+        import cupy
+    except ImportError:
+        print("cupy is not importable: no memcpy ceiling", file=sys.stderr)
+        return None
+    size = int(gib * 2**30)
+    source, destination = cupy.ones(size, cupy.uint8), cupy.empty(size, cupy.uint8)
+    start, stop = cupy.cuda.Event(), cupy.cuda.Event()
+    kind = cupy.cuda.runtime.memcpyDeviceToDevice
+    milliseconds = []
+    for i in range(repeats + 3):
+        start.record()
+        cupy.cuda.runtime.memcpy(destination.data.ptr, source.data.ptr, size, kind)
+        stop.record()
+        stop.synchronize()
+        if i >= 3:
+            milliseconds.append(cupy.cuda.get_elapsed_time(start, stop))
+    del source, destination
+    cupy.get_default_memory_pool().free_all_blocks()
+    return 2 * size / (statistics.median(milliseconds) * 1e-3)
 
 
 def shuffled_page_pool(k_cache, v_cache, page_size: int, key):
-  """The caches cut into pages and scattered in random order over a pool, as in a real page pool.
+    """The caches cut into pages and scattered in random order over a pool, as in a real page pool.
 
-  Returns k_pool, v_pool [batch * pages_per_slot, page_size, kv_heads, head_dim] and the block
-  table int32 [batch, pages_per_slot]: page i of slot b is ``pool[block_table[b, i]]``.
-  """
-  batch, context, kv_heads, head_dim = k_cache.shape
-  pages_per_slot = context // page_size
-  block_table = jax.random.permutation(key, batch * pages_per_slot).astype(jnp.int32)
+    Returns k_pool, v_pool [batch * pages_per_slot, page_size, kv_heads, head_dim] and the block
+    table int32 [batch, pages_per_slot]: page i of slot b is ``pool[block_table[b, i]]``.
+    """
+    batch, context, kv_heads, head_dim = k_cache.shape
+    pages_per_slot = context // page_size
+    block_table = jax.random.permutation(key, batch * pages_per_slot).astype(jnp.int32)
 
-  def scatter(cache):
-    pages = cache.reshape(batch * pages_per_slot, page_size, kv_heads, head_dim)
-    return jnp.zeros_like(pages).at[block_table].set(pages)
+    def scatter(cache):
+        pages = cache.reshape(batch * pages_per_slot, page_size, kv_heads, head_dim)
+        return jnp.zeros_like(pages).at[block_table].set(pages)
 
-  return scatter(k_cache), scatter(v_cache), block_table.reshape(batch, pages_per_slot)
+    return scatter(k_cache), scatter(v_cache), block_table.reshape(batch, pages_per_slot)
 
 
 def paged_cudnn_attention(scale: float):
-  from jax._src.cudnn.fused_attention_stablehlo import MaskType, paged_attention
+    from jax._src.cudnn.fused_attention_stablehlo import MaskType, paged_attention
 
-  def attend(q, k_pool, v_pool, block_table, lengths):
-    batch = q.shape[0]
-    page_table = block_table[:, None, :, None]  # [batch, 1, pages_per_slot, 1]
-    out = paged_attention(q[:, None], k_pool, v_pool, jnp.ones((batch,), jnp.int32), lengths,
-                          page_table, page_table, scale=scale, mask_type=MaskType.PADDING)
-    return out[:, 0]
+    def attend(q, k_pool, v_pool, block_table, lengths):
+        batch = q.shape[0]
+        page_table = block_table[:, None, :, None]  # [batch, 1, pages_per_slot, 1]
+        out = paged_attention(
+            q[:, None],
+            k_pool,
+            v_pool,
+            jnp.ones((batch,), jnp.int32),
+            lengths,
+            page_table,
+            page_table,
+            scale=scale,
+            mask_type=MaskType.PADDING,
+        )
+        return out[:, 0]
 
-  return attend
+    return attend
 
 
 def paged_pallas_attention(page_size: int, pages_per_slot: int):
-  from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
 
-  k_splits = math.gcd(16, pages_per_slot)
-  pages_per_block = math.gcd(max(1, 128 // page_size), pages_per_slot // k_splits)
+    k_splits = math.gcd(16, pages_per_slot)
+    pages_per_block = math.gcd(max(1, 128 // page_size), pages_per_slot // k_splits)
 
-  def attend(q, k_pages, v_pages, block_table, lengths):
-    return paged_attention(q, k_pages, v_pages, block_table, lengths, k_splits=k_splits,
-                           pages_per_compute_block=pages_per_block,
-                           interpret=jax.default_backend() != "gpu")
+    def attend(q, k_pages, v_pages, block_table, lengths):
+        return paged_attention(
+            q,
+            k_pages,
+            v_pages,
+            block_table,
+            lengths,
+            k_splits=k_splits,
+            pages_per_compute_block=pages_per_block,
+            interpret=jax.default_backend() != "gpu",
+        )
 
-  return attend, f"k_splits={k_splits},pages_per_compute_block={pages_per_block}"
+    return attend, f"k_splits={k_splits},pages_per_compute_block={pages_per_block}"
 
 
 def cudnn_attention(scale: float):
-  def attend(q, k_cache, v_cache, lengths):
-    out = jax.nn.dot_product_attention(q[:, None], k_cache, v_cache, scale=scale,
-                                       key_value_seq_lengths=lengths, implementation="cudnn")
-    return out[:, 0]
+    def attend(q, k_cache, v_cache, lengths):
+        out = jax.nn.dot_product_attention(
+            q[:, None], k_cache, v_cache, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn"
+        )
+        return out[:, 0]
 
-  return attend
+    return attend
 
 
 def ours_attention(**config):
-  return lambda q, k_cache, v_cache, lengths: decode_attention(q, k_cache, v_cache, lengths,
-                                                               **config)
+    return lambda q, k_cache, v_cache, lengths: decode_attention(q, k_cache, v_cache, lengths, **config)
 
 
 def ragged_lengths(batch: int, context: int, seed: int) -> jax.Array:
-  """Lengths for the correctness check: not multiples of any tile, the full context, and a 0."""
-  rng = np.random.default_rng(seed)
-  lengths = rng.integers(1, context + 1, size=batch)
-  lengths[0] = context
-  if batch > 1:
-    lengths[1] = 0
-  return jnp.asarray(lengths, jnp.int32)
+    """Lengths for the correctness check: not multiples of any tile, the full context, and a 0."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, context + 1, size=batch)
+    lengths[0] = context
+    if batch > 1:
+        lengths[1] = 0
+    return jnp.asarray(lengths, jnp.int32)
 
 
 def max_abs_error(attend, operands, q, expected) -> float:
-  return float(jnp.max(jnp.abs(jax.jit(attend)(q, *operands).astype(jnp.float32) - expected)))
+    return float(jnp.max(jnp.abs(jax.jit(attend)(q, *operands).astype(jnp.float32) - expected)))
 
 
 class Recorder:
-  """Collects rows, prints them as they come and keeps the CSV on disk up to date."""
+    """Collects rows, prints them as they come and keeps the CSV on disk up to date."""
 
-  def __init__(self, path: pathlib.Path, card: str, repeats: int):
-    self.path, self.card, self.repeats, self.rows = path, card, repeats, []
+    def __init__(self, path: pathlib.Path, card: str, repeats: int):
+        self.path, self.card, self.repeats, self.rows = path, card, repeats, []
 
-  def add(self, **row):
-    row = {"card": self.card, "page_size": "", "config": "", "us": "", "tb_per_s": "",
-           "max_abs_error": "", "note": "", **row}
-    self.rows.append(row)
-    print(" ".join(f"{k}={row[k]}" for k in CSV_FIELDS[1:] if row[k] != ""), flush=True)
-    with self.path.open("w", newline="") as f:
-      writer = csv.DictWriter(f, CSV_FIELDS)
-      writer.writeheader()
-      writer.writerows(self.rows)
+    def add(self, **row):
+        row = {
+            "card": self.card,
+            "page_size": "",
+            "config": "",
+            "us": "",
+            "tb_per_s": "",
+            "max_abs_error": "",
+            "note": "",
+            **row,
+        }
+        self.rows.append(row)
+        print(" ".join(f"{k}={row[k]}" for k in CSV_FIELDS[1:] if row[k] != ""), flush=True)
+        with self.path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, CSV_FIELDS)
+            writer.writeheader()
+            writer.writerows(self.rows)
 
 
 def measure(recorder, name, attend, operands, queries, kv_bytes, check, **fields):
-  """Times one implementation and checks it; failures are recorded, not raised."""
-  try:
-    error = max_abs_error(attend, check[0], check[1], check[2]) if check else ""
-    seconds = time_per_call(attend, queries, *operands, repeats=recorder.repeats)
-  except Exception as failure:  # A baseline that cannot run here is a row, not an abort.
-    recorder.add(impl=name, note=f"failed: {type(failure).__name__}: {str(failure)[:200]}",
-                 **fields)
-    return None
-  recorder.add(impl=name, us=f"{seconds * 1e6:.1f}", tb_per_s=f"{kv_bytes / seconds / 1e12:.3f}",
-               max_abs_error=f"{error:.2e}" if check else "", **fields)
-  return seconds
+    """Times one implementation and checks it; failures are recorded, not raised."""
+    try:
+        error = max_abs_error(attend, check[0], check[1], check[2]) if check else ""
+        seconds = time_per_call(attend, queries, *operands, repeats=recorder.repeats)
+    except Exception as failure:  # A baseline that cannot run here is a row, not an abort.
+        recorder.add(impl=name, note=f"failed: {type(failure).__name__}: {str(failure)[:200]}", **fields)
+        return None
+    recorder.add(
+        impl=name,
+        us=f"{seconds * 1e6:.1f}",
+        tb_per_s=f"{kv_bytes / seconds / 1e12:.3f}",
+        max_abs_error=f"{error:.2e}" if check else "",
+        **fields,
+    )
+    return seconds
 
 
 def sweep_configs(batch, kv_heads, context, head_dim):
-  """Tile, launch and split configurations for our kernel, around the defaults."""
-  splits = default_num_splits(batch, kv_heads, context, default_block_k(head_dim))
-  for block_k, num_warps, num_stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
-    yield dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
-  for factor in (0.25, 0.5, 2, 4):
-    yield dict(num_splits=max(1, round(splits * factor)))
+    """Tile, launch and split configurations for our kernel, around the defaults."""
+    splits = default_num_splits(batch, kv_heads, context, default_block_k(head_dim))
+    for block_k, num_warps, num_stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
+        yield dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+    for factor in (0.25, 0.5, 2, 4):
+        yield dict(num_splits=max(1, round(splits * factor)))
 
 
 def run_point(recorder, args, batch, context, key, dtype):
-  """Benchmarks one (batch, context) point; returns {implementation: best seconds}."""
-  scale = 1.0 / math.sqrt(args.head_dim)
-  keys = jax.random.split(key, 5)
-  cache_shape = (batch, context, args.kv_heads, args.head_dim)
-  k_cache = jax.random.normal(keys[0], cache_shape, dtype)
-  v_cache = jax.random.normal(keys[1], cache_shape, dtype)
-  queries = jax.random.normal(keys[2], (args.calls, batch, args.q_heads, args.head_dim), dtype)
-  full = jnp.full((batch,), context, jnp.int32)
-  ragged = ragged_lengths(batch, context, seed=batch * context)
-  expected = decode_attention_reference(queries[0], k_cache, v_cache, ragged)
-  kv_bytes = 2 * k_cache.size * k_cache.dtype.itemsize
-  point = dict(batch=batch, context=context)
-  best = {}
+    """Benchmarks one (batch, context) point; returns {implementation: best seconds}."""
+    scale = 1.0 / math.sqrt(args.head_dim)
+    keys = jax.random.split(key, 5)
+    cache_shape = (batch, context, args.kv_heads, args.head_dim)
+    k_cache = jax.random.normal(keys[0], cache_shape, dtype)
+    v_cache = jax.random.normal(keys[1], cache_shape, dtype)
+    queries = jax.random.normal(keys[2], (args.calls, batch, args.q_heads, args.head_dim), dtype)
+    full = jnp.full((batch,), context, jnp.int32)
+    ragged = ragged_lengths(batch, context, seed=batch * context)
+    expected = decode_attention_reference(queries[0], k_cache, v_cache, ragged)
+    kv_bytes = 2 * k_cache.size * k_cache.dtype.itemsize
+    point = dict(batch=batch, context=context)
+    best = {}
 
-  def keep(name, seconds):
-    if seconds is not None:
-      best[name] = min(best.get(name, math.inf), seconds)
+    def keep(name, seconds):
+        if seconds is not None:
+            best[name] = min(best.get(name, math.inf), seconds)
 
-  contiguous_check = ((k_cache, v_cache, ragged), queries[0], expected)
-  if OURS in args.impls:
-    config = dict(block_k=args.block_k, num_splits=args.num_splits, num_warps=args.num_warps,
-                  num_stages=args.num_stages)
-    config_text = ",".join(f"{k}={v}" for k, v in config.items() if v is not None)
-    keep(OURS, measure(recorder, OURS, ours_attention(**config), (k_cache, v_cache, full),
-                       queries, kv_bytes, contiguous_check, config=config_text, **point))
-    empty = jnp.zeros((batch,), jnp.int32)
-    seconds = time_per_call(ours_attention(**config), queries, k_cache, v_cache, empty,
-                            repeats=args.repeats)
-    recorder.add(impl=f"{OURS}_length_0", us=f"{seconds * 1e6:.1f}", config=config_text,
-                 note="same program, all lengths 0: the fixed cost of a call", **point)
-    if args.sweep:
-      for overrides in sweep_configs(batch, args.kv_heads, context, args.head_dim):
-        swept = {**config, **overrides}
-        measure(recorder, f"{OURS}_sweep", ours_attention(**swept), (k_cache, v_cache, full),
-                queries, kv_bytes, None,
-                config=",".join(f"{k}={v}" for k, v in swept.items() if v is not None), **point)
-  if CUDNN in args.impls:
-    keep(CUDNN, measure(recorder, CUDNN, cudnn_attention(scale), (k_cache, v_cache, full),
-                        queries, kv_bytes, contiguous_check, **point))
-  for page_size in args.page_sizes:
-    if context % page_size or not {PAGED_CUDNN, PAGED_PALLAS} & set(args.impls):
-      continue
-    k_pool, v_pool, block_table = shuffled_page_pool(k_cache, v_cache, page_size, keys[3])
-    if PAGED_CUDNN in args.impls:
-      operands = (k_pool, v_pool, block_table)
-      keep(PAGED_CUDNN, measure(recorder, PAGED_CUDNN, paged_cudnn_attention(scale),
-                                (*operands, full), queries, kv_bytes,
-                                ((*operands, ragged), queries[0], expected),
-                                page_size=page_size, **point))
-    if PAGED_PALLAS in args.impls:
-      operands = (k_pool.transpose(2, 0, 1, 3), v_pool.transpose(2, 0, 1, 3), block_table)
-      attend, config_text = paged_pallas_attention(page_size, context // page_size)
-      scaled = (queries * scale).astype(dtype)  # This kernel has no scale argument.
-      keep(PAGED_PALLAS, measure(recorder, PAGED_PALLAS, attend, (*operands, full), scaled,
-                                 kv_bytes, ((*operands, ragged), scaled[0], expected),
-                                 page_size=page_size, config=config_text, **point))
-      del operands
-    del k_pool, v_pool
-  return best
+    contiguous_check = ((k_cache, v_cache, ragged), queries[0], expected)
+    if OURS in args.impls:
+        config = dict(
+            block_k=args.block_k,
+            num_splits=args.num_splits,
+            num_warps=args.num_warps,
+            num_stages=args.num_stages,
+        )
+        config_text = ",".join(f"{k}={v}" for k, v in config.items() if v is not None)
+        keep(
+            OURS,
+            measure(
+                recorder,
+                OURS,
+                ours_attention(**config),
+                (k_cache, v_cache, full),
+                queries,
+                kv_bytes,
+                contiguous_check,
+                config=config_text,
+                **point,
+            ),
+        )
+        empty = jnp.zeros((batch,), jnp.int32)
+        seconds = time_per_call(
+            ours_attention(**config), queries, k_cache, v_cache, empty, repeats=args.repeats
+        )
+        recorder.add(
+            impl=f"{OURS}_length_0",
+            us=f"{seconds * 1e6:.1f}",
+            config=config_text,
+            note="same program, all lengths 0: the fixed cost of a call",
+            **point,
+        )
+        if args.sweep:
+            for overrides in sweep_configs(batch, args.kv_heads, context, args.head_dim):
+                swept = {**config, **overrides}
+                measure(
+                    recorder,
+                    f"{OURS}_sweep",
+                    ours_attention(**swept),
+                    (k_cache, v_cache, full),
+                    queries,
+                    kv_bytes,
+                    None,
+                    config=",".join(f"{k}={v}" for k, v in swept.items() if v is not None),
+                    **point,
+                )
+    if CUDNN in args.impls:
+        keep(
+            CUDNN,
+            measure(
+                recorder,
+                CUDNN,
+                cudnn_attention(scale),
+                (k_cache, v_cache, full),
+                queries,
+                kv_bytes,
+                contiguous_check,
+                **point,
+            ),
+        )
+    for page_size in args.page_sizes:
+        if context % page_size or not {PAGED_CUDNN, PAGED_PALLAS} & set(args.impls):
+            continue
+        k_pool, v_pool, block_table = shuffled_page_pool(k_cache, v_cache, page_size, keys[3])
+        if PAGED_CUDNN in args.impls:
+            operands = (k_pool, v_pool, block_table)
+            keep(
+                PAGED_CUDNN,
+                measure(
+                    recorder,
+                    PAGED_CUDNN,
+                    paged_cudnn_attention(scale),
+                    (*operands, full),
+                    queries,
+                    kv_bytes,
+                    ((*operands, ragged), queries[0], expected),
+                    page_size=page_size,
+                    **point,
+                ),
+            )
+        if PAGED_PALLAS in args.impls:
+            operands = (k_pool.transpose(2, 0, 1, 3), v_pool.transpose(2, 0, 1, 3), block_table)
+            attend, config_text = paged_pallas_attention(page_size, context // page_size)
+            scaled = (queries * scale).astype(dtype)  # This kernel has no scale argument.
+            keep(
+                PAGED_PALLAS,
+                measure(
+                    recorder,
+                    PAGED_PALLAS,
+                    attend,
+                    (*operands, full),
+                    scaled,
+                    kv_bytes,
+                    ((*operands, ragged), scaled[0], expected),
+                    page_size=page_size,
+                    config=config_text,
+                    **point,
+                ),
+            )
+            del operands
+        del k_pool, v_pool
+    return best
 
 
 def summary_table(results, ceiling, card) -> str:
-  """A Markdown table: µs and TB/s per implementation, and our ratios to the ceiling and baselines."""
-  lines = [f"card: {card}; copy ceiling: "
-           + (f"{ceiling / 1e12:.3f} TB/s" if ceiling else "not measured"),
-           "",
-           "| batch | context | KV MiB | ours µs | ours TB/s | cuDNN µs | paged cuDNN µs | "
-           "paged Pallas µs | ours / copy | ours vs cuDNN | ours vs best paged |",
-           "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for (batch, context, kv_bytes), best in results:
-    def us(name):
-      return f"{best[name] * 1e6:.1f}" if name in best else "—"
-    ours = best.get(OURS)
-    paged = min((best[n] for n in (PAGED_CUDNN, PAGED_PALLAS) if n in best), default=None)
-    ours_tbps = kv_bytes / ours / 1e12 if ours else None
-    lines.append(
-        f"| {batch} | {context} | {kv_bytes / 2**20:.0f} | {us(OURS)} | "
-        f"{f'{ours_tbps:.2f}' if ours else '—'} | {us(CUDNN)} | {us(PAGED_CUDNN)} | "
-        f"{us(PAGED_PALLAS)} | "
-        f"{f'{100 * kv_bytes / ours / ceiling:.0f}%' if ours and ceiling else '—'} | "
-        f"{f'{best[CUDNN] / ours:.2f}×' if ours and CUDNN in best else '—'} | "
-        f"{f'{paged / ours:.2f}×' if ours and paged else '—'} |")
-  return "\n".join(lines)
+    """A Markdown table: µs and TB/s per implementation, and our ratios to the ceiling and baselines."""
+    lines = [
+        f"card: {card}; copy ceiling: " + (f"{ceiling / 1e12:.3f} TB/s" if ceiling else "not measured"),
+        "",
+        "| batch | context | KV MiB | ours µs | ours TB/s | cuDNN µs | paged cuDNN µs | "
+        "paged Pallas µs | ours / copy | ours vs cuDNN | ours vs best paged |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (batch, context, kv_bytes), best in results:
+
+        def us(name):
+            return f"{best[name] * 1e6:.1f}" if name in best else "—"
+
+        ours = best.get(OURS)
+        paged = min((best[n] for n in (PAGED_CUDNN, PAGED_PALLAS) if n in best), default=None)
+        ours_tbps = kv_bytes / ours / 1e12 if ours else None
+        lines.append(
+            f"| {batch} | {context} | {kv_bytes / 2**20:.0f} | {us(OURS)} | "
+            f"{f'{ours_tbps:.2f}' if ours else '—'} | {us(CUDNN)} | {us(PAGED_CUDNN)} | "
+            f"{us(PAGED_PALLAS)} | "
+            f"{f'{100 * kv_bytes / ours / ceiling:.0f}%' if ours and ceiling else '—'} | "
+            f"{f'{best[CUDNN] / ours:.2f}×' if ours and CUDNN in best else '—'} | "
+            f"{f'{paged / ours:.2f}×' if ours and paged else '—'} |"
+        )
+    return "\n".join(lines)
 
 
 def plot(results, ceiling, card, path: pathlib.Path) -> None:
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    print("matplotlib is not importable: no plot", file=sys.stderr)
-    return
-  figure, axes = plt.subplots(figsize=(8, 5))
-  labels = [f"{b}×{c // 1024}K" for (b, c, _), _ in results]
-  for name in IMPLEMENTATIONS:
-    axes.plot(labels, [kv / best[name] / 1e12 if name in best else float("nan")
-                       for (_, _, kv), best in results], marker="o", label=name)
-  if ceiling:
-    axes.axhline(ceiling / 1e12, color="black", linestyle="--", label="device memcpy")
-  axes.set_xlabel("batch × context")
-  axes.set_ylabel("effective KV bandwidth (TB/s)")
-  axes.set_title(f"decode attention, {card}")
-  axes.tick_params(axis="x", rotation=60)
-  axes.legend()
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  print(f"plot: {path}")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not importable: no plot", file=sys.stderr)
+        return
+    figure, axes = plt.subplots(figsize=(8, 5))
+    labels = [f"{b}×{c // 1024}K" for (b, c, _), _ in results]
+    for name in IMPLEMENTATIONS:
+        axes.plot(
+            labels,
+            [kv / best[name] / 1e12 if name in best else float("nan") for (_, _, kv), best in results],
+            marker="o",
+            label=name,
+        )
+    if ceiling:
+        axes.axhline(ceiling / 1e12, color="black", linestyle="--", label="device memcpy")
+    axes.set_xlabel("batch × context")
+    axes.set_ylabel("effective KV bandwidth (TB/s)")
+    axes.set_title(f"decode attention, {card}")
+    axes.tick_params(axis="x", rotation=60)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"plot: {path}")
 
 
 def run(args: argparse.Namespace) -> int:
-  """Runs the benchmark; returns the process exit status."""
-  card = jax.devices()[0].device_kind
-  dtype = jnp.dtype(args.dtype)
-  args.out_dir.mkdir(parents=True, exist_ok=True)
-  recorder = Recorder(args.out_dir / "attention.csv", card, args.repeats)
-  print(f"card: {card}; jax {jax.__version__}; {datetime.date.today()}", flush=True)
-  ceiling = copy_ceiling(args.copy_gib) if jax.default_backend() == "gpu" else None
-  if ceiling:
-    recorder.add(batch="", context="", impl="memcpy", tb_per_s=f"{ceiling / 1e12:.3f}",
-                 note=f"{args.copy_gib} GiB device-to-device cudaMemcpy, read + written")
-  if jax.default_backend() != "gpu":
-    args.impls = [name for name in args.impls if name not in (CUDNN, PAGED_CUDNN)]
-    print("not a GPU: cuDNN baselines skipped, Pallas kernels interpreted", file=sys.stderr)
-  results = []
-  key = jax.random.key(0)
-  for batch, context in itertools.product(args.batch, args.context):
-    if batch * context > args.max_tokens:
-      continue
-    key, point_key = jax.random.split(key)
-    best = run_point(recorder, args, batch, context, point_key, dtype)
-    kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
-    results.append(((batch, context, kv_bytes), best))
-  table = summary_table(results, ceiling, card)
-  print(table)
-  (args.out_dir / "attention.md").write_text(table + "\n")
-  plot(results, ceiling, card, args.out_dir / "attention.png")
-  return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  add_arguments(parser)
-  return run(parser.parse_args(argv))
+    """Runs the benchmark; returns the process exit status."""
+    card = jax.devices()[0].device_kind
+    dtype = jnp.dtype(args.dtype)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    recorder = Recorder(args.out_dir / "attention.csv", card, args.repeats)
+    print(f"card: {card}; jax {jax.__version__}; {datetime.date.today()}", flush=True)
+    ceiling = copy_ceiling(args.copy_gib) if jax.default_backend() == "gpu" else None
+    if ceiling:
+        recorder.add(
+            batch="",
+            context="",
+            impl="memcpy",
+            tb_per_s=f"{ceiling / 1e12:.3f}",
+            note=f"{args.copy_gib} GiB device-to-device cudaMemcpy, read + written",
+        )
+    if jax.default_backend() != "gpu":
+        args.impls = [name for name in args.impls if name not in (CUDNN, PAGED_CUDNN)]
+        print("not a GPU: cuDNN baselines skipped, Pallas kernels interpreted", file=sys.stderr)
+    results = []
+    key = jax.random.key(0)
+    for batch, context in itertools.product(args.batch, args.context):
+        if batch * context > args.max_tokens:
+            continue
+        key, point_key = jax.random.split(key)
+        best = run_point(recorder, args, batch, context, point_key, dtype)
+        kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize
+        results.append(((batch, context, kv_bytes), best))
+    table = summary_table(results, ceiling, card)
+    print(table)
+    (args.out_dir / "attention.md").write_text(table + "\n")
+    plot(results, ceiling, card, args.out_dir / "attention.png")
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    raise SystemExit(standalone(__doc__, add_arguments, run))

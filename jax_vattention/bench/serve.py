@@ -20,11 +20,11 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from jax_vattention.cli import standalone
 from jax_vattention.config import CacheConfig
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.manager import CacheManager
@@ -197,11 +197,5 @@ def _plot(samples, start, stats, path) -> str | None:
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(standalone(__doc__, add_arguments, run))

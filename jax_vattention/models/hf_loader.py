@@ -17,7 +17,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from jax_vattention.models.configs import LlamaConfig, RopeScaling
