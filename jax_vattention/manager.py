@@ -16,7 +16,7 @@ freed pages go back with ``madvise``. The API is the same on both.
 
 from __future__ import annotations
 
-import weakref
+import atexit
 
 import jax
 import jax.numpy as jnp
@@ -98,7 +98,10 @@ class CacheManager:
         except BaseException:
             self._core.release()
             raise
-        self._finalizer = weakref.finalize(self, _release, self._core, self._id)
+        # Released by close() or at exit, never by garbage collection: the
+        # cache's arrays may outlive this object, and must not outlive its memory.
+        self._closed = False
+        atexit.register(self.close)
         layers = config.num_layers
         self.cache = KVCache(k=tuple(buffers[:layers]), v=tuple(buffers[layers:]), manager_id=self._id)
 
@@ -209,9 +212,15 @@ class CacheManager:
     def close(self) -> None:
         """Unmaps and releases all memory. The cache's arrays must not be used afterwards.
 
-        Runs by itself when the manager is garbage-collected or at exit.
+        Runs by itself at exit; until then (or close) the manager stays alive,
+        even with no reference left to it, since its cache may still be in use.
         """
-        self._finalizer()
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        _core.unregister_manager(self._id)
+        self._core.release()
 
     def __enter__(self) -> "CacheManager":
         return self
@@ -223,11 +232,6 @@ class CacheManager:
         stats = self._core.stats()
         return (f"CacheManager({self.device}, {self.config.num_layers} layers, {self.config.max_batch} slots x "
                 f"{self.capacity} tokens, {stats['mapped_pages']} of {stats['budget_pages']} pages mapped)")
-
-
-def _release(core, manager_id: int) -> None:
-    _core.unregister_manager(manager_id)
-    core.release()
 
 
 def _count(name: str, value) -> int:
