@@ -107,7 +107,6 @@ class Engine:
         self.config = config
         self.stats = EngineStats()
         self._graphdef, self._state = nnx.split(model)
-        self._cache = manager.cache
         slots = cache_config.max_batch
         self._waiting: collections.deque[RequestState] = collections.deque()
         self._by_slot: dict[int, RequestState] = {}
@@ -224,8 +223,8 @@ class Engine:
         tokens = np.zeros((1, bucket), np.int32)
         tokens[0, :len(context)] = context
         self._key, key = jax.random.split(self._key)
-        first, self._cache = self._prefill(
-            self._state, self._cache, jnp.asarray(tokens), jnp.array([len(context)], jnp.int32),
+        first, self.manager.cache = self._prefill(
+            self._state, self.manager.cache, jnp.asarray(tokens), jnp.array([len(context)], jnp.int32),
             jnp.array([slot], jnp.int32), jnp.array([request.temperature], jnp.float32),
             jnp.array([request.top_k], jnp.int32), jnp.array([request.top_p], jnp.float32), key)
         self.stats.prefills += 1
@@ -278,10 +277,10 @@ class Engine:
         start = time.perf_counter()
         self._key, key = jax.random.split(self._key)
         outputs = self._decode(
-            self._state, self._cache, jnp.asarray(self._last), jnp.asarray(self._lengths), jnp.asarray(running),
+            self._state, self.manager.cache, jnp.asarray(self._last), jnp.asarray(self._lengths), jnp.asarray(running),
             jnp.asarray(self._generated), jnp.asarray(self._max_new), jnp.asarray(self._stops),
             jnp.asarray(self._temperature), jnp.asarray(self._top_k), jnp.asarray(self._top_p), key)
-        self._cache = outputs[0]
+        self.manager.cache = outputs[0]
         if self.config.overlap:
             # The device is busy with this chunk: map the next chunk's pages now.
             mapped_before = self.manager.stats()["map_seconds"]
@@ -323,7 +322,3 @@ class Engine:
         if not self.config.deferred_reclamation:
             self.manager.reclaim()
 
-    @property
-    def cache(self):
-        """The current cache (the engine keeps it between steps)."""
-        return self._cache
