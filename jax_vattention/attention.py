@@ -30,22 +30,27 @@ back; the cache itself is never gathered.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 
-def _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots):
+def _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer):
     if q.ndim != 4:
         raise ValueError(f"q must be [batch, q_len, q_heads, head_dim]; got shape {q.shape}")
-    if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must both be [max_batch, capacity, kv_heads, head_dim]; "
-                         f"got {k_cache.shape} and {v_cache.shape}")
+    rank = 4 if layer is None else 5
+    if k_cache.ndim != rank or k_cache.shape != v_cache.shape:
+        expected = ("[max_batch, capacity, kv_heads, head_dim]" if layer is None else
+                    "[max_batch, capacity, layers, kv_heads, head_dim] (an interleaved cache, with layer=)")
+        raise ValueError(f"k_cache and v_cache must both be {expected}; got {k_cache.shape} and {v_cache.shape}")
+    if layer is not None and not 0 <= layer < k_cache.shape[2]:
+        raise ValueError(f"layer {layer} is out of range for a cache of {k_cache.shape[2]} layers")
     batch, q_len, q_heads, head_dim = q.shape
-    kv_heads = k_cache.shape[2]
-    if head_dim != k_cache.shape[3]:
-        raise ValueError(f"q has head_dim {head_dim}; the cache has {k_cache.shape[3]}")
+    kv_heads = k_cache.shape[-2]
+    if head_dim != k_cache.shape[-1]:
+        raise ValueError(f"q has head_dim {head_dim}; the cache has {k_cache.shape[-1]}")
     if q_heads % kv_heads:
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
     if q_positions.shape != (batch, q_len):
@@ -58,12 +63,16 @@ def _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots):
         raise ValueError(f"slots must have shape {(batch,)}; got {slots.shape}")
 
 
-def xla_attention(q, k_cache, v_cache, q_positions, kv_lengths):
+def xla_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
     """Reference attention: key ``s`` is visible to query ``t`` of row ``b`` when
     ``s < kv_lengths[b]`` and ``s <= q_positions[b, t]``. Rows with no visible key give zeros.
 
     Shapes: q [B, T, N, H], caches [B, S, K, H], q_positions [B, T], kv_lengths [B] -> [B, T, N, H].
+    With ``layer``, the caches are interleaved [B, S, layers, K, H] and that layer is sliced out
+    (a copy: this backend is for CPU and tests).
     """
+    if layer is not None:
+        k_cache, v_cache = k_cache[:, :, layer], v_cache[:, :, layer]  # [B, S, K, H]
     batch, q_len, q_heads, head_dim = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
     groups = q_heads // kv_heads
@@ -83,7 +92,8 @@ def xla_attention(q, k_cache, v_cache, q_positions, kv_lengths):
     return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)  # [B, T, N, H]
 
 
-def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, *, implementation="cudnn"):
+def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *,
+                          implementation="cudnn"):
     """``jax.nn.dot_product_attention`` over the cache, bounded by ``kv_lengths``.
 
     Decode (``T == 1``) attends the first ``kv_lengths[b]`` keys; prefill (``T > 1``)
@@ -91,6 +101,9 @@ def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, *, imple
     same call, which is how the argument mapping is tested on CPU.
     """
     del q_positions  # decode: the query sees all kv_lengths keys; prefill: top-left causal from 0
+    if layer is not None:
+        raise ValueError("cuDNN cannot read one layer of an interleaved cache in place (it would copy the "
+                         "whole cache): use backend='pallas' with the interleaved layout")
     q_len = q.shape[1]
     q = q.astype(k_cache.dtype)  # [B, T, N, H]
     if q_len == 1:
@@ -103,23 +116,48 @@ def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, *, imple
         implementation=implementation)  # [B, T, N, H]
 
 
-def cudnn_attention(q, k_cache, v_cache, q_positions, kv_lengths):
+def cudnn_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
     """cuDNN flash attention; see :func:`dot_product_attention`."""
-    return dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, implementation="cudnn")
+    return dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, implementation="cudnn")
 
 
-def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths):
+def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
     """The project's Pallas decode kernel; prefill falls back to cuDNN (GPU) or XLA."""
     if q.shape[1] > 1:
         fallback = cudnn_attention if jax.default_backend() == "gpu" else xla_attention
-        return fallback(q, k_cache, v_cache, q_positions, kv_lengths)
+        return fallback(q, k_cache, v_cache, q_positions, kv_lengths, layer)
     try:
         from jax_vattention.kernels.decode_attention import decode_attention
     except ModuleNotFoundError as error:
         raise ValueError("backend 'pallas' needs jax_vattention.kernels.decode_attention, "
                          f"which cannot be imported ({error})") from error
-    out = decode_attention(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths)  # [B, N, H]
+    out = decode_attention(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths, layer=layer)  # [B, N, H]
     return out[:, None]  # [B, 1, N, H]
+
+
+def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, backend: str) -> jax.Array:
+    """Causal attention of a prompt over its own keys and values, starting at position 0.
+
+    Prefill needs nothing from the cache when every row starts at position 0, so it can run on
+    the new keys and values directly: the way to prefill an interleaved cache, whose layers
+    cuDNN cannot read in place.
+
+    Parameters
+    ----------
+    q : [batch, tokens, q_heads, head_dim]; k, v : [batch, tokens, kv_heads, head_dim]
+    lengths : int32 [batch], the real tokens of each row (the rest is padding)
+    backend : ``"cudnn"`` or ``"pallas"`` use cuDNN on a GPU; elsewhere JAX's XLA version
+
+    Returns
+    -------
+    [batch, tokens, q_heads, head_dim]; rows past their length hold zeros or garbage that is never read.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    implementation = "cudnn" if jax.default_backend() == "gpu" and backend != "xla" else None
+    return jax.nn.dot_product_attention(
+        q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True, query_seq_lengths=lengths,
+        key_value_seq_lengths=lengths, implementation=implementation)  # [B, T, N, H]
 
 
 BACKENDS: dict[str, Callable] = {
@@ -130,7 +168,8 @@ BACKENDS: dict[str, Callable] = {
 
 
 def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions: jax.Array,
-           kv_lengths: jax.Array, backend: str = "xla", slots: jax.Array | None = None) -> jax.Array:
+           kv_lengths: jax.Array, backend: str = "xla", slots: jax.Array | None = None,
+           layer: int | None = None) -> jax.Array:
     """Attention of new queries over one layer's cache, read in place.
 
     Parameters
@@ -143,6 +182,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
     backend : ``"xla"``, ``"cudnn"`` or ``"pallas"`` (see the module docstring)
     slots : int32 [batch] or None, the cache slot of each row (default: row ``b`` is slot ``b``);
         rows whose slot is ``>= max_batch`` are padding and get zeros
+    layer : int or None, static: with an interleaved cache ``[max_batch, capacity, layers,
+        kv_heads, head_dim]``, the layer to read (see :meth:`KVCache.layer`)
 
     Returns
     -------
@@ -155,8 +196,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots)
-    kernel = BACKENDS[backend]
+    _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer)
+    kernel = functools.partial(BACKENDS[backend], layer=layer)
     batch, q_len = q.shape[:2]
     max_batch = k_cache.shape[0]
     kv_lengths = kv_lengths.astype(jnp.int32)

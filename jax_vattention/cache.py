@@ -1,7 +1,9 @@
 """The KV cache pytree that flows through jitted code.
 
 A :class:`KVCache` holds one ``k`` and one ``v`` array per layer, each shaped
-``[max_batch, capacity, kv_heads, head_dim]``. For a cache made by a
+``[max_batch, capacity, kv_heads, head_dim]`` — or, in the interleaved layout,
+one ``k`` and one ``v`` array for all layers, ``[max_batch, capacity, layers,
+kv_heads, head_dim]``. For a cache made by a
 :class:`~jax_vattention.CacheManager` these arrays are views of reserved
 virtual ranges (GPU) or XLA-owned buffers the OS commits lazily (CPU): only
 the pages that hold live tokens use physical memory. They must be donated to
@@ -37,10 +39,20 @@ class KVCache:
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     manager_id: int = dataclasses.field(default=0, metadata=dict(static=True))
+    interleaved: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def num_layers(self) -> int:
-        return len(self.k)
+        return self.k[0].shape[2] if self.interleaved else len(self.k)
+
+    def layer(self, index: int) -> tuple[jax.Array, jax.Array, int | None]:
+        """``(k, v, layer)`` to read layer ``index``: its own arrays and None (per-layer layout),
+        or the shared 5-D arrays and ``index`` (interleaved). Nothing is sliced or copied."""
+        if not 0 <= index < self.num_layers:
+            raise ValueError(f"layer {index} is out of range for a cache of {self.num_layers} layers")
+        if self.interleaved:
+            return self.k[0], self.v[0], index
+        return self.k[index], self.v[index], None
 
     @property
     def max_batch(self) -> int:
@@ -61,11 +73,13 @@ class KVCache:
 
     @staticmethod
     def dense(*, num_layers: int, max_batch: int, capacity: int, kv_heads: int,
-              head_dim: int, dtype=jnp.bfloat16, device=None) -> "KVCache":
+              head_dim: int, dtype=jnp.bfloat16, device=None, interleaved: bool = False) -> "KVCache":
         """A plain contiguous cache of zeros: the reference for the virtual one."""
-        shape = (max_batch, capacity, kv_heads, head_dim)
+        layers = (num_layers,) if interleaved else ()
+        shape = (max_batch, capacity, *layers, kv_heads, head_dim)
         def zeros():
             array = jnp.zeros(shape, dtype)
             return jax.device_put(array, device) if device is not None else array
-        return KVCache(k=tuple(zeros() for _ in range(num_layers)),
-                       v=tuple(zeros() for _ in range(num_layers)))
+        buffers = 1 if interleaved else num_layers
+        return KVCache(k=tuple(zeros() for _ in range(buffers)),
+                       v=tuple(zeros() for _ in range(buffers)), interleaved=interleaved)

@@ -9,12 +9,14 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-# How a cache lays its layers out in virtual memory. "per_layer": one K and
-# one V buffer per layer, each [max_batch, capacity, kv_heads, head_dim]; the
-# only layout built so far. A layer-interleaved layout ([max_batch, capacity,
-# layers, kv_heads, head_dim], one page holding a few tokens of every layer)
-# would cut the page waste per request by the number of layers.
-LAYOUTS = ("per_layer",)
+# How a cache lays its layers out in virtual memory:
+#   "per_layer":   one K and one V buffer per layer, [max_batch, capacity, kv_heads, head_dim].
+#                  Any unpaged kernel (cuDNN too) reads a layer in place. A request holds at least
+#                  one page in each of the 2 x layers buffers.
+#   "interleaved": one K and one V buffer, [max_batch, capacity, layers, kv_heads, head_dim]: a page
+#                  holds a few tokens of every layer, so a request wastes at most one page per
+#                  buffer. Decode reads a layer in place with the Pallas kernel (backend "pallas").
+LAYOUTS = ("per_layer", "interleaved")
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
@@ -38,7 +40,7 @@ class CacheConfig:
         of the device's free memory when the manager is created.
     budget_fraction : float
     layout : str
-        ``"per_layer"``.
+        ``"per_layer"`` or ``"interleaved"`` (see ``LAYOUTS`` in this module).
 
     Example::
 
@@ -78,14 +80,24 @@ class CacheConfig:
             raise ValueError(f"CacheConfig.layout {self.layout!r} is not supported; choose one of {LAYOUTS}")
 
     @property
+    def interleaved(self) -> bool:
+        return self.layout == "interleaved"
+
+    @property
     def num_buffers(self) -> int:
-        """K and V of every layer."""
-        return 2 * self.num_layers
+        """K and V of every layer (per-layer layout), or one K and one V (interleaved)."""
+        return 2 if self.interleaved else 2 * self.num_layers
 
     @property
     def token_bytes(self) -> int:
-        """Bytes of one token in one buffer (the K or the V of one layer)."""
-        return self.kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+        """Bytes of one token in one buffer: one layer's K (or V), or every layer's (interleaved)."""
+        layers = self.num_layers if self.interleaved else 1
+        return layers * self.kv_heads * self.head_dim * jnp.dtype(self.dtype).itemsize
+
+    def buffer_shape(self, capacity: int) -> tuple[int, ...]:
+        """``[max_batch, capacity, (layers,) kv_heads, head_dim]``."""
+        layers = (self.num_layers,) if self.interleaved else ()
+        return (self.max_batch, capacity, *layers, self.kv_heads, self.head_dim)
 
     @property
     def kv_bytes_per_token(self) -> int:

@@ -232,9 +232,9 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
                          "has not mapped: use 'cudnn' or 'pallas'")
     config = model.config
     expected = (config.num_layers, config.num_kv_heads, config.head_dim)
-    if (cache.num_layers, *cache.k[0].shape[2:]) != expected:
-        raise ValueError(f"the cache has (layers, kv_heads, head_dim) = "
-                         f"{(cache.num_layers, *cache.k[0].shape[2:])}; the model needs {expected}")
+    have = (cache.num_layers, *cache.k[0].shape[-2:])
+    if have != expected:
+        raise ValueError(f"the cache has (layers, kv_heads, head_dim) = {have}; the model needs {expected}")
     lengths, new_tokens = check_prompts(prompts, max_batch=max_batch, max_len=max_len,
                                         vocab_size=model.config.vocab_size,
                                         max_new_tokens=max_new_tokens)

@@ -49,7 +49,7 @@ class CacheManager:
     Attributes
     ----------
     cache : KVCache
-        The cache, arrays ``[max_batch, capacity, kv_heads, head_dim]``. Pass
+        The cache, arrays ``config.buffer_shape(capacity)``. Pass
         it to jitted functions that donate it, and keep what they return.
     capacity : int
         Tokens per slot: ``config.max_len`` rounded up to whole pages.
@@ -88,7 +88,7 @@ class CacheManager:
         self.driver = driver
         self.page_bytes = page_bytes
         self.capacity = config.capacity(page_bytes)
-        self._shape = (config.max_batch, self.capacity, config.kv_heads, config.head_dim)
+        self._shape = config.buffer_shape(self.capacity)
         self._core = _core.PageManager(config.num_buffers, config.max_batch, self.capacity,
                                        config.token_bytes, page_bytes, driver, budget)
         self._id = 0
@@ -102,8 +102,9 @@ class CacheManager:
         # cache's arrays may outlive this object, and must not outlive its memory.
         self._closed = False
         atexit.register(self.close)
-        layers = config.num_layers
-        self.cache = KVCache(k=tuple(buffers[:layers]), v=tuple(buffers[layers:]), manager_id=self._id)
+        half = config.num_buffers // 2
+        self.cache = KVCache(k=tuple(buffers[:half]), v=tuple(buffers[half:]), manager_id=self._id,
+                             interleaved=config.interleaved)
 
     def _gpu_buffers(self) -> list[jax.Array]:
         self._core.reserve_buffers()

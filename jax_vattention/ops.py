@@ -46,5 +46,5 @@ def grow(cache: KVCache, tokens: int = 1) -> KVCache:
         input_output_aliases={i: i for i in range(len(buffers))},
         has_side_effect=True,
     )(*buffers, manager=np.uint64(cache.manager_id), tokens=np.int64(tokens))
-    layers = cache.num_layers
-    return cache.replace(k=tuple(grown[:layers]), v=tuple(grown[layers:]))
+    half = len(cache.k)
+    return cache.replace(k=tuple(grown[:half]), v=tuple(grown[half:]))

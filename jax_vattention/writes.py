@@ -17,16 +17,18 @@ from jax_vattention.cache import KVCache
 
 
 def scatter_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array,
-                   count: jax.Array, slots: jax.Array | None = None) -> jax.Array:
-    """Write ``new[b, t]`` at ``buffer[slots[b], start[b] + t]`` for ``t < count[b]``.
+                   count: jax.Array, slots: jax.Array | None = None, layer: int | None = None) -> jax.Array:
+    """Write ``new[b, t]`` at ``buffer[slots[b], start[b] + t(, layer)]`` for ``t < count[b]``.
 
     Parameters
     ----------
-    buffer : [max_batch, capacity, kv_heads, head_dim]
+    buffer : [max_batch, capacity, kv_heads, head_dim], or [max_batch, capacity, layers, kv_heads,
+        head_dim] with ``layer`` given (a layer-interleaved cache)
     new : [batch, tokens, kv_heads, head_dim], the same dtype as ``buffer``
     start : int32 [batch], the position of each row's first new token
     count : int32 [batch], how many of the row's tokens are real (the rest is padding)
     slots : int32 [batch] or None, the slot of each row (default: row ``b`` is slot ``b``)
+    layer : int or None, static: the layer to write in an interleaved buffer
 
     Returns
     -------
@@ -42,11 +44,14 @@ def scatter_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array,
     keep = (offsets < count[:, None]) & (positions >= 0) & (positions < capacity)
     dropped_row = max_batch + jnp.arange(batch, dtype=jnp.int32)[:, None]  # [B, 1], out of bounds and unique
     rows = jnp.where(keep, slots.astype(jnp.int32)[:, None], dropped_row)  # [B, T]
-    indices = jnp.stack([rows, positions], axis=-1).reshape(batch * tokens, 2)
+    coordinates = [rows, positions]
+    if layer is not None:
+        coordinates.append(jnp.full_like(rows, layer))
+    indices = jnp.stack(coordinates, axis=-1).reshape(batch * tokens, len(coordinates))
     updates = new.reshape(batch * tokens, *new.shape[2:])
+    indexed = tuple(range(len(coordinates)))
     dimension_numbers = lax.ScatterDimensionNumbers(
-        update_window_dims=(1, 2), inserted_window_dims=(0, 1),
-        scatter_dims_to_operand_dims=(0, 1))
+        update_window_dims=(1, 2), inserted_window_dims=indexed, scatter_dims_to_operand_dims=indexed)
     return lax.scatter(buffer, indices, updates, dimension_numbers,
                        indices_are_sorted=False, unique_indices=True,
                        mode=lax.GatherScatterMode.FILL_OR_DROP)
@@ -60,19 +65,19 @@ def write_kv(cache: KVCache, layer: int, k: jax.Array, v: jax.Array, start: jax.
 
         cache = write_kv(cache, layer=0, k=k_new, v=v_new, start=lengths, count=jnp.ones_like(lengths))
     """
-    if not 0 <= layer < cache.num_layers:
-        raise ValueError(f"layer {layer} is out of range for a cache of {cache.num_layers} layers")
-    for name, new, buffer in (("k", k, cache.k[layer]), ("v", v, cache.v[layer])):
-        if new.ndim != 4 or new.shape[2:] != buffer.shape[2:]:
+    k_buffer, v_buffer, index = cache.layer(layer)
+    for name, new, buffer in (("k", k, k_buffer), ("v", v, v_buffer)):
+        if new.ndim != 4 or new.shape[2:] != buffer.shape[-2:]:
             raise ValueError(f"{name} has shape {new.shape}; expected [batch, tokens, "
-                             f"{buffer.shape[2]}, {buffer.shape[3]}] for this cache")
+                             f"{buffer.shape[-2]}, {buffer.shape[-1]}] for this cache")
         if new.dtype != buffer.dtype:
             raise ValueError(f"{name} has dtype {new.dtype}; the cache holds {buffer.dtype}: cast it first")
     if start.shape != (k.shape[0],) or count.shape != (k.shape[0],):
         raise ValueError(f"start and count must have shape [batch] = ({k.shape[0]},); "
                          f"got {start.shape} and {count.shape}")
+    position = 0 if cache.interleaved else layer
     new_k = list(cache.k)
     new_v = list(cache.v)
-    new_k[layer] = scatter_tokens(cache.k[layer], k, start, count, slots)
-    new_v[layer] = scatter_tokens(cache.v[layer], v, start, count, slots)
+    new_k[position] = scatter_tokens(k_buffer, k, start, count, slots, index)
+    new_v[position] = scatter_tokens(v_buffer, v, start, count, slots, index)
     return cache.replace(k=tuple(new_k), v=tuple(new_v))

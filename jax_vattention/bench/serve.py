@@ -25,7 +25,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jax_vattention.cli import standalone
-from jax_vattention.config import CacheConfig
+from jax_vattention.config import LAYOUTS, CacheConfig
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.manager import CacheManager
 from jax_vattention.models.configs import get_config
@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-mib", type=int, default=None, help="cache budget (default: 90%% of free)")
     parser.add_argument("--page-kib", type=int, default=None, help="page size (default: the driver's)")
     parser.add_argument("--chunk-steps", type=int, default=8)
+    parser.add_argument("--layout", choices=LAYOUTS, default="per_layer", help="cache layout")
     parser.add_argument("--backend", default=None, help="attention backend (default: cudnn on GPU, xla on CPU)")
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--no-deferred-reclamation", action="store_true")
@@ -74,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
         num_layers=model_config.num_layers, max_batch=args.max_batch, max_len=args.max_len,
         kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=model_config.jnp_dtype,
         page_bytes=args.page_kib * 1024 if args.page_kib else None,
-        budget_bytes=args.budget_mib << 20 if args.budget_mib else None)
+        budget_bytes=args.budget_mib << 20 if args.budget_mib else None, layout=args.layout)
     manager = CacheManager(cache_config, device)
-    engine_config = EngineConfig(chunk_steps=args.chunk_steps, backend=args.backend or ("cudnn" if on_gpu else "xla"),
+    gpu_kernel = "pallas" if args.layout == "interleaved" else "cudnn"
+    engine_config = EngineConfig(chunk_steps=args.chunk_steps, backend=args.backend or (gpu_kernel if on_gpu else "xla"),
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation, seed=args.seed)
     engine = Engine(model, manager, engine_config)
@@ -145,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         ("overlap", engine_config.overlap), ("deferred_reclamation", engine_config.deferred_reclamation),
         ("eager_allocation", engine_config.eager_allocation)))
     print(f"\nvattention serve-bench on {device.device_kind} ({device.platform}), {datetime.date.today()}")
-    print(f"model {args.config} (random weights), backend {engine_config.backend}, chunk {args.chunk_steps} steps, "
+    print(f"model {args.config} (random weights), {args.layout} cache, backend {engine_config.backend}, "
+          f"chunk {args.chunk_steps} steps, "
           f"{args.max_batch} slots x {manager.capacity} tokens, page {manager.page_bytes >> 10} KiB, "
           f"budget {stats['budget_pages'] * manager.page_bytes >> 20} MiB; {policies}")
     print(f"workload: {len(workload)} requests, Poisson {args.rate}/s, prompt U{tuple(args.prompt_len)}, "

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from jax_vattention.attention import BACKENDS
+from jax_vattention.config import LAYOUTS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a named config with random weights: tiny (default), yi-6b, llama-3-8b, "
                              "llama-3.1-8b, yi-34b")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
-                        help="attention kernel; auto: cudnn on GPU, xla on CPU")
+                        help="attention kernel; auto: cudnn on GPU (pallas for an interleaved cache), xla on CPU")
+    parser.add_argument("--layout", choices=LAYOUTS, default="per_layer",
+                        help="cache layout: per_layer (default) or interleaved (all layers in one buffer)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="weights, activations and cache; default: the model's (bfloat16 on GPU "
                              "for a float32 model)")
@@ -109,11 +112,12 @@ def run(args: argparse.Namespace) -> int:
         config = model.config
         backend = args.backend
         if backend == "auto":
-            backend = "cudnn" if jax.default_backend() == "gpu" else "xla"
+            gpu_kernel = "pallas" if args.layout == "interleaved" else "cudnn"
+            backend = gpu_kernel if jax.default_backend() == "gpu" else "xla"
         prompts = _prompts(args, tokenizer, config.vocab_size)
         cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=len(prompts),
                                       max_len=args.max_len, kv_heads=config.num_kv_heads,
-                                      head_dim=config.head_dim, dtype=config.jnp_dtype)
+                                      head_dim=config.head_dim, dtype=config.jnp_dtype, layout=args.layout)
         options = dict(max_new_tokens=args.max_new_tokens, stop_tokens=stop_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, backend=backend)
         print(f"model: {source}; {config.num_layers} layers, {config.dtype}; device: {jax.devices()[0]}; "

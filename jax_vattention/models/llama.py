@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from jax_vattention.attention import attend
+from jax_vattention.attention import attend, attend_prompt
 from jax_vattention.cache import KVCache
 from jax_vattention.models.configs import LlamaConfig
 from jax_vattention.models.rope import apply_rope, inverse_frequencies
@@ -60,10 +60,16 @@ class Attention(nnx.Module):
         v = jnp.einsum('BTD,DKH->BTKH', x, self.wv[...])  # [B, T, K, H]
         q = apply_rope(q, positions, inv_freq)  # [B, T, N, H]
         k = apply_rope(k, positions, inv_freq)  # [B, T, K, H]
-        dtype = cache.k[layer].dtype
+        dtype = cache.k[0].dtype
         cache = write_kv(cache, layer, k.astype(dtype), v.astype(dtype), start, count, slots)
-        out = attend(q, cache.k[layer], cache.v[layer], q_positions=positions,
-                     kv_lengths=start + count, backend=backend, slots=slots)  # [B, T, N, H]
+        k_cache, v_cache, index = cache.layer(layer)
+        if index is not None and q.shape[1] > 1 and backend != "xla":
+            # Prefill of an interleaved cache (which starts at position 0): the prompt's own
+            # keys and values are all it attends to, and cuDNN cannot read the cache in place.
+            out = attend_prompt(q, k.astype(dtype), v.astype(dtype), count, backend=backend)  # [B, T, N, H]
+        else:
+            out = attend(q, k_cache, v_cache, q_positions=positions, kv_lengths=start + count,
+                         backend=backend, slots=slots, layer=index)  # [B, T, N, H]
         y = jnp.einsum('BTNH,NHD->BTD', out.astype(x.dtype), self.wo[...])  # [B, T, D]
         return y, cache
 
