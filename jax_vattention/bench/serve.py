@@ -43,6 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-mib", type=int, default=None, help="cache budget (default: 90%% of free)")
     parser.add_argument("--page-kib", type=int, default=None, help="page size (default: the driver's)")
     parser.add_argument("--chunk-steps", type=int, default=8)
+    parser.add_argument("--max-prefill-batch", type=int, default=8)
     parser.add_argument("--layout", choices=LAYOUTS, default="per_layer", help="cache layout")
     parser.add_argument("--backend", default=None, help="attention backend (default: cudnn on GPU, xla on CPU)")
     parser.add_argument("--no-overlap", action="store_true")
@@ -78,17 +79,21 @@ def run(args: argparse.Namespace) -> int:
         budget_bytes=args.budget_mib << 20 if args.budget_mib else None, layout=args.layout)
     manager = CacheManager(cache_config, device)
     gpu_kernel = "pallas" if args.layout == "interleaved" else "cudnn"
-    engine_config = EngineConfig(chunk_steps=args.chunk_steps, backend=args.backend or (gpu_kernel if on_gpu else "xla"),
+    engine_config = EngineConfig(chunk_steps=args.chunk_steps, max_prefill_batch=args.max_prefill_batch, backend=args.backend or (gpu_kernel if on_gpu else "xla"),
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation, seed=args.seed)
     engine = Engine(model, manager, engine_config)
     workload = _workload(args, model_config.vocab_size)
 
-    # Warm-up: compile the decode chunk and the prefill buckets outside the timed run.
+    # Warm-up: compile the decode chunk and every (batch, prompt) prefill bucket the workload can
+    # reach, outside the timed run.
+    batch_buckets = [1 << i for i in range(8) if 1 << i <= min(args.max_batch, engine_config.max_prefill_batch)]
     for bucket in sorted({16 << i for i in range(12) if 16 << i <= manager.capacity}):
         if bucket >= args.prompt_len[0] and bucket // 2 < args.prompt_len[1]:
-            engine.submit(Request(prompt=[2] * min(bucket, args.max_len - 2), max_new_tokens=2))
-    engine.run()
+            for batch in batch_buckets:
+                for _ in range(batch):
+                    engine.submit(Request(prompt=[2] * min(bucket, args.max_len - 2), max_new_tokens=2))
+                engine.run()
     manager.reclaim()
     warm_stats = manager.stats()
     engine.stats.__init__()

@@ -37,7 +37,7 @@ from flax import nnx
 from jax_vattention._core import OutOfPagesError
 from jax_vattention.engine.requests import Request, RequestState, TokenEvent
 from jax_vattention.engine.steps import decode_chunk_fn, prefill_fn
-from jax_vattention.generate import prompt_bucket
+from jax_vattention.generate import batch_bucket, prompt_bucket
 from jax_vattention.manager import CacheManager
 
 
@@ -46,6 +46,8 @@ class EngineConfig:
     """How the engine runs.
 
     chunk_steps : decode steps per compiled chunk (K)
+    max_prefill_batch : requests prefilled together at most (prefill compiles once per power of two
+        up to it, times the prompt buckets)
     backend : attention backend (``xla``, ``cudnn``, ``pallas``)
     overlap, deferred_reclamation, eager_allocation : the memory policies (module docstring)
     max_stop_tokens : width of the per-slot stop-token table
@@ -53,6 +55,7 @@ class EngineConfig:
     """
 
     chunk_steps: int = 8
+    max_prefill_batch: int = 8
     backend: str = "xla"
     overlap: bool = True
     deferred_reclamation: bool = True
@@ -63,6 +66,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.chunk_steps < 1:
             raise ValueError(f"chunk_steps must be at least 1, got {self.chunk_steps}")
+        if self.max_prefill_batch < 1:
+            raise ValueError(f"max_prefill_batch must be at least 1, got {self.max_prefill_batch}")
         if self.max_stop_tokens < 1:
             raise ValueError(f"max_stop_tokens must be at least 1, got {self.max_stop_tokens}")
 
@@ -120,7 +125,7 @@ class Engine:
         self._temperature = np.zeros(slots, np.float32)
         self._top_k = np.zeros(slots, np.int32)
         self._top_p = np.ones(slots, np.float32)
-        self._prefill = prefill_fn(self._graphdef, config.backend)
+        self._prefill_step = prefill_fn(self._graphdef, config.backend)
         self._decode = decode_chunk_fn(self._graphdef, config.backend, config.chunk_steps)
 
     # ----------------------------------------------------------------- requests
@@ -195,16 +200,17 @@ class Engine:
         return dict(outputs)
 
     def _admit(self) -> list[TokenEvent]:
-        events = []
+        """Places waiting requests in free slots while pages last, then prefills them in one call."""
+        admitted: list[RequestState] = []
         blocked = False
         lookahead = self.config.chunk_steps if self.config.eager_allocation else 0
-        while self._waiting and len(self._by_slot) < self.manager.config.max_batch:
+        while (self._waiting and len(self._by_slot) + len(admitted) < self.manager.config.max_batch
+               and len(admitted) < self.config.max_prefill_batch):
             state = self._waiting[0]
-            context = state.context
             try:
-                slot = self.manager.alloc(len(context), lookahead=min(lookahead, state.remaining))
+                slot = self.manager.alloc(len(state.context), lookahead=min(lookahead, state.remaining))
             except OutOfPagesError:
-                if not self._by_slot:
+                if not self._by_slot and not admitted:
                     raise RuntimeError("an idle engine cannot admit a request that passed submit(): "
                                        "the page budget accounting is inconsistent")
                 blocked = True
@@ -212,23 +218,45 @@ class Engine:
             self._waiting.popleft()
             state.slot = slot
             state.admitted_at = self.stats.steps
-            events += self._prefill_one(state, context)
+            admitted.append(state)
+        events = self._prefill(admitted) if admitted else []
         self.stats.running.append(len(self._by_slot))
         self.stats.blocked_by_memory.append(blocked)
         return events
 
-    def _prefill_one(self, state: RequestState, context: list[int]) -> list[TokenEvent]:
-        request, slot = state.request, state.slot
-        bucket = prompt_bucket(len(context), self.manager.capacity)
-        tokens = np.zeros((1, bucket), np.int32)
-        tokens[0, :len(context)] = context
+    def _prefill(self, states: list[RequestState]) -> list[TokenEvent]:
+        """One jitted prefill of the admitted requests, padded to a (batch, prompt) bucket."""
+        max_batch = self.manager.config.max_batch
+        contexts = [state.context for state in states]
+        rows = batch_bucket(len(states), min(max_batch, self.config.max_prefill_batch))
+        width = prompt_bucket(max(len(context) for context in contexts), self.manager.capacity)
+        tokens = np.zeros((rows, width), np.int32)
+        lengths = np.zeros(rows, np.int32)
+        slots = np.full(rows, max_batch, np.int32)           # padding rows: an out-of-range slot, dropped
+        temperature = np.zeros(rows, np.float32)
+        top_k = np.zeros(rows, np.int32)
+        top_p = np.ones(rows, np.float32)
+        for row, (state, context) in enumerate(zip(states, contexts)):
+            tokens[row, :len(context)] = context
+            lengths[row] = len(context)
+            slots[row] = state.slot
+            temperature[row] = state.request.temperature
+            top_k[row] = state.request.top_k
+            top_p[row] = state.request.top_p
         self._key, key = jax.random.split(self._key)
-        first, self.manager.cache = self._prefill(
-            self._state, self.manager.cache, jnp.asarray(tokens), jnp.array([len(context)], jnp.int32),
-            jnp.array([slot], jnp.int32), jnp.array([request.temperature], jnp.float32),
-            jnp.array([request.top_k], jnp.int32), jnp.array([request.top_p], jnp.float32), key)
-        self.stats.prefills += 1
-        token = int(first[0])
+        first, self.manager.cache = self._prefill_step(
+            self._state, self.manager.cache, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots),
+            jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), key)
+        first = np.asarray(first)
+        self.stats.prefills += len(states)
+        events = []
+        for row, (state, context) in enumerate(zip(states, contexts)):
+            events.append(self._start(state, len(context), int(first[row])))
+        return events
+
+    def _start(self, state: RequestState, context_len: int, token: int) -> TokenEvent:
+        """Records a request's first token; it either finishes now or joins the decode batch."""
+        request, slot = state.request, state.slot
         state.generated.append(token)
         finished = token in request.stop_tokens or state.remaining <= 0
         if finished:
@@ -236,7 +264,7 @@ class Engine:
         else:
             self._by_slot[slot] = state
             self._last[slot] = token
-            self._lengths[slot] = len(context)
+            self._lengths[slot] = context_len
             self._generated[slot] = len(state.generated)
             self._max_new[slot] = request.max_new_tokens
             self._stops[slot] = -1
@@ -245,7 +273,7 @@ class Engine:
             self._top_k[slot] = request.top_k
             self._top_p[slot] = request.top_p
         self.stats.tokens += 1
-        return [TokenEvent(state.request_id, token, finished)]
+        return TokenEvent(state.request_id, token, finished)
 
     def _reserve_chunk(self) -> None:
         """Makes sure the next chunk's growth is covered, preempting the youngest requests if not."""

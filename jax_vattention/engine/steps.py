@@ -1,4 +1,4 @@
-"""The engine's two compiled steps: prefill of one request, and a chunk of decode steps for all slots.
+"""The engine's two compiled steps: prefill of the admitted requests, and a chunk of decode steps for all slots.
 
 Both donate the cache and return it. The decode chunk runs ``steps`` decode
 steps over every slot of the cache in a ``fori_loop``; each step first calls
@@ -23,13 +23,17 @@ from jax_vattention.donation import cache_jit
 from jax_vattention.sampling import sample_tokens
 
 
-def _prefill(graphdef, backend: str, state, cache: KVCache, tokens, length, slot, temperature, top_k, top_p,
+def _prefill(graphdef, backend: str, state, cache: KVCache, tokens, lengths, slots, temperature, top_k, top_p,
              key):
-    """tokens int32 [1, P] (padded), length/slot int32 [1], knobs [1] -> (first token int32 [1], cache)."""
+    """Prefill of a batch of requests from position 0.
+
+    tokens int32 [R, P] (padded), lengths/slots int32 [R] (padding rows: length 0 and a slot
+    >= max_batch, whose writes are dropped), knobs [R] -> (first tokens int32 [R], cache).
+    """
     model = nnx.merge(graphdef, state)
-    positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]  # [1, P]
-    logits, cache = model(tokens, positions, cache, start=jnp.zeros_like(length), count=length, slots=slot,
-                          backend=backend, logit_index=length - 1)  # [1, V]
+    positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)  # [R, P]
+    logits, cache = model(tokens, positions, cache, start=jnp.zeros_like(lengths), count=lengths, slots=slots,
+                          backend=backend, logit_index=jnp.maximum(lengths - 1, 0))  # [R, V]
     return sample_tokens(logits, key, temperature, top_k, top_p), cache
 
 
@@ -68,7 +72,7 @@ def _decode_chunk(graphdef, backend: str, steps: int, state, cache: KVCache, las
 
 @functools.lru_cache(maxsize=16)
 def prefill_fn(graphdef, backend: str):
-    """Jitted prefill; compiles once per prompt bucket."""
+    """Jitted prefill; compiles once per (batch bucket, prompt bucket)."""
     return cache_jit(functools.partial(_prefill, graphdef, backend))
 
 
