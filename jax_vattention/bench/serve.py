@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--page-kib", type=int, default=None, help="page size (default: the driver's)")
     parser.add_argument("--chunk-steps", type=int, default=8)
     parser.add_argument("--max-prefill-batch", type=int, default=8)
+    parser.add_argument("--prefetch-tokens", type=int, default=None,
+                        help="with overlap: tokens mapped ahead of each running slot (default: 2 chunks)")
     parser.add_argument("--layout", choices=LAYOUTS, default="per_layer", help="cache layout")
     parser.add_argument("--backend", default=None, help="attention backend (default: cudnn on GPU, xla on CPU)")
     parser.add_argument("--no-overlap", action="store_true")
@@ -79,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
         budget_bytes=args.budget_mib << 20 if args.budget_mib else None, layout=args.layout)
     manager = CacheManager(cache_config, device)
     gpu_kernel = "pallas" if args.layout == "interleaved" else "cudnn"
-    engine_config = EngineConfig(chunk_steps=args.chunk_steps, max_prefill_batch=args.max_prefill_batch, backend=args.backend or (gpu_kernel if on_gpu else "xla"),
+    engine_config = EngineConfig(chunk_steps=args.chunk_steps, max_prefill_batch=args.max_prefill_batch,
+                                 prefetch_tokens=args.prefetch_tokens, backend=args.backend or (gpu_kernel if on_gpu else "xla"),
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation, seed=args.seed)
     engine = Engine(model, manager, engine_config)

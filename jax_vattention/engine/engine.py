@@ -50,6 +50,8 @@ class EngineConfig:
         up to it, times the prompt buckets)
     backend : attention backend (``xla``, ``cudnn``, ``pallas``)
     overlap, deferred_reclamation, eager_allocation : the memory policies (module docstring)
+    prefetch_tokens : with overlap, how far ahead of every running slot the host maps while a
+        chunk runs (default: two chunks)
     max_stop_tokens : width of the per-slot stop-token table
     seed : sampling seed
     """
@@ -60,6 +62,7 @@ class EngineConfig:
     overlap: bool = True
     deferred_reclamation: bool = True
     eager_allocation: bool = True
+    prefetch_tokens: int | None = None
     max_stop_tokens: int = 4
     seed: int = 0
 
@@ -313,7 +316,7 @@ class Engine:
             # The device is busy with this chunk: map the next chunk's pages now.
             mapped_before = self.manager.stats()["map_seconds"]
             try:
-                self.manager.prefetch(2 * steps)
+                self.manager.prefetch(self.config.prefetch_tokens or 2 * steps)
             except OutOfPagesError:
                 pass  # the next chunk's reservation will preempt if it must
             self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - mapped_before
