@@ -20,7 +20,17 @@ timeout 60 "$python" -m jax_vattention.bench alloc 2>&1 | tee "$out/bench_alloc.
 for backend in cudnn pallas; do
   timeout 90 "$python" -m jax_vattention.cli generate --backend "$backend" 2>&1 | tail -8
 done | tee "$out/generate.log" || status=1
-timeout 300 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --requests 64 --rate 40 \
-  --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 3072 \
-  --chunk-steps 16 --out "$out/serve" 2>&1 | grep -v "requests:" | tee "$out/serve.log" || status=1
+# Serving at a fixed budget, per-layer and interleaved layouts (the batch against an ideal allocator).
+for layout in per_layer interleaved; do
+  timeout 300 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --requests 64 --rate 40 \
+    --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 3072 \
+    --chunk-steps 16 --layout "$layout" --out "$out/serve" 2>&1 | grep -v "requests:"
+done | tee "$out/serve.log" || status=1
+# The cost of a decode step that crosses a page: one step per chunk, all requests admitted at once;
+# again with XLA's command buffers (CUDA graphs) off.
+crossing="--config llama-3-8b --requests 16 --rate 100000 --prompt-len 1000 1015 --output-len 100 120
+  --max-batch 16 --max-len 2048 --budget-mib 8192 --chunk-steps 1 --out /tmp/crossing"
+{ timeout 150 "$python" -m jax_vattention.cli serve-bench $crossing 2>&1 | grep -E "cache,|decode chunk|mapping"
+  XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 150 "$python" -m jax_vattention.cli serve-bench $crossing \
+    2>&1 | grep -E "cache,|decode chunk|mapping"; } | tee "$out/crossing.log" || status=1
 exit $status
