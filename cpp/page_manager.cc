@@ -254,15 +254,21 @@ void PageManager::prefetch(std::size_t tokens) {
   map_for_growth(tokens, nullptr);
 }
 
-void PageManager::map_for_growth(std::size_t tokens, void* stream) {
+std::vector<std::size_t> PageManager::growth_targets(std::size_t tokens, std::size_t& extra) const {
   std::vector<std::size_t> targets(slots_.size(), 0);
-  std::size_t extra = 0;
+  extra = 0;
   for (std::size_t s = 0; s < slots_.size(); ++s) {
     if (!slots_[s].active) continue;
     const std::size_t length = std::min(slots_[s].length + tokens, geometry_.capacity);
     targets[s] = std::max(geometry_.pages_for(length), slots_[s].pages.size());
     extra += (targets[s] - slots_[s].pages.size()) * geometry_.num_buffers;
   }
+  return targets;
+}
+
+void PageManager::map_for_growth(std::size_t tokens, void* stream) {
+  std::size_t extra = 0;
+  const std::vector<std::size_t> targets = growth_targets(tokens, extra);
   if (extra > 0) {
     if (pool_.headroom() + reclaimable_pages(std::nullopt) < extra) {
       throw OutOfPages("growing every active slot by " + std::to_string(tokens) + " tokens needs " +
@@ -296,12 +302,7 @@ void PageManager::reserve_growth(std::size_t tokens) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
   std::size_t extra = 0;
-  for (const Slot& slot : slots_) {
-    if (!slot.active) continue;
-    const std::size_t length = std::min(slot.length + tokens, geometry_.capacity);
-    const std::size_t target = geometry_.pages_for(length);
-    if (target > slot.pages.size()) extra += (target - slot.pages.size()) * geometry_.num_buffers;
-  }
+  growth_targets(tokens, extra);
   if (pool_.headroom() + reclaimable_pages(std::nullopt) < extra) {
     throw OutOfPages("growing every active slot by " + std::to_string(tokens) + " tokens needs " +
                      pages_text(extra, geometry_.page_bytes) + " but the budget has " +

@@ -125,6 +125,9 @@ class PageManager {
   void unmap_down_to(std::size_t slot, std::size_t target);
   // Unmaps deferred pages until the pool's headroom reaches `needed`.
   void reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream);
+  // Pages each slot needs to hold `tokens` more (its current count if inactive or already
+  // covered); `extra` gets the pages to map over all buffers.
+  std::vector<std::size_t> growth_targets(std::size_t tokens, std::size_t& extra) const;
   // Maps pages for every active slot to hold `tokens` more; all or nothing.
   void map_for_growth(std::size_t tokens, void* stream);
   void unmap_everything() noexcept;

@@ -8,6 +8,7 @@ from flax import nnx
 
 import jax_vattention as jv
 from jax_vattention import _core
+from jax_vattention.attention import attend
 from jax_vattention.cache import KVCache
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.generate import generate, generate_in_manager
@@ -76,9 +77,8 @@ def test_cudnn_refuses_an_interleaved_cache(model):
                           interleaved=True)
     q = jnp.zeros((1, 1, 4, 16), jnp.float32)
     with pytest.raises(ValueError, match="interleaved"):
-        jv_attend = __import__("jax_vattention.attention", fromlist=["attend"]).attend
-        jv_attend(q, cache.k[0], cache.v[0], q_positions=jnp.zeros((1, 1), jnp.int32),
-                  kv_lengths=jnp.ones(1, jnp.int32), backend="cudnn", layer=0)
+        attend(q, cache.k[0], cache.v[0], q_positions=jnp.zeros((1, 1), jnp.int32),
+               kv_lengths=jnp.ones(1, jnp.int32), backend="cudnn", layer=0)
 
 
 def test_engine_serves_an_interleaved_cache(model):

@@ -67,25 +67,26 @@ def run(args: argparse.Namespace) -> int:
     rows.append(("alloc, warm pool (map+access)", _best(warm), pages_per_alloc))
     rows.append(("free + reclaim (sync+unmap)", _best(reclaim), pages_per_alloc))
 
+    def time_growth(warm_pool: bool) -> float:
+        """Seconds for every slot to grow by a page, from an empty pool or a filled one."""
+        slots = [manager.alloc(1) for _ in range(args.slots)]
+        if warm_pool:
+            manager.reserve_growth(tokens_per_page)
+        else:
+            manager.trim()
+        start = time.perf_counter()
+        manager.grow(tokens_per_page)
+        seconds = time.perf_counter() - start
+        for slot in slots:
+            manager.free(slot)
+        manager.reclaim()
+        return seconds
+
     grow_cold, grow_warm = [], []
     growth_pages = args.slots * config.num_buffers
     for _ in range(args.repeats):
-        slots = [manager.alloc(1) for _ in range(args.slots)]
-        manager.trim()
-        start = time.perf_counter()
-        manager.grow(tokens_per_page)
-        grow_cold.append(time.perf_counter() - start)
-        for slot in slots:
-            manager.free(slot)
-        manager.reclaim()
-        slots = [manager.alloc(1) for _ in range(args.slots)]
-        manager.reserve_growth(tokens_per_page)
-        start = time.perf_counter()
-        manager.grow(tokens_per_page)
-        grow_warm.append(time.perf_counter() - start)
-        for slot in slots:
-            manager.free(slot)
-        manager.reclaim()
+        grow_cold.append(time_growth(warm_pool=False))
+        grow_warm.append(time_growth(warm_pool=True))
     rows.append(("grow all slots, empty pool", _best(grow_cold), growth_pages))
     rows.append(("grow all slots, warm pool", _best(grow_warm), growth_pages))
     manager.close()
