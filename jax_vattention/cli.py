@@ -1,4 +1,4 @@
-"""The ``vattention`` command: ``generate`` and ``bench {alloc,attention}``."""
+"""The ``vattention`` command: ``generate``, ``bench {alloc,attention,crossing}`` and ``serve-bench``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ COMMANDS = [
     (("generate",), "jax_vattention.commands.generate", "generate text through the virtual cache"),
     (("bench", "alloc"), "jax_vattention.bench.alloc", "page map/unmap latency and bandwidth"),
     (("bench", "attention"), "jax_vattention.bench.attention", "decode attention against paged kernels"),
+    (("bench", "crossing"), "jax_vattention.bench.crossing", "the cost of a decode step that crosses a page"),
     (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),
 ]
 

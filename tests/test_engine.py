@@ -132,3 +132,16 @@ def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
         assert line in report
     rows = (tmp_path / "mapped_memory.csv").read_text().splitlines()
     assert rows[0] == "seconds,mapped_mib" and len(rows) > 2
+
+
+def test_bench_crossing_maps_pages_only_where_its_mode_says(capsys):
+    from jax_vattention.cli import main
+    assert main(["bench", "crossing", "--config", "tiny", "--batch", "2", "--repeats", "1", "--before", "2",
+                 "--after", "2", "--layout", "interleaved"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in ("premapped", "in-graph", "prefetched")}
+    assert set(rows) == {"premapped", "in-graph", "prefetched"}
+    assert rows["premapped"][4] == "-"                      # mapped at admission, nothing during the run
+    assert float(rows["in-graph"][4]) > 0 and float(rows["prefetched"][4]) > 0
+    for mode, row in rows.items():
+        assert float(row[1]) > 0 and float(row[2]) > 0, mode

@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
     # Warm-up: compile the decode chunk and every (batch, prompt) prefill bucket the workload can
     # reach, outside the timed run.
+    warm_start = time.perf_counter()
     batch_buckets = [1 << i for i in range(8) if 1 << i <= min(args.max_batch, engine_config.max_prefill_batch)]
     for bucket in sorted({16 << i for i in range(12) if 16 << i <= manager.capacity}):
         if bucket >= args.prompt_len[0] and bucket // 2 < args.prompt_len[1]:
@@ -98,6 +99,8 @@ def run(args: argparse.Namespace) -> int:
                     engine.submit(Request(prompt=[2] * min(bucket, args.max_len - 2), max_new_tokens=2))
                 engine.run()
     manager.reclaim()
+    print(f"warm-up (compiling every prefill bucket and the decode chunk): {time.perf_counter() - warm_start:.1f} s",
+          flush=True)
     warm_stats = manager.stats()
     engine.stats.__init__()
 

@@ -1,0 +1,135 @@
+"""``vattention bench crossing``: what a decode step that crosses a page costs.
+
+Every slot of a Llama-shaped cache starts ``--before`` tokens short of a page
+boundary, so all of them write their first token into a new page at the same
+decode step. Each step is one compiled engine chunk of one decode step, timed
+from dispatch to its tokens on the host. The new pages are mapped three ways:
+
+* ``premapped``: at admission; nothing is mapped during the run, so what is
+  left is the kernels' own cost of reading a new page;
+* ``in-graph``: by the mapping op inside the step, on the host while the step
+  is dispatched (the device waits for it);
+* ``prefetched``: by the host while the device computes an earlier step,
+  ``--prefetch`` tokens ahead of every slot (the engine's overlap policy).
+
+For each, the report gives the median step time away from the boundary, the
+crossing step's, their ratio, and the host time the mapping calls took per
+page. Setting ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` before the run
+turns XLA's CUDA graphs off, for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_vattention.cli import standalone
+from jax_vattention.config import LAYOUTS, CacheConfig
+from jax_vattention.engine.steps import decode_chunk_fn
+from jax_vattention.manager import CacheManager
+from jax_vattention.models.configs import get_config
+from jax_vattention.models.llama import Llama
+
+MODES = ("premapped", "in-graph", "prefetched")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="llama-3-8b", help="model shape (tiny, yi-6b, llama-3-8b, yi-34b)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="per_layer", help="cache layout")
+    parser.add_argument("--backend", default=None, help="attention backend (default: cudnn for per_layer, "
+                        "pallas for interleaved on GPU; xla on CPU)")
+    parser.add_argument("--batch", type=int, default=16, help="slots, all crossing together")
+    parser.add_argument("--pages", type=int, default=1, help="pages each slot fills before the boundary")
+    parser.add_argument("--before", type=int, default=6, help="decode steps before the crossing one")
+    parser.add_argument("--after", type=int, default=6, help="decode steps after it")
+    parser.add_argument("--prefetch", type=int, default=2, help="tokens mapped ahead in the prefetched mode")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+
+
+def _run_mode(mode, args, manager, decode, state, start_len) -> tuple[np.ndarray, float, int]:
+    """Step times [repeats, steps] of one mode, and the host seconds and pages its mapping took."""
+    batch, steps = args.batch, args.before + 1 + args.after
+    ones = np.ones(batch, np.int32)
+    times = np.zeros((args.repeats, steps))
+    map_seconds, pages = 0.0, 0
+    for repeat in range(args.repeats):
+        lookahead = steps if mode == "premapped" else 0
+        slots = [manager.alloc(start_len, lookahead=lookahead) for _ in range(batch)]
+        lengths = np.full(batch, start_len, np.int32)
+        last = np.full(batch, 2, np.int32)
+        before = manager.stats()
+        for step in range(steps):
+            manager.reserve_growth(1)             # creates (not maps) the step's pages, as the engine does
+            begin = time.perf_counter()
+            outputs = decode(state, manager.cache, jnp.asarray(last), jnp.asarray(lengths), jnp.ones(batch, bool),
+                             jnp.zeros(batch, jnp.int32), jnp.asarray(ones * (steps + 1)),
+                             jnp.full((batch, 1), -1, jnp.int32), jnp.zeros(batch, jnp.float32),
+                             jnp.zeros(batch, jnp.int32), jnp.ones(batch, jnp.float32), jax.random.key(step))
+            manager.cache = outputs[0]
+            if mode == "prefetched":
+                manager.prefetch(args.prefetch)
+            last, lengths = np.asarray(outputs[1]), np.asarray(outputs[2])
+            times[repeat, step] = time.perf_counter() - begin
+        after = manager.stats()
+        map_seconds += after["map_seconds"] - before["map_seconds"]
+        pages += after["pages_mapped_total"] - before["pages_mapped_total"]
+        for slot in slots:
+            manager.free(slot)
+        manager.reclaim()                         # the next repeat maps its pages afresh
+    return times, map_seconds, pages
+
+
+def run(args: argparse.Namespace) -> int:
+    device = jax.devices()[0]
+    on_gpu = device.platform == "gpu"
+    model_config = get_config(args.config)
+    if on_gpu and model_config.dtype == "float32":
+        model_config = model_config.replace(dtype="bfloat16")
+    backend = args.backend or (("pallas" if args.layout == "interleaved" else "cudnn") if on_gpu else "xla")
+    cache_config = CacheConfig(
+        num_layers=model_config.num_layers, max_batch=args.batch, max_len=1, kv_heads=model_config.num_kv_heads,
+        head_dim=model_config.head_dim, dtype=model_config.jnp_dtype, layout=args.layout)
+    with CacheManager(cache_config, device) as probe:
+        tokens_per_page = probe.page_bytes // cache_config.token_bytes
+    if args.before >= args.pages * tokens_per_page:
+        raise SystemExit(f"--before {args.before} must be below the {args.pages * tokens_per_page} tokens "
+                         f"of --pages {args.pages}")
+    start_len = args.pages * tokens_per_page - args.before
+    max_len = (args.pages + 1) * tokens_per_page
+    cache_config = CacheConfig(
+        num_layers=model_config.num_layers, max_batch=args.batch, max_len=max_len,
+        kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=model_config.jnp_dtype,
+        layout=args.layout)
+    graphdef, state = nnx.split(Llama(model_config, rngs=nnx.Rngs(0)))
+    decode = decode_chunk_fn(graphdef, backend, 1)
+
+    print(f"vattention bench crossing on {device.device_kind} ({device.platform}), {datetime.date.today()}")
+    print(f"model {args.config} (random weights), {args.layout} cache, backend {backend}, batch {args.batch}, "
+          f"{tokens_per_page} tokens per page, boundary at token {args.pages * tokens_per_page}; "
+          f"one decode step per call, {args.repeats} repeats")
+    print(f"{'mode':<11} {'plain ms':>9} {'crossing ms':>12} {'ratio':>7} {'map µs/page':>12}  "
+          f"median step times around the crossing (ms)")
+    with CacheManager(cache_config, device) as manager:
+        _run_mode("premapped", args, manager, decode, state, start_len)     # compiles and warms the pool
+        for mode in args.modes:
+            times, map_seconds, pages = _run_mode(mode, args, manager, decode, state, start_len)
+            median = np.median(times, axis=0)          # [steps]
+            plain = np.median(np.delete(median, [0, args.before]))
+            crossing = median[args.before]
+            per_page = f"{map_seconds / pages * 1e6:.1f}" if pages else "-"
+            profile = " ".join(f"[{t * 1e3:.2f}]" if i == args.before else f"{t * 1e3:.2f}"
+                               for i, t in enumerate(median))
+            print(f"{mode:<11} {plain * 1e3:9.2f} {crossing * 1e3:12.2f} {crossing / plain:7.3f} {per_page:>12}  "
+                  f"{profile}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(standalone(__doc__, add_arguments, run))
