@@ -109,7 +109,7 @@ NB_MODULE(_core, m) {
       .def("adopt_buffers", &PageManager::adopt_buffers, "bases"_a)
       .def("buffer_bases", &PageManager::buffer_bases)
       .def("alloc", &PageManager::alloc, "prompt_len"_a, "lookahead"_a = 0, Release())
-      .def("prefetch", &PageManager::prefetch, "tokens"_a, Release())
+      .def("prefetch", &PageManager::prefetch, "tokens"_a, "max_pages"_a = SIZE_MAX, Release())
       .def("free", &PageManager::free, "slot"_a)
       .def("grow", [](PageManager& manager, std::size_t tokens) { manager.grow(tokens, nullptr); }, "tokens"_a,
            Release())

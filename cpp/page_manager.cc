@@ -248,10 +248,27 @@ void PageManager::grow(std::size_t tokens, void* stream) {
   }
 }
 
-void PageManager::prefetch(std::size_t tokens) {
+std::size_t PageManager::prefetch(std::size_t tokens, std::size_t max_pages) {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
-  map_for_growth(tokens, nullptr);
+  std::size_t extra = 0;
+  const std::vector<std::size_t> targets = growth_targets(tokens, extra);
+  const std::uint64_t mapped_before = pages_mapped_total_;
+  while (pages_mapped_total_ - mapped_before < max_pages && pool_.headroom() >= geometry_.num_buffers) {
+    std::optional<std::size_t> next;
+    std::size_t least_slack = 0;  // bytes mapped beyond the slot's tokens, in each buffer
+    for (std::size_t s = 0; s < slots_.size(); ++s) {
+      if (!slots_[s].active || slots_[s].pages.size() >= targets[s]) continue;
+      const std::size_t slack = slots_[s].pages.size() * geometry_.page_bytes - slots_[s].length * geometry_.token_bytes;
+      if (!next || slack < least_slack) {
+        next = s;
+        least_slack = slack;
+      }
+    }
+    if (!next) break;
+    map_up_to(*next, slots_[*next].pages.size() + 1);
+  }
+  return static_cast<std::size_t>(pages_mapped_total_ - mapped_before);
 }
 
 std::vector<std::size_t> PageManager::growth_targets(std::size_t tokens, std::size_t& extra) const {

@@ -89,9 +89,13 @@ class PageManager {
   // Adds `tokens` to every active slot (up to the capacity) and maps the
   // pages that takes. `stream` is XLA's when called from the mapping op.
   void grow(std::size_t tokens, void* stream);
-  // Maps now what growing every active slot by `tokens` will need, without
-  // growing: the host maps ahead while the device computes.
-  void prefetch(std::size_t tokens);
+  // Maps now, without growing, pages that growing every active slot by
+  // `tokens` will need: the host maps ahead while the device computes. One
+  // slot's next page (in every buffer) at a time, the slot closest to the end
+  // of its pages first, until `max_pages` or more are mapped. Best effort: it
+  // stops when the budget has no free page (it never waits for the device to
+  // reclaim free slots' pages). Returns the pages mapped.
+  std::size_t prefetch(std::size_t tokens, std::size_t max_pages = SIZE_MAX);
   // Makes sure that growing every active slot by `tokens` cannot run out of
   // pages: creates the missing physical pages now (eager allocation).
   void reserve_growth(std::size_t tokens);

@@ -17,6 +17,7 @@ freed pages go back with ``madvise``. The API is the same on both.
 from __future__ import annotations
 
 import atexit
+import time
 
 import jax
 import jax.numpy as jnp
@@ -166,13 +167,42 @@ class CacheManager:
         """
         self._core.reserve_growth(_count("tokens", tokens))
 
-    def prefetch(self, tokens: int) -> None:
-        """Maps now the pages that growing every active slot by ``tokens`` will need, without growing.
+    def prefetch(self, tokens: int, max_pages: int | None = None) -> int:
+        """Maps now, without growing, pages that growing every active slot by ``tokens`` will need.
 
         Called while the device computes, it takes the mapping off the
-        critical path. Raises ``OutOfPagesError`` with nothing changed.
+        critical path. It maps one slot's next page (in every buffer) at a
+        time, the slot closest to the end of its pages first, until
+        ``max_pages`` or more are mapped (default: all it needs). Best effort:
+        it stops when the budget has no free page left, and never waits for
+        the device to reclaim free slots' pages. Returns the pages mapped.
         """
-        self._core.prefetch(_count("tokens", tokens))
+        tokens = _count("tokens", tokens)
+        if max_pages is None:
+            return self._core.prefetch(tokens)
+        return self._core.prefetch(tokens, _count("max_pages", max_pages))
+
+    def prefetch_while_busy(self, pending: jax.Array, tokens: int, deadline: float | None = None) -> int:
+        """Maps ahead like :meth:`prefetch`, one slot's page at a time, until ``pending`` is ready.
+
+        ``pending`` is an output of the device work in flight, so the mapping
+        stays behind that work instead of delaying what follows it. With a
+        ``deadline`` (a ``time.perf_counter()`` value: when that work should
+        end), no page is begun that the previous page's mapping time says
+        would end after it. Returns the pages mapped.
+        """
+        tokens = _count("tokens", tokens)
+        mapped, page_seconds = 0, 0.0
+        while not pending.is_ready():
+            begin = time.perf_counter()
+            if deadline is not None and begin + page_seconds > deadline:
+                break
+            pages = self._core.prefetch(tokens, 1)
+            if pages == 0:
+                break
+            page_seconds = time.perf_counter() - begin
+            mapped += pages
+        return mapped
 
     def grow(self, tokens: int) -> None:
         """Host-side growth, outside a compiled program: what :func:`jax_vattention.grow` does in one."""

@@ -3,11 +3,12 @@
 # (or ./out), one file per section (the device returns at most 8 files).
 #   bash scripts/gpu_check.sh [section ...]
 # Sections (default: all, in this order):
-#   tests      the GPU tests (pytest -m gpu)
+#   tests      the GPU tests (pytest -m gpu; GPU_TESTS="file ...": those files only)
 #   alloc      vattention bench alloc
 #   generate   vattention generate with both GPU backends
 #   serve      serve-bench on a Llama-3-8B shape at a fixed budget, both layouts
-#   crossing   vattention bench crossing, both layouts, XLA's CUDA graphs on and off
+#   crossing   vattention bench crossing, both layouts (CROSSING_NO_GRAPHS=1: again with XLA's CUDA
+#              graphs off)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"
@@ -27,7 +28,9 @@ last_progress() { awk '/it\/s\]$|s\/it\]$|\?it\/s\]$/ { last = $0; next } { prin
 for section in $sections; do
   case "$section" in
     tests)
-      timeout 300 "$python" -X faulthandler -m pytest -m gpu -q -p no:cacheprovider --rootdir "$tests" "$tests" \
+      # GPU_TESTS: test files to run (default: all).
+      timeout 300 "$python" -X faulthandler -m pytest -m gpu -q -p no:cacheprovider --rootdir "$tests" \
+        $(for file in ${GPU_TESTS:-.}; do echo "$tests/$file"; done) \
         2>&1 | tee "$out/gpu_tests.log" || status=1 ;;
     alloc)
       timeout 60 "$python" -m jax_vattention.bench alloc 2>&1 | tee "$out/bench_alloc.log" || status=1 ;;
@@ -39,16 +42,18 @@ for section in $sections; do
       # Serving at a fixed budget: the batch sustained against an ideal allocator's.
       for layout in ${SERVE_LAYOUTS:-per_layer interleaved}; do
         timeout 240 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --requests 64 --rate 40 \
-          --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 3072 \
-          --chunk-steps 16 --layout "$layout" --out "/tmp/serve_$layout" 2>&1 | tr '\r' '\n' | last_progress
+          --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 1536 \
+          --chunk-steps 16 --max-prefill-batch 4 --layout "$layout" --out "/tmp/serve_$layout" 2>&1 | tr '\r' '\n' | last_progress
         cp "/tmp/serve_$layout/mapped_memory.png" "$out/serve_$layout.png"
       done | tee "$out/serve.log" || status=1 ;;
     crossing)
-      # A decode step that crosses a page against one that does not; again without CUDA graphs.
+      # A decode step that crosses a page against one that does not.
       for layout in ${CROSSING_LAYOUTS:-per_layer interleaved}; do
         timeout 120 "$python" -m jax_vattention.cli bench crossing --layout "$layout"
-        XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 "$python" -m jax_vattention.cli bench crossing \
-          --layout "$layout" --modes premapped prefetched 2>&1 | sed -n '/^mode/,$p' | sed 's/^/no CUDA graphs: /'
+        if [ -n "${CROSSING_NO_GRAPHS:-}" ]; then
+          XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 "$python" -m jax_vattention.cli bench crossing \
+            --layout "$layout" --modes premapped prefetched 2>&1 | sed -n '/^mode/,$p' | sed 's/^/no CUDA graphs: /'
+        fi
       done 2>&1 | tee "$out/crossing.log" || status=1 ;;
     *) echo "unknown section: $section" >&2; status=1 ;;
   esac

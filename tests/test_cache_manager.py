@@ -208,3 +208,32 @@ def test_resident_memory_follows_the_mapped_pages():
         assert resident(slot) > 0               # deferred: kept for the next request
         manager.reclaim()
         assert resident(slot) <= 2 * edge       # the OS pages shared with the neighbours
+
+
+class Pending:
+    """Stands for device work in flight: busy for its first ``polls`` checks."""
+
+    def __init__(self, polls):
+        self.polls = polls
+
+    def is_ready(self):
+        self.polls -= 1
+        return self.polls < 0
+
+
+def test_prefetch_while_busy_maps_one_slot_page_per_poll_until_the_work_is_done(manager):
+    # 512 tokens a page: three slots each one token short of their page's end.
+    slots = [manager.alloc(511) for _ in range(3)]
+    buffers = manager.config.num_buffers
+    assert manager.prefetch_while_busy(Pending(2), tokens=8) == 2 * buffers     # ready at the third check
+    assert sorted(manager.mapped_pages()[slots].tolist()) == [1, 2, 2]
+    assert manager.prefetch_while_busy(Pending(10), tokens=8) == buffers        # nothing more is needed
+    assert manager.prefetch_while_busy(Pending(10), tokens=8) == 0
+    assert manager.lengths()[slots].tolist() == [511] * 3
+    assert manager.prefetch_while_busy(Pending(10), tokens=600, deadline=0.0) == 0   # past its deadline
+
+
+def test_prefetch_while_busy_leaves_ready_work_alone(manager):
+    slot = manager.alloc(511)
+    assert manager.prefetch_while_busy(jnp.zeros(4).block_until_ready(), tokens=8) == 0
+    assert manager.mapped_pages()[slot] == 1

@@ -141,7 +141,25 @@ def test_bench_crossing_maps_pages_only_where_its_mode_says(capsys):
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
             if line.split() and line.split()[0] in ("premapped", "in-graph", "prefetched")}
     assert set(rows) == {"premapped", "in-graph", "prefetched"}
-    assert rows["premapped"][4] == "-"                      # mapped at admission, nothing during the run
-    assert float(rows["in-graph"][4]) > 0 and float(rows["prefetched"][4]) > 0
+    assert rows["premapped"][5] == "-"                      # mapped at admission, nothing during the run
+    assert float(rows["in-graph"][5]) > 0 and float(rows["prefetched"][5]) > 0
     for mode, row in rows.items():
         assert float(row[1]) > 0 and float(row[2]) > 0, mode
+
+
+def test_memory_bound_admission_is_compared_with_an_exact_token_allocator(model):
+    # Each 8-token prompt takes a whole 32-token page per buffer; the budget holds two such requests,
+    # where an allocator of exact tokens would hold all four: each needs 8 + 4 tokens (its prompt and
+    # the coming 4-step chunk), 48 of the budget's 64.
+    probe, _ = make_manager(model)
+    buffers = probe.config.num_buffers
+    probe.close()
+    manager, _ = make_manager(model, max_batch=4, budget_pages=2 * buffers)
+    engine = Engine(model, manager, EngineConfig(chunk_steps=4, overlap=False, eager_allocation=False))
+    for seed in range(4):
+        engine.submit(Request(prompt=list(range(2 + seed, 10 + seed)), max_new_tokens=20))
+    engine.step()
+    assert engine.running == 2 and engine.waiting == 2
+    assert engine.stats.memory_bound_batches[0] == (2, 4)
+    engine.run()
+    assert all(running <= ideal <= 4 for running, ideal in engine.stats.memory_bound_batches)

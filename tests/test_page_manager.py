@@ -270,3 +270,28 @@ def test_alloc_lookahead_and_prefetch_map_ahead_without_growing():
     manager.grow(60)
     assert driver.calls("map") == maps           # growth found its pages mapped
     check_consistent(manager, driver)
+
+
+def test_prefetch_maps_the_slot_nearest_its_last_page_first_page_by_page():
+    manager, driver = make()
+    roomy = manager.alloc(33)                    # 2 pages, 31 tokens to spare
+    tight = manager.alloc(31)                    # 1 page, 1 token to spare
+    assert manager.prefetch(64, max_pages=1) == BUFFERS     # one page, in every buffer, of the tight slot
+    assert [manager.mapped_pages()[s] for s in (roomy, tight)] == [2, 2]
+    assert manager.prefetch(64, max_pages=1) == BUFFERS     # now 31 vs 33 tokens to spare: the roomy one
+    assert [manager.mapped_pages()[s] for s in (roomy, tight)] == [3, 2]
+    assert manager.prefetch(64) == 2 * BUFFERS              # the rest: 97 and 95 tokens' worth
+    assert manager.prefetch(64) == 0
+    assert [manager.mapped_pages()[s] for s in (roomy, tight)] == [4, 3]
+    assert [manager.lengths()[s] for s in (roomy, tight)] == [33, 31]
+    check_consistent(manager, driver)
+
+
+def test_prefetch_stops_quietly_at_the_budget_and_never_takes_free_slots_pages():
+    manager, driver = make(budget_pages=3 * BUFFERS)
+    done, slot = manager.alloc(32), manager.alloc(32)
+    manager.free(done)                           # a free slot keeps its page (deferred)
+    assert manager.prefetch(96) == BUFFERS      # 4 pages wanted; 1 page left in the budget
+    assert manager.mapped_pages()[slot] == 2 and manager.stats()["deferred_pages"] == BUFFERS
+    assert manager.prefetch(96) == 0
+    check_consistent(manager, driver)

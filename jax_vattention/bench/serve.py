@@ -7,7 +7,8 @@ fixed page budget. The report gives throughput, per-token latency
 percentiles, mapped memory over time (a PNG where matplotlib is installed,
 always a CSV), pages mapped and unmapped, the time spent mapping and how much
 of it was hidden behind device work, the cost of decode chunks that cross a
-page boundary against those that do not, and the batch the engine sustained
+page boundary, or during which pages were mapped, against those that do
+not, and the batch the engine sustained
 against what an ideal allocator (exact tokens, no page rounding) would fit.
 """
 
@@ -108,7 +109,6 @@ def run(args: argparse.Namespace) -> int:
     arrival_of: dict[int, float] = {}
     pending = list(workload)
     start = time.perf_counter()
-    blocked_steps, used_fraction = 0, []
     with tqdm(total=len(workload), desc="requests", unit="req") as progress:
         while pending or not engine.idle:
             now = time.perf_counter() - start
@@ -125,10 +125,6 @@ def run(args: argparse.Namespace) -> int:
             for event in events:
                 token_times[event.request_id].append(stamp)
                 progress.update(int(event.finished))
-            if engine.stats.blocked_by_memory[-1]:
-                stats = manager.stats()            # admission was held back by memory, not by slots
-                blocked_steps += 1
-                used_fraction.append(stats["used_bytes"] / (stats["budget_pages"] * stats["page_bytes"]))
     elapsed = time.perf_counter() - start
     stats = manager.stats()
 
@@ -142,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     clean = ~np.array(engine.stats.chunk_after_prefill, bool)
     chunks = np.array(engine.stats.chunk_seconds)[clean]
     crossed = np.array(engine.stats.chunk_crossed_page, bool)[clean]
+    mapping = np.array(engine.stats.chunk_mapped_pages)[clean] > 0
     map_seconds = stats["map_seconds"] - warm_stats["map_seconds"]
     hidden = engine.stats.prefetch_seconds
 
@@ -177,11 +174,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"decode chunk {chunks[~crossed].mean() * 1e3:.2f} ms without a page crossing, "
               f"{chunks[crossed].mean() * 1e3:.2f} ms with one: ratio {chunks[crossed].mean() / chunks[~crossed].mean():.3f} "
               f"({crossed.sum()} of {len(chunks)} chunks without a prefill before them crossed)")
+    if mapping.any() and (~mapping).any():
+        print(f"decode chunk {chunks[~mapping].mean() * 1e3:.2f} ms when no page was mapped, "
+              f"{chunks[mapping].mean() * 1e3:.2f} ms when pages were mapped during it (ahead or in the graph): "
+              f"ratio {chunks[mapping].mean() / chunks[~mapping].mean():.3f} ({mapping.sum()} of {len(chunks)} chunks)")
     print(f"preemptions {engine.stats.preemptions}, prefills {engine.stats.prefills}")
-    if used_fraction:
-        print(f"steps whose admission the budget held back: {blocked_steps}; in them live tokens filled "
-              f"{100 * np.mean(used_fraction):.1f}% of the budget: the batch was {np.mean(used_fraction):.3f}x what "
-              f"an ideal allocator (exact tokens, no page rounding) would fit")
+    if engine.stats.memory_bound_batches:
+        running, ideal = np.array(engine.stats.memory_bound_batches).T
+        print(f"admissions the budget held back: {len(running)}; in them the engine ran {running.mean():.1f} "
+              f"requests where an ideal allocator (exact tokens, no page rounding) would run {ideal.mean():.1f}: "
+              f"batch {running.sum() / ideal.sum():.3f}x the ideal")
     else:
         print("admission was never held back by memory (raise --rate or lower --budget-mib to measure it)")
     print(f"mapped memory over time: {memory_csv}" + (f", {plot}" if plot else " (no matplotlib: no PNG)"))

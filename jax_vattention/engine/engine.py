@@ -6,9 +6,10 @@ requests into free slots (one jitted prefill each), runs one jitted chunk of
 retires finished requests. The paper's memory policies are switches of
 :class:`EngineConfig`, so each can be measured:
 
-* ``overlap``: while the device computes a chunk, the host maps the pages the
-  next chunk will need (:meth:`CacheManager.prefetch`), so the in-graph
-  mapping op finds them ready;
+* ``overlap``: while the device computes a chunk, the host maps, one slot's
+  page at a time and until the chunk is done, the pages the next chunks will
+  need (:meth:`CacheManager.prefetch_while_busy`), so the in-graph mapping op
+  finds them ready;
 * ``deferred_reclamation``: a finished request's pages stay with its slot for
   the next request there; they are unmapped only under memory pressure, after
   the device work that could touch them has completed. Off: unmapped at once;
@@ -51,7 +52,7 @@ class EngineConfig:
     backend : attention backend (``xla``, ``cudnn``, ``pallas``)
     overlap, deferred_reclamation, eager_allocation : the memory policies (module docstring)
     prefetch_tokens : with overlap, how far ahead of every running slot the host maps while a
-        chunk runs (default: two chunks)
+        chunk runs (default: two chunks; at most one while admission is held back by memory)
     max_stop_tokens : width of the per-slot stop-token table
     seed : sampling seed
     """
@@ -87,8 +88,11 @@ class EngineStats:
     prefetch_seconds: float = 0.0     # time spent mapping on the host while the device computed
     chunk_seconds: list = dataclasses.field(default_factory=list)
     chunk_crossed_page: list = dataclasses.field(default_factory=list)
+    chunk_mapped_pages: list = dataclasses.field(default_factory=list)   # in the graph or ahead, during the chunk
     chunk_after_prefill: list = dataclasses.field(default_factory=list)   # prefills queued before the chunk
     blocked_by_memory: list = dataclasses.field(default_factory=list)     # admission stopped by the budget
+    # At each admission the budget stopped: (requests running, requests an ideal allocator would run).
+    memory_bound_batches: list = dataclasses.field(default_factory=list)
     mapped_bytes: list = dataclasses.field(default_factory=list)   # (time, bytes) after each step
     running: list = dataclasses.field(default_factory=list)        # running requests after each admission
 
@@ -222,10 +226,36 @@ class Engine:
             state.slot = slot
             state.admitted_at = self.stats.steps
             admitted.append(state)
+        if blocked:
+            holding = [*self._by_slot.values(), *admitted]
+            self.stats.memory_bound_batches.append((len(holding), self._ideal_batch(holding)))
         events = self._prefill(admitted) if admitted else []
         self.stats.running.append(len(self._by_slot))
         self.stats.blocked_by_memory.append(blocked)
         return events
+
+    def _ideal_batch(self, holding: list[RequestState]) -> int:
+        """The requests an ideal allocator would run now.
+
+        It holds exact tokens, with no page rounding and nothing mapped ahead:
+        each request's context plus what the coming chunk writes (every
+        allocator must hold those before the chunk runs). Besides the
+        ``holding`` requests (running or just admitted), it admits the waiting
+        requests in order while they fit in the rest of the budget and slots
+        are free.
+        """
+        steps = self.config.chunk_steps
+        config, stats = self.manager.config, self.manager.stats()
+        budget_tokens = stats["budget_pages"] * stats["page_bytes"] // (config.token_bytes * config.num_buffers)
+        free_tokens = budget_tokens - stats["used_tokens"] - sum(min(steps, s.remaining) for s in holding)
+        ideal = len(holding)
+        for state in self._waiting:
+            needed = len(state.context) + min(steps, state.remaining)
+            if ideal >= config.max_batch or needed > free_tokens:
+                break
+            free_tokens -= needed
+            ideal += 1
+        return ideal
 
     def _prefill(self, states: list[RequestState]) -> list[TokenEvent]:
         """One jitted prefill of the admitted requests, padded to a (batch, prompt) bucket."""
@@ -305,6 +335,7 @@ class Engine:
         running = np.zeros(len(self._lengths), bool)
         running[list(self._by_slot)] = True
         lengths_before = self._lengths.copy()
+        mapped_before = self.manager.stats()["pages_mapped_total"]
         start = time.perf_counter()
         self._key, key = jax.random.split(self._key)
         outputs = self._decode(
@@ -313,16 +344,16 @@ class Engine:
             jnp.asarray(self._temperature), jnp.asarray(self._top_k), jnp.asarray(self._top_p), key)
         self.manager.cache = outputs[0]
         if self.config.overlap:
-            # The device is busy with this chunk: map the next chunk's pages now.
-            mapped_before = self.manager.stats()["map_seconds"]
-            try:
-                self.manager.prefetch(self.config.prefetch_tokens or 2 * steps)
-            except OutOfPagesError:
-                pass  # the next chunk's reservation will preempt if it must
-            self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - mapped_before
+            # The device is busy with this chunk: map the next chunks' pages until it is done (or,
+            # going by the last chunk, about to be), so the mapping never delays what follows.
+            map_seconds_before = self.manager.stats()["map_seconds"]
+            deadline = start + self.stats.chunk_seconds[-1] if self.stats.chunk_seconds else None
+            self.manager.prefetch_while_busy(outputs[5], self._prefetch_tokens(), deadline)
+            self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - map_seconds_before
         last, lengths, _, generated, tokens = (np.asarray(x) for x in outputs[1:6])
         self.stats.chunk_seconds.append(time.perf_counter() - start)
         self.stats.chunk_crossed_page.append(self._crossed_page(lengths_before, lengths, running))
+        self.stats.chunk_mapped_pages.append(self.manager.stats()["pages_mapped_total"] - mapped_before)
         self.stats.chunks += 1
         self._last[:], self._lengths[:], self._generated[:] = last, lengths, generated
         events = []
@@ -339,6 +370,13 @@ class Engine:
                     self._retire(slot)
                     break
         return events
+
+    def _prefetch_tokens(self) -> int:
+        """How far ahead to map: ``prefetch_tokens`` (default two chunks), but only the next chunk
+        while admission is held back by memory, so the budget goes to requests, not early pages."""
+        steps = self.config.chunk_steps
+        tokens = self.config.prefetch_tokens or 2 * steps
+        return min(tokens, steps) if self.stats.blocked_by_memory[-1:] == [True] else tokens
 
     def _crossed_page(self, before: np.ndarray, after: np.ndarray, running: np.ndarray) -> bool:
         """Did a running slot write its first token into a new page during the chunk?"""
