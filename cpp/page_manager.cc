@@ -105,10 +105,18 @@ DevicePtr PageManager::page_address(std::size_t buffer, std::size_t slot, std::s
   return bases_[buffer] + slot * geometry_.slot_bytes() + page * geometry_.page_bytes;
 }
 
-std::size_t PageManager::reclaimable_pages(std::optional<std::size_t> keep_slot) const {
+std::size_t PageManager::spare_pages(std::size_t slot, std::size_t growth) const {
+  const Slot& state = slots_[slot];
+  if (!state.active) return state.pages.size();
+  const std::size_t keep = geometry_.pages_for(
+      std::min(std::max(state.reserved, state.length + growth), geometry_.capacity));
+  return state.pages.size() > keep ? state.pages.size() - keep : 0;
+}
+
+std::size_t PageManager::reclaimable_pages(std::optional<std::size_t> keep_slot, std::size_t growth) const {
   std::size_t pages = 0;
   for (std::size_t s = 0; s < slots_.size(); ++s) {
-    if (!slots_[s].active && keep_slot != s) pages += slots_[s].pages.size() * geometry_.num_buffers;
+    if (keep_slot != s) pages += spare_pages(s, growth) * geometry_.num_buffers;
   }
   return pages;
 }
@@ -172,24 +180,25 @@ void PageManager::unmap_down_to(std::size_t slot, std::size_t target) {
   unmap_time_ += Clock::now() - start;
 }
 
-void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream) {
+void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream,
+                              std::size_t growth) {
   if (pool_.headroom() >= needed) return;
   const auto start = Clock::now();
   driver_->synchronize(stream);
   unmap_time_ += Clock::now() - start;
-  // Take from the free slots holding the most pages first: they are the
-  // least likely to be reused whole.
+  // Free slots before active ones; among each, the slots with the most spare pages first: they
+  // are the least likely to be reused whole.
   std::vector<std::size_t> order;
   for (std::size_t s = 0; s < slots_.size(); ++s) {
-    if (!slots_[s].active && keep_slot != s && !slots_[s].pages.empty()) order.push_back(s);
+    if (keep_slot != s && spare_pages(s, growth) > 0) order.push_back(s);
   }
-  std::stable_sort(order.begin(), order.end(), [this](std::size_t a, std::size_t b) {
-    return slots_[a].pages.size() > slots_[b].pages.size();
+  std::stable_sort(order.begin(), order.end(), [this, growth](std::size_t a, std::size_t b) {
+    if (slots_[a].active != slots_[b].active) return !slots_[a].active;
+    return spare_pages(a, growth) > spare_pages(b, growth);
   });
   for (std::size_t s : order) {
     const std::size_t missing = needed - pool_.headroom();
-    const std::size_t pages = std::min(slots_[s].pages.size(),
-                                       (missing + geometry_.num_buffers - 1) / geometry_.num_buffers);
+    const std::size_t pages = std::min(spare_pages(s, growth), (missing + geometry_.num_buffers - 1) / geometry_.num_buffers);
     unmap_down_to(s, slots_[s].pages.size() - pages);
     if (pool_.headroom() >= needed) return;
   }
@@ -224,6 +233,7 @@ int PageManager::alloc(std::size_t prompt_len, std::size_t lookahead) {
   map_up_to(*best, need);
   slots_[*best].active = true;
   slots_[*best].length = prompt_len;
+  slots_[*best].reserved = std::min(prompt_len + lookahead, geometry_.capacity);
   return static_cast<int>(*best);
 }
 
@@ -236,6 +246,7 @@ void PageManager::free(int slot) {
   }
   slots_[slot].active = false;
   slots_[slot].length = 0;
+  slots_[slot].reserved = 0;
 }
 
 void PageManager::grow(std::size_t tokens, void* stream) {
@@ -285,14 +296,15 @@ std::vector<std::size_t> PageManager::growth_targets(std::size_t tokens, std::si
 
 void PageManager::map_for_growth(std::size_t tokens, void* stream) {
   std::size_t extra = 0;
-  const std::vector<std::size_t> targets = growth_targets(tokens, extra);
+  std::vector<std::size_t> targets = growth_targets(tokens, extra);
   if (extra > 0) {
-    if (pool_.headroom() + reclaimable_pages(std::nullopt) < extra) {
+    if (pool_.headroom() + reclaimable_pages(std::nullopt, tokens) < extra) {
       throw OutOfPages("growing every active slot by " + std::to_string(tokens) + " tokens needs " +
                        pages_text(extra, geometry_.page_bytes) + " more than the budget holds: call " +
                        "reserve_growth() before the decode loop, or free slots");
     }
-    reclaim_for(extra, std::nullopt, stream);
+    reclaim_for(extra, std::nullopt, stream, tokens);
+    targets = growth_targets(tokens, extra);  // spare tails may have gone; the pages missing did not change
     const std::size_t pooled_before = pool_.pooled_pages();
     const std::uint64_t mapped_total_before = pages_mapped_total_;
     const std::uint64_t unmapped_total_before = pages_unmapped_total_;
@@ -320,24 +332,28 @@ void PageManager::reserve_growth(std::size_t tokens) {
   check_open();
   std::size_t extra = 0;
   growth_targets(tokens, extra);
-  if (pool_.headroom() + reclaimable_pages(std::nullopt) < extra) {
+  if (pool_.headroom() + reclaimable_pages(std::nullopt, tokens) < extra) {
     throw OutOfPages("growing every active slot by " + std::to_string(tokens) + " tokens needs " +
                      pages_text(extra, geometry_.page_bytes) + " but the budget has " +
-                     pages_text(pool_.headroom() + reclaimable_pages(std::nullopt), geometry_.page_bytes) +
+                     pages_text(pool_.headroom() + reclaimable_pages(std::nullopt, tokens), geometry_.page_bytes) +
                      " left: free slots or lower max_new_tokens");
   }
-  reclaim_for(extra, std::nullopt, nullptr);
+  reclaim_for(extra, std::nullopt, nullptr, tokens);  // spare tails lie beyond the growth: `extra` holds
   const auto start = Clock::now();
   pool_.fill(extra);
   map_time_ += Clock::now() - start;
+  for (Slot& slot : slots_) {
+    if (slot.active) slot.reserved = std::max(slot.reserved, std::min(slot.length + tokens, geometry_.capacity));
+  }
 }
 
 std::size_t PageManager::reclaim() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
   const std::size_t before = pages_unmapped_total_;
-  const std::size_t deferred = reclaimable_pages(std::nullopt);
-  if (deferred == 0) return 0;
+  const bool deferred = std::any_of(slots_.begin(), slots_.end(),
+                                   [](const Slot& slot) { return !slot.active && !slot.pages.empty(); });
+  if (!deferred) return 0;
   const auto start = Clock::now();
   driver_->synchronize(nullptr);
   unmap_time_ += Clock::now() - start;

@@ -115,6 +115,9 @@ class PageManager {
   struct Slot {
     bool active = false;
     std::size_t length = 0;
+    // Tokens the slot was promised (its prompt and lookahead, or a reserved growth): the pages
+    // that hold them stay; pages beyond are spare and can be reclaimed under memory pressure.
+    std::size_t reserved = 0;
     // pages[p][b]: the physical page behind page p of this slot in buffer b.
     std::vector<std::vector<PhysicalHandle>> pages;
   };
@@ -122,13 +125,19 @@ class PageManager {
   void check_open() const;
   void check_slot(int slot) const;
   DevicePtr page_address(std::size_t buffer, std::size_t slot, std::size_t page) const;
-  std::size_t reclaimable_pages(std::optional<std::size_t> keep_slot) const;
+  // Pages of `slot` that can be taken under memory pressure, in each buffer: all of a free slot's;
+  // an active slot's beyond what its reserved tokens, and `growth` tokens past its length, need.
+  std::size_t spare_pages(std::size_t slot, std::size_t growth) const;
+  // Spare pages of every slot but `keep_slot`, over all buffers.
+  std::size_t reclaimable_pages(std::optional<std::size_t> keep_slot, std::size_t growth = 0) const;
   // Maps pages of `slot` until it has `target`; all or nothing.
   void map_up_to(std::size_t slot, std::size_t target);
   // Unmaps pages of `slot` above `target`, returning them to the pool.
   void unmap_down_to(std::size_t slot, std::size_t target);
-  // Unmaps deferred pages until the pool's headroom reaches `needed`.
-  void reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream);
+  // Unmaps spare pages until the pool's headroom reaches `needed`: free slots' first (those holding
+  // the most first), then active slots' spare tails. Waits for the device first.
+  void reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream,
+                   std::size_t growth = 0);
   // Pages each slot needs to hold `tokens` more (its current count if inactive or already
   // covered); `extra` gets the pages to map over all buffers.
   std::vector<std::size_t> growth_targets(std::size_t tokens, std::size_t& extra) const;

@@ -295,3 +295,21 @@ def test_prefetch_stops_quietly_at_the_budget_and_never_takes_free_slots_pages()
     assert manager.mapped_pages()[slot] == 2 and manager.stats()["deferred_pages"] == BUFFERS
     assert manager.prefetch(96) == 0
     check_consistent(manager, driver)
+
+
+def test_memory_pressure_takes_the_spare_tail_of_a_reused_slot_but_not_its_promised_tokens():
+    manager, driver = make(budget_pages=4 * BUFFERS)
+    manager.free(manager.alloc(128))             # a long request leaves 4 pages with its slot
+    short = manager.alloc(10, 22)                # reuses them; promised 32 tokens: 1 page, 3 spare
+    assert manager.mapped_pages()[short] == 4
+    other = manager.alloc(40)                    # 2 pages: the budget is spent, so 2 spare pages go
+    assert manager.mapped_pages()[short] == 2 and manager.mapped_pages()[other] == 2
+    with pytest.raises(OutOfPagesError):
+        manager.alloc(40)                        # 1 spare page is left, not 2; nothing changes
+    assert manager.mapped_pages()[short] == 2
+    third = manager.alloc(1)                     # takes the last spare page
+    assert manager.mapped_pages()[short] == 1 and manager.mapped_pages()[third] == 1
+    assert [manager.lengths()[s] for s in (short, other, third)] == [10, 40, 1]
+    with pytest.raises(OutOfPagesError):
+        manager.reserve_growth(30)               # 40 tokens need the page back: none is spare now
+    check_consistent(manager, driver)
