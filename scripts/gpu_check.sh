@@ -17,7 +17,7 @@ export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1
 python="${PYTHON:-python3}"
 sections="${*:-tests alloc generate serve crossing}"
 status=0
-{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u; git log -1 --format=%h 2>/dev/null
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; date -u
   "$python" -c "import jax; print(jax.__version__, jax.devices())"; } 2>&1 | tee "$out/setup.log"
 "$python" -m pip install --no-build-isolation --no-deps --no-index -q . 2>&1 | tee -a "$out/setup.log" || exit 1
 tests="$PWD/tests"

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_vattention.kernels import decode_attention
 from jax_vattention.cli import standalone
+from jax_vattention.kernels import decode_attention
 from jax_vattention.kernels.decode_attention import default_block_k, default_num_splits
 from jax_vattention.kernels.reference import decode_attention_reference
 

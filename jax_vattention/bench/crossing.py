@@ -31,11 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_vattention.bench.model_setup import bench_model_config, default_backend
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
 from jax_vattention.engine.steps import decode_chunk_fn
 from jax_vattention.manager import CacheManager
-from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
 
 MODES = ("premapped", "in-graph", "prefetched")
@@ -91,11 +91,8 @@ def _run_mode(mode, args, manager, decode, state, start_len) -> tuple[np.ndarray
 
 def run(args: argparse.Namespace) -> int:
     device = jax.devices()[0]
-    on_gpu = device.platform == "gpu"
-    model_config = get_config(args.config)
-    if on_gpu and model_config.dtype == "float32":
-        model_config = model_config.replace(dtype="bfloat16")
-    backend = args.backend or (("pallas" if args.layout == "interleaved" else "cudnn") if on_gpu else "xla")
+    model_config = bench_model_config(args.config, device)
+    backend = args.backend or default_backend(args.layout, device)
     cache_config = CacheConfig(
         num_layers=model_config.num_layers, max_batch=args.batch, max_len=1, kv_heads=model_config.num_kv_heads,
         head_dim=model_config.head_dim, dtype=model_config.jnp_dtype, layout=args.layout)

@@ -25,11 +25,11 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from jax_vattention.bench.model_setup import bench_model_config, default_backend
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.manager import CacheManager
-from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
 
 
@@ -70,10 +70,7 @@ def _workload(args, vocab: int) -> list[tuple[float, Request]]:
 
 def run(args: argparse.Namespace) -> int:
     device = jax.devices()[0]
-    on_gpu = device.platform == "gpu"
-    model_config = get_config(args.config)
-    if on_gpu and model_config.dtype == "float32":
-        model_config = model_config.replace(dtype="bfloat16")
+    model_config = bench_model_config(args.config, device)
     model = Llama(model_config, rngs=nnx.Rngs(args.seed))
     cache_config = CacheConfig(
         num_layers=model_config.num_layers, max_batch=args.max_batch, max_len=args.max_len,
@@ -81,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
         page_bytes=args.page_kib * 1024 if args.page_kib else None,
         budget_bytes=args.budget_mib << 20 if args.budget_mib else None, layout=args.layout)
     manager = CacheManager(cache_config, device)
-    gpu_kernel = "pallas" if args.layout == "interleaved" else "cudnn"
     engine_config = EngineConfig(chunk_steps=args.chunk_steps, max_prefill_batch=args.max_prefill_batch,
-                                 prefetch_tokens=args.prefetch_tokens, backend=args.backend or (gpu_kernel if on_gpu else "xla"),
+                                 prefetch_tokens=args.prefetch_tokens,
+                                 backend=args.backend or default_backend(args.layout, device),
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation, seed=args.seed)
     engine = Engine(model, manager, engine_config)

@@ -331,7 +331,6 @@ class Engine:
 
     def _decode_chunk(self) -> list[TokenEvent]:
         self._reserve_chunk()
-        steps = self.config.chunk_steps
         running = np.zeros(len(self._lengths), bool)
         running[list(self._by_slot)] = True
         lengths_before = self._lengths.copy()
