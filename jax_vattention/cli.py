@@ -50,8 +50,12 @@ def standalone(doc: str, add_arguments, run, argv: list[str] | None = None) -> i
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    return importlib.import_module(args.module).run(args)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        return importlib.import_module(args.module).run(args)
+    except (ValueError, MemoryError) as error:   # bad arguments, or a budget too small for them
+        parser.exit(2, f"vattention: error: {error}\n")
 
 
 if __name__ == "__main__":

@@ -163,3 +163,11 @@ def test_memory_bound_admission_is_compared_with_an_exact_token_allocator(model)
     assert engine.stats.memory_bound_batches[0] == (2, 4)
     engine.run()
     assert all(running <= ideal <= 4 for running, ideal in engine.stats.memory_bound_batches)
+
+
+def test_the_command_line_reports_bad_arguments_without_a_traceback(capsys):
+    from jax_vattention.cli import main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve-bench", "--page-kib", "3", "--requests", "1"])
+    assert exit_info.value.code == 2
+    assert "page_bytes=3072 is not a multiple" in capsys.readouterr().err
