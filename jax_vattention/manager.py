@@ -76,7 +76,7 @@ class CacheManager:
         if driver is not None and on_gpu:
             raise ValueError("a custom driver can only serve a CPU device")
         if driver is None:
-            driver = _core.cuda_driver(device.local_hardware_id) if on_gpu else _core.host_driver()
+            driver = default_driver(device)
         page_bytes = config.page_bytes or driver.granularity
         if page_bytes % driver.granularity:
             raise ValueError(f"page_bytes={page_bytes} is not a multiple of the {driver.name} driver's "
@@ -263,6 +263,14 @@ class CacheManager:
         stats = self._core.stats()
         return (f"CacheManager({self.device}, {self.config.num_layers} layers, {self.config.max_batch} slots x "
                 f"{self.capacity} tokens, {stats['mapped_pages']} of {stats['budget_pages']} pages mapped)")
+
+
+def default_driver(device: jax.Device):
+    """The driver a :class:`CacheManager` on ``device`` uses: CUDA's on a GPU, the host's on a CPU.
+
+    Its ``granularity`` is the default page size.
+    """
+    return _core.cuda_driver(device.local_hardware_id) if device.platform == "gpu" else _core.host_driver()
 
 
 def _count(name: str, value) -> int:

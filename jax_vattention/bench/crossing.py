@@ -23,6 +23,7 @@ turns XLA's CUDA graphs off, for comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import time
 
@@ -35,7 +36,7 @@ from jax_vattention.bench.model_setup import bench_model_config, default_backend
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
 from jax_vattention.engine.steps import decode_chunk_fn
-from jax_vattention.manager import CacheManager
+from jax_vattention.manager import CacheManager, default_driver
 from jax_vattention.models.llama import Llama
 
 MODES = ("premapped", "in-graph", "prefetched")
@@ -96,17 +97,13 @@ def run(args: argparse.Namespace) -> int:
     cache_config = CacheConfig(
         num_layers=model_config.num_layers, max_batch=args.batch, max_len=1, kv_heads=model_config.num_kv_heads,
         head_dim=model_config.head_dim, dtype=model_config.jnp_dtype, layout=args.layout)
-    with CacheManager(cache_config, device) as probe:
-        tokens_per_page = probe.page_bytes // cache_config.token_bytes
+    tokens_per_page = default_driver(device).granularity // cache_config.token_bytes
     if args.before >= args.pages * tokens_per_page:
         raise SystemExit(f"--before {args.before} must be below the {args.pages * tokens_per_page} tokens "
                          f"of --pages {args.pages}")
     start_len = args.pages * tokens_per_page - args.before
     max_len = (args.pages + 1) * tokens_per_page
-    cache_config = CacheConfig(
-        num_layers=model_config.num_layers, max_batch=args.batch, max_len=max_len,
-        kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=model_config.jnp_dtype,
-        layout=args.layout)
+    cache_config = dataclasses.replace(cache_config, max_len=max_len)
     graphdef, state = nnx.split(Llama(model_config, rngs=nnx.Rngs(0)))
     decode = decode_chunk_fn(graphdef, backend, 1)
 
