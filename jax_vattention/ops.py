@@ -44,7 +44,10 @@ def grow(cache: KVCache, tokens: int = 1) -> KVCache:
         _ffi.GROW_TARGET,
         tuple(jax.ShapeDtypeStruct(buffer.shape, buffer.dtype) for buffer in buffers),
         input_output_aliases={i: i for i in range(len(buffers))},
-        has_side_effect=True,
+        # No declared side effect: JAX dispatches a jitted function with effects through its slow
+        # Python path. The call stays because its results are the cache the caller returns, and its
+        # handlers do not claim command-buffer compatibility, so CUDA graphs never capture it.
+        has_side_effect=False,
     )(*buffers, manager=np.uint64(cache.manager_id), tokens=np.int64(tokens))
     half = len(cache.k)
     return cache.replace(k=tuple(grown[:half]), v=tuple(grown[half:]))

@@ -122,6 +122,15 @@ def test_bad_requests_are_refused(model):
     assert engine.idle
 
 
+def test_prefetch_horizon_covers_short_chunks_and_respects_an_explicit_setting():
+    from jax_vattention.engine.engine import MIN_PREFETCH_TOKENS
+    assert EngineConfig(chunk_steps=1).prefetch_horizon == MIN_PREFETCH_TOKENS
+    assert EngineConfig(chunk_steps=16).prefetch_horizon == 32
+    assert EngineConfig(chunk_steps=1, prefetch_tokens=3).prefetch_horizon == 3
+    with pytest.raises(ValueError, match="prefetch_tokens must be at least 1"):
+        EngineConfig(prefetch_tokens=0)
+
+
 def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
     from jax_vattention.cli import main
     assert main(["serve-bench", "--requests", "12", "--rate", "200", "--max-batch", "4", "--max-len", "256",
@@ -135,14 +144,16 @@ def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
 
 
 def test_bench_crossing_maps_pages_only_where_its_mode_says(capsys):
+    from jax_vattention.bench.crossing import MODES
     from jax_vattention.cli import main
     assert main(["bench", "crossing", "--config", "tiny", "--batch", "2", "--repeats", "1", "--before", "2",
                  "--after", "2", "--layout", "interleaved"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
-            if line.split() and line.split()[0] in ("premapped", "in-graph", "prefetched")}
-    assert set(rows) == {"premapped", "in-graph", "prefetched"}
-    assert rows["premapped"][5] == "-"                      # mapped at admission, nothing during the run
-    assert float(rows["in-graph"][5]) > 0 and float(rows["prefetched"][5]) > 0
+            if line.split() and line.split()[0] in MODES}
+    assert set(rows) == set(MODES)
+    assert rows["premapped"][6] == "-"                      # mapped at admission, nothing during the run
+    assert float(rows["in-graph"][6]) > 0 and float(rows["prefetched"][6]) > 0
+    assert rows["premapped"][5] == rows["premapped"][4]     # premapped is its own baseline
     for mode, row in rows.items():
         assert float(row[1]) > 0 and float(row[2]) > 0, mode
 

@@ -42,6 +42,20 @@ from jax_vattention.generate import batch_bucket, prompt_bucket
 from jax_vattention.manager import CacheManager
 
 
+# Mapping a page takes ~50 µs of host time per buffer (2.9 ms for a slot of a 32-layer
+# per-layer cache), and a one-step chunk leaves the host only a few milliseconds while the
+# device computes: mapping that far ahead spreads a crossing over enough steps to hide it.
+MIN_PREFETCH_TOKENS = 16
+
+
+def expected_end(start: float, recent_seconds) -> float | None:
+    """When device work dispatched at ``start`` should end, going by the fastest of the last
+    few like it (``recent_seconds``, oldest first): a slow one may have been slowed by mapping
+    that overran it, and must not let the next mapping overrun further. None without a record."""
+    recent = recent_seconds[-4:]
+    return start + min(recent) if len(recent) else None
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """How the engine runs.
@@ -52,7 +66,9 @@ class EngineConfig:
     backend : attention backend (``xla``, ``cudnn``, ``pallas``)
     overlap, deferred_reclamation, eager_allocation : the memory policies (module docstring)
     prefetch_tokens : with overlap, how far ahead of every running slot the host maps while a
-        chunk runs (default: two chunks; at most one while admission is held back by memory)
+        chunk runs (default: two chunks, and at least ``MIN_PREFETCH_TOKENS`` so that short chunks
+        leave enough device time to map a page in; at most one chunk while admission is held back
+        by memory)
     max_stop_tokens : width of the per-slot stop-token table
     seed : sampling seed
     """
@@ -67,7 +83,14 @@ class EngineConfig:
     max_stop_tokens: int = 4
     seed: int = 0
 
+    @property
+    def prefetch_horizon(self) -> int:
+        """Tokens mapped ahead of every running slot when memory allows."""
+        return self.prefetch_tokens or max(2 * self.chunk_steps, MIN_PREFETCH_TOKENS)
+
     def __post_init__(self):
+        if self.prefetch_tokens is not None and self.prefetch_tokens < 1:
+            raise ValueError(f"prefetch_tokens must be at least 1 (or None for the default), got {self.prefetch_tokens}")
         if self.chunk_steps < 1:
             raise ValueError(f"chunk_steps must be at least 1, got {self.chunk_steps}")
         if self.max_prefill_batch < 1:
@@ -346,7 +369,7 @@ class Engine:
             # The device is busy with this chunk: map the next chunks' pages until it is done (or,
             # going by the last chunk, about to be), so the mapping never delays what follows.
             map_seconds_before = self.manager.stats()["map_seconds"]
-            deadline = start + self.stats.chunk_seconds[-1] if self.stats.chunk_seconds else None
+            deadline = expected_end(start, self.stats.chunk_seconds)
             self.manager.prefetch_while_busy(outputs[5], self._prefetch_tokens(), deadline)
             self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - map_seconds_before
         last, lengths, _, generated, tokens = (np.asarray(x) for x in outputs[1:6])
@@ -371,10 +394,10 @@ class Engine:
         return events
 
     def _prefetch_tokens(self) -> int:
-        """How far ahead to map: ``prefetch_tokens`` (default two chunks), but only the next chunk
-        while admission is held back by memory, so the budget goes to requests, not early pages."""
+        """How far ahead to map: the config's horizon, but only the next chunk while admission is
+        held back by memory, so the budget goes to requests, not early pages."""
+        tokens = self.config.prefetch_horizon
         steps = self.config.chunk_steps
-        tokens = self.config.prefetch_tokens or 2 * steps
         return min(tokens, steps) if self.stats.blocked_by_memory[-1:] == [True] else tokens
 
     def _crossed_page(self, before: np.ndarray, after: np.ndarray, running: np.ndarray) -> bool:
