@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-steps", type=int, default=8)
     parser.add_argument("--max-prefill-batch", type=int, default=8)
     parser.add_argument("--prefetch-tokens", type=int, default=None,
-                        help="with overlap: tokens mapped ahead of each running slot (default: 2 chunks)")
+                        help="with overlap: tokens mapped ahead of each running slot (default: 2 chunks, at least 16)")
     parser.add_argument("--layout", choices=LAYOUTS, default="per_layer", help="cache layout")
     parser.add_argument("--backend", default=None, help="attention backend (default: cudnn on GPU, xla on CPU)")
     parser.add_argument("--no-overlap", action="store_true")
