@@ -47,8 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prefill-batch", type=int, default=8)
     parser.add_argument("--prefetch-tokens", type=int, default=None,
                         help="with overlap: tokens mapped ahead of each running slot (default: 2 chunks, at least 16)")
-    parser.add_argument("--layout", choices=LAYOUTS, default="per_layer", help="cache layout")
-    parser.add_argument("--backend", default=None, help="attention backend (default: cudnn on GPU, xla on CPU)")
+    parser.add_argument("--layout", choices=LAYOUTS, default="interleaved",
+                        help="cache layout (interleaved: pages of a few tokens in every layer, the one for serving)")
+    parser.add_argument("--backend", default=None, help="attention backend (default on GPU: pallas for the "
+                        "interleaved layout, cudnn for per_layer; xla on CPU)")
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--no-deferred-reclamation", action="store_true")
     parser.add_argument("--no-eager-allocation", action="store_true")
