@@ -131,6 +131,14 @@ def test_prefetch_horizon_covers_short_chunks_and_respects_an_explicit_setting()
         EngineConfig(prefetch_tokens=0)
 
 
+def test_mapping_rounds_end_by_the_fastest_recent_chunk():
+    from jax_vattention.engine.engine import expected_end
+    assert expected_end(10.0, []) is None
+    assert expected_end(10.0, np.zeros(0)) is None
+    # The oldest (0.1) is past the window; of the last four the fastest, 0.2, sets the end.
+    assert expected_end(10.0, [0.1, 0.5, 0.2, 0.9, 0.4]) == pytest.approx(10.2)
+
+
 def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
     from jax_vattention.cli import main
     assert main(["serve-bench", "--requests", "12", "--rate", "200", "--max-batch", "4", "--max-len", "256",
