@@ -18,8 +18,9 @@ For each, the report gives the median step time away from the boundary, the
 crossing step's and their ratio, the slowest step's ratio (where a mapping
 that did not hide would show), the slowest step against a premapped plain
 step (mapping that hid by slowing every step shows here), and the host time
-the mapping calls took per page. Setting ``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` before the run
-turns XLA's CUDA graphs off, for comparison.
+the mapping calls took per page. Setting
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=`` before the run turns XLA's
+CUDA graphs off, for comparison.
 """
 
 from __future__ import annotations
