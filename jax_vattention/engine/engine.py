@@ -90,7 +90,8 @@ class EngineConfig:
 
     def __post_init__(self):
         if self.prefetch_tokens is not None and self.prefetch_tokens < 1:
-            raise ValueError(f"prefetch_tokens must be at least 1 (or None for the default), got {self.prefetch_tokens}")
+            raise ValueError(f"prefetch_tokens must be at least 1 (or None for the default), "
+                             f"got {self.prefetch_tokens}")
         if self.chunk_steps < 1:
             raise ValueError(f"chunk_steps must be at least 1, got {self.chunk_steps}")
         if self.max_prefill_batch < 1:
