@@ -75,16 +75,15 @@ def cache_jit(fun: Callable | None = None, *, cache_argnames: str | Sequence[str
     if fun is None:
         return functools.partial(cache_jit, cache_argnames=cache_argnames, **jit_kwargs)
     names = (cache_argnames,) if isinstance(cache_argnames, str) else tuple(cache_argnames)
-    donate = tuple(jit_kwargs.pop("donate_argnames", ()))
-    if isinstance(donate, str):
-        donate = (donate,)
+    donate = jit_kwargs.pop("donate_argnames", ())
+    donate = (donate,) if isinstance(donate, str) else tuple(donate)
     jitted = jax.jit(fun, donate_argnames=tuple(dict.fromkeys(donate + names)), **jit_kwargs)
     checked: set = set()
 
     @functools.wraps(fun)
     def call(*args, **kwargs):
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
-        key = (treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x)))) for x in leaves))
+        key = (treedef, tuple((getattr(x, "shape", None), getattr(x, "dtype", type(x))) for x in leaves))
         if key not in checked:
             check_cache_donation(jitted.lower(*args, **kwargs), args, kwargs)
             checked.add(key)

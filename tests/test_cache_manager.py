@@ -95,6 +95,19 @@ def test_compiles_once_and_keeps_pointers_across_calls(manager):
     assert manager.lengths()[0] == 15
 
 
+def test_cache_jit_takes_one_more_donated_name_as_a_string(manager):
+    manager.alloc(1)
+
+    @functools.partial(jv.cache_jit, donate_argnames="counter")
+    def step(cache, counter):
+        return jv.grow(cache, 1), counter + 1
+
+    cache, counter = step(manager.cache, jnp.zeros(4))
+    manager.cache = cache
+    np.testing.assert_array_equal(np.asarray(counter), np.ones(4))
+    assert manager.lengths()[0] == 2
+
+
 @pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 def test_undonated_cache_is_refused_before_it_runs(manager):
     manager.alloc(1)
