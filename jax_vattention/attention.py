@@ -2,7 +2,8 @@
 
 Every backend reads the per-layer cache arrays ``[max_batch, capacity,
 kv_heads, head_dim]`` as they are, with no slice, transpose or copy of a whole
-cache array, and uses only each row's first ``kv_lengths[b]`` positions. That
+cache array, and uses only each row's first ``kv_lengths[b]`` positions (the
+``xla`` reference alone copies a layer out of an interleaved cache). That
 is what lets a virtual cache, whose pages past the live tokens are unmapped,
 serve unmodified kernels: switching kernels is a change of ``backend=``.
 
@@ -152,8 +153,7 @@ def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
     -------
     [batch, tokens, q_heads, head_dim]; rows past their length hold zeros or garbage that is never read.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     implementation = "cudnn" if jax.default_backend() == "gpu" and backend != "xla" else None
     return jax.nn.dot_product_attention(
         q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True, query_seq_lengths=lengths,
@@ -165,6 +165,12 @@ BACKENDS: dict[str, Callable] = {
     "cudnn": cudnn_attention,
     "pallas": pallas_attention,
 }
+
+
+def check_backend(backend: str) -> None:
+    """Raises ``ValueError`` unless ``backend`` names one of :data:`BACKENDS`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
 def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions: jax.Array,
@@ -194,8 +200,7 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
         out = attend(q, cache.k[0], cache.v[0], q_positions=lengths[:, None],
                      kv_lengths=lengths + 1, backend="cudnn")
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer)
     kernel = functools.partial(BACKENDS[backend], layer=layer)
     batch, q_len = q.shape[:2]

@@ -31,7 +31,7 @@ from flax import nnx
 from jax import lax
 
 from jax_vattention import ops
-from jax_vattention.attention import BACKENDS
+from jax_vattention.attention import check_backend
 from jax_vattention.cache import KVCache
 from jax_vattention.donation import cache_jit
 from jax_vattention.sampling import sample_tokens
@@ -51,7 +51,14 @@ def prompt_bucket(length: int, capacity: int) -> int:
 
 def _generate(graphdef, backend: str, return_logits: bool, state, cache: KVCache, prompts,
               prompt_lengths, slots, max_new_tokens, stop_tokens, temperature, top_k, top_p, key):
-    """The traced generation; shapes are in :func:`generate`'s docstring."""
+    """The traced generation of ``B`` padded rows (a batch bucket) with prompts of width ``P``.
+
+    prompts int32 [B, P]; prompt_lengths, slots, max_new_tokens, top_k int32 [B] (padding rows:
+    length 0, a slot >= max_batch, 0 new tokens); stop_tokens int32 [B, W] (padded with -1);
+    temperature, top_p float32 [B]. Returns the tokens int32 [B, capacity], the logits float32
+    [B, capacity, vocab] (or an empty [B, 0, 0] without ``return_logits``), the tokens
+    generated per row int32 [B], and the cache.
+    """
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompts.shape
     capacity = cache.capacity
@@ -225,8 +232,7 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
     """
     max_batch, capacity = cache.max_batch, cache.capacity
     max_len = capacity if max_len is None else min(max_len, capacity)
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    check_backend(backend)
     if backend == "xla" and not cache.is_dense and any(d.platform == "gpu" for d in cache.k[0].devices()):
         raise ValueError("backend 'xla' reads the whole cache capacity, which a virtual cache on a GPU "
                          "has not mapped: use 'cudnn' or 'pallas'")

@@ -48,7 +48,7 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
         ranked = jnp.where(in_top_k, ranked, -jnp.inf)  # [B, V]
         probs = jax.nn.softmax(ranked, axis=-1)  # [B, V]
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V], probability of more likely tokens
-        in_top_p = mass_before < top_p[:, None]  # [B, V]; the most likely token always stays
+        in_top_p = (mass_before < top_p[:, None]) | (rank == 0)  # [B, V]; the most likely token always stays
         ranked = jnp.where(in_top_p, ranked, -jnp.inf)  # [B, V]
         choice = jax.random.categorical(key, ranked, axis=-1)  # [B]
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]  # [B]

@@ -80,7 +80,7 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> LlamaConfig:
     num_heads = int(hf["num_attention_heads"])
     theta, scaling = _rope_scaling(hf)
     eos = hf.get("eos_token_id")
-    eos = () if eos is None else tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+    eos = () if eos is None else _token_ids(eos)
     dtype = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
     return LlamaConfig(
         vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
@@ -234,5 +234,10 @@ def eos_token_ids(directory: str, config: LlamaConfig) -> tuple[int, ...]:
         with open(path) as f:
             eos = json.load(f).get("eos_token_id")
         if eos is not None:
-            return tuple(int(t) for t in (eos if isinstance(eos, list) else [eos]))
+            return _token_ids(eos)
     return config.eos_token_ids
+
+
+def _token_ids(value) -> tuple[int, ...]:
+    """An ``eos_token_id`` field, one id or a list of them, as a tuple of ids."""
+    return tuple(int(t) for t in (value if isinstance(value, list) else [value]))
