@@ -35,26 +35,31 @@ for section in $sections; do
     alloc)
       timeout 60 "$python" -m jax_vattention.bench alloc 2>&1 | tee "$out/bench_alloc.log" || status=1 ;;
     generate)
-      for backend in cudnn pallas; do
-        timeout 90 "$python" -m jax_vattention.cli generate --backend "$backend" 2>&1 | tail -8
-      done | tee "$out/generate.log" || status=1 ;;
+      ( rc=0
+        for backend in cudnn pallas; do
+          timeout 90 "$python" -m jax_vattention.cli generate --backend "$backend" 2>&1 | tail -8 || rc=1
+        done; exit $rc ) | tee "$out/generate.log" || status=1 ;;
     serve)
       # Serving at a fixed budget: the batch sustained against an ideal allocator's.
-      for layout in ${SERVE_LAYOUTS:-per_layer interleaved}; do
-        timeout 240 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --requests 64 --rate 40 \
-          --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 1536 \
-          --chunk-steps 16 --max-prefill-batch 4 --layout "$layout" --out "/tmp/serve_$layout" 2>&1 | tr '\r' '\n' | last_progress
-        cp "/tmp/serve_$layout/mapped_memory.png" "$out/serve_$layout.png"
-      done | tee "$out/serve.log" || status=1 ;;
+      ( rc=0
+        for layout in ${SERVE_LAYOUTS:-per_layer interleaved}; do
+          timeout 240 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --requests 64 --rate 40 \
+            --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 1536 \
+            --chunk-steps 16 --max-prefill-batch 4 --layout "$layout" --out "/tmp/serve_$layout" 2>&1 \
+            | tr '\r' '\n' | last_progress || rc=1
+          cp "/tmp/serve_$layout/mapped_memory.png" "$out/serve_$layout.png" 2>/dev/null || true
+        done; exit $rc ) | tee "$out/serve.log" || status=1 ;;
     crossing)
       # A decode step that crosses a page against one that does not.
-      for layout in ${CROSSING_LAYOUTS:-per_layer interleaved}; do
-        timeout 120 "$python" -m jax_vattention.cli bench crossing --layout "$layout"
-        if [ -n "${CROSSING_NO_GRAPHS:-}" ]; then
-          XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 "$python" -m jax_vattention.cli bench crossing \
-            --layout "$layout" --modes premapped prefetched 2>&1 | sed -n '/^mode/,$p' | sed 's/^/no CUDA graphs: /'
-        fi
-      done 2>&1 | tee "$out/crossing.log" || status=1 ;;
+      ( rc=0
+        for layout in ${CROSSING_LAYOUTS:-per_layer interleaved}; do
+          timeout 120 "$python" -m jax_vattention.cli bench crossing --layout "$layout" || rc=1
+          if [ -n "${CROSSING_NO_GRAPHS:-}" ]; then
+            XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 "$python" -m jax_vattention.cli bench crossing \
+              --layout "$layout" --modes premapped prefetched 2>&1 | sed -n '/^mode/,$p' \
+              | sed 's/^/no CUDA graphs: /' || rc=1
+          fi
+        done; exit $rc ) 2>&1 | tee "$out/crossing.log" || status=1 ;;
     *) echo "unknown section: $section" >&2; status=1 ;;
   esac
 done
