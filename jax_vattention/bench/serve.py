@@ -29,6 +29,7 @@ from jax_vattention.bench.model_setup import bench_model_config, default_backend
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
 from jax_vattention.engine import Engine, EngineConfig, Request
+from jax_vattention.generate import batch_bucket, prompt_bucket
 from jax_vattention.manager import CacheManager
 from jax_vattention.models.llama import Llama
 
@@ -91,13 +92,14 @@ def run(args: argparse.Namespace) -> int:
     # Warm-up: compile the decode chunk and every (batch, prompt) prefill bucket the workload can
     # reach, outside the timed run.
     warm_start = time.perf_counter()
-    batch_buckets = [1 << i for i in range(8) if 1 << i <= min(args.max_batch, engine_config.max_prefill_batch)]
-    for bucket in sorted({16 << i for i in range(12) if 16 << i <= manager.capacity}):
-        if bucket >= args.prompt_len[0] and bucket // 2 < args.prompt_len[1]:
-            for batch in batch_buckets:
-                for _ in range(batch):
-                    engine.submit(Request(prompt=[2] * min(bucket, args.max_len - 2), max_new_tokens=2))
-                engine.run()
+    most = min(args.max_batch, engine_config.max_prefill_batch)
+    batch_buckets = sorted({batch_bucket(batch, most) for batch in range(1, most + 1)})
+    low, high = args.prompt_len
+    for bucket in sorted({prompt_bucket(length, manager.capacity) for length in range(low, high + 1)}):
+        for batch in batch_buckets:
+            for _ in range(batch):
+                engine.submit(Request(prompt=[2] * min(bucket, args.max_len - 2), max_new_tokens=2))
+            engine.run()
     manager.reclaim()
     reuse = ("" if jax.config.jax_compilation_cache_dir
              else "; set JAX_COMPILATION_CACHE_DIR to a folder to reuse these compiles in later runs")
