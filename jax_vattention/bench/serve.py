@@ -28,7 +28,7 @@ from tqdm import tqdm
 from jax_vattention.bench.model_setup import bench_model_config, default_backend
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
-from jax_vattention.engine import Engine, EngineConfig, Request
+from jax_vattention.engine import Engine, EngineConfig, EngineStats, Request
 from jax_vattention.generate import batch_bucket, prompt_bucket
 from jax_vattention.manager import CacheManager
 from jax_vattention.models.llama import Llama
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"warm-up (compiling every prefill bucket and the decode chunk): {time.perf_counter() - warm_start:.1f} s"
           f"{reuse}", flush=True)
     warm_stats = manager.stats()
-    engine.stats.__init__()
+    engine.stats = EngineStats()
 
     token_times: dict[int, list[float]] = {}
     arrival_of: dict[int, float] = {}

@@ -147,6 +147,7 @@ class Engine:
         self._waiting: collections.deque[RequestState] = collections.deque()
         self._by_slot: dict[int, RequestState] = {}
         self._next_id = 0
+        self._blocked = False           # the last admission stopped at the page budget
         self._key = jax.random.key(config.seed)
         self._last = np.zeros(slots, np.int32)
         self._lengths = np.zeros(slots, np.int32)
@@ -256,6 +257,7 @@ class Engine:
         events = self._prefill(admitted) if admitted else []
         self.stats.running.append(len(self._by_slot))
         self.stats.blocked_by_memory.append(blocked)
+        self._blocked = blocked
         return events
 
     def _ideal_batch(self, holding: list[RequestState]) -> int:
@@ -314,11 +316,8 @@ class Engine:
     def _start(self, state: RequestState, context_len: int, token: int) -> TokenEvent:
         """Records a request's first token; it either finishes now or joins the decode batch."""
         request, slot = state.request, state.slot
-        state.generated.append(token)
-        finished = token in request.stop_tokens or state.remaining <= 0
-        if finished:
-            self._retire(slot)
-        else:
+        event = self._emit(state, token)
+        if not event.finished:
             self._by_slot[slot] = state
             self._last[slot] = token
             self._lengths[slot] = context_len
@@ -329,6 +328,14 @@ class Engine:
             self._temperature[slot] = request.temperature
             self._top_k[slot] = request.top_k
             self._top_p[slot] = request.top_p
+        return event
+
+    def _emit(self, state: RequestState, token: int) -> TokenEvent:
+        """Records a generated token; on the request's last one, retires it from its slot."""
+        state.generated.append(token)
+        finished = token in state.request.stop_tokens or state.remaining <= 0
+        if finished:
+            self._retire(state.slot)
         self.stats.tokens += 1
         return TokenEvent(state.request_id, token, finished)
 
@@ -345,9 +352,7 @@ class Engine:
                 self._preempt(youngest)
 
     def _preempt(self, state: RequestState) -> None:
-        slot = state.slot
-        del self._by_slot[slot]
-        self._retire(slot)
+        self._retire(state.slot)
         state.slot = None
         state.preemptions += 1
         self.stats.preemptions += 1
@@ -373,7 +378,7 @@ class Engine:
             deadline = expected_end(start, self.stats.chunk_seconds)
             self.manager.prefetch_while_busy(outputs[5], self._prefetch_tokens(), deadline)
             self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - map_seconds_before
-        last, lengths, _, generated, tokens = (np.asarray(x) for x in outputs[1:6])
+        last, lengths, generated, tokens = (np.asarray(outputs[i]) for i in (1, 2, 4, 5))
         self.stats.chunk_seconds.append(time.perf_counter() - start)
         self.stats.chunk_crossed_page.append(self._crossed_page(lengths_before, lengths, running))
         self.stats.chunk_mapped_pages.append(self.manager.stats()["pages_mapped_total"] - mapped_before)
@@ -384,13 +389,8 @@ class Engine:
             for token in tokens[slot]:
                 if token < 0:
                     break
-                state.generated.append(int(token))
-                finished = int(token) in state.request.stop_tokens or state.remaining <= 0
-                events.append(TokenEvent(state.request_id, int(token), finished))
-                self.stats.tokens += 1
-                if finished:
-                    del self._by_slot[slot]
-                    self._retire(slot)
+                events.append(self._emit(state, int(token)))
+                if events[-1].finished:
                     break
         return events
 
@@ -399,7 +399,7 @@ class Engine:
         held back by memory, so the budget goes to requests, not early pages."""
         tokens = self.config.prefetch_horizon
         steps = self.config.chunk_steps
-        return min(tokens, steps) if self.stats.blocked_by_memory[-1:] == [True] else tokens
+        return min(tokens, steps) if self._blocked else tokens
 
     def _crossed_page(self, before: np.ndarray, after: np.ndarray, running: np.ndarray) -> bool:
         """Did a running slot write its first token into a new page during the chunk?"""
@@ -409,6 +409,7 @@ class Engine:
         return bool(np.any(running & (pages_after > pages_before)))
 
     def _retire(self, slot: int) -> None:
+        self._by_slot.pop(slot, None)
         self.manager.free(slot)
         self._lengths[slot] = 0
         if not self.config.deferred_reclamation:
