@@ -61,19 +61,19 @@ def _load(args):
     """(model, tokenizer or None, stop tokens, source description)."""
     from flax import nnx
 
-    from jax_vattention.models import Llama, get_config
-    from jax_vattention.models import hf_loader
+    from jax_vattention.device_defaults import default_dtype, named_model_config
+    from jax_vattention.models import Llama, get_config, hf_loader
 
-    on_gpu = jax.default_backend() == "gpu"
+    device = jax.devices()[0]
     if args.model:
-        model = hf_loader.load_model(args.model, dtype=args.dtype)
-        if args.dtype is None and on_gpu and model.config.dtype == "float32":
-            model = hf_loader.load_model(args.model, dtype="bfloat16")
+        dtype = args.dtype or default_dtype(hf_loader.read_config(args.model).dtype, device)
+        model = hf_loader.load_model(args.model, dtype=dtype)
         tokenizer = hf_loader.load_tokenizer(args.model)
         return model, tokenizer, hf_loader.eos_token_ids(args.model, model.config), args.model
-    config = get_config(args.config)
-    dtype = args.dtype or ("bfloat16" if on_gpu and config.dtype == "float32" else config.dtype)
-    config = config.replace(dtype=dtype)
+    if args.dtype:
+        config = get_config(args.config).replace(dtype=args.dtype)
+    else:
+        config = named_model_config(args.config, device)
     model = Llama(config, rngs=nnx.Rngs(args.seed))
     tokenizer = ByteTokenizer() if config.vocab_size >= 256 else None
     # random weights: no token means "end of text", so every sequence runs its full length
@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     import jax_vattention as jv
+    from jax_vattention.device_defaults import default_backend
     from jax_vattention.generate import generate_in_manager
 
     try:
@@ -110,10 +111,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
         model, tokenizer, stop_tokens, source = _load(args)
         config = model.config
-        backend = args.backend
-        if backend == "auto":
-            gpu_kernel = "pallas" if args.layout == "interleaved" else "cudnn"
-            backend = gpu_kernel if jax.default_backend() == "gpu" else "xla"
+        backend = default_backend(args.layout, jax.devices()[0]) if args.backend == "auto" else args.backend
         prompts = _prompts(args, tokenizer, config.vocab_size)
         cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=len(prompts),
                                       max_len=args.max_len, kv_heads=config.num_kv_heads,

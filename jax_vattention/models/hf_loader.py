@@ -143,6 +143,15 @@ def _param(model: Llama, path: tuple) -> nnx.Param:
     return node
 
 
+def read_config(directory: str, dtype: str | None = None) -> LlamaConfig:
+    """The :class:`LlamaConfig` of a Hugging Face model directory's ``config.json`` (no weights read)."""
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise ValueError(f"{directory} has no config.json")
+    with open(config_path) as f:
+        return config_from_hf(json.load(f), dtype)
+
+
 def load_model(directory: str, *, dtype: str | None = None) -> Llama:
     """Build a :class:`Llama` holding the checkpoint's weights.
 
@@ -161,11 +170,7 @@ def load_model(directory: str, *, dtype: str | None = None) -> Llama:
 
         model = load_model("/models/Llama-3.1-8B-Instruct", dtype="bfloat16")
     """
-    config_path = os.path.join(directory, "config.json")
-    if not os.path.exists(config_path):
-        raise ValueError(f"{directory} has no config.json")
-    with open(config_path) as f:
-        config = config_from_hf(json.load(f), dtype)
+    config = read_config(directory, dtype)
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     placements = _placements(config)
     files = _tensor_files(directory)
