@@ -35,7 +35,6 @@ struct CacheGeometry {
   std::size_t page_bytes = 0;
 
   std::size_t slot_bytes() const { return capacity * token_bytes; }
-  std::size_t pages_per_slot() const { return slot_bytes() / page_bytes; }
   std::size_t buffer_bytes() const { return max_batch * slot_bytes(); }
   // Pages of one buffer that hold the first `tokens` tokens of a slot.
   std::size_t pages_for(std::size_t tokens) const {
@@ -72,7 +71,6 @@ class PageManager {
   ~PageManager();
 
   const CacheGeometry& geometry() const { return geometry_; }
-  Driver& driver() { return *driver_; }
 
   // Reserves the virtual buffers with the driver (the CUDA backend)...
   void reserve_buffers();

@@ -21,7 +21,6 @@ class PagePool {
   // Releases the pooled pages. Pages handed out must have been put back.
   ~PagePool();
 
-  std::size_t page_bytes() const { return page_bytes_; }
   std::size_t budget_pages() const { return budget_pages_; }
   std::size_t created_pages() const { return created_; }
   std::size_t pooled_pages() const { return free_.size(); }
