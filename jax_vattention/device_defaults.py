@@ -4,18 +4,10 @@ from __future__ import annotations
 
 import jax
 
-from jax_vattention.models.configs import LlamaConfig, get_config
-
 
 def default_dtype(dtype: str, device: jax.Device) -> str:
     """``dtype``, but bfloat16 on a GPU where it says float32."""
     return "bfloat16" if device.platform == "gpu" and dtype == "float32" else dtype
-
-
-def named_model_config(name: str, device: jax.Device) -> LlamaConfig:
-    """The named model shape in its :func:`default_dtype` for ``device``."""
-    config = get_config(name)
-    return config.replace(dtype=default_dtype(config.dtype, device))
 
 
 def default_backend(layout: str, device: jax.Device) -> str:

@@ -1,5 +1,35 @@
-import jax
+import sys
+from pathlib import Path
+
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _use_installed_package() -> None:
+    """Lets ``python -m pytest`` from the repository root test the installed package.
+
+    ``python -m`` puts the current folder first on ``sys.path``, so the source folder
+    ``jax_vattention/`` would shadow the installed package; without an in-place build
+    (``scripts/build_inplace.sh``) it has no compiled ``_core`` and no ``models``.
+    """
+    source = ROOT / "jax_vattention"
+    if any(source.glob("_core*.so")) and (source / "models").exists():
+        return  # an in-place build: test the tree itself
+    sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != ROOT]
+    try:
+        import jax_vattention._core  # noqa: F401
+        import jax_vattention.models  # noqa: F401
+    except ImportError as error:
+        raise pytest.UsageError(
+            f"jax_vattention is not installed ({error}): run `pip install \".[test]\"` from the "
+            "repository root first, or `bash scripts/build_inplace.sh` and `PYTHONPATH=. pytest` "
+            "to test the source tree") from None
+
+
+_use_installed_package()
+
+import jax  # noqa: E402
 
 
 def _has_gpu() -> bool:

@@ -37,11 +37,11 @@ from flax import nnx
 
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
-from jax_vattention.device_defaults import default_backend, named_model_config
+from jax_vattention.device_defaults import default_backend
 from jax_vattention.engine.engine import EngineConfig, expected_end
 from jax_vattention.engine.steps import decode_chunk_fn
 from jax_vattention.manager import CacheManager, default_driver
-from jax_vattention.models.llama import Llama
+from jax_vattention.models import Llama, config_for_device
 
 MODES = ("premapped", "in-graph", "prefetched")
 
@@ -102,7 +102,7 @@ def _plain_step(median: np.ndarray, before: int) -> float:
 
 def run(args: argparse.Namespace) -> int:
     device = jax.devices()[0]
-    model_config = named_model_config(args.config, device)
+    model_config = config_for_device(args.config, device)
     backend = args.backend or default_backend(args.layout, device)
     cache_config = CacheConfig(
         num_layers=model_config.num_layers, max_batch=args.batch, max_len=1, kv_heads=model_config.num_kv_heads,

@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
-from jax_vattention.device_defaults import default_backend, named_model_config
+from jax_vattention.device_defaults import default_backend
 from jax_vattention.engine import Engine, EngineConfig, EngineStats, Request
 from jax_vattention.generate import batch_bucket, prompt_bucket
 from jax_vattention.manager import CacheManager
-from jax_vattention.models.llama import Llama
+from jax_vattention.models import Llama, config_for_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -73,7 +73,7 @@ def _workload(args, vocab: int) -> list[tuple[float, Request]]:
 
 def run(args: argparse.Namespace) -> int:
     device = jax.devices()[0]
-    model_config = named_model_config(args.config, device)
+    model_config = config_for_device(args.config, device)
     model = Llama(model_config, rngs=nnx.Rngs(args.seed))
     cache_config = CacheConfig(
         num_layers=model_config.num_layers, max_batch=args.max_batch, max_len=args.max_len,

@@ -61,8 +61,8 @@ def _load(args):
     """(model, tokenizer or None, stop tokens, source description)."""
     from flax import nnx
 
-    from jax_vattention.device_defaults import default_dtype, named_model_config
-    from jax_vattention.models import Llama, get_config, hf_loader
+    from jax_vattention.device_defaults import default_dtype
+    from jax_vattention.models import Llama, config_for_device, get_config, hf_loader
 
     device = jax.devices()[0]
     if args.model:
@@ -73,7 +73,7 @@ def _load(args):
     if args.dtype:
         config = get_config(args.config).replace(dtype=args.dtype)
     else:
-        config = named_model_config(args.config, device)
+        config = config_for_device(args.config, device)
     model = Llama(config, rngs=nnx.Rngs(args.seed))
     tokenizer = ByteTokenizer() if config.vocab_size >= 256 else None
     # random weights: no token means "end of text", so every sequence runs its full length

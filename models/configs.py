@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
+
+from jax_vattention.device_defaults import default_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,3 +127,10 @@ def get_config(name: str) -> LlamaConfig:
     if key not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")
     return CONFIGS[key]
+
+
+def config_for_device(name: str, device: jax.Device) -> LlamaConfig:
+    """The named shape in the dtype :func:`~jax_vattention.device_defaults.default_dtype` picks for
+    ``device`` (bfloat16 on a GPU where the config says float32)."""
+    config = get_config(name)
+    return config.replace(dtype=default_dtype(config.dtype, device))

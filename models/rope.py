@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_vattention.models.configs import LlamaConfig
+from .configs import LlamaConfig
 
 
 def inverse_frequencies(config: LlamaConfig) -> np.ndarray:

@@ -19,8 +19,8 @@ from typing import Any
 import jax
 from flax import nnx
 
-from jax_vattention.models.configs import LlamaConfig, RopeScaling
-from jax_vattention.models.llama import Llama
+from .configs import LlamaConfig, RopeScaling
+from .llama import Llama
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")

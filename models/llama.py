@@ -19,9 +19,10 @@ from jax import lax
 
 from jax_vattention.attention import attend, attend_prompt
 from jax_vattention.cache import KVCache
-from jax_vattention.models.configs import LlamaConfig
-from jax_vattention.models.rope import apply_rope, inverse_frequencies
 from jax_vattention.writes import write_kv
+
+from .configs import LlamaConfig
+from .rope import apply_rope, inverse_frequencies
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> nnx.Param:
