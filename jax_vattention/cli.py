@@ -12,6 +12,7 @@ COMMANDS = [
     (("bench", "alloc"), "jax_vattention.bench.alloc", "page map/unmap latency and bandwidth"),
     (("bench", "attention"), "jax_vattention.bench.attention", "decode attention against paged kernels"),
     (("bench", "crossing"), "jax_vattention.bench.crossing", "the cost of a decode step that crosses a page"),
+    (("bench", "pages"), "jax_vattention.bench.page_table", "tokens per page and worst-case waste by model, TP, page size"),
     (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),
 ]
 
