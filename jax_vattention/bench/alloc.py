@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     manager.close()
 
     if device.platform == "gpu":
-        from jax_vattention.bench.raw_driver import map_unmap_seconds
+        from jax_vattention.bench.raw_driver import map_unmap_seconds  # needs the `gpu` extra
         raw = [map_unmap_seconds(device.local_hardware_id, growth_pages, page) for _ in range(args.repeats)]
         rows.append(("raw driver: create+map+one access", _best([m for m, _ in raw]), growth_pages))
         rows.append(("raw driver: unmap+release", _best([u for _, u in raw]), growth_pages))

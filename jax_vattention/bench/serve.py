@@ -18,6 +18,7 @@ import argparse
 import csv
 import datetime
 import os
+import tempfile
 import time
 
 import jax
@@ -56,7 +57,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-deferred-reclamation", action="store_true")
     parser.add_argument("--no-eager-allocation", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="serve-bench", help="folder for the CSV and PNG")
+    parser.add_argument("--out", default=os.path.join("out", "serve-bench"),
+                        help="folder for the CSV and PNG (default out/serve-bench)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Raises ``ValueError`` for options the run would trip over later, before anything compiles."""
+    for name in ("requests", "max_batch", "max_len", "chunk_steps", "max_prefill_batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if not args.rate > 0:
+        raise ValueError(f"--rate must be above 0 arrivals per second; got {args.rate}")
+    for name in ("prompt_len", "output_len"):
+        low, high = getattr(args, name)
+        if not 1 <= low <= high:
+            raise ValueError(f"--{name.replace('_', '-')} MIN MAX needs 1 <= MIN <= MAX; got {low} {high}")
+    longest = args.prompt_len[1] + args.output_len[1] - 1
+    if longest > args.max_len or args.max_len < 3:
+        raise ValueError(f"--max-len {args.max_len} is too short: a request may need {max(longest, 3)} positions "
+                         f"(longest prompt + longest output - 1, and at least 3 for the warm-up)")
+    for name in ("budget_mib", "page_kib", "prefetch_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    check_writable(args.out)
+
+
+def check_writable(folder: str) -> None:
+    """Creates ``folder`` and checks that a file can be written there (before a long run, not after)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {folder}: cannot write there ({error.strerror or error})") from None
 
 
 def _workload(args, vocab: int) -> list[tuple[float, Request]]:
@@ -72,6 +105,7 @@ def _workload(args, vocab: int) -> list[tuple[float, Request]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    validate(args)
     device = jax.devices()[0]
     model_config = named_model_config(args.config, device)
     model = Llama(model_config, rngs=nnx.Rngs(args.seed))
@@ -79,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
         num_layers=model_config.num_layers, max_batch=args.max_batch, max_len=args.max_len,
         kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=model_config.jnp_dtype,
         page_bytes=args.page_kib * 1024 if args.page_kib else None,
-        budget_bytes=args.budget_mib << 20 if args.budget_mib else None, layout=args.layout)
+        budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None, layout=args.layout)
     manager = CacheManager(cache_config, device)
     engine_config = EngineConfig(chunk_steps=args.chunk_steps, max_prefill_batch=args.max_prefill_batch,
                                  prefetch_tokens=args.prefetch_tokens,
