@@ -38,13 +38,14 @@ class LoadedModel:
     name: str
     source: str
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; ``ValueError`` without a tokenizer."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``; ``ValueError`` without a tokenizer. ``add_special_tokens``: the
+        tokenizer's own (a BOS token, say); off for text a chat template has already marked up."""
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer: use --model DIR with a tokenizer.json")
         if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer.encode(text)
-        return self.tokenizer.encode(text, add_special_tokens=True).ids
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:
         """The text of ``ids`` (their numbers, without a tokenizer)."""
