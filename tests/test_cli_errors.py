@@ -128,6 +128,13 @@ def test_serve_bench_bad_options(capsys, argv, message):
     assert message in run_cli(capsys, "serve-bench", *argv)
 
 
+def test_serve_bench_budget_below_the_longest_request(capsys, tmp_path):
+    err = run_cli(capsys, "serve-bench", "--budget-mib", "1", "--max-len", "4096", "--prompt-len", "2000", "4000",
+                  "--out", str(tmp_path))
+    assert "the workload's longest request (4000 prompt + 128 output tokens) cannot run" in err
+    assert "budget" in err
+
+
 def test_serve_bench_out_is_a_file(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     assert "cannot write there" in run_cli(capsys, "serve-bench", "--out", str(tmp_path / "file"))

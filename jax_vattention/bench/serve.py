@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
-from jax_vattention.device_defaults import default_backend, named_model_config
+from jax_vattention.attention import check_backend
+from jax_vattention.device_defaults import check_backend_on, default_backend, named_model_config
 from jax_vattention.engine import Engine, EngineConfig, EngineStats, Request
 from jax_vattention.generate import batch_bucket, prompt_bucket
 from jax_vattention.manager import CacheManager
@@ -107,6 +108,9 @@ def _workload(args, vocab: int) -> list[tuple[float, Request]]:
 def run(args: argparse.Namespace) -> int:
     validate(args)
     device = jax.devices()[0]
+    backend = args.backend or default_backend(args.layout, device)
+    check_backend(backend)
+    check_backend_on(backend, args.layout, device)
     model_config = named_model_config(args.config, device)
     model = Llama(model_config, rngs=nnx.Rngs(args.seed))
     cache_config = CacheConfig(
@@ -116,11 +120,18 @@ def run(args: argparse.Namespace) -> int:
         budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None, layout=args.layout)
     manager = CacheManager(cache_config, device)
     engine_config = EngineConfig(chunk_steps=args.chunk_steps, max_prefill_batch=args.max_prefill_batch,
-                                 prefetch_tokens=args.prefetch_tokens,
-                                 backend=args.backend or default_backend(args.layout, device),
+                                 prefetch_tokens=args.prefetch_tokens, backend=backend,
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation, seed=args.seed)
     engine = Engine(model, manager, engine_config)
+    # The longest request the workload can draw, through the engine's own check (budget, max_len),
+    # before anything compiles; it is withdrawn at once.
+    try:
+        engine.cancel(engine.submit(Request(prompt=[2] * args.prompt_len[1], max_new_tokens=args.output_len[1])))
+    except ValueError as error:
+        manager.close()
+        raise ValueError(f"the workload's longest request ({args.prompt_len[1]} prompt + {args.output_len[1]} "
+                         f"output tokens) cannot run: {error}") from None
     workload = _workload(args, model_config.vocab_size)
 
     # Warm-up: compile the decode chunk and every (batch, prompt) prefill bucket the workload can
