@@ -7,3 +7,4 @@ python="${PYTHON:-python3}"
 cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$("$python" -c 'import sys; print(sys.executable)')" -Wno-dev >/dev/null
 cmake --build build/inplace
 cp build/inplace/_core*.so jax_vattention/
+if [ -f build/inplace/_core.pyi ]; then cp build/inplace/_core.pyi jax_vattention/; fi
