@@ -16,6 +16,8 @@ pytest.importorskip("fastapi")
 from jax_vattention.cli import build_parser  # noqa: E402
 from jax_vattention.commands.serve import build_service  # noqa: E402
 from jax_vattention.server.app import create_app  # noqa: E402
+from jax_vattention.server.chat import ChatFormat  # noqa: E402
+from jax_vattention.server.text import TextStream  # noqa: E402
 
 MAX_LEN = 256
 
@@ -142,3 +144,24 @@ def test_a_client_that_disconnects_frees_its_slot_and_pages(client, server):
     assert stats["used_tokens"] == 0
     service.engine_loop.engine.manager.reclaim()     # nothing holds a page: all of them go back
     assert service.engine_loop.stats()["mapped_pages"] == 0
+
+
+def test_chat_format_template_or_plain_lines():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert ChatFormat().render(messages) == "system: Be brief.\nuser: Hi\nassistant:"
+    pytest.importorskip("jinja2")
+    template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    chat = ChatFormat(template, {"bos_token": "<s>", "eos_token": "</s>"})
+    assert chat.description == "the checkpoint's chat template"
+    assert chat.render(messages) == "<s><|system|>Be brief.<|user|>Hi<|assistant|>"
+
+
+def test_text_stream_holds_a_split_character_and_drops_stop_tokens():
+    from jax_vattention.commands.model_source import ByteTokenizer
+
+    text = TextStream(ByteTokenizer(), stop_tokens=(1,))
+    euro = list("€".encode())                        # three bytes, one character
+    assert [text.push(euro[0]), text.push(euro[1]), text.push(euro[2])] == ["", "", "€"]
+    assert text.push(ord("a")) == "a"
+    assert text.push(1, final=True) == "" and text.count == 5
