@@ -93,12 +93,12 @@ def _open_manager(cache_config):
 
     try:
         return jv.CacheManager(cache_config)
-    except jax.errors.JaxRuntimeError as error:
-        if "RESOURCE_EXHAUSTED" not in str(error):
+    except (jax.errors.JaxRuntimeError, jv.DriverError) as error:
+        if isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" not in str(error):
             raise
         raise ValueError(f"the device cannot hold a cache of {cache_config.max_batch} slots x "
                          f"{cache_config.max_len} tokens ({cache_config.static_bytes() / 2**30:,.1f} GiB): "
-                         f"lower --batch or --max-len") from None
+                         f"lower --batch or --max-len ({str(error).splitlines()[0]})") from None
 
 
 def _prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
