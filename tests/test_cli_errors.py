@@ -132,8 +132,8 @@ def test_serve_bench_bad_options(capsys, argv, message):
 
 def test_serve_bench_budget_below_the_longest_request(capsys, tmp_path):
     err = run_cli(capsys, "serve-bench", "--budget-mib", "1", "--max-len", "4096", "--prompt-len", "2000", "4000",
-                  "--out", str(tmp_path))
-    assert "the workload's longest request (4000 prompt + 128 output tokens) cannot run" in err
+                  "--output-len", "10", "20", "--out", str(tmp_path))
+    assert "the workload's longest request (4000 prompt + 20 output tokens) cannot run" in err
     assert "budget" in err
 
 
