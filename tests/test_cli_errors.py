@@ -140,3 +140,13 @@ def test_serve_bench_budget_below_the_longest_request(capsys, tmp_path):
 def test_serve_bench_out_is_a_file(capsys, tmp_path):
     (tmp_path / "file").write_text("")
     assert "cannot write there" in run_cli(capsys, "serve-bench", "--out", str(tmp_path / "file"))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-len", "1"], "--max-len must be at least 2"),
+    (["--budget-mib", "0"], "--budget-mib must be at least 1"),
+    (["--port", "70000"], "--port must be in [0, 65536)"),
+    (["--config", "gpt-5"], "not a named config"),
+])
+def test_serve_bad_options(capsys, argv, message):
+    assert message in run_cli(capsys, "serve", *argv)
