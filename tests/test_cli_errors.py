@@ -70,7 +70,7 @@ def test_generate_huge_batch(capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--top-p", "0"], "--top-p in (0, 1]"),
-    (["--config", "gpt-5"], "not a named config"),
+    (["--config", "gpt-5"], "unknown config 'gpt-5'"),
     (["--model", "/no/such/checkpoint"], "no such directory"),
 ])
 def test_generate_bad_options(capsys, argv, message):
@@ -146,7 +146,7 @@ def test_serve_bench_out_is_a_file(capsys, tmp_path):
     (["--max-len", "1"], "--max-len must be at least 2"),
     (["--budget-mib", "0"], "--budget-mib must be at least 1"),
     (["--port", "70000"], "--port must be in [0, 65536)"),
-    (["--config", "gpt-5"], "not a named config"),
+    (["--config", "gpt-5"], "unknown config 'gpt-5'"),
 ])
 def test_serve_bad_options(capsys, argv, message):
     assert message in run_cli(capsys, "serve", *argv)

@@ -71,12 +71,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def check_model_arguments(args: argparse.Namespace) -> None:
     """Raises ``ValueError`` for a model source that cannot load, before any weights are built."""
     from jax_vattention.commands.checkpoint import check_checkpoint
-    from jax_vattention.models.configs import CONFIGS
+    from jax_vattention.models.configs import get_config
 
     if args.model:
         check_checkpoint(args.model)
-    elif args.config not in CONFIGS:
-        raise ValueError(f"--config {args.config!r} is not a named config; choose one of {', '.join(CONFIGS)}")
+    else:
+        get_config(args.config)        # ValueError naming the known configs
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
