@@ -134,6 +134,40 @@ void FakeDriver::synchronize(void*) {
   record("synchronize");
 }
 
+void FakeDriver::discard(DevicePtr address, std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("discard");
+  discarded_.emplace_back(address, bytes);
+}
+
+std::vector<FakeDriver::MappingEntry> FakeDriver::mappings() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<MappingEntry> table;
+  for (const auto& [address, mapping] : mappings_) {
+    table.push_back(MappingEntry{address, mapping.bytes, mapping.handle, mapping.accessible});
+  }
+  return table;
+}
+
+std::vector<PhysicalHandle> FakeDriver::handles() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<PhysicalHandle> handles;
+  for (const auto& [handle, bytes] : handles_) handles.push_back(handle);
+  return handles;
+}
+
+std::vector<DevicePtr> FakeDriver::reservations() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<DevicePtr> bases;
+  for (const auto& [base, bytes] : reservations_) bases.push_back(base);
+  return bases;
+}
+
+std::vector<std::pair<DevicePtr, std::size_t>> FakeDriver::discarded() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return discarded_;
+}
+
 void FakeDriver::fail_on(const std::string& operation, int nth) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (nth < 1) throw std::invalid_argument("fail_on: nth must be at least 1");

@@ -9,6 +9,8 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "driver.h"
 
@@ -32,13 +34,27 @@ class FakeDriver final : public Driver {
   void unmap(DevicePtr address, std::size_t bytes) override;
   void synchronize(void* stream) override;
 
-  // Makes the `nth` next call of `operation` ("reserve", "create", "map",
-  // "set_access", "unmap", "release", "synchronize") throw DriverError.
+  // Makes the `nth` next call of `operation` ("reserve", "free_reservation",
+  // "create", "map", "set_access", "unmap", "release", "synchronize",
+  // "discard") throw DriverError. One pending failure per operation.
   void fail_on(const std::string& operation, int nth);
   int calls(const std::string& operation) const;
   std::size_t mapped_bytes() const;
   std::size_t live_handles() const;
   std::size_t live_reservations() const;
+  struct MappingEntry {
+    DevicePtr address;
+    std::size_t bytes;
+    PhysicalHandle handle;
+    bool accessible;
+  };
+  // The whole table, in address order: what tests compare with the manager's view.
+  std::vector<MappingEntry> mappings() const;
+  std::vector<PhysicalHandle> handles() const;
+  std::vector<DevicePtr> reservations() const;
+  // Ranges passed to discard(), in call order.
+  std::vector<std::pair<DevicePtr, std::size_t>> discarded() const;
+  void discard(DevicePtr address, std::size_t bytes) override;
   // True if every byte of [address, address + bytes) is mapped and accessible.
   bool is_accessible(DevicePtr address, std::size_t bytes) const;
 
@@ -63,6 +79,7 @@ class FakeDriver final : public Driver {
   std::map<DevicePtr, std::size_t> reservations_;
   std::map<PhysicalHandle, std::size_t> handles_;
   std::map<DevicePtr, Mapping> mappings_;
+  std::vector<std::pair<DevicePtr, std::size_t>> discarded_;
 };
 
 }  // namespace vattention

@@ -213,7 +213,7 @@ def test_resident_memory_follows_the_mapped_pages():
         new = jnp.ones((2, tokens, 8, 128), jnp.float32)
         manager.grow(tokens)
         count = jnp.array([tokens, 0], jnp.int32) if slot == 0 else jnp.array([0, tokens], jnp.int32)
-        cache = jax.block_until_ready(write(cache, new, jnp.zeros(2, jnp.int32), count))
+        cache = manager.cache = jax.block_until_ready(write(cache, new, jnp.zeros(2, jnp.int32), count))
         mapped = manager.mapped_pages()[slot] * manager.page_bytes
         assert tokens * config.token_bytes <= resident(slot) <= mapped + 2 * edge
         assert resident(1 - slot) <= edge

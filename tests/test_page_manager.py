@@ -96,7 +96,7 @@ def test_free_keeps_pages_for_the_next_request_in_the_slot():
     manager.free(again)
     manager.free(other)
     assert manager.reclaim() == 5 * BUFFERS
-    assert driver.calls("synchronize") == 1
+    assert driver.calls("synchronize") == 2      # a long wait without the lock, a short one under it
     assert manager.stats()["mapped_pages"] == 0 and driver.mapped_bytes == 0
     assert manager.stats()["pooled_pages"] == 5 * BUFFERS
     assert manager.trim() == 5 * BUFFERS
@@ -110,7 +110,7 @@ def test_pressure_reclaims_deferred_pages_after_synchronizing():
     manager.free(first)
     manager.grow(40)                   # second needs a page more: the freed slot's top one
     assert manager.mapped_pages()[second] == 2 and manager.mapped_pages()[first] == 1
-    assert driver.calls("synchronize") == 1
+    assert driver.calls("synchronize") == 2      # a long wait without the lock, a short one under it
     check_consistent(manager, driver)
 
 
