@@ -313,3 +313,25 @@ def test_memory_pressure_takes_the_spare_tail_of_a_reused_slot_but_not_its_promi
     with pytest.raises(OutOfPagesError):
         manager.reserve_growth(30)               # 40 tokens need the page back: none is spare now
     check_consistent(manager, driver)
+
+
+def test_sizes_that_would_overflow_are_refused():
+    with pytest.raises(ValueError, match="2\\*\\*48"):
+        _core.PageManager(BUFFERS, 2, 2**62, TOKEN, PAGE, _core.FakeDriver(PAGE), 10 * PAGE)
+    with pytest.raises(ValueError, match="2\\*\\*48"):
+        _core.PageManager(BUFFERS, 2**40, CAPACITY, TOKEN, PAGE, _core.FakeDriver(PAGE), 10 * PAGE)
+    with pytest.raises(ValueError, match="page_bytes"):
+        _core.PageManager(BUFFERS, 2, CAPACITY, TOKEN, 2**62, _core.FakeDriver(PAGE), 10 * PAGE)
+
+
+def test_counts_near_the_integer_limit_saturate_at_the_capacity():
+    manager, driver = make()
+    slot = manager.alloc(1, 2**64 - 1)
+    assert manager.mapped_pages()[slot] == CAPACITY * TOKEN // PAGE
+    manager.grow(2**64 - 1)
+    assert manager.lengths()[slot] == CAPACITY
+    manager.grow(2**64 - 1)
+    assert manager.lengths()[slot] == CAPACITY
+    manager.reserve_growth(2**64 - 1)
+    assert manager.prefetch(2**64 - 1) == 0
+    check_consistent(manager, driver)
