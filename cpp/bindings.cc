@@ -129,6 +129,7 @@ NB_MODULE(_core, m) {
       .def("fail_on", &FakeDriver::fail_on, "operation"_a, "nth"_a = 1,
            "Makes the nth next call of operation raise DriverError.")
       .def("calls", &FakeDriver::calls, "operation"_a)
+      .def_prop_ro("failures_thrown", &FakeDriver::failures_thrown)
       .def_prop_ro("mapped_bytes", &FakeDriver::mapped_bytes)
       .def_prop_ro("live_handles", &FakeDriver::live_handles)
       .def_prop_ro("live_reservations", &FakeDriver::live_reservations)

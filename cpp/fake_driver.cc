@@ -30,6 +30,7 @@ void FakeDriver::record(const std::string& operation) {
   auto failure = failures_.find(operation);
   if (failure != failures_.end() && --failure->second == 0) {
     failures_.erase(failure);
+    ++failures_thrown_;
     throw DriverError("fake " + operation + " failed: injected failure");
   }
 }
@@ -178,6 +179,11 @@ int FakeDriver::calls(const std::string& operation) const {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = calls_.find(operation);
   return it == calls_.end() ? 0 : it->second;
+}
+
+int FakeDriver::failures_thrown() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return failures_thrown_;
 }
 
 std::size_t FakeDriver::mapped_bytes() const {

@@ -39,6 +39,8 @@ class FakeDriver final : public Driver {
   // "discard") throw DriverError. One pending failure per operation.
   void fail_on(const std::string& operation, int nth);
   int calls(const std::string& operation) const;
+  // How many injected failures were thrown so far.
+  int failures_thrown() const;
   std::size_t mapped_bytes() const;
   std::size_t live_handles() const;
   std::size_t live_reservations() const;
@@ -76,6 +78,7 @@ class FakeDriver final : public Driver {
   PhysicalHandle next_handle_ = 1;
   std::map<std::string, int> calls_;
   std::map<std::string, int> failures_;
+  int failures_thrown_ = 0;
   std::map<DevicePtr, std::size_t> reservations_;
   std::map<PhysicalHandle, std::size_t> handles_;
   std::map<DevicePtr, Mapping> mappings_;

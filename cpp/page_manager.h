@@ -147,7 +147,9 @@ class PageManager {
   // Unmaps the pages of free slots once the device is done with them.
   std::size_t reclaim();
   // Releases pooled pages to the device, except those earmarked for reserved
-  // growth; returns how many.
+  // growth; returns how many. Not undone on failure (a released page cannot
+  // come back): it tries every page, keeps pooled those the driver failed to
+  // release, and then throws DriverError.
   std::size_t trim();
   // Unmaps and releases everything and frees the reservations, all it can,
   // also when poisoned. Throws DriverError if something could not be freed;

@@ -248,7 +248,12 @@ class CacheManager:
             self._core.discard_unmapped([*self.cache.k, *self.cache.v])
 
     def trim(self) -> int:
-        """Releases pooled (created, unmapped) pages back to the device; returns the page count."""
+        """Releases pooled (created, unmapped) pages back to the device; returns the page count.
+
+        Pages earmarked by :meth:`reserve_growth` stay. If the driver fails to
+        release a page, the others are still released, the page stays pooled,
+        and ``DriverError`` is raised: calling it again retries.
+        """
         return self._core.trim()
 
     def lengths(self) -> np.ndarray:
