@@ -162,9 +162,7 @@ void PageManager::unmap_down_to(std::size_t slot, std::size_t target) {
 void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream,
                               std::size_t growth) {
   if (pool_.headroom() >= needed) return;
-  const auto start = Clock::now();
-  driver_->synchronize(stream);
-  unmap_time_ += Clock::now() - start;
+  wait_for_device(stream);
   // Free slots before active ones; among each, the slots with the most spare pages first: they
   // are the least likely to be reused whole.
   std::vector<std::size_t> order;
@@ -206,8 +204,44 @@ auto PageManager::transaction(Body&& body) -> decltype(body()) {
   }
 }
 
+namespace {
+
+// Thrown under the lock where the device must be waited for and the caller has not waited yet.
+struct WaitOutsideTheLock {};
+
+}  // namespace
+
+template <class Operation>
+auto PageManager::locked(void* stream, Operation&& operation) -> decltype(operation()) {
+  for (bool waited = false;; waited = true) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      waited_ = waited;
+      try {
+        return operation();
+      } catch (const WaitOutsideTheLock&) {
+        // Nothing was changed yet: the wait is the first thing an operation does with the driver.
+      }
+    }
+    // The long wait, for all the work in flight, happens without the lock so that other callers
+    // (the mapping op of the next step, Python threads) go on meanwhile. The operation then runs
+    // again and waits once more under the lock, which finds little or nothing left to wait for.
+    driver_->synchronize(stream);
+  }
+}
+
+void PageManager::wait_for_device(void* stream) {
+  if (!waited_) throw WaitOutsideTheLock{};
+  const auto start = Clock::now();
+  driver_->synchronize(stream);
+  unmap_time_ += Clock::now() - start;
+}
+
 int PageManager::alloc(std::size_t prompt_len, std::size_t lookahead) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  return locked(nullptr, [&] { return alloc_locked(prompt_len, lookahead); });
+}
+
+int PageManager::alloc_locked(std::size_t prompt_len, std::size_t lookahead) {
   check_open();
   if (prompt_len > geometry_.capacity) {
     throw std::invalid_argument("a prompt of " + std::to_string(prompt_len) + " tokens does not fit a slot of " +
@@ -257,26 +291,14 @@ void PageManager::free(int slot) {
   slots_[slot].reserved = 0;
 }
 
-bool PageManager::growth_reclaims(std::size_t tokens) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (released_ || !poisoned_.empty() || bases_.empty()) return false;
-  std::size_t extra = 0;
-  std::size_t within = 0;
-  growth_targets(tokens, extra, within);
-  return extra > 0 && pool_.headroom() < extra + owed_pages() - within;
-}
-
 void PageManager::grow(std::size_t tokens, void* stream, bool buffers_live) {
-  // Waiting for the device can take long (a whole step's work): do it without
-  // the lock, so that other callers go on meanwhile; the wait under the lock
-  // in reclaim_for then finds little or nothing left to wait for.
-  if (growth_reclaims(tokens)) driver_->synchronize(stream);
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_open();
-  transaction([&] { map_for_growth(tokens, stream); });
-  add_lengths(tokens);
-  ++grow_calls_;
-  if (buffers_live) discard_pending();
+  locked(stream, [&] {
+    check_open();
+    transaction([&] { map_for_growth(tokens, stream); });
+    add_lengths(tokens);
+    ++grow_calls_;
+    if (buffers_live) discard_pending();
+  });
 }
 
 void PageManager::add_lengths(std::size_t tokens) {
@@ -350,7 +372,10 @@ void PageManager::map_for_growth(std::size_t tokens, void* stream) {
 }
 
 void PageManager::reserve_growth(std::size_t tokens) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  locked(nullptr, [&] { reserve_growth_locked(tokens); });
+}
+
+void PageManager::reserve_growth_locked(std::size_t tokens) {
   check_open();
   std::vector<std::size_t> reserved(slots_.size(), 0);
   std::size_t owed = 0;
@@ -378,31 +403,21 @@ void PageManager::reserve_growth(std::size_t tokens) {
   }
 }
 
-bool PageManager::has_deferred_pages() const {
-  return std::any_of(slots_.begin(), slots_.end(), [](const Slot& slot) { return !slot.active && !slot.pages.empty(); });
-}
-
 std::size_t PageManager::reclaim() {
-  {
-    // Wait for the device without the lock first (see grow).
-    std::lock_guard<std::mutex> lock(mutex_);
+  return locked(nullptr, [&]() -> std::size_t {
     check_open();
-    if (!has_deferred_pages()) return 0;
-  }
-  driver_->synchronize(nullptr);
-  std::lock_guard<std::mutex> lock(mutex_);
-  check_open();
-  if (!has_deferred_pages()) return 0;
-  const std::uint64_t before = pages_unmapped_total_;
-  transaction([&] {
-    const auto start = Clock::now();
-    driver_->synchronize(nullptr);
-    unmap_time_ += Clock::now() - start;
-    for (std::size_t s = 0; s < slots_.size(); ++s) {
-      if (!slots_[s].active) unmap_down_to(s, 0);
-    }
+    const bool deferred = std::any_of(slots_.begin(), slots_.end(),
+                                      [](const Slot& slot) { return !slot.active && !slot.pages.empty(); });
+    if (!deferred) return 0;
+    const std::uint64_t before = pages_unmapped_total_;
+    transaction([&] {
+      wait_for_device(nullptr);
+      for (std::size_t s = 0; s < slots_.size(); ++s) {
+        if (!slots_[s].active) unmap_down_to(s, 0);
+      }
+    });
+    return static_cast<std::size_t>(pages_unmapped_total_ - before);
   });
-  return static_cast<std::size_t>(pages_unmapped_total_ - before);
 }
 
 std::size_t PageManager::trim() {
@@ -438,61 +453,6 @@ void PageManager::discard_pending() noexcept {
     }
   }
   undiscarded_.clear();
-}
-
-ManagerStats PageManager::stats() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  ManagerStats stats;
-  stats.page_bytes = geometry_.page_bytes;
-  stats.budget_pages = pool_.budget_pages();
-  stats.created_pages = pool_.created_pages();
-  stats.pooled_pages = pool_.pooled_pages();
-  stats.reserved_pages = owed_pages();
-  std::size_t active_mapped = 0;
-  for (const Slot& slot : slots_) {
-    const std::size_t pages = slot.pages.size() * geometry_.num_buffers;
-    stats.mapped_pages += pages;
-    if (slot.active) {
-      ++stats.active_slots;
-      stats.used_tokens += slot.length;
-      active_mapped += pages;
-    } else {
-      stats.deferred_pages += pages;
-    }
-  }
-  stats.used_bytes = stats.used_tokens * geometry_.token_bytes * geometry_.num_buffers;
-  stats.waste_bytes = active_mapped * geometry_.page_bytes - stats.used_bytes;
-  stats.pages_mapped_total = pages_mapped_total_;
-  stats.pages_unmapped_total = pages_unmapped_total_;
-  stats.grow_calls = grow_calls_;
-  stats.map_seconds = std::chrono::duration<double>(map_time_).count();
-  stats.unmap_seconds = std::chrono::duration<double>(unmap_time_).count();
-  stats.poisoned = !poisoned_.empty();
-  return stats;
-}
-
-std::vector<std::size_t> PageManager::lengths() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!poisoned_.empty()) throw ManagerPoisoned(poisoned_);
-  std::vector<std::size_t> lengths;
-  for (const Slot& slot : slots_) lengths.push_back(slot.length);
-  return lengths;
-}
-
-std::vector<bool> PageManager::active() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!poisoned_.empty()) throw ManagerPoisoned(poisoned_);
-  std::vector<bool> active;
-  for (const Slot& slot : slots_) active.push_back(slot.active);
-  return active;
-}
-
-std::vector<std::size_t> PageManager::mapped_pages() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (!poisoned_.empty()) throw ManagerPoisoned(poisoned_);
-  std::vector<std::size_t> pages;
-  for (const Slot& slot : slots_) pages.push_back(slot.pages.size());
-  return pages;
 }
 
 }  // namespace vattention

@@ -220,9 +220,14 @@ class PageManager {
   std::vector<std::size_t> growth_targets(std::size_t tokens, std::size_t& extra, std::size_t& owed) const;
   // Maps pages for every active slot to hold `tokens` more.
   void map_for_growth(std::size_t tokens, void* stream);
-  // True if growing by `tokens` will have to wait for the device to reclaim pages.
-  bool growth_reclaims(std::size_t tokens) const;
-  bool has_deferred_pages() const;
+  int alloc_locked(std::size_t prompt_len, std::size_t lookahead);
+  void reserve_growth_locked(std::size_t tokens);
+  // Runs `operation` under the lock. Where it must wait for the device (wait_for_device), it
+  // is run again after a wait without the lock: see page_manager.cc.
+  template <class Operation>
+  auto locked(void* stream, Operation&& operation) -> decltype(operation());
+  // Waits for the device's work (`stream`'s, or all of it if null) before pages are unmapped.
+  void wait_for_device(void* stream);
   void add_lengths(std::size_t tokens);
   void discard_pending() noexcept;
 
@@ -263,6 +268,7 @@ class PageManager {
   bool reserved_by_driver_ = false;
   bool released_ = false;
   std::string poisoned_;
+  bool waited_ = false;  // whether the operation in progress waited for the device without the lock
   std::string undoing_;  // the failure being undone, while rollback() runs
   std::vector<DevicePtr> unfreed_reservations_;  // left by a failed reserve_buffers
   std::vector<Slot> slots_;

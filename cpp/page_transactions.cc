@@ -302,15 +302,4 @@ void PageManager::release() {
   }
 }
 
-ManagerView PageManager::view() const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  ManagerView view;
-  for (const Slot& slot : slots_) view.slots.push_back(slot.pages);
-  view.bases = bases_;
-  view.pooled = pool_.pooled();
-  view.strays = strays_;
-  view.poisoned = poisoned_;
-  return view;
-}
-
 }  // namespace vattention
