@@ -231,7 +231,8 @@ class PageManager {
   void add_lengths(std::size_t tokens);
   void discard_pending() noexcept;
 
-  // Page mapping, unmapping and undoing them (page_transactions.cc).
+  // Page mapping, unmapping and undoing them (page_transactions.cc; transaction() is a template
+  // in page_manager.cc, its only user).
   //
   // Runs `body` as one operation: if it throws, rollback() restores what it
   // changed before the exception goes on, and the exception is the original one.
@@ -270,7 +271,7 @@ class PageManager {
   std::string poisoned_;
   bool waited_ = false;  // whether the operation in progress waited for the device without the lock
   std::string undoing_;  // the failure being undone, while rollback() runs
-  std::vector<DevicePtr> unfreed_reservations_;  // left by a failed reserve_buffers
+  std::vector<DevicePtr> unfreed_reservations_;  // left by a failed reserve_buffers or release
   std::vector<Slot> slots_;
   std::vector<StrayMapping> strays_;
   std::vector<UnmappedPage> unmapped_log_;  // of the operation in progress
