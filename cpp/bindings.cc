@@ -126,8 +126,9 @@ NB_MODULE(_core, m) {
   nb::class_<FakeDriver, Driver>(m, "FakeDriver")
       .def(nb::init<std::size_t, std::size_t>(), "granularity"_a = std::size_t(2) << 20,
            "memory_bytes"_a = std::size_t(1) << 40)
-      .def("fail_on", &FakeDriver::fail_on, "operation"_a, "nth"_a = 1,
-           "Makes the nth next call of operation raise DriverError.")
+      .def("fail_on", &FakeDriver::fail_on, "operation"_a, "nth"_a = 1, "after_a_failure"_a = false,
+           "Makes the nth next call of operation raise DriverError; with after_a_failure, the nth call\n"
+           "after the next injected failure (a call of the undo, say).")
       .def("calls", &FakeDriver::calls, "operation"_a)
       .def_prop_ro("failures_thrown", &FakeDriver::failures_thrown)
       .def_prop_ro("mapped_bytes", &FakeDriver::mapped_bytes)

@@ -27,8 +27,9 @@ MemoryInfo FakeDriver::memory_info() {
 
 void FakeDriver::record(const std::string& operation) {
   ++calls_[operation];
-  auto failure = failures_.find(operation);
-  if (failure != failures_.end() && --failure->second == 0) {
+  for (auto failure = failures_.begin(); failure != failures_.end(); ++failure) {
+    if (failure->operation != operation || failures_thrown_ <= failure->after_thrown) continue;
+    if (--failure->countdown > 0) continue;
     failures_.erase(failure);
     ++failures_thrown_;
     throw DriverError("fake " + operation + " failed: injected failure");
@@ -169,10 +170,10 @@ std::vector<std::pair<DevicePtr, std::size_t>> FakeDriver::discarded() const {
   return discarded_;
 }
 
-void FakeDriver::fail_on(const std::string& operation, int nth) {
+void FakeDriver::fail_on(const std::string& operation, int nth, bool after_a_failure) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (nth < 1) throw std::invalid_argument("fail_on: nth must be at least 1");
-  failures_[operation] = nth;
+  failures_.push_back(Failure{operation, nth, after_a_failure ? failures_thrown_ : -1});
 }
 
 int FakeDriver::calls(const std::string& operation) const {

@@ -36,8 +36,9 @@ class FakeDriver final : public Driver {
 
   // Makes the `nth` next call of `operation` ("reserve", "free_reservation",
   // "create", "map", "set_access", "unmap", "release", "synchronize",
-  // "discard") throw DriverError. One pending failure per operation.
-  void fail_on(const std::string& operation, int nth);
+  // "discard") throw DriverError. With `after_a_failure`, calls count only
+  // once another injected failure was thrown: the nth call of the undo, say.
+  void fail_on(const std::string& operation, int nth, bool after_a_failure = false);
   int calls(const std::string& operation) const;
   // How many injected failures were thrown so far.
   int failures_thrown() const;
@@ -77,7 +78,12 @@ class FakeDriver final : public Driver {
   DevicePtr next_address_ = 1ull << 40;
   PhysicalHandle next_handle_ = 1;
   std::map<std::string, int> calls_;
-  std::map<std::string, int> failures_;
+  struct Failure {
+    std::string operation;
+    int countdown;
+    int after_thrown;  // counts down once more than this many failures were thrown; -1: at once
+  };
+  std::vector<Failure> failures_;
   int failures_thrown_ = 0;
   std::map<DevicePtr, std::size_t> reservations_;
   std::map<PhysicalHandle, std::size_t> handles_;

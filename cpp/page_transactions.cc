@@ -179,19 +179,21 @@ bool PageManager::map_back(std::size_t slot, const std::vector<PhysicalHandle>& 
   const std::size_t page = slots_[slot].pages.size();
   std::vector<DevicePtr> mapped;
   std::vector<PhysicalHandle> mapped_handles;
+  std::vector<bool> accessible;
   try {
     for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
       driver_->map(page_address(b, slot, page), geometry_.page_bytes, handles[b]);
       mapped.push_back(page_address(b, slot, page));
       mapped_handles.push_back(handles[b]);
+      accessible.push_back(false);
     }
     for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
       driver_->set_access(page_address(b, slot, page), geometry_.page_bytes);
+      accessible[b] = true;
     }
   } catch (const std::exception& error) {
     failure = error.what();
-    // Accessibility is unknown per buffer here; a stray is unmapped by release() either way.
-    const std::string undo = unmap_or_stray(mapped, mapped_handles, std::vector<bool>(mapped.size(), false));
+    const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
     for (std::size_t b = mapped.size(); b < handles.size(); ++b) pool_.put({handles[b]});
     if (!undo.empty()) {
       poison("mapping page " + std::to_string(page) + " of slot " + std::to_string(slot) + " back failed (" +

@@ -4,7 +4,9 @@ Every scenario runs once to count its driver calls of each kind; then, for
 every kind and every k, it runs again with the k-th call of that kind failing.
 After each failure the driver's table must equal the manager's view page for
 page, the state must be as before the call, the call must work when retried,
-and release() must leave nothing on the driver.
+and release() must leave nothing on the driver. Then again with a second
+failure among the calls that undo the first: the view must stay exact, or the
+manager must be poisoned and say so, and release() must still free everything.
 """
 
 import dataclasses
@@ -269,3 +271,52 @@ def test_trim_keeps_the_pages_reserved_for_growth():
     manager.alloc(10)
     manager.reserve_growth(60)
     assert manager.trim() == 0 and manager.stats()["pooled_pages"] == 2 * BUFFERS
+
+
+# Two failures: the first as above, the second among the calls that undo it.
+
+UNDOING = ("map", "set_access", "unmap", "release")
+
+
+def check_double_failure(scenario, operation, nth, second, second_nth):
+    manager, driver = prepared(scenario)
+    before = state(manager)
+    driver.fail_on(operation, nth)
+    driver.fail_on(second, second_nth, after_a_failure=True)
+    with pytest.raises(DriverError, match=f"fake {operation} failed"):   # the first error, not the undo's
+        scenario.action(manager)
+    view = check_view(manager, driver)
+    if view["poisoned"] is None and scenario.atomic:
+        after = state(manager)
+        assert (after["lengths"], after["active"]) == (before["lengths"], before["active"])
+    elif view["poisoned"] is not None:
+        assert f"fake {operation} failed" in view["poisoned"] or f"fake {second} failed" in view["poisoned"]
+        with pytest.raises(CacheManagerPoisonedError):
+            manager.alloc(0)
+    for _ in range(3):                  # a pending failure may still hit release once
+        try:
+            manager.release()
+            break
+        except DriverError:
+            check_view(manager, driver)
+    check_released(driver)
+    return view["poisoned"] is not None
+
+
+def double_failures(scenario, depth):
+    return [(op, k, second, m) for op, k in failures(scenario) for second in UNDOING for m in range(1, depth + 1)]
+
+
+def sweep_double_failures(depth):
+    poisoned = 0
+    for scenario in SCENARIOS:
+        for case in double_failures(scenario, depth):
+            try:
+                poisoned += check_double_failure(scenario, *case)
+            except AssertionError as error:
+                raise AssertionError(f"{scenario.name}: {case} failing: {error}") from error
+    assert poisoned > 0                 # some undos could not keep the view exact, and said so
+
+
+def test_a_failure_while_undoing_keeps_the_view_exact_or_poisons_the_manager():
+    sweep_double_failures(depth=4)      # 4,368 cases
