@@ -306,3 +306,32 @@ def test_reclaimed_pages_are_discarded_by_the_next_mapping_op():
         assert _core.residency(base, slot_bytes)[0] == before     # queued: nothing proves the buffers live
         manager.cache = jax.block_until_ready(step(cache, new, jnp.zeros(3, jnp.int32)))   # the op proves it
         assert _core.residency(base, slot_bytes)[0] <= 2           # the OS pages shared with the neighbours
+
+
+def test_close_frees_what_it_can_reports_the_rest_and_can_be_retried():
+    driver = _core.FakeDriver(64 * KiB)
+    manager = jv.CacheManager(small_config(), CPU, driver=driver)
+    manager.alloc(600)
+    driver.fail_on("unmap", 2)
+    driver.fail_on("release", 1)
+    with pytest.raises(jv.DriverError, match="Call release\\(\\) again"):
+        manager.close()
+    assert len(driver.mappings()) == 1
+    manager.close()
+    assert driver.mappings() == {} and driver.handles() == []
+    manager.close()
+
+
+def test_a_poisoned_manager_names_the_first_failure_and_still_closes():
+    assert issubclass(jv.CacheManagerPoisonedError, RuntimeError)
+    driver = _core.FakeDriver(64 * KiB)
+    manager = jv.CacheManager(small_config(), CPU, driver=driver)
+    driver.fail_on("map", 2)
+    driver.fail_on("unmap", 1, after_a_failure=True)
+    with pytest.raises(jv.DriverError, match="fake map failed"):
+        manager.alloc(600)
+    with pytest.raises(jv.CacheManagerPoisonedError, match="fake map failed.*close it"):
+        manager.alloc(1)
+    assert manager.stats()["poisoned"]
+    manager.close()
+    assert driver.mappings() == {} and driver.handles() == []
