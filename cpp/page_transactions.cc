@@ -109,7 +109,7 @@ void PageManager::map_up_to(std::size_t slot, std::size_t target) {
     pool_.put(unused);
     const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
     if (!undo.empty()) {
-      poison("mapping page " + std::to_string(first) + ".." + std::to_string(target - 1) + " of slot " +
+      poison("mapping pages " + std::to_string(first) + ".." + std::to_string(target - 1) + " of slot " +
              std::to_string(slot) + " failed (" + message(error) + ") and unmapping what was mapped failed too (" +
              undo + ")");
     }
@@ -154,7 +154,7 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
       }
     }
     if (!undo.empty()) {
-      // The page is whole in no sense now: what is still mapped becomes stray.
+      // The page is now mapped in some buffers and not others: what is still mapped becomes stray.
       for (std::size_t i = 0; i < geometry_.num_buffers; ++i) {
         if (mapped[i]) {
           strays_.push_back(StrayMapping{page_address(i, slot, page), geometry_.page_bytes, handles[i], accessible[i]});
