@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 
+from jax_vattention import attention
 from jax_vattention.models.configs import LlamaConfig, get_config
 
 
@@ -19,7 +20,6 @@ def named_model_config(name: str, device: jax.Device) -> LlamaConfig:
 
 
 def default_backend(layout: str, device: jax.Device) -> str:
-    """cuDNN for per-layer caches and the Pallas kernel for interleaved ones on a GPU; XLA elsewhere."""
-    if device.platform != "gpu":
-        return "xla"
-    return "pallas" if layout == "interleaved" else "cudnn"
+    """cuDNN for per-layer caches and the Pallas kernel for interleaved ones on a GPU; the blocked
+    XLA kernel elsewhere (:func:`jax_vattention.attention.default_backend`)."""
+    return attention.default_backend(layout, device.platform)

@@ -31,7 +31,7 @@ from flax import nnx
 from jax import lax
 
 from jax_vattention import ops
-from jax_vattention.attention import check_backend
+from jax_vattention.attention import resolve_backend
 from jax_vattention.cache import KVCache
 from jax_vattention.donation import cache_jit
 from jax_vattention.sampling import sample_tokens
@@ -196,7 +196,7 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
              slots: Sequence[int] | None = None, max_len: int | None = None,
              max_new_tokens: int | Sequence[int] = 32, stop_tokens=None,
              temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] = 0,
-             top_p: float | Sequence[float] = 1.0, seed: int = 0, backend: str = "xla",
+             top_p: float | Sequence[float] = 1.0, seed: int = 0, backend: str | None = None,
              return_logits: bool = False) -> tuple[GenerationResult, KVCache]:
     """Generate new tokens for each prompt; the cache is donated and the updated one returned.
 
@@ -215,7 +215,9 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
         or one list per prompt; default: none
     temperature, top_k, top_p : sampling knobs, one or one per prompt; temperature 0 is greedy
     seed : the sampling seed
-    backend : the attention backend (``xla``, ``cudnn``, ``pallas``)
+    backend : the attention backend (``blocked``, ``xla``, ``cudnn``, ``pallas``); None: the
+        device's and layout's default (:func:`~jax_vattention.attention.resolve_backend`, which
+        also refuses a backend that would read unmapped pages)
     return_logits : also return the logits of every new token (float32 ``[capacity, vocab]`` per
         row on the device: for tests and small vocabularies)
 
@@ -232,10 +234,7 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
     """
     max_batch, capacity = cache.max_batch, cache.capacity
     max_len = capacity if max_len is None else min(max_len, capacity)
-    check_backend(backend)
-    if backend == "xla" and not cache.is_dense and any(d.platform == "gpu" for d in cache.k[0].devices()):
-        raise ValueError("backend 'xla' reads the whole cache capacity, which a virtual cache on a GPU "
-                         "has not mapped: use 'cudnn' or 'pallas'")
+    backend = resolve_backend(backend, cache)
     config = model.config
     expected = (config.num_layers, config.num_kv_heads, config.head_dim)
     have = (cache.num_layers, *cache.k[0].shape[-2:])

@@ -36,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jax_vattention._core import OutOfPagesError
+from jax_vattention.attention import resolve_backend
 from jax_vattention.engine.requests import Request, RequestState, TokenEvent
 from jax_vattention.engine.steps import decode_chunk_fn, prefill_fn
 from jax_vattention.generate import batch_bucket, prompt_bucket
@@ -63,7 +64,9 @@ class EngineConfig:
     chunk_steps : decode steps per compiled chunk (K)
     max_prefill_batch : requests prefilled together at most (prefill compiles once per power of two
         up to it, times the prompt buckets)
-    backend : attention backend (``xla``, ``cudnn``, ``pallas``)
+    backend : attention backend (``blocked``, ``xla``, ``cudnn``, ``pallas``); None: the default of the
+        cache's device and layout (:func:`~jax_vattention.attention.resolve_backend`, which also
+        refuses a backend that reads past the lengths on a virtual GPU cache)
     overlap, deferred_reclamation, eager_allocation : the memory policies (module docstring)
     prefetch_tokens : with overlap, how far ahead of every running slot the host maps while a
         chunk runs (default: two chunks, and at least ``MIN_PREFETCH_TOKENS`` so that short chunks
@@ -75,7 +78,7 @@ class EngineConfig:
 
     chunk_steps: int = 8
     max_prefill_batch: int = 8
-    backend: str = "xla"
+    backend: str | None = None
     overlap: bool = True
     deferred_reclamation: bool = True
     eager_allocation: bool = True
@@ -138,9 +141,11 @@ class Engine:
         if (model_config.num_layers, model_config.num_kv_heads, model_config.head_dim) != (
                 cache_config.num_layers, cache_config.kv_heads, cache_config.head_dim):
             raise ValueError("the cache's layers, KV heads and head_dim must match the model's")
+        backend = resolve_backend(config.backend, manager.cache)
         self.model = model
         self.manager = manager
         self.config = config
+        self.backend = backend
         self.stats = EngineStats()
         self._graphdef, self._state = nnx.split(model)
         slots = cache_config.max_batch
@@ -157,8 +162,8 @@ class Engine:
         self._temperature = np.zeros(slots, np.float32)
         self._top_k = np.zeros(slots, np.int32)
         self._top_p = np.ones(slots, np.float32)
-        self._prefill_step = prefill_fn(self._graphdef, config.backend)
-        self._decode = decode_chunk_fn(self._graphdef, config.backend, config.chunk_steps)
+        self._prefill_step = prefill_fn(self._graphdef, backend)
+        self._decode = decode_chunk_fn(self._graphdef, backend, config.chunk_steps)
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: Request) -> int:
