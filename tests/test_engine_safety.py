@@ -97,3 +97,17 @@ def test_a_lone_request_the_budget_cannot_grow_is_failed_not_the_engine(model):
         assert [event.error is not None for event in events if event.request_id == first][-1]
         later = engine.submit(Request(prompt=[3] * 10, max_new_tokens=3))
         assert len(engine.run()[later]) == 3
+
+
+def test_running_out_of_pages_inside_a_chunk_is_an_out_of_pages_error_and_a_clearly_lost_cpu_cache(model):
+    buffers = 2 * model.config.num_layers
+    with make_manager(model, budget_pages=2 * buffers) as manager:  # two pages (64 tokens) per buffer
+        engine = Engine(model, manager, EngineConfig(chunk_steps=4, eager_allocation=False, overlap=False))
+        engine.submit(Request(prompt=[3] * 30, max_new_tokens=2))
+        manager.alloc(1)                                            # another user takes the second page
+        manager.reserve_growth = lambda tokens: None                # as if its pages were taken
+        with pytest.raises(jv.OutOfPagesError, match="decode chunk ran out of pages.*lost.*reset"):
+            engine.step()
+        assert manager.lost
+        with pytest.raises(RuntimeError, match="was lost"):
+            engine.step()
