@@ -19,6 +19,7 @@ def run_soak(*args, timeout):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_cpu_soak_with_preemptions():
     print(run_soak("--device", "cpu", "--steps", "200", "--max-prompt", "15", "--sample", "6", timeout=600))
 
