@@ -11,7 +11,13 @@ Backends
 --------
 ``xla``
     The reference: plain einsums with float32 softmax. It reads the whole
-    capacity and masks, so it is for CPU and dense caches (tests, CI).
+    capacity and masks, so it is for dense caches and tests; it is refused for
+    a virtual cache on a GPU (see :func:`resolve_backend`).
+``blocked``
+    Plain XLA too, but a loop over blocks of ``BLOCK_TOKENS`` keys with an online
+    softmax that stops at the longest row, each row reading only positions below
+    its own length. The default on CPU: the OS commits only the pages that hold
+    live tokens, and it is safe on a partly mapped GPU cache.
 ``cudnn``
     ``jax.nn.dot_product_attention(implementation="cudnn")`` with
     ``key_value_seq_lengths``: it stops at each row's length, safe on a partly
@@ -21,7 +27,12 @@ Backends
 ``pallas``
     Decode (``q_len == 1``) runs
     ``jax_vattention.kernels.decode_attention.decode_attention``; prefill falls
-    back to ``cudnn`` on GPU and ``xla`` elsewhere.
+    back to ``cudnn`` on GPU and ``blocked`` elsewhere.
+
+Which backend may run is one rule, :func:`resolve_backend`, used by
+:func:`attend`, :func:`jax_vattention.generate.generate` and the engine: no
+backend is given, the device and layout pick one (:func:`default_backend`);
+a backend that reads past the lengths is refused for a virtual cache on a GPU.
 
 Rows and slots: a batch row ``b`` may live in any cache slot ``slots[b]``. The
 kernels pair query row ``i`` with cache row ``i``, so the (small) queries are
@@ -36,6 +47,9 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental.buffer_callback import buffer_callback
 
 
 def _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer):
@@ -93,6 +107,91 @@ def xla_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
     return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)  # [B, T, N, H]
 
 
+# Keys per block of the ``blocked`` backend: 64 tokens of a small model's K is a few KiB, so a
+# row reads at most one block's worth past what it needs (it never reads past its length).
+BLOCK_TOKENS = 64
+
+
+def _read_on_host(context, out, cache, *index) -> None:
+    del context
+    np.asarray(out)[...] = np.asarray(cache)[tuple(np.asarray(i) for i in index)]
+
+
+def _gather_block(cache: jax.Array, index: tuple) -> jax.Array:
+    """``cache[index]`` for in-bounds ``index``: ``(rows [B, 1], positions [B, S'](, layer))``.
+
+    A bfloat16 cache on the CPU backend is read by a host callback: XLA's CPU compiler has no
+    bfloat16 gather, converts the gathered operand to float32, and in a loop hoists that
+    conversion of the whole cache out of it, which reads every page.
+    """
+    def gather(cache, *index):
+        return cache.at[index].get(mode="promise_in_bounds")
+
+    if jnp.dtype(cache.dtype) != jnp.dtype(jnp.bfloat16):
+        return gather(cache, *index)
+    shape = jnp.broadcast_shapes(*(jnp.shape(i) for i in index)) + cache.shape[len(index):]
+    read = buffer_callback(_read_on_host, jax.ShapeDtypeStruct(shape, cache.dtype))
+    index = tuple(jnp.asarray(i, jnp.int32) for i in index)
+    return lax.platform_dependent(cache, *index, cpu=read, default=gather)
+
+
+def blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
+    """:func:`xla_attention`'s result, reading each row's cache only below its length.
+
+    A ``lax.fori_loop`` walks blocks of ``BLOCK_TOKENS`` key positions up to the longest row and
+    keeps an online softmax in float32. Each row gathers its block's positions clamped to its own
+    ``length - 1``, and a row of length 0 reads the longest row instead (its logits are all masked):
+    no byte at or past a row's length is loaded, so pages the OS never committed stay so, and a
+    partly mapped GPU cache is never read where it has no page. An interleaved cache is read one
+    layer at a time in place.
+
+    Shapes: q [B, T, N, H], caches [B, S, K, H] (or [B, S, layers, K, H] with ``layer``),
+    q_positions [B, T], kv_lengths [B] -> [B, T, N, H].
+    """
+    batch, q_len, q_heads, head_dim = q.shape
+    capacity, kv_heads = k_cache.shape[1], k_cache.shape[-2]
+    groups = q_heads // kv_heads
+    block = min(BLOCK_TOKENS, capacity)
+    q = q.astype(k_cache.dtype).reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, K, G, H]
+    lengths = jnp.clip(kv_lengths, 0, capacity)  # [B]
+    source = jnp.where(lengths > 0, jnp.arange(batch, dtype=jnp.int32),
+                       jnp.argmax(lengths).astype(jnp.int32))  # [B]; empty rows read the longest row
+    last = jnp.maximum(lengths[source] - 1, 0)  # [B], the last position each row may read
+    blocks = (jnp.max(lengths) + block - 1) // block  # []; stop: past the longest row
+    offsets = jnp.arange(block, dtype=jnp.int32)  # [S']
+    scale = jnp.float32(head_dim ** -0.5)
+    layer_index = () if layer is None else (layer,)
+
+    def body(i, carry):
+        top, total, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
+        positions = i * block + offsets  # [S']
+        read_at = jnp.minimum(positions[None, :], last[:, None])  # [B, S']
+        index = (source[:, None], read_at, *layer_index)
+        keys = _gather_block(k_cache, index)  # [B, S', K, H]
+        values = _gather_block(v_cache, index)  # [B, S', K, H]
+        logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, keys,
+                            preferred_element_type=jnp.float32) * scale  # [B, K, G, T, S']
+        visible = ((positions[None, None, :] < lengths[:, None, None])
+                   & (positions[None, None, :] <= q_positions[:, :, None]))[:, None, None]  # [B, 1, 1, T, S']
+        logits = jnp.where(visible, logits, jnp.float32(-1e30))  # [B, K, G, T, S']
+        new_top = jnp.maximum(top, jnp.max(logits, axis=-1))  # [B, K, G, T]
+        probs = jnp.where(visible, jnp.exp(logits - new_top[..., None]), 0.0)  # [B, K, G, T, S']
+        rescale = jnp.exp(top - new_top)  # [B, K, G, T]
+        total = total * rescale + jnp.sum(probs, axis=-1)  # [B, K, G, T]
+        acc = acc * rescale[..., None] + jnp.einsum(
+            'BKGTS,BSKH->BKGTH', probs.astype(values.dtype), values,
+            preferred_element_type=jnp.float32)  # [B, K, G, T, H]
+        return new_top, total, acc
+
+    stats_shape = (batch, kv_heads, groups, q_len)
+    carry = (jnp.full(stats_shape, -1e30, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+             jnp.zeros((*stats_shape, head_dim), jnp.float32))
+    _, total, acc = lax.fori_loop(0, blocks, body, carry)
+    out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # [B, K, G, T, H]; no visible key: zeros
+    out = jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
+    return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)  # [B, T, N, H]
+
+
 def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *,
                           implementation="cudnn"):
     """``jax.nn.dot_product_attention`` over the cache, bounded by ``kv_lengths``.
@@ -125,7 +224,7 @@ def cudnn_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
 def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
     """The project's Pallas decode kernel; prefill falls back to cuDNN (GPU) or XLA."""
     if q.shape[1] > 1:
-        fallback = cudnn_attention if jax.default_backend() == "gpu" else xla_attention
+        fallback = cudnn_attention if jax.default_backend() == "gpu" else blocked_attention
         return fallback(q, k_cache, v_cache, q_positions, kv_lengths, layer)
     try:
         from jax_vattention.kernels.decode_attention import decode_attention
@@ -154,7 +253,7 @@ def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
     [batch, tokens, q_heads, head_dim]; rows past their length hold zeros or garbage that is never read.
     """
     check_backend(backend)
-    implementation = "cudnn" if jax.default_backend() == "gpu" and backend != "xla" else None
+    implementation = "cudnn" if jax.default_backend() == "gpu" and backend in ("cudnn", "pallas") else None
     return jax.nn.dot_product_attention(
         q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True, query_seq_lengths=lengths,
         key_value_seq_lengths=lengths, implementation=implementation)  # [B, T, N, H]
@@ -162,9 +261,14 @@ def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
 
 BACKENDS: dict[str, Callable] = {
     "xla": xla_attention,
+    "blocked": blocked_attention,
     "cudnn": cudnn_attention,
     "pallas": pallas_attention,
 }
+
+
+# Backends that read every position of the capacity, not only each row's first kv_lengths[b].
+READS_WHOLE_CAPACITY = frozenset({"xla"})
 
 
 def check_backend(backend: str) -> None:
@@ -173,8 +277,51 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+def default_backend(layout: str, platform: str) -> str:
+    """The kernel a device runs when none is named: on a GPU cuDNN for per-layer caches and the
+    Pallas kernel for interleaved ones; ``blocked`` elsewhere. ``platform`` is ``jax.Device.platform``."""
+    if platform != "gpu":
+        return "blocked"
+    return "pallas" if layout == "interleaved" else "cudnn"
+
+
+def check_backend_on(backend: str, layout: str, platform: str, virtual: bool = True) -> None:
+    """The one rule for which attention backend may read which cache; ``ValueError`` if it may not.
+
+    ``layout`` is the cache's (``"per_layer"`` or ``"interleaved"``), ``platform`` its device's
+    ``jax.Device.platform``, ``virtual`` whether a manager serves it. Refused: an unknown backend;
+    cuDNN off a GPU, or on an interleaved cache (it cannot read one layer in place); and a backend
+    in :data:`READS_WHOLE_CAPACITY` on a virtual cache on a GPU, whose pages past the lengths are
+    unmapped: one read there kills the CUDA context.
+    """
+    check_backend(backend)
+    if backend == "cudnn" and platform != "gpu":
+        raise ValueError(f"backend 'cudnn' needs a CUDA GPU; JAX runs on {platform} here: use 'blocked' "
+                         "(or 'pallas', which is interpreted and slow off a GPU)")
+    if backend == "cudnn" and layout == "interleaved":
+        raise ValueError("backend 'cudnn' cannot read one layer of an interleaved cache in place: use the "
+                         "per_layer layout or backend 'pallas'")
+    if backend in READS_WHOLE_CAPACITY and virtual and platform == "gpu":
+        raise ValueError(f"backend {backend!r} reads the whole cache capacity, which a virtual cache on a GPU "
+                         "has not mapped (the read would kill the CUDA context): use 'cudnn', 'pallas' or "
+                         "'blocked', or None for the device's default")
+
+
+def resolve_backend(backend: str | None, cache) -> str:
+    """The backend that reads ``cache`` (a :class:`KVCache`): ``backend``, checked by
+    :func:`check_backend_on`, or for ``None`` the :func:`default_backend` of the cache's device
+    and layout. Raises ``ValueError`` for an unknown or unsafe backend.
+    """
+    platform = next(iter(cache.k[0].devices())).platform
+    layout = "interleaved" if cache.interleaved else "per_layer"
+    if backend is None:
+        return default_backend(layout, platform)
+    check_backend_on(backend, layout, platform, virtual=not cache.is_dense)
+    return backend
+
+
 def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions: jax.Array,
-           kv_lengths: jax.Array, backend: str = "xla", slots: jax.Array | None = None,
+           kv_lengths: jax.Array, backend: str | None = None, slots: jax.Array | None = None,
            layer: int | None = None) -> jax.Array:
     """Attention of new queries over one layer's cache, read in place.
 
@@ -185,7 +332,9 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
         (holding the new tokens' keys and values already)
     q_positions : int32 [batch, q_len], each query's position in its sequence
     kv_lengths : int32 [batch], how many cache positions of each row are valid
-    backend : ``"xla"``, ``"cudnn"`` or ``"pallas"`` (see the module docstring)
+    backend : ``"xla"``, ``"blocked"``, ``"cudnn"``, ``"pallas"``, or None for the default backend's
+        :func:`default_backend` (on the platform JAX runs on; an interleaved cache when ``layer`` is
+        given). Callers holding a :class:`KVCache` pass :func:`resolve_backend`'s answer.
     slots : int32 [batch] or None, the cache slot of each row (default: row ``b`` is slot ``b``);
         rows whose slot is ``>= max_batch`` are padding and get zeros
     layer : int or None, static: with an interleaved cache ``[max_batch, capacity, layers,
@@ -200,6 +349,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
         out = attend(q, cache.k[0], cache.v[0], q_positions=lengths[:, None],
                      kv_lengths=lengths + 1, backend="cudnn")
     """
+    if backend is None:
+        backend = default_backend("per_layer" if layer is None else "interleaved", jax.default_backend())
     check_backend(backend)
     _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer)
     kernel = functools.partial(BACKENDS[backend], layer=layer)

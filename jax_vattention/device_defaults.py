@@ -1,9 +1,12 @@
 """What runs on a device when the user does not say: the model's dtype, the cache layout and the
-attention kernel; and the combinations a device cannot run, refused before anything compiles."""
+attention kernel; and the combinations a device cannot run, refused before anything compiles
+(the rule itself is :func:`jax_vattention.attention.check_backend_on`)."""
 
 from __future__ import annotations
 
 import jax
+
+from jax_vattention import attention
 
 
 def default_dtype(dtype: str, device: jax.Device) -> str:
@@ -12,10 +15,9 @@ def default_dtype(dtype: str, device: jax.Device) -> str:
 
 
 def default_backend(layout: str, device: jax.Device) -> str:
-    """cuDNN for per-layer caches and the Pallas kernel for interleaved ones on a GPU; XLA elsewhere."""
-    if device.platform != "gpu":
-        return "xla"
-    return "pallas" if layout == "interleaved" else "cudnn"
+    """cuDNN for per-layer caches and the Pallas kernel for interleaved ones on a GPU; the blocked
+    XLA kernel elsewhere (:func:`jax_vattention.attention.default_backend`)."""
+    return attention.default_backend(layout, device.platform)
 
 
 def default_layout(backend: str) -> str:
@@ -23,17 +25,12 @@ def default_layout(backend: str) -> str:
 
     Why interleaved: pages are whole (2 MiB on a GPU), and a request holds at least one page in
     every buffer it writes. Per-layer caches have 2 x layers buffers, interleaved ones two, so a
-    request's minimum drops by the number of layers; the Pallas kernel (GPU) and the XLA
-    reference (CPU) read one layer of it in place.
+    request's minimum drops by the number of layers; the Pallas kernel (GPU) and the blocked XLA
+    kernel (CPU) read one layer of it in place.
     """
     return "per_layer" if backend == "cudnn" else "interleaved"
 
 
 def check_backend_on(backend: str, layout: str, device: jax.Device) -> None:
-    """Raises ``ValueError`` for a kernel that cannot run on ``device`` or read ``layout``."""
-    if backend == "cudnn" and device.platform != "gpu":
-        raise ValueError(f"--backend cudnn needs a CUDA GPU; JAX runs on {device.platform} here "
-                         f"(use xla, or pallas, which is interpreted and slow off a GPU)")
-    if backend == "cudnn" and layout == "interleaved":
-        raise ValueError("--backend cudnn cannot read one layer of an interleaved cache; "
-                         "use --layout per_layer or --backend pallas")
+    """Raises ``ValueError`` for a kernel that cannot read a virtual cache of ``layout`` on ``device``."""
+    attention.check_backend_on(backend, layout, device.platform, virtual=True)

@@ -20,44 +20,71 @@ import jax
 from jax_vattention.cache import KVCache
 
 
-def _virtual_cache_mask(tree: Any) -> list[bool]:
-    """For each leaf of ``tree``: does it belong to a virtual (manager-served) cache?"""
-    mask = []
+def _cache_leaves(tree: Any) -> list[tuple[int, int] | None]:
+    """For each leaf of ``tree``: ``(manager_id, position in its KVCache)`` for a virtual cache's
+    array, None for anything else."""
+    tags: list[tuple[int, int] | None] = []
     for node in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, KVCache)):
         if isinstance(node, KVCache):
-            mask.extend([not node.is_dense] * len(jax.tree_util.tree_leaves(node)))
+            count = len(jax.tree_util.tree_leaves(node))
+            tags.extend([None] * count if node.is_dense else [(node.manager_id, i) for i in range(count)])
         else:
-            mask.append(False)
-    return mask
+            tags.append(None)
+    return tags
+
+
+def _aliased_outputs(lowered: jax.stages.Lowered, arguments: int) -> list[int | None]:
+    """For each flat argument of the lowered function: the flat output it aliases, or None."""
+    signature = re.search(r"func\.func public @main\((.*?)\)\s*->", lowered.as_text(), re.S)
+    if signature is None:
+        raise RuntimeError("cannot find the lowered program's main function")
+    kept = lowered._lowering.compile_args.get("kept_var_idx")  # arguments XLA did not prune
+    kept = sorted(kept) if kept is not None else list(range(arguments))
+    aliased: list[int | None] = [None] * arguments
+    for text in signature.group(1).split("%arg")[1:]:  # "<n>: tensor<...> {attributes}, "
+        parameter = int(re.match(r"\d+", text).group(0))
+        output = re.search(r"tf\.aliasing_output = (\d+) : i32", text)
+        if parameter < len(kept) and output is not None:
+            aliased[kept[parameter]] = int(output.group(1))
+    return aliased
 
 
 def check_cache_donation(lowered: jax.stages.Lowered, args: Sequence[Any], kwargs: dict) -> None:
-    """Raises ``ValueError`` unless every virtual cache in ``args``/``kwargs`` is donated and returned.
+    """Raises ``ValueError`` unless every virtual cache array in ``args``/``kwargs`` is donated and
+    updated in place: its parameter must alias the output that is the same array of the same
+    cache (same ``manager_id``, same position in the :class:`KVCache`).
 
-    ``lowered`` is ``jitted.lower(*args, **kwargs)``.
+    ``lowered`` is ``jitted.lower(*args, **kwargs)``. Counting aliases over the whole signature
+    is not enough: another donated argument could fill the count while a cache array aliases
+    nothing (the process aborts), and a cache array aliased to some other output would have XLA
+    write a dense array across the reserved range.
     """
     info_args, info_kwargs = lowered.args_info
     if len(info_args) != len(args):
         raise ValueError("pass static arguments of a function that takes a cache by name (static_argnames)")
     traced_kwargs = {name: value for name, value in kwargs.items() if name in info_kwargs}  # static ones are not
-    mask = _virtual_cache_mask((tuple(args), traced_kwargs))
-    if not any(mask):
+    inputs = _cache_leaves((tuple(args), traced_kwargs))
+    if not any(inputs):
         return
     infos = jax.tree_util.tree_leaves((info_args, info_kwargs))
-    if len(infos) != len(mask):
+    if len(infos) != len(inputs):
         raise RuntimeError("the lowered arguments do not match the call's arguments")
-    undonated = sum(1 for is_cache, info in zip(mask, infos) if is_cache and not info.donated)
+    undonated = sum(1 for tag, info in zip(inputs, infos) if tag and not info.donated)
     if undonated:
         raise ValueError(
             f"{undonated} cache array(s) are passed without donation: XLA would copy the virtual cache "
             "(on a GPU that copy reads unmapped memory and kills the CUDA context). Donate it: "
             "jax.jit(fn, donate_argnames='cache'), or use jax_vattention.cache_jit.")
-    signature = re.search(r"func\.func public @main\((.*?)\)\s*->", lowered.as_text(), re.S)
-    aliased = signature.group(1).count("tf.aliasing_output") if signature else 0
-    if aliased < sum(mask):
+    outputs = _cache_leaves(lowered.out_info)
+    aliased = _aliased_outputs(lowered, len(inputs))
+    wrong = [tag for tag, output in zip(inputs, aliased)
+             if tag and (output is None or output >= len(outputs) or outputs[output] != tag)]
+    if wrong:
         raise ValueError(
-            f"{sum(mask) - aliased} donated cache array(s) are not returned with the same shape and dtype: "
-            "return the cache from every jitted function that takes it, so XLA updates it in place.")
+            f"{len(wrong)} donated cache array(s) (manager, position) {wrong} are not returned in place: each "
+            "must come back as the same array of the same cache, with the same shape and dtype. Return "
+            "the cache from every jitted function that takes it (cache = step(cache, ...)), in its own "
+            "place, so that XLA updates it in place.")
 
 
 def cache_jit(fun: Callable | None = None, *, cache_argnames: str | Sequence[str] = ("cache",),

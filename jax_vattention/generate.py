@@ -31,9 +31,11 @@ from flax import nnx
 from jax import lax
 
 from jax_vattention import ops
-from jax_vattention.attention import check_backend
+from jax_vattention.attention import resolve_backend
 from jax_vattention.cache import KVCache
 from jax_vattention.donation import cache_jit
+from jax_vattention.manager import manager_for
+from jax_vattention.preflight import check_slots, mapping_failures
 from jax_vattention.sampling import sample_tokens
 
 MIN_PROMPT_BUCKET = 16
@@ -196,7 +198,7 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
              slots: Sequence[int] | None = None, max_len: int | None = None,
              max_new_tokens: int | Sequence[int] = 32, stop_tokens=None,
              temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] = 0,
-             top_p: float | Sequence[float] = 1.0, seed: int = 0, backend: str = "xla",
+             top_p: float | Sequence[float] = 1.0, seed: int = 0, backend: str | None = None,
              return_logits: bool = False) -> tuple[GenerationResult, KVCache]:
     """Generate new tokens for each prompt; the cache is donated and the updated one returned.
 
@@ -207,7 +209,8 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
         head_dim]``. It is donated: use the returned cache afterwards.
     prompts : token ids, one non-empty list per prompt (at most ``max_batch`` prompts)
     slots : the cache slot of each prompt (default ``0, 1, ...``); a manager's slots must
-        already be allocated with the prompt's length, and growth reserved
+        already be allocated with at least the prompt's length (checked on the host: ``ValueError``);
+        the decode steps' growth is reserved here (``OutOfPagesError``, nothing changed, if short)
     max_len : the longest sequence a slot may hold (default: the cache's capacity); each
         prompt needs ``len(prompt) + max_new_tokens - 1 <= max_len``
     max_new_tokens : at least 1; one for all prompts or one per prompt
@@ -215,7 +218,9 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
         or one list per prompt; default: none
     temperature, top_k, top_p : sampling knobs, one or one per prompt; temperature 0 is greedy
     seed : the sampling seed
-    backend : the attention backend (``xla``, ``cudnn``, ``pallas``)
+    backend : the attention backend (``blocked``, ``xla``, ``cudnn``, ``pallas``); None: the
+        device's and layout's default (:func:`~jax_vattention.attention.resolve_backend`, which
+        also refuses a backend that would read unmapped pages)
     return_logits : also return the logits of every new token (float32 ``[capacity, vocab]`` per
         row on the device: for tests and small vocabularies)
 
@@ -232,10 +237,7 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
     """
     max_batch, capacity = cache.max_batch, cache.capacity
     max_len = capacity if max_len is None else min(max_len, capacity)
-    check_backend(backend)
-    if backend == "xla" and not cache.is_dense and any(d.platform == "gpu" for d in cache.k[0].devices()):
-        raise ValueError("backend 'xla' reads the whole cache capacity, which a virtual cache on a GPU "
-                         "has not mapped: use 'cudnn' or 'pallas'")
+    backend = resolve_backend(backend, cache)
     config = model.config
     expected = (config.num_layers, config.num_kv_heads, config.head_dim)
     have = (cache.num_layers, *cache.k[0].shape[-2:])
@@ -260,20 +262,27 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
     def pad(values, fill):
         return np.concatenate([values, np.full((rows - count, *values.shape[1:]), fill, values.dtype)])
 
+    manager = manager_for(cache)
+    if manager is not None:
+        manager.check_cache(cache)
+        check_slots(manager, slot_ids, lengths)
+        manager.reserve_growth(int(new_tokens.max()) - 1)  # the loop's growth; OutOfPagesError if short
+
     graphdef, state = nnx.split(model)
-    out_tokens, out_logits, generated, cache = generate_fn(graphdef, backend, return_logits)(
-        state, cache, jnp.asarray(padded), jnp.asarray(pad(lengths, 0)),
-        jnp.asarray(pad(slot_ids, max_batch)), jnp.asarray(pad(new_tokens, 0)),
-        jnp.asarray(pad(_stop_table(stop_tokens, count), -1)),
-        jnp.asarray(pad(_per_prompt(temperature, count, "temperature", np.float32), 0)),
-        jnp.asarray(pad(_per_prompt(top_k, count, "top_k", np.int32), 0)),
-        jnp.asarray(pad(_per_prompt(top_p, count, "top_p", np.float32), 1)),
-        jax.random.key(seed))
-    out_tokens, generated = np.asarray(out_tokens), np.asarray(generated)
+    with mapping_failures(manager, cache, "generate"):
+        out_tokens, out_logits, generated, cache = generate_fn(graphdef, backend, return_logits)(
+            state, cache, jnp.asarray(padded), jnp.asarray(pad(lengths, 0)),
+            jnp.asarray(pad(slot_ids, max_batch)), jnp.asarray(pad(new_tokens, 0)),
+            jnp.asarray(pad(_stop_table(stop_tokens, count), -1)),
+            jnp.asarray(pad(_per_prompt(temperature, count, "temperature", np.float32), 0)),
+            jnp.asarray(pad(_per_prompt(top_k, count, "top_k", np.int32), 0)),
+            jnp.asarray(pad(_per_prompt(top_p, count, "top_p", np.float32), 1)),
+            jax.random.key(seed))
+        out_tokens, generated = np.asarray(out_tokens), np.asarray(generated)
+        out_logits = np.asarray(out_logits) if return_logits else None
     tokens = [out_tokens[i, :generated[i]].tolist() for i in range(count)]
     logits = None
     if return_logits:
-        out_logits = np.asarray(out_logits)
         logits = [out_logits[i, :generated[i]] for i in range(count)]
     return GenerationResult(tokens=tokens, logits=logits), cache
 
@@ -282,8 +291,8 @@ def generate_in_manager(model, manager, prompts: Sequence[Sequence[int]], *,
                         max_new_tokens: int | Sequence[int] = 32, **options) -> GenerationResult:
     """:func:`generate` in slots of a :class:`~jax_vattention.CacheManager`, freed afterwards.
 
-    Allocates one slot per prompt (mapping its pages), reserves the pages of the decode
-    steps, runs the loop on ``manager.cache`` and stores the returned cache back into
+    Allocates one slot per prompt (mapping its pages), runs the loop (which reserves the pages
+    of the decode steps first) on ``manager.cache`` and stores the returned cache back into
     ``manager.cache``. Every slot allocated here is freed, also on any error. ``options``
     are :func:`generate`'s keyword arguments.
 
@@ -292,7 +301,9 @@ def generate_in_manager(model, manager, prompts: Sequence[Sequence[int]], *,
     ValueError
         A bad request (see :func:`check_prompts`); nothing is allocated then.
     NoFreeSlotError, OutOfPagesError
-        The manager cannot hold the request now (back-pressure); nothing stays allocated.
+        The manager cannot hold the request now (back-pressure); nothing stays allocated. An
+        ``OutOfPagesError`` from inside the compiled loop (only if pages were taken from under
+        its reservation) says whether the manager's cache was kept or lost.
 
     Example::
 
@@ -307,10 +318,10 @@ def generate_in_manager(model, manager, prompts: Sequence[Sequence[int]], *,
     try:
         for prompt in prompts:
             slots.append(manager.alloc(len(prompt)))
-        manager.reserve_growth(int(new_tokens.max()) - 1)
         result, manager.cache = generate(model, manager.cache, prompts, slots=slots,
                                          max_len=config.max_len, max_new_tokens=new_tokens, **options)
     finally:
-        for slot in slots:
-            manager.free(slot)
+        if not manager.lost:  # a lost cache's slots went with it
+            for slot in slots:
+                manager.free(slot)
     return result

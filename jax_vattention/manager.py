@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import time
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,9 @@ from jax_vattention.cache import KVCache
 from jax_vattention.config import CacheConfig
 
 _DLPACK_DEVICE_CUDA = 2
+
+# The live managers by id, for entry points that are handed a cache and need its manager.
+_LIVE: "weakref.WeakValueDictionary[int, CacheManager]" = weakref.WeakValueDictionary()
 _DLPACK_DTYPES = {  # dtype -> (DLPack type code, bits)
     jnp.dtype(jnp.float32): (2, 32),
     jnp.dtype(jnp.float16): (2, 16),
@@ -100,25 +104,84 @@ class CacheManager:
         config.check_buffer_bytes(self.capacity)
         # Only the CPU backend discards unmapped pages (see _discard_unmapped).
         self._discards = not on_gpu
-        self._core = _core.PageManager(config.num_buffers, config.max_batch, self.capacity,
-                                       config.token_bytes, page_bytes, driver, budget)
+        self._budget = budget
         self._id = 0
+        self._lost: str | None = None
+        self._closed = False
+        self._open()
+        # Released by close() or at exit, never by garbage collection: the
+        # cache's arrays may outlive this object, and must not outlive its memory.
+        atexit.register(self.close)
+
+    def _open(self) -> None:
+        """Creates the page manager, the buffers and the cache, and registers them."""
+        config = self.config
+        self._core = _core.PageManager(config.num_buffers, config.max_batch, self.capacity,
+                                       config.token_bytes, self.page_bytes, self.driver, self._budget)
         try:
-            buffers = self._gpu_buffers() if on_gpu else self._cpu_buffers()
+            if self.device.platform == "gpu":
+                self._core.reserve_buffers()
+                buffers = self._gpu_views()
+            else:
+                buffers = self._cpu_buffers()
             self._id = _core.register_manager(self._core)
         except BaseException:
             self._core.release()
             raise
-        # Released by close() or at exit, never by garbage collection: the
-        # cache's arrays may outlive this object, and must not outlive its memory.
-        self._closed = False
-        atexit.register(self.close)
-        half = config.num_buffers // 2
-        self.cache = KVCache(k=tuple(buffers[:half]), v=tuple(buffers[half:]), manager_id=self._id,
-                             interleaved=config.interleaved)
+        _LIVE[self._id] = self
+        self._lost = None
+        self._cache = self._wrap(buffers)
 
-    def _gpu_buffers(self) -> list[jax.Array]:
-        self._core.reserve_buffers()
+    def _wrap(self, buffers: list[jax.Array]) -> KVCache:
+        half = self.config.num_buffers // 2
+        return KVCache(k=tuple(buffers[:half]), v=tuple(buffers[half:]), manager_id=self._id,
+                       interleaved=self.config.interleaved)
+
+    @property
+    def cache(self) -> KVCache:
+        """The cache; raises ``RuntimeError`` once it was lost (see :meth:`reset`)."""
+        self._check_usable()
+        return self._cache
+
+    @cache.setter
+    def cache(self, cache: KVCache) -> None:
+        """Stores the cache a jitted step returned. Only this manager's cache is accepted: a cache
+        of another manager would have this manager's mapping op grow its slots while the step
+        writes into the other's."""
+        self._check_usable()
+        self.check_cache(cache)
+        self._cache = cache
+
+    @property
+    def lost(self) -> bool:
+        """True after a failed step took the cache with it (CPU backend); see :meth:`reset`."""
+        return self._lost is not None
+
+    def check_cache(self, cache: KVCache) -> None:
+        """Raises ``ValueError`` unless ``cache`` is a cache this manager made (its id, layout,
+        buffer count, shapes and dtype)."""
+        if not isinstance(cache, KVCache):
+            raise ValueError(f"expected a KVCache, got {type(cache).__name__}")
+        if cache.manager_id != self._id:
+            owner = "a dense cache" if cache.is_dense else f"the cache of manager {cache.manager_id}"
+            raise ValueError(f"{owner} was given to manager {self._id}: a manager accepts only its own "
+                             "cache (the one its .cache returned, or a jitted step returned for it)")
+        half = self.config.num_buffers // 2
+        buffers = (*cache.k, *cache.v)
+        if (cache.interleaved != self.config.interleaved or len(cache.k) != half or len(cache.v) != half
+                or any(b.shape != self._shape or b.dtype != jnp.dtype(self.config.dtype) for b in buffers)):
+            raise ValueError(f"the cache's buffers do not match manager {self._id}'s: expected {half} K and "
+                             f"{half} V arrays of shape {self._shape} and dtype {jnp.dtype(self.config.dtype)}")
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"manager {self._id} is closed: its cache must not be used")
+        if self._lost is not None:
+            raise RuntimeError(f"the cache of manager {self._id} was lost: {self._lost}. Every request in it "
+                               "is gone; call reset() for a fresh, empty cache, or close()")
+
+    def _gpu_views(self) -> list[jax.Array]:
+        """Zero-copy arrays over the reserved ranges (reserved already)."""
         code, bits = _DLPACK_DTYPES[jnp.dtype(self.config.dtype)]
         buffers = []
         for base in self._core.buffer_bases():
@@ -159,6 +222,7 @@ class CacheManager:
         ``NoFreeSlotError`` when every slot is taken and ``OutOfPagesError``
         when the budget cannot cover the prompt; nothing changes then.
         """
+        self._check_usable()
         prompt_len = _count("prompt_len", prompt_len)
         if prompt_len > self.config.max_len:
             raise ValueError(f"a prompt of {prompt_len} tokens is longer than max_len={self.config.max_len}")
@@ -168,6 +232,7 @@ class CacheManager:
 
     def free(self, slot: int) -> None:
         """Ends the request in ``slot``; its pages stay mapped until they are needed elsewhere."""
+        self._check_usable()
         self._core.free(_count("slot", slot))
 
     def reserve_growth(self, tokens: int) -> None:
@@ -180,6 +245,7 @@ class CacheManager:
         every active slot's reservation fails only if the driver fails.
         Raises ``OutOfPagesError`` with nothing changed if the budget is short.
         """
+        self._check_usable()
         self._core.reserve_growth(_count("tokens", tokens))
         self._discard_unmapped()
 
@@ -193,6 +259,7 @@ class CacheManager:
         it stops when the budget has no free page left, and never waits for
         the device to reclaim free slots' pages. Returns the pages mapped.
         """
+        self._check_usable()
         tokens = _count("tokens", tokens)
         if max_pages is None:
             return self._core.prefetch(tokens)
@@ -207,6 +274,7 @@ class CacheManager:
         end), no page is begun that the previous page's mapping time says
         would end after it. Returns the pages mapped.
         """
+        self._check_usable()
         tokens = _count("tokens", tokens)
         mapped, page_seconds = 0, 0.0
         while not pending.is_ready():
@@ -222,11 +290,13 @@ class CacheManager:
 
     def grow(self, tokens: int) -> None:
         """Host-side growth, outside a compiled program: what :func:`jax_vattention.grow` does in one."""
+        self._check_usable()
         self._core.grow(_count("tokens", tokens))
         self._discard_unmapped()
 
     def reclaim(self) -> int:
         """Unmaps the pages of free slots, after the device finished with them; returns the page count."""
+        self._check_usable()
         pages = self._core.reclaim()
         self._discard_unmapped()
         return pages
@@ -244,8 +314,8 @@ class CacheManager:
         with what your jitted steps return). Otherwise the pages stay resident,
         holding nothing, until the mapping op next runs.
         """
-        if self._discards and not self._closed:
-            self._core.discard_unmapped([*self.cache.k, *self.cache.v])
+        if self._discards and not self._closed and self._lost is None:
+            self._core.discard_unmapped([*self._cache.k, *self._cache.v])
 
     def trim(self) -> int:
         """Releases pooled (created, unmapped) pages back to the device; returns the page count.
@@ -254,6 +324,7 @@ class CacheManager:
         release a page, the others are still released, the page stays pooled,
         and ``DriverError`` is raised: calling it again retries.
         """
+        self._check_usable()
         return self._core.trim()
 
     def lengths(self) -> np.ndarray:
@@ -291,9 +362,51 @@ class CacheManager:
         """
         if not self._closed:
             self._closed = True
-            _core.unregister_manager(self._id)
+            atexit.unregister(self.close)
+        self._shut()
+
+    def _shut(self) -> None:
+        """Unregisters the page manager and releases it.
+
+        Releasing never touches a CPU buffer's memory (unmapping there only forgets the page, and
+        pages queued for a discard are dropped), so a cache XLA already freed is safe to release.
+        """
+        _LIVE.pop(self._id, None)
+        _core.unregister_manager(self._id)
         self._core.release()
-        atexit.unregister(self.close)
+
+    def reset(self) -> None:
+        """Starts over with an empty cache (new id, every slot free), e.g. after the cache was lost.
+
+        Every request in the old cache is gone; its arrays must not be used again.
+        """
+        if self._closed:
+            raise RuntimeError(f"manager {self._id} is closed: create a new one")
+        self._shut()
+        self._open()
+
+    def _recover_from_failed_step(self, taken: KVCache) -> str:
+        """After a compiled step that took the cache ``taken`` failed: keeps :attr:`cache` usable,
+        or marks it lost.
+
+        XLA deletes the donated arrays of a failed execution. On a GPU the reserved ranges and
+        their pages are the manager's, so the arrays are rebuilt over them (the contents written
+        before the failure stay). On the CPU backend XLA owned the buffers and has freed them:
+        the cache is lost, and the manager never touches that memory again. Returns what happened,
+        for the error message.
+        """
+        self.check_cache(taken)
+        if not any(buffer.is_deleted() for buffer in (*taken.k, *taken.v)):
+            self._cache = taken
+            return "the cache is intact"
+        if self.device.platform == "gpu":
+            self._cache = self._wrap(self._gpu_views())
+            return ("the cache arrays were rebuilt over the same reservations; the slots' host lengths "
+                    "include the steps that ran before the failure")
+        self._lost = "a compiled step failed after taking the cache, and XLA freed its CPU buffers"
+        _LIVE.pop(self._id, None)
+        _core.unregister_manager(self._id)
+        return f"the cache is lost ({self._lost}): call manager.reset()"
 
     def __enter__(self) -> "CacheManager":
         return self
@@ -305,6 +418,20 @@ class CacheManager:
         stats = self._core.stats()
         return (f"CacheManager({self.device}, {self.config.num_layers} layers, {self.config.max_batch} slots x "
                 f"{self.capacity} tokens, {stats['mapped_pages']} of {stats['budget_pages']} pages mapped)")
+
+
+def manager_for(cache: KVCache) -> "CacheManager | None":
+    """The live manager that made ``cache``; None for a dense cache.
+
+    Raises ``ValueError`` when that manager is closed or its cache was lost.
+    """
+    if cache.is_dense:
+        return None
+    manager = _LIVE.get(cache.manager_id)
+    if manager is None:
+        raise ValueError(f"the cache's manager {cache.manager_id} is closed or its cache was lost: "
+                         "use the cache of a live manager")
+    return manager
 
 
 def default_driver(device: jax.Device):

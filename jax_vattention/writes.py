@@ -5,15 +5,41 @@ other position would land on an unmapped page and kill the CUDA context. The
 write here is therefore a scatter whose every dropped token gets an
 out-of-bounds index, which XLA skips entirely, instead of a masked
 ``dynamic_update_slice`` that would still store the whole window.
+
+On the CPU backend a bfloat16 cache is written by a host callback that stores
+the tokens in place: XLA's CPU compiler has no bfloat16 scatter (nor
+dynamic-update-slice) and converts the whole buffer to float32 and back around
+one, which reads and writes every page of the cache, so the OS commits them
+all; a bit-cast to ``uint16`` is a whole-buffer copy there too.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
+from jax.experimental.buffer_callback import buffer_callback
+
 from jax_vattention.cache import KVCache
+
+
+def _store_on_host(context, out, buffer, indices, updates) -> None:
+    """The CPU bfloat16 scatter: ``out`` is ``buffer`` (aliased); rows of ``indices`` that are out of
+    bounds are dropped, as ``FILL_OR_DROP`` does. Only the pages of the kept tokens are touched."""
+    del context, buffer  # the same memory as out
+    target = np.asarray(out)
+    indices = np.asarray(indices)
+    updates = np.asarray(updates)
+    keep = np.all((indices >= 0) & (indices < np.asarray(target.shape[:indices.shape[1]])), axis=1)
+    target[tuple(indices[keep].T)] = updates[keep]
+
+
+def _scatter_in_place_on_host(buffer, indices, updates):
+    store = buffer_callback(_store_on_host, jax.ShapeDtypeStruct(buffer.shape, buffer.dtype),
+                            input_output_aliases={0: 0})
+    return store(buffer, indices, updates)
 
 
 def scatter_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array,
@@ -52,9 +78,15 @@ def scatter_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array,
     indexed = tuple(range(len(coordinates)))
     dimension_numbers = lax.ScatterDimensionNumbers(
         update_window_dims=(1, 2), inserted_window_dims=indexed, scatter_dims_to_operand_dims=indexed)
-    return lax.scatter(buffer, indices, updates, dimension_numbers,
-                       indices_are_sorted=False, unique_indices=True,
-                       mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+    def scatter(buffer, indices, updates):
+        return lax.scatter(buffer, indices, updates, dimension_numbers,
+                           indices_are_sorted=False, unique_indices=True,
+                           mode=lax.GatherScatterMode.FILL_OR_DROP)
+
+    if jnp.dtype(buffer.dtype) != jnp.dtype(jnp.bfloat16):
+        return scatter(buffer, indices, updates)
+    return lax.platform_dependent(buffer, indices, updates, cpu=_scatter_in_place_on_host, default=scatter)
 
 
 def write_kv(cache: KVCache, layer: int, k: jax.Array, v: jax.Array, start: jax.Array,

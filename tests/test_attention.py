@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_vattention.attention import BACKENDS, attend, dot_product_attention, xla_attention
+import jax_vattention as jv
+from jax_vattention.attention import (BACKENDS, BLOCK_TOKENS, attend, blocked_attention, dot_product_attention,
+                                      resolve_backend, xla_attention)
 
 
 def naive_attention(q, k_cache, v_cache, q_positions, kv_lengths):
@@ -136,7 +138,7 @@ def test_unknown_backend_is_a_value_error():
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         attend(q, cache, cache, q_positions=jnp.zeros((1, 1), jnp.int32),
                kv_lengths=jnp.ones((1,), jnp.int32), backend="flash")
-    assert set(BACKENDS) == {"xla", "cudnn", "pallas"}
+    assert set(BACKENDS) == {"xla", "blocked", "cudnn", "pallas"}
 
 
 @pytest.mark.gpu
@@ -159,3 +161,64 @@ def test_gpu_backends_match_naive(backend):
                            np.asarray(jnp.asarray(k, jnp.bfloat16), np.float32),
                            np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32), (lengths - 1)[:, None], lengths)
     np.testing.assert_allclose(np.asarray(got, np.float32), want, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("q_len", [1, 6])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_blocked_matches_naive_across_blocks_and_empty_rows(seed, q_len):
+    capacity = 3 * BLOCK_TOKENS
+    rng, q, k, v = random_case(seed, batch=4, q_len=q_len, capacity=capacity, q_heads=8, kv_heads=2)
+    lengths = np.array([0, 1, BLOCK_TOKENS + 5, capacity], np.int32)
+    lengths[1:] = np.maximum(lengths[1:] - rng.integers(0, 3, size=3), q_len)
+    positions = np.maximum(lengths[:, None] - q_len + np.arange(q_len, dtype=np.int32)[None], 0)
+    got = blocked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(positions),
+                            jnp.asarray(lengths))
+    np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, positions, lengths),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_blocked_reads_one_layer_of_an_interleaved_cache():
+    rng, q, k, v = random_case(3, batch=3, capacity=100)
+    layers_k = np.stack([k, -k, 2 * k], axis=2)  # [B, S, layers, K, H]
+    layers_v = np.stack([v, v, -v], axis=2)
+    lengths = np.array([5, 100, 70], np.int32)
+    positions = (lengths - 1)[:, None]
+    got = blocked_attention(jnp.asarray(q), jnp.asarray(layers_k), jnp.asarray(layers_v),
+                            jnp.asarray(positions), jnp.asarray(lengths), layer=2)
+    want = naive_attention(q, 2 * k, -v, positions, lengths)
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+
+
+def test_blocked_never_reads_at_or_past_a_length():
+    """Poisoned positions past each length (NaN) would spread into every output they touched."""
+    rng, q, k, v = random_case(4, batch=3, capacity=2 * BLOCK_TOKENS)
+    lengths = np.array([0, 3, BLOCK_TOKENS + 1], np.int32)
+    for b, length in enumerate(lengths):
+        k[b, length:] = np.nan
+        v[b, length:] = np.nan
+    got = np.asarray(blocked_attention(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                       jnp.asarray((np.maximum(lengths, 1) - 1)[:, None]), jnp.asarray(lengths)))
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got[0], 0)
+
+
+def test_one_rule_picks_and_refuses_backends():
+    dense = jv.KVCache.dense(num_layers=1, max_batch=1, capacity=8, kv_heads=1, head_dim=4)
+    assert resolve_backend(None, dense) == "blocked"          # CPU default
+    assert resolve_backend("xla", dense) == "xla"             # a dense reference may read it all
+    virtual_cpu = dense.replace(manager_id=7)
+    assert resolve_backend("xla", virtual_cpu) == "xla"       # the OS commits what is read: allowed, not default
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        resolve_backend("flash", dense)
+    assert jv.attention.default_backend("per_layer", "gpu") == "cudnn"
+    assert jv.attention.default_backend("interleaved", "gpu") == "pallas"
+
+
+@pytest.mark.gpu
+def test_gpu_rule_refuses_xla_for_a_virtual_cache():
+    gpu = jax.devices("gpu")[0]
+    dense = jv.KVCache.dense(num_layers=1, max_batch=1, capacity=8, kv_heads=1, head_dim=4, device=gpu)
+    with pytest.raises(ValueError, match="whole cache capacity"):
+        resolve_backend("xla", dense.replace(manager_id=7))
+    assert resolve_backend(None, dense.replace(manager_id=7)) == "cudnn"
+    assert resolve_backend("xla", dense) == "xla"

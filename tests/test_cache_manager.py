@@ -125,6 +125,32 @@ def test_undonated_cache_is_refused_before_it_runs(manager):
     assert manager.lengths()[0] == 1
 
 
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+def test_another_donated_argument_cannot_stand_in_for_an_unreturned_cache_array(manager):
+    cache = manager.cache
+    extra = tuple(jnp.zeros_like(buffer) for buffer in cache.k)   # as many arrays as the cache's K half
+
+    def step(cache, extra):
+        return cache.v, tuple(e + 1 for e in extra)                # the K arrays alias nothing
+
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(cache, extra)
+    with pytest.raises(ValueError, match="not returned in place"):
+        jv.check_cache_donation(lowered, (cache, extra), {})
+
+
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
+def test_a_cache_array_aliased_to_another_output_is_refused(manager):
+    cache = manager.cache
+
+    def step(cache):
+        dense = tuple(jnp.ones_like(buffer) for buffer in cache.k)  # same shapes: XLA may alias them
+        return dense, cache.replace(k=tuple(b + 0 for b in cache.k))
+
+    lowered = jax.jit(step, donate_argnums=0).lower(cache)
+    with pytest.raises(ValueError, match="not returned in place"):
+        jv.check_cache_donation(lowered, (cache,), {})
+
+
 def test_a_copied_cache_is_reported_by_the_op(manager):
     manager.alloc(1)
     with pytest.raises(Exception, match="copied the cache.*[Dd]onate"):

@@ -48,7 +48,7 @@ def write_checkpoint(directory, *, shards=False):
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="cuDNN runs here")
 def test_generate_cudnn_on_cpu(capsys):
-    assert "--backend cudnn needs a CUDA GPU" in run_cli(capsys, "generate", "--backend", "cudnn")
+    assert "backend 'cudnn' needs a CUDA GPU" in run_cli(capsys, "generate", "--backend", "cudnn")
 
 
 def test_generate_cudnn_cannot_read_interleaved():

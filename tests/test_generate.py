@@ -99,7 +99,7 @@ def test_per_sequence_stop_tokens_and_limits(model):
 
 def test_compiles_once_per_batch_and_prompt_bucket(model):
     cache = dense_cache()
-    compiled = generate_fn(nnx.split(model)[0], "xla", False).jitted
+    compiled = generate_fn(nnx.split(model)[0], "blocked", False).jitted
     before = compiled._cache_size()
     requests = [([3, 7, 1], dict(max_new_tokens=5)),
                 ([16, 2, 9, 11], dict(max_new_tokens=9, stop_tokens=[[1], [2], [], [4, 5]], slots=[2, 0, 1, 3])),

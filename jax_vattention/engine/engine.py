@@ -36,10 +36,12 @@ import numpy as np
 from flax import nnx
 
 from jax_vattention._core import OutOfPagesError
+from jax_vattention.attention import resolve_backend
 from jax_vattention.engine.requests import Request, RequestState, TokenEvent
 from jax_vattention.engine.steps import decode_chunk_fn, prefill_fn
 from jax_vattention.generate import batch_bucket, prompt_bucket
 from jax_vattention.manager import CacheManager
+from jax_vattention.preflight import check_slots, mapping_failures
 
 
 # Mapping a page takes ~50 µs of host time per buffer (2.9 ms for a slot of a 32-layer
@@ -63,7 +65,9 @@ class EngineConfig:
     chunk_steps : decode steps per compiled chunk (K)
     max_prefill_batch : requests prefilled together at most (prefill compiles once per power of two
         up to it, times the prompt buckets)
-    backend : attention backend (``xla``, ``cudnn``, ``pallas``)
+    backend : attention backend (``blocked``, ``xla``, ``cudnn``, ``pallas``); None: the default of the
+        cache's device and layout (:func:`~jax_vattention.attention.resolve_backend`, which also
+        refuses a backend that reads past the lengths on a virtual GPU cache)
     overlap, deferred_reclamation, eager_allocation : the memory policies (module docstring)
     prefetch_tokens : with overlap, how far ahead of every running slot the host maps while a
         chunk runs (default: two chunks, and at least ``MIN_PREFETCH_TOKENS`` so that short chunks
@@ -75,7 +79,7 @@ class EngineConfig:
 
     chunk_steps: int = 8
     max_prefill_batch: int = 8
-    backend: str = "xla"
+    backend: str | None = None
     overlap: bool = True
     deferred_reclamation: bool = True
     eager_allocation: bool = True
@@ -138,10 +142,13 @@ class Engine:
         if (model_config.num_layers, model_config.num_kv_heads, model_config.head_dim) != (
                 cache_config.num_layers, cache_config.kv_heads, cache_config.head_dim):
             raise ValueError("the cache's layers, KV heads and head_dim must match the model's")
+        backend = resolve_backend(config.backend, manager.cache)
         self.model = model
         self.manager = manager
         self.config = config
+        self.backend = backend
         self.stats = EngineStats()
+        self.failed: dict[int, Exception] = {}   # requests ended by an error, by id
         self._graphdef, self._state = nnx.split(model)
         slots = cache_config.max_batch
         self._waiting: collections.deque[RequestState] = collections.deque()
@@ -157,31 +164,23 @@ class Engine:
         self._temperature = np.zeros(slots, np.float32)
         self._top_k = np.zeros(slots, np.int32)
         self._top_p = np.ones(slots, np.float32)
-        self._prefill_step = prefill_fn(self._graphdef, config.backend)
-        self._decode = decode_chunk_fn(self._graphdef, config.backend, config.chunk_steps)
+        self._prefill_step = prefill_fn(self._graphdef, backend)
+        self._decode = decode_chunk_fn(self._graphdef, backend, config.chunk_steps)
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: Request) -> int:
-        """Queues a request; returns its id. Raises ``ValueError`` for one that can never be served."""
-        prompt = list(request.prompt)
-        vocab = self.model.config.vocab_size
-        max_len = self.manager.config.max_len
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        if min(prompt) < 0 or max(prompt) >= vocab:
-            raise ValueError(f"the prompt has a token id outside [0, {vocab})")
-        if request.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
-        if len(prompt) + request.max_new_tokens - 1 > max_len:
-            raise ValueError(f"a prompt of {len(prompt)} tokens with max_new_tokens={request.max_new_tokens} "
-                             f"needs more than max_len={max_len} positions")
-        if len(request.stop_tokens) > self.config.max_stop_tokens:
-            raise ValueError(f"at most {self.config.max_stop_tokens} stop tokens (EngineConfig.max_stop_tokens)")
-        needed = self._pages_for(len(prompt) + request.max_new_tokens + self.config.chunk_steps)
+        """Queues a request; returns its id.
+
+        Raises ``ValueError``, with nothing queued, for a request that can never be served: a wrong
+        type or range of any field, a token id outside the vocabulary, a length past ``max_len`` or
+        more pages than the whole budget. The engine keeps its own checked copy.
+        """
+        request = self._checked(request)
+        needed = self._pages_for(len(request.prompt) + request.max_new_tokens + self.config.chunk_steps)
         budget = self.manager.stats()["budget_pages"]
         if needed > budget:
             raise ValueError(f"the request needs {needed} pages at most but the whole budget is {budget} pages")
-        state = RequestState(self._next_id, dataclasses.replace(request, prompt=prompt), time.perf_counter())
+        state = RequestState(self._next_id, request, time.perf_counter())
         self._next_id += 1
         self._waiting.append(state)
         return state.request_id
@@ -203,6 +202,48 @@ class Engine:
                 state.slot = None
                 return True
         return False
+
+    def _checked(self, request: Request) -> Request:
+        """A copy of ``request`` with plain Python values; ``ValueError`` naming the first bad field."""
+        if not isinstance(request, Request):
+            raise ValueError(f"submit takes a Request, got {type(request).__name__}")
+        vocab = self.model.config.vocab_size
+        max_len = self.manager.config.max_len
+
+        def integer(name, value, low, high=None):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+            if value < low or (high is not None and value >= high):
+                bounds = f"outside [{low}, {high})" if high is not None else f"below {low}"
+                raise ValueError(f"{name} {value} is {bounds}")
+            return int(value)
+
+        def real(name, value, low, high, low_open=False):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+            value = float(value)
+            if not (low < value if low_open else low <= value) or not value <= high:
+                raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
+            return value
+
+        if isinstance(request.prompt, (str, bytes)) or not hasattr(request.prompt, "__len__"):
+            raise ValueError(f"the prompt must be a list of token ids, got {type(request.prompt).__name__}")
+        prompt = [integer("a prompt token id", token, 0, vocab) for token in request.prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        max_new = integer("max_new_tokens", request.max_new_tokens, 1)
+        if len(prompt) + max_new - 1 > max_len:
+            raise ValueError(f"a prompt of {len(prompt)} tokens with max_new_tokens={max_new} "
+                             f"needs more than max_len={max_len} positions")
+        if isinstance(request.stop_tokens, (str, bytes)) or not hasattr(request.stop_tokens, "__len__"):
+            raise ValueError(f"stop_tokens must be a sequence of token ids, got {request.stop_tokens!r}")
+        stops = tuple(integer("a stop token id", token, 0, vocab) for token in request.stop_tokens)
+        if len(stops) > self.config.max_stop_tokens:
+            raise ValueError(f"at most {self.config.max_stop_tokens} stop tokens (EngineConfig.max_stop_tokens)")
+        return Request(prompt=prompt, max_new_tokens=max_new, stop_tokens=stops,
+                       temperature=real("temperature", request.temperature, 0.0, float(np.finfo(np.float32).max)),
+                       top_k=integer("top_k", request.top_k, 0, np.iinfo(np.int32).max),
+                       top_p=real("top_p", request.top_p, 0.0, 1.0, low_open=True))
 
     @property
     def idle(self) -> bool:
@@ -241,10 +282,14 @@ class Engine:
             yield from self.step()
 
     def run(self, callback: Callable[[TokenEvent], None] | None = None) -> dict[int, list[int]]:
-        """Runs until idle; returns every request's tokens by id (and calls ``callback`` per token)."""
+        """Runs until idle; returns every request's tokens by id (and calls ``callback`` per event).
+
+        A request that failed has the tokens it streamed before; its error is in :attr:`failed`."""
         outputs: dict[int, list[int]] = collections.defaultdict(list)
         for event in self.stream():
-            outputs[event.request_id].append(event.token)
+            tokens = outputs[event.request_id]  # a failed request keeps what it streamed
+            if event.error is None:
+                tokens.append(event.token)
             if callback is not None:
                 callback(event)
         return dict(outputs)
@@ -252,6 +297,7 @@ class Engine:
     def _admit(self) -> list[TokenEvent]:
         """Places waiting requests in free slots while pages last, then prefills them in one call."""
         admitted: list[RequestState] = []
+        failed: list[TokenEvent] = []
         blocked = False
         lookahead = self.config.chunk_steps if self.config.eager_allocation else 0
         while (self._waiting and len(self._by_slot) + len(admitted) < self.manager.config.max_batch
@@ -259,10 +305,10 @@ class Engine:
             state = self._waiting[0]
             try:
                 slot = self.manager.alloc(len(state.context), lookahead=min(lookahead, state.remaining))
-            except OutOfPagesError:
-                if not self._by_slot and not admitted:
-                    raise RuntimeError("an idle engine cannot admit a request that passed submit(): "
-                                       "the page budget accounting is inconsistent")
+            except OutOfPagesError as error:
+                if not self._by_slot and not admitted:  # nothing will free pages for it: fail it alone
+                    failed.append(self._fail(self._waiting.popleft(), error))
+                    continue
                 blocked = True
                 break  # back-pressure: wait for running requests to finish
             self._waiting.popleft()
@@ -272,7 +318,7 @@ class Engine:
         if blocked:
             holding = [*self._by_slot.values(), *admitted]
             self.stats.memory_bound_batches.append((len(holding), self._ideal_batch(holding)))
-        events = self._prefill(admitted) if admitted else []
+        events = failed + (self._prefill(admitted) if admitted else [])
         self.stats.running.append(len(self._by_slot))
         self.stats.blocked_by_memory.append(blocked)
         self._blocked = blocked
@@ -302,34 +348,54 @@ class Engine:
         return ideal
 
     def _prefill(self, states: list[RequestState]) -> list[TokenEvent]:
-        """One jitted prefill of the admitted requests, padded to a (batch, prompt) bucket."""
+        """One jitted prefill of the admitted requests, padded to a (batch, prompt) bucket.
+
+        A request whose row cannot be built is failed alone (its stream ends with the error)."""
+        events: list[TokenEvent] = []
+        rows_of: list[tuple[RequestState, list[int], tuple]] = []
+        for state in states:
+            try:
+                request = state.request
+                knobs = (np.float32(request.temperature), np.int32(request.top_k), np.float32(request.top_p))
+                rows_of.append((state, np.asarray(state.context, np.int32).tolist(), knobs))
+            except (TypeError, ValueError, OverflowError) as error:
+                events.append(self._fail(state, error))
+        if not rows_of:
+            return events
         max_batch = self.manager.config.max_batch
-        contexts = [state.context for state in states]
-        rows = batch_bucket(len(states), min(max_batch, self.config.max_prefill_batch))
-        width = prompt_bucket(max(len(context) for context in contexts), self.manager.capacity)
+        rows = batch_bucket(len(rows_of), min(max_batch, self.config.max_prefill_batch))
+        width = prompt_bucket(max(len(context) for _, context, _ in rows_of), self.manager.capacity)
         tokens = np.zeros((rows, width), np.int32)
         lengths = np.zeros(rows, np.int32)
         slots = np.full(rows, max_batch, np.int32)           # padding rows: an out-of-range slot, dropped
         temperature = np.zeros(rows, np.float32)
         top_k = np.zeros(rows, np.int32)
         top_p = np.ones(rows, np.float32)
-        for row, (state, context) in enumerate(zip(states, contexts)):
+        for row, (state, context, knobs) in enumerate(rows_of):
             tokens[row, :len(context)] = context
             lengths[row] = len(context)
             slots[row] = state.slot
-            temperature[row] = state.request.temperature
-            top_k[row] = state.request.top_k
-            top_p[row] = state.request.top_p
+            temperature[row], top_k[row], top_p[row] = knobs
+        check_slots(self.manager, slots[:len(rows_of)], lengths[:len(rows_of)], error=RuntimeError)
         self._key, key = jax.random.split(self._key)
-        first, self.manager.cache = self._prefill_step(
-            self._state, self.manager.cache, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots),
-            jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), key)
-        first = np.asarray(first)
-        self.stats.prefills += len(states)
-        events = []
-        for row, (state, context) in enumerate(zip(states, contexts)):
+        cache = self.manager.cache
+        with mapping_failures(self.manager, cache, "the engine's prefill"):
+            first, self.manager.cache = self._prefill_step(
+                self._state, cache, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots),
+                jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), key)
+            first = np.asarray(first)
+        self.stats.prefills += len(rows_of)
+        for row, (state, context, _) in enumerate(rows_of):
             events.append(self._start(state, len(context), int(first[row])))
         return events
+
+    def _fail(self, state: RequestState, error: Exception) -> TokenEvent:
+        """Ends one request with ``error``: it leaves its slot, and its stream's last event carries it."""
+        if state.slot is not None:
+            self._retire(state.slot)
+            state.slot = None
+        self.failed[state.request_id] = error
+        return TokenEvent(state.request_id, -1, True, error=f"{type(error).__name__}: {error}")
 
     def _start(self, state: RequestState, context_len: int, token: int) -> TokenEvent:
         """Records a request's first token; it either finishes now or joins the decode batch."""
@@ -357,15 +423,16 @@ class Engine:
         self.stats.tokens += 1
         return TokenEvent(state.request_id, token, finished)
 
-    def _reserve_chunk(self) -> None:
-        """Makes sure the next chunk's growth is covered, preempting the youngest requests if not."""
+    def _reserve_chunk(self) -> list[TokenEvent]:
+        """Makes sure the next chunk's growth is covered, preempting the youngest requests if not;
+        a lone request whose growth the budget cannot cover is failed."""
         while True:
             try:
                 self.manager.reserve_growth(self.config.chunk_steps)
-                return
-            except OutOfPagesError:
+                return []
+            except OutOfPagesError as error:
                 if len(self._by_slot) <= 1:
-                    raise RuntimeError("a single request's growth exceeds the page budget") from None
+                    return [self._fail(state, error) for state in list(self._by_slot.values())]
                 youngest = max(self._by_slot.values(), key=lambda s: (s.admitted_at, s.request_id))
                 self._preempt(youngest)
 
@@ -377,32 +444,38 @@ class Engine:
         self._waiting.appendleft(state)
 
     def _decode_chunk(self) -> list[TokenEvent]:
-        self._reserve_chunk()
+        failed = self._reserve_chunk()
+        if not self._by_slot:
+            return failed
         running = np.zeros(len(self._lengths), bool)
         running[list(self._by_slot)] = True
+        # What the chunk writes starts at each running slot's length: the host must hold at least it.
+        check_slots(self.manager, np.flatnonzero(running), self._lengths[running], error=RuntimeError)
         lengths_before = self._lengths.copy()
         mapped_before = self.manager.stats()["pages_mapped_total"]
         start = time.perf_counter()
         self._key, key = jax.random.split(self._key)
-        outputs = self._decode(
-            self._state, self.manager.cache, jnp.asarray(self._last), jnp.asarray(self._lengths), jnp.asarray(running),
-            jnp.asarray(self._generated), jnp.asarray(self._max_new), jnp.asarray(self._stops),
-            jnp.asarray(self._temperature), jnp.asarray(self._top_k), jnp.asarray(self._top_p), key)
-        self.manager.cache = outputs[0]
-        if self.config.overlap:
-            # The device is busy with this chunk: map the next chunks' pages until it is done (or,
-            # going by the last chunk, about to be), so the mapping never delays what follows.
-            map_seconds_before = self.manager.stats()["map_seconds"]
-            deadline = expected_end(start, self.stats.chunk_seconds)
-            self.manager.prefetch_while_busy(outputs[5], self._prefetch_tokens(), deadline)
-            self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - map_seconds_before
-        last, lengths, generated, tokens = (np.asarray(outputs[i]) for i in (1, 2, 4, 5))
+        cache = self.manager.cache
+        with mapping_failures(self.manager, cache, "the engine's decode chunk"):
+            outputs = self._decode(
+                self._state, cache, jnp.asarray(self._last), jnp.asarray(self._lengths), jnp.asarray(running),
+                jnp.asarray(self._generated), jnp.asarray(self._max_new), jnp.asarray(self._stops),
+                jnp.asarray(self._temperature), jnp.asarray(self._top_k), jnp.asarray(self._top_p), key)
+            self.manager.cache = outputs[0]
+            if self.config.overlap:
+                # The device is busy with this chunk: map the next chunks' pages until it is done (or,
+                # going by the last chunk, about to be), so the mapping never delays what follows.
+                map_seconds_before = self.manager.stats()["map_seconds"]
+                deadline = expected_end(start, self.stats.chunk_seconds)
+                self.manager.prefetch_while_busy(outputs[5], self._prefetch_tokens(), deadline)
+                self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - map_seconds_before
+            last, lengths, generated, tokens = (np.asarray(outputs[i]) for i in (1, 2, 4, 5))
         self.stats.chunk_seconds.append(time.perf_counter() - start)
         self.stats.chunk_crossed_page.append(self._crossed_page(lengths_before, lengths, running))
         self.stats.chunk_mapped_pages.append(self.manager.stats()["pages_mapped_total"] - mapped_before)
         self.stats.chunks += 1
         self._last[:], self._lengths[:], self._generated[:] = last, lengths, generated
-        events = []
+        events = failed
         for slot, state in list(self._by_slot.items()):
             for token in tokens[slot]:
                 if token < 0:

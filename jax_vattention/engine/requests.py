@@ -27,11 +27,15 @@ class Request:
 
 @dataclasses.dataclass(frozen=True)
 class TokenEvent:
-    """A token of request ``request_id``; ``finished`` on its last one."""
+    """A token of request ``request_id``; ``finished`` on its last one.
+
+    A request that failed ends with an event whose ``error`` says why (its ``token`` is -1).
+    """
 
     request_id: int
     token: int
     finished: bool
+    error: str | None = None
 
 
 @dataclasses.dataclass
