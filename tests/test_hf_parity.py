@@ -124,3 +124,48 @@ def test_generate_command_runs_a_checkpoint_with_its_tokenizer(tmp_path, capsys)
     assert command.run(args) == 0
     out = capsys.readouterr().out
     assert f"model: {tmp_path}" in out and "[0] 3 prompt tokens ->" in out and "tokens/s" in out
+
+
+@pytest.mark.parametrize("theta,head_dim,rope", [
+    (500_000.0, 128, LLAMA3_ROPE | {"original_max_position_embeddings": 8192}),  # Llama 3.1
+    (500_000.0, 64, LLAMA3_ROPE | {"factor": 32.0, "original_max_position_embeddings": 8192}),  # Llama 3.2
+    (500_000.0, 128, None),  # Llama 3
+    (5_000_000.0, 128, None),  # Yi
+    (1_000_000.0, 128, None),  # Mistral v0.2
+    (10_000.0, 128, None),  # Llama 2
+    (100_000.0, 64, None),  # SmolLM2
+    (10_000.0, 128, {"rope_type": "linear", "factor": 4.0}),
+])
+def test_rope_frequencies_within_one_ulp_of_transformers(theta, head_dim, rope):
+    from jax_vattention.models.hf_loader import config_from_hf
+    from jax_vattention.models.rope import inverse_frequencies
+    hf_config = transformers.LlamaConfig(
+        hidden_size=4 * head_dim, num_attention_heads=4, head_dim=head_dim, max_position_embeddings=131072,
+        rope_parameters={"rope_theta": theta, **(rope or {"rope_type": "default"})})
+    want = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(hf_config).inv_freq.numpy()
+    ours = inverse_frequencies(config_from_hf(hf_config.to_dict()))
+    assert ours.dtype == np.float32
+    ulps = np.abs(ours.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1 and (ulps > 0).sum() <= 1
+
+
+def test_logits_match_transformers_past_position_2000_with_llama3_rope(tmp_path):
+    """Real rope parameters (theta 500000, llama3 scaling, 64 frequencies) and GQA 7:1: an angle
+    error grows with the position, so this is where imprecise frequencies show."""
+    torch.manual_seed(0)
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = transformers.LlamaConfig(
+        vocab_size=97, hidden_size=70, intermediate_size=96, num_hidden_layers=2, num_attention_heads=7,
+        num_key_value_heads=1, head_dim=128, max_position_embeddings=131072, rms_norm_eps=1e-5,
+        initializer_range=0.3, rope_parameters=rope)
+    hf = transformers.LlamaForCausalLM(config).float().eval()
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path))
+    tokens = np.random.default_rng(1).integers(0, 97, size=2080).tolist()
+    cache = KVCache.dense(num_layers=2, max_batch=1, capacity=2080, kv_heads=1, head_dim=128,
+                          dtype=jnp.float32)
+    logits, _ = model(jnp.asarray([tokens], jnp.int32), jnp.arange(2080, dtype=jnp.int32)[None], cache,
+                      start=jnp.zeros(1, jnp.int32), count=jnp.full(1, 2080, jnp.int32))
+    want = hf_logits(hf, tokens)
+    np.testing.assert_allclose(np.asarray(logits)[0, 2000:], want[2000:], atol=1e-4, rtol=1e-4)
