@@ -6,8 +6,11 @@ float32), and optionally ``tokenizer.json``. Hugging Face stores each linear
 layer as ``[out_features, in_features]``; the model keeps einsum layouts, so
 each weight is transposed and split into heads on the way in. Every tensor is
 checked against the shape the config implies, and anything the model cannot
-reproduce exactly (biases, sliding windows, other activations, other rope
-types) is refused with a ``ValueError`` naming the field or tensor.
+reproduce exactly (biases, other activations, other rope types) is refused with
+a ``ValueError`` naming the field or tensor. A sliding window is kept in the
+config, and the model refuses a cache longer than it. A tied checkpoint that
+stores its own ``lm_head.weight``, different from the embedding, gets that head,
+as in transformers 5.
 """
 
 from __future__ import annotations
@@ -49,9 +52,29 @@ def _rope_scaling(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
                      f"supported; supported: default, llama3, linear")
 
 
+# transformers 5's defaults for every config.json field we read, per model_type (the defaults
+# of LlamaConfig and MistralConfig): a field a checkpoint leaves out means what it means there.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "eos_token_id": 2,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "sliding_window": None,
+    },
+    "mistral": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "eos_token_id": 2,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "sliding_window": 4096,
+    },
+}
+
+
 def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> LlamaConfig:
     """A :class:`LlamaConfig` from the fields of a Hugging Face ``config.json``.
 
+    A missing field takes transformers' default for the ``model_type`` (:data:`HF_DEFAULTS`):
+    a Mistral checkpoint without ``sliding_window`` has a window of 4096 there, and so here.
     ``dtype`` overrides the checkpoint's ``torch_dtype`` / ``dtype`` (default float32 if absent).
     Raises ``ValueError`` naming the field for any architecture or feature we do not support.
     """
@@ -63,34 +86,31 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> LlamaConfig:
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"config.json: architectures has {architecture!r}; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    hf = {**HF_DEFAULTS[model_type], **hf}
     refusals = {
-        "hidden_act": hf.get("hidden_act", "silu") != "silu",
-        "attention_bias": bool(hf.get("attention_bias", False)),
-        "mlp_bias": bool(hf.get("mlp_bias", False)),
-        "sliding_window": hf.get("sliding_window") is not None,
+        "hidden_act": hf["hidden_act"] != "silu",
+        "attention_bias": bool(hf["attention_bias"]),
+        "mlp_bias": bool(hf["mlp_bias"]),
         "quantization_config": hf.get("quantization_config") is not None,
     }
     for field, refused in refusals.items():
         if refused:
             raise ValueError(f"config.json: {field}={hf[field]!r} is not supported")
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads"):
-        if field not in hf:
-            raise ValueError(f"config.json: the field {field!r} is missing")
     num_heads = int(hf["num_attention_heads"])
     theta, scaling = _rope_scaling(hf)
-    eos = hf.get("eos_token_id")
+    eos = hf["eos_token_id"]
     eos = () if eos is None else _token_ids(eos)
     dtype = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    window = hf["sliding_window"]
     return LlamaConfig(
         vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
         intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-        num_heads=num_heads, num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // num_heads),
-        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        dtype=str(dtype), eos_token_ids=eos)
+        num_heads=num_heads, num_kv_heads=int(hf["num_key_value_heads"] or num_heads),
+        head_dim=int(hf["head_dim"] or int(hf["hidden_size"]) // num_heads),
+        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(hf["rms_norm_eps"]),
+        tie_embeddings=bool(hf["tie_word_embeddings"]),
+        max_position_embeddings=int(hf["max_position_embeddings"]),
+        dtype=str(dtype), eos_token_ids=eos, sliding_window=None if window is None else int(window))
 
 
 def _tensor_files(directory: str) -> dict[str, str]:
@@ -171,9 +191,13 @@ def load_model(directory: str, *, dtype: str | None = None) -> Llama:
         model = load_model("/models/Llama-3.1-8B-Instruct", dtype="bfloat16")
     """
     config = read_config(directory, dtype)
+    files = _tensor_files(directory)
+    if config.tie_embeddings and "lm_head.weight" in files and not _same_tensor(
+            files, "lm_head.weight", "model.embed_tokens.weight"):
+        # transformers 5 does not tie a head stored with other values than the embedding: it uses it
+        config = config.replace(tie_embeddings=False)
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     placements = _placements(config)
-    files = _tensor_files(directory)
     ignored = {name for name in files if name.endswith(IGNORED_SUFFIXES)
                or (config.tie_embeddings and name == "lm_head.weight")}
     missing = sorted(set(placements) - set(files))
@@ -201,6 +225,19 @@ def load_model(directory: str, *, dtype: str | None = None) -> Llama:
                 value = transform(f.get_tensor(name)).astype(config.jnp_dtype)
                 _set(param, jax.device_put(value))
     return model
+
+
+def _same_tensor(files: dict[str, str], first: str, second: str) -> bool:
+    """Whether two stored tensors hold the same shape and values."""
+    import numpy as np
+    from safetensors import safe_open
+    values = []
+    for name in (first, second):
+        if name not in files:
+            return False
+        with safe_open(files[name], framework="flax") as f:
+            values.append(np.asarray(f.get_tensor(name)))
+    return values[0].shape == values[1].shape and bool(np.array_equal(values[0], values[1]))
 
 
 def _set(param: nnx.Param, value: jax.Array) -> None:
