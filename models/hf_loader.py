@@ -196,18 +196,9 @@ def load_model(directory: str, *, dtype: str | None = None) -> Llama:
             files, "lm_head.weight", "model.embed_tokens.weight"):
         # transformers 5 does not tie a head stored with other values than the embedding: it uses it
         config = config.replace(tie_embeddings=False)
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    placements = _placements(config)
     ignored = {name for name in files if name.endswith(IGNORED_SUFFIXES)
                or (config.tie_embeddings and name == "lm_head.weight")}
-    missing = sorted(set(placements) - set(files))
-    if missing:
-        raise ValueError(f"checkpoint {directory} lacks the tensor {missing[0]}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(set(files) - set(placements) - ignored)
-    if unexpected:
-        raise ValueError(f"checkpoint {directory} has the tensor {unexpected[0]}, which a "
-                         f"{config.num_layers}-layer Llama does not use")
+    model, placements = _empty_model(config, set(files) - ignored, f"checkpoint {directory}")
     from safetensors import safe_open
     by_file: dict[str, list[str]] = {}
     for name in placements:
@@ -215,16 +206,47 @@ def load_model(directory: str, *, dtype: str | None = None) -> Llama:
     for file, names in by_file.items():
         with safe_open(file, framework="flax") as f:
             for name in names:
-                path, transform = placements[name]
-                param = _param(model, path)
-                expected_source = _expected_source_shape(name, param.shape)
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected_source:
-                    raise ValueError(f"tensor {name} has shape {shape}; config.json implies "
-                                     f"{expected_source}")
-                value = transform(f.get_tensor(name)).astype(config.jnp_dtype)
-                _set(param, jax.device_put(value))
+                _place(model, placements[name], name, tuple(f.get_slice(name).get_shape()),
+                       lambda: f.get_tensor(name), "config.json")
     return model
+
+
+def load_tensors(config: LlamaConfig, tensors: dict[str, Any], *, source: str) -> Llama:
+    """Build a :class:`Llama` from tensors under their Hugging Face names and layouts (``[out, in]``).
+
+    The loaders of other formats (:mod:`.gguf_loader`) end here, so every format is checked
+    the same way: a missing, unexpected or mis-shaped tensor is a ``ValueError`` naming it.
+    """
+    model, placements = _empty_model(config, set(tensors), source)
+    for name, placement in placements.items():
+        _place(model, placement, name, tuple(tensors[name].shape), lambda: tensors[name],
+               f"the metadata of {source}")
+    return model
+
+
+def _empty_model(config: LlamaConfig, names: set[str], source: str):
+    """An abstract :class:`Llama` and its placements, once ``names`` are exactly the tensors it needs."""
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    placements = _placements(config)
+    missing = sorted(set(placements) - names)
+    if missing:
+        raise ValueError(f"{source} lacks the tensor {missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(names - set(placements))
+    if unexpected:
+        raise ValueError(f"{source} has the tensor {unexpected[0]}, which a "
+                         f"{config.num_layers}-layer Llama does not use")
+    return model, placements
+
+
+def _place(model: Llama, placement, name: str, shape: tuple[int, ...], read, implied_by: str) -> None:
+    """Check a tensor's stored shape, then transform, cast and set it (``read()`` gives its value)."""
+    path, transform = placement
+    param = _param(model, path)
+    expected_source = _expected_source_shape(name, param.shape)
+    if shape != expected_source:
+        raise ValueError(f"tensor {name} has shape {shape}; {implied_by} implies {expected_source}")
+    _set(param, jax.device_put(transform(read()).astype(param.dtype)))
 
 
 def _same_tensor(files: dict[str, str], first: str, second: str) -> bool:

