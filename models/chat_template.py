@@ -1,4 +1,4 @@
-"""Rendering a model's Jinja chat template the way transformers does.
+"""A model's Jinja chat template, rendered the way transformers does, and a tokenizer carrying it.
 
 transformers renders ``chat_template`` in a sandboxed Jinja environment with
 ``trim_blocks`` and ``lstrip_blocks``, a ``raise_exception`` function and a
@@ -8,7 +8,9 @@ up the same environment.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from typing import Any
 
 
 def _raise_exception(message: str):
@@ -36,3 +38,31 @@ def render_chat(template: str, messages: list[dict[str, str]], *, add_generation
     environment.globals["raise_exception"] = _raise_exception
     return environment.from_string(template).render(
         messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplatedTokenizer:
+    """A ``tokenizers.Tokenizer`` with the model's special tokens and chat template.
+
+    ``encode(text).ids`` / ``decode(ids)`` behave as a ``tokenizers.Tokenizer``'s do, so the
+    generate command takes it where it takes a bare one.
+    """
+
+    tokenizer: Any
+    bos_token: str | None
+    eos_token: str | None
+    chat_template: str | None
+
+    def encode(self, text: str):
+        return self.tokenizer.encode(text)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` (``[{"role": "user", "content": ...}, ...]``)."""
+        if self.chat_template is None:
+            raise ValueError("the model has no chat template (tokenizer.chat_template in a GGUF file, "
+                             "chat_template.jinja or tokenizer_config.json in a checkpoint): use --prompt")
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=self.bos_token or "", eos_token=self.eos_token or "")

@@ -192,7 +192,7 @@ def read_config(path: str, dtype: str | None = None) -> LlamaConfig:
 
 def load(path: str, *, dtype: str | None = None):
     """``(model, tokenizer)`` of a GGUF file: a :class:`Llama` holding its weights dequantized to
-    ``dtype`` and its :class:`~.gguf_tokenizer.GGUFTokenizer` (the file is parsed once).
+    ``dtype`` and its :class:`~.chat_template.TemplatedTokenizer` (the file is parsed once).
 
     Parameters
     ----------

@@ -13,8 +13,9 @@ we do not know are refused: a wrong split gives other token ids without any erro
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
+
+from .chat_template import TemplatedTokenizer
 
 CONTROL, USER_DEFINED = 3, 4
 
@@ -31,42 +32,12 @@ PRE_TOKENIZER_SPLITS: dict[str, str | None] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class GGUFTokenizer:
-    """A ``tokenizers.Tokenizer`` with the file's special tokens and chat template.
-
-    ``encode(text).ids`` / ``decode(ids)`` behave as a ``tokenizers.Tokenizer`` does (the
-    ``bos`` token is prepended when the file's ``tokenizer.ggml.add_bos_token`` says so), so the
-    generate command takes it where it takes a checkpoint's ``tokenizer.json``.
-    """
-
-    tokenizer: Any
-    bos_token: str | None
-    eos_token: str | None
-    chat_template: str | None
-
-    def encode(self, text: str):
-        return self.tokenizer.encode(text)
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
-
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """The prompt text for ``messages`` (``[{"role": "user", "content": ...}, ...]``), rendered
-        from the file's ``tokenizer.chat_template`` as transformers renders it."""
-        from .chat_template import render_chat
-        if self.chat_template is None:
-            raise ValueError("the GGUF file has no tokenizer.chat_template: use --prompt with plain text")
-        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-                           bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-
-
 def _token(meta: dict[str, Any], key: str, tokens: list[str]) -> str | None:
     index = meta.get(f"tokenizer.ggml.{key}")
     return None if index is None else tokens[int(index)]
 
 
-def tokenizer_from_gguf(meta: dict[str, Any]) -> GGUFTokenizer:
+def tokenizer_from_gguf(meta: dict[str, Any]) -> TemplatedTokenizer:
     """Build the tokenizer of a GGUF file from its metadata (:func:`.gguf_loader.metadata`).
 
     Raises ``ValueError`` naming the field for a missing field, a vocabulary that is not
@@ -111,5 +82,5 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> GGUFTokenizer:
         bos_id = int(meta["tokenizer.ggml.bos_token_id"])
         tokenizer.post_processor = processors.TemplateProcessing(
             single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, bos_id)])
-    return GGUFTokenizer(tokenizer=tokenizer, bos_token=bos, eos_token=_token(meta, "eos_token_id", tokens),
+    return TemplatedTokenizer(tokenizer=tokenizer, bos_token=bos, eos_token=_token(meta, "eos_token_id", tokens),
                          chat_template=meta.get("tokenizer.chat_template"))

@@ -283,12 +283,34 @@ def _expected_source_shape(name: str, model_shape: tuple[int, ...]) -> tuple[int
 
 
 def load_tokenizer(directory: str):
-    """The ``tokenizers.Tokenizer`` of ``directory/tokenizer.json``, or None if there is none."""
+    """The tokenizer of ``directory/tokenizer.json``, or None if there is none.
+
+    A ``tokenizers.Tokenizer``; a :class:`~.chat_template.TemplatedTokenizer` around it where the
+    directory has a chat template (``chat_template.jinja``, or ``chat_template`` in
+    ``tokenizer_config.json``), with ``tokenizer_config.json``'s ``bos_token`` / ``eos_token``.
+    """
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
         return None
     from tokenizers import Tokenizer
-    return Tokenizer.from_file(path)
+
+    from .chat_template import TemplatedTokenizer
+    tokenizer = Tokenizer.from_file(path)
+    settings = {}
+    settings_path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            settings = json.load(f)
+    template = settings.get("chat_template")
+    template_path = os.path.join(directory, "chat_template.jinja")
+    if os.path.exists(template_path):
+        with open(template_path) as f:
+            template = f.read()
+    if not isinstance(template, str):
+        return tokenizer  # none, or a list of named templates, which we do not pick from
+    token = lambda value: value.get("content") if isinstance(value, dict) else value
+    return TemplatedTokenizer(tokenizer=tokenizer, bos_token=token(settings.get("bos_token")),
+                              eos_token=token(settings.get("eos_token")), chat_template=template)
 
 
 def eos_token_ids(directory: str, config: LlamaConfig) -> tuple[int, ...]:

@@ -247,3 +247,26 @@ def test_missing_fields_take_transformers_defaults(tmp_path, model_type, config_
     for field, default in HF_DEFAULTS[model_type].items():
         if field not in ("num_key_value_heads", "head_dim"):  # filled in from the head count
             assert getattr(hf_config, field, default) == default, field  # absent there: no such feature
+
+
+def test_checkpoint_chat_template_renders_as_transformers_does(tmp_path):
+    import tokenizers
+    vocab = {"[UNK]": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for message in messages %}\n"
+                "  {% if message['role'] == 'user' %}[U] {{ message['content'] | trim }}\n"
+                "  {% else %}{{ raise_exception('only user turns') }}{% endif %}\n"
+                "{% endfor %}{% if add_generation_prompt %}[A]{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
+        "eos_token": "</s>", "chat_template": template}))
+    ours = load_tokenizer(str(tmp_path))
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages = [{"role": "user", "content": " hello world "}, {"role": "user", "content": "world"}]
+    assert ours.apply_chat_template(messages) == theirs.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert ours.encode("hello world").ids == [3, 4]
+    with pytest.raises(ValueError, match="only user turns"):
+        ours.apply_chat_template([{"role": "assistant", "content": "hello"}])

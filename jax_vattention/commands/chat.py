@@ -20,8 +20,9 @@ CHAT_CHUNK_STEPS = 4
 def chat_prompt(tokenizer, question: str) -> list[int]:
     """The token ids of ``question`` as the user's message, under the model's chat template."""
     if not hasattr(tokenizer, "apply_chat_template"):
-        raise ValueError("--chat needs a chat template: a .gguf model carries one (try --model smollm2-135m); "
-                         "for a checkpoint directory use --prompt")
+        raise ValueError("--chat needs a chat template: a .gguf model carries one (try --model smollm2-135m), "
+                         "a checkpoint directory has it in chat_template.jinja or tokenizer_config.json; "
+                         "without one use --prompt")
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
     return tokenizer.encode(text).ids
 
