@@ -173,6 +173,9 @@ def read_tensors(reader, config: LlamaConfig) -> dict[str, np.ndarray]:
     tensors = {}
     for tensor in reader.tensors:
         name = hf_tensor_name(tensor.name)
+        if tensor.tensor_type.name not in SUPPORTED_TYPES:
+            raise ValueError(f"the GGUF tensor {tensor.name} has the type {tensor.tensor_type.name}, which "
+                             f"we do not dequantize; supported: {', '.join(SUPPORTED_TYPES)}")
         value = dequantize(tensor.data, tensor.tensor_type.name)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists the fastest axis first
         value = value.reshape(shape)
