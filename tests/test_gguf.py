@@ -263,8 +263,22 @@ def test_smollm2_greedy_chat_answers_match_transformers(smollm2, transformers_sm
         assert tokens == want.tolist()
 
 
-def test_generate_command_answers_a_chat_question_with_the_bundled_model(capsys):
+class Recorder:
+    """A text stream that keeps each write apart."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_generate_command_streams_a_chat_answer_with_the_bundled_model(monkeypatch, capsys):
     import argparse
+    import sys
 
     from jax_vattention.commands import generate as command
     from jax_vattention.models.bundled import bundled_model_path
@@ -276,10 +290,13 @@ def test_generate_command_answers_a_chat_question_with_the_bundled_model(capsys)
     command.add_arguments(parser)
     args = parser.parse_args(["--model", "smollm2-135m", "--chat", CHATS[0], "--max-new-tokens", "12",
                               "--max-len", "64"])
+    out = Recorder()
+    monkeypatch.setattr(sys, "stdout", out)
     assert command.run(args) == 0
-    captured = capsys.readouterr()
-    assert "Paris" in captured.out  # float32 on CPU: exactly "The capital of France is Paris.\n"
-    assert "37 prompt tokens" in captured.err
+    answer = "".join(out.writes)
+    assert "Paris" in answer  # float32 on CPU: exactly "The capital of France is Paris.\n"
+    assert len([text for text in out.writes if text.strip()]) >= 2  # printed as the chunks came
+    assert "37 prompt tokens" in capsys.readouterr().err
 
 
 def test_bundled_model_missing_says_how_to_install(monkeypatch):

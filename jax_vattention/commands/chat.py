@@ -29,11 +29,13 @@ def chat_prompt(tokenizer, question: str) -> list[int]:
 
 def stream_chat(model, tokenizer, question: str, *, stop_tokens: tuple[int, ...], max_new_tokens: int,
                 max_len: int, layout: str, backend: str, temperature: float, top_k: int, top_p: float,
-                seed: int, out: TextIO = sys.stdout) -> list[int]:
-    """Generate the answer to ``question``, printing its text to ``out`` as tokens arrive.
+                seed: int, out: TextIO | None = None) -> list[int]:
+    """Generate the answer to ``question``, printing its text to ``out`` (default: standard
+    output) as tokens arrive; a line on standard error then gives the counts and the time.
 
     Returns the answer's token ids (with the stop token that ended it, if any).
     """
+    out = sys.stdout if out is None else out
     import jax_vattention as jv
     from jax_vattention.engine import Engine, EngineConfig, Request
 
