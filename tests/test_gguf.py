@@ -341,3 +341,14 @@ def test_smollm2_bfloat16_virtual_cache_gives_the_dense_cache_tokens(layout):
     dense, _ = generate(model, dense_cache, prompts, **options)
     assert virtual.tokens == dense.tokens
     assert "Paris" in tokenizer.decode(virtual.tokens[0])
+
+
+def test_generate_command_names_a_model_it_cannot_find(capsys):
+    import argparse
+
+    from jax_vattention.commands import generate as command
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    assert command.run(parser.parse_args(["--model", "smollm2", "--chat", "hi"])) == 2
+    assert "--model smollm2: not a checkpoint directory, a .gguf file or a bundled model (smollm2-135m)" in \
+        capsys.readouterr().err

@@ -10,6 +10,7 @@ capacity (``batch x max_len`` tokens) would hold.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -42,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a prompt (repeatable); needs the checkpoint's tokenizer or a byte vocabulary")
     parser.add_argument("--chat", metavar="QUESTION",
                         help="ask one question through the model's chat template and print the answer as "
-                             "it is generated (a .gguf model carries its template)")
+                             "it is generated (a .gguf file carries its template; a checkpoint directory "
+                             "may, in chat_template.jinja or tokenizer_config.json)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default 64)")
     parser.add_argument("--max-len", type=int, default=2048, help="tokens a cache slot may hold (default 2048)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -78,6 +80,9 @@ def _load(args):
         if path.endswith(".gguf"):
             model, tokenizer = gguf_loader.load(path, dtype=args.dtype or default_dtype("float32", device))
             return model, tokenizer, model.config.eos_token_ids, args.model
+        if not os.path.isdir(path):
+            raise ValueError(f"--model {path}: not a checkpoint directory, a .gguf file or a bundled model "
+                             f"({', '.join(bundled.BUNDLED_MODELS)})")
         dtype = args.dtype or default_dtype(hf_loader.read_config(args.model).dtype, device)
         model = hf_loader.load_model(args.model, dtype=dtype)
         tokenizer = hf_loader.load_tokenizer(args.model)
