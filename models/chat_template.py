@@ -45,7 +45,8 @@ class TemplatedTokenizer:
     """A ``tokenizers.Tokenizer`` with the model's special tokens and chat template.
 
     ``encode(text).ids`` / ``decode(ids)`` behave as a ``tokenizers.Tokenizer``'s do, so the
-    generate command takes it where it takes a bare one.
+    generate command takes it where it takes a bare one. A rendered chat is encoded with
+    ``add_special_tokens=False``, as transformers does: templates write the BOS token themselves.
     """
 
     tokenizer: Any
@@ -53,8 +54,8 @@ class TemplatedTokenizer:
     eos_token: str | None
     chat_template: str | None
 
-    def encode(self, text: str):
-        return self.tokenizer.encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True):
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

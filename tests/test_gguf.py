@@ -10,6 +10,7 @@ gguf = pytest.importorskip("gguf", reason="the GGUF loader needs the gguf packag
 import jax.numpy as jnp  # noqa: E402
 
 from jax_vattention.models import gguf_loader  # noqa: E402
+from jax_vattention.commands.chat import chat_prompt  # noqa: E402
 from jax_vattention.models.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
 
 BLOCK = 32  # values per block in Q8_0, Q4_0 and Q4_1
@@ -237,7 +238,7 @@ def test_smollm2_tokenizer_and_chat_template_match_transformers(smollm2, transfo
         messages = [{"role": "user", "content": question}]
         ours = tokenizer.apply_chat_template(messages)
         assert ours == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        assert tokenizer.encode(ours).ids == theirs.apply_chat_template(
+        assert tokenizer.encode(ours, add_special_tokens=False).ids == theirs.apply_chat_template(
             messages, tokenize=True, add_generation_prompt=True, return_dict=True)["input_ids"]
 
 
@@ -249,8 +250,7 @@ def test_smollm2_greedy_chat_answers_match_transformers(smollm2, transformers_sm
     from jax_vattention.generate import generate
     _, model, tokenizer = smollm2
     hf = transformers_smollm2[0]
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}])).ids
-               for q in CHATS]
+    prompts = [chat_prompt(tokenizer, question) for question in CHATS]
     config = model.config
     max_new = 16
     cache = KVCache.dense(num_layers=config.num_layers, max_batch=len(prompts), capacity=128,
@@ -326,8 +326,7 @@ def test_smollm2_bfloat16_virtual_cache_gives_the_dense_cache_tokens(layout):
         pytest.skip(str(error))
     model, tokenizer = gguf_loader.load(path, dtype="bfloat16")
     config = model.config
-    prompts = [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": q}])).ids
-               for q in CHATS]
+    prompts = [chat_prompt(tokenizer, question) for question in CHATS]
     backend = default_backend(layout, jax.devices()[0])
     options = dict(max_new_tokens=32, stop_tokens=config.eos_token_ids, backend=backend)
     cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=256,
@@ -352,3 +351,16 @@ def test_generate_command_names_a_model_it_cannot_find(capsys):
     assert command.run(parser.parse_args(["--model", "smollm2", "--chat", "hi"])) == 2
     assert "--model smollm2: not a checkpoint directory, a .gguf file or a bundled model (smollm2-135m)" in \
         capsys.readouterr().err
+
+
+def test_bos_is_added_once_and_a_chat_template_writes_its_own():
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+            "tokenizer.ggml.tokens": ["<s>", "</s>", "a", "b", "ab"], "tokenizer.ggml.merges": ["a b"],
+            "tokenizer.ggml.token_type": [3, 3, 1, 1, 1], "tokenizer.ggml.bos_token_id": 0,
+            "tokenizer.ggml.eos_token_id": 1, "tokenizer.ggml.add_bos_token": True,
+            "tokenizer.chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}"
+                                       "{% endfor %}"}
+    tokenizer = tokenizer_from_gguf(meta)
+    assert tokenizer.encode("abab").ids == [0, 4, 4]
+    assert chat_prompt(tokenizer, "ab") == [0, 4, 1]
+    assert tokenizer.decode([0, 4, 2, 1]) == "aba"

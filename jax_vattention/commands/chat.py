@@ -24,7 +24,7 @@ def chat_prompt(tokenizer, question: str) -> list[int]:
                          "a checkpoint directory has it in chat_template.jinja or tokenizer_config.json; "
                          "without one use --prompt")
     text = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
-    return tokenizer.encode(text).ids
+    return tokenizer.encode(text, add_special_tokens=False).ids  # the template writes any BOS itself
 
 
 def stream_chat(model, tokenizer, question: str, *, stop_tokens: tuple[int, ...], max_new_tokens: int,
