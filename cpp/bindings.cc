@@ -28,6 +28,7 @@ nb::dict stats_dict(const ManagerStats& stats) {
   out["budget_pages"] = stats.budget_pages;
   out["created_pages"] = stats.created_pages;
   out["pooled_pages"] = stats.pooled_pages;
+  out["reserved_pages"] = stats.reserved_pages;
   out["mapped_pages"] = stats.mapped_pages;
   out["deferred_pages"] = stats.deferred_pages;
   out["active_slots"] = stats.active_slots;
@@ -39,6 +40,27 @@ nb::dict stats_dict(const ManagerStats& stats) {
   out["grow_calls"] = stats.grow_calls;
   out["map_seconds"] = stats.map_seconds;
   out["unmap_seconds"] = stats.unmap_seconds;
+  out["poisoned"] = stats.poisoned;
+  return out;
+}
+
+nb::dict view_dict(const ManagerView& view) {
+  nb::list slots;
+  for (const auto& slot : view.slots) {
+    nb::list pages;
+    for (const auto& page : slot) pages.append(nb::cast(page));
+    slots.append(pages);
+  }
+  nb::list strays;
+  for (const StrayMapping& stray : view.strays) {
+    strays.append(nb::make_tuple(stray.address, stray.bytes, stray.handle, stray.accessible));
+  }
+  nb::dict out;
+  out["slots"] = slots;
+  out["bases"] = nb::cast(view.bases);
+  out["pooled"] = nb::cast(view.pooled);
+  out["strays"] = strays;
+  out["poisoned"] = view.poisoned.empty() ? nb::none() : nb::cast(view.poisoned);
   return out;
 }
 
@@ -59,6 +81,16 @@ nb::ndarray<nb::array_api> device_view(nb::handle owner, std::uint64_t address, 
                                     dtype, device_type, device_id);
 }
 
+// PageManager::discard_unmapped with the proof taken from live jax.Arrays, all under the GIL.
+std::size_t discard_if_live(PageManager& manager, const std::vector<nb::object>& arrays) {
+  std::vector<DevicePtr> bases;
+  for (const nb::object& array : arrays) {
+    if (nb::cast<bool>(array.attr("is_deleted")())) return 0;
+    bases.push_back(nb::cast<DevicePtr>(array.attr("unsafe_buffer_pointer")()));
+  }
+  return manager.discard_unmapped(bases);
+}
+
 nb::tuple residency(std::uint64_t address, std::size_t bytes) {
   std::vector<bool> pages = resident_pages(address, bytes);
   std::size_t resident = 0;
@@ -76,6 +108,7 @@ NB_MODULE(_core, m) {
   nb::exception<DriverError>(m, "DriverError", PyExc_RuntimeError);
   nb::exception<OutOfPages>(m, "OutOfPagesError", PyExc_MemoryError);
   nb::exception<NoFreeSlot>(m, "NoFreeSlotError", PyExc_RuntimeError);
+  nb::exception<ManagerPoisoned>(m, "CacheManagerPoisonedError", PyExc_RuntimeError);
 
   nb::class_<Driver>(m, "Driver")
       .def_prop_ro("name", &Driver::name)
@@ -93,34 +126,70 @@ NB_MODULE(_core, m) {
   nb::class_<FakeDriver, Driver>(m, "FakeDriver")
       .def(nb::init<std::size_t, std::size_t>(), "granularity"_a = std::size_t(2) << 20,
            "memory_bytes"_a = std::size_t(1) << 40)
-      .def("fail_on", &FakeDriver::fail_on, "operation"_a, "nth"_a = 1,
-           "Makes the nth next call of operation raise DriverError.")
+      .def("fail_on", &FakeDriver::fail_on, "operation"_a, "nth"_a = 1, "after_a_failure"_a = false,
+           "Makes the nth next call of operation raise DriverError; with after_a_failure, the nth call\n"
+           "after the next injected failure (a call of the undo, say).")
       .def("calls", &FakeDriver::calls, "operation"_a)
+      .def_prop_ro("failures_thrown", &FakeDriver::failures_thrown)
       .def_prop_ro("mapped_bytes", &FakeDriver::mapped_bytes)
       .def_prop_ro("live_handles", &FakeDriver::live_handles)
       .def_prop_ro("live_reservations", &FakeDriver::live_reservations)
-      .def("is_accessible", &FakeDriver::is_accessible, "address"_a, "bytes"_a);
+      .def("is_accessible", &FakeDriver::is_accessible, "address"_a, "bytes"_a)
+      .def("mappings", [](const FakeDriver& driver) {
+        nb::dict table;
+        for (const auto& entry : driver.mappings()) {
+          table[nb::cast(entry.address)] = nb::make_tuple(entry.bytes, entry.handle, entry.accessible);
+        }
+        return table;
+      }, "{address: (bytes, handle, accessible)} of every mapping.")
+      .def("handles", &FakeDriver::handles, "The live physical handles.")
+      .def("reservations", &FakeDriver::reservations, "The bases of the live reservations.")
+      .def("discarded", &FakeDriver::discarded, "(address, bytes) of every discard() call.");
 
+  // Every method that takes the manager's lock lets the GIL go: the lock may be held by the mapping
+  // op, on a thread waiting for the device, and the device's work may need the GIL (host callbacks).
+  // discard_unmapped is the one exception, on purpose (see its docstring).
   using Release = nb::call_guard<nb::gil_scoped_release>;
   nb::class_<PageManager>(m, "PageManager")
       .def(nb::new_(&make_page_manager), "num_buffers"_a, "max_batch"_a, "capacity"_a, "token_bytes"_a,
            "page_bytes"_a, "driver"_a, "budget_bytes"_a)
       .def("reserve_buffers", &PageManager::reserve_buffers, Release())
-      .def("adopt_buffers", &PageManager::adopt_buffers, "bases"_a)
-      .def("buffer_bases", &PageManager::buffer_bases)
+      .def("adopt_buffers", &PageManager::adopt_buffers, "bases"_a, Release())
+      .def("buffer_bases", &PageManager::buffer_bases, Release())
       .def("alloc", &PageManager::alloc, "prompt_len"_a, "lookahead"_a = 0, Release())
       .def("prefetch", &PageManager::prefetch, "tokens"_a, "max_pages"_a = SIZE_MAX, Release())
-      .def("free", &PageManager::free, "slot"_a)
+      .def("free", &PageManager::free, "slot"_a, Release())
       .def("grow", [](PageManager& manager, std::size_t tokens) { manager.grow(tokens, nullptr); }, "tokens"_a,
            Release())
       .def("reserve_growth", &PageManager::reserve_growth, "tokens"_a, Release())
       .def("reclaim", &PageManager::reclaim, Release())
       .def("trim", &PageManager::trim, Release())
       .def("release", &PageManager::release, Release())
-      .def("stats", [](const PageManager& manager) { return stats_dict(manager.stats()); })
-      .def("lengths", &PageManager::lengths)
-      .def("active", &PageManager::active)
-      .def("mapped_pages", &PageManager::mapped_pages);
+      .def("discard_unmapped", &discard_if_live, "arrays"_a,
+           "Discards the pages unmapped since the last discard if `arrays` (the cache's, K then V) are alive\n"
+           "and are the buffers; returns the pages discarded. It checks them and discards with the GIL held,\n"
+           "so that no thread can delete or donate them in between. Only for the host driver: its lock\n"
+           "holders never wait for the device nor the GIL, so waiting for the lock with the GIL is safe.")
+      .def("stats", [](const PageManager& manager) {
+        ManagerStats stats;
+        {
+          nb::gil_scoped_release release;
+          stats = manager.stats();
+        }
+        return stats_dict(stats);
+      })
+      .def("view", [](const PageManager& manager) {
+        ManagerView view;
+        {
+          nb::gil_scoped_release release;
+          view = manager.view();
+        }
+        return view_dict(view);
+      }, "What the manager believes the driver holds: {'slots': [slot][page][buffer] handles, 'bases',\n"
+         "'pooled' handles, 'strays': (address, bytes, handle, accessible), 'poisoned': first failure or None}.")
+      .def("lengths", &PageManager::lengths, Release())
+      .def("active", &PageManager::active, Release())
+      .def("mapped_pages", &PageManager::mapped_pages, Release());
 
   m.def("register_manager", [](std::shared_ptr<PageManager> manager) {
     return ManagerRegistry::instance().add(std::move(manager));

@@ -19,4 +19,13 @@ class NoFreeSlot : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Undoing a failed operation failed too, so the manager can no longer promise
+// that its view of the pages matches the driver's. Every later call but
+// stats() and release() raises this, naming the first failure; release()
+// still frees everything it can.
+class ManagerPoisoned : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
 }  // namespace vattention

@@ -27,9 +27,11 @@ MemoryInfo FakeDriver::memory_info() {
 
 void FakeDriver::record(const std::string& operation) {
   ++calls_[operation];
-  auto failure = failures_.find(operation);
-  if (failure != failures_.end() && --failure->second == 0) {
+  for (auto failure = failures_.begin(); failure != failures_.end(); ++failure) {
+    if (failure->operation != operation || failures_thrown_ <= failure->after_thrown) continue;
+    if (--failure->countdown > 0) continue;
     failures_.erase(failure);
+    ++failures_thrown_;
     throw DriverError("fake " + operation + " failed: injected failure");
   }
 }
@@ -134,16 +136,55 @@ void FakeDriver::synchronize(void*) {
   record("synchronize");
 }
 
-void FakeDriver::fail_on(const std::string& operation, int nth) {
+void FakeDriver::discard(DevicePtr address, std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("discard");
+  discarded_.emplace_back(address, bytes);
+}
+
+std::vector<FakeDriver::MappingEntry> FakeDriver::mappings() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<MappingEntry> table;
+  for (const auto& [address, mapping] : mappings_) {
+    table.push_back(MappingEntry{address, mapping.bytes, mapping.handle, mapping.accessible});
+  }
+  return table;
+}
+
+std::vector<PhysicalHandle> FakeDriver::handles() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<PhysicalHandle> handles;
+  for (const auto& [handle, bytes] : handles_) handles.push_back(handle);
+  return handles;
+}
+
+std::vector<DevicePtr> FakeDriver::reservations() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<DevicePtr> bases;
+  for (const auto& [base, bytes] : reservations_) bases.push_back(base);
+  return bases;
+}
+
+std::vector<std::pair<DevicePtr, std::size_t>> FakeDriver::discarded() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return discarded_;
+}
+
+void FakeDriver::fail_on(const std::string& operation, int nth, bool after_a_failure) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (nth < 1) throw std::invalid_argument("fail_on: nth must be at least 1");
-  failures_[operation] = nth;
+  failures_.push_back(Failure{operation, nth, after_a_failure ? failures_thrown_ : -1});
 }
 
 int FakeDriver::calls(const std::string& operation) const {
   std::lock_guard<std::mutex> lock(mutex_);
   auto it = calls_.find(operation);
   return it == calls_.end() ? 0 : it->second;
+}
+
+int FakeDriver::failures_thrown() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return failures_thrown_;
 }
 
 std::size_t FakeDriver::mapped_bytes() const {

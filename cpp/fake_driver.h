@@ -9,6 +9,8 @@
 #include <mutex>
 #include <set>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "driver.h"
 
@@ -32,13 +34,30 @@ class FakeDriver final : public Driver {
   void unmap(DevicePtr address, std::size_t bytes) override;
   void synchronize(void* stream) override;
 
-  // Makes the `nth` next call of `operation` ("reserve", "create", "map",
-  // "set_access", "unmap", "release", "synchronize") throw DriverError.
-  void fail_on(const std::string& operation, int nth);
+  // Makes the `nth` next call of `operation` ("reserve", "free_reservation",
+  // "create", "map", "set_access", "unmap", "release", "synchronize",
+  // "discard") throw DriverError. With `after_a_failure`, calls count only
+  // once another injected failure was thrown: the nth call of the undo, say.
+  void fail_on(const std::string& operation, int nth, bool after_a_failure = false);
   int calls(const std::string& operation) const;
+  // How many injected failures were thrown so far.
+  int failures_thrown() const;
   std::size_t mapped_bytes() const;
   std::size_t live_handles() const;
   std::size_t live_reservations() const;
+  struct MappingEntry {
+    DevicePtr address;
+    std::size_t bytes;
+    PhysicalHandle handle;
+    bool accessible;
+  };
+  // The whole table, in address order: what tests compare with the manager's view.
+  std::vector<MappingEntry> mappings() const;
+  std::vector<PhysicalHandle> handles() const;
+  std::vector<DevicePtr> reservations() const;
+  // Ranges passed to discard(), in call order.
+  std::vector<std::pair<DevicePtr, std::size_t>> discarded() const;
+  void discard(DevicePtr address, std::size_t bytes) override;
   // True if every byte of [address, address + bytes) is mapped and accessible.
   bool is_accessible(DevicePtr address, std::size_t bytes) const;
 
@@ -59,10 +78,17 @@ class FakeDriver final : public Driver {
   DevicePtr next_address_ = 1ull << 40;
   PhysicalHandle next_handle_ = 1;
   std::map<std::string, int> calls_;
-  std::map<std::string, int> failures_;
+  struct Failure {
+    std::string operation;
+    int countdown;
+    int after_thrown;  // counts down once more than this many failures were thrown; -1: at once
+  };
+  std::vector<Failure> failures_;
+  int failures_thrown_ = 0;
   std::map<DevicePtr, std::size_t> reservations_;
   std::map<PhysicalHandle, std::size_t> handles_;
   std::map<DevicePtr, Mapping> mappings_;
+  std::vector<std::pair<DevicePtr, std::size_t>> discarded_;
 };
 
 }  // namespace vattention

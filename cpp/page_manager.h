@@ -11,15 +11,23 @@
 // Every slot has the same number of pages mapped in every buffer, so a slot's
 // mapped capacity is one number. A freed slot keeps its pages for the next
 // request placed there (deferred reclamation) until another slot needs them.
-// All methods are thread-safe; any error leaves the state as it was.
+// All methods are thread-safe. The safety promise: nothing done through this
+// API reaches an unmapped page, and any error leaves the state as it was; after
+// a driver failure the manager's view equals the driver's, page for page. If
+// undoing a failed operation fails too, the manager is poisoned (see
+// ManagerPoisoned in errors.h) rather than carry on with a wrong view.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "driver.h"
@@ -34,15 +42,26 @@ struct CacheGeometry {
   std::size_t token_bytes = 0;  // one token of one buffer: kv_heads * head_dim * itemsize
   std::size_t page_bytes = 0;
 
+  // validate() makes sure that these products cannot overflow.
   std::size_t slot_bytes() const { return capacity * token_bytes; }
   std::size_t buffer_bytes() const { return max_batch * slot_bytes(); }
-  // Pages of one buffer that hold the first `tokens` tokens of a slot.
+  // Pages of one buffer that hold the first `tokens` tokens of a slot (at most the capacity).
   std::size_t pages_for(std::size_t tokens) const {
-    return (tokens * token_bytes + page_bytes - 1) / page_bytes;
+    return (std::min(tokens, capacity) * token_bytes + page_bytes - 1) / page_bytes;
   }
-  // Throws std::invalid_argument naming the first inconsistent field.
+  // Throws std::invalid_argument naming the first inconsistent field, or the
+  // size that is too large (no buffer may exceed kMaxBufferBytes).
   void validate(std::size_t granularity) const;
 };
+
+// The largest buffer a cache may have: 2**48 bytes (256 TiB), beyond any
+// device's virtual address space, and small enough that no size derived from
+// it overflows, in C++ or in XLA's shapes.
+constexpr std::size_t kMaxBufferBytes = std::size_t(1) << 48;
+
+// `a + b`, or SIZE_MAX where that overflows: token counts are clamped to the
+// capacity afterwards, so a sum past every capacity is as good as the exact one.
+inline std::size_t saturating_add(std::size_t a, std::size_t b) { return a > SIZE_MAX - b ? SIZE_MAX : a + b; }
 
 struct ManagerStats {
   std::size_t page_bytes = 0;
@@ -51,6 +70,7 @@ struct ManagerStats {
   std::size_t pooled_pages = 0;    // created, not mapped
   std::size_t mapped_pages = 0;    // over all buffers and slots
   std::size_t deferred_pages = 0;  // mapped to free slots, reclaimable
+  std::size_t reserved_pages = 0;  // pooled pages earmarked for active slots' reserved growth
   std::size_t active_slots = 0;
   std::size_t used_tokens = 0;     // sum of the active slots' lengths
   std::size_t used_bytes = 0;      // bytes those tokens occupy over all buffers
@@ -60,6 +80,27 @@ struct ManagerStats {
   std::uint64_t grow_calls = 0;
   double map_seconds = 0;    // time spent creating and mapping pages
   double unmap_seconds = 0;  // time spent waiting for the device and unmapping
+  bool poisoned = false;
+};
+
+// A page the driver maps but no slot lists: left by an undo that failed (the
+// manager is then poisoned); release() unmaps it.
+struct StrayMapping {
+  DevicePtr address = 0;
+  std::size_t bytes = 0;
+  PhysicalHandle handle = 0;
+  bool accessible = false;
+};
+
+// Everything the manager believes the driver holds, for tests that compare it
+// with the driver's own table.
+struct ManagerView {
+  // slots[s][p][b]: the physical page behind page p of slot s in buffer b.
+  std::vector<std::vector<std::vector<PhysicalHandle>>> slots;
+  std::vector<DevicePtr> bases;
+  std::vector<PhysicalHandle> pooled;
+  std::vector<StrayMapping> strays;
+  std::string poisoned;  // the first failure, empty if none
 };
 
 class PageManager {
@@ -85,39 +126,74 @@ class PageManager {
   // Ends the request in `slot`; its pages stay mapped for the next one.
   void free(int slot);
   // Adds `tokens` to every active slot (up to the capacity) and maps the
-  // pages that takes. `stream` is XLA's when called from the mapping op.
-  void grow(std::size_t tokens, void* stream);
+  // pages that takes. `stream` is XLA's when called from the mapping op,
+  // which passes `buffers_live` after checking that its operands are the
+  // buffers: only then may unmapped pages be discarded (see discard_unmapped).
+  // A growth within every active slot's reservation (alloc's lookahead,
+  // reserve_growth) never runs out of pages: only a driver failure fails it.
+  void grow(std::size_t tokens, void* stream, bool buffers_live = false);
   // Maps now, without growing, pages that growing every active slot by
   // `tokens` will need: the host maps ahead while the device computes. One
   // slot's next page (in every buffer) at a time, the slot closest to the end
   // of its pages first, until `max_pages` or more are mapped. Best effort: it
   // stops when the budget has no free page (it never waits for the device to
-  // reclaim free slots' pages). Returns the pages mapped.
+  // reclaim free slots' pages, nor takes pages reserved for other slots).
+  // Returns the pages mapped.
   std::size_t prefetch(std::size_t tokens, std::size_t max_pages = SIZE_MAX);
   // Makes sure that growing every active slot by `tokens` cannot run out of
-  // pages: creates the missing physical pages now (eager allocation).
+  // pages: creates the missing physical pages now (eager allocation) and
+  // earmarks them, so that no alloc, prefetch or later reservation takes them.
   void reserve_growth(std::size_t tokens);
   // Unmaps the pages of free slots once the device is done with them.
   std::size_t reclaim();
-  // Releases pooled pages to the device; returns how many.
+  // Releases pooled pages to the device, except those earmarked for reserved
+  // growth; returns how many. Not undone on failure (a released page cannot
+  // come back): it tries every page, keeps pooled those the driver failed to
+  // release, and then throws DriverError.
   std::size_t trim();
-  // Unmaps and releases everything and frees the reservations; idempotent.
+  // Unmaps and releases everything and frees the reservations, all it can,
+  // also when poisoned. Throws DriverError if something could not be freed;
+  // calling it again retries what is left. Nothing is left after a success.
   void release();
+
+  // Discards (returns to the OS, on the CPU backend) the pages unmapped since
+  // the last discard, if `live_bases` — the addresses of the cache arrays the
+  // caller has checked to be alive — are the buffers. Why the proof: adopted
+  // buffers belong to XLA, and once the cache's arrays are copied and dropped
+  // their memory may hold someone else's data, which a discard would zero.
+  // Returns the pages discarded.
+  std::size_t discard_unmapped(const std::vector<DevicePtr>& live_bases);
 
   ManagerStats stats() const;
   std::vector<std::size_t> lengths() const;
   std::vector<bool> active() const;
   std::vector<std::size_t> mapped_pages() const;
+  // Works on a poisoned or released manager too.
+  ManagerView view() const;
 
  private:
   struct Slot {
     bool active = false;
     std::size_t length = 0;
     // Tokens the slot was promised (its prompt and lookahead, or a reserved growth): the pages
-    // that hold them stay; pages beyond are spare and can be reclaimed under memory pressure.
+    // that hold them stay, or are earmarked in the pool; pages beyond are spare and can be
+    // reclaimed under memory pressure.
     std::size_t reserved = 0;
     // pages[p][b]: the physical page behind page p of this slot in buffer b.
     std::vector<std::vector<PhysicalHandle>> pages;
+  };
+  // A page (in every buffer) unmapped by the current operation, to map back if it fails.
+  struct UnmappedPage {
+    std::size_t slot;
+    std::size_t page;
+    std::vector<PhysicalHandle> handles;
+  };
+  // What an operation may change, to restore if it fails.
+  struct Checkpoint {
+    std::vector<Slot> slots;  // without their pages: only the counts matter
+    std::vector<std::size_t> page_counts;
+    std::uint64_t pages_mapped_total;
+    std::uint64_t pages_unmapped_total;
   };
 
   void check_open() const;
@@ -128,20 +204,62 @@ class PageManager {
   std::size_t spare_pages(std::size_t slot, std::size_t growth) const;
   // Spare pages of every slot but `keep_slot`, over all buffers.
   std::size_t reclaimable_pages(std::optional<std::size_t> keep_slot, std::size_t growth = 0) const;
-  // Maps pages of `slot` until it has `target`; all or nothing.
-  void map_up_to(std::size_t slot, std::size_t target);
-  // Unmaps pages of `slot` above `target`, returning them to the pool.
-  void unmap_down_to(std::size_t slot, std::size_t target);
+  // Pages (over all buffers) that `slot`'s reservation still needs mapped, and their sum over all
+  // slots: earmarked in the pool, so that only the reserving slots' growth takes them.
+  std::size_t owed_pages(std::size_t slot) const;
+  std::size_t owed_pages() const;
+  // The pool's headroom that new work may take: what is not owed to reservations.
+  std::size_t free_headroom() const;
   // Unmaps spare pages until the pool's headroom reaches `needed`: free slots' first (those holding
   // the most first), then active slots' spare tails. Waits for the device first.
   void reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream,
                    std::size_t growth = 0);
   // Pages each slot needs to hold `tokens` more (its current count if inactive or already
-  // covered); `extra` gets the pages to map over all buffers.
-  std::vector<std::size_t> growth_targets(std::size_t tokens, std::size_t& extra) const;
-  // Maps pages for every active slot to hold `tokens` more; all or nothing.
+  // covered); `extra` gets the pages to map over all buffers, `owed` the part of them that
+  // the slots' reservations already hold in the pool.
+  std::vector<std::size_t> growth_targets(std::size_t tokens, std::size_t& extra, std::size_t& owed) const;
+  // Maps pages for every active slot to hold `tokens` more.
   void map_for_growth(std::size_t tokens, void* stream);
-  void unmap_everything() noexcept;
+  int alloc_locked(std::size_t prompt_len, std::size_t lookahead);
+  void reserve_growth_locked(std::size_t tokens);
+  // Runs `operation` under the lock. Where it must wait for the device (wait_for_device), it
+  // is run again after a wait without the lock: see page_manager.cc.
+  template <class Operation>
+  auto locked(void* stream, Operation&& operation) -> decltype(operation());
+  // Waits for the device's work (`stream`'s, or all of it if null) before pages are unmapped.
+  void wait_for_device(void* stream);
+  void add_lengths(std::size_t tokens);
+  void discard_pending() noexcept;
+
+  // Page mapping, unmapping and undoing them (page_transactions.cc; transaction() is a template
+  // in page_manager.cc, its only user).
+  //
+  // Runs `body` as one operation: if it throws, rollback() restores what it
+  // changed before the exception goes on, and the exception is the original one.
+  template <class Body>
+  auto transaction(Body&& body) -> decltype(body());
+  Checkpoint checkpoint() const;
+  // Commits the operation: the pages it unmapped may be discarded from now on.
+  void commit();
+  // Undoes everything since `before`; never throws. Where an undo fails but
+  // the view can stay exact (a page that failed to unmap stays listed), it
+  // stays; where it cannot, the manager is poisoned.
+  void rollback(const Checkpoint& before, const std::string& failure) noexcept;
+  // Records the first failure that left the view unsure; `what` says what failed.
+  void poison(const std::string& what) noexcept;
+  // Maps pages of `slot` until it has `target`; all or nothing (or poisoned).
+  void map_up_to(std::size_t slot, std::size_t target);
+  // Unmaps the top page of `slot` in every buffer and pools its handles; all
+  // or nothing: if one buffer fails, the others are mapped back (or poisoned).
+  void unmap_top(std::size_t slot, bool log);
+  // Unmaps pages of `slot` above `target`, returning them to the pool.
+  void unmap_down_to(std::size_t slot, std::size_t target);
+  // Maps `handles` as the next page of `slot` for rollback; false if it failed.
+  bool map_back(std::size_t slot, const std::vector<PhysicalHandle>& handles, std::string& failure) noexcept;
+  // Unmaps `addresses` (mapped to `handles`), best effort; those that fail become strays.
+  // Returns the first failure's message, empty if none.
+  std::string unmap_or_stray(const std::vector<DevicePtr>& addresses, const std::vector<PhysicalHandle>& handles,
+                             const std::vector<bool>& accessible) noexcept;
 
   mutable std::mutex mutex_;
   CacheGeometry geometry_;
@@ -150,7 +268,15 @@ class PageManager {
   std::vector<DevicePtr> bases_;
   bool reserved_by_driver_ = false;
   bool released_ = false;
+  std::string poisoned_;
+  bool waited_ = false;  // whether the operation in progress waited for the device without the lock
+  std::string undoing_;  // the failure being undone, while rollback() runs
+  std::vector<DevicePtr> unfreed_reservations_;  // left by a failed reserve_buffers or release
   std::vector<Slot> slots_;
+  std::vector<StrayMapping> strays_;
+  std::vector<UnmappedPage> unmapped_log_;  // of the operation in progress
+  // (slot, page) of unmapped pages not yet discarded; a page mapped again leaves it.
+  std::set<std::pair<std::size_t, std::size_t>> undiscarded_;
   std::uint64_t pages_mapped_total_ = 0;
   std::uint64_t pages_unmapped_total_ = 0;
   std::uint64_t grow_calls_ = 0;

@@ -1,5 +1,6 @@
 #include "page_pool.h"
 
+#include <algorithm>
 #include <string>
 
 #include "errors.h"
@@ -34,12 +35,16 @@ std::vector<PhysicalHandle> PagePool::take(std::size_t count) {
       try {
         driver_.release(handle);
       } catch (...) {
-        // The creation error is the one to report.
+        // The creation error is the one to report; the page is alive, so it is pooled.
+        free_.push_back(handle);
+        ++created_;
+        created_log_.push_back(handle);
       }
     }
     throw;
   }
   created_ += created.size();
+  created_log_.insert(created_log_.end(), created.begin(), created.end());
   std::vector<PhysicalHandle> taken(free_.end() - from_pool, free_.end());
   free_.resize(free_.size() - from_pool);
   taken.insert(taken.end(), created.begin(), created.end());
@@ -48,6 +53,17 @@ std::vector<PhysicalHandle> PagePool::take(std::size_t count) {
 
 void PagePool::put(const std::vector<PhysicalHandle>& handles) {
   free_.insert(free_.end(), handles.begin(), handles.end());
+}
+
+bool PagePool::remove(const std::vector<PhysicalHandle>& handles) {
+  std::vector<PhysicalHandle> rest = free_;
+  for (PhysicalHandle handle : handles) {
+    auto it = std::find(rest.begin(), rest.end(), handle);
+    if (it == rest.end()) return false;
+    rest.erase(it);
+  }
+  free_ = std::move(rest);
+  return true;
 }
 
 void PagePool::fill(std::size_t count) {
@@ -59,18 +75,43 @@ void PagePool::fill(std::size_t count) {
 
 std::size_t PagePool::trim(std::size_t keep) {
   std::size_t released = 0;
+  std::vector<PhysicalHandle> failed;
+  std::string first_error;
   while (free_.size() > keep) {
-    try {
-      driver_.release(free_.back());
-    } catch (...) {
-      if (released == 0) throw;
-      return released;
-    }
+    const PhysicalHandle handle = free_.back();
     free_.pop_back();
-    --created_;
-    ++released;
+    try {
+      driver_.release(handle);
+      --created_;
+      ++released;
+    } catch (const std::exception& error) {
+      if (first_error.empty()) first_error = error.what();
+      failed.push_back(handle);
+    }
+  }
+  free_.insert(free_.end(), failed.begin(), failed.end());
+  if (!failed.empty()) {
+    throw DriverError(first_error + " (" + std::to_string(released) + " pooled pages released, " +
+                      std::to_string(failed.size()) + " stay pooled: try again)");
   }
   return released;
+}
+
+std::string PagePool::release_created() noexcept {
+  std::string first_error;
+  for (auto it = created_log_.rbegin(); it != created_log_.rend(); ++it) {
+    auto pooled = std::find(free_.begin(), free_.end(), *it);
+    if (pooled == free_.end()) continue;  // still mapped: an undo kept its page
+    try {
+      driver_.release(*it);
+      free_.erase(pooled);
+      --created_;
+    } catch (const std::exception& error) {
+      if (first_error.empty()) first_error = error.what();
+    }
+  }
+  created_log_.clear();
+  return first_error;
 }
 
 }  // namespace vattention

@@ -20,7 +20,7 @@ Example::
 # import on the GPU machine (Python 3.12, jax 0.11.2).
 import jax  # noqa: F401
 
-from jax_vattention._core import DriverError, NoFreeSlotError, OutOfPagesError
+from jax_vattention._core import CacheManagerPoisonedError, DriverError, NoFreeSlotError, OutOfPagesError
 from jax_vattention.cache import KVCache
 from jax_vattention.config import CacheConfig
 from jax_vattention.donation import cache_jit, check_cache_donation
@@ -31,6 +31,7 @@ from jax_vattention.writes import scatter_tokens, write_kv
 __all__ = [
     "CacheConfig",
     "CacheManager",
+    "CacheManagerPoisonedError",
     "DriverError",
     "KVCache",
     "NoFreeSlotError",

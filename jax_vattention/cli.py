@@ -1,4 +1,4 @@
-"""The ``vattention`` command: ``generate``, ``bench {alloc,attention,crossing}`` and ``serve-bench``."""
+"""The ``vattention`` command: ``generate``, ``serve``, ``bench {alloc,attention,crossing}`` and ``serve-bench``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import sys
 # (command words, module with add_arguments(parser) and run(args), help)
 COMMANDS = [
     (("generate",), "jax_vattention.commands.generate", "generate text through the virtual cache"),
+    (("serve",), "jax_vattention.commands.serve", "an OpenAI-compatible HTTP server over the engine"),
     (("bench", "alloc"), "jax_vattention.bench.alloc", "page map/unmap latency and bandwidth"),
     (("bench", "attention"), "jax_vattention.bench.attention", "decode attention against paged kernels"),
     (("bench", "crossing"), "jax_vattention.bench.crossing", "the cost of a decode step that crosses a page"),
+    (("bench", "pages"), "jax_vattention.bench.page_table", "tokens per page and worst-case waste by model, TP, page size"),
     (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),
 ]
 

@@ -18,6 +18,9 @@ import numpy as np
 #                  buffer. Decode reads a layer in place with the Pallas kernel (backend "pallas").
 LAYOUTS = ("per_layer", "interleaved")
 DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# The largest buffer (one layer's K or V, or all layers' in the interleaved layout): beyond any
+# device's virtual address space, and small enough that no size derived from it overflows.
+MAX_BUFFER_BYTES = 2**48
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,19 +68,33 @@ class CacheConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"CacheConfig.{name} must be a positive integer, got {value!r}")
+            if value > MAX_BUFFER_BYTES:
+                raise ValueError(f"CacheConfig.{name}={value} is larger than 2**48: no cache can be that large")
         if jnp.dtype(self.dtype) not in [jnp.dtype(d) for d in DTYPES]:
             raise ValueError(f"CacheConfig.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
         if self.page_bytes is not None and (not isinstance(self.page_bytes, (int, np.integer))
-                                            or self.page_bytes <= 0):
-            raise ValueError(f"CacheConfig.page_bytes must be a positive integer or None, got {self.page_bytes!r}")
+                                            or isinstance(self.page_bytes, bool) or not
+                                            0 < self.page_bytes <= MAX_BUFFER_BYTES):
+            raise ValueError(f"CacheConfig.page_bytes must be a positive integer of at most 2**48 or None, "
+                             f"got {self.page_bytes!r}")
         if self.budget_bytes is not None and (not isinstance(self.budget_bytes, (int, np.integer))
-                                              or self.budget_bytes < 0):
-            raise ValueError(f"CacheConfig.budget_bytes must be a non-negative integer or None, "
+                                              or isinstance(self.budget_bytes, bool)
+                                              or not 0 <= self.budget_bytes < 2**63):
+            raise ValueError(f"CacheConfig.budget_bytes must be a non-negative integer below 2**63 or None, "
                              f"got {self.budget_bytes!r}")
         if not 0.0 < self.budget_fraction <= 1.0:
             raise ValueError(f"CacheConfig.budget_fraction must be in (0, 1], got {self.budget_fraction!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"CacheConfig.layout {self.layout!r} is not supported; choose one of {LAYOUTS}")
+        self.check_buffer_bytes(self.capacity(self.page_bytes or 1))
+
+    def check_buffer_bytes(self, capacity: int) -> None:
+        """Raises ``ValueError`` if a buffer of ``capacity`` tokens per slot exceeds 2**48 bytes."""
+        buffer_bytes = self.max_batch * capacity * self.token_bytes
+        if buffer_bytes > MAX_BUFFER_BYTES:
+            raise ValueError(f"a cache buffer of {self.max_batch} slots x {capacity} tokens x {self.token_bytes} "
+                             f"bytes is {buffer_bytes} bytes, more than 2**48: lower max_batch, max_len or "
+                             f"page_bytes")
 
     @property
     def interleaved(self) -> bool:

@@ -1,4 +1,5 @@
-"""What runs on a device when the user does not say: the model's dtype and the attention kernel."""
+"""What runs on a device when the user does not say: the model's dtype, the cache layout and the
+attention kernel; and the combinations a device cannot run, refused before anything compiles."""
 
 from __future__ import annotations
 
@@ -15,3 +16,24 @@ def default_backend(layout: str, device: jax.Device) -> str:
     if device.platform != "gpu":
         return "xla"
     return "pallas" if layout == "interleaved" else "cudnn"
+
+
+def default_layout(backend: str) -> str:
+    """The interleaved layout unless ``backend`` cannot read it (cuDNN needs a per-layer buffer).
+
+    Why interleaved: pages are whole (2 MiB on a GPU), and a request holds at least one page in
+    every buffer it writes. Per-layer caches have 2 x layers buffers, interleaved ones two, so a
+    request's minimum drops by the number of layers; the Pallas kernel (GPU) and the XLA
+    reference (CPU) read one layer of it in place.
+    """
+    return "per_layer" if backend == "cudnn" else "interleaved"
+
+
+def check_backend_on(backend: str, layout: str, device: jax.Device) -> None:
+    """Raises ``ValueError`` for a kernel that cannot run on ``device`` or read ``layout``."""
+    if backend == "cudnn" and device.platform != "gpu":
+        raise ValueError(f"--backend cudnn needs a CUDA GPU; JAX runs on {device.platform} here "
+                         f"(use xla, or pallas, which is interpreted and slow off a GPU)")
+    if backend == "cudnn" and layout == "interleaved":
+        raise ValueError("--backend cudnn cannot read one layer of an interleaved cache; "
+                         "use --layout per_layer or --backend pallas")

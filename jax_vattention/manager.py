@@ -12,6 +12,13 @@ API, handed to JAX through DLPack without a copy; pages are 2 MiB physical
 allocations mapped into them. On the CPU backend they are XLA-owned buffers
 that the operating system commits page by page when they are first written;
 freed pages go back with ``madvise``. The API is the same on both.
+
+The safety promise: nothing done through this API reaches an unmapped page,
+and any error leaves the state as it was (``OutOfPagesError``,
+``NoFreeSlotError``, ``ValueError``, ``DriverError``). If undoing a failed
+driver call fails too, the manager is poisoned: every later call but
+:meth:`stats` and :meth:`close` raises ``CacheManagerPoisonedError`` naming
+the first failure, and :meth:`close` still frees what it can.
 """
 
 from __future__ import annotations
@@ -90,6 +97,9 @@ class CacheManager:
         self.page_bytes = page_bytes
         self.capacity = config.capacity(page_bytes)
         self._shape = config.buffer_shape(self.capacity)
+        config.check_buffer_bytes(self.capacity)
+        # Only the CPU backend discards unmapped pages (see _discard_unmapped).
+        self._discards = not on_gpu
         self._core = _core.PageManager(config.num_buffers, config.max_batch, self.capacity,
                                        config.token_bytes, page_bytes, driver, budget)
         self._id = 0
@@ -152,7 +162,9 @@ class CacheManager:
         prompt_len = _count("prompt_len", prompt_len)
         if prompt_len > self.config.max_len:
             raise ValueError(f"a prompt of {prompt_len} tokens is longer than max_len={self.config.max_len}")
-        return self._core.alloc(prompt_len, _count("lookahead", lookahead))
+        slot = self._core.alloc(prompt_len, _count("lookahead", lookahead))
+        self._discard_unmapped()
+        return slot
 
     def free(self, slot: int) -> None:
         """Ends the request in ``slot``; its pages stay mapped until they are needed elsewhere."""
@@ -163,9 +175,13 @@ class CacheManager:
 
         Call it before a decode loop of ``tokens`` steps: the loop then only
         maps pages it already has, and cannot run out of memory half-way.
+        The pages are earmarked for the active slots: no :meth:`alloc`,
+        :meth:`prefetch` or later reservation takes them, so a growth within
+        every active slot's reservation fails only if the driver fails.
         Raises ``OutOfPagesError`` with nothing changed if the budget is short.
         """
         self._core.reserve_growth(_count("tokens", tokens))
+        self._discard_unmapped()
 
     def prefetch(self, tokens: int, max_pages: int | None = None) -> int:
         """Maps now, without growing, pages that growing every active slot by ``tokens`` will need.
@@ -207,13 +223,37 @@ class CacheManager:
     def grow(self, tokens: int) -> None:
         """Host-side growth, outside a compiled program: what :func:`jax_vattention.grow` does in one."""
         self._core.grow(_count("tokens", tokens))
+        self._discard_unmapped()
 
     def reclaim(self) -> int:
         """Unmaps the pages of free slots, after the device finished with them; returns the page count."""
-        return self._core.reclaim()
+        pages = self._core.reclaim()
+        self._discard_unmapped()
+        return pages
+
+    def _discard_unmapped(self) -> None:
+        """Returns the pages unmapped so far to the OS (CPU backend), where that is provably safe.
+
+        The CPU backend's buffers are XLA's: once a non-donating function has
+        copied the cache and the old arrays are dropped, their memory may hold
+        someone else's data, which ``madvise(MADV_DONTNEED)`` would zero. So
+        unmapping only queues a page, and the queue is discarded where the
+        buffers are proven to be the cache's: in the mapping op, which checks
+        that its operands are the buffers, and here, when ``self.cache``'s
+        arrays are alive and are the buffers (keep ``manager.cache`` up to date
+        with what your jitted steps return). Otherwise the pages stay resident,
+        holding nothing, until the mapping op next runs.
+        """
+        if self._discards and not self._closed:
+            self._core.discard_unmapped([*self.cache.k, *self.cache.v])
 
     def trim(self) -> int:
-        """Releases pooled (created, unmapped) pages back to the device; returns the page count."""
+        """Releases pooled (created, unmapped) pages back to the device; returns the page count.
+
+        Pages earmarked by :meth:`reserve_growth` stay. If the driver fails to
+        release a page, the others are still released, the page stays pooled,
+        and ``DriverError`` is raised: calling it again retries.
+        """
         return self._core.trim()
 
     def lengths(self) -> np.ndarray:
@@ -245,13 +285,15 @@ class CacheManager:
 
         Runs by itself at exit; until then (or close) the manager stays alive,
         even with no reference left to it, since its cache may still be in use.
+        It frees everything it can, also on a poisoned manager; if the driver
+        fails to free something it raises ``DriverError``, and calling it again
+        retries what is left.
         """
-        if self._closed:
-            return
-        self._closed = True
-        atexit.unregister(self.close)
-        _core.unregister_manager(self._id)
+        if not self._closed:
+            self._closed = True
+            _core.unregister_manager(self._id)
         self._core.release()
+        atexit.unregister(self.close)
 
     def __enter__(self) -> "CacheManager":
         return self
@@ -273,7 +315,14 @@ def default_driver(device: jax.Device):
     return _core.cuda_driver(device.local_hardware_id) if device.platform == "gpu" else _core.host_driver()
 
 
+# Counts (tokens, pages, slots) at or above this are refused before they reach C++, where they
+# would wrap: no cache comes near it (a buffer has at most 2**48 bytes).
+_COUNT_LIMIT = 2**63
+
+
 def _count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if value >= _COUNT_LIMIT:
+        raise ValueError(f"{name}={value} is too large (at least 2**63): pass a count that fits the cache")
     return int(value)

@@ -123,11 +123,15 @@ CONFIGS: dict[str, LlamaConfig] = {
         vocab_size=64000, hidden_size=7168, intermediate_size=20480, num_layers=60, num_heads=56,
         num_kv_heads=8, head_dim=128, rope_theta=5_000_000.0, max_position_embeddings=4096,
         eos_token_ids=(2,)),
+    "llama-3-70b": LlamaConfig(
+        vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+        num_kv_heads=8, head_dim=128, rope_theta=500_000.0, max_position_embeddings=8192,
+        eos_token_ids=(128001, 128009)),
 }
 
 
 def get_config(name: str) -> LlamaConfig:
-    """The named config (``tiny``, ``yi-6b``, ``llama-3-8b``, ``llama-3.1-8b``, ``yi-34b``)."""
+    """The named config (``tiny``, ``yi-6b``, ``llama-3-8b``, ``llama-3.1-8b``, ``yi-34b``, ``llama-3-70b``)."""
     key = name.lower()
     if key not in CONFIGS:
         raise ValueError(f"unknown config {name!r}; known: {', '.join(CONFIGS)}")

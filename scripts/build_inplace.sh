@@ -7,5 +7,6 @@ python="${PYTHON:-python3}"
 cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$("$python" -c 'import sys; print(sys.executable)')" -Wno-dev >/dev/null
 cmake --build build/inplace
 cp build/inplace/_core*.so jax_vattention/
+if [ -f build/inplace/_core.pyi ]; then cp build/inplace/_core.pyi jax_vattention/; fi
 # The wheel installs models/ as jax_vattention.models; in the tree a link stands in for it.
 ln -sfn ../models jax_vattention/models

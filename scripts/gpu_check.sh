@@ -36,7 +36,7 @@ for section in $sections; do
       timeout 60 "$python" -m jax_vattention.bench alloc 2>&1 | tee "$out/bench_alloc.log" || status=1 ;;
     generate)
       ( rc=0
-        for backend in cudnn pallas; do
+        for backend in auto cudnn pallas; do
           timeout 90 "$python" -m jax_vattention.cli generate --backend "$backend" 2>&1 | tail -8 || rc=1
         done; exit $rc ) | tee "$out/generate.log" || status=1 ;;
     serve)

@@ -213,7 +213,7 @@ def test_resident_memory_follows_the_mapped_pages():
         new = jnp.ones((2, tokens, 8, 128), jnp.float32)
         manager.grow(tokens)
         count = jnp.array([tokens, 0], jnp.int32) if slot == 0 else jnp.array([0, tokens], jnp.int32)
-        cache = jax.block_until_ready(write(cache, new, jnp.zeros(2, jnp.int32), count))
+        cache = manager.cache = jax.block_until_ready(write(cache, new, jnp.zeros(2, jnp.int32), count))
         mapped = manager.mapped_pages()[slot] * manager.page_bytes
         assert tokens * config.token_bytes <= resident(slot) <= mapped + 2 * edge
         assert resident(1 - slot) <= edge
@@ -250,3 +250,88 @@ def test_prefetch_while_busy_leaves_ready_work_alone(manager):
     slot = manager.alloc(511)
     assert manager.prefetch_while_busy(jnp.zeros(4).block_until_ready(), tokens=8) == 0
     assert manager.mapped_pages()[slot] == 1
+
+
+@pytest.mark.parametrize("field, value", [("page_bytes", 2**62), ("max_len", 2**62), ("max_batch", 2**40),
+                                          ("budget_bytes", 2**64), ("max_len", 2**64 - 1)])
+def test_config_refuses_sizes_that_overflow(field, value):
+    with pytest.raises(ValueError, match=f"{field}|2\\*\\*48"):
+        small_config(**{field: value})
+
+
+@pytest.mark.parametrize("call", [lambda m: m.alloc(1, 2**64 - 1), lambda m: m.alloc(2**63),
+                                  lambda m: m.grow(2**64 - 1), lambda m: m.reserve_growth(2**63),
+                                  lambda m: m.prefetch(1, 2**64), lambda m: m.free(2**63)])
+def test_counts_that_would_overflow_are_refused(manager, call):
+    with pytest.raises(ValueError, match="too large"):
+        call(manager)
+    assert manager.stats()["active_slots"] == 0
+
+
+def test_reclaim_never_discards_memory_the_cache_no_longer_owns():
+    # 512 tokens a page: a 600-token prompt takes 2 pages of every buffer, the whole budget.
+    config = small_config(budget_bytes=8 * 64 * KiB)
+    with jv.CacheManager(config, CPU) as manager:
+        slot = manager.alloc(600)
+        old = manager.cache
+        copy = jax.jit(lambda cache: jax.tree.map(lambda a: a + 0, cache))(old)   # not donated: a copy
+        jax.block_until_ready(copy)
+        for array in (*old.k, *old.v):
+            array.delete()                  # the cache's memory goes back to XLA...
+        shape = old.k[0].shape
+        others = [jax.device_put(np.full(shape, 7.0, np.float32), CPU) for _ in range(4)]   # ...and is reused
+        jax.block_until_ready(others)
+        manager.free(slot)
+        assert manager.reclaim() == 8       # nothing proves the buffers are the cache's: no discard
+        assert manager.alloc(600) == slot
+        for other in others:
+            assert np.all(np.asarray(other) == 7.0)
+
+
+def test_reclaimed_pages_are_discarded_by_the_next_mapping_op():
+    config = small_config(budget_bytes=8 * 64 * KiB)
+    with jv.CacheManager(config, CPU) as manager:
+        slot_bytes = manager.capacity * config.token_bytes
+        slot = manager.alloc(600)
+        step = jv.cache_jit(lambda cache, new, count: jv.write_kv(jv.grow(cache, 0), 0, new, new,
+                                                                  jnp.zeros(3, jnp.int32), count))
+        new = jnp.ones((3, 600, 2, 16), jnp.float32)
+        count = jnp.zeros(3, jnp.int32).at[slot].set(600)
+        cache = jax.block_until_ready(step(manager.cache, new, count))    # manager.cache is stale now
+        base = cache.k[0].unsafe_buffer_pointer() + slot * slot_bytes
+        before = _core.residency(base, slot_bytes)[0]
+        assert before * _core.os_page_bytes() >= 600 * config.token_bytes
+        manager.free(slot)
+        manager.reclaim()
+        assert _core.residency(base, slot_bytes)[0] == before     # queued: nothing proves the buffers live
+        manager.cache = jax.block_until_ready(step(cache, new, jnp.zeros(3, jnp.int32)))   # the op proves it
+        assert _core.residency(base, slot_bytes)[0] <= 2           # the OS pages shared with the neighbours
+
+
+def test_close_frees_what_it_can_reports_the_rest_and_can_be_retried():
+    driver = _core.FakeDriver(64 * KiB)
+    manager = jv.CacheManager(small_config(), CPU, driver=driver)
+    manager.alloc(600)
+    driver.fail_on("unmap", 2)
+    driver.fail_on("release", 1)
+    with pytest.raises(jv.DriverError, match="Call release\\(\\) again"):
+        manager.close()
+    assert len(driver.mappings()) == 1
+    manager.close()
+    assert driver.mappings() == {} and driver.handles() == []
+    manager.close()
+
+
+def test_a_poisoned_manager_names_the_first_failure_and_still_closes():
+    assert issubclass(jv.CacheManagerPoisonedError, RuntimeError)
+    driver = _core.FakeDriver(64 * KiB)
+    manager = jv.CacheManager(small_config(), CPU, driver=driver)
+    driver.fail_on("map", 2)
+    driver.fail_on("unmap", 1, after_a_failure=True)
+    with pytest.raises(jv.DriverError, match="fake map failed"):
+        manager.alloc(600)
+    with pytest.raises(jv.CacheManagerPoisonedError, match="fake map failed.*close it"):
+        manager.alloc(1)
+    assert manager.stats()["poisoned"]
+    manager.close()
+    assert driver.mappings() == {} and driver.handles() == []

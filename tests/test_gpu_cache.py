@@ -22,7 +22,7 @@ def gpu():
 
 
 def free_device_bytes() -> int:
-    from cuda.bindings import driver as cuda
+    cuda = pytest.importorskip("cuda.bindings.driver", reason="needs cuda-python: pip install '.[gpu]'")
     cuda.cuInit(0)
     _, device = cuda.cuDeviceGet(gpu().local_hardware_id)
     _, context = cuda.cuDevicePrimaryCtxRetain(device)

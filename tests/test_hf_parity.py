@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+PARITY = "the transformers parity tests need the parity extra: pip install '.[parity]' (a CPU torch first, see README)"
+torch = pytest.importorskip("torch", reason=PARITY)
+transformers = pytest.importorskip("transformers", reason=PARITY)
 
 import jax.numpy as jnp  # noqa: E402
 

@@ -9,6 +9,10 @@ bf16: one 2 MiB page holds 1024 tokens of one layer's K or V):
 * batched growth: every slot grows by a page's worth of tokens at once, in
   GB/s of physical memory mapped;
 * the raw driver doing the same number of pages with one set-access call.
+
+On a CPU the manager's pages are the operating system's, committed when first
+written: there the calls are bookkeeping, and the report says so instead of
+giving a bandwidth.
 """
 
 from __future__ import annotations
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     manager.close()
 
     if device.platform == "gpu":
-        from jax_vattention.bench.raw_driver import map_unmap_seconds
+        from jax_vattention.bench.raw_driver import map_unmap_seconds  # needs the `gpu` extra
         raw = [map_unmap_seconds(device.local_hardware_id, growth_pages, page) for _ in range(args.repeats)]
         rows.append(("raw driver: create+map+one access", _best([m for m, _ in raw]), growth_pages))
         rows.append(("raw driver: unmap+release", _best([u for _, u in raw]), growth_pages))
@@ -100,10 +104,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"vattention bench alloc on {device.device_kind} ({device.platform}), "
           f"{datetime.date.today().isoformat()}, page {page >> 10} KiB, cache {config.num_layers} layers x "
           f"{config.kv_heads} KV heads x {config.head_dim}, {args.slots} slots")
-    print(f"{'operation':<40} {'pages':>6} {'ms':>9} {'us/page':>9} {'GB/s':>8}")
+    on_gpu = device.platform == "gpu"
+    if not on_gpu:
+        print("not a GPU: these calls do the manager's bookkeeping (and madvise) only (the operating system commits "
+              "a page when it is first written, which no call below does), so the times are bookkeeping "
+              "costs and no bandwidth is shown; run it on a GPU to time the driver's mapping")
+    print(f"{'operation':<40} {'pages':>6} {'ms':>9} {'us/page':>9} {'GB/s' if on_gpu else '':>8}")
     for name, seconds, pages in rows:
-        print(f"{name:<40} {pages:>6} {seconds * 1e3:>9.3f} {seconds / pages * 1e6:>9.2f} "
-              f"{pages * page / seconds / 1e9:>8.1f}")
+        bandwidth = f"{pages * page / seconds / 1e9:>8.1f}" if on_gpu else ""
+        print(f"{name:<40} {pages:>6} {seconds * 1e3:>9.3f} {seconds / pages * 1e6:>9.2f} {bandwidth:>8}")
     return 0
 
 

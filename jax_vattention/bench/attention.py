@@ -31,6 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm import tqdm
 
 from jax_vattention.cli import standalone
 from jax_vattention.kernels import decode_attention
@@ -55,8 +56,12 @@ CSV_FIELDS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Adds the benchmark's options to ``parser``."""
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--context", type=int, nargs="+", default=[4096, 16384, 65536, 131072])
+    parser.add_argument("--batch", type=int, nargs="+", default=None,
+                        help=f"default {' '.join(map(str, GPU_GRID['batch']))} on a GPU, "
+                             f"{' '.join(map(str, CPU_GRID['batch']))} elsewhere")
+    parser.add_argument("--context", type=int, nargs="+", default=None,
+                        help=f"default {' '.join(map(str, GPU_GRID['context']))} on a GPU, "
+                             f"{' '.join(map(str, CPU_GRID['context']))} elsewhere")
     parser.add_argument(
         "--max-tokens", type=int, default=1 << 20, help="skip grid points whose batch * context exceeds this"
     )
@@ -64,10 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    parser.add_argument("--page-sizes", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--page-sizes", type=int, nargs="+", default=None,
+                        help=f"paged baselines' page sizes (default {' '.join(map(str, GPU_GRID['page_sizes']))}; "
+                             f"{' '.join(map(str, CPU_GRID['page_sizes']))} off a GPU)")
     parser.add_argument("--impls", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
-    parser.add_argument("--calls", type=int, default=20, help="attention calls per timed program")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--calls", type=int, default=None,
+                        help=f"attention calls per timed program (default {GPU_GRID['calls']}; "
+                             f"{CPU_GRID['calls']} off a GPU)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help=f"default {GPU_GRID['repeats']} ({CPU_GRID['repeats']} off a GPU)")
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the memcpy ceiling")
     parser.add_argument("--block-k", type=int, default=None, help="our kernel's tile (tokens)")
     parser.add_argument("--num-splits", type=int, default=None)
@@ -76,7 +86,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--sweep", action="store_true", help="also sweep our block_k, num_warps, num_stages and num_splits"
     )
-    parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("bench_results"))
+    parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("out", "bench-attention"),
+                        help="folder for the CSV, table and plot (default out/bench-attention)")
+
+
+# The grid a GPU measures, and the one a CPU runs as a check: there the Pallas kernels are
+# interpreted and cuDNN is absent, so the GPU grid would take hours and its times say nothing.
+GPU_GRID = {"batch": [1, 4, 16, 64], "context": [4096, 16384, 65536, 131072], "page_sizes": [16, 32, 64, 128],
+            "calls": 20, "repeats": 10}
+CPU_GRID = {"batch": [1, 4], "context": [1024], "page_sizes": [64], "calls": 2, "repeats": 2}
+
+
+def apply_device_defaults(args: argparse.Namespace, on_gpu: bool) -> None:
+    """Fills the options left unset with the GPU grid or, off a GPU, the small one (saying so)."""
+    grid = GPU_GRID if on_gpu else CPU_GRID
+    unset = [name for name in grid if getattr(args, name) is None]
+    for name in unset:
+        setattr(args, name, grid[name])
+    if not on_gpu and unset:
+        print(f"not a GPU: a small grid ({', '.join(f'{name} {grid[name]}' for name in unset)}) that checks "
+              f"the kernels; interpreted Pallas times say nothing about a GPU", file=sys.stderr)
 
 
 def time_per_call(attend, queries: jax.Array, *operands, repeats: int) -> float:
@@ -446,6 +475,7 @@ def plot(results, ceiling, card, path: pathlib.Path) -> None:
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark; returns the process exit status."""
     card = jax.devices()[0].device_kind
+    apply_device_defaults(args, jax.default_backend() == "gpu")
     dtype = jnp.dtype(args.dtype)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     recorder = Recorder(args.out_dir / "attention.csv", card, args.repeats)
@@ -464,9 +494,9 @@ def run(args: argparse.Namespace) -> int:
         print("not a GPU: cuDNN baselines skipped, Pallas kernels interpreted", file=sys.stderr)
     results = []
     key = jax.random.key(0)
-    for batch, context in itertools.product(args.batch, args.context):
-        if batch * context > args.max_tokens:
-            continue
+    points = [(batch, context) for batch, context in itertools.product(args.batch, args.context)
+              if batch * context <= args.max_tokens]
+    for batch, context in tqdm(points, desc="grid points", unit="point"):
         key, point_key = jax.random.split(key)
         best = run_point(recorder, args, batch, context, point_key, dtype)
         kv_bytes = 2 * batch * context * args.kv_heads * args.head_dim * dtype.itemsize

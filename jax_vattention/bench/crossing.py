@@ -28,16 +28,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
-from jax_vattention.device_defaults import default_backend
+from jax_vattention.device_defaults import check_backend_on, default_backend
 from jax_vattention.engine.engine import EngineConfig, expected_end
 from jax_vattention.engine.steps import decode_chunk_fn
 from jax_vattention.manager import CacheManager, default_driver
@@ -47,7 +49,9 @@ MODES = ("premapped", "in-graph", "prefetched")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="llama-3-8b", help="model shape (tiny, yi-6b, llama-3-8b, yi-34b)")
+    parser.add_argument("--config", default=None,
+                        help="model shape (tiny, yi-6b, llama-3-8b, yi-34b); default llama-3-8b on a GPU, "
+                             "tiny elsewhere (a CPU takes minutes a step for a Llama-3-8B shape)")
     parser.add_argument("--layout", choices=LAYOUTS, default="per_layer", help="cache layout")
     parser.add_argument("--backend", default=None, help="attention backend (default: cudnn for per_layer, "
                         "pallas for interleaved on GPU; xla on CPU)")
@@ -67,7 +71,7 @@ def _run_mode(mode, args, manager, decode, state, start_len) -> tuple[np.ndarray
     ones = np.ones(batch, np.int32)
     times = np.zeros((args.repeats, steps))
     map_seconds, pages = 0.0, 0
-    for repeat in range(args.repeats):
+    for repeat in tqdm(range(args.repeats), desc=mode, unit="run", leave=False):
         lookahead = steps if mode == "premapped" else 0
         slots = [manager.alloc(start_len, lookahead=lookahead) for _ in range(batch)]
         lengths = np.full(batch, start_len, np.int32)
@@ -102,8 +106,14 @@ def _plain_step(median: np.ndarray, before: int) -> float:
 
 def run(args: argparse.Namespace) -> int:
     device = jax.devices()[0]
+    if args.config is None:
+        args.config = "llama-3-8b" if device.platform == "gpu" else "tiny"
+        if device.platform != "gpu":
+            print("not a GPU: the tiny shape (pass --config for another); step times on a CPU say little "
+                  "about the cost of mapping a GPU page", file=sys.stderr)
     model_config = config_for_device(args.config, device)
     backend = args.backend or default_backend(args.layout, device)
+    check_backend_on(backend, args.layout, device)
     cache_config = CacheConfig(
         num_layers=model_config.num_layers, max_batch=args.batch, max_len=1, kv_heads=model_config.num_kv_heads,
         head_dim=model_config.head_dim, dtype=model_config.jnp_dtype, layout=args.layout)

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import time
 
-from cuda.bindings import driver as cuda
+try:
+    from cuda.bindings import driver as cuda
+except ImportError as error:
+    raise ImportError("the raw-driver baseline needs cuda-python: pip install 'jax_vattention[gpu]' "
+                      "(or pip install cuda-python)") from error
 
 
 def _check(result):

@@ -18,6 +18,7 @@ import argparse
 import csv
 import datetime
 import os
+import tempfile
 import time
 
 import jax
@@ -27,7 +28,8 @@ from tqdm import tqdm
 
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
-from jax_vattention.device_defaults import default_backend
+from jax_vattention.attention import check_backend
+from jax_vattention.device_defaults import check_backend_on, default_backend
 from jax_vattention.engine import Engine, EngineConfig, EngineStats, Request
 from jax_vattention.generate import batch_bucket, prompt_bucket
 from jax_vattention.manager import CacheManager
@@ -56,7 +58,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-deferred-reclamation", action="store_true")
     parser.add_argument("--no-eager-allocation", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="serve-bench", help="folder for the CSV and PNG")
+    parser.add_argument("--out", default=os.path.join("out", "serve-bench"),
+                        help="folder for the CSV and PNG (default out/serve-bench)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Raises ``ValueError`` for options the run would trip over later, before anything compiles."""
+    for name in ("requests", "max_batch", "max_len", "chunk_steps", "max_prefill_batch"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if not args.rate > 0:
+        raise ValueError(f"--rate must be above 0 arrivals per second; got {args.rate}")
+    for name in ("prompt_len", "output_len"):
+        low, high = getattr(args, name)
+        if not 1 <= low <= high:
+            raise ValueError(f"--{name.replace('_', '-')} MIN MAX needs 1 <= MIN <= MAX; got {low} {high}")
+    longest = args.prompt_len[1] + args.output_len[1] - 1
+    if longest > args.max_len or args.max_len < 3:
+        raise ValueError(f"--max-len {args.max_len} is too short: a request may need {max(longest, 3)} positions "
+                         f"(longest prompt + longest output - 1, and at least 3 for the warm-up)")
+    for name in ("budget_mib", "page_kib", "prefetch_tokens"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    check_writable(args.out)
+
+
+def check_writable(folder: str) -> None:
+    """Creates ``folder`` and checks that a file can be written there (before a long run, not after)."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {folder}: cannot write there ({error.strerror or error})") from None
 
 
 def _workload(args, vocab: int) -> list[tuple[float, Request]]:
@@ -72,21 +106,32 @@ def _workload(args, vocab: int) -> list[tuple[float, Request]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    validate(args)
     device = jax.devices()[0]
+    backend = args.backend or default_backend(args.layout, device)
+    check_backend(backend)
+    check_backend_on(backend, args.layout, device)
     model_config = config_for_device(args.config, device)
     model = Llama(model_config, rngs=nnx.Rngs(args.seed))
     cache_config = CacheConfig(
         num_layers=model_config.num_layers, max_batch=args.max_batch, max_len=args.max_len,
         kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=model_config.jnp_dtype,
         page_bytes=args.page_kib * 1024 if args.page_kib else None,
-        budget_bytes=args.budget_mib << 20 if args.budget_mib else None, layout=args.layout)
+        budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None, layout=args.layout)
     manager = CacheManager(cache_config, device)
     engine_config = EngineConfig(chunk_steps=args.chunk_steps, max_prefill_batch=args.max_prefill_batch,
-                                 prefetch_tokens=args.prefetch_tokens,
-                                 backend=args.backend or default_backend(args.layout, device),
+                                 prefetch_tokens=args.prefetch_tokens, backend=backend,
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation, seed=args.seed)
     engine = Engine(model, manager, engine_config)
+    # The longest request the workload can draw, through the engine's own check (budget, max_len),
+    # before anything compiles; it is withdrawn at once.
+    try:
+        engine.cancel(engine.submit(Request(prompt=[2] * args.prompt_len[1], max_new_tokens=args.output_len[1])))
+    except ValueError as error:
+        manager.close()
+        raise ValueError(f"the workload's longest request ({args.prompt_len[1]} prompt + {args.output_len[1]} "
+                         f"output tokens) cannot run: {error}") from None
     workload = _workload(args, model_config.vocab_size)
 
     # Warm-up: compile the decode chunk and every (batch, prompt) prefill bucket the workload can

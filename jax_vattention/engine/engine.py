@@ -186,6 +186,24 @@ class Engine:
         self._waiting.append(state)
         return state.request_id
 
+    def cancel(self, request_id: int) -> bool:
+        """Drops a submitted request that has not finished; returns whether there was one.
+
+        A waiting request leaves the queue; a running one gives back its slot and pages through
+        the same path a finished request takes (:meth:`_retire`). Its tokens already streamed
+        stay streamed; it yields no more. For a client that went away.
+        """
+        for state in self._waiting:
+            if state.request_id == request_id:
+                self._waiting.remove(state)
+                return True
+        for slot, state in self._by_slot.items():
+            if state.request_id == request_id:
+                self._retire(slot)
+                state.slot = None
+                return True
+        return False
+
     @property
     def idle(self) -> bool:
         return not self._waiting and not self._by_slot

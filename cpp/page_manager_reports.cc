@@ -1,0 +1,77 @@
+// What the PageManager reports: statistics, the slots' lengths, and its whole
+// view of the pages for tests. A poisoned manager reports only its statistics
+// and its view: its lengths may no longer be what the device holds.
+#include <chrono>
+
+#include "errors.h"
+#include "page_manager.h"
+
+namespace vattention {
+
+ManagerStats PageManager::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ManagerStats stats;
+  stats.page_bytes = geometry_.page_bytes;
+  stats.budget_pages = pool_.budget_pages();
+  stats.created_pages = pool_.created_pages();
+  stats.pooled_pages = pool_.pooled_pages();
+  stats.reserved_pages = owed_pages();
+  std::size_t active_mapped = 0;
+  for (const Slot& slot : slots_) {
+    const std::size_t pages = slot.pages.size() * geometry_.num_buffers;
+    stats.mapped_pages += pages;
+    if (slot.active) {
+      ++stats.active_slots;
+      stats.used_tokens += slot.length;
+      active_mapped += pages;
+    } else {
+      stats.deferred_pages += pages;
+    }
+  }
+  stats.used_bytes = stats.used_tokens * geometry_.token_bytes * geometry_.num_buffers;
+  stats.waste_bytes = active_mapped * geometry_.page_bytes - stats.used_bytes;
+  stats.pages_mapped_total = pages_mapped_total_;
+  stats.pages_unmapped_total = pages_unmapped_total_;
+  stats.grow_calls = grow_calls_;
+  stats.map_seconds = std::chrono::duration<double>(map_time_).count();
+  stats.unmap_seconds = std::chrono::duration<double>(unmap_time_).count();
+  stats.poisoned = !poisoned_.empty();
+  return stats;
+}
+
+std::vector<std::size_t> PageManager::lengths() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!poisoned_.empty()) throw ManagerPoisoned(poisoned_);
+  std::vector<std::size_t> lengths;
+  for (const Slot& slot : slots_) lengths.push_back(slot.length);
+  return lengths;
+}
+
+std::vector<bool> PageManager::active() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!poisoned_.empty()) throw ManagerPoisoned(poisoned_);
+  std::vector<bool> active;
+  for (const Slot& slot : slots_) active.push_back(slot.active);
+  return active;
+}
+
+std::vector<std::size_t> PageManager::mapped_pages() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!poisoned_.empty()) throw ManagerPoisoned(poisoned_);
+  std::vector<std::size_t> pages;
+  for (const Slot& slot : slots_) pages.push_back(slot.pages.size());
+  return pages;
+}
+
+ManagerView PageManager::view() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ManagerView view;
+  for (const Slot& slot : slots_) view.slots.push_back(slot.pages);
+  view.bases = bases_;
+  view.pooled = pool_.pooled();
+  view.strays = strays_;
+  view.poisoned = poisoned_;
+  return view;
+}
+
+}  // namespace vattention

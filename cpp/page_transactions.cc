@@ -1,0 +1,307 @@
+// Mapping and unmapping pages, undoing a failed operation, and release: the
+// parts of the PageManager that keep its view equal to the driver's.
+//
+// Every driver call either succeeds or changes nothing (a failed map maps
+// nothing, a failed unmap leaves the page mapped), so the manager always
+// knows what the driver holds. An operation runs as a transaction: if a call
+// fails, rollback() maps back what it unmapped, unmaps what it mapped and
+// releases what it created. A page that then fails to unmap stays listed with
+// its slot, the view still exact; only a page left mapped in some buffers but
+// not others (a "stray") cannot be listed, and poisons the manager.
+#include <algorithm>
+#include <string>
+
+#include "errors.h"
+#include "page_manager.h"
+
+namespace vattention {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string message(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "an unknown error";
+  }
+}
+
+}  // namespace
+
+PageManager::Checkpoint PageManager::checkpoint() const {
+  Checkpoint checkpoint;
+  checkpoint.slots.reserve(slots_.size());
+  for (const Slot& slot : slots_) {
+    checkpoint.slots.push_back(Slot{slot.active, slot.length, slot.reserved, {}});
+    checkpoint.page_counts.push_back(slot.pages.size());
+  }
+  checkpoint.pages_mapped_total = pages_mapped_total_;
+  checkpoint.pages_unmapped_total = pages_unmapped_total_;
+  return checkpoint;
+}
+
+void PageManager::commit() {
+  for (const UnmappedPage& page : unmapped_log_) undiscarded_.emplace(page.slot, page.page);
+  unmapped_log_.clear();
+  pool_.begin_log();
+}
+
+void PageManager::poison(const std::string& what) noexcept {
+  if (!poisoned_.empty()) return;
+  poisoned_ = "the cache manager is unusable: " +
+              (undoing_.empty() ? std::string() : "undoing a failed operation (" + undoing_ + ") failed: ") + what +
+              ". Its view of the pages may no longer match the driver's: close it (that frees what it can) and "
+              "create a new one";
+}
+
+std::string PageManager::unmap_or_stray(const std::vector<DevicePtr>& addresses,
+                                        const std::vector<PhysicalHandle>& handles,
+                                        const std::vector<bool>& accessible) noexcept {
+  std::string failure;
+  for (std::size_t i = addresses.size(); i-- > 0;) {
+    try {
+      driver_->unmap(addresses[i], geometry_.page_bytes);
+      pool_.put({handles[i]});
+    } catch (const std::exception& error) {
+      if (failure.empty()) failure = error.what();
+      strays_.push_back(StrayMapping{addresses[i], geometry_.page_bytes, handles[i], accessible[i]});
+    }
+  }
+  return failure;
+}
+
+void PageManager::map_up_to(std::size_t slot, std::size_t target) {
+  Slot& state = slots_[slot];
+  const std::size_t first = state.pages.size();
+  if (target <= first) return;
+  const std::size_t count = target - first;
+  const std::size_t buffers = geometry_.num_buffers;
+  const auto start = Clock::now();
+  const std::vector<PhysicalHandle> handles = pool_.take(count * buffers);
+  std::vector<DevicePtr> mapped;
+  std::vector<PhysicalHandle> mapped_handles;
+  std::vector<bool> accessible;
+  try {
+    // One set_access per buffer covers all of the slot's new pages there.
+    for (std::size_t b = 0; b < buffers; ++b) {
+      for (std::size_t p = first; p < target; ++p) {
+        const DevicePtr address = page_address(b, slot, p);
+        const PhysicalHandle handle = handles[(p - first) * buffers + b];
+        driver_->map(address, geometry_.page_bytes, handle);
+        mapped.push_back(address);
+        mapped_handles.push_back(handle);
+        accessible.push_back(false);
+      }
+      driver_->set_access(page_address(b, slot, first), count * geometry_.page_bytes);
+      std::fill(accessible.end() - count, accessible.end(), true);
+    }
+  } catch (...) {
+    const std::exception_ptr error = std::current_exception();
+    std::vector<PhysicalHandle> unused;
+    for (PhysicalHandle handle : handles) {
+      if (std::find(mapped_handles.begin(), mapped_handles.end(), handle) == mapped_handles.end()) {
+        unused.push_back(handle);
+      }
+    }
+    pool_.put(unused);
+    const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
+    if (!undo.empty()) {
+      poison("mapping pages " + std::to_string(first) + ".." + std::to_string(target - 1) + " of slot " +
+             std::to_string(slot) + " failed (" + message(error) + ") and unmapping what was mapped failed too (" +
+             undo + ")");
+    }
+    std::rethrow_exception(error);
+  }
+  for (std::size_t p = first; p < target; ++p) {
+    state.pages.emplace_back(handles.begin() + (p - first) * buffers, handles.begin() + (p - first + 1) * buffers);
+    undiscarded_.erase({slot, p});  // mapped again: it holds the new request's tokens now
+  }
+  pages_mapped_total_ += count * buffers;
+  map_time_ += Clock::now() - start;
+}
+
+void PageManager::unmap_top(std::size_t slot, bool log) {
+  Slot& state = slots_[slot];
+  const std::size_t page = state.pages.size() - 1;
+  const std::vector<PhysicalHandle> handles = state.pages.back();
+  std::size_t b = 0;
+  try {
+    for (; b < geometry_.num_buffers; ++b) driver_->unmap(page_address(b, slot, page), geometry_.page_bytes);
+  } catch (...) {
+    // Buffers [0, b) are unmapped, [b, num_buffers) are not: map the first ones back so that the
+    // page is whole again, as the manager lists it.
+    const std::exception_ptr error = std::current_exception();
+    std::string undo;
+    std::vector<bool> mapped(geometry_.num_buffers, true);
+    std::vector<bool> accessible(geometry_.num_buffers, true);
+    for (std::size_t i = 0; i < b; ++i) {
+      const DevicePtr address = page_address(i, slot, page);
+      try {
+        driver_->map(address, geometry_.page_bytes, handles[i]);
+      } catch (const std::exception& e) {
+        if (undo.empty()) undo = e.what();
+        mapped[i] = accessible[i] = false;
+        continue;
+      }
+      try {
+        driver_->set_access(address, geometry_.page_bytes);
+      } catch (const std::exception& e) {
+        if (undo.empty()) undo = e.what();
+        accessible[i] = false;
+      }
+    }
+    if (!undo.empty()) {
+      // The page is now mapped in some buffers and not others: what is still mapped becomes stray.
+      for (std::size_t i = 0; i < geometry_.num_buffers; ++i) {
+        if (mapped[i]) {
+          strays_.push_back(StrayMapping{page_address(i, slot, page), geometry_.page_bytes, handles[i], accessible[i]});
+        } else {
+          pool_.put({handles[i]});
+        }
+      }
+      state.pages.pop_back();
+      poison("unmapping page " + std::to_string(page) + " of slot " + std::to_string(slot) + " failed (" +
+             message(error) + ") and mapping it back failed too (" + undo + ")");
+    }
+    std::rethrow_exception(error);
+  }
+  pool_.put(handles);
+  state.pages.pop_back();
+  pages_unmapped_total_ += geometry_.num_buffers;
+  if (log) unmapped_log_.push_back(UnmappedPage{slot, page, handles});
+}
+
+bool PageManager::map_back(std::size_t slot, const std::vector<PhysicalHandle>& handles,
+                           std::string& failure) noexcept {
+  const std::size_t page = slots_[slot].pages.size();
+  std::vector<DevicePtr> mapped;
+  std::vector<PhysicalHandle> mapped_handles;
+  std::vector<bool> accessible;
+  try {
+    for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
+      driver_->map(page_address(b, slot, page), geometry_.page_bytes, handles[b]);
+      mapped.push_back(page_address(b, slot, page));
+      mapped_handles.push_back(handles[b]);
+      accessible.push_back(false);
+    }
+    for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
+      driver_->set_access(page_address(b, slot, page), geometry_.page_bytes);
+      accessible[b] = true;
+    }
+  } catch (const std::exception& error) {
+    failure = error.what();
+    const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
+    for (std::size_t b = mapped.size(); b < handles.size(); ++b) pool_.put({handles[b]});
+    if (!undo.empty()) {
+      poison("mapping page " + std::to_string(page) + " of slot " + std::to_string(slot) + " back failed (" +
+             failure + ") and unmapping its buffers failed too (" + undo + ")");
+    }
+    return false;
+  }
+  slots_[slot].pages.push_back(handles);
+  undiscarded_.erase({slot, page});
+  return true;
+}
+
+void PageManager::rollback(const Checkpoint& before, const std::string& failure) noexcept {
+  undoing_ = failure;
+  // Pages the operation mapped: unmap them, top first. One that fails to unmap stays listed with
+  // its slot (and the pages below it too): the view stays exact, and the slot merely has a spare page.
+  for (std::size_t s = 0; s < slots_.size(); ++s) {
+    while (slots_[s].pages.size() > before.page_counts[s]) {
+      try {
+        unmap_top(s, false);
+      } catch (...) {
+        break;
+      }
+    }
+  }
+  // Pages the operation unmapped: map them back, lowest first. One that fails stays unmapped and
+  // pooled (it was spare), and the pages above it too.
+  for (auto it = unmapped_log_.rbegin(); it != unmapped_log_.rend(); ++it) {
+    if (slots_[it->slot].pages.size() != it->page || !pool_.remove(it->handles)) continue;
+    std::string ignored;
+    map_back(it->slot, it->handles, ignored);
+  }
+  unmapped_log_.clear();
+  pool_.release_created();  // a page that fails to release stays pooled: still exact
+  std::size_t kept = 0;
+  std::size_t lost = 0;
+  for (std::size_t s = 0; s < slots_.size(); ++s) {
+    const std::size_t pages = slots_[s].pages.size();
+    const std::size_t was = before.page_counts[s];
+    if (pages > was) kept += pages - was;
+    if (pages < was) lost += was - pages;
+    slots_[s].active = before.slots[s].active;
+    slots_[s].length = before.slots[s].length;
+    slots_[s].reserved = before.slots[s].reserved;
+  }
+  pages_mapped_total_ = before.pages_mapped_total + kept * geometry_.num_buffers;
+  pages_unmapped_total_ = before.pages_unmapped_total + lost * geometry_.num_buffers;
+  undoing_.clear();
+}
+
+void PageManager::release() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  released_ = true;
+  undiscarded_.clear();  // the buffers may be gone: nothing may be discarded any more
+  std::string first_error;
+  auto note = [&first_error](const std::exception& error) {
+    if (first_error.empty()) first_error = error.what();
+  };
+  // Every page goes its own way, so that one failure stops nothing: what fails stays as a stray.
+  for (std::size_t s = 0; s < slots_.size(); ++s) {
+    for (std::size_t p = 0; p < slots_[s].pages.size(); ++p) {
+      for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
+        strays_.push_back(StrayMapping{page_address(b, s, p), geometry_.page_bytes, slots_[s].pages[p][b], true});
+      }
+    }
+    slots_[s] = Slot{};
+  }
+  if (!strays_.empty()) {
+    try {
+      driver_->synchronize(nullptr);
+    } catch (const std::exception& error) {
+      note(error);  // unmapping is still the best that can be done
+    }
+  }
+  std::vector<StrayMapping> left;
+  for (const StrayMapping& stray : strays_) {
+    try {
+      driver_->unmap(stray.address, stray.bytes);
+      pages_unmapped_total_ += 1;
+      pool_.put({stray.handle});
+    } catch (const std::exception& error) {
+      note(error);
+      left.push_back(stray);
+    }
+  }
+  strays_ = std::move(left);
+  try {
+    pool_.trim(0);
+  } catch (const std::exception& error) {
+    note(error);
+  }
+  std::vector<DevicePtr> reservations = unfreed_reservations_;
+  if (reserved_by_driver_) reservations.insert(reservations.end(), bases_.begin(), bases_.end());
+  unfreed_reservations_.clear();
+  for (DevicePtr base : reservations) {
+    try {
+      driver_->free_reservation(base, geometry_.buffer_bytes());
+    } catch (const std::exception& error) {
+      note(error);
+      unfreed_reservations_.push_back(base);
+    }
+  }
+  if (reserved_by_driver_) bases_.clear();
+  if (!first_error.empty()) {
+    throw DriverError("release: " + first_error + "; left: " + std::to_string(strays_.size()) + " pages mapped, " +
+                      std::to_string(pool_.created_pages()) + " pages alive, " +
+                      std::to_string(unfreed_reservations_.size()) + " reservations. Call release() again");
+  }
+}
+
+}  // namespace vattention

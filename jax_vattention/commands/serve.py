@@ -1,0 +1,116 @@
+"""``vattention serve``: an OpenAI-compatible HTTP server over the engine and the virtual cache.
+
+The model options are ``generate``'s: ``--model DIR`` serves a checkpoint (its tokenizer turns
+text into tokens and back, its chat template formats chat), ``--config NAME`` a named shape with
+random weights (UTF-8 bytes as tokens). Endpoints: ``/v1/completions``, ``/v1/chat/completions``
+(both streaming and not), ``/v1/models``, ``/health``. The server listens on 127.0.0.1 unless
+``--host`` says otherwise. Needs the ``serve`` extra: ``pip install ".[serve]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+
+from jax_vattention.attention import BACKENDS
+from jax_vattention.commands.model_source import add_model_arguments, check_model_arguments, load_model
+from jax_vattention.config import LAYOUTS
+from jax_vattention.device_defaults import check_backend_on, default_backend, default_layout
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free one)")
+    parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    parser.add_argument("--max-len", type=int, default=2048,
+                        help="tokens a request may hold, prompt and answer (default 2048)")
+    parser.add_argument("--chunk-steps", type=int, default=8, help="decode steps per engine step (default 8)")
+    parser.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
+                        help="cache layout; auto: interleaved, per_layer for --backend cudnn")
+    parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                        help="attention kernel; auto: pallas on GPU (cudnn for a per-layer cache), xla on CPU")
+    parser.add_argument("--budget-mib", type=int, default=None,
+                        help="physical memory the cache may map (default: 90%% of free)")
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[str, str]:
+    """Raises ``ValueError`` for options that cannot run; returns (backend, layout)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise ValueError(f"vattention serve needs FastAPI and uvicorn ({error.name} is missing): "
+                         f"pip install 'jax_vattention[serve]'") from None
+    for name in ("max_batch", "max_len", "chunk_steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.max_len < 2:
+        raise ValueError(f"--max-len must be at least 2 (a prompt token and an answer); got {args.max_len}")
+    if args.budget_mib is not None and args.budget_mib < 1:
+        raise ValueError(f"--budget-mib must be at least 1; got {args.budget_mib}")
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65536); got {args.port}")
+    device = jax.devices()[0]
+    layout = default_layout(args.backend) if args.layout == "auto" else args.layout
+    backend = default_backend(layout, device) if args.backend == "auto" else args.backend
+    check_backend_on(backend, layout, device)
+    check_model_arguments(args)
+    return backend, layout
+
+
+def build_service(args: argparse.Namespace):
+    """The model, cache, engine and its running thread, as a :class:`~jax_vattention.server.app.Service`.
+
+    Compiles the decode chunk and a short prefill first, so the first client does not wait for it.
+    """
+    import jax_vattention as jv
+    from jax_vattention.engine import Engine, EngineConfig, Request
+    from jax_vattention.server.app import Service
+    from jax_vattention.server.chat import ChatFormat
+    from jax_vattention.server.engine_loop import EngineLoop
+
+    backend, layout = check_arguments(args)
+    loaded = load_model(args)
+    if loaded.tokenizer is None:
+        raise ValueError(f"{loaded.source} has no tokenizer (a vocabulary under 256 has no byte tokens): "
+                         f"serve a checkpoint with a tokenizer.json")
+    config = loaded.model.config
+    cache_config = jv.CacheConfig(
+        num_layers=config.num_layers, max_batch=args.max_batch, max_len=args.max_len,
+        kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=config.jnp_dtype, layout=layout,
+        budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None)
+    manager = jv.CacheManager(cache_config)
+    engine = Engine(loaded.model, manager, EngineConfig(
+        chunk_steps=args.chunk_steps, backend=backend, seed=args.seed,
+        max_stop_tokens=max(4, len(loaded.stop_tokens))))
+    engine.submit(Request(prompt=[0] * min(8, args.max_len - 1), max_new_tokens=2))
+    engine.run()
+    loop = EngineLoop(engine)
+    loop.start()
+    return Service(loop, loaded, ChatFormat.from_checkpoint(args.model))
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from jax_vattention.server.app import create_app
+
+    try:
+        service = build_service(args)
+    except ValueError as error:
+        print(f"vattention serve: error: {error}", file=sys.stderr)
+        return 2
+    cache = service.engine_loop.engine.manager.config
+    print(f"serving {service.loaded.source} as model {service.loaded.name!r} on http://{args.host}:{args.port}/v1 "
+          f"({jax.devices()[0]}, {cache.layout} cache, {cache.max_batch} slots x {cache.max_len} tokens, "
+          f"backend {service.engine_loop.engine.config.backend}); chat prompts: {service.chat_format.description}",
+          flush=True)
+    try:
+        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+    finally:
+        service.engine_loop.stop()
+        service.engine_loop.engine.manager.close()
+    return 0

@@ -1,0 +1,68 @@
+"""Checks shared by the page manager's failure tests: its view against the fake driver's table."""
+
+from jax_vattention import _core
+
+MiB = 1 << 20
+PAGE = 2 * MiB
+TOKEN = 64 * 1024        # 32 tokens per page
+CAPACITY = 128           # 4 pages per slot
+LAYERS = 2
+BUFFERS = 2 * LAYERS
+SLOT_BYTES = CAPACITY * TOKEN
+
+
+def make(max_batch=3, budget_pages=1000, driver=None):
+    driver = driver or _core.FakeDriver(PAGE)
+    manager = _core.PageManager(BUFFERS, max_batch, CAPACITY, TOKEN, PAGE, driver, budget_pages * PAGE)
+    manager.reserve_buffers()
+    return manager, driver
+
+
+def expected_table(view):
+    """{address: (bytes, handle, accessible)}: what the driver must map, by the manager's view."""
+    table = {}
+    for slot, pages in enumerate(view["slots"]):
+        for page, handles in enumerate(pages):
+            for buffer, handle in enumerate(handles):
+                table[view["bases"][buffer] + slot * SLOT_BYTES + page * PAGE] = (PAGE, handle, True)
+    for address, size, handle, accessible in view["strays"]:
+        table[address] = (size, handle, accessible)
+    return table
+
+
+def check_view(manager, driver):
+    """The driver's table equals the manager's view page for page; every live handle is mapped or
+    pooled, exactly once; the statistics count the same pages. Returns the view."""
+    view = manager.view()
+    assert driver.mappings() == expected_table(view)
+    mapped = [handle for pages in view["slots"] for page in pages for handle in page]
+    stray = [handle for _, _, handle, _ in view["strays"]]
+    held = mapped + stray + list(view["pooled"])
+    assert len(set(held)) == len(held), "a handle is held twice"
+    assert sorted(held) == sorted(driver.handles())
+    stats = manager.stats()
+    assert stats["created_pages"] == len(driver.handles()) <= stats["budget_pages"]
+    assert stats["pooled_pages"] == len(view["pooled"])
+    assert stats["mapped_pages"] == len(mapped)
+    assert stats["poisoned"] == (view["poisoned"] is not None)
+    if view["poisoned"] is None:
+        # Pages owed to reservations are always there to take.
+        headroom = stats["pooled_pages"] + stats["budget_pages"] - stats["created_pages"]
+        assert headroom >= stats["reserved_pages"]
+    return view
+
+
+def state(manager):
+    """Everything an operation may change, but timings and call counts."""
+    stats = manager.stats()
+    for key in ("map_seconds", "unmap_seconds", "grow_calls"):
+        stats.pop(key)
+    view = manager.view()
+    return dict(stats=stats, lengths=manager.lengths(), active=manager.active(), slots=view["slots"],
+                pooled=sorted(view["pooled"]))
+
+
+def check_released(driver):
+    assert driver.mappings() == {}
+    assert driver.handles() == []
+    assert driver.reservations() == []

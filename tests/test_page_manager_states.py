@@ -1,0 +1,126 @@
+"""A stateful property test of the page manager on the fake driver, against a model of its slots.
+
+Hypothesis drives random sequences of alloc / free / grow / reserve_growth /
+prefetch / reclaim / trim with driver failures injected among them. After every
+step the fake driver's table must equal the manager's view, and the slots,
+lengths and reservations must equal the model's: a failed call changes nothing.
+"""
+
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from fake_checks import BUFFERS, CAPACITY, PAGE, TOKEN, check_released, check_view, make, state
+from jax_vattention._core import CacheManagerPoisonedError, DriverError, NoFreeSlotError, OutOfPagesError
+
+SLOTS = 4
+FAILING = ("create", "release", "map", "set_access", "unmap", "synchronize")
+
+
+def pages_for(tokens):
+    return -(-min(tokens, CAPACITY) * TOKEN // PAGE)
+
+
+class PageManagerMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.manager, self.driver = make(max_batch=SLOTS, budget_pages=7 * BUFFERS)
+        self.lengths = {}        # active slot -> length
+        self.reserved = {}       # active slot -> tokens promised
+        self.poisoned = False
+        self.error = None        # the type of the last call's error
+
+    def call(self, function, atomic=True):
+        """Runs `function` on the manager; returns its result, or None where it failed (and must
+        then have changed nothing, but pooled pages where it is not `atomic`)."""
+        before = state(self.manager) if not self.poisoned else None
+        thrown = self.driver.failures_thrown
+        self.error = None
+        try:
+            return function()
+        except CacheManagerPoisonedError:
+            assert self.poisoned
+            self.error = CacheManagerPoisonedError
+        except (OutOfPagesError, NoFreeSlotError, DriverError) as error:
+            self.error = type(error)
+            self.poisoned = self.manager.stats()["poisoned"]
+            if not self.poisoned:
+                after = state(self.manager)
+                assert (after["lengths"], after["active"]) == (before["lengths"], before["active"])
+                if atomic and self.driver.failures_thrown - thrown <= 1:
+                    # Only where undoing failed too may the pages differ (a page left listed, say).
+                    assert after == before
+        return None
+
+    @rule(prompt=st.integers(0, CAPACITY), lookahead=st.integers(0, 64))
+    def alloc(self, prompt, lookahead):
+        slot = self.call(lambda: self.manager.alloc(prompt, lookahead))
+        if slot is not None:
+            assert slot not in self.lengths
+            self.lengths[slot] = prompt
+            self.reserved[slot] = min(prompt + lookahead, CAPACITY)
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def free(self, data):
+        slot = data.draw(st.sampled_from(sorted(self.lengths)))
+        self.call(lambda: self.manager.free(slot))
+        if not self.poisoned:
+            del self.lengths[slot], self.reserved[slot]
+
+    @rule(tokens=st.integers(0, 40))
+    def grow(self, tokens):
+        within = all(self.lengths[s] + tokens <= self.reserved[s] for s in self.lengths)
+        done = self.call(lambda: self.manager.grow(tokens) or True)
+        if within:
+            assert self.error is not OutOfPagesError, "a growth within every reservation ran out of pages"
+        if done:
+            for slot in self.lengths:
+                self.lengths[slot] = min(self.lengths[slot] + tokens, CAPACITY)
+
+    @rule(tokens=st.integers(0, 64))
+    def reserve_growth(self, tokens):
+        if self.call(lambda: self.manager.reserve_growth(tokens) or True):
+            for slot in self.lengths:
+                self.reserved[slot] = max(self.reserved[slot], min(self.lengths[slot] + tokens, CAPACITY))
+
+    @rule(tokens=st.integers(0, 64), max_pages=st.integers(1, 3 * BUFFERS))
+    def prefetch(self, tokens, max_pages):
+        self.call(lambda: self.manager.prefetch(tokens, max_pages))
+
+    @rule()
+    def reclaim(self):
+        self.call(self.manager.reclaim)
+
+    @rule()
+    def trim(self):
+        self.call(self.manager.trim, atomic=False)   # what it released stays released
+
+    @rule(operation=st.sampled_from(FAILING), nth=st.integers(1, 6))
+    def inject_failure(self, operation, nth):
+        self.driver.fail_on(operation, nth)
+
+    @invariant()
+    def view_equals_the_driver_and_the_model(self):
+        view = check_view(self.manager, self.driver)
+        if view["poisoned"] is not None:
+            self.poisoned = True
+            return
+        lengths, active = self.manager.lengths(), self.manager.active()
+        assert {s for s, a in enumerate(active) if a} == set(self.lengths)
+        for slot, length in self.lengths.items():
+            assert lengths[slot] == length
+            # Nothing the slot holds, nor anything promised to it, is out of reach.
+            assert len(view["slots"][slot]) >= pages_for(length)
+
+    def teardown(self):
+        for _ in range(10):
+            try:
+                self.manager.release()
+                break
+            except DriverError:
+                pass
+        check_released(self.driver)
+
+
+PageManagerMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=50, deadline=None)
+test_page_manager_states = PageManagerMachine.TestCase
