@@ -364,3 +364,17 @@ def test_bos_is_added_once_and_a_chat_template_writes_its_own():
     assert tokenizer.encode("abab").ids == [0, 4, 4]
     assert chat_prompt(tokenizer, "ab") == [0, 4, 1]
     assert tokenizer.decode([0, 4, 2, 1]) == "aba"
+
+
+def test_the_server_renders_a_gguf_files_chat_template():
+    from jax_vattention.commands.model_source import LoadedModel
+    from jax_vattention.commands.serve import _chat_format
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["<s>", "</s>", "a"],
+            "tokenizer.ggml.merges": [], "tokenizer.ggml.token_type": [3, 3, 1],
+            "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1,
+            "tokenizer.chat_template": "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{{ eos_token }}"
+                                       "{% endfor %}"}
+    tokenizer = tokenizer_from_gguf(meta)
+    loaded = LoadedModel(model=None, tokenizer=tokenizer, stop_tokens=(1,), name="x", source="x.gguf")
+    messages = [{"role": "user", "content": "a"}]
+    assert _chat_format(loaded, "x.gguf").render(messages) == tokenizer.apply_chat_template(messages) == "<s>a</s>"
