@@ -50,7 +50,9 @@ class LlamaConfig:
     ``num_heads`` query heads share ``num_kv_heads`` key/value heads (grouped-query
     attention), so ``num_heads`` must be a multiple of ``num_kv_heads``. ``dtype``
     names the dtype of the weights and activations; norms, softmax and the final
-    logits are computed in float32.
+    logits are computed in float32. ``sliding_window`` is the attention window the
+    checkpoint was trained with (Mistral): attention here is always full, so the model
+    refuses a cache longer than the window, where the two would differ.
     """
 
     vocab_size: int
@@ -67,6 +69,7 @@ class LlamaConfig:
     max_position_embeddings: int = 4096
     dtype: str = "bfloat16"
     eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -78,6 +81,8 @@ class LlamaConfig:
                              f"({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for rotary embeddings; got {self.head_dim}")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive or None; got {self.sliding_window}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype {self.dtype!r} is not supported; use float32, bfloat16 or float16")
 

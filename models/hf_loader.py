@@ -6,8 +6,11 @@ float32), and optionally ``tokenizer.json``. Hugging Face stores each linear
 layer as ``[out_features, in_features]``; the model keeps einsum layouts, so
 each weight is transposed and split into heads on the way in. Every tensor is
 checked against the shape the config implies, and anything the model cannot
-reproduce exactly (biases, sliding windows, other activations, other rope
-types) is refused with a ``ValueError`` naming the field or tensor.
+reproduce exactly (biases, other activations, other rope types) is refused with
+a ``ValueError`` naming the field or tensor. A sliding window is kept in the
+config, and the model refuses a cache longer than it. A tied checkpoint that
+stores its own ``lm_head.weight``, different from the embedding, gets that head,
+as in transformers 5.
 """
 
 from __future__ import annotations
@@ -49,9 +52,29 @@ def _rope_scaling(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
                      f"supported; supported: default, llama3, linear")
 
 
+# transformers 5's defaults for every config.json field we read, per model_type (the defaults
+# of LlamaConfig and MistralConfig): a field a checkpoint leaves out means what it means there.
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "eos_token_id": 2,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "sliding_window": None,
+    },
+    "mistral": {
+        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "eos_token_id": 2,
+        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "sliding_window": 4096,
+    },
+}
+
+
 def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> LlamaConfig:
     """A :class:`LlamaConfig` from the fields of a Hugging Face ``config.json``.
 
+    A missing field takes transformers' default for the ``model_type`` (:data:`HF_DEFAULTS`):
+    a Mistral checkpoint without ``sliding_window`` has a window of 4096 there, and so here.
     ``dtype`` overrides the checkpoint's ``torch_dtype`` / ``dtype`` (default float32 if absent).
     Raises ``ValueError`` naming the field for any architecture or feature we do not support.
     """
@@ -63,34 +86,31 @@ def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> LlamaConfig:
         if architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"config.json: architectures has {architecture!r}; "
                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    hf = {**HF_DEFAULTS[model_type], **hf}
     refusals = {
-        "hidden_act": hf.get("hidden_act", "silu") != "silu",
-        "attention_bias": bool(hf.get("attention_bias", False)),
-        "mlp_bias": bool(hf.get("mlp_bias", False)),
-        "sliding_window": hf.get("sliding_window") is not None,
+        "hidden_act": hf["hidden_act"] != "silu",
+        "attention_bias": bool(hf["attention_bias"]),
+        "mlp_bias": bool(hf["mlp_bias"]),
         "quantization_config": hf.get("quantization_config") is not None,
     }
     for field, refused in refusals.items():
         if refused:
             raise ValueError(f"config.json: {field}={hf[field]!r} is not supported")
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads"):
-        if field not in hf:
-            raise ValueError(f"config.json: the field {field!r} is missing")
     num_heads = int(hf["num_attention_heads"])
     theta, scaling = _rope_scaling(hf)
-    eos = hf.get("eos_token_id")
+    eos = hf["eos_token_id"]
     eos = () if eos is None else _token_ids(eos)
     dtype = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
+    window = hf["sliding_window"]
     return LlamaConfig(
         vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
         intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-        num_heads=num_heads, num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=int(hf.get("head_dim") or int(hf["hidden_size"]) // num_heads),
-        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
-        dtype=str(dtype), eos_token_ids=eos)
+        num_heads=num_heads, num_kv_heads=int(hf["num_key_value_heads"] or num_heads),
+        head_dim=int(hf["head_dim"] or int(hf["hidden_size"]) // num_heads),
+        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(hf["rms_norm_eps"]),
+        tie_embeddings=bool(hf["tie_word_embeddings"]),
+        max_position_embeddings=int(hf["max_position_embeddings"]),
+        dtype=str(dtype), eos_token_ids=eos, sliding_window=None if window is None else int(window))
 
 
 def _tensor_files(directory: str) -> dict[str, str]:
@@ -171,19 +191,14 @@ def load_model(directory: str, *, dtype: str | None = None) -> Llama:
         model = load_model("/models/Llama-3.1-8B-Instruct", dtype="bfloat16")
     """
     config = read_config(directory, dtype)
-    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    placements = _placements(config)
     files = _tensor_files(directory)
+    if config.tie_embeddings and "lm_head.weight" in files and not _same_tensor(
+            files, "lm_head.weight", "model.embed_tokens.weight"):
+        # transformers 5 does not tie a head stored with other values than the embedding: it uses it
+        config = config.replace(tie_embeddings=False)
     ignored = {name for name in files if name.endswith(IGNORED_SUFFIXES)
                or (config.tie_embeddings and name == "lm_head.weight")}
-    missing = sorted(set(placements) - set(files))
-    if missing:
-        raise ValueError(f"checkpoint {directory} lacks the tensor {missing[0]}"
-                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(set(files) - set(placements) - ignored)
-    if unexpected:
-        raise ValueError(f"checkpoint {directory} has the tensor {unexpected[0]}, which a "
-                         f"{config.num_layers}-layer Llama does not use")
+    model, placements = _empty_model(config, set(files) - ignored, f"checkpoint {directory}")
     from safetensors import safe_open
     by_file: dict[str, list[str]] = {}
     for name in placements:
@@ -191,16 +206,60 @@ def load_model(directory: str, *, dtype: str | None = None) -> Llama:
     for file, names in by_file.items():
         with safe_open(file, framework="flax") as f:
             for name in names:
-                path, transform = placements[name]
-                param = _param(model, path)
-                expected_source = _expected_source_shape(name, param.shape)
-                shape = tuple(f.get_slice(name).get_shape())
-                if shape != expected_source:
-                    raise ValueError(f"tensor {name} has shape {shape}; config.json implies "
-                                     f"{expected_source}")
-                value = transform(f.get_tensor(name)).astype(config.jnp_dtype)
-                _set(param, jax.device_put(value))
+                _place(model, placements[name], name, tuple(f.get_slice(name).get_shape()),
+                       lambda: f.get_tensor(name), "config.json")
     return model
+
+
+def load_tensors(config: LlamaConfig, tensors: dict[str, Any], *, source: str) -> Llama:
+    """Build a :class:`Llama` from tensors under their Hugging Face names and layouts (``[out, in]``).
+
+    The loaders of other formats (:mod:`.gguf_loader`) end here, so every format is checked
+    the same way: a missing, unexpected or mis-shaped tensor is a ``ValueError`` naming it.
+    """
+    model, placements = _empty_model(config, set(tensors), source)
+    for name, placement in placements.items():
+        _place(model, placement, name, tuple(tensors[name].shape), lambda: tensors[name],
+               f"the metadata of {source}")
+    return model
+
+
+def _empty_model(config: LlamaConfig, names: set[str], source: str):
+    """An abstract :class:`Llama` and its placements, once ``names`` are exactly the tensors it needs."""
+    model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    placements = _placements(config)
+    missing = sorted(set(placements) - names)
+    if missing:
+        raise ValueError(f"{source} lacks the tensor {missing[0]}"
+                         + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = sorted(names - set(placements))
+    if unexpected:
+        raise ValueError(f"{source} has the tensor {unexpected[0]}, which a "
+                         f"{config.num_layers}-layer Llama does not use")
+    return model, placements
+
+
+def _place(model: Llama, placement, name: str, shape: tuple[int, ...], read, implied_by: str) -> None:
+    """Check a tensor's stored shape, then transform, cast and set it (``read()`` gives its value)."""
+    path, transform = placement
+    param = _param(model, path)
+    expected_source = _expected_source_shape(name, param.shape)
+    if shape != expected_source:
+        raise ValueError(f"tensor {name} has shape {shape}; {implied_by} implies {expected_source}")
+    _set(param, jax.device_put(transform(read()).astype(param.dtype)))
+
+
+def _same_tensor(files: dict[str, str], first: str, second: str) -> bool:
+    """Whether two stored tensors hold the same shape and values."""
+    import numpy as np
+    from safetensors import safe_open
+    values = []
+    for name in (first, second):
+        if name not in files:
+            return False
+        with safe_open(files[name], framework="flax") as f:
+            values.append(np.asarray(f.get_tensor(name)))
+    return values[0].shape == values[1].shape and bool(np.array_equal(values[0], values[1]))
 
 
 def _set(param: nnx.Param, value: jax.Array) -> None:
@@ -224,12 +283,34 @@ def _expected_source_shape(name: str, model_shape: tuple[int, ...]) -> tuple[int
 
 
 def load_tokenizer(directory: str):
-    """The ``tokenizers.Tokenizer`` of ``directory/tokenizer.json``, or None if there is none."""
+    """The tokenizer of ``directory/tokenizer.json``, or None if there is none.
+
+    A ``tokenizers.Tokenizer``; a :class:`~.chat_template.TemplatedTokenizer` around it where the
+    directory has a chat template (``chat_template.jinja``, or ``chat_template`` in
+    ``tokenizer_config.json``), with ``tokenizer_config.json``'s ``bos_token`` / ``eos_token``.
+    """
     path = os.path.join(directory, "tokenizer.json")
     if not os.path.exists(path):
         return None
     from tokenizers import Tokenizer
-    return Tokenizer.from_file(path)
+
+    from .chat_template import TemplatedTokenizer
+    tokenizer = Tokenizer.from_file(path)
+    settings = {}
+    settings_path = os.path.join(directory, "tokenizer_config.json")
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            settings = json.load(f)
+    template = settings.get("chat_template")
+    template_path = os.path.join(directory, "chat_template.jinja")
+    if os.path.exists(template_path):
+        with open(template_path) as f:
+            template = f.read()
+    if not isinstance(template, str):
+        return tokenizer  # none, or a list of named templates, which we do not pick from
+    token = lambda value: value.get("content") if isinstance(value, dict) else value
+    return TemplatedTokenizer(tokenizer=tokenizer, bos_token=token(settings.get("bos_token")),
+                              eos_token=token(settings.get("eos_token")), chat_template=template)
 
 
 def eos_token_ids(directory: str, config: LlamaConfig) -> tuple[int, ...]:

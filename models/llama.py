@@ -153,6 +153,13 @@ class Llama(nnx.Module):
         logits : float32 [batch, tokens, vocab], or [batch, vocab] with ``logit_index``
         cache : the updated cache
         """
+        window = self.config.sliding_window
+        if window is not None and cache.capacity > window:
+            raise ValueError(
+                f"the checkpoint attends within a sliding window of {window} tokens, which this model "
+                f"does not implement (its attention is full), and the cache holds {cache.capacity}: "
+                f"tokens past position {window} would get other logits than the checkpoint's; use a "
+                f"cache of at most {window} tokens (--max-len {window})")
         inv_freq = inverse_frequencies(self.config)
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         for layer, block in enumerate(self.layers):

