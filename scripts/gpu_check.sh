@@ -9,6 +9,10 @@
 #   serve      serve-bench on a Llama-3-8B shape at a fixed budget, both layouts
 #   crossing   vattention bench crossing, both layouts (CROSSING_NO_GRAPHS=1: again with XLA's CUDA
 #              graphs off)
+#   soak       the engine soak at a tight budget with random preemptions (SOAK_STEPS decode steps,
+#              default 20000), in its own process
+#   server     vattention serve on the tiny model, one completion and one streamed chat through curl
+#   chat       generate --model smollm2-135m --chat, both layouts (needs the SmolLM2 file installed)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"
@@ -29,7 +33,9 @@ for section in $sections; do
   case "$section" in
     tests)
       # GPU_TESTS: test files to run (default: all).
-      timeout 300 "$python" -X faulthandler -m pytest -m gpu -q -p no:cacheprovider --rootdir "$tests" \
+      # The soak has its own section.
+      timeout 400 "$python" -X faulthandler -m pytest -m gpu -q -p no:cacheprovider --rootdir "$tests" \
+        --deselect "$tests/test_soak.py::test_gpu_soak_of_twenty_thousand_decode_steps" \
         $(for file in ${GPU_TESTS:-.}; do echo "$tests/$file"; done) \
         2>&1 | tee "$out/gpu_tests.log" || status=1 ;;
     alloc)
@@ -60,6 +66,28 @@ for section in $sections; do
               | sed 's/^/no CUDA graphs: /' || rc=1
           fi
         done; exit $rc ) 2>&1 | tee "$out/crossing.log" || status=1 ;;
+    soak)
+      timeout "${SOAK_TIMEOUT:-300}" "$python" -X faulthandler "$tests/soak_engine.py" --device gpu --steps "${SOAK_STEPS:-20000}" \
+        --sample 24 2>&1 | tail -20 | tee "$out/soak.log" || status=1 ;;
+    server)
+      ( rc=1
+        "$python" -m jax_vattention.cli serve --config tiny --max-len 512 --port 8765 > /tmp/server.log 2>&1 &
+        server=$!
+        for _ in $(seq 90); do curl -sf localhost:8765/health > /dev/null && rc=0 && break; sleep 1; done
+        curl -sf localhost:8765/v1/completions -H 'Content-Type: application/json' \
+          -d '{"model": "tiny", "prompt": "Hello", "max_tokens": 16, "temperature": 0}' || rc=1
+        echo
+        curl -sfN localhost:8765/v1/chat/completions -H 'Content-Type: application/json' \
+          -d '{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "stream": true}' \
+          | head -4 || rc=1
+        kill $server; wait $server 2>/dev/null; tail -5 /tmp/server.log; exit $rc ) 2>&1 | tee "$out/server.log" \
+        || status=1 ;;
+    chat)
+      ( rc=0
+        for backend in pallas cudnn; do
+          timeout 120 "$python" -m jax_vattention.cli generate --model smollm2-135m --backend "$backend" \
+            --chat "What is the capital of France?" || rc=1
+        done; exit $rc ) 2>&1 | tee "$out/chat.log" || status=1 ;;
     *) echo "unknown section: $section" >&2; status=1 ;;
   esac
 done
