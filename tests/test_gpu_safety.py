@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import jax_vattention
+
 SCRIPT = Path(__file__).with_name("gpu_cases.py")
 CASES = ["engine_default_backend", "blocked_on_a_partly_mapped_cache", "out_of_pages_in_a_step_rebuilds_the_cache"]
 
@@ -14,7 +16,8 @@ CASES = ["engine_default_backend", "blocked_on_a_partly_mapped_cache", "out_of_p
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", CASES)
 def test_gpu_case_in_its_own_process(case):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    package_parent = str(Path(jax_vattention.__file__).resolve().parent.parent)  # the package under test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(SCRIPT), case], capture_output=True, text=True, timeout=900, env=env)
     assert done.returncode == 0, f"{case} failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr[-4000:]}"
     assert f"{case} OK" in done.stdout

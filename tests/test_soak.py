@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 
+import jax_vattention
+
 SCRIPT = Path(__file__).with_name("soak_engine.py")
 
 
 def run_soak(*args, timeout):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SCRIPT.parent.parent), os.environ.get("PYTHONPATH", "")])}
+    package_parent = str(Path(jax_vattention.__file__).resolve().parent.parent)  # the package under test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout,
                           env=env)
     assert done.returncode == 0, f"soak failed (exit {done.returncode}):\n{done.stdout}\n{done.stderr[-4000:]}"
