@@ -222,9 +222,10 @@ def cudnn_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
 
 
 def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
-    """The project's Pallas decode kernel; prefill falls back to cuDNN (GPU) or XLA."""
+    """The project's Pallas decode kernel; prefill falls back to cuDNN (a 16-bit cache on a GPU) or the blocked kernel."""
     if q.shape[1] > 1:
-        fallback = cudnn_attention if jax.default_backend() == "gpu" else blocked_attention
+        use_cudnn = jax.default_backend() == "gpu" and jnp.dtype(k_cache.dtype) in CUDNN_DTYPES
+        fallback = cudnn_attention if use_cudnn else blocked_attention
         return fallback(q, k_cache, v_cache, q_positions, kv_lengths, layer)
     try:
         from jax_vattention.kernels.decode_attention import decode_attention
@@ -253,7 +254,9 @@ def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
     [batch, tokens, q_heads, head_dim]; rows past their length hold zeros or garbage that is never read.
     """
     check_backend(backend)
-    implementation = "cudnn" if jax.default_backend() == "gpu" and backend in ("cudnn", "pallas") else None
+    cudnn = (jax.default_backend() == "gpu" and backend in ("cudnn", "pallas")
+             and jnp.dtype(q.dtype) in CUDNN_DTYPES)
+    implementation = "cudnn" if cudnn else None
     return jax.nn.dot_product_attention(
         q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True, query_seq_lengths=lengths,
         key_value_seq_lengths=lengths, implementation=implementation)  # [B, T, N, H]
@@ -277,10 +280,16 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-def default_backend(layout: str, platform: str) -> str:
+# The dtypes cuDNN's fused attention takes.
+CUDNN_DTYPES = frozenset({jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)})
+
+
+def default_backend(layout: str, platform: str, dtype=None) -> str:
     """The kernel a device runs when none is named: on a GPU cuDNN for per-layer caches and the
-    Pallas kernel for interleaved ones; ``blocked`` elsewhere. ``platform`` is ``jax.Device.platform``."""
-    if platform != "gpu":
+    Pallas kernel for interleaved ones; ``blocked`` elsewhere, and for a float32 cache (``dtype``)
+    on a GPU, which cuDNN (and so Pallas' prefill) cannot take. ``platform`` is
+    ``jax.Device.platform``."""
+    if platform != "gpu" or (dtype is not None and jnp.dtype(dtype) not in CUDNN_DTYPES):
         return "blocked"
     return "pallas" if layout == "interleaved" else "cudnn"
 
@@ -315,7 +324,7 @@ def resolve_backend(backend: str | None, cache) -> str:
     platform = next(iter(cache.k[0].devices())).platform
     layout = "interleaved" if cache.interleaved else "per_layer"
     if backend is None:
-        return default_backend(layout, platform)
+        return default_backend(layout, platform, cache.k[0].dtype)
     check_backend_on(backend, layout, platform, virtual=not cache.is_dense)
     return backend
 
