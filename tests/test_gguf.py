@@ -355,10 +355,12 @@ def test_smollm2_bfloat16_virtual_cache_gives_the_dense_cache_tokens(layout):
                                   dtype=jnp.bfloat16, layout=layout)
     with jv.CacheManager(cache_config) as manager:
         virtual = generate_in_manager(model, manager, prompts, **options)
-    dense_cache = KVCache.dense(num_layers=config.num_layers, max_batch=4, capacity=256,
+        capacity = manager.capacity
+    # The same shapes as the virtual cache (its capacity is whole pages), so that the kernel is the same.
+    dense_cache = KVCache.dense(num_layers=config.num_layers, max_batch=4, capacity=capacity,
                                 kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.bfloat16,
                                 interleaved=layout == "interleaved")
-    dense, _ = generate(model, dense_cache, prompts, **options)
+    dense, _ = generate(model, dense_cache, prompts, max_len=256, **options)
     assert virtual.tokens == dense.tokens
     assert "Paris" in tokenizer.decode(virtual.tokens[0])
 
