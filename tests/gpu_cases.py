@@ -39,11 +39,11 @@ def engine_default_backend() -> None:
                                       dtype=jnp.bfloat16, budget_bytes=256 * MiB, layout=layout)
         with jv.CacheManager(cache_config, gpu()) as manager:
             try:
-                Engine(model, manager, EngineConfig(chunk_steps=4, backend="xla"))
+                Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4, backend="xla"))
                 raise AssertionError("backend 'xla' was accepted for a virtual GPU cache")
             except ValueError as error:
                 assert "whole cache capacity" in str(error)
-            engine = Engine(model, manager, EngineConfig(chunk_steps=4))
+            engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4))
             assert engine.backend == expected, engine.backend
             ids = [engine.submit(Request(prompt=[3, 4, 5, 6][:n], max_new_tokens=9)) for n in (1, 4)]
             outputs = engine.run()
