@@ -169,13 +169,13 @@ def test_bench_crossing_maps_pages_only_where_its_mode_says(capsys):
 
 def test_memory_bound_admission_is_compared_with_an_exact_token_allocator(model):
     # Each 8-token prompt takes a whole 32-token page per buffer; the budget holds two such requests,
-    # where an allocator of exact tokens would hold all four: each needs 8 + 4 tokens (its prompt and
-    # the coming 4-step chunk), 48 of the budget's 64.
+    # where an allocator of exact tokens would hold all four: each needs 8 + 1 tokens (its prompt and
+    # the coming step's token), 36 of the budget's 64.
     probe, _ = make_manager(model)
     buffers = probe.config.num_buffers
     probe.close()
     manager, _ = make_manager(model, max_batch=4, budget_pages=2 * buffers)
-    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4, overlap=False, eager_allocation=False))
+    engine = Engine(model, manager, EngineConfig(token_budget=64, chunk_tokens=8, overlap=False, eager_allocation=False))
     for seed in range(4):
         engine.submit(Request(prompt=list(range(2 + seed, 10 + seed)), max_new_tokens=20))
     engine.step()

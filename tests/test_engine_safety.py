@@ -105,7 +105,7 @@ def test_a_step_the_budget_cannot_grow_preempts_the_youngest_and_loses_nothing(m
     with make_manager(model) as manager:
         engine = Engine(model, manager, EngineConfig(token_budget=32, chunk_tokens=8))
         ids = [engine.submit(request) for request in requests]
-        first = engine.step()                                       # all three admitted and prefilled
+        first = engine.step()                                       # two admitted (two slots) and prefilled
         manager_growth = manager.grow_slots
         refusals = iter([True])
 

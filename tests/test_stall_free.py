@@ -11,7 +11,7 @@ import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.engine.requests import RequestState
-from jax_vattention.engine.scheduler import Chunk, Scheduler
+from jax_vattention.engine.scheduler import Scheduler
 from jax_vattention.generate import generate
 from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
@@ -83,22 +83,30 @@ def test_a_prefill_may_start_at_an_offset_and_admission_stops_at_back_pressure()
     assert [s.request_id for s in scheduler.waiting] == [1]
 
 
+PROMPTS = [np.random.default_rng(7).integers(2, 256, length).tolist() for length in (23, 9, 40)]
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    requests = [Request(prompt=prompt, max_new_tokens=6) for prompt in PROMPTS]
+    return requests, unchunked(model, requests)
+
+
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
 @pytest.mark.parametrize("chunk_tokens", [1, 5, 64])
-def test_chunked_prefill_gives_the_tokens_of_unchunked_generate(model, layout, chunk_tokens):
-    rng = np.random.default_rng(chunk_tokens)
-    requests = [Request(prompt=rng.integers(2, 256, length).tolist(), max_new_tokens=6)
-                for length in (23, 9, 40)]
+def test_chunked_prefill_gives_the_tokens_of_unchunked_generate(model, reference, layout, chunk_tokens):
+    requests, expected = reference
     manager, _ = make_manager(model, layout=layout)
     with manager:
         engine = Engine(model, manager, EngineConfig(token_budget=max(chunk_tokens, 8), chunk_tokens=chunk_tokens))
         ids = [engine.submit(request) for request in requests]
         outputs = engine.run()
-    assert [outputs[i] for i in ids] == unchunked(model, requests)
+    assert [outputs[i] for i in ids] == expected
     if chunk_tokens < 40:
         assert any(r.decodes and r.chunk_tokens for r in engine.stats.records)   # mixed steps ran
 
 
+@pytest.mark.slow
 def test_compiled_programs_stay_bounded_over_a_hundred_requests(model):
     rng = np.random.default_rng(5)
     manager, driver = make_manager(model, budget_pages=40)

@@ -275,6 +275,8 @@ class Engine:
                 state = self.scheduler.waiting.popleft()
                 events.append(self._fail(state, self._admit_error))
                 continue
+            if plan.empty:
+                return plan
             try:
                 self.manager.grow_slots(plan.growth(self.manager.config.max_batch))
                 return plan
