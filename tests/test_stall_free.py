@@ -121,3 +121,14 @@ def test_compiled_programs_stay_bounded_over_a_hundred_requests(model):
         assert manager.stats()["active_slots"] == 0
         manager.reclaim()
         assert manager.stats()["mapped_pages"] == 0 and driver.mapped_bytes == 0
+
+
+def test_bench_decode_reports_every_mode_and_writes_the_csv(tmp_path, capsys):
+    from jax_vattention.cli import main
+    assert main(["bench", "decode", "--batch", "2", "--context", "16", "--steps", "2", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    assert "NOT A GPU" in report
+    rows = (tmp_path / "decode.csv").read_text().splitlines()
+    assert rows[0].startswith("card,date,config,batch,context,mode") and len(rows) == 4
+    assert all(float(row.split(",")[7]) > 0 for row in rows[1:])
