@@ -92,8 +92,9 @@ def reference(model):
     return requests, unchunked(model, requests)
 
 
-@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
-@pytest.mark.parametrize("chunk_tokens", [1, 5, 64])
+@pytest.mark.parametrize(("layout", "chunk_tokens"), [
+    ("per_layer", 1), ("per_layer", 5), ("per_layer", 64), ("interleaved", 5),
+    pytest.param("interleaved", 1, marks=pytest.mark.slow), pytest.param("interleaved", 64, marks=pytest.mark.slow)])
 def test_chunked_prefill_gives_the_tokens_of_unchunked_generate(model, reference, layout, chunk_tokens):
     requests, expected = reference
     manager, _ = make_manager(model, layout=layout)
@@ -123,6 +124,7 @@ def test_compiled_programs_stay_bounded_over_a_hundred_requests(model):
         assert manager.stats()["mapped_pages"] == 0 and driver.mapped_bytes == 0
 
 
+@pytest.mark.slow
 def test_bench_decode_reports_every_mode_and_writes_the_csv(tmp_path, capsys):
     from jax_vattention.cli import main
     assert main(["bench", "decode", "--batch", "2", "--context", "16", "--steps", "2", "--repeats", "1",
