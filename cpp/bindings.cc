@@ -161,6 +161,7 @@ NB_MODULE(_core, m) {
       .def("free", &PageManager::free, "slot"_a, Release())
       .def("grow", [](PageManager& manager, std::size_t tokens) { manager.grow(tokens, nullptr); }, "tokens"_a,
            Release())
+      .def("grow_slots", &PageManager::grow_slots, "counts"_a, Release())
       .def("reserve_growth", &PageManager::reserve_growth, "tokens"_a, Release())
       .def("reclaim", &PageManager::reclaim, Release())
       .def("trim", &PageManager::trim, Release())

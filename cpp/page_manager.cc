@@ -1,5 +1,6 @@
 #include "page_manager.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -294,16 +295,44 @@ void PageManager::free(int slot) {
 void PageManager::grow(std::size_t tokens, void* stream, bool buffers_live) {
   locked(stream, [&] {
     check_open();
-    transaction([&] { map_for_growth(tokens, stream); });
-    add_lengths(tokens);
+    const std::vector<std::size_t> counts = every_active(tokens);
+    transaction([&] { map_for_growth(counts, stream); });
+    add_lengths(counts);
     ++grow_calls_;
     if (buffers_live) discard_pending();
   });
 }
 
-void PageManager::add_lengths(std::size_t tokens) {
-  for (Slot& slot : slots_) {
-    if (slot.active) slot.length = std::min(saturating_add(slot.length, tokens), geometry_.capacity);
+void PageManager::grow_slots(const std::vector<std::size_t>& counts) {
+  locked(nullptr, [&] {
+    check_open();
+    if (counts.size() != slots_.size()) {
+      throw std::invalid_argument("grow_slots takes one count per slot (" + std::to_string(slots_.size()) +
+                                  "), got " + std::to_string(counts.size()));
+    }
+    for (std::size_t s = 0; s < counts.size(); ++s) {
+      if (counts[s] > 0 && !slots_[s].active) {
+        throw std::invalid_argument("grow_slots: slot " + std::to_string(s) + " is not allocated");
+      }
+    }
+    transaction([&] { map_for_growth(counts, nullptr); });
+    add_lengths(counts);
+    ++grow_calls_;
+  });
+}
+
+std::vector<std::size_t> PageManager::every_active(std::size_t tokens) const {
+  std::vector<std::size_t> counts(slots_.size(), 0);
+  for (std::size_t s = 0; s < slots_.size(); ++s) {
+    if (slots_[s].active) counts[s] = tokens;
+  }
+  return counts;
+}
+
+void PageManager::add_lengths(const std::vector<std::size_t>& counts) {
+  for (std::size_t s = 0; s < slots_.size(); ++s) {
+    Slot& slot = slots_[s];
+    if (slot.active) slot.length = std::min(saturating_add(slot.length, counts[s]), geometry_.capacity);
   }
 }
 
@@ -312,7 +341,7 @@ std::size_t PageManager::prefetch(std::size_t tokens, std::size_t max_pages) {
   check_open();
   std::size_t extra = 0;
   std::size_t within = 0;
-  const std::vector<std::size_t> targets = growth_targets(tokens, extra, within);
+  const std::vector<std::size_t> targets = growth_targets(every_active(tokens), extra, within);
   const std::size_t buffers = geometry_.num_buffers;
   return transaction([&] {
     std::size_t mapped = 0;
@@ -338,13 +367,14 @@ std::size_t PageManager::prefetch(std::size_t tokens, std::size_t max_pages) {
   });
 }
 
-std::vector<std::size_t> PageManager::growth_targets(std::size_t tokens, std::size_t& extra, std::size_t& owed) const {
+std::vector<std::size_t> PageManager::growth_targets(const std::vector<std::size_t>& counts, std::size_t& extra,
+                                                     std::size_t& owed) const {
   std::vector<std::size_t> targets(slots_.size(), 0);
   extra = 0;
   owed = 0;
   for (std::size_t s = 0; s < slots_.size(); ++s) {
     if (!slots_[s].active) continue;
-    targets[s] = std::max(geometry_.pages_for(saturating_add(slots_[s].length, tokens)), slots_[s].pages.size());
+    targets[s] = std::max(geometry_.pages_for(saturating_add(slots_[s].length, counts[s])), slots_[s].pages.size());
     const std::size_t pages = (targets[s] - slots_[s].pages.size()) * geometry_.num_buffers;
     extra += pages;
     owed += std::min(pages, owed_pages(s));
@@ -352,20 +382,22 @@ std::vector<std::size_t> PageManager::growth_targets(std::size_t tokens, std::si
   return targets;
 }
 
-void PageManager::map_for_growth(std::size_t tokens, void* stream) {
+void PageManager::map_for_growth(const std::vector<std::size_t>& counts, void* stream) {
   std::size_t extra = 0;
   std::size_t within = 0;
-  std::vector<std::size_t> targets = growth_targets(tokens, extra, within);
+  std::vector<std::size_t> targets = growth_targets(counts, extra, within);
+  // Pages past a slot's length plus the largest count stay spare for reclaiming.
+  const std::size_t tokens = counts.empty() ? 0 : *std::max_element(counts.begin(), counts.end());
   if (extra == 0) return;
   // What the growing slots' reservations hold is theirs; the pool keeps the other slots' share.
   const std::size_t needed = extra + owed_pages() - within;
   if (pool_.headroom() + reclaimable_pages(std::nullopt, tokens) < needed) {
-    throw OutOfPages("growing every active slot by " + std::to_string(tokens) + " tokens needs " +
+    throw OutOfPages("growing the active slots by up to " + std::to_string(tokens) + " tokens needs " +
                      pages_text(extra - within, geometry_.page_bytes) + " more than the budget holds: call " +
                      "reserve_growth() before the decode loop, or free slots");
   }
   reclaim_for(needed, std::nullopt, stream, tokens);
-  targets = growth_targets(tokens, extra, within);  // spare tails may have gone; the pages missing did not change
+  targets = growth_targets(counts, extra, within);  // spare tails may have gone; the pages missing did not change
   for (std::size_t s = 0; s < slots_.size(); ++s) {
     if (slots_[s].active && targets[s] > slots_[s].pages.size()) map_up_to(s, targets[s]);
   }

@@ -132,6 +132,10 @@ class PageManager {
   // A growth within every active slot's reservation (alloc's lookahead,
   // reserve_growth) never runs out of pages: only a driver failure fails it.
   void grow(std::size_t tokens, void* stream, bool buffers_live = false);
+  // Adds `counts[s]` tokens to slot `s` (one count per slot, zero for a free
+  // slot) and maps the pages that takes, all or nothing: the host's growth
+  // for a step whose slots gain different counts (a prefill chunk, a decode).
+  void grow_slots(const std::vector<std::size_t>& counts);
   // Maps now, without growing, pages that growing every active slot by
   // `tokens` will need: the host maps ahead while the device computes. One
   // slot's next page (in every buffer) at a time, the slot closest to the end
@@ -217,9 +221,12 @@ class PageManager {
   // Pages each slot needs to hold `tokens` more (its current count if inactive or already
   // covered); `extra` gets the pages to map over all buffers, `owed` the part of them that
   // the slots' reservations already hold in the pool.
-  std::vector<std::size_t> growth_targets(std::size_t tokens, std::size_t& extra, std::size_t& owed) const;
+  std::vector<std::size_t> growth_targets(const std::vector<std::size_t>& counts, std::size_t& extra,
+                                         std::size_t& owed) const;
+  // `tokens` for every active slot, zero for the others.
+  std::vector<std::size_t> every_active(std::size_t tokens) const;
   // Maps pages for every active slot to hold `tokens` more.
-  void map_for_growth(std::size_t tokens, void* stream);
+  void map_for_growth(const std::vector<std::size_t>& counts, void* stream);
   int alloc_locked(std::size_t prompt_len, std::size_t lookahead);
   void reserve_growth_locked(std::size_t tokens);
   // Runs `operation` under the lock. Where it must wait for the device (wait_for_device), it
@@ -228,7 +235,7 @@ class PageManager {
   auto locked(void* stream, Operation&& operation) -> decltype(operation());
   // Waits for the device's work (`stream`'s, or all of it if null) before pages are unmapped.
   void wait_for_device(void* stream);
-  void add_lengths(std::size_t tokens);
+  void add_lengths(const std::vector<std::size_t>& counts);
   void discard_pending() noexcept;
 
   // Page mapping, unmapping and undoing them (page_transactions.cc; transaction() is a template

@@ -135,28 +135,37 @@ def _gather_block(cache: jax.Array, index: tuple) -> jax.Array:
     return lax.platform_dependent(cache, *index, cpu=read, default=gather)
 
 
-def blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
+def blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, slots=None):
     """:func:`xla_attention`'s result, reading each row's cache only below its length.
 
     A ``lax.fori_loop`` walks blocks of ``BLOCK_TOKENS`` key positions up to the longest row and
     keeps an online softmax in float32. Each row gathers its block's positions clamped to its own
     ``length - 1``, and a row of length 0 reads the longest row instead (its logits are all masked):
     no byte at or past a row's length is loaded, so pages the OS never committed stay so, and a
-    partly mapped GPU cache is never read where it has no page. An interleaved cache is read one
-    layer at a time in place.
+    partly mapped GPU cache is never read where it has no page (a block that starts below a row's
+    length is clamped inside it, whatever the page size). An interleaved cache is read one layer at
+    a time in place.
 
-    Shapes: q [B, T, N, H], caches [B, S, K, H] (or [B, S, layers, K, H] with ``layer``),
-    q_positions [B, T], kv_lengths [B] -> [B, T, N, H].
+    Several query tokens per row with their own positions make it the chunk kernel of chunked
+    prefill: a chunk written at ``start`` attends with ``q_positions = start + t`` and
+    ``kv_lengths = start + count`` to its cached prefix and, causally, to its own keys.
+
+    Shapes: q [B, T, N, H], caches [M, S, K, H] (or [M, S, layers, K, H] with ``layer``),
+    q_positions [B, T], kv_lengths [B], slots int32 [B] or None (row ``b`` reads cache row
+    ``slots[b]``; None: ``B == M`` and row ``b`` reads row ``b``; a slot ``>= M`` is padding and
+    must come with length 0) -> [B, T, N, H].
     """
     batch, q_len, q_heads, head_dim = q.shape
-    capacity, kv_heads = k_cache.shape[1], k_cache.shape[-2]
+    max_batch, capacity, kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[-2]
     groups = q_heads // kv_heads
     block = min(BLOCK_TOKENS, capacity)
     q = q.astype(k_cache.dtype).reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, K, G, H]
-    lengths = jnp.clip(kv_lengths, 0, capacity)  # [B]
-    source = jnp.where(lengths > 0, jnp.arange(batch, dtype=jnp.int32),
-                       jnp.argmax(lengths).astype(jnp.int32))  # [B]; empty rows read the longest row
-    last = jnp.maximum(lengths[source] - 1, 0)  # [B], the last position each row may read
+    rows = jnp.arange(batch, dtype=jnp.int32) if slots is None else slots.astype(jnp.int32)  # [B]
+    lengths = jnp.where(rows < max_batch, jnp.clip(kv_lengths, 0, capacity), 0)  # [B]
+    longest = jnp.argmax(lengths)  # []
+    source = jnp.where(lengths > 0, rows, rows[longest])  # [B]; empty rows read the longest row
+    last = jnp.maximum(jnp.where(lengths > 0, lengths, lengths[longest]) - 1, 0)  # [B], last readable
+    source = jnp.clip(source, 0, max_batch - 1)  # [B]; all rows empty: no block is read at all
     blocks = (jnp.max(lengths) + block - 1) // block  # []; stop: past the longest row
     offsets = jnp.arange(block, dtype=jnp.int32)  # [S']
     scale = jnp.float32(head_dim ** -0.5)
@@ -190,6 +199,30 @@ def blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
     out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # [B, K, G, T, H]; no visible key: zeros
     out = jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
     return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)  # [B, T, N, H]
+
+
+def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, layer=None):
+    """Attention of prefill chunks (several query tokens per row) over their slots' caches, in place.
+
+    Row ``b`` is a chunk of slot ``slots[b]`` already written into the cache; its query ``t`` at
+    position ``q_positions[b, t]`` sees keys ``s <= q_positions[b, t]`` and ``s < kv_lengths[b]``
+    (the cached prefix plus the chunk's own keys, causal within the chunk: a bottom-right causal
+    mask). Nothing at or past ``kv_lengths[b]`` is read, so it is safe on a virtual cache mapped
+    up to the lengths. Rows of one slot may follow each other in one call (consecutive chunks of a
+    long prompt), since every chunk is written before any is attended.
+
+    Shapes: q [R, T, N, H]; caches [M, S, K, H] (or [M, S, layers, K, H] with ``layer``);
+    slots int32 [R] (``>= M``: padding, with length 0); q_positions int32 [R, T]; kv_lengths
+    int32 [R] -> [R, T, N, H] (zeros where a query sees no key).
+
+    Example::
+
+        out = chunk_attention(q, cache.k[0], cache.v[0], slots=jnp.array([3]),
+                              q_positions=jnp.arange(40, 48)[None], kv_lengths=jnp.array([48]))
+    """
+    _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer)
+    return blocked_attention(q, k_cache, v_cache, q_positions.astype(jnp.int32),
+                             kv_lengths.astype(jnp.int32), layer, slots=slots)
 
 
 def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *,

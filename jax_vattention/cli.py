@@ -1,4 +1,4 @@
-"""The ``vattention`` command: ``generate``, ``serve``, ``bench {alloc,attention,crossing}`` and ``serve-bench``."""
+"""The ``vattention`` command: ``generate``, ``serve``, ``bench {alloc,attention,crossing,decode,pages}`` and ``serve-bench``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ COMMANDS = [
     (("serve",), "jax_vattention.commands.serve", "an OpenAI-compatible HTTP server over the engine"),
     (("bench", "alloc"), "jax_vattention.bench.alloc", "page map/unmap latency and bandwidth"),
     (("bench", "attention"), "jax_vattention.bench.attention", "decode attention against paged kernels"),
+    (("bench", "decode"), "jax_vattention.bench.decode", "the model's decode step: static vs virtual cache, roofline"),
     (("bench", "crossing"), "jax_vattention.bench.crossing", "the cost of a decode step that crosses a page"),
     (("bench", "pages"), "jax_vattention.bench.page_table", "tokens per page and worst-case waste by model, TP, page size"),
     (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),

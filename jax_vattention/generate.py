@@ -37,6 +37,7 @@ from jax_vattention.donation import cache_jit
 from jax_vattention.manager import manager_for
 from jax_vattention.preflight import check_slots, mapping_failures
 from jax_vattention.sampling import sample_tokens
+from jax_vattention.step_batch import decode_batch, model_step
 
 MIN_PROMPT_BUCKET = 16
 
@@ -92,11 +93,9 @@ def _generate(graphdef, backend: str, return_logits: bool, state, cache: KVCache
         cache = ops.grow(cache, tokens=1)
         active = ~done  # [B]
         count = active.astype(jnp.int32)  # [B]; a finished row writes nothing
-        logits, cache = model(last[:, None], lengths[:, None], cache, start=lengths, count=count,
-                              slots=slots, backend=backend,
-                              logit_index=jnp.zeros_like(lengths))  # [B, V]
         key, step_key = jax.random.split(key)
-        token = sample_tokens(logits, step_key, temperature, top_k, top_p)  # [B]
+        token, logits, cache = model_step(model, cache, decode_batch(last, slots, lengths, count), temperature,
+                                          top_k, top_p, step_key, backend=backend)  # [B], [B, V]
         column = jnp.where(active, generated, capacity)  # [B]; out of bounds for finished rows
         out_tokens = out_tokens.at[rows, column].set(token, mode="drop")  # [B, L]
         if return_logits:

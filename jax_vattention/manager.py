@@ -294,6 +294,21 @@ class CacheManager:
         self._core.grow(_count("tokens", tokens))
         self._discard_unmapped()
 
+    def grow_slots(self, counts) -> None:
+        """Host-side growth of each slot by its own count, all or nothing.
+
+        ``counts`` : one non-negative token count per slot (``[max_batch]``), zero for free
+        slots. A step that writes a prefill chunk into one slot and one token into others maps
+        its plan with this right before dispatch. ``OutOfPagesError`` (nothing changed) if the
+        budget cannot cover it, ``ValueError`` for a bad count or a count on a free slot.
+        """
+        self._check_usable()
+        counts = [_count("a slot's count", c) for c in np.asarray(counts).reshape(-1).tolist()]
+        if len(counts) != self.config.max_batch:
+            raise ValueError(f"grow_slots takes one count per slot ({self.config.max_batch}), got {len(counts)}")
+        self._core.grow_slots(counts)
+        self._discard_unmapped()
+
     def reclaim(self) -> int:
         """Unmaps the pages of free slots, after the device finished with them; returns the page count."""
         self._check_usable()

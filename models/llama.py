@@ -19,6 +19,7 @@ from jax import lax
 
 from jax_vattention.attention import attend, attend_prompt
 from jax_vattention.cache import KVCache
+from jax_vattention.step_batch import StepBatch
 from jax_vattention.writes import write_kv
 
 from .configs import LlamaConfig
@@ -55,13 +56,16 @@ class Attention(nnx.Module):
         self.wo = _normal(rngs, (n, h, d), n * h, dtype)  # [N, H, D]
 
     def __call__(self, x, positions, cache: KVCache, layer: int, *, inv_freq, start, count, slots,
-                 backend: str):
+                 backend: str, step: StepBatch | None = None):
         q = jnp.einsum('BTD,DNH->BTNH', x, self.wq[...])  # [B, T, N, H]
         k = jnp.einsum('BTD,DKH->BTKH', x, self.wk[...])  # [B, T, K, H]
         v = jnp.einsum('BTD,DKH->BTKH', x, self.wv[...])  # [B, T, K, H]
         q = apply_rope(q, positions, inv_freq)  # [B, T, N, H]
         k = apply_rope(k, positions, inv_freq)  # [B, T, K, H]
         dtype = cache.k[0].dtype
+        if step is not None:
+            out, cache = step.write_and_attend(cache, layer, q, k.astype(dtype), v.astype(dtype), backend)
+            return jnp.einsum('BTNH,NHD->BTD', out.astype(x.dtype), self.wo[...]), cache  # [1, T, D]
         cache = write_kv(cache, layer, k.astype(dtype), v.astype(dtype), start, count, slots)
         k_cache, v_cache, index = cache.layer(layer)
         if index is not None and q.shape[1] > 1 and backend != "xla":
@@ -133,7 +137,7 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens: jax.Array, positions: jax.Array, cache: KVCache, *,
                  start: jax.Array, count: jax.Array, slots: jax.Array | None = None,
-                 backend: str = "xla", logit_index: jax.Array | None = None):
+                 backend: str = "xla", logit_index: jax.Array | None = None, step: StepBatch | None = None):
         """Run ``tokens`` through the model, writing their keys and values into ``cache``.
 
         Parameters
@@ -147,6 +151,10 @@ class Llama(nnx.Module):
         slots : int32 [batch] or None, the cache slot of each row (default: row ``b`` is slot ``b``)
         backend : the attention backend (see :mod:`jax_vattention.attention`)
         logit_index : int32 [batch] or None, if given, compute logits only at this token of each row
+            (int32 [batch, J]: at these J tokens of each row, logits [batch, J, vocab])
+        step : a :class:`~jax_vattention.step_batch.StepBatch` or None; if given, the tokens,
+            positions and cache writes are the step's (``tokens`` is ``step.tokens()``, batch 1,
+            and ``start``/``count``/``slots`` are unused); see :meth:`run_step`
 
         Returns
         -------
@@ -164,8 +172,10 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         for layer, block in enumerate(self.layers):
             x, cache = block(x, positions, cache, layer, inv_freq=inv_freq, start=start,
-                             count=count, slots=slots, backend=backend)
-        if logit_index is not None:
+                             count=count, slots=slots, backend=backend, step=step)
+        if logit_index is not None and logit_index.ndim == 2:  # several tokens of each row
+            x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)  # [B, J, D]
+        elif logit_index is not None:
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]  # [B, D]
         x = self.norm(x)  # [B, (T,) D]
         if self.lm_head is None:
@@ -175,3 +185,13 @@ class Llama(nnx.Module):
             logits = jnp.einsum('...D,DV->...V', x, self.lm_head[...],
                                 preferred_element_type=jnp.float32)  # [B, (T,) V]
         return logits, cache
+
+    def run_step(self, step: StepBatch, cache: KVCache, *, backend: str):
+        """One engine step: the decode rows and prefill chunks of ``step`` in one pass.
+
+        Returns float32 logits ``[D + R, vocab]`` (each decode row's, then each chunk's last real
+        token's) and the cache.
+        """
+        logits, cache = self(step.tokens(), step.positions(), cache, start=None, count=None,
+                             backend=backend, logit_index=step.logit_index()[None], step=step)  # [1, D + R, V]
+        return logits[0], cache

@@ -39,11 +39,11 @@ def engine_default_backend() -> None:
                                       dtype=jnp.bfloat16, budget_bytes=256 * MiB, layout=layout)
         with jv.CacheManager(cache_config, gpu()) as manager:
             try:
-                Engine(model, manager, EngineConfig(chunk_steps=4, backend="xla"))
+                Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4, backend="xla"))
                 raise AssertionError("backend 'xla' was accepted for a virtual GPU cache")
             except ValueError as error:
                 assert "whole cache capacity" in str(error)
-            engine = Engine(model, manager, EngineConfig(chunk_steps=4))
+            engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4))
             assert engine.backend == expected, engine.backend
             ids = [engine.submit(Request(prompt=[3, 4, 5, 6][:n], max_new_tokens=9)) for n in (1, 4)]
             outputs = engine.run()
@@ -73,6 +73,42 @@ def blocked_on_a_partly_mapped_cache() -> None:
         np.testing.assert_allclose(got, np.asarray(want, np.float32), atol=2e-2, rtol=2e-2)
 
 
+def chunk_attention_on_a_partly_mapped_cache() -> None:
+    """Issue 12 item 2: prefill chunks attend over a partly mapped cache in place (both layouts), reading
+    nothing past the lengths, and match the float32 reference."""
+    from jax_vattention.attention import chunk_attention
+
+    for layout in ("per_layer", "interleaved"):
+        config = jv.CacheConfig(num_layers=2, max_batch=3, max_len=8192, kv_heads=8, head_dim=128,
+                                dtype=jnp.bfloat16, budget_bytes=512 * MiB, layout=layout)
+        with jv.CacheManager(config, gpu()) as manager:
+            lengths = np.array([40, 1030, 700], np.int32)     # ends of the chunks below, past page edges
+            for length in lengths:
+                manager.alloc(int(length))
+            rng = np.random.default_rng(1)
+            new = jnp.asarray(rng.standard_normal((3, 1100, 8, 128)), jnp.bfloat16)
+            write = jv.cache_jit(lambda cache, new, count: jv.write_kv(cache, 1, new, new, jnp.zeros_like(count),
+                                                                      count))
+            manager.cache = write(manager.cache, new, jnp.asarray(lengths))
+            # Rows: slot 0's first chunk, two consecutive chunks of slot 1, a chunk of slot 2, padding.
+            slots = np.array([0, 1, 1, 2, 3], np.int32)
+            start = np.array([24, 1000, 1016, 690, 0], np.int32)
+            count = np.array([16, 16, 14, 10, 0], np.int32)
+            positions = start[:, None] + np.arange(16, dtype=np.int32)[None]
+            q = jnp.asarray(rng.standard_normal((5, 16, 32, 128)), jnp.bfloat16)
+            k, v, index = manager.cache.layer(1)
+            got = jax.jit(chunk_attention, static_argnames="layer")(
+                q, k, v, slots=jnp.asarray(slots), q_positions=jnp.asarray(positions),
+                kv_lengths=jnp.asarray(start + count), layer=index)
+            got = np.asarray(jax.block_until_ready(got), np.float32)
+            rows = np.minimum(slots, 2)
+            dense = jnp.where((jnp.arange(1100) < jnp.asarray(lengths)[:, None])[:, :, None, None], new, 0)[rows]
+            want = np.asarray(xla_attention(q, dense, dense, jnp.asarray(positions),
+                                            jnp.asarray(np.where(slots < 3, start + count, 0))), np.float32)
+            real = np.arange(16)[None] < count[:, None]
+            np.testing.assert_allclose(got[real], want[real], atol=3e-2, rtol=3e-2)
+
+
 def out_of_pages_in_a_step_rebuilds_the_cache() -> None:
     """Issue 10 items 10 and 14: a step that runs out of pages inside becomes OutOfPagesError, and the
     manager's cache is rebuilt over the same reservations, usable at once."""
@@ -100,7 +136,8 @@ def out_of_pages_in_a_step_rebuilds_the_cache() -> None:
 
 
 CASES = {function.__name__: function for function in (
-    engine_default_backend, blocked_on_a_partly_mapped_cache, out_of_pages_in_a_step_rebuilds_the_cache)}
+    engine_default_backend, blocked_on_a_partly_mapped_cache, chunk_attention_on_a_partly_mapped_cache,
+    out_of_pages_in_a_step_rebuilds_the_cache)}
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     config = get_config("tiny")                    # float32: the same tokens in any batch
     model = Llama(config, rngs=nnx.Rngs(args.seed))
-    max_batch, max_len, chunk = 4, 96, 4
+    max_batch, max_len, chunk = 4, 96, 8
     cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=max_batch, max_len=max_len,
                                   kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32,
                                   budget_bytes=0)
@@ -50,15 +50,15 @@ def main(argv=None) -> int:
     page_bytes = probe.page_bytes
     tokens_per_page = page_bytes // cache_config.token_bytes
     probe.close()
-    # Tight: the pages of about two full slots, so admission blocks and chunks preempt.
+    # Tight: the pages of about two full slots, so admission blocks and steps preempt.
     pages_per_slot = -(-max_len // tokens_per_page)
     budget = 2 * pages_per_slot * cache_config.num_buffers * page_bytes
     manager = jv.CacheManager(dataclasses.replace(cache_config, budget_bytes=budget), device)
-    engine = Engine(model, manager, EngineConfig(chunk_steps=chunk, max_prefill_batch=2))
+    engine = Engine(model, manager, EngineConfig(token_budget=2 * chunk, chunk_tokens=chunk))
     requests: dict[int, Request] = {}
     outputs: dict[int, list[int]] = {}
-    while engine.stats.chunks * chunk < args.steps or not engine.idle:
-        if engine.stats.chunks * chunk < args.steps:
+    while len(engine.stats.records) < args.steps or not engine.idle:
+        if len(engine.stats.records) < args.steps:
             while engine.waiting < 3:
                 prompt_len = int(rng.integers(1, args.max_prompt + 1))
                 request = Request(prompt=rng.integers(2, config.vocab_size, prompt_len).tolist(),
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
                 print(f"request {event.request_id} failed: {event.error}", file=sys.stderr)
                 return 1
             outputs.setdefault(event.request_id, []).append(event.token)
-    steps = engine.stats.chunks * chunk
+    steps = len(engine.stats.records)
     sample = rng.choice(sorted(requests), size=min(args.sample, len(requests)), replace=False)
     for request_id in sample:
         request = requests[int(request_id)]

@@ -52,7 +52,7 @@ def random_requests(count, seed, max_prompt=40, max_new=40):
 def test_every_request_yields_what_it_yields_alone(model):
     requests = random_requests(7, seed=0)
     manager, _ = make_manager(model)
-    engine = Engine(model, manager, EngineConfig(chunk_steps=4))
+    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4))
     ids = [engine.submit(request) for request in requests]
     outputs = engine.run()
     for request_id, request in zip(ids, requests):
@@ -62,7 +62,7 @@ def test_every_request_yields_what_it_yields_alone(model):
 
 def test_stream_marks_each_requests_last_token(model):
     manager, _ = make_manager(model)
-    engine = Engine(model, manager, EngineConfig(chunk_steps=3))
+    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=3))
     ids = [engine.submit(request) for request in random_requests(3, seed=1)]
     finished = [event.request_id for event in engine.stream() if event.finished]
     assert sorted(finished) == sorted(ids)
@@ -77,7 +77,7 @@ def test_stream_marks_each_requests_last_token(model):
 def test_policies_do_not_change_tokens(model, policies):
     requests = random_requests(6, seed=2)
     outputs = {}
-    for name, config in (("all on", EngineConfig(chunk_steps=4)), ("switched", EngineConfig(chunk_steps=4,
+    for name, config in (("all on", EngineConfig(token_budget=16, chunk_tokens=4)), ("switched", EngineConfig(token_budget=16, chunk_tokens=4,
                                                                                          **policies))):
         manager, _ = make_manager(model, budget_pages=60)
         engine = Engine(model, manager, config)
@@ -91,7 +91,7 @@ def test_tight_budget_preempts_and_leaks_nothing(model):
     requests = random_requests(150, seed=3, max_prompt=60, max_new=60)
     # 4 buffers: one page each holds 32 tokens; 48 pages = at most ~12 pages per buffer for 4 slots.
     manager, driver = make_manager(model, budget_pages=48)
-    engine = Engine(model, manager, EngineConfig(chunk_steps=8))
+    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=8))
     ids = [engine.submit(request) for request in requests]
     outputs = engine.run()
     assert engine.stats.preemptions > 0
@@ -124,9 +124,9 @@ def test_bad_requests_are_refused(model):
 
 def test_prefetch_horizon_covers_short_chunks_and_respects_an_explicit_setting():
     from jax_vattention.engine.engine import MIN_PREFETCH_TOKENS
-    assert EngineConfig(chunk_steps=1).prefetch_horizon == MIN_PREFETCH_TOKENS
-    assert EngineConfig(chunk_steps=16).prefetch_horizon == 32
-    assert EngineConfig(chunk_steps=1, prefetch_tokens=3).prefetch_horizon == 3
+    assert EngineConfig(token_budget=16, chunk_tokens=1).prefetch_horizon == MIN_PREFETCH_TOKENS
+    assert EngineConfig(token_budget=16, chunk_tokens=1, prefetch_tokens=3).prefetch_horizon == 3
+    assert EngineConfig(token_budget=100, chunk_tokens=32).chunk_rows == 3
     with pytest.raises(ValueError, match="prefetch_tokens must be at least 1"):
         EngineConfig(prefetch_tokens=0)
 
@@ -145,7 +145,8 @@ def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
                  "--prompt-len", "8", "40", "--output-len", "4", "24", "--budget-mib", "2", "--page-kib", "64",
                  "--out", str(tmp_path)]) == 0
     report = capsys.readouterr().out
-    for line in ("throughput", "time per output token", "pages mapped", "mapping time", "preemptions"):
+    for line in ("warm-up", "throughput", "time per output token", "first-token latency", "pages mapped",
+                 "mapping time", "preemptions"):
         assert line in report
     rows = (tmp_path / "mapped_memory.csv").read_text().splitlines()
     assert rows[0] == "seconds,mapped_mib" and len(rows) > 2
@@ -168,13 +169,13 @@ def test_bench_crossing_maps_pages_only_where_its_mode_says(capsys):
 
 def test_memory_bound_admission_is_compared_with_an_exact_token_allocator(model):
     # Each 8-token prompt takes a whole 32-token page per buffer; the budget holds two such requests,
-    # where an allocator of exact tokens would hold all four: each needs 8 + 4 tokens (its prompt and
-    # the coming 4-step chunk), 48 of the budget's 64.
+    # where an allocator of exact tokens would hold all four: each needs 8 + 1 tokens (its prompt and
+    # the coming step's token), 36 of the budget's 64.
     probe, _ = make_manager(model)
     buffers = probe.config.num_buffers
     probe.close()
     manager, _ = make_manager(model, max_batch=4, budget_pages=2 * buffers)
-    engine = Engine(model, manager, EngineConfig(chunk_steps=4, overlap=False, eager_allocation=False))
+    engine = Engine(model, manager, EngineConfig(token_budget=64, chunk_tokens=8, overlap=False, eager_allocation=False))
     for seed in range(4):
         engine.submit(Request(prompt=list(range(2 + seed, 10 + seed)), max_new_tokens=20))
     engine.step()

@@ -21,7 +21,7 @@ def make_engine(max_batch=2):
                                   kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32,
                                   page_bytes=PAGE, budget_bytes=1000 * PAGE)
     manager = jv.CacheManager(cache_config, jax.devices("cpu")[0], driver=_core.FakeDriver(PAGE))
-    return Engine(model, manager, EngineConfig(chunk_steps=4, deferred_reclamation=False)), manager
+    return Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4, deferred_reclamation=False)), manager
 
 
 def test_cancel_running_and_waiting_requests():

@@ -63,7 +63,7 @@ def test_submit_refuses_each_bad_field(model, field, value, message):
 def test_a_request_that_fails_later_fails_alone(model):
     good = Request(prompt=[5, 6, 7], max_new_tokens=6)
     with make_manager(model) as manager:
-        engine = Engine(model, manager, EngineConfig(chunk_steps=2))
+        engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=2))
         assert engine.backend == "blocked"                          # the CPU default
         bad_id = engine.submit(Request(prompt=[8, 9], max_new_tokens=4))
         good_id = engine.submit(good)
@@ -81,33 +81,43 @@ def test_a_request_that_fails_later_fails_alone(model):
 
 
 def test_a_lone_request_the_budget_cannot_grow_is_failed_not_the_engine(model):
-    # The chunk's growth is refused (as if the budget were spent): the lone running request is
+    # The step's growth is refused (as if the budget were spent): the lone running request is
     # failed, and the engine goes on with the next one.
     with make_manager(model) as manager:
-        engine = Engine(model, manager, EngineConfig(chunk_steps=2))
-        manager_growth = manager.reserve_growth
+        engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=2))
+        manager_growth = manager.grow_slots
 
-        def refuse(tokens):
+        def refuse(counts):
             raise jv.OutOfPagesError("the budget is spent (test)")
 
         first = engine.submit(Request(prompt=[3] * 10, max_new_tokens=5))
-        manager.reserve_growth = refuse
+        manager.grow_slots = refuse
         events = engine.step()
-        manager.reserve_growth = manager_growth
+        manager.grow_slots = manager_growth
         assert [event.error is not None for event in events if event.request_id == first][-1]
+        assert not manager.active().any()
         later = engine.submit(Request(prompt=[3] * 10, max_new_tokens=3))
         assert len(engine.run()[later]) == 3
 
 
-def test_running_out_of_pages_inside_a_chunk_is_an_out_of_pages_error_and_a_clearly_lost_cpu_cache(model):
-    buffers = 2 * model.config.num_layers
-    with make_manager(model, budget_pages=2 * buffers) as manager:  # two pages (64 tokens) per buffer
-        engine = Engine(model, manager, EngineConfig(chunk_steps=4, eager_allocation=False, overlap=False))
-        engine.submit(Request(prompt=[3] * 30, max_new_tokens=2))
-        manager.alloc(1)                                            # another user takes the second page
-        manager.reserve_growth = lambda tokens: None                # as if its pages were taken
-        with pytest.raises(jv.OutOfPagesError, match="decode chunk ran out of pages.*lost.*reset"):
-            engine.step()
-        assert manager.lost
-        with pytest.raises(RuntimeError, match="was lost"):
-            engine.step()
+def test_a_step_the_budget_cannot_grow_preempts_the_youngest_and_loses_nothing(model):
+    requests = [Request(prompt=[3 + i] * (5 + i), max_new_tokens=6) for i in range(3)]
+    with make_manager(model) as manager:
+        engine = Engine(model, manager, EngineConfig(token_budget=32, chunk_tokens=8))
+        ids = [engine.submit(request) for request in requests]
+        first = engine.step()                                       # two admitted (two slots) and prefilled
+        manager_growth = manager.grow_slots
+        refusals = iter([True])
+
+        def refuse_once(counts):
+            if next(refusals, False):
+                raise jv.OutOfPagesError("the budget is spent (test)")
+            manager_growth(counts)
+
+        manager.grow_slots = refuse_once
+        outputs = engine.run()
+        assert engine.stats.preemptions == 1 and not engine.failed
+        for request_id, request in zip(ids, requests):
+            streamed = [e.token for e in first if e.request_id == request_id] + outputs[request_id]
+            assert streamed == alone(model, request)
+        assert not manager.active().any()

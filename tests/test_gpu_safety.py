@@ -10,7 +10,8 @@ import pytest
 import jax_vattention
 
 SCRIPT = Path(__file__).with_name("gpu_cases.py")
-CASES = ["engine_default_backend", "blocked_on_a_partly_mapped_cache", "out_of_pages_in_a_step_rebuilds_the_cache"]
+CASES = ["engine_default_backend", "blocked_on_a_partly_mapped_cache", "chunk_attention_on_a_partly_mapped_cache",
+         "out_of_pages_in_a_step_rebuilds_the_cache"]
 
 
 @pytest.mark.gpu

@@ -88,7 +88,7 @@ def test_engine_serves_an_interleaved_cache(model):
     outputs = {}
     for layout in ("per_layer", "interleaved"):
         with jv.CacheManager(cache_config(layout=layout), CPU) as manager:
-            engine = Engine(model, manager, EngineConfig(chunk_steps=4))
+            engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4))
             ids = [engine.submit(request) for request in requests]
             result = engine.run()
             outputs[layout] = [result[i] for i in ids]

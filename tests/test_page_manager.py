@@ -335,3 +335,20 @@ def test_counts_near_the_integer_limit_saturate_at_the_capacity():
     manager.reserve_growth(2**64 - 1)
     assert manager.prefetch(2**64 - 1) == 0
     check_consistent(manager, driver)
+
+
+def test_grow_slots_grows_each_slot_by_its_own_count_all_or_nothing():
+    manager, driver = make(max_batch=3, budget_pages=5 * BUFFERS)
+    manager.alloc(10), manager.alloc(31)
+    manager.grow_slots([40, 1, 0])                  # a chunk of 40 into one slot, a decode into the other
+    assert list(manager.lengths()) == [50, 32, 0]
+    assert list(manager.mapped_pages()) == [2, 1, 0]
+    before = snapshot(manager, driver)
+    with pytest.raises(OutOfPagesError):
+        manager.grow_slots([78, 33, 0])             # 3 + 1 more pages: over the budget of 5
+    assert snapshot(manager, driver) == before
+    with pytest.raises(ValueError, match="not allocated"):
+        manager.grow_slots([0, 0, 1])
+    with pytest.raises(ValueError, match="one count per slot"):
+        manager.grow_slots([1, 1])
+    assert snapshot(manager, driver) == before

@@ -83,7 +83,7 @@ def test_generate_and_the_engine_on_a_bfloat16_cache_touch_only_mapped_pages(mod
         result = generate_in_manager(model, manager, [[5, 6, 7], [9] * 20], max_new_tokens=6)
         assert [len(tokens) for tokens in result.tokens] == [6, 6]
         assert_resident_within_mapped(manager, manager.cache)
-        engine = Engine(model, manager, EngineConfig(chunk_steps=4))
+        engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4))
         engine.submit(Request(prompt=[3, 4, 5], max_new_tokens=9))
         assert len(next(iter(engine.run().values()))) == 9
         assert_resident_within_mapped(manager, manager.cache)

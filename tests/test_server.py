@@ -31,7 +31,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server():
     args = build_parser().parse_args(["serve", "--max-len", str(MAX_LEN), "--max-batch", "4",
-                                      "--chunk-steps", "4"])
+                                      "--token-budget", "16", "--chunk-tokens", "4"])
     service = build_service(args)
     port = free_port()
     uvicorn_server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port,

@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pages", type=int, default=1, help="pages each slot fills before the boundary")
     parser.add_argument("--before", type=int, default=20, help="decode steps before the crossing one")
     parser.add_argument("--after", type=int, default=6, help="decode steps after it")
-    parser.add_argument("--prefetch", type=int, default=EngineConfig(chunk_steps=1).prefetch_horizon,
+    parser.add_argument("--prefetch", type=int, default=EngineConfig().prefetch_horizon,
                         help="tokens mapped ahead in the prefetched mode (default: the engine's, for one-step chunks)")
     parser.add_argument("--repeats", type=int, default=10, help="runs of each mode; the report takes medians")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))

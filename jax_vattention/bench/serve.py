@@ -6,10 +6,10 @@ policies on a model of a named shape (random weights) and a cache under a
 fixed page budget. The report gives throughput, per-token latency
 percentiles, mapped memory over time (a PNG where matplotlib is installed,
 always a CSV), pages mapped and unmapped, the time spent mapping and how much
-of it was hidden behind device work, the cost of decode chunks that cross a
-page boundary, or during which pages were mapped, against those that do
-not, and the batch the engine sustained
-against what an ideal allocator (exact tokens, no page rounding) would fit.
+of it was hidden behind device work, the time of decode-only and mixed
+(decode + prefill chunk) steps, the warm-up (compiling the engine's two step
+programs), and the batch the engine sustained against what an ideal allocator
+(exact tokens, no page rounding) would fit.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from jax_vattention.config import LAYOUTS, CacheConfig
 from jax_vattention.attention import check_backend
 from jax_vattention.device_defaults import check_backend_on, default_backend
 from jax_vattention.engine import Engine, EngineConfig, EngineStats, Request
-from jax_vattention.generate import batch_bucket, prompt_bucket
 from jax_vattention.manager import CacheManager
 from jax_vattention.models import Llama, config_for_device
 
@@ -46,10 +45,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--budget-mib", type=int, default=None, help="cache budget (default: 90%% of free)")
     parser.add_argument("--page-kib", type=int, default=None, help="page size (default: the driver's)")
-    parser.add_argument("--chunk-steps", type=int, default=8)
-    parser.add_argument("--max-prefill-batch", type=int, default=8)
+    parser.add_argument("--token-budget", type=int, default=256, help="tokens per engine step (decodes + chunks)")
+    parser.add_argument("--chunk-tokens", type=int, default=64, help="the width of a prefill chunk row")
     parser.add_argument("--prefetch-tokens", type=int, default=None,
-                        help="with overlap: tokens mapped ahead of each running slot (default: 2 chunks, at least 16)")
+                        help="with overlap: tokens mapped ahead of each running slot (default 16)")
     parser.add_argument("--layout", choices=LAYOUTS, default="interleaved",
                         help="cache layout (interleaved: pages of a few tokens in every layer, the one for serving)")
     parser.add_argument("--backend", default=None, help="attention backend (default on GPU: pallas for the "
@@ -64,7 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Raises ``ValueError`` for options the run would trip over later, before anything compiles."""
-    for name in ("requests", "max_batch", "max_len", "chunk_steps", "max_prefill_batch"):
+    for name in ("requests", "max_batch", "max_len", "token_budget", "chunk_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     if not args.rate > 0:
@@ -119,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         page_bytes=args.page_kib * 1024 if args.page_kib else None,
         budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None, layout=args.layout)
     manager = CacheManager(cache_config, device)
-    engine_config = EngineConfig(chunk_steps=args.chunk_steps, max_prefill_batch=args.max_prefill_batch,
+    engine_config = EngineConfig(token_budget=args.token_budget, chunk_tokens=args.chunk_tokens,
                                  prefetch_tokens=args.prefetch_tokens, backend=backend,
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation, seed=args.seed)
@@ -134,21 +133,14 @@ def run(args: argparse.Namespace) -> int:
                          f"output tokens) cannot run: {error}") from None
     workload = _workload(args, model_config.vocab_size)
 
-    # Warm-up: compile the decode chunk and every (batch, prompt) prefill bucket the workload can
-    # reach, outside the timed run.
+    # Warm-up: the engine's two programs (a mixed step and a decode-only one), outside the timed run.
     warm_start = time.perf_counter()
-    most = min(args.max_batch, engine_config.max_prefill_batch)
-    batch_buckets = sorted({batch_bucket(batch, most) for batch in range(1, most + 1)})
-    low, high = args.prompt_len
-    for bucket in sorted({prompt_bucket(length, manager.capacity) for length in range(low, high + 1)}):
-        for batch in batch_buckets:
-            for _ in range(batch):
-                engine.submit(Request(prompt=[2] * min(bucket, args.max_len - 2), max_new_tokens=2))
-            engine.run()
+    engine.submit(Request(prompt=[2] * min(args.chunk_tokens + 1, args.max_len - 2), max_new_tokens=2))
+    engine.run()
     manager.reclaim()
     reuse = ("" if jax.config.jax_compilation_cache_dir
              else "; set JAX_COMPILATION_CACHE_DIR to a folder to reuse these compiles in later runs")
-    print(f"warm-up (compiling every prefill bucket and the decode chunk): {time.perf_counter() - warm_start:.1f} s"
+    print(f"warm-up (compiling the mixed and the decode-only step): {time.perf_counter() - warm_start:.1f} s"
           f"{reuse}", flush=True)
     warm_stats = manager.stats()
     engine.stats = EngineStats()
@@ -177,16 +169,13 @@ def run(args: argparse.Namespace) -> int:
     stats = manager.stats()
 
     tokens = sum(len(times) for times in token_times.values())
-    # Time per output token of each request: a chunk delivers its tokens together, so the
-    # spacing of single tokens says little; the average over a request's decode does.
-    per_token = np.array([(times[-1] - times[0]) / (len(times) - 1) for times in token_times.values()
-                          if len(times) > 1])
+    # Time per output token: the gaps between a request's tokens (each step delivers one).
+    per_token = np.concatenate([np.diff(times) for times in token_times.values() if len(times) > 1] or [[np.nan]])
     first = np.array([times[0] - arrival_of[i] for i, times in token_times.items() if times])
-    # Chunks that waited for a prefill queued before them are left out of the crossing comparison.
-    clean = ~np.array(engine.stats.chunk_after_prefill, bool)
-    chunks = np.array(engine.stats.chunk_seconds)[clean]
-    crossed = np.array(engine.stats.chunk_crossed_page, bool)[clean]
-    mapping = np.array(engine.stats.chunk_mapped_pages)[clean] > 0
+    records = engine.stats.records
+    mixed = np.array([r.chunk_tokens > 0 for r in records], bool)
+    seconds = np.array([r.seconds for r in records])
+    mapping = np.array([r.mapped_pages > 0 for r in records], bool)
     map_seconds = stats["map_seconds"] - warm_stats["map_seconds"]
     hidden = engine.stats.prefetch_seconds
 
@@ -204,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         ("eager_allocation", engine_config.eager_allocation)))
     print(f"\nvattention serve-bench on {device.device_kind} ({device.platform}), {datetime.date.today()}")
     print(f"model {args.config} (random weights), {args.layout} cache, backend {engine_config.backend}, "
-          f"chunk {args.chunk_steps} steps, "
+          f"token budget {args.token_budget}, chunk rows of {args.chunk_tokens}, "
           f"{args.max_batch} slots x {manager.capacity} tokens, page {manager.page_bytes >> 10} KiB, "
           f"budget {stats['budget_pages'] * manager.page_bytes >> 20} MiB; {policies}")
     print(f"workload: {len(workload)} requests, Poisson {args.rate}/s, prompt U{tuple(args.prompt_len)}, "
@@ -218,14 +207,14 @@ def run(args: argparse.Namespace) -> int:
           f"{max(m for _, m in engine.stats.mapped_bytes) >> 20} MiB")
     print(f"mapping time {map_seconds * 1e3:.1f} ms, of it done while the device computed {hidden * 1e3:.1f} ms "
           f"({100 * hidden / map_seconds if map_seconds else 100:.0f}% hidden)")
-    if crossed.any() and (~crossed).any():
-        print(f"decode chunk {chunks[~crossed].mean() * 1e3:.2f} ms without a page crossing, "
-              f"{chunks[crossed].mean() * 1e3:.2f} ms with one: ratio {chunks[crossed].mean() / chunks[~crossed].mean():.3f} "
-              f"({crossed.sum()} of {len(chunks)} chunks without a prefill before them crossed)")
+    for name, chosen in (("decode-only", ~mixed), ("mixed", mixed)):
+        if chosen.any():
+            print(f"{name} steps {chosen.sum()}: {seconds[chosen].mean() * 1e3:.2f} ms mean, "
+                  f"p50 {np.percentile(seconds[chosen], 50) * 1e3:.2f} ms")
     if mapping.any() and (~mapping).any():
-        print(f"decode chunk {chunks[~mapping].mean() * 1e3:.2f} ms when no page was mapped, "
-              f"{chunks[mapping].mean() * 1e3:.2f} ms when pages were mapped during it (ahead or in the graph): "
-              f"ratio {chunks[mapping].mean() / chunks[~mapping].mean():.3f} ({mapping.sum()} of {len(chunks)} chunks)")
+        print(f"steps {seconds[~mapping].mean() * 1e3:.2f} ms when no page was mapped, "
+              f"{seconds[mapping].mean() * 1e3:.2f} ms when pages were mapped (before or during them): "
+              f"{mapping.sum()} of {len(seconds)} steps")
     print(f"preemptions {engine.stats.preemptions}, prefills {engine.stats.prefills}")
     if engine.stats.memory_bound_batches:
         running, ideal = np.array(engine.stats.memory_bound_batches).T

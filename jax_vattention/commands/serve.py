@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     parser.add_argument("--max-len", type=int, default=2048,
                         help="tokens a request may hold, prompt and answer (default 2048)")
-    parser.add_argument("--chunk-steps", type=int, default=8, help="decode steps per engine step (default 8)")
+    parser.add_argument("--token-budget", type=int, default=256,
+                        help="tokens per engine step: decodes plus prompt chunks (default 256)")
+    parser.add_argument("--chunk-tokens", type=int, default=64, help="the width of a prompt chunk row (default 64)")
     parser.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
                         help="cache layout; auto: interleaved, per_layer for --backend cudnn")
     parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
@@ -44,7 +46,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, str]:
     except ImportError as error:
         raise ValueError(f"vattention serve needs FastAPI and uvicorn ({error.name} is missing): "
                          f"pip install 'jax_vattention[serve]'") from None
-    for name in ("max_batch", "max_len", "chunk_steps"):
+    for name in ("max_batch", "max_len", "token_budget", "chunk_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     if args.max_len < 2:
@@ -64,7 +66,7 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, str]:
 def build_service(args: argparse.Namespace):
     """The model, cache, engine and its running thread, as a :class:`~jax_vattention.server.app.Service`.
 
-    Compiles the decode chunk and a short prefill first, so the first client does not wait for it.
+    Compiles the engine's step programs first, so the first client does not wait for it.
     """
     import jax_vattention as jv
     from jax_vattention.engine import Engine, EngineConfig, Request
@@ -83,9 +85,9 @@ def build_service(args: argparse.Namespace):
         budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None)
     manager = jv.CacheManager(cache_config)
     engine = Engine(loaded.model, manager, EngineConfig(
-        chunk_steps=args.chunk_steps, backend=backend, seed=args.seed,
+        token_budget=args.token_budget, chunk_tokens=args.chunk_tokens, backend=backend, seed=args.seed,
         max_stop_tokens=max(4, len(loaded.stop_tokens))))
-    engine.submit(Request(prompt=[0] * min(8, args.max_len - 1), max_new_tokens=2))
+    engine.submit(Request(prompt=[0] * min(args.chunk_tokens + 1, args.max_len - 1), max_new_tokens=2))
     engine.run()
     loop = EngineLoop(engine)
     loop.start()

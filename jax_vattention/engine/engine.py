@@ -1,26 +1,28 @@
-"""Continuous batching over a virtual KV cache.
+"""Stall-free continuous batching over a virtual KV cache.
 
-Slots are the cache's batch rows. Each :meth:`Engine.step` admits waiting
-requests into free slots (one jitted prefill each), runs one jitted chunk of
-``chunk_steps`` decode steps over all slots, streams the new tokens and
-retires finished requests. The paper's memory policies are switches of
-:class:`EngineConfig`, so each can be measured:
+Slots are the cache's batch rows. Each :meth:`Engine.step` is one compiled
+program of a fixed shape (Sarathi-Serve's batching, vLLM v1's split):
 
-* ``overlap``: while the device computes a chunk, the host maps, one slot's
-  page at a time and until the chunk is done, the pages the next chunks will
-  need (:meth:`CacheManager.prefetch_while_busy`), so the in-graph mapping op
-  finds them ready;
-* ``deferred_reclamation``: a finished request's pages stay with its slot for
-  the next request there; they are unmapped only under memory pressure, after
-  the device work that could touch them has completed. Off: unmapped at once;
-* ``eager_allocation``: a request's first chunk of pages is mapped with its
-  prompt, before it is admitted.
+* the :class:`~jax_vattention.engine.scheduler.Scheduler` plans it: one decode token
+  for every running request, then prompt chunks of requests still prefilling and of
+  newly admitted ones, up to ``token_budget`` tokens; a long prompt is cut into chunks
+  over several steps, so decodes never wait behind a whole prefill;
+* the host maps the plan's growth, each slot by its own count
+  (:meth:`CacheManager.grow_slots`), before dispatch; when the budget cannot cover it
+  the youngest request is preempted (requeued, recomputed later) and the step planned
+  again;
+* the :class:`~jax_vattention.engine.runner.StepRunner` dispatches it, and the engine
+  streams the sampled tokens and retires finished requests.
 
-Memory pressure: admission stops at the first request whose pages the budget
-cannot cover; when a chunk's growth cannot be covered, the youngest running
-request is preempted (its pages freed, the request requeued to be recomputed
-from its prompt and what it already generated). No request is lost, and
-tokens already streamed are not streamed again.
+The paper's memory policies are switches of :class:`EngineConfig`:
+
+* ``overlap``: while the device computes a step, the host maps ahead the pages the
+  next steps will need (:meth:`CacheManager.prefetch_while_busy`);
+* ``deferred_reclamation``: a finished request's pages stay with its slot for the next
+  request there, unmapped only under memory pressure. Off: unmapped at once;
+* ``eager_allocation``: a request's first decode pages are mapped with its prompt.
+
+No request is lost, and tokens already streamed are not streamed again.
 """
 
 from __future__ import annotations
@@ -31,22 +33,21 @@ import time
 from typing import Callable, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from jax_vattention._core import OutOfPagesError
 from jax_vattention.attention import resolve_backend
 from jax_vattention.engine.requests import Request, RequestState, TokenEvent
-from jax_vattention.engine.steps import decode_chunk_fn, prefill_fn
-from jax_vattention.generate import batch_bucket, prompt_bucket
+from jax_vattention.engine.runner import StepRunner
+from jax_vattention.engine.scheduler import Scheduler, StepPlan
+from jax_vattention.engine.validation import checked_request
 from jax_vattention.manager import CacheManager
 from jax_vattention.preflight import check_slots, mapping_failures
 
 
 # Mapping a page takes ~50 µs of host time per buffer (2.9 ms for a slot of a 32-layer
-# per-layer cache), and a one-step chunk leaves the host only a few milliseconds while the
-# device computes: mapping that far ahead spreads a crossing over enough steps to hide it.
+# per-layer cache), and a step leaves the host only a few milliseconds while the device
+# computes: mapping that far ahead spreads a crossing over enough steps to hide it.
 MIN_PREFETCH_TOKENS = 16
 
 
@@ -62,23 +63,21 @@ def expected_end(start: float, recent_seconds) -> float | None:
 class EngineConfig:
     """How the engine runs.
 
-    chunk_steps : decode steps per compiled chunk (K)
-    max_prefill_batch : requests prefilled together at most (prefill compiles once per power of two
-        up to it, times the prompt buckets)
+    token_budget : tokens per step at most: one per decoding request plus prompt chunks
+    chunk_tokens : the width of a prefill row (a prompt takes several rows of a step if the
+        budget allows); a mixed step has ``chunk_rows = max(1, token_budget // chunk_tokens)``
     backend : attention backend (``blocked``, ``xla``, ``cudnn``, ``pallas``); None: the default of the
-        cache's device and layout (:func:`~jax_vattention.attention.resolve_backend`, which also
-        refuses a backend that reads past the lengths on a virtual GPU cache)
+        cache's device and layout (:func:`~jax_vattention.attention.resolve_backend`). Prompt chunks
+        run the in-place chunk kernel (:func:`~jax_vattention.attention.chunk_attention`)
     overlap, deferred_reclamation, eager_allocation : the memory policies (module docstring)
-    prefetch_tokens : with overlap, how far ahead of every running slot the host maps while a
-        chunk runs (default: two chunks, and at least ``MIN_PREFETCH_TOKENS`` so that short chunks
-        leave enough device time to map a page in; at most one chunk while admission is held back
-        by memory)
-    max_stop_tokens : width of the per-slot stop-token table
+    prefetch_tokens : with overlap, how far ahead of every running slot the host maps while a step
+        runs, and with eager allocation what is mapped with a prompt (default ``MIN_PREFETCH_TOKENS``)
+    max_stop_tokens : the most stop tokens a request may give
     seed : sampling seed
     """
 
-    chunk_steps: int = 8
-    max_prefill_batch: int = 8
+    token_budget: int = 256
+    chunk_tokens: int = 64
     backend: str | None = None
     overlap: bool = True
     deferred_reclamation: bool = True
@@ -90,18 +89,34 @@ class EngineConfig:
     @property
     def prefetch_horizon(self) -> int:
         """Tokens mapped ahead of every running slot when memory allows."""
-        return self.prefetch_tokens or max(2 * self.chunk_steps, MIN_PREFETCH_TOKENS)
+        return self.prefetch_tokens or MIN_PREFETCH_TOKENS
+
+    @property
+    def chunk_rows(self) -> int:
+        """Prefill rows of a mixed step."""
+        return max(1, self.token_budget // self.chunk_tokens)
 
     def __post_init__(self):
         if self.prefetch_tokens is not None and self.prefetch_tokens < 1:
             raise ValueError(f"prefetch_tokens must be at least 1 (or None for the default), "
                              f"got {self.prefetch_tokens}")
-        if self.chunk_steps < 1:
-            raise ValueError(f"chunk_steps must be at least 1, got {self.chunk_steps}")
-        if self.max_prefill_batch < 1:
-            raise ValueError(f"max_prefill_batch must be at least 1, got {self.max_prefill_batch}")
+        if self.token_budget < 1 or self.chunk_tokens < 1:
+            raise ValueError(f"token_budget and chunk_tokens must be at least 1, got {self.token_budget} "
+                             f"and {self.chunk_tokens}")
         if self.max_stop_tokens < 1:
             raise ValueError(f"max_stop_tokens must be at least 1, got {self.max_stop_tokens}")
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """What one step did: its decodes and chunk tokens, admissions, time and pages mapped."""
+
+    decodes: int
+    chunk_tokens: int
+    admitted: int
+    seconds: float
+    mapped_pages: int       # before dispatch for the step's growth, and ahead while it ran
+    blocked_by_memory: bool
 
 
 @dataclasses.dataclass
@@ -109,20 +124,14 @@ class EngineStats:
     """What the engine did, for reports."""
 
     steps: int = 0
-    chunks: int = 0
-    prefills: int = 0
+    prefills: int = 0          # prompts whose last chunk ran
     preemptions: int = 0
     tokens: int = 0
     prefetch_seconds: float = 0.0     # time spent mapping on the host while the device computed
-    chunk_seconds: list = dataclasses.field(default_factory=list)
-    chunk_crossed_page: list = dataclasses.field(default_factory=list)
-    chunk_mapped_pages: list = dataclasses.field(default_factory=list)   # in the graph or ahead, during the chunk
-    chunk_after_prefill: list = dataclasses.field(default_factory=list)   # prefills queued before the chunk
-    blocked_by_memory: list = dataclasses.field(default_factory=list)     # admission stopped by the budget
+    records: list = dataclasses.field(default_factory=list)               # a StepRecord per step
     # At each admission the budget stopped: (requests running, requests an ideal allocator would run).
     memory_bound_batches: list = dataclasses.field(default_factory=list)
     mapped_bytes: list = dataclasses.field(default_factory=list)   # (time, bytes) after each step
-    running: list = dataclasses.field(default_factory=list)        # running requests after each admission
 
 
 class Engine:
@@ -130,7 +139,7 @@ class Engine:
 
     Example::
 
-        engine = Engine(model, manager, EngineConfig(chunk_steps=8))
+        engine = Engine(model, manager, EngineConfig(token_budget=128, chunk_tokens=32))
         request_id = engine.submit(Request(prompt=[1, 2, 3], max_new_tokens=16))
         for event in engine.stream():
             print(event.request_id, event.token, event.finished)
@@ -142,30 +151,20 @@ class Engine:
         if (model_config.num_layers, model_config.num_kv_heads, model_config.head_dim) != (
                 cache_config.num_layers, cache_config.kv_heads, cache_config.head_dim):
             raise ValueError("the cache's layers, KV heads and head_dim must match the model's")
-        backend = resolve_backend(config.backend, manager.cache)
+        self.backend = resolve_backend(config.backend, manager.cache)
         self.model = model
         self.manager = manager
         self.config = config
-        self.backend = backend
         self.stats = EngineStats()
         self.failed: dict[int, Exception] = {}   # requests ended by an error, by id
-        self._graphdef, self._state = nnx.split(model)
-        slots = cache_config.max_batch
-        self._waiting: collections.deque[RequestState] = collections.deque()
-        self._by_slot: dict[int, RequestState] = {}
+        self.scheduler = Scheduler(max_batch=cache_config.max_batch, token_budget=config.token_budget,
+                                   chunk_tokens=config.chunk_tokens, chunk_rows=config.chunk_rows)
+        self.runner = StepRunner(model, max_batch=cache_config.max_batch, chunk_rows=config.chunk_rows,
+                                 chunk_tokens=config.chunk_tokens, backend=self.backend)
         self._next_id = 0
         self._blocked = False           # the last admission stopped at the page budget
+        self._admit_error: Exception | None = None
         self._key = jax.random.key(config.seed)
-        self._last = np.zeros(slots, np.int32)
-        self._lengths = np.zeros(slots, np.int32)
-        self._generated = np.zeros(slots, np.int32)
-        self._max_new = np.zeros(slots, np.int32)
-        self._stops = np.full((slots, config.max_stop_tokens), -1, np.int32)
-        self._temperature = np.zeros(slots, np.float32)
-        self._top_k = np.zeros(slots, np.int32)
-        self._top_p = np.ones(slots, np.float32)
-        self._prefill_step = prefill_fn(self._graphdef, backend)
-        self._decode = decode_chunk_fn(self._graphdef, backend, config.chunk_steps)
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: Request) -> int:
@@ -175,89 +174,55 @@ class Engine:
         type or range of any field, a token id outside the vocabulary, a length past ``max_len`` or
         more pages than the whole budget. The engine keeps its own checked copy.
         """
-        request = self._checked(request)
-        needed = self._pages_for(len(request.prompt) + request.max_new_tokens + self.config.chunk_steps)
+        request = checked_request(request, vocab=self.model.config.vocab_size, max_len=self.manager.config.max_len,
+                                  max_stop_tokens=self.config.max_stop_tokens)
+        needed = self._pages_for(len(request.prompt) + request.max_new_tokens + self.config.prefetch_horizon)
         budget = self.manager.stats()["budget_pages"]
         if needed > budget:
             raise ValueError(f"the request needs {needed} pages at most but the whole budget is {budget} pages")
         state = RequestState(self._next_id, request, time.perf_counter())
         self._next_id += 1
-        self._waiting.append(state)
+        self.scheduler.add(state)
         return state.request_id
 
     def cancel(self, request_id: int) -> bool:
         """Drops a submitted request that has not finished; returns whether there was one.
 
         A waiting request leaves the queue; a running one gives back its slot and pages through
-        the same path a finished request takes (:meth:`_retire`). Its tokens already streamed
-        stay streamed; it yields no more. For a client that went away.
+        the same path a finished request takes. Its tokens already streamed stay streamed; it
+        yields no more. For a client that went away.
         """
-        for state in self._waiting:
+        for state in self.scheduler.waiting:
             if state.request_id == request_id:
-                self._waiting.remove(state)
+                self.scheduler.waiting.remove(state)
                 return True
-        for slot, state in self._by_slot.items():
+        for state in list(self.scheduler.running.values()):
             if state.request_id == request_id:
-                self._retire(slot)
-                state.slot = None
+                self._retire(state)
                 return True
         return False
 
-    def _checked(self, request: Request) -> Request:
-        """A copy of ``request`` with plain Python values; ``ValueError`` naming the first bad field."""
-        if not isinstance(request, Request):
-            raise ValueError(f"submit takes a Request, got {type(request).__name__}")
-        vocab = self.model.config.vocab_size
-        max_len = self.manager.config.max_len
-
-        def integer(name, value, low, high=None):
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-            if value < low or (high is not None and value >= high):
-                bounds = f"outside [{low}, {high})" if high is not None else f"below {low}"
-                raise ValueError(f"{name} {value} is {bounds}")
-            return int(value)
-
-        def real(name, value, low, high, low_open=False):
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
-            value = float(value)
-            if not (low < value if low_open else low <= value) or not value <= high:
-                raise ValueError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {value}")
-            return value
-
-        if isinstance(request.prompt, (str, bytes)) or not hasattr(request.prompt, "__len__"):
-            raise ValueError(f"the prompt must be a list of token ids, got {type(request.prompt).__name__}")
-        prompt = [integer("a prompt token id", token, 0, vocab) for token in request.prompt]
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        max_new = integer("max_new_tokens", request.max_new_tokens, 1)
-        if len(prompt) + max_new - 1 > max_len:
-            raise ValueError(f"a prompt of {len(prompt)} tokens with max_new_tokens={max_new} "
-                             f"needs more than max_len={max_len} positions")
-        if isinstance(request.stop_tokens, (str, bytes)) or not hasattr(request.stop_tokens, "__len__"):
-            raise ValueError(f"stop_tokens must be a sequence of token ids, got {request.stop_tokens!r}")
-        stops = tuple(integer("a stop token id", token, 0, vocab) for token in request.stop_tokens)
-        if len(stops) > self.config.max_stop_tokens:
-            raise ValueError(f"at most {self.config.max_stop_tokens} stop tokens (EngineConfig.max_stop_tokens)")
-        return Request(prompt=prompt, max_new_tokens=max_new, stop_tokens=stops,
-                       temperature=real("temperature", request.temperature, 0.0, float(np.finfo(np.float32).max)),
-                       top_k=integer("top_k", request.top_k, 0, np.iinfo(np.int32).max),
-                       top_p=real("top_p", request.top_p, 0.0, 1.0, low_open=True))
-
     @property
     def idle(self) -> bool:
-        return not self._waiting and not self._by_slot
+        return not self.scheduler.waiting and not self.scheduler.running
 
     @property
     def waiting(self) -> int:
         """Requests submitted and not yet admitted (or preempted and requeued)."""
-        return len(self._waiting)
+        return len(self.scheduler.waiting)
 
     @property
     def running(self) -> int:
         """Requests holding a slot."""
-        return len(self._by_slot)
+        return len(self.scheduler.running)
+
+    @property
+    def _waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def _by_slot(self):
+        return self.scheduler.running
 
     def _pages_for(self, tokens: int) -> int:
         token_bytes = self.manager.config.token_bytes
@@ -266,12 +231,16 @@ class Engine:
 
     # ------------------------------------------------------------------- steps
     def step(self) -> list[TokenEvent]:
-        """Admits what fits, runs one decode chunk and retires finished requests."""
-        prefills = self.stats.prefills
-        events = self._admit()
-        if self._by_slot:
-            events += self._decode_chunk()
-            self.stats.chunk_after_prefill.append(self.stats.prefills > prefills)
+        """Plans, maps and runs one step; streams its tokens and retires finished requests."""
+        events: list[TokenEvent] = []
+        mapped_before = self.manager.stats()["pages_mapped_total"]
+        plan = self._plan(events)
+        if not plan.empty:
+            start = time.perf_counter()
+            events += self._run(plan)
+            self.stats.records.append(StepRecord(
+                len(plan.decodes), plan.tokens - len(plan.decodes), len(plan.admitted), time.perf_counter() - start,
+                self.manager.stats()["pages_mapped_total"] - mapped_before, self._blocked))
         self.stats.steps += 1
         self.stats.mapped_bytes.append((time.perf_counter(), self.manager.stats()["mapped_bytes"]))
         return events
@@ -294,215 +263,142 @@ class Engine:
                 callback(event)
         return dict(outputs)
 
-    def _admit(self) -> list[TokenEvent]:
-        """Places waiting requests in free slots while pages last, then prefills them in one call."""
-        admitted: list[RequestState] = []
-        failed: list[TokenEvent] = []
-        blocked = False
-        lookahead = self.config.chunk_steps if self.config.eager_allocation else 0
-        while (self._waiting and len(self._by_slot) + len(admitted) < self.manager.config.max_batch
-               and len(admitted) < self.config.max_prefill_batch):
-            state = self._waiting[0]
+    def _plan(self, events: list[TokenEvent]) -> StepPlan:
+        """The next step's plan with its growth mapped; preempts (or fails a lone request) when the
+        budget cannot cover it. Failure events go to ``events``."""
+        admit = self._admit
+        while True:
+            self._blocked = False
+            plan = self.scheduler.schedule(admit)
+            if plan.empty and self.scheduler.waiting and not self.scheduler.running and self._blocked:
+                # Nothing runs that could free pages for the first waiting request: fail it alone.
+                state = self.scheduler.waiting.popleft()
+                events.append(self._fail(state, self._admit_error))
+                continue
+            if plan.empty:
+                return plan
             try:
-                slot = self.manager.alloc(len(state.context), lookahead=min(lookahead, state.remaining))
+                self.manager.grow_slots(plan.growth(self.manager.config.max_batch))
+                return plan
             except OutOfPagesError as error:
-                if not self._by_slot and not admitted:  # nothing will free pages for it: fail it alone
-                    failed.append(self._fail(self._waiting.popleft(), error))
-                    continue
-                blocked = True
-                break  # back-pressure: wait for running requests to finish
-            self._waiting.popleft()
-            state.slot = slot
-            state.admitted_at = self.stats.steps
-            admitted.append(state)
-        if blocked:
-            holding = [*self._by_slot.values(), *admitted]
+                victim = self.scheduler.youngest()
+                if len(self.scheduler.running) <= 1:
+                    events.append(self._fail(victim, error))
+                else:
+                    self._preempt(victim)
+                admit = lambda state: None  # noqa: E731  (no admission into a step that preempted)
+
+    def _admit(self, state: RequestState) -> int | None:
+        """A slot with the request's whole context mapped (and its first decode pages, with eager
+        allocation); None on back-pressure."""
+        context = len(state.context)
+        lookahead = context - state.computed
+        if self.config.eager_allocation:
+            lookahead += min(self.config.prefetch_horizon, state.remaining)
+        try:
+            return self.manager.alloc(state.computed, lookahead=lookahead)
+        except OutOfPagesError as error:
+            self._blocked = True
+            self._admit_error = error
+            holding = list(self.scheduler.running.values())
             self.stats.memory_bound_batches.append((len(holding), self._ideal_batch(holding)))
-        events = failed + (self._prefill(admitted) if admitted else [])
-        self.stats.running.append(len(self._by_slot))
-        self.stats.blocked_by_memory.append(blocked)
-        self._blocked = blocked
-        return events
+            return None
 
     def _ideal_batch(self, holding: list[RequestState]) -> int:
         """The requests an ideal allocator would run now.
 
-        It holds exact tokens, with no page rounding and nothing mapped ahead:
-        each request's context plus what the coming chunk writes (every
-        allocator must hold those before the chunk runs). Besides the
-        ``holding`` requests (running or just admitted), it admits the waiting
-        requests in order while they fit in the rest of the budget and slots
+        It holds exact tokens, with no page rounding and nothing mapped ahead: each request's
+        context plus the token the coming step writes. Besides the ``holding`` requests, it
+        admits the waiting requests in order while they fit in the rest of the budget and slots
         are free.
         """
-        steps = self.config.chunk_steps
         config, stats = self.manager.config, self.manager.stats()
         budget_tokens = stats["budget_pages"] * stats["page_bytes"] // (config.token_bytes * config.num_buffers)
-        free_tokens = budget_tokens - stats["used_tokens"] - sum(min(steps, s.remaining) for s in holding)
+        free_tokens = budget_tokens - sum(len(s.context) + 1 for s in holding)
         ideal = len(holding)
-        for state in self._waiting:
-            needed = len(state.context) + min(steps, state.remaining)
+        for state in self.scheduler.waiting:
+            needed = len(state.context) + 1
             if ideal >= config.max_batch or needed > free_tokens:
                 break
             free_tokens -= needed
             ideal += 1
         return ideal
 
-    def _prefill(self, states: list[RequestState]) -> list[TokenEvent]:
-        """One jitted prefill of the admitted requests, padded to a (batch, prompt) bucket.
-
-        A request whose row cannot be built is failed alone (its stream ends with the error)."""
+    def _run(self, plan: StepPlan) -> list[TokenEvent]:
+        """Dispatches a planned (and mapped) step; a request whose row cannot be built fails alone."""
         events: list[TokenEvent] = []
-        rows_of: list[tuple[RequestState, list[int], tuple]] = []
-        for state in states:
+        knobs = {}
+        for state in {id(s): s for s in (*plan.decodes, *(c.state for c in plan.chunks))}.values():
+            request = state.request
             try:
-                request = state.request
-                knobs = (np.float32(request.temperature), np.int32(request.top_k), np.float32(request.top_p))
-                rows_of.append((state, np.asarray(state.context, np.int32).tolist(), knobs))
+                knobs[state.request_id] = (np.float32(request.temperature), np.int32(request.top_k),
+                                           np.float32(request.top_p))
             except (TypeError, ValueError, OverflowError) as error:
                 events.append(self._fail(state, error))
-        if not rows_of:
+        if not knobs:
             return events
-        max_batch = self.manager.config.max_batch
-        rows = batch_bucket(len(rows_of), min(max_batch, self.config.max_prefill_batch))
-        width = prompt_bucket(max(len(context) for _, context, _ in rows_of), self.manager.capacity)
-        tokens = np.zeros((rows, width), np.int32)
-        lengths = np.zeros(rows, np.int32)
-        slots = np.full(rows, max_batch, np.int32)           # padding rows: an out-of-range slot, dropped
-        temperature = np.zeros(rows, np.float32)
-        top_k = np.zeros(rows, np.int32)
-        top_p = np.ones(rows, np.float32)
-        for row, (state, context, knobs) in enumerate(rows_of):
-            tokens[row, :len(context)] = context
-            lengths[row] = len(context)
-            slots[row] = state.slot
-            temperature[row], top_k[row], top_p[row] = knobs
-        check_slots(self.manager, slots[:len(rows_of)], lengths[:len(rows_of)], error=RuntimeError)
+        if len(knobs) < len({*(s.request_id for s in plan.decodes), *(c.state.request_id for c in plan.chunks)}):
+            # Failed requests left their slots: their growth stays mapped, unused, with the slot.
+            plan = StepPlan(tuple(s for s in plan.decodes if s.request_id in knobs),
+                            tuple(c for c in plan.chunks if c.state.request_id in knobs), plan.admitted)
+        ends = [(s.slot, s.computed + 1) for s in plan.decodes] + [(c.slot, c.start + c.count) for c in plan.chunks]
+        check_slots(self.manager, [slot for slot, _ in ends], [end for _, end in ends], error=RuntimeError)
+        batch, arrays = self.runner.arrays(plan, knobs)
         self._key, key = jax.random.split(self._key)
         cache = self.manager.cache
-        with mapping_failures(self.manager, cache, "the engine's prefill"):
-            first, self.manager.cache = self._prefill_step(
-                self._state, cache, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(slots),
-                jnp.asarray(temperature), jnp.asarray(top_k), jnp.asarray(top_p), key)
-            first = np.asarray(first)
-        self.stats.prefills += len(rows_of)
-        for row, (state, context, _) in enumerate(rows_of):
-            events.append(self._start(state, len(context), int(first[row])))
+        start = time.perf_counter()
+        with mapping_failures(self.manager, cache, "the engine's step"):
+            tokens, self.manager.cache = self.runner.run(cache, batch, arrays, key)
+            if self.config.overlap:
+                map_seconds_before = self.manager.stats()["map_seconds"]
+                deadline = expected_end(start, [r.seconds for r in self.stats.records])
+                self.manager.prefetch_while_busy(tokens, self._prefetch_tokens(), deadline)
+                self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - map_seconds_before
+            tokens = np.asarray(tokens)
+        self.scheduler.completed(plan)
+        max_batch = self.manager.config.max_batch
+        for state in plan.decodes:
+            events.append(self._emit(state, int(tokens[state.slot])))
+        for row, chunk in enumerate(plan.chunks):
+            if chunk.last:
+                self.stats.prefills += 1
+                events.append(self._emit(chunk.state, int(tokens[max_batch + row])))
         return events
+
+    def _prefetch_tokens(self) -> int:
+        """How far ahead to map: the config's horizon, but one token while admission is held back by
+        memory, so the budget goes to requests, not early pages."""
+        return 1 if self._blocked else self.config.prefetch_horizon
 
     def _fail(self, state: RequestState, error: Exception) -> TokenEvent:
         """Ends one request with ``error``: it leaves its slot, and its stream's last event carries it."""
         if state.slot is not None:
-            self._retire(state.slot)
-            state.slot = None
+            self._retire(state)
         self.failed[state.request_id] = error
         return TokenEvent(state.request_id, -1, True, error=f"{type(error).__name__}: {error}")
-
-    def _start(self, state: RequestState, context_len: int, token: int) -> TokenEvent:
-        """Records a request's first token; it either finishes now or joins the decode batch."""
-        request, slot = state.request, state.slot
-        event = self._emit(state, token)
-        if not event.finished:
-            self._by_slot[slot] = state
-            self._last[slot] = token
-            self._lengths[slot] = context_len
-            self._generated[slot] = len(state.generated)
-            self._max_new[slot] = request.max_new_tokens
-            self._stops[slot] = -1
-            self._stops[slot, :len(request.stop_tokens)] = request.stop_tokens
-            self._temperature[slot] = request.temperature
-            self._top_k[slot] = request.top_k
-            self._top_p[slot] = request.top_p
-        return event
 
     def _emit(self, state: RequestState, token: int) -> TokenEvent:
         """Records a generated token; on the request's last one, retires it from its slot."""
         state.generated.append(token)
         finished = token in state.request.stop_tokens or state.remaining <= 0
         if finished:
-            self._retire(state.slot)
+            self._retire(state)
         self.stats.tokens += 1
         return TokenEvent(state.request_id, token, finished)
 
-    def _reserve_chunk(self) -> list[TokenEvent]:
-        """Makes sure the next chunk's growth is covered, preempting the youngest requests if not;
-        a lone request whose growth the budget cannot cover is failed."""
-        while True:
-            try:
-                self.manager.reserve_growth(self.config.chunk_steps)
-                return []
-            except OutOfPagesError as error:
-                if len(self._by_slot) <= 1:
-                    return [self._fail(state, error) for state in list(self._by_slot.values())]
-                youngest = max(self._by_slot.values(), key=lambda s: (s.admitted_at, s.request_id))
-                self._preempt(youngest)
-
     def _preempt(self, state: RequestState) -> None:
-        self._retire(state.slot)
-        state.slot = None
-        state.preemptions += 1
+        slot = state.slot
+        self.scheduler.preempt(state)
+        self._free(slot)
         self.stats.preemptions += 1
-        self._waiting.appendleft(state)
 
-    def _decode_chunk(self) -> list[TokenEvent]:
-        failed = self._reserve_chunk()
-        if not self._by_slot:
-            return failed
-        running = np.zeros(len(self._lengths), bool)
-        running[list(self._by_slot)] = True
-        # What the chunk writes starts at each running slot's length: the host must hold at least it.
-        check_slots(self.manager, np.flatnonzero(running), self._lengths[running], error=RuntimeError)
-        lengths_before = self._lengths.copy()
-        mapped_before = self.manager.stats()["pages_mapped_total"]
-        start = time.perf_counter()
-        self._key, key = jax.random.split(self._key)
-        cache = self.manager.cache
-        with mapping_failures(self.manager, cache, "the engine's decode chunk"):
-            outputs = self._decode(
-                self._state, cache, jnp.asarray(self._last), jnp.asarray(self._lengths), jnp.asarray(running),
-                jnp.asarray(self._generated), jnp.asarray(self._max_new), jnp.asarray(self._stops),
-                jnp.asarray(self._temperature), jnp.asarray(self._top_k), jnp.asarray(self._top_p), key)
-            self.manager.cache = outputs[0]
-            if self.config.overlap:
-                # The device is busy with this chunk: map the next chunks' pages until it is done (or,
-                # going by the last chunk, about to be), so the mapping never delays what follows.
-                map_seconds_before = self.manager.stats()["map_seconds"]
-                deadline = expected_end(start, self.stats.chunk_seconds)
-                self.manager.prefetch_while_busy(outputs[5], self._prefetch_tokens(), deadline)
-                self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - map_seconds_before
-            last, lengths, generated, tokens = (np.asarray(outputs[i]) for i in (1, 2, 4, 5))
-        self.stats.chunk_seconds.append(time.perf_counter() - start)
-        self.stats.chunk_crossed_page.append(self._crossed_page(lengths_before, lengths, running))
-        self.stats.chunk_mapped_pages.append(self.manager.stats()["pages_mapped_total"] - mapped_before)
-        self.stats.chunks += 1
-        self._last[:], self._lengths[:], self._generated[:] = last, lengths, generated
-        events = failed
-        for slot, state in list(self._by_slot.items()):
-            for token in tokens[slot]:
-                if token < 0:
-                    break
-                events.append(self._emit(state, int(token)))
-                if events[-1].finished:
-                    break
-        return events
+    def _retire(self, state: RequestState) -> None:
+        slot = state.slot
+        self.scheduler.finish(state)
+        if slot is not None:
+            self._free(slot)
 
-    def _prefetch_tokens(self) -> int:
-        """How far ahead to map: the config's horizon, but only the next chunk while admission is
-        held back by memory, so the budget goes to requests, not early pages."""
-        tokens = self.config.prefetch_horizon
-        steps = self.config.chunk_steps
-        return min(tokens, steps) if self._blocked else tokens
-
-    def _crossed_page(self, before: np.ndarray, after: np.ndarray, running: np.ndarray) -> bool:
-        """Did a running slot write its first token into a new page during the chunk?"""
-        tokens_per_page = self.manager.page_bytes / self.manager.config.token_bytes
-        pages_before = np.ceil(before / tokens_per_page)
-        pages_after = np.ceil(after / tokens_per_page)
-        return bool(np.any(running & (pages_after > pages_before)))
-
-    def _retire(self, slot: int) -> None:
-        self._by_slot.pop(slot, None)
+    def _free(self, slot: int) -> None:
         self.manager.free(slot)
-        self._lengths[slot] = 0
         if not self.config.deferred_reclamation:
             self.manager.reclaim()
-

@@ -49,6 +49,8 @@ class RequestState:
     slot: int | None = None
     admitted_at: int = 0      # engine step of the (latest) admission; youngest is preempted first
     preemptions: int = 0
+    computed: int = 0         # context tokens in the slot's cache (a prefill may start at an offset)
+    prefilled: bool = False   # the whole context is in the cache: the request decodes
 
     @property
     def remaining(self) -> int:

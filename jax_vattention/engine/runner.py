@@ -1,0 +1,85 @@
+"""The device side of the engine: the compiled step and the arrays it takes.
+
+One step runs the decode rows of every slot and ``chunk_rows`` prefill rows of
+``chunk_tokens`` tokens (:class:`~jax_vattention.step_batch.StepBatch`) through the
+model once and samples a token per row. Its shapes depend only on the engine's
+configuration: a step with no chunk compiles once with ``R = 0`` rows, a mixed step
+once with all of them, whatever the prompts' lengths (:attr:`StepRunner.traces`
+counts the compilations).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_vattention.donation import cache_jit
+from jax_vattention.engine.scheduler import StepPlan
+from jax_vattention.step_batch import StepBatch, model_step
+
+
+class StepRunner:
+    """Owns the model's state and the compiled step; turns a :class:`StepPlan` into one dispatch.
+
+    Parameters
+    ----------
+    model : the model (its ``run_step`` runs a :class:`StepBatch`)
+    max_batch : decode rows (row ``s`` is slot ``s``)
+    chunk_rows, chunk_tokens : the prefill rows of a mixed step and their width
+    backend : the attention backend
+    """
+
+    def __init__(self, model, *, max_batch: int, chunk_rows: int, chunk_tokens: int, backend: str):
+        self.graphdef, self.state = nnx.split(model)
+        self.max_batch = max_batch
+        self.chunk_rows = chunk_rows
+        self.chunk_tokens = chunk_tokens
+        self.backend = backend
+        self.traces = 0
+        self._step = cache_jit(functools.partial(self._traced, self.graphdef, backend))
+
+    def _traced(self, graphdef, backend, state, cache, batch, temperature, top_k, top_p, key):
+        self.traces += 1  # runs once per compilation
+        model = nnx.merge(graphdef, state)
+        tokens, _, cache = model_step(model, cache, batch, temperature, top_k, top_p, key, backend=backend)
+        return tokens, cache
+
+    def arrays(self, plan: StepPlan, knobs: dict) -> tuple[StepBatch, tuple[np.ndarray, ...]]:
+        """The step's inputs: the :class:`StepBatch` and the sampling knobs ``[D + R]``.
+
+        ``knobs[request_id]`` is ``(temperature, top_k, top_p)`` of each request in the plan.
+        """
+        slots, rows = self.max_batch, self.chunk_rows if plan.chunks else 0
+        width = self.chunk_tokens
+        decode_tokens = np.zeros(slots, np.int32)
+        decode_positions = np.zeros(slots, np.int32)
+        decode_count = np.zeros(slots, np.int32)
+        chunk_tokens = np.zeros((rows, width), np.int32)
+        chunk_slots = np.full(rows, slots, np.int32)        # padding rows: an out-of-range slot, dropped
+        chunk_start = np.zeros(rows, np.int32)
+        chunk_count = np.zeros(rows, np.int32)
+        temperature = np.zeros(slots + rows, np.float32)
+        top_k = np.zeros(slots + rows, np.int32)
+        top_p = np.ones(slots + rows, np.float32)
+        for state in plan.decodes:
+            slot = state.slot
+            decode_tokens[slot] = state.generated[-1]
+            decode_positions[slot] = state.computed
+            decode_count[slot] = 1
+            temperature[slot], top_k[slot], top_p[slot] = knobs[state.request_id]
+        for row, chunk in enumerate(plan.chunks):
+            chunk_tokens[row, :chunk.count] = chunk.tokens()
+            chunk_slots[row], chunk_start[row], chunk_count[row] = chunk.slot, chunk.start, chunk.count
+            temperature[slots + row], top_k[slots + row], top_p[slots + row] = knobs[chunk.state.request_id]
+        batch = StepBatch(*(jnp.asarray(a) for a in (
+            decode_tokens, np.arange(slots, dtype=np.int32), decode_positions, decode_count,
+            chunk_tokens, chunk_slots, chunk_start, chunk_count)))
+        return batch, (temperature, top_k, top_p)
+
+    def run(self, cache, batch: StepBatch, knobs: tuple[np.ndarray, ...], key):
+        """Dispatches the step; returns the sampled tokens (a device array int32 [D + R]) and the cache."""
+        return self._step(self.state, cache, batch, *(jnp.asarray(k) for k in knobs), key)
