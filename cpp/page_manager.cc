@@ -192,7 +192,7 @@ void PageManager::unmap_down_to(std::size_t slot, std::size_t target) {
 }
 
 void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream,
-                              std::size_t growth) {
+                              std::size_t growth, const std::vector<PrefixKey>& kept) {
   if (pool_.headroom() >= needed) return;
   wait_for_device(stream);
   // Free slots before active ones; among each, the slots with the most spare pages first: they
@@ -210,7 +210,7 @@ void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> kee
   bool evicted = false;
   for (std::size_t s : order) {
     if (slots_[s].active && !evicted) {
-      evict_unmapped(needed);
+      evict_unmapped(needed, kept);
       evicted = true;
       if (pool_.headroom() >= needed) return;
     }
@@ -218,7 +218,7 @@ void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> kee
     while (pool_.headroom() < needed && spare_pages(s, growth) > 0) unmap_down_to(s, slots_[s].pages.size() - 1);
     if (pool_.headroom() >= needed) return;
   }
-  if (!evicted) evict_unmapped(needed);
+  if (!evicted) evict_unmapped(needed, kept);
 }
 
 template <class Body>
@@ -258,6 +258,7 @@ auto PageManager::locked(void* stream, Operation&& operation) -> decltype(operat
     {
       std::lock_guard<std::mutex> lock(mutex_);
       waited_ = waited;
+      synchronized_ = false;
       try {
         return operation();
       } catch (const WaitOutsideTheLock&) {
@@ -273,8 +274,10 @@ auto PageManager::locked(void* stream, Operation&& operation) -> decltype(operat
 
 void PageManager::wait_for_device(void* stream) {
   if (!waited_) throw WaitOutsideTheLock{};
+  if (synchronized_) return;
   const auto start = Clock::now();
   driver_->synchronize(stream);
+  synchronized_ = true;
   unmap_time_ += Clock::now() - start;
 }
 
@@ -336,8 +339,8 @@ SharedAlloc PageManager::alloc_locked(std::size_t prompt_len, std::size_t lookah
       wait_for_device(nullptr);
       unmap_down_to(*best, best_keep);
     }
-    map_cached(*best, keys, shared);  // before reclaiming, so that no eviction takes them
-    reclaim_for(extra + owed, best, nullptr);
+    reclaim_for(extra + owed, best, nullptr, 0, run);
+    map_cached(*best, keys, shared);
     map_up_to(*best, need);
   });
   slots_[*best].active = true;

@@ -271,8 +271,9 @@ class PageManager {
   // pages (those holding the most first; a cached page only loses that mapping), (2) pages of the
   // prefix cache that no slot maps, least recently used first (evict_unmapped), (3) active slots'
   // spare tails. Waits for the device before it unmaps.
+  // The entries of `kept` (a prefix about to be mapped) are not evicted.
   void reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream,
-                   std::size_t growth = 0);
+                   std::size_t growth = 0, const std::vector<PrefixKey>& kept = {});
   // Pages each slot needs to hold `tokens` more (its current count if inactive or already
   // covered); `extra` gets the pages to map over all buffers, `owed` the part of them that
   // the slots' reservations already hold in the pool.
@@ -286,8 +287,9 @@ class PageManager {
   void give_back(PhysicalHandle handle);
   // How many slots (and strays) map each entry of the prefix cache.
   std::unordered_map<PrefixKey, std::size_t> cache_mappings() const;
-  // Evicts entries that nothing maps, least recently used first, until the headroom reaches `needed`.
-  void evict_unmapped(std::size_t needed);
+  // Evicts entries that nothing maps but `kept`, least recently used first, until the headroom
+  // reaches `needed`.
+  void evict_unmapped(std::size_t needed, const std::vector<PrefixKey>& kept = {});
   // Cached pages `keys` matches at pages 0.., the longest run.
   std::size_t cached_run(const std::vector<PrefixKey>& keys) const;
   // Leading pages of `slot` a request sharing `keys[0..shared)` may keep: cached pages of those keys
@@ -344,6 +346,7 @@ class PageManager {
   bool released_ = false;
   std::string poisoned_;
   bool waited_ = false;  // whether the operation in progress waited for the device without the lock
+  bool synchronized_ = false;  // whether it waited under the lock: once is enough
   std::string undoing_;  // the failure being undone, while rollback() runs
   std::vector<DevicePtr> unfreed_reservations_;  // left by a failed reserve_buffers or release
   std::vector<Slot> slots_;

@@ -70,11 +70,11 @@ std::unordered_map<PrefixKey, std::size_t> PageManager::cache_mappings() const {
   return counts;
 }
 
-void PageManager::evict_unmapped(std::size_t needed) {
+void PageManager::evict_unmapped(std::size_t needed, const std::vector<PrefixKey>& kept) {
   if (pool_.headroom() >= needed || prefix_.size() == 0) return;
   const auto mappings = cache_mappings();
   for (PrefixKey key : prefix_.eviction_order()) {
-    if (mappings.count(key) != 0) continue;
+    if (mappings.count(key) != 0 || std::find(kept.begin(), kept.end(), key) != kept.end()) continue;
     PrefixCache::Entry entry = prefix_.erase(key);
     pool_.put(entry.handles);
     pages_evicted_total_ += entry.handles.size();
