@@ -196,9 +196,9 @@ void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> kee
   if (pool_.headroom() >= needed) return;
   wait_for_device(stream);
   // Free slots before active ones; among each, the slots with the most spare pages first: they
-  // are the least likely to be reused whole. Between them, the prefix cache's unmapped pages: they
-  // are worth a prefill, where a free slot's pages are worth only their mapping, but a running
-  // request's spare tail is worth a request that does not have to wait for pages.
+  // are the least likely to be reused whole. Between them, the prefix cache's pages that no slot
+  // maps: each is worth a prefill, where a free slot's private page is worth only its mapping,
+  // and an active slot's spare tail is what its request is about to grow into.
   std::vector<std::size_t> order;
   for (std::size_t s = 0; s < slots_.size(); ++s) {
     if (keep_slot != s && spare_pages(s, growth) > 0) order.push_back(s);
@@ -325,8 +325,9 @@ SharedAlloc PageManager::alloc_locked(std::size_t prompt_len, std::size_t lookah
   const std::size_t extra = need > have ? (need - have) * geometry_.num_buffers : 0;
   // The pool keeps what active slots' reservations are owed.
   const std::size_t owed = owed_pages();
-  const std::size_t freeable = freeable_pages(floors(best, 0, best_keep), run);
-  if (pool_.headroom() + freeable < extra + owed) {
+  if (pool_.headroom() < extra + owed &&
+      pool_.headroom() + freeable_pages(floors(best, 0, best_keep), run) < extra + owed) {
+    const std::size_t freeable = freeable_pages(floors(best, 0, best_keep), run);
     throw OutOfPages("a prompt of " + std::to_string(prompt_len) + " tokens needs " +
                      pages_text(extra, geometry_.page_bytes) + " but the budget has " +
                      pages_text(free_headroom() + freeable, geometry_.page_bytes) + " left (beyond " +
@@ -430,7 +431,8 @@ void PageManager::map_for_growth(std::size_t tokens, void* stream) {
   if (extra == 0) return;
   // What the growing slots' reservations hold is theirs; the pool keeps the other slots' share.
   const std::size_t needed = extra + owed_pages() - within;
-  if (pool_.headroom() + reclaimable_pages(std::nullopt, tokens) < needed) {
+  // The headroom alone mostly suffices: only then is the costlier count of what reclaiming frees skipped.
+  if (pool_.headroom() < needed && pool_.headroom() + reclaimable_pages(std::nullopt, tokens) < needed) {
     throw OutOfPages("growing every active slot by " + std::to_string(tokens) + " tokens needs " +
                      pages_text(extra - within, geometry_.page_bytes) + " more than the budget holds: call " +
                      "reserve_growth() before the decode loop, or free slots");

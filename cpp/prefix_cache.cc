@@ -28,6 +28,7 @@ void PrefixCache::restore(PrefixKey key, const Entry& entry) {
   }
   for (PhysicalHandle handle : entry.handles) owners_[handle] = key;
   entries_[key] = entry;
+  ++depths_[entry.page];
 }
 
 PrefixCache::Entry PrefixCache::erase(PrefixKey key) {
@@ -36,6 +37,7 @@ PrefixCache::Entry PrefixCache::erase(PrefixKey key) {
   Entry entry = std::move(it->second);
   entries_.erase(it);
   for (PhysicalHandle handle : entry.handles) owners_.erase(handle);
+  if (--depths_[entry.page] == 0) depths_.erase(entry.page);
   return entry;
 }
 
@@ -59,6 +61,7 @@ std::vector<PrefixKey> PrefixCache::eviction_order() const {
 void PrefixCache::clear() {
   entries_.clear();
   owners_.clear();
+  depths_.clear();
 }
 
 }  // namespace vattention

@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <optional>
 #include <unordered_map>
 #include <vector>
@@ -44,11 +45,14 @@ class PrefixCache {
   std::vector<PrefixKey> eviction_order() const;
   const std::unordered_map<PrefixKey, Entry>& entries() const { return entries_; }
   std::size_t size() const { return entries_.size(); }
+  // One more than the deepest page index an entry holds (0 if none): no slot maps a cached page above.
+  std::size_t depth() const { return depths_.empty() ? 0 : depths_.rbegin()->first + 1; }
   void clear();
 
  private:
   std::unordered_map<PrefixKey, Entry> entries_;
   std::unordered_map<PhysicalHandle, PrefixKey> owners_;
+  std::map<std::size_t, std::size_t> depths_;  // entries by page index
   std::uint64_t clock_ = 0;
 };
 

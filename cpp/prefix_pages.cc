@@ -62,9 +62,11 @@ std::size_t PageManager::reusable_pages(std::size_t slot, const std::vector<Pref
 std::unordered_map<PrefixKey, std::size_t> PageManager::cache_mappings() const {
   std::unordered_map<PrefixKey, std::size_t> counts;
   if (prefix_.size() == 0) return counts;
+  // Cached pages lie below the cache's depth in every slot: the statistics of every step stay cheap.
+  const std::size_t depth = prefix_.depth();
   for (const Slot& slot : slots_) {
-    for (const auto& page : slot.pages) {
-      if (auto key = prefix_.key_of(page.front())) ++counts[*key];
+    for (std::size_t p = 0; p < std::min(depth, slot.pages.size()); ++p) {
+      if (auto key = prefix_.key_of(slot.pages[p].front())) ++counts[*key];
     }
   }
   return counts;

@@ -228,3 +228,15 @@ def test_release_frees_shared_and_cached_pages():
 def test_the_host_driver_does_not_share():
     manager = _core.PageManager(BUFFERS, 2, 128, 64 * 1024, PAGE, _core.host_driver(), 100 * PAGE)
     assert manager.tokens_per_page() == 0
+
+
+def test_publish_and_evict_make_no_driver_call():
+    manager, driver = make()
+    slot = manager.alloc(100)
+    operations = ("create", "release", "map", "set_access", "unmap", "synchronize")
+    before = [driver.calls(op) for op in operations]
+    manager.publish(slot, KEYS)
+    manager.free(slot)
+    manager.evict()                                        # nothing: its pages are still mapped
+    assert [driver.calls(op) for op in operations] == before
+    assert len(manager.view()["cache"]) == 3
