@@ -38,6 +38,10 @@ nb::dict stats_dict(const ManagerStats& stats) {
   out["pages_mapped_total"] = stats.pages_mapped_total;
   out["pages_unmapped_total"] = stats.pages_unmapped_total;
   out["grow_calls"] = stats.grow_calls;
+  out["cached_pages"] = stats.cached_pages;
+  out["shared_pages"] = stats.shared_pages;
+  out["bytes_saved"] = stats.bytes_saved;
+  out["pages_evicted_total"] = stats.pages_evicted_total;
   out["map_seconds"] = stats.map_seconds;
   out["unmap_seconds"] = stats.unmap_seconds;
   out["poisoned"] = stats.poisoned;
@@ -55,8 +59,19 @@ nb::dict view_dict(const ManagerView& view) {
   for (const StrayMapping& stray : view.strays) {
     strays.append(nb::make_tuple(stray.address, stray.bytes, stray.handle, stray.accessible));
   }
+  nb::list cache;
+  for (const CachedPage& page : view.cache) {
+    nb::dict entry;
+    entry["key"] = page.key;
+    entry["page"] = page.page;
+    entry["handles"] = nb::cast(page.handles);
+    entry["mappings"] = page.mappings;
+    entry["last_used"] = page.last_used;
+    cache.append(entry);
+  }
   nb::dict out;
   out["slots"] = slots;
+  out["cache"] = cache;
   out["bases"] = nb::cast(view.bases);
   out["pooled"] = nb::cast(view.pooled);
   out["strays"] = strays;
@@ -157,6 +172,22 @@ NB_MODULE(_core, m) {
       .def("adopt_buffers", &PageManager::adopt_buffers, "bases"_a, Release())
       .def("buffer_bases", &PageManager::buffer_bases, Release())
       .def("alloc", &PageManager::alloc, "prompt_len"_a, "lookahead"_a = 0, Release())
+      .def("alloc_shared", [](PageManager& manager, std::size_t prompt_len, std::size_t lookahead,
+                              const std::vector<PrefixKey>& keys) {
+        SharedAlloc placed;
+        {
+          nb::gil_scoped_release release;
+          placed = manager.alloc_shared(prompt_len, lookahead, keys);
+        }
+        return nb::make_tuple(placed.slot, placed.shared_pages);
+      }, "prompt_len"_a, "lookahead"_a, "keys"_a,
+           "alloc() that maps the cached pages of the longest run of `keys` first: (slot, shared pages).")
+      .def("publish", &PageManager::publish, "slot"_a, "keys"_a, Release(),
+           "Registers the slot's first len(keys) full pages in the prefix cache; returns how many were new.")
+      .def("tokens_per_page", &PageManager::tokens_per_page, "0 where prefix sharing is off.")
+      .def("writable_from", &PageManager::writable_from, "slot"_a, Release())
+      .def("check_write", &PageManager::check_write, "slot"_a, "start"_a, Release())
+      .def("evict", &PageManager::evict, Release())
       .def("prefetch", &PageManager::prefetch, "tokens"_a, "max_pages"_a = SIZE_MAX, Release())
       .def("free", &PageManager::free, "slot"_a, Release())
       .def("grow", [](PageManager& manager, std::size_t tokens) { manager.grow(tokens, nullptr); }, "tokens"_a,
@@ -187,7 +218,8 @@ NB_MODULE(_core, m) {
         }
         return view_dict(view);
       }, "What the manager believes the driver holds: {'slots': [slot][page][buffer] handles, 'bases',\n"
-         "'pooled' handles, 'strays': (address, bytes, handle, accessible), 'poisoned': first failure or None}.")
+         "'pooled' handles, 'strays': (address, bytes, handle, accessible), 'cache': [{'key', 'page', 'handles',\n"
+         "'mappings', 'last_used'}] sorted by key, 'poisoned': first failure or None}.")
       .def("lengths", &PageManager::lengths, Release())
       .def("active", &PageManager::active, Release())
       .def("mapped_pages", &PageManager::mapped_pages, Release());

@@ -55,6 +55,10 @@ class Driver {
   // OS pages straddling two of our pages go back too. Nothing to do elsewhere.
   virtual void discard(DevicePtr, std::size_t) {}
 
+  // Whether one physical page can be mapped at several addresses at once, so that a page of the
+  // prefix cache appears in several slots. The host driver cannot: its "pages" are XLA's memory.
+  virtual bool can_alias() const { return true; }
+
   // Waits until device work that may read or write pages about to be unmapped
   // has completed: `stream` when the caller runs inside a compiled program,
   // the whole device when it is null. Unmapping does not wait by itself.

@@ -76,6 +76,10 @@ PhysicalHandle FakeDriver::create(std::size_t bytes) {
 void FakeDriver::release(PhysicalHandle handle) {
   std::lock_guard<std::mutex> lock(mutex_);
   record("release");
+  // The real driver would free the memory only at the last unmap; for the manager it is a bug.
+  for (const auto& [address, mapping] : mappings_) {
+    if (mapping.handle == handle) throw DriverError("fake release failed: the handle is still mapped at " + hex(address));
+  }
   if (handles_.erase(handle) == 0) throw DriverError("fake release failed: unknown handle");
 }
 

@@ -44,6 +44,7 @@ class HostDriver final : public Driver {
   void set_access(DevicePtr, std::size_t) override {}
 
   void unmap(DevicePtr, std::size_t) override {}
+  bool can_alias() const override { return false; }
   void discard(DevicePtr address, std::size_t bytes) override { discard_pages(address, bytes); }
 
   // XLA's CPU client runs a handler inline, in program order, so there is

@@ -128,12 +128,44 @@ std::size_t PageManager::spare_pages(std::size_t slot, std::size_t growth) const
   return state.pages.size() > keep ? state.pages.size() - keep : 0;
 }
 
-std::size_t PageManager::reclaimable_pages(std::optional<std::size_t> keep_slot, std::size_t growth) const {
-  std::size_t pages = 0;
+std::vector<std::size_t> PageManager::floors(std::optional<std::size_t> keep_slot, std::size_t growth,
+                                             std::size_t keep_floor) const {
+  std::vector<std::size_t> floors(slots_.size());
   for (std::size_t s = 0; s < slots_.size(); ++s) {
-    if (keep_slot != s) pages += spare_pages(s, growth) * geometry_.num_buffers;
+    const std::size_t pages = slots_[s].pages.size();
+    floors[s] = keep_slot == s ? std::min(keep_floor, pages) : pages - spare_pages(s, growth);
+  }
+  return floors;
+}
+
+std::size_t PageManager::freeable_pages(const std::vector<std::size_t>& floors,
+                                        const std::vector<PrefixKey>& kept) const {
+  std::size_t pages = 0;
+  std::unordered_map<PrefixKey, std::size_t> above;  // mappings of each cache entry above the floors
+  for (std::size_t s = 0; s < slots_.size(); ++s) {
+    for (std::size_t p = floors[s]; p < slots_[s].pages.size(); ++p) {
+      if (auto key = prefix_.key_of(slots_[s].pages[p].front())) {
+        ++above[*key];
+      } else {
+        pages += geometry_.num_buffers;
+      }
+    }
+  }
+  if (prefix_.size() == 0) return pages;
+  const auto mappings = cache_mappings();
+  for (const auto& [key, entry] : prefix_.entries()) {
+    auto count = mappings.find(key);
+    auto freed = above.find(key);
+    if (std::find(kept.begin(), kept.end(), key) != kept.end()) continue;
+    if (count == mappings.end() || (freed != above.end() && freed->second == count->second)) {
+      pages += geometry_.num_buffers;
+    }
   }
   return pages;
+}
+
+std::size_t PageManager::reclaimable_pages(std::optional<std::size_t> keep_slot, std::size_t growth) const {
+  return freeable_pages(floors(keep_slot, growth));
 }
 
 std::size_t PageManager::owed_pages(std::size_t slot) const {
@@ -161,11 +193,13 @@ void PageManager::unmap_down_to(std::size_t slot, std::size_t target) {
 }
 
 void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream,
-                              std::size_t growth) {
+                              std::size_t growth, const std::vector<PrefixKey>& kept) {
   if (pool_.headroom() >= needed) return;
   wait_for_device(stream);
   // Free slots before active ones; among each, the slots with the most spare pages first: they
-  // are the least likely to be reused whole.
+  // are the least likely to be reused whole. Between them, the prefix cache's pages that no slot
+  // maps: each is worth a prefill, where a free slot's private page is worth only its mapping,
+  // and an active slot's spare tail is what its request is about to grow into.
   std::vector<std::size_t> order;
   for (std::size_t s = 0; s < slots_.size(); ++s) {
     if (keep_slot != s && spare_pages(s, growth) > 0) order.push_back(s);
@@ -174,18 +208,25 @@ void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> kee
     if (slots_[a].active != slots_[b].active) return !slots_[a].active;
     return spare_pages(a, growth) > spare_pages(b, growth);
   });
+  bool evicted = false;
   for (std::size_t s : order) {
-    const std::size_t missing = needed - pool_.headroom();
-    const std::size_t pages = std::min(spare_pages(s, growth), (missing + geometry_.num_buffers - 1) / geometry_.num_buffers);
-    unmap_down_to(s, slots_[s].pages.size() - pages);
+    if (slots_[s].active && !evicted) {
+      evict_unmapped(needed, kept);
+      evicted = true;
+      if (pool_.headroom() >= needed) return;
+    }
+    // A cached page adds nothing to the headroom when unmapped: count only the private ones.
+    while (pool_.headroom() < needed && spare_pages(s, growth) > 0) unmap_down_to(s, slots_[s].pages.size() - 1);
     if (pool_.headroom() >= needed) return;
   }
+  if (!evicted) evict_unmapped(needed, kept);
 }
 
 template <class Body>
 auto PageManager::transaction(Body&& body) -> decltype(body()) {
   const Checkpoint before = checkpoint();
   unmapped_log_.clear();
+  evicted_log_.clear();
   pool_.begin_log();
   try {
     if constexpr (std::is_void_v<decltype(body())>) {
@@ -218,6 +259,7 @@ auto PageManager::locked(void* stream, Operation&& operation) -> decltype(operat
     {
       std::lock_guard<std::mutex> lock(mutex_);
       waited_ = waited;
+      synchronized_ = false;
       try {
         return operation();
       } catch (const WaitOutsideTheLock&) {
@@ -233,51 +275,81 @@ auto PageManager::locked(void* stream, Operation&& operation) -> decltype(operat
 
 void PageManager::wait_for_device(void* stream) {
   if (!waited_) throw WaitOutsideTheLock{};
+  if (synchronized_) return;
   const auto start = Clock::now();
   driver_->synchronize(stream);
+  synchronized_ = true;
   unmap_time_ += Clock::now() - start;
 }
 
 int PageManager::alloc(std::size_t prompt_len, std::size_t lookahead) {
-  return locked(nullptr, [&] { return alloc_locked(prompt_len, lookahead); });
+  return locked(nullptr, [&] { return alloc_locked(prompt_len, lookahead, {}); }).slot;
 }
 
-int PageManager::alloc_locked(std::size_t prompt_len, std::size_t lookahead) {
+SharedAlloc PageManager::alloc_shared(std::size_t prompt_len, std::size_t lookahead,
+                                      const std::vector<PrefixKey>& keys) {
+  return locked(nullptr, [&] { return alloc_locked(prompt_len, lookahead, keys); });
+}
+
+SharedAlloc PageManager::alloc_locked(std::size_t prompt_len, std::size_t lookahead,
+                                      const std::vector<PrefixKey>& keys) {
   check_open();
   if (prompt_len > geometry_.capacity) {
     throw std::invalid_argument("a prompt of " + std::to_string(prompt_len) + " tokens does not fit a slot of " +
                                 std::to_string(geometry_.capacity) + " tokens");
   }
+  const std::size_t tokens = tokens_per_page();
+  if (keys.size() > 0 && tokens > 0 && keys.size() > prompt_len / tokens) {
+    throw std::invalid_argument(std::to_string(keys.size()) + " prefix keys stand for " +
+                                std::to_string(keys.size() * tokens) + " tokens, more than the prompt's " +
+                                std::to_string(prompt_len) + ": pass the keys of the prompt's full pages only");
+  }
+  const std::size_t shared = tokens == 0 ? 0 : cached_run(keys);
+  const std::vector<PrefixKey> run(keys.begin(), keys.begin() + shared);
   const std::size_t reserved = std::min(saturating_add(prompt_len, lookahead), geometry_.capacity);
   const std::size_t need = geometry_.pages_for(reserved);
+  // The free slot that keeps the most of what the request needs mapped; among equals, the one
+  // with the fewest pages, keeping bigger slots for bigger requests.
   std::optional<std::size_t> best;
-  auto reuse = [&](std::size_t s) { return std::min(slots_[s].pages.size(), need); };
+  std::size_t best_keep = 0;
   for (std::size_t s = 0; s < slots_.size(); ++s) {
     if (slots_[s].active) continue;
-    if (!best || reuse(s) > reuse(*best) ||
-        (reuse(s) == reuse(*best) && slots_[s].pages.size() < slots_[*best].pages.size())) {
+    const std::size_t keep = reusable_pages(s, keys, shared);
+    if (!best || std::min(keep, need) > std::min(best_keep, need) ||
+        (std::min(keep, need) == std::min(best_keep, need) && slots_[s].pages.size() < slots_[*best].pages.size())) {
       best = s;
+      best_keep = keep;
     }
   }
   if (!best) throw NoFreeSlot("all " + std::to_string(slots_.size()) + " slots are in use: free one first");
-  const std::size_t have = slots_[*best].pages.size();
+  const std::size_t have = std::max(best_keep, shared);  // mapped once the shared pages are
   const std::size_t extra = need > have ? (need - have) * geometry_.num_buffers : 0;
   // The pool keeps what active slots' reservations are owed.
   const std::size_t owed = owed_pages();
-  if (pool_.headroom() + reclaimable_pages(best) < extra + owed) {
+  if (pool_.headroom() < extra + owed &&
+      pool_.headroom() + freeable_pages(floors(best, 0, best_keep), run) < extra + owed) {
+    const std::size_t freeable = freeable_pages(floors(best, 0, best_keep), run);
     throw OutOfPages("a prompt of " + std::to_string(prompt_len) + " tokens needs " +
                      pages_text(extra, geometry_.page_bytes) + " but the budget has " +
-                     pages_text(free_headroom() + reclaimable_pages(best), geometry_.page_bytes) +
-                     " left (beyond " + pages_text(owed, geometry_.page_bytes) + " reserved for growth)");
+                     pages_text(free_headroom() + freeable, geometry_.page_bytes) + " left (beyond " +
+                     pages_text(owed, geometry_.page_bytes) + " reserved for growth)");
   }
   transaction([&] {
-    reclaim_for(extra + owed, best, nullptr);
+    if (slots_[*best].pages.size() > best_keep) {
+      // Pages the request may not keep: cached pages it does not share (it would write them), and
+      // what lies above them. The slot's last request may still be reading them.
+      wait_for_device(nullptr);
+      unmap_down_to(*best, best_keep);
+    }
+    reclaim_for(extra + owed, best, nullptr, 0, run);
+    map_cached(*best, keys, shared);
     map_up_to(*best, need);
   });
   slots_[*best].active = true;
   slots_[*best].length = prompt_len;
   slots_[*best].reserved = reserved;
-  return static_cast<int>(*best);
+  prefix_.touch(run);
+  return SharedAlloc{static_cast<int>(*best), shared};
 }
 
 void PageManager::free(int slot) {
@@ -391,7 +463,8 @@ void PageManager::map_for_growth(const std::vector<std::size_t>& counts, void* s
   if (extra == 0) return;
   // What the growing slots' reservations hold is theirs; the pool keeps the other slots' share.
   const std::size_t needed = extra + owed_pages() - within;
-  if (pool_.headroom() + reclaimable_pages(std::nullopt, tokens) < needed) {
+  // The headroom alone mostly suffices: only then is the costlier count of what reclaiming frees skipped.
+  if (pool_.headroom() < needed && pool_.headroom() + reclaimable_pages(std::nullopt, tokens) < needed) {
     throw OutOfPages("growing the active slots by up to " + std::to_string(tokens) + " tokens needs " +
                      pages_text(extra - within, geometry_.page_bytes) + " more than the budget holds: call " +
                      "reserve_growth() before the decode loop, or free slots");

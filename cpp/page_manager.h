@@ -26,12 +26,14 @@
 #include <mutex>
 #include <optional>
 #include <set>
+#include <unordered_map>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "driver.h"
 #include "page_pool.h"
+#include "prefix_cache.h"
 
 namespace vattention {
 
@@ -78,6 +80,11 @@ struct ManagerStats {
   std::uint64_t pages_mapped_total = 0;
   std::uint64_t pages_unmapped_total = 0;
   std::uint64_t grow_calls = 0;
+  // Prefix sharing (prefix_pages.cc). Pages count one per buffer, as mapped_pages does.
+  std::size_t cached_pages = 0;     // held by the prefix cache, mapped or not
+  std::size_t shared_pages = 0;     // physical pages mapped in more than one slot
+  std::size_t bytes_saved = 0;      // every mapping of a physical page beyond its first, in bytes
+  std::uint64_t pages_evicted_total = 0;
   double map_seconds = 0;    // time spent creating and mapping pages
   double unmap_seconds = 0;  // time spent waiting for the device and unmapping
   bool poisoned = false;
@@ -92,15 +99,32 @@ struct StrayMapping {
   bool accessible = false;
 };
 
+// A page of the prefix cache, as view() reports it.
+struct CachedPage {
+  PrefixKey key = 0;
+  std::size_t page = 0;                 // its page index in every slot that maps it
+  std::vector<PhysicalHandle> handles;  // one per buffer
+  std::size_t mappings = 0;             // slots that map it (its reference count is this + 1, the cache's)
+  std::uint64_t last_used = 0;
+};
+
 // Everything the manager believes the driver holds, for tests that compare it
-// with the driver's own table.
+// with the driver's own table. A handle of the prefix cache may be mapped at
+// several addresses; any other handle is mapped once, pooled, or stray.
 struct ManagerView {
   // slots[s][p][b]: the physical page behind page p of slot s in buffer b.
   std::vector<std::vector<std::vector<PhysicalHandle>>> slots;
   std::vector<DevicePtr> bases;
   std::vector<PhysicalHandle> pooled;
   std::vector<StrayMapping> strays;
+  std::vector<CachedPage> cache;
   std::string poisoned;  // the first failure, empty if none
+};
+
+// What alloc_shared placed: the slot, and how many of its first pages map pages of the prefix cache.
+struct SharedAlloc {
+  int slot = 0;
+  std::size_t shared_pages = 0;
 };
 
 class PageManager {
@@ -123,6 +147,31 @@ class PageManager {
   // of its first `prompt_len + lookahead` tokens (eager allocation) and
   // returns the slot. Prefers a slot whose deferred pages cover the most.
   int alloc(std::size_t prompt_len, std::size_t lookahead = 0);
+  // Prefix sharing (prefix_pages.cc). A page of the prefix cache is one page index in every buffer,
+  // registered by publish() under a key that stands for all the tokens up to its end. Pages of the
+  // cache are read-only: they are mapped in several slots at once, so no slot writes them.
+  //
+  // Tokens that one page holds in a buffer; 0 where prefix sharing is off: pages that split a
+  // token, or a driver that cannot map one page at two addresses (the CPU backend's).
+  std::size_t tokens_per_page() const;
+  // alloc() that first maps the longest run of cached pages whose keys are `keys[0..k)` at pages
+  // 0..k-1 of the slot (shared, read-only), then private pages up to `prompt_len + lookahead`.
+  // `keys.size()` pages must lie within the prompt. Prefers a free slot that already maps the most
+  // of the wanted pages (a slot's cached page that the request does not share is unmapped there,
+  // never written). The request must write only from token k * tokens_per_page() (check_write).
+  SharedAlloc alloc_shared(std::size_t prompt_len, std::size_t lookahead, const std::vector<PrefixKey>& keys);
+  // Registers pages 0..keys.size()-1 of the active `slot` in the prefix cache under `keys`: they
+  // must be full (below the slot's length). A page already cached is kept as it is, as is a page
+  // whose key another page holds already (no duplicates). No driver call. Returns the pages
+  // registered (entries: one page index in every buffer).
+  std::size_t publish(int slot, const std::vector<PrefixKey>& keys);
+  // The first token of `slot` that may be written: the end of its last cached page.
+  std::size_t writable_from(int slot) const;
+  // Throws std::invalid_argument if writing `slot` from token `start` would touch a cached page.
+  void check_write(int slot, std::size_t start) const;
+  // Releases to the pool every page of the prefix cache that no slot maps; returns the pages.
+  std::size_t evict();
+
   // Ends the request in `slot`; its pages stay mapped for the next one.
   void free(int slot);
   // Adds `tokens` to every active slot (up to the capacity) and maps the
@@ -198,6 +247,7 @@ class PageManager {
     std::vector<std::size_t> page_counts;
     std::uint64_t pages_mapped_total;
     std::uint64_t pages_unmapped_total;
+    std::uint64_t pages_evicted_total;
   };
 
   void check_open() const;
@@ -206,7 +256,14 @@ class PageManager {
   // Pages of `slot` that can be taken under memory pressure, in each buffer: all of a free slot's;
   // an active slot's beyond what its reserved tokens, and `growth` tokens past its length, need.
   std::size_t spare_pages(std::size_t slot, std::size_t growth) const;
-  // Spare pages of every slot but `keep_slot`, over all buffers.
+  // Pages reclaim_for() can add to the pool's headroom while every slot keeps its first `floors[s]`
+  // pages: the private pages above the floors, and the cache's pages that are mapped only above them.
+  // The entries of `kept` (a prefix a request is about to map) count as staying.
+  std::size_t freeable_pages(const std::vector<std::size_t>& floors, const std::vector<PrefixKey>& kept = {}) const;
+  // The floors of reclaim_for(): a slot keeps all but its spare pages, and `keep_slot` keeps `keep_floor`.
+  std::vector<std::size_t> floors(std::optional<std::size_t> keep_slot, std::size_t growth,
+                                  std::size_t keep_floor = SIZE_MAX) const;
+  // freeable_pages() with every slot but `keep_slot` giving up its spare pages.
   std::size_t reclaimable_pages(std::optional<std::size_t> keep_slot, std::size_t growth = 0) const;
   // Pages (over all buffers) that `slot`'s reservation still needs mapped, and their sum over all
   // slots: earmarked in the pool, so that only the reserving slots' growth takes them.
@@ -214,10 +271,13 @@ class PageManager {
   std::size_t owed_pages() const;
   // The pool's headroom that new work may take: what is not owed to reservations.
   std::size_t free_headroom() const;
-  // Unmaps spare pages until the pool's headroom reaches `needed`: free slots' first (those holding
-  // the most first), then active slots' spare tails. Waits for the device first.
+  // Unmaps spare pages until the pool's headroom reaches `needed`, in this order: (1) free slots'
+  // pages (those holding the most first; a cached page only loses that mapping), (2) pages of the
+  // prefix cache that no slot maps, least recently used first (evict_unmapped), (3) active slots'
+  // spare tails. Waits for the device before it unmaps.
+  // The entries of `kept` (a prefix about to be mapped) are not evicted.
   void reclaim_for(std::size_t needed, std::optional<std::size_t> keep_slot, void* stream,
-                   std::size_t growth = 0);
+                   std::size_t growth = 0, const std::vector<PrefixKey>& kept = {});
   // Pages each slot needs to hold `tokens` more (its current count if inactive or already
   // covered); `extra` gets the pages to map over all buffers, `owed` the part of them that
   // the slots' reservations already hold in the pool.
@@ -227,7 +287,23 @@ class PageManager {
   std::vector<std::size_t> every_active(std::size_t tokens) const;
   // Maps pages for every active slot to hold `tokens` more.
   void map_for_growth(const std::vector<std::size_t>& counts, void* stream);
-  int alloc_locked(std::size_t prompt_len, std::size_t lookahead);
+  SharedAlloc alloc_locked(std::size_t prompt_len, std::size_t lookahead, const std::vector<PrefixKey>& keys);
+  // Whether the page (its handles in every buffer) belongs to the prefix cache.
+  bool is_cached(const std::vector<PhysicalHandle>& page) const { return prefix_.holds(page.front()); }
+  // Where a handle goes once a mapping of it is gone: a cached one stays with the cache, any other to the pool.
+  void give_back(PhysicalHandle handle);
+  // How many slots (and strays) map each entry of the prefix cache.
+  std::unordered_map<PrefixKey, std::size_t> cache_mappings() const;
+  // Evicts entries that nothing maps but `kept`, least recently used first, until the headroom
+  // reaches `needed`.
+  void evict_unmapped(std::size_t needed, const std::vector<PrefixKey>& kept = {});
+  // Cached pages `keys` matches at pages 0.., the longest run.
+  std::size_t cached_run(const std::vector<PrefixKey>& keys) const;
+  // Leading pages of `slot` a request sharing `keys[0..shared)` may keep: cached pages of those keys
+  // below `shared`, private pages from there on.
+  std::size_t reusable_pages(std::size_t slot, const std::vector<PrefixKey>& keys, std::size_t shared) const;
+  // Maps the cached pages of `keys[pages.size()..last)` as the next pages of `slot`; all or nothing.
+  void map_cached(std::size_t slot, const std::vector<PrefixKey>& keys, std::size_t last);
   void reserve_growth_locked(std::size_t tokens);
   // Runs `operation` under the lock. Where it must wait for the device (wait_for_device), it
   // is run again after a wait without the lock: see page_manager.cc.
@@ -277,10 +353,14 @@ class PageManager {
   bool released_ = false;
   std::string poisoned_;
   bool waited_ = false;  // whether the operation in progress waited for the device without the lock
+  bool synchronized_ = false;  // whether it waited under the lock: once is enough
   std::string undoing_;  // the failure being undone, while rollback() runs
   std::vector<DevicePtr> unfreed_reservations_;  // left by a failed reserve_buffers or release
   std::vector<Slot> slots_;
   std::vector<StrayMapping> strays_;
+  PrefixCache prefix_;
+  std::vector<std::pair<PrefixKey, PrefixCache::Entry>> evicted_log_;  // of the operation in progress
+  std::uint64_t pages_evicted_total_ = 0;
   std::vector<UnmappedPage> unmapped_log_;  // of the operation in progress
   // (slot, page) of unmapped pages not yet discarded; a page mapped again leaves it.
   std::set<std::pair<std::size_t, std::size_t>> undiscarded_;

@@ -1,6 +1,7 @@
 // What the PageManager reports: statistics, the slots' lengths, and its whole
 // view of the pages for tests. A poisoned manager reports only its statistics
 // and its view: its lengths may no longer be what the device holds.
+#include <algorithm>
 #include <chrono>
 
 #include "errors.h"
@@ -33,6 +34,14 @@ ManagerStats PageManager::stats() const {
   stats.pages_mapped_total = pages_mapped_total_;
   stats.pages_unmapped_total = pages_unmapped_total_;
   stats.grow_calls = grow_calls_;
+  stats.cached_pages = prefix_.size() * geometry_.num_buffers;
+  for (const auto& [key, mappings] : cache_mappings()) {
+    if (mappings > 1) {
+      stats.shared_pages += geometry_.num_buffers;
+      stats.bytes_saved += (mappings - 1) * geometry_.num_buffers * geometry_.page_bytes;
+    }
+  }
+  stats.pages_evicted_total = pages_evicted_total_;
   stats.map_seconds = std::chrono::duration<double>(map_time_).count();
   stats.unmap_seconds = std::chrono::duration<double>(unmap_time_).count();
   stats.poisoned = !poisoned_.empty();
@@ -70,6 +79,14 @@ ManagerView PageManager::view() const {
   view.bases = bases_;
   view.pooled = pool_.pooled();
   view.strays = strays_;
+  const auto mappings = cache_mappings();
+  for (const auto& [key, entry] : prefix_.entries()) {
+    auto count = mappings.find(key);
+    view.cache.push_back(CachedPage{key, entry.page, entry.handles, count == mappings.end() ? 0 : count->second,
+                                    entry.last_used});
+  }
+  std::sort(view.cache.begin(), view.cache.end(),
+            [](const CachedPage& a, const CachedPage& b) { return a.key < b.key; });
   view.poisoned = poisoned_;
   return view;
 }

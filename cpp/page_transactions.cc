@@ -8,6 +8,10 @@
 // releases what it created. A page that then fails to unmap stays listed with
 // its slot, the view still exact; only a page left mapped in some buffers but
 // not others (a "stray") cannot be listed, and poisons the manager.
+//
+// Pages of the prefix cache may be mapped in several slots: unmapping one
+// drops that mapping only (the page stays with the cache), and an eviction
+// the operation made is undone by taking the page back from the pool.
 #include <algorithm>
 #include <string>
 
@@ -40,13 +44,19 @@ PageManager::Checkpoint PageManager::checkpoint() const {
   }
   checkpoint.pages_mapped_total = pages_mapped_total_;
   checkpoint.pages_unmapped_total = pages_unmapped_total_;
+  checkpoint.pages_evicted_total = pages_evicted_total_;
   return checkpoint;
 }
 
 void PageManager::commit() {
   for (const UnmappedPage& page : unmapped_log_) undiscarded_.emplace(page.slot, page.page);
   unmapped_log_.clear();
+  evicted_log_.clear();
   pool_.begin_log();
+}
+
+void PageManager::give_back(PhysicalHandle handle) {
+  if (!prefix_.holds(handle)) pool_.put({handle});
 }
 
 void PageManager::poison(const std::string& what) noexcept {
@@ -64,7 +74,7 @@ std::string PageManager::unmap_or_stray(const std::vector<DevicePtr>& addresses,
   for (std::size_t i = addresses.size(); i-- > 0;) {
     try {
       driver_->unmap(addresses[i], geometry_.page_bytes);
-      pool_.put({handles[i]});
+      give_back(handles[i]);
     } catch (const std::exception& error) {
       if (failure.empty()) failure = error.what();
       strays_.push_back(StrayMapping{addresses[i], geometry_.page_bytes, handles[i], accessible[i]});
@@ -159,7 +169,7 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
         if (mapped[i]) {
           strays_.push_back(StrayMapping{page_address(i, slot, page), geometry_.page_bytes, handles[i], accessible[i]});
         } else {
-          pool_.put({handles[i]});
+          give_back(handles[i]);
         }
       }
       state.pages.pop_back();
@@ -168,7 +178,7 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
     }
     std::rethrow_exception(error);
   }
-  pool_.put(handles);
+  for (PhysicalHandle handle : handles) give_back(handle);
   state.pages.pop_back();
   pages_unmapped_total_ += geometry_.num_buffers;
   if (log) unmapped_log_.push_back(UnmappedPage{slot, page, handles});
@@ -194,7 +204,7 @@ bool PageManager::map_back(std::size_t slot, const std::vector<PhysicalHandle>& 
   } catch (const std::exception& error) {
     failure = error.what();
     const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
-    for (std::size_t b = mapped.size(); b < handles.size(); ++b) pool_.put({handles[b]});
+    for (std::size_t b = mapped.size(); b < handles.size(); ++b) give_back(handles[b]);
     if (!undo.empty()) {
       poison("mapping page " + std::to_string(page) + " of slot " + std::to_string(slot) + " back failed (" +
              failure + ") and unmapping its buffers failed too (" + undo + ")");
@@ -219,10 +229,17 @@ void PageManager::rollback(const Checkpoint& before, const std::string& failure)
       }
     }
   }
+  // Cache entries the operation evicted: back from the pool (all of them are there unless an undo
+  // above failed), before the pages below are mapped back, since a cached page is mapped from the cache.
+  for (auto it = evicted_log_.rbegin(); it != evicted_log_.rend(); ++it) {
+    if (pool_.remove(it->second.handles)) prefix_.restore(it->first, it->second);
+  }
+  evicted_log_.clear();
   // Pages the operation unmapped: map them back, lowest first. One that fails stays unmapped and
-  // pooled (it was spare), and the pages above it too.
+  // pooled (or cached: it was spare), and the pages above it too.
   for (auto it = unmapped_log_.rbegin(); it != unmapped_log_.rend(); ++it) {
-    if (slots_[it->slot].pages.size() != it->page || !pool_.remove(it->handles)) continue;
+    if (slots_[it->slot].pages.size() != it->page) continue;
+    if (!is_cached(it->handles) && !pool_.remove(it->handles)) continue;
     std::string ignored;
     map_back(it->slot, it->handles, ignored);
   }
@@ -241,6 +258,7 @@ void PageManager::rollback(const Checkpoint& before, const std::string& failure)
   }
   pages_mapped_total_ = before.pages_mapped_total + kept * geometry_.num_buffers;
   pages_unmapped_total_ = before.pages_unmapped_total + lost * geometry_.num_buffers;
+  pages_evicted_total_ = before.pages_evicted_total;
   undoing_.clear();
 }
 
@@ -273,13 +291,21 @@ void PageManager::release() {
     try {
       driver_->unmap(stray.address, stray.bytes);
       pages_unmapped_total_ += 1;
-      pool_.put({stray.handle});
+      give_back(stray.handle);
     } catch (const std::exception& error) {
       note(error);
       left.push_back(stray);
     }
   }
   strays_ = std::move(left);
+  // The cache's pages go with the rest, but those still mapped somewhere: the next release() tries again.
+  for (PrefixKey key : prefix_.eviction_order()) {
+    const std::vector<PhysicalHandle>& handles = prefix_.find(key)->handles;
+    const bool mapped = std::any_of(strays_.begin(), strays_.end(), [&](const StrayMapping& stray) {
+      return std::find(handles.begin(), handles.end(), stray.handle) != handles.end();
+    });
+    if (!mapped) pool_.put(prefix_.erase(key).handles);
+  }
   try {
     pool_.trim(0);
   } catch (const std::exception& error) {

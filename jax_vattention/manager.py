@@ -34,6 +34,8 @@ import numpy as np
 from jax_vattention import _core, _ffi
 from jax_vattention.cache import KVCache
 from jax_vattention.config import CacheConfig
+from jax_vattention.counts import count as _count
+from jax_vattention.prefix import PrefixSharing
 
 _DLPACK_DEVICE_CUDA = 2
 
@@ -46,7 +48,7 @@ _DLPACK_DTYPES = {  # dtype -> (DLPack type code, bits)
 }
 
 
-class CacheManager:
+class CacheManager(PrefixSharing):
     """Slots and physical pages of one virtual KV cache on one device.
 
     Parameters
@@ -359,10 +361,16 @@ class CacheManager:
 
         ``mapped_bytes``, ``used_bytes`` and ``waste_bytes`` add up over all
         buffers; ``static_bytes`` is what a static cache of ``max_batch`` x
-        ``max_len`` tokens would hold.
+        ``max_len`` tokens would hold. Prefix sharing: ``cached_pages`` (and
+        ``cached_bytes``) the prefix cache holds, mapped or not;
+        ``shared_pages`` physical pages mapped in more than one slot;
+        ``bytes_saved`` every mapping of a page beyond its first;
+        ``pages_evicted_total``. Pages count once per buffer, as
+        ``mapped_pages`` does (which counts every mapping).
         """
         stats = self._core.stats()
         stats["mapped_bytes"] = stats["mapped_pages"] * self.page_bytes
+        stats["cached_bytes"] = stats["cached_pages"] * self.page_bytes
         stats["static_bytes"] = self.config.static_bytes()
         return stats
 
@@ -455,16 +463,3 @@ def default_driver(device: jax.Device):
     Its ``granularity`` is the default page size.
     """
     return _core.cuda_driver(device.local_hardware_id) if device.platform == "gpu" else _core.host_driver()
-
-
-# Counts (tokens, pages, slots) at or above this are refused before they reach C++, where they
-# would wrap: no cache comes near it (a buffer has at most 2**48 bytes).
-_COUNT_LIMIT = 2**63
-
-
-def _count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    if value >= _COUNT_LIMIT:
-        raise ValueError(f"{name}={value} is too large (at least 2**63): pass a count that fits the cache")
-    return int(value)

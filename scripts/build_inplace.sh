@@ -7,7 +7,10 @@ python="${PYTHON:-python3}"
 cmake -S . -B build/inplace -G Ninja -DCMAKE_BUILD_TYPE=Release -DPython_EXECUTABLE="$("$python" -c 'import sys; print(sys.executable)')" -Wno-dev >/dev/null
 cmake --build build/inplace
 # Copied, then renamed into place: a running process keeps the module it loaded.
-for module in build/inplace/_core*.so; do cp "$module" "jax_vattention/.$(basename "$module")" && mv "jax_vattention/.$(basename "$module")" jax_vattention/; done
+for module in build/inplace/_core*.so; do
+  name=$(basename "$module")
+  cp "$module" "jax_vattention/.$name" && mv "jax_vattention/.$name" "jax_vattention/$name"
+done
 if [ -f build/inplace/_core.pyi ]; then cp build/inplace/_core.pyi jax_vattention/; fi
 # The wheel installs models/ as jax_vattention.models; in the tree a link stands in for it.
 ln -sfn ../models jax_vattention/models

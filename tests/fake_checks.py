@@ -37,10 +37,18 @@ def check_view(manager, driver):
     assert driver.mappings() == expected_table(view)
     mapped = [handle for pages in view["slots"] for page in pages for handle in page]
     stray = [handle for _, _, handle, _ in view["strays"]]
-    held = mapped + stray + list(view["pooled"])
+    # A page of the prefix cache may be mapped at several addresses; any other handle is held once.
+    cached = [handle for entry in view["cache"] for handle in entry["handles"]]
+    assert len(set(cached)) == len(cached), "a handle is cached twice"
+    held = [h for h in mapped + stray if h not in set(cached)] + list(view["pooled"])
     assert len(set(held)) == len(held), "a handle is held twice"
-    assert sorted(held) == sorted(driver.handles())
+    assert sorted(set(held) | set(cached)) == sorted(driver.handles())
+    for entry in view["cache"]:
+        assert entry["mappings"] == sum(page == entry["handles"] for pages in view["slots"] for page in pages)
+        assert all(len(pages) <= entry["page"] or pages[entry["page"]] == entry["handles"] or
+                   pages[entry["page"]][0] not in entry["handles"] for pages in view["slots"])
     stats = manager.stats()
+    assert stats["cached_pages"] == len(cached)
     assert stats["created_pages"] == len(driver.handles()) <= stats["budget_pages"]
     assert stats["pooled_pages"] == len(view["pooled"])
     assert stats["mapped_pages"] == len(mapped)
@@ -58,11 +66,17 @@ def state(manager):
     for key in ("map_seconds", "unmap_seconds", "grow_calls"):
         stats.pop(key)
     view = manager.view()
+    cache = [(e["key"], e["page"], e["handles"], e["mappings"], e["last_used"]) for e in view["cache"]]
     return dict(stats=stats, lengths=manager.lengths(), active=manager.active(), slots=view["slots"],
-                pooled=sorted(view["pooled"]))
+                pooled=sorted(view["pooled"]), cache=cache)
 
 
 def check_released(driver):
     assert driver.mappings() == {}
     assert driver.handles() == []
     assert driver.reservations() == []
+
+
+def addresses_of(driver, handle):
+    """Every address the driver maps ``handle`` at, in order."""
+    return [address for address, (_, mapped, _) in driver.mappings().items() if mapped == handle]

@@ -71,6 +71,42 @@ def release_setup(m):
     m.reserve_growth(30)        # pooled pages too
 
 
+def published(m):
+    """Slot 0: 70 tokens, its 2 full pages in the prefix cache under keys 1, 2."""
+    slot = m.alloc(70)
+    m.publish(slot, [1, 2])
+    return slot
+
+
+def shared_reuse_setup(m):
+    published(m)
+    m.free(m.alloc_shared(80, 0, [1, 2])[0])   # slot 1: 2 shared pages and 1 private, free
+    m.alloc(100)                                # slot 2: the only free slot is now slot 1
+
+
+def cached_unmapped(m):
+    m.free(published(m))
+    m.reclaim()                                 # 2 pages in every buffer cached, mapped nowhere
+
+
+def evicting_grow_setup(m):
+    cached_unmapped(m)
+    m.alloc(32)
+    m.alloc(32)                                 # the budget of 4 is spent
+
+
+def reclaim_shared_setup(m):
+    first = published(m)
+    m.free(m.alloc_shared(80, 0, [1, 2])[0])
+    m.free(first)
+
+
+def release_shared_setup(m):
+    first = published(m)
+    m.alloc_shared(80, 0, [1, 2])
+    m.free(first)
+
+
 SCENARIOS = [
     Scenario("alloc", lambda m: m.alloc(40), lambda m: m.alloc(100)),
     Scenario("alloc_reclaiming", alloc_reclaiming_setup, lambda m: m.alloc(96), max_batch=4, budget_pages=6 * BUFFERS),
@@ -85,6 +121,15 @@ SCENARIOS = [
     Scenario("reclaim", reclaim_setup, lambda m: m.reclaim()),
     Scenario("trim", trim_setup, lambda m: m.trim(), atomic=False),
     Scenario("release", release_setup, lambda m: m.release(), atomic=False),
+    # Prefix sharing: the aliasing path (publish makes no driver call: see test_prefix_sharing.py).
+    Scenario("alloc_shared", published, lambda m: m.alloc_shared(80, 0, [1, 2])),
+    Scenario("alloc_over_shared", shared_reuse_setup, lambda m: m.alloc(20)),
+    Scenario("alloc_evicting", cached_unmapped, lambda m: m.alloc(128), budget_pages=4 * BUFFERS),
+    Scenario("alloc_shared_evicting", cached_unmapped, lambda m: m.alloc_shared(128, 0, [1, 9]),
+             budget_pages=4 * BUFFERS),
+    Scenario("grow_evicting", evicting_grow_setup, lambda m: m.grow(1), budget_pages=4 * BUFFERS),
+    Scenario("reclaim_shared", reclaim_shared_setup, lambda m: m.reclaim()),
+    Scenario("release_shared", release_shared_setup, lambda m: m.release(), atomic=False),
 ]
 
 

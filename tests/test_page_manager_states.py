@@ -1,9 +1,11 @@
 """A stateful property test of the page manager on the fake driver, against a model of its slots.
 
 Hypothesis drives random sequences of alloc / free / grow / reserve_growth /
-prefetch / reclaim / trim with driver failures injected among them. After every
+prefetch / reclaim / trim, and of prefix sharing (alloc_shared / publish /
+evict), with driver failures injected among them. After every
 step the fake driver's table must equal the manager's view, and the slots,
-lengths and reservations must equal the model's: a failed call changes nothing.
+lengths and reservations must equal the model's: a failed call changes nothing. No
+active slot's cached (read-only) pages ever reach its length.
 """
 
 from hypothesis import settings, strategies as st
@@ -13,6 +15,8 @@ from fake_checks import BUFFERS, CAPACITY, PAGE, TOKEN, check_released, check_vi
 from jax_vattention._core import CacheManagerPoisonedError, DriverError, NoFreeSlotError, OutOfPagesError
 
 SLOTS = 4
+PER_PAGE = 32
+FAMILIES = 3     # prompts of one family share every token: the keys of page p are family * 1000 + p
 FAILING = ("create", "release", "map", "set_access", "unmap", "synchronize")
 
 
@@ -26,6 +30,8 @@ class PageManagerMachine(RuleBasedStateMachine):
         self.manager, self.driver = make(max_batch=SLOTS, budget_pages=7 * BUFFERS)
         self.lengths = {}        # active slot -> length
         self.reserved = {}       # active slot -> tokens promised
+        self.families = {}       # active slot -> the family of its tokens
+        self.next_family = FAMILIES
         self.poisoned = False
         self.error = None        # the type of the last call's error
 
@@ -58,6 +64,31 @@ class PageManagerMachine(RuleBasedStateMachine):
             assert slot not in self.lengths
             self.lengths[slot] = prompt
             self.reserved[slot] = min(prompt + lookahead, CAPACITY)
+            self.families[slot] = self.next_family     # tokens no other slot has
+            self.next_family += 1
+
+    @rule(prompt=st.integers(0, CAPACITY), lookahead=st.integers(0, 64), family=st.integers(0, FAMILIES - 1))
+    def alloc_shared(self, prompt, lookahead, family):
+        keys = [family * 1000 + p for p in range(prompt // PER_PAGE)]
+        placed = self.call(lambda: self.manager.alloc_shared(prompt, lookahead, keys))
+        if placed is not None:
+            slot, shared = placed
+            assert slot not in self.lengths and shared <= len(keys)
+            self.lengths[slot] = prompt
+            self.reserved[slot] = min(prompt + lookahead, CAPACITY)
+            self.families[slot] = family
+            assert self.manager.writable_from(slot) == shared * PER_PAGE
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def publish(self, data):
+        slot = data.draw(st.sampled_from(sorted(self.lengths)))
+        family = self.families[slot]
+        self.call(lambda: self.manager.publish(slot, [family * 1000 + p for p in range(self.lengths[slot] // PER_PAGE)]))
+
+    @rule()
+    def evict(self):
+        self.call(self.manager.evict)
 
     @precondition(lambda self: self.lengths)
     @rule(data=st.data())
@@ -65,7 +96,7 @@ class PageManagerMachine(RuleBasedStateMachine):
         slot = data.draw(st.sampled_from(sorted(self.lengths)))
         self.call(lambda: self.manager.free(slot))
         if not self.poisoned:
-            del self.lengths[slot], self.reserved[slot]
+            del self.lengths[slot], self.reserved[slot], self.families[slot]
 
     @rule(tokens=st.integers(0, 40))
     def grow(self, tokens):
@@ -111,6 +142,8 @@ class PageManagerMachine(RuleBasedStateMachine):
             assert lengths[slot] == length
             # Nothing the slot holds, nor anything promised to it, is out of reach.
             assert len(view["slots"][slot]) >= pages_for(length)
+            # It never writes a page that other slots may read.
+            assert self.manager.writable_from(slot) <= length
 
     def teardown(self):
         for _ in range(10):

@@ -1,0 +1,190 @@
+// Prefix sharing in the PageManager: one physical page mapped at the same page
+// index of several slots, registered in a prefix cache by content.
+//
+//   buffer k[0]:  | slot 0: AB#_______ | slot 1: AB##______ | slot 2: ____________ |
+//                   A, B: pages of the prefix cache, one physical page each, mapped in slots 0 and 1
+//                   #: private pages
+//
+// Reference counts: a cached page is held by the cache and by every slot that
+// maps it; unmapping it drops one mapping, and only an eviction (of a page no
+// slot maps) returns it to the pool. A private page is mapped once or pooled.
+// Cached pages are read-only: a slot's cached pages lie below its length when
+// it is active, and check_write() refuses a write range that starts in one.
+#include <algorithm>
+#include <string>
+
+#include "errors.h"
+#include "page_manager.h"
+
+namespace vattention {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string describe(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "an unknown error";
+  }
+}
+
+}  // namespace
+
+std::size_t PageManager::tokens_per_page() const {
+  if (!driver_->can_alias() || geometry_.page_bytes % geometry_.token_bytes != 0) return 0;
+  return geometry_.page_bytes / geometry_.token_bytes;
+}
+
+std::size_t PageManager::cached_run(const std::vector<PrefixKey>& keys) const {
+  std::size_t run = 0;
+  while (run < keys.size()) {
+    const PrefixCache::Entry* entry = prefix_.find(keys[run]);
+    if (entry == nullptr || entry->page != run) break;
+    ++run;
+  }
+  return run;
+}
+
+std::size_t PageManager::reusable_pages(std::size_t slot, const std::vector<PrefixKey>& keys,
+                                        std::size_t shared) const {
+  const auto& pages = slots_[slot].pages;
+  std::size_t p = 0;
+  for (; p < pages.size(); ++p) {
+    const std::optional<PrefixKey> key = prefix_.key_of(pages[p].front());
+    if (p < shared ? (!key || *key != keys[p]) : key.has_value()) break;
+  }
+  return p;
+}
+
+std::unordered_map<PrefixKey, std::size_t> PageManager::cache_mappings() const {
+  std::unordered_map<PrefixKey, std::size_t> counts;
+  if (prefix_.size() == 0) return counts;
+  // Cached pages lie below the cache's depth in every slot: the statistics of every step stay cheap.
+  const std::size_t depth = prefix_.depth();
+  for (const Slot& slot : slots_) {
+    for (std::size_t p = 0; p < std::min(depth, slot.pages.size()); ++p) {
+      if (auto key = prefix_.key_of(slot.pages[p].front())) ++counts[*key];
+    }
+  }
+  return counts;
+}
+
+void PageManager::evict_unmapped(std::size_t needed, const std::vector<PrefixKey>& kept) {
+  if (pool_.headroom() >= needed || prefix_.size() == 0) return;
+  const auto mappings = cache_mappings();
+  for (PrefixKey key : prefix_.eviction_order()) {
+    if (mappings.count(key) != 0 || std::find(kept.begin(), kept.end(), key) != kept.end()) continue;
+    PrefixCache::Entry entry = prefix_.erase(key);
+    pool_.put(entry.handles);
+    pages_evicted_total_ += entry.handles.size();
+    evicted_log_.emplace_back(key, std::move(entry));
+    if (pool_.headroom() >= needed) return;
+  }
+}
+
+void PageManager::map_cached(std::size_t slot, const std::vector<PrefixKey>& keys, std::size_t last) {
+  Slot& state = slots_[slot];
+  const std::size_t first = state.pages.size();
+  if (last <= first) return;
+  const std::size_t count = last - first;
+  const auto start = Clock::now();
+  std::vector<DevicePtr> mapped;
+  std::vector<PhysicalHandle> mapped_handles;
+  std::vector<bool> accessible;
+  try {
+    // As map_up_to: one set_access per buffer covers the run.
+    for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
+      for (std::size_t p = first; p < last; ++p) {
+        const DevicePtr address = page_address(b, slot, p);
+        const PhysicalHandle handle = prefix_.find(keys[p])->handles[b];
+        driver_->map(address, geometry_.page_bytes, handle);
+        mapped.push_back(address);
+        mapped_handles.push_back(handle);
+        accessible.push_back(false);
+      }
+      driver_->set_access(page_address(b, slot, first), count * geometry_.page_bytes);
+      std::fill(accessible.end() - count, accessible.end(), true);
+    }
+  } catch (...) {
+    const std::exception_ptr error = std::current_exception();
+    const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);  // the cache keeps them
+    if (!undo.empty()) {
+      poison("mapping cached pages " + std::to_string(first) + ".." + std::to_string(last - 1) + " into slot " +
+             std::to_string(slot) + " failed (" + describe(error) + ") and unmapping what was mapped failed too (" +
+             undo + ")");
+    }
+    std::rethrow_exception(error);
+  }
+  for (std::size_t p = first; p < last; ++p) {
+    state.pages.push_back(prefix_.find(keys[p])->handles);
+    undiscarded_.erase({slot, p});
+  }
+  pages_mapped_total_ += count * geometry_.num_buffers;
+  map_time_ += Clock::now() - start;
+}
+
+std::size_t PageManager::publish(int slot, const std::vector<PrefixKey>& keys) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  check_slot(slot);
+  const Slot& state = slots_[slot];
+  if (!state.active) throw std::invalid_argument("slot " + std::to_string(slot) + " holds no request to publish");
+  const std::size_t tokens = tokens_per_page();
+  if (tokens == 0 || keys.empty()) return 0;
+  if (keys.size() > state.length / tokens) {
+    throw std::invalid_argument("publishing " + std::to_string(keys.size()) + " pages of slot " + std::to_string(slot) +
+                                " needs " + std::to_string(keys.size() * tokens) + " written tokens but it holds " +
+                                std::to_string(state.length) + ": publish only full pages");
+  }
+  // Checked first, so that a refusal changes nothing.
+  for (std::size_t p = 0; p < keys.size(); ++p) {
+    const std::optional<PrefixKey> key = prefix_.key_of(state.pages[p].front());
+    if (key && *key != keys[p]) {
+      throw std::invalid_argument("page " + std::to_string(p) + " of slot " + std::to_string(slot) +
+                                  " is cached under another key: pass the hash chain of the slot's own tokens");
+    }
+  }
+  std::size_t registered = 0;
+  for (std::size_t p = 0; p < keys.size(); ++p) {
+    if (is_cached(state.pages[p]) || prefix_.find(keys[p]) != nullptr) continue;
+    prefix_.insert(keys[p], p, state.pages[p]);
+    ++registered;
+  }
+  prefix_.touch(keys);  // one tick for the whole prefix: its deepest pages go first
+  return registered;
+}
+
+std::size_t PageManager::writable_from(int slot) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  check_slot(slot);
+  const auto& pages = slots_[slot].pages;
+  for (std::size_t p = pages.size(); p-- > 0;) {
+    if (is_cached(pages[p])) return (p + 1) * tokens_per_page();
+  }
+  return 0;
+}
+
+void PageManager::check_write(int slot, std::size_t start) const {
+  const std::size_t first = writable_from(slot);
+  if (start < first) {
+    throw std::invalid_argument("writing slot " + std::to_string(slot) + " from token " + std::to_string(start) +
+                                " would overwrite its shared prefix (tokens 0.." + std::to_string(first - 1) +
+                                " are cached pages, read-only): start at token " + std::to_string(first) +
+                                " or later");
+  }
+}
+
+std::size_t PageManager::evict() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  const std::uint64_t before = pages_evicted_total_;
+  evict_unmapped(SIZE_MAX);  // no driver call: nothing to undo
+  evicted_log_.clear();
+  return static_cast<std::size_t>(pages_evicted_total_ - before);
+}
+
+}  // namespace vattention
