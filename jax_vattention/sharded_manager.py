@@ -38,6 +38,10 @@ from jax_vattention.config import CacheConfig
 from jax_vattention.manager import CacheManager, default_driver
 
 
+# Stats every device has the same value of, under one plan: not summed.
+_SHARED_STATS = ("page_bytes", "active_slots", "used_tokens", "grow_calls")
+
+
 def mesh_axis(mesh: jax.sharding.Mesh, axis: str | None) -> str:
     """The name of ``mesh``'s tensor-parallel axis; ``ValueError`` for a mesh that is not 1-D over
     distinct devices of one platform, or an axis it does not have."""
@@ -253,10 +257,21 @@ class ShardedCacheManager:
         return self.managers[0].mapped_pages()
 
     def stats(self) -> dict:
-        """Totals over the devices (sums of every count), and ``per_device``: each manager's stats."""
+        """Totals over the devices, and ``per_device``: each manager's stats.
+
+        Pages, bytes, page counters and seconds add up over the devices; what every device shares
+        (``page_bytes``, ``active_slots``, ``used_tokens``, ``grow_calls``) is device 0's;
+        ``poisoned`` is the group's reason or the first device's.
+        """
         per_device = [m.stats() for m in self.managers]
-        total = {key: sum(s[key] for s in per_device) for key, value in per_device[0].items()
-                 if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        total = {}
+        for key, value in per_device[0].items():
+            if key in _SHARED_STATS or isinstance(value, bool) or not isinstance(value, (int, float)):
+                total[key] = value
+            else:
+                total[key] = sum(s[key] for s in per_device)
+        total["poisoned"] = self._poisoned or next((s["poisoned"] for s in per_device if s["poisoned"]),
+                                                   per_device[0]["poisoned"])
         total["static_bytes"] = self.config.static_bytes()
         total["per_device"] = per_device
         return total
