@@ -199,9 +199,32 @@ def a_failure_on_a_later_device_poisons_the_group() -> None:
     assert all(driver.mappings() == {} and driver.handles() == [] for driver in drivers.values())
 
 
+def cli_generate_tp() -> None:
+    """``vattention generate --tp 2`` prints the tokens of ``--tp 1``; a degree beyond the devices is refused."""
+    import contextlib
+    import io
+
+    from jax_vattention import cli
+
+    def run(*options) -> tuple[int, list[str]]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(["generate", "--batch", "2", "--rounds", "1", "--max-new-tokens", "6",
+                             "--max-len", "64", *options])
+        return code, [line for line in (out.getvalue() + err.getvalue()).splitlines() if " new: ids " in line
+                      or "error" in line]
+
+    code, one = run("--tp", "1")
+    assert code == 0 and len(one) == 2, one
+    code, two = run("--tp", "2")
+    assert code == 0 and two == one, (two, one)
+    code, refused = run("--tp", "5")
+    assert code == 2 and "--tp must be between 1 and the 4 devices" in refused[0], refused
+
+
 CASES = ["tokens_tp2_per_layer", "tokens_tp4_interleaved", "random_weights_straight_into_shards",
          "pages_per_device_are_exact", "a_copied_shard_gets_the_donation_error", "bad_meshes_and_head_counts",
-         "a_failure_on_a_later_device_poisons_the_group"]
+         "a_failure_on_a_later_device_poisons_the_group", "cli_generate_tp"]
 
 if __name__ == "__main__":
     assert len(jax.devices()) == 4, jax.devices()
