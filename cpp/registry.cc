@@ -28,11 +28,16 @@ std::uint64_t ManagerRegistry::add_group(std::vector<std::shared_ptr<PageManager
 }
 
 std::shared_ptr<PageManager> ManagerRegistry::find_for(std::uint64_t id, DevicePtr first_operand) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  if (auto it = managers_.find(id); it != managers_.end()) return it->second;
-  auto group = groups_.find(id);
-  if (group == groups_.end()) return nullptr;
-  for (const auto& manager : group->second) {
+  std::vector<std::shared_ptr<PageManager>> members;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (auto it = managers_.find(id); it != managers_.end()) return it->second;
+    auto group = groups_.find(id);
+    if (group == groups_.end()) return nullptr;
+    members = group->second;
+  }
+  // Outside the registry's lock: reading a manager's bases may wait for that manager's own lock.
+  for (const auto& manager : members) {
     const std::vector<DevicePtr> bases = manager->buffer_bases();
     if (!bases.empty() && bases.front() == first_operand) return manager;
   }
