@@ -263,6 +263,8 @@ class ShardedCacheManager:
         (``page_bytes``, ``active_slots``, ``used_tokens``, ``grow_calls``) is device 0's;
         ``poisoned`` is the group's reason or the first device's.
         """
+        if not self.managers:
+            raise RuntimeError(f"manager {self._id} is closed: it has no stats")
         per_device = [m.stats() for m in self.managers]
         total = {}
         for key, value in per_device[0].items():
