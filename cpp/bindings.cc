@@ -227,6 +227,10 @@ NB_MODULE(_core, m) {
   m.def("register_manager", [](std::shared_ptr<PageManager> manager) {
     return ManagerRegistry::instance().add(std::move(manager));
   }, "manager"_a, "Makes the manager visible to the FFI handlers; returns its id.");
+  m.def("register_group", [](std::vector<std::shared_ptr<PageManager>> managers) {
+    return ManagerRegistry::instance().add_group(std::move(managers));
+  }, "managers"_a, "Registers the page managers of several devices under one id; returns it. Each device's\n"
+     "mapping op finds its own manager by the address of its first cache buffer.");
   m.def("unregister_manager", [](std::uint64_t id) { ManagerRegistry::instance().remove(id); }, "id"_a);
 
   m.def("device_view", &device_view, "owner"_a, "address"_a, "shape"_a, "dtype_code"_a, "dtype_bits"_a,

@@ -5,6 +5,8 @@
 // to those buffers. It runs on the host each time XLA reaches it — once per
 // iteration inside a while loop — and maps the pages that growing every
 // active slot by `tokens` needs, from the host's mirror of the slot lengths.
+// Under tensor parallelism every device runs it with the same group id and
+// finds its own page manager by the address of its first operand.
 // It is deliberately not command-buffer compatible: a captured graph would
 // replay without calling it.
 #include "ffi_handlers.h"
@@ -35,7 +37,19 @@ std::string hex(const void* address) {
 // Checks that the operands are the manager's buffers, in place, and grows.
 ffi::Error GrowImpl(void* stream, std::uint64_t manager_id, std::int64_t tokens, ffi::RemainingArgs args,
                     ffi::RemainingRets rets) {
-  std::shared_ptr<PageManager> manager = ManagerRegistry::instance().find(manager_id);
+  const ManagerRegistry& registry = ManagerRegistry::instance();
+  const DevicePtr first =
+      args.size() == 0 || args.get<ffi::AnyBuffer>(0).has_error()
+          ? 0
+          : reinterpret_cast<DevicePtr>(args.get<ffi::AnyBuffer>(0)->untyped_data());
+  std::shared_ptr<PageManager> manager = registry.find_for(manager_id, first);
+  if (!manager && registry.is_group(manager_id)) {
+    return ffi::Error::InvalidArgument(
+        "vattention_grow: cache buffer k[0] is at " + hex(reinterpret_cast<void*>(first)) +
+        ", which is no device's reserved address in the tensor-parallel cache " + std::to_string(manager_id) +
+        ": XLA copied the cache shard. Donate the cache to every jitted function that takes it "
+        "(jax.jit(..., donate_argnames=\"cache\")) and return it from that function.");
+  }
   if (!manager) {
     return ffi::Error::InvalidArgument("vattention_grow: no cache manager with id " + std::to_string(manager_id) +
                                        " (it was closed, or the cache was made in another process)");

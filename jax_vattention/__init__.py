@@ -26,6 +26,7 @@ from jax_vattention.config import CacheConfig
 from jax_vattention.donation import cache_jit, check_cache_donation
 from jax_vattention.manager import CacheManager
 from jax_vattention.ops import grow
+from jax_vattention.sharded_manager import ShardedCacheManager
 from jax_vattention.writes import scatter_tokens, write_kv
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "KVCache",
     "NoFreeSlotError",
     "OutOfPagesError",
+    "ShardedCacheManager",
     "cache_jit",
     "check_cache_donation",
     "grow",

@@ -41,11 +41,20 @@ def _aliased_outputs(lowered: jax.stages.Lowered, arguments: int) -> list[int | 
     kept = lowered._lowering.compile_args.get("kept_var_idx")  # arguments XLA did not prune
     kept = sorted(kept) if kept is not None else list(range(arguments))
     aliased: list[int | None] = [None] * arguments
+    donors = False
     for text in signature.group(1).split("%arg")[1:]:  # "<n>: tensor<...> {attributes}, "
         parameter = int(re.match(r"\d+", text).group(0))
         output = re.search(r"tf\.aliasing_output = (\d+) : i32", text)
+        donors = donors or "jax.buffer_donor = true" in text
         if parameter < len(kept) and output is not None:
             aliased[kept[parameter]] = int(output.group(1))
+    if donors:
+        # A sharded program (e.g. shard_map over a mesh) marks donated parameters as buffer donors
+        # and leaves the aliasing to XLA: read what the compiled program aliases.
+        compiled = lowered.compile().as_text()
+        for output, parameter in re.findall(r"\{(\d+)\}: \((\d+), \{\}, (?:may|must)-alias\)", compiled):
+            if int(parameter) < len(kept):
+                aliased[kept[int(parameter)]] = int(output)
     return aliased
 
 

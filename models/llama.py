@@ -104,15 +104,25 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, cache, layer, **kwargs):
+    def __call__(self, x, positions, cache, layer, *, tp_axis: str | None = None, **kwargs):
         attended, cache = self.attention(self.attention_norm(x), positions, cache, layer, **kwargs)
+        if tp_axis is not None:
+            attended = lax.psum(attended, tp_axis)  # [B, T, D]: the sum over every device's heads
         x = x + attended  # [B, T, D]
-        x = x + self.mlp(self.mlp_norm(x))  # [B, T, D]
+        update = self.mlp(self.mlp_norm(x))  # [B, T, D]
+        if tp_axis is not None:
+            update = lax.psum(update, tp_axis)  # [B, T, D]: the sum over every device's MLP columns
+        x = x + update  # [B, T, D]
         return x, cache
 
 
 class Llama(nnx.Module):
     """The decoder: embeddings, ``num_layers`` blocks, a final norm and the output projection.
+
+    ``tp_axis`` (static, default None) names the mesh axis of tensor parallelism: set by
+    :func:`jax_vattention.tensor_parallel.shard_model`, the model then runs inside ``shard_map``
+    on its devices' shards of the weights (Megatron-style: heads and MLP columns split) and sums
+    each block's attention output and MLP output over that axis.
 
     Example::
 
@@ -131,6 +141,7 @@ class Llama(nnx.Module):
         self.embed = _normal(rngs, (config.vocab_size, config.hidden_size), 1, dtype)  # [V, D]
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.tp_axis: str | None = None
         self.lm_head = (None if config.tie_embeddings else
                         _normal(rngs, (config.hidden_size, config.vocab_size), config.hidden_size,
                                 dtype))  # [D, V]
@@ -172,7 +183,7 @@ class Llama(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
         for layer, block in enumerate(self.layers):
             x, cache = block(x, positions, cache, layer, inv_freq=inv_freq, start=start,
-                             count=count, slots=slots, backend=backend, step=step)
+                             count=count, slots=slots, backend=backend, step=step, tp_axis=self.tp_axis)
         if logit_index is not None and logit_index.ndim == 2:  # several tokens of each row
             x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)  # [B, J, D]
         elif logit_index is not None:

@@ -13,6 +13,9 @@
 #              default 20000), in its own process
 #   server     vattention serve on the tiny model, one completion and one streamed chat through curl
 #   chat       generate --model smollm2-135m --chat, both layouts (needs the SmolLM2 file installed)
+#   tp         tensor parallelism on the first 2 GPUs (not in the default list): its GPU tests (TP 2
+#              gives TP 1's tokens, free memory per device) and the decode-step timing, batch 32,
+#              context 4K, TP 1 against TP 2, then generate --tp 2 on the tiny model
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"
@@ -31,6 +34,11 @@ cd /tmp
 last_progress() { awk '/it\/s\]$|s\/it\]$|\?it\/s\]$/ { last = $0; next } { print } END { if (last) print last }'; }
 for section in $sections; do
   case "$section" in
+    tp)
+      timeout 420 "$python" -X faulthandler -m pytest -m gpu -q -s -p no:cacheprovider --rootdir "$tests" \
+        "$tests/test_gpu_tensor_parallel.py" 2>&1 | tee "$out/tp.log" || status=1
+      timeout 90 "$python" -m jax_vattention.cli generate --tp 2 --batch 8 --rounds 2 --max-new-tokens 32 \
+        --max-len 1024 2>&1 | last_progress | tee -a "$out/tp.log" || status=1 ;;
     tests)
       # GPU_TESTS: test files to run (default: all).
       # The soak has its own section.

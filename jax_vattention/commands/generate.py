@@ -53,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
     parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the compiling one (default 3)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel degree: the model and the cache split over the first TP devices "
+                             "(default 1)")
 
 
 def _check_arguments(args: argparse.Namespace) -> tuple[str, str]:
@@ -64,6 +67,10 @@ def _check_arguments(args: argparse.Namespace) -> tuple[str, str]:
         raise ValueError("give either --chat or --prompt")
     if not args.prompt and args.prompt_len < 1:
         raise ValueError(f"--prompt-len must be at least 1; got {args.prompt_len}")
+    if args.tp < 1 or args.tp > len(jax.devices()):
+        raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {args.tp}")
+    if args.tp > 1 and args.chat is not None:
+        raise ValueError("--chat runs on one device: leave out --tp")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature and --top-k must be at least 0 and --top-p in (0, 1]")
     device = jax.devices()[0]
@@ -89,16 +96,18 @@ def _check_budget(manager, prompts: list[list[int]], max_new_tokens: int) -> Non
 
 def pages_needed(manager, lengths: list[int]) -> int:
     """Whole pages that requests of ``lengths`` tokens hold, over every buffer of the cache."""
-    config = manager.config
-    return sum(-(-n * config.token_bytes // manager.page_bytes) for n in lengths) * config.num_buffers
+    shards = getattr(manager, "managers", [manager])  # a tensor-parallel manager: one per device
+    return sum(sum(-(-n * shard.config.token_bytes // shard.page_bytes) for n in lengths) * shard.config.num_buffers
+               for shard in shards)
 
 
-def _open_manager(cache_config):
-    """A :class:`CacheManager`, or ``ValueError`` when the device cannot hold its buffers."""
+def _open_manager(cache_config, mesh=None):
+    """A :class:`CacheManager` (a ``ShardedCacheManager`` over ``mesh``), or ``ValueError`` when the
+    device cannot hold its buffers."""
     import jax_vattention as jv
 
     try:
-        return jv.CacheManager(cache_config)
+        return jv.CacheManager(cache_config) if mesh is None else jv.ShardedCacheManager(cache_config, mesh)
     except (jax.errors.JaxRuntimeError, jv.DriverError) as error:
         if isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" not in str(error):
             raise
@@ -143,7 +152,7 @@ def memory_report(manager, prompts: list[list[int]], outputs: list[list[int]]) -
              f"{config.max_batch} x {config.max_len} tokens holds {_mib(static)} "
              f"({mapped / static:.1%} of it mapped); the live tokens need {_mib(live)}"]
     if least * page > live * 2:
-        per_page = page // config.token_bytes
+        per_page = page // getattr(manager, "shard_config", config).token_bytes
         line = (f"pages are {_page(page)}: these {len(prompts)} requests (up to {max(lengths)} tokens) need at "
                 f"least {least} pages ({_mib(least * page)}), one in each of the {config.num_buffers} buffers "
                 f"per request, and a page holds {per_page:,} tokens of a buffer")
@@ -190,10 +199,16 @@ def run(args: argparse.Namespace) -> int:
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, backend=backend)
         print(f"model: {loaded.source}; {config.num_layers} layers, {config.dtype}; device: {jax.devices()[0]}; "
               f"{layout} cache, backend: {backend}")
-        with _open_manager(cache_config) as manager:
+        model, mesh, generate = loaded.model, None, generate_in_manager
+        if args.tp > 1:
+            from jax_vattention.tensor_parallel import generate_tp_in_manager, shard_model, tp_mesh
+            mesh = tp_mesh(args.tp)
+            model, generate = shard_model(loaded.model, mesh), generate_tp_in_manager
+            print(f"tensor parallel over {args.tp} devices: {', '.join(map(str, mesh.devices.flat))}")
+        with _open_manager(cache_config, mesh) as manager:
             _check_budget(manager, prompts, args.max_new_tokens)
             started = time.perf_counter()
-            first = generate_in_manager(loaded.model, manager, prompts, seed=args.seed, **options)
+            first = generate(model, manager, prompts, seed=args.seed, **options)
             compile_seconds = time.perf_counter() - started
             memory = memory_report(manager, prompts, first.tokens)
             tokens = 0
@@ -201,8 +216,7 @@ def run(args: argparse.Namespace) -> int:
             with tqdm(range(args.rounds), desc="generate", unit="round") as bar:
                 for round_index in bar:
                     started = time.perf_counter()
-                    result = generate_in_manager(loaded.model, manager, prompts, seed=args.seed + 1 + round_index,
-                                                 **options)
+                    result = generate(model, manager, prompts, seed=args.seed + 1 + round_index, **options)
                     seconds += time.perf_counter() - started
                     tokens += sum(len(t) for t in result.tokens)
                     bar.set_postfix(tokens_per_s=f"{tokens / seconds:,.0f}")
