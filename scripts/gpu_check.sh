@@ -35,7 +35,7 @@ last_progress() { awk '/it\/s\]$|s\/it\]$|\?it\/s\]$/ { last = $0; next } { prin
 for section in $sections; do
   case "$section" in
     tp)
-      timeout 420 "$python" -X faulthandler -m pytest -m gpu -q -s -p no:cacheprovider --rootdir "$tests" \
+      timeout 320 "$python" -X faulthandler -m pytest -m gpu -q -s -p no:cacheprovider --rootdir "$tests" \
         "$tests/test_gpu_tensor_parallel.py" 2>&1 | tee "$out/tp.log" || status=1
       timeout 90 "$python" -m jax_vattention.cli generate --tp 2 --batch 8 --rounds 2 --max-new-tokens 32 \
         --max-len 1024 2>&1 | last_progress | tee -a "$out/tp.log" || status=1 ;;
