@@ -59,7 +59,7 @@ for section in $sections; do
         for layout in ${SERVE_LAYOUTS:-per_layer interleaved}; do
           timeout 240 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --requests 64 --rate 40 \
             --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 1536 \
-            --chunk-steps 16 --max-prefill-batch 4 --layout "$layout" --out "/tmp/serve_$layout" 2>&1 \
+            --layout "$layout" --out "/tmp/serve_$layout" 2>&1 \
             | tr '\r' '\n' | last_progress || rc=1
           cp "/tmp/serve_$layout/mapped_memory.png" "$out/serve_$layout.png" 2>/dev/null || true
         done; exit $rc ) | tee "$out/serve.log" || status=1 ;;

@@ -1,9 +1,8 @@
 """``vattention generate --chat "question"``: one question through the model's chat template, the
 answer printed as it is generated.
 
-The answer streams through the :class:`~jax_vattention.engine.Engine`: each engine step runs one
-compiled decode chunk (``chunk_steps`` tokens), and the text of the tokens so far is printed as
-the chunk's tokens arrive. Text is decoded from all the answer's tokens each time and only the new
+The answer streams through the :class:`~jax_vattention.engine.Engine`: each engine step decodes
+one token, and the text of the tokens so far is printed as they arrive. Text is decoded from all the answer's tokens each time and only the new
 suffix is printed, so a character split over several byte-level tokens comes out whole.
 """
 
@@ -12,9 +11,6 @@ from __future__ import annotations
 import sys
 import time
 from typing import TextIO
-
-# tokens per compiled decode chunk: how often the printed answer grows
-CHAT_CHUNK_STEPS = 4
 
 
 def chat_prompt(tokenizer, question: str) -> list[int]:
@@ -47,8 +43,8 @@ def stream_chat(model, tokenizer, question: str, *, stop_tokens: tuple[int, ...]
     cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=1, max_len=max_len,
                                   kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                                   dtype=config.jnp_dtype, layout=layout)
-    engine_config = EngineConfig(chunk_steps=CHAT_CHUNK_STEPS, max_prefill_batch=1, backend=backend,
-                                 max_stop_tokens=max(1, len(stop_tokens)), seed=seed)
+    # Each engine step decodes one token, so the printed answer grows token by token.
+    engine_config = EngineConfig(backend=backend, max_stop_tokens=max(1, len(stop_tokens)), seed=seed)
     answer: list[int] = []
     shown = ""
     started = time.perf_counter()
