@@ -37,6 +37,9 @@ def main(argv=None) -> int:
     parser.add_argument("--preempt", type=float, default=0.2, help="chance of a preemption per engine step")
     parser.add_argument("--max-prompt", type=int, default=40, help="longest prompt (fewer compiles when short)")
     args = parser.parse_args(argv)
+    # Requests are compared token for token with running alone, in float32: on a GPU, XLA's default
+    # float32 matmuls round their inputs to TF32, whose result depends on the batch around a row.
+    jax.config.update("jax_default_matmul_precision", "highest")
 
     device = jax.devices(args.device)[0]
     rng = np.random.default_rng(args.seed)
