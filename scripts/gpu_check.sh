@@ -43,7 +43,7 @@ for section in $sections; do
       # GPU_TESTS: test files to run (default: all).
       # The soak has its own section.
       timeout 400 "$python" -X faulthandler -m pytest -m gpu -q -p no:cacheprovider --rootdir "$tests" \
-        --deselect "$tests/test_soak.py::test_gpu_soak_of_twenty_thousand_decode_steps" \
+        --deselect test_soak.py::test_gpu_soak_of_twenty_thousand_decode_steps \
         $(for file in ${GPU_TESTS:-.}; do echo "$tests/$file"; done) \
         2>&1 | tee "$out/gpu_tests.log" || status=1 ;;
     alloc)
