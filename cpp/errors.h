@@ -2,7 +2,9 @@
 // Python exception of its own in the bindings.
 #pragma once
 
+#include <exception>
 #include <stdexcept>
+#include <string>
 
 namespace vattention {
 
@@ -27,5 +29,16 @@ class ManagerPoisoned : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
 };
+
+// The message of a caught exception, for an error that reports what failed before it.
+inline std::string error_message(const std::exception_ptr& error) {
+  try {
+    std::rethrow_exception(error);
+  } catch (const std::exception& e) {
+    return e.what();
+  } catch (...) {
+    return "an unknown error";
+  }
+}
 
 }  // namespace vattention

@@ -23,16 +23,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string message(const std::exception_ptr& error) {
-  try {
-    std::rethrow_exception(error);
-  } catch (const std::exception& e) {
-    return e.what();
-  } catch (...) {
-    return "an unknown error";
-  }
-}
-
 }  // namespace
 
 PageManager::Checkpoint PageManager::checkpoint() const {
@@ -120,7 +110,7 @@ void PageManager::map_up_to(std::size_t slot, std::size_t target) {
     const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
     if (!undo.empty()) {
       poison("mapping pages " + std::to_string(first) + ".." + std::to_string(target - 1) + " of slot " +
-             std::to_string(slot) + " failed (" + message(error) + ") and unmapping what was mapped failed too (" +
+             std::to_string(slot) + " failed (" + error_message(error) + ") and unmapping what was mapped failed too (" +
              undo + ")");
     }
     std::rethrow_exception(error);
@@ -174,7 +164,7 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
       }
       state.pages.pop_back();
       poison("unmapping page " + std::to_string(page) + " of slot " + std::to_string(slot) + " failed (" +
-             message(error) + ") and mapping it back failed too (" + undo + ")");
+             error_message(error) + ") and mapping it back failed too (" + undo + ")");
     }
     std::rethrow_exception(error);
   }

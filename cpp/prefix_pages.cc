@@ -21,16 +21,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string describe(const std::exception_ptr& error) {
-  try {
-    std::rethrow_exception(error);
-  } catch (const std::exception& e) {
-    return e.what();
-  } catch (...) {
-    return "an unknown error";
-  }
-}
-
 }  // namespace
 
 std::size_t PageManager::tokens_per_page() const {
@@ -113,7 +103,7 @@ void PageManager::map_cached(std::size_t slot, const std::vector<PrefixKey>& key
     const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);  // the cache keeps them
     if (!undo.empty()) {
       poison("mapping cached pages " + std::to_string(first) + ".." + std::to_string(last - 1) + " into slot " +
-             std::to_string(slot) + " failed (" + describe(error) + ") and unmapping what was mapped failed too (" +
+             std::to_string(slot) + " failed (" + error_message(error) + ") and unmapping what was mapped failed too (" +
              undo + ")");
     }
     std::rethrow_exception(error);

@@ -8,19 +8,7 @@ import pytest
 from jax_vattention import _core
 from jax_vattention._core import DriverError, NoFreeSlotError, OutOfPagesError
 
-MiB = 1 << 20
-PAGE = 2 * MiB
-TOKEN = 64 * 1024        # 32 tokens per page
-CAPACITY = 128           # 4 pages per slot
-LAYERS = 2
-BUFFERS = 2 * LAYERS
-
-
-def make(max_batch=3, budget_pages=1000, driver=None):
-    driver = driver or _core.FakeDriver(PAGE)
-    manager = _core.PageManager(BUFFERS, max_batch, CAPACITY, TOKEN, PAGE, driver, budget_pages * PAGE)
-    manager.reserve_buffers()
-    return manager, driver
+from fake_checks import BUFFERS, CAPACITY, MiB, PAGE, TOKEN, make
 
 
 def snapshot(manager, driver):
