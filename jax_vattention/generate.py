@@ -193,6 +193,75 @@ def check_prompts(prompts: Sequence[Sequence[int]], *, max_batch: int, max_len: 
     return lengths, new_tokens
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedRequest:
+    """The host side of one :func:`generate` call: the checked request and the loop's padded inputs.
+
+    ``slots``, ``lengths``, ``new_tokens`` are int32 ``[count]``; ``arrays`` are the traced arguments
+    of the generation loop after the model state and the cache (prompts ``[B, P]``, then the per-row
+    lengths, slots, max_new_tokens, stop table, temperature, top_k, top_p, and the key).
+    """
+
+    slots: np.ndarray
+    lengths: np.ndarray
+    new_tokens: np.ndarray
+    arrays: tuple
+
+
+def prepare_request(model, cache: KVCache, prompts, *, slots, max_len, max_new_tokens, stop_tokens,
+                    temperature, top_k, top_p, seed) -> PreparedRequest:
+    """Checks a request against the model and the cache and pads it to its batch and prompt buckets.
+
+    Raises ``ValueError`` for a cache that does not fit the model, a bad prompt (see
+    :func:`check_prompts`) or bad slots.
+    """
+    max_batch, capacity = cache.max_batch, cache.capacity
+    max_len = capacity if max_len is None else min(max_len, capacity)
+    config = model.config
+    expected = (config.num_layers, config.num_kv_heads, config.head_dim)
+    have = (cache.num_layers, *cache.k[0].shape[-2:])
+    if have != expected:
+        raise ValueError(f"the cache has (layers, kv_heads, head_dim) = {have}; the model needs {expected}")
+    lengths, new_tokens = check_prompts(prompts, max_batch=max_batch, max_len=max_len,
+                                        vocab_size=model.config.vocab_size,
+                                        max_new_tokens=max_new_tokens)
+    count = len(prompts)
+    slot_ids = np.arange(count, dtype=np.int32) if slots is None else np.asarray(slots, np.int32)
+    if slot_ids.shape != (count,) or len(set(slot_ids.tolist())) != count:
+        raise ValueError(f"slots must be {count} distinct slot ids; got {list(slot_ids)}")
+    if slot_ids.min() < 0 or slot_ids.max() >= max_batch:
+        raise ValueError(f"slots must lie in [0, {max_batch}); got {list(slot_ids)}")
+
+    rows = batch_bucket(count, max_batch)
+    width = prompt_bucket(int(lengths.max()), capacity)
+    padded = np.zeros((rows, width), np.int32)
+    for i, prompt in enumerate(prompts):
+        padded[i, :len(prompt)] = prompt
+
+    def pad(values, fill):
+        return np.concatenate([values, np.full((rows - count, *values.shape[1:]), fill, values.dtype)])
+
+    arrays = (jnp.asarray(padded), jnp.asarray(pad(lengths, 0)), jnp.asarray(pad(slot_ids, max_batch)),
+              jnp.asarray(pad(new_tokens, 0)), jnp.asarray(pad(_stop_table(stop_tokens, count), -1)),
+              jnp.asarray(pad(_per_prompt(temperature, count, "temperature", np.float32), 0)),
+              jnp.asarray(pad(_per_prompt(top_k, count, "top_k", np.int32), 0)),
+              jnp.asarray(pad(_per_prompt(top_p, count, "top_p", np.float32), 1)),
+              jax.random.key(seed))
+    return PreparedRequest(slots=slot_ids, lengths=lengths, new_tokens=new_tokens, arrays=arrays)
+
+
+def unpack_results(outputs, count: int, return_logits: bool) -> tuple["GenerationResult", KVCache]:
+    """The :class:`GenerationResult` of the first ``count`` rows of the loop's outputs, and the cache."""
+    out_tokens, out_logits, generated, cache = outputs
+    out_tokens, generated = np.asarray(out_tokens), np.asarray(generated)
+    tokens = [out_tokens[i, :generated[i]].tolist() for i in range(count)]
+    logits = None
+    if return_logits:
+        out_logits = np.asarray(out_logits)
+        logits = [out_logits[i, :generated[i]] for i in range(count)]
+    return GenerationResult(tokens=tokens, logits=logits), cache
+
+
 def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
              slots: Sequence[int] | None = None, max_len: int | None = None,
              max_new_tokens: int | Sequence[int] = 32, stop_tokens=None,
@@ -234,56 +303,21 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
                               dtype=jnp.float32)
         result, cache = generate(model, cache, [[5, 6, 7], [8, 9]], max_new_tokens=10)
     """
-    max_batch, capacity = cache.max_batch, cache.capacity
-    max_len = capacity if max_len is None else min(max_len, capacity)
     backend = resolve_backend(backend, cache)
-    config = model.config
-    expected = (config.num_layers, config.num_kv_heads, config.head_dim)
-    have = (cache.num_layers, *cache.k[0].shape[-2:])
-    if have != expected:
-        raise ValueError(f"the cache has (layers, kv_heads, head_dim) = {have}; the model needs {expected}")
-    lengths, new_tokens = check_prompts(prompts, max_batch=max_batch, max_len=max_len,
-                                        vocab_size=model.config.vocab_size,
-                                        max_new_tokens=max_new_tokens)
-    count = len(prompts)
-    slot_ids = np.arange(count, dtype=np.int32) if slots is None else np.asarray(slots, np.int32)
-    if slot_ids.shape != (count,) or len(set(slot_ids.tolist())) != count:
-        raise ValueError(f"slots must be {count} distinct slot ids; got {list(slot_ids)}")
-    if slot_ids.min() < 0 or slot_ids.max() >= max_batch:
-        raise ValueError(f"slots must lie in [0, {max_batch}); got {list(slot_ids)}")
-
-    rows = batch_bucket(count, max_batch)
-    width = prompt_bucket(int(lengths.max()), capacity)
-    padded = np.zeros((rows, width), np.int32)
-    for i, prompt in enumerate(prompts):
-        padded[i, :len(prompt)] = prompt
-
-    def pad(values, fill):
-        return np.concatenate([values, np.full((rows - count, *values.shape[1:]), fill, values.dtype)])
-
+    request = prepare_request(model, cache, prompts, slots=slots, max_len=max_len,
+                              max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     manager = manager_for(cache)
     if manager is not None:
         manager.check_cache(cache)
-        check_slots(manager, slot_ids, lengths)
-        manager.reserve_growth(int(new_tokens.max()) - 1)  # the loop's growth; OutOfPagesError if short
+        check_slots(manager, request.slots, request.lengths)
+        manager.reserve_growth(int(request.new_tokens.max()) - 1)  # the loop's growth; OutOfPagesError if short
 
     graphdef, state = nnx.split(model)
     with mapping_failures(manager, cache, "generate"):
-        out_tokens, out_logits, generated, cache = generate_fn(graphdef, backend, return_logits)(
-            state, cache, jnp.asarray(padded), jnp.asarray(pad(lengths, 0)),
-            jnp.asarray(pad(slot_ids, max_batch)), jnp.asarray(pad(new_tokens, 0)),
-            jnp.asarray(pad(_stop_table(stop_tokens, count), -1)),
-            jnp.asarray(pad(_per_prompt(temperature, count, "temperature", np.float32), 0)),
-            jnp.asarray(pad(_per_prompt(top_k, count, "top_k", np.int32), 0)),
-            jnp.asarray(pad(_per_prompt(top_p, count, "top_p", np.float32), 1)),
-            jax.random.key(seed))
-        out_tokens, generated = np.asarray(out_tokens), np.asarray(generated)
-        out_logits = np.asarray(out_logits) if return_logits else None
-    tokens = [out_tokens[i, :generated[i]].tolist() for i in range(count)]
-    logits = None
-    if return_logits:
-        logits = [out_logits[i, :generated[i]] for i in range(count)]
-    return GenerationResult(tokens=tokens, logits=logits), cache
+        outputs = generate_fn(graphdef, backend, return_logits)(state, cache, *request.arrays)
+        result, cache = unpack_results(outputs, len(prompts), return_logits)
+    return result, cache
 
 
 def generate_in_manager(model, manager, prompts: Sequence[Sequence[int]], *,

@@ -26,7 +26,6 @@ import functools
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -155,54 +154,22 @@ def generate_tp(model, cache: KVCache, prompts: Sequence[Sequence[int]], *, max_
     if manager.axis != axis:
         raise ValueError(f"the model is split over axis {axis!r} but the cache over {manager.axis!r}")
     manager.check_cache(cache)
-    config = model.config
-    expected = (config.num_layers, config.num_kv_heads, config.head_dim)
-    have = (cache.num_layers, *cache.k[0].shape[-2:])
-    if have != expected:
-        raise ValueError(f"the cache has (layers, kv_heads, head_dim) = {have}; the model needs {expected}")
-    max_batch, capacity = cache.max_batch, cache.capacity
-    max_len = capacity if max_len is None else min(max_len, capacity)
     backend = resolve_backend(backend, cache)
-    lengths, new_tokens = generation.check_prompts(prompts, max_batch=max_batch, max_len=max_len,
-                                                   vocab_size=config.vocab_size, max_new_tokens=max_new_tokens)
-    count = len(prompts)
-    slot_ids = np.arange(count, dtype=np.int32) if slots is None else np.asarray(slots, np.int32)
-    if slot_ids.shape != (count,) or len(set(slot_ids.tolist())) != count:
-        raise ValueError(f"slots must be {count} distinct slot ids; got {list(slot_ids)}")
-    if slot_ids.min() < 0 or slot_ids.max() >= max_batch:
-        raise ValueError(f"slots must lie in [0, {max_batch}); got {list(slot_ids)}")
-    rows = generation.batch_bucket(count, max_batch)
-    width = generation.prompt_bucket(int(lengths.max()), capacity)
-    padded = np.zeros((rows, width), np.int32)
-    for i, prompt in enumerate(prompts):
-        padded[i, :len(prompt)] = prompt
-
-    def pad(values, fill):
-        return np.concatenate([values, np.full((rows - count, *values.shape[1:]), fill, values.dtype)])
-
-    check_slots(manager, slot_ids, lengths)
-    manager.reserve_growth(int(new_tokens.max()) - 1)
+    request = generation.prepare_request(model, cache, prompts, slots=slots, max_len=max_len,
+                                         max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
+                                         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    check_slots(manager, request.slots, request.lengths)
+    manager.reserve_growth(int(request.new_tokens.max()) - 1)
 
     graphdef, state = nnx.split(model)
     cache_spec = manager._spec
     cache_specs = cache.replace(k=(cache_spec,) * len(cache.k), v=(cache_spec,) * len(cache.v))
     fn = _sharded_generate_fn(graphdef, backend, return_logits, manager.mesh,
                               _hashable_specs(param_specs(state, axis)), cache_specs)
-    per_prompt = generation._per_prompt
     with mapping_failures(manager, cache, "generate_tp"):
-        out_tokens, out_logits, generated, cache = fn(
-            state, cache, jnp.asarray(padded), jnp.asarray(pad(lengths, 0)),
-            jnp.asarray(pad(slot_ids, max_batch)), jnp.asarray(pad(new_tokens, 0)),
-            jnp.asarray(pad(generation._stop_table(stop_tokens, count), -1)),
-            jnp.asarray(pad(per_prompt(temperature, count, "temperature", np.float32), 0)),
-            jnp.asarray(pad(per_prompt(top_k, count, "top_k", np.int32), 0)),
-            jnp.asarray(pad(per_prompt(top_p, count, "top_p", np.float32), 1)),
-            jax.random.key(seed))
-        out_tokens, generated = np.asarray(out_tokens), np.asarray(generated)
-        out_logits = np.asarray(out_logits) if return_logits else None
-    tokens = [out_tokens[i, :generated[i]].tolist() for i in range(count)]
-    logits = [out_logits[i, :generated[i]] for i in range(count)] if return_logits else None
-    return generation.GenerationResult(tokens=tokens, logits=logits), cache
+        outputs = fn(state, cache, *request.arrays)
+        result, cache = generation.unpack_results(outputs, len(prompts), return_logits)
+    return result, cache
 
 
 def generate_tp_in_manager(model, manager, prompts: Sequence[Sequence[int]], *,
