@@ -73,6 +73,7 @@ def test_stream_marks_each_requests_last_token(model):
     dict(overlap=True, deferred_reclamation=False, eager_allocation=True),
     dict(overlap=True, deferred_reclamation=True, eager_allocation=False),
     dict(overlap=False, deferred_reclamation=False, eager_allocation=False),
+    dict(pipeline=False),
 ])
 def test_policies_do_not_change_tokens(model, policies):
     requests = random_requests(6, seed=2)

@@ -107,7 +107,8 @@ class Scheduler:
         when memory is short (back-pressure: admission stops there). It is asked only while a
         slot is free and the step has room for a chunk.
         """
-        decodes = tuple(s for s in self.running.values() if s.prefilled)
+        # A request whose last token is in flight (``remaining`` 0) waits for it, holding its slot.
+        decodes = tuple(s for s in self.running.values() if s.prefilled and s.remaining > 0)
         room = self.token_budget - len(decodes)
         rows = self.chunk_rows
         chunks: list[Chunk] = []
