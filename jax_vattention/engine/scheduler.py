@@ -126,6 +126,8 @@ class Scheduler:
             if not state.prefilled:
                 take(state)
         while self.waiting and room > 0 and rows > 0 and len(self.running) < self.max_batch:
+            if self.waiting[0].in_flight:
+                break  # preempted with a token in flight: its context is complete once that is read
             slot = admit(self.waiting[0])
             if slot is None:
                 break
