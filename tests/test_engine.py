@@ -144,10 +144,10 @@ def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
     from jax_vattention.cli import main
     assert main(["serve-bench", "--requests", "12", "--rate", "200", "--max-batch", "4", "--max-len", "256",
                  "--prompt-len", "8", "40", "--output-len", "4", "24", "--budget-mib", "2", "--page-kib", "64",
-                 "--out", str(tmp_path)]) == 0
+                 "--profile", "--out", str(tmp_path)]) == 0
     report = capsys.readouterr().out
     for line in ("warm-up", "throughput", "time per output token", "first-token latency", "pages mapped",
-                 "mapping time", "preemptions"):
+                 "mapping time", "preemptions", "pipeline=on", "profile: no device kernel events"):
         assert line in report
     rows = (tmp_path / "mapped_memory.csv").read_text().splitlines()
     assert rows[0] == "seconds,mapped_mib" and len(rows) > 2

@@ -109,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="folder for the trace (Perfetto JSON, open it at ui.perfetto.dev)")
 
 
-def _trace_file(folder: pathlib.Path) -> pathlib.Path | None:
+def trace_file(folder: pathlib.Path) -> pathlib.Path | None:
+    """The trace JSON the profiler wrote under ``folder`` (the newest), or None."""
     found = sorted(folder.rglob("*.trace.json.gz")) or sorted(folder.rglob("perfetto_trace.json.gz"))
     return found[-1] if found else None
 
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
         if manager is not None:
             manager.cache = cache
             manager.close()
-    path = _trace_file(folder)
+    path = trace_file(folder)
     kernels = device_kernels(json.loads(gzip.open(path).read())) if path else []
     step_ms = wall * 1e3 / args.steps
     print(f"step {step_ms:.3f} ms (wall, traced), backend {backend}; trace: {path or 'none written'}")

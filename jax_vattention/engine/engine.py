@@ -183,7 +183,9 @@ class Engine:
         self._admit_error: Exception | None = None
         self._key = jax.random.key(config.seed)
         self._in_flight: _InFlight | None = None     # the step dispatched and not yet read
-        self._no_tokens = self.runner.no_tokens()
+        # Committed to the cache's device like every step's tokens, so that the step compiled with
+        # these "no previous tokens" is the one every later step reuses.
+        self._no_tokens = jax.device_put(self.runner.no_tokens(), manager.cache.k[0].sharding)
         self._last_read = 0.0                         # when the host last finished reading a step
         self._undelivered: list[TokenEvent] = []      # failures the next step streams
 
