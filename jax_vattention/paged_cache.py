@@ -273,11 +273,14 @@ def paged_cudnn_attention(q, k_pool, v_pool, block_table, lengths):
 
 
 def pallas_paged_config(max_blocks: int, block_size: int) -> dict:
-    """``k_splits`` and ``pages_per_compute_block`` for Pallas' paged kernel, which needs both to
-    divide the blocks per slot: up to 16 splits of a slot, compute blocks of up to 128 tokens."""
-    k_splits = math.gcd(16, max_blocks)
-    return dict(k_splits=k_splits,
-                pages_per_compute_block=math.gcd(max(1, 128 // block_size), max_blocks // k_splits))
+    """How Pallas' paged kernel is called for slots of ``max_blocks`` blocks: ``k_splits`` (16 splits
+    of each slot, so that a small batch still fills the GPU), ``pages_per_compute_block`` (compute
+    blocks of about 128 tokens) and ``table_blocks``, the block table's width padded to a multiple
+    of both, which the kernel requires (the padding is never read: it stops at each length)."""
+    pages_per_compute_block = max(1, 128 // block_size)
+    multiple = 16 * pages_per_compute_block
+    return dict(k_splits=16, pages_per_compute_block=pages_per_compute_block,
+                table_blocks=-(-max_blocks // multiple) * multiple)
 
 
 def paged_pallas_attention(q, k_pool, v_pool, block_table, lengths):
@@ -288,6 +291,7 @@ def paged_pallas_attention(q, k_pool, v_pool, block_table, lengths):
 
     head_dim = q.shape[-1]
     config = pallas_paged_config(block_table.shape[1], k_pool.shape[2])
+    table = jnp.pad(block_table, ((0, 0), (0, config.pop("table_blocks") - block_table.shape[1])))  # [B, M']
     scaled = (q.astype(jnp.float32) * head_dim ** -0.5).astype(q.dtype)  # the kernel has no scale argument
-    return paged_attention(scaled, k_pool, v_pool, block_table, lengths, interpret=jax.default_backend() != "gpu",
+    return paged_attention(scaled, k_pool, v_pool, table, lengths, interpret=jax.default_backend() != "gpu",
                            **config)

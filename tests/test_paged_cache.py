@@ -170,3 +170,19 @@ def test_the_models_decode_through_a_paged_cache_gives_the_virtual_caches_tokens
         _, tokens = decode(model, paged, backend, batch, context, steps)
         np.testing.assert_array_equal(tokens, virtual, err_msg=backend)
     assert (virtual >= 0).all()
+
+
+def test_bench_decode_runs_the_paged_rows_through_the_reference_off_a_gpu(tmp_path, capsys):
+    from jax_vattention.cli import main
+    assert main(["bench", "decode", "--batch", "2", "--context", "16", "--steps", "2", "--repeats", "1",
+                 "--modes", "virtual_per_layer", "paged_cudnn", "paged_pallas", "--block-size", "8",
+                 "--out", str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    rows = [line.split(",") for line in (tmp_path / "decode.csv").read_text().splitlines()]
+    header = rows[0]
+    rows = [dict(zip(header, row)) for row in rows[1:]]
+    assert [(r["mode"], r["backend"], r["block_size"]) for r in rows] == [
+        ("virtual_per_layer", "blocked", ""), ("paged_cudnn", "xla", "8"), ("paged_pallas", "xla", "8")]
+    assert all(float(r["step_ms"]) > 0 and float(r["vs_best_paged"]) > 0 for r in rows)
+    assert max(float(r["vs_best_paged"]) for r in rows if r["mode"].startswith("paged")) == 1.0
+    assert "virtual / best paged" in report and "batch    2 context     16: virtual_per_layer" in report
