@@ -202,10 +202,16 @@ class PagedKVCache:
         if backend == "xla":
             k, v = self.gather(layer, slots)
             return xla_attention(q, k, v, q_positions.astype(jnp.int32), lengths)
-        table = self.block_table[jnp.clip(slots, 0, self.max_batch - 1)]  # [B, M]
+        # The kernels read every slot's row of the table (cuDNN requires the whole pool to be in it):
+        # the queries go to their slots' rows and come back, as in jax_vattention.attention.attend.
         kernel = paged_cudnn_attention if backend == "cudnn" else paged_pallas_attention
-        out = kernel(q[:, 0].astype(self.k[layer].dtype), self.k[layer], self.v[layer], table, lengths)  # [B, N, H]
-        return jnp.where((lengths > 0)[:, None, None], out, 0)[:, None].astype(q.dtype)  # [B, 1, N, H]
+        dtype = self.k[layer].dtype
+        full_q = jnp.zeros((self.max_batch, *q.shape[2:]), dtype).at[slots].set(
+            q[:, 0].astype(dtype), mode="drop")  # [S, N, H]
+        full_lengths = jnp.zeros((self.max_batch,), jnp.int32).at[slots].set(lengths, mode="drop")  # [S]
+        out = kernel(full_q, self.k[layer], self.v[layer], self.block_table, full_lengths)  # [S, N, H]
+        out = jnp.where((full_lengths > 0)[:, None, None], out, 0)  # [S, N, H]; cuDNN's empty rows read a key
+        return out.at[slots].get(mode="fill", fill_value=0)[:, None].astype(q.dtype)  # [B, 1, N, H]
 
     def write_and_attend(self, step, layer: int, q: jax.Array, k: jax.Array, v: jax.Array,
                          backend: str) -> tuple[jax.Array, "PagedKVCache"]:

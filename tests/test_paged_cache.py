@@ -186,3 +186,15 @@ def test_bench_decode_runs_the_paged_rows_through_the_reference_off_a_gpu(tmp_pa
     assert all(float(r["step_ms"]) > 0 and float(r["vs_best_paged"]) > 0 for r in rows)
     assert max(float(r["vs_best_paged"]) for r in rows if r["mode"].startswith("paged")) == 1.0
     assert "virtual / best paged" in report and "batch    2 context     16: virtual_per_layer" in report
+
+
+def test_the_kernels_take_rows_in_any_slots_and_padding_rows():
+    rng = np.random.default_rng(5)
+    dense = random_dense(rng, batch=3, capacity=32)
+    paged = PagedKVCache.from_dense(dense, block_size=16, heads_first=True)
+    q = jnp.asarray(rng.standard_normal((2, 1, 4, 16)), jnp.float32)
+    arguments = dict(q_positions=jnp.array([[8], [0]]), kv_lengths=jnp.array([9, 4]), slots=jnp.array([2, 7]))
+    got = paged.attend(0, q, backend="pallas", **arguments)
+    want = paged.attend(0, q, backend="xla", **arguments)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    assert not np.asarray(got[1]).any()
