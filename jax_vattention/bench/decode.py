@@ -173,14 +173,17 @@ def run(args: argparse.Namespace) -> int:
                              dict(card=card, date=today, config=config_name)) for mode in args.modes]
             add_paged_ratio(point)
             rows.extend(point)
+            write_csv(rows, args.out / "decode.csv")  # after every point: a run cut short keeps what it measured
     print(paged_summary(rows))
-    path = args.out / "decode.csv"
+    print(f"CSV: {args.out / 'decode.csv'}" + _plot(rows, args.out / "decode.png", card))
+    return 0
+
+
+def write_csv(rows: list[dict], path: pathlib.Path) -> None:
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"CSV: {path}" + _plot(rows, args.out / "decode.png", card))
-    return 0
 
 
 def measure(model, mode: str, batch: int, context: int, roof: float | None, args, device, fields: dict) -> dict:
