@@ -103,3 +103,22 @@ def test_prefill_goes_to_attend_prompt_for_mosaic_on_either_layout():
         logits, _ = jax.jit(lambda cache: model(tokens, jnp.broadcast_to(jnp.arange(4), (2, 4)), cache,
                                                 backend="mosaic", **arguments))(cache)
     assert seen == ["mosaic"] * config.num_layers and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("tokens, q_heads, kv_heads, head_dim", [(5, 32, 8, 128), (300, 4, 2, 64), (1024, 8, 8, 128)])
+def test_the_installed_kernel_traces_with_the_shapes_and_config_the_wrapper_gives_it(monkeypatch, tokens, q_heads,
+                                                                                    kv_heads, head_dim):
+    """JAX's kernel itself (not a stand-in) accepts what the wrapper passes: its shape and config checks
+    run at trace time, so ``eval_shape`` runs them here without a GPU (its CUDA version query, which needs
+    the CUDA plugin, is stubbed)."""
+    import types
+
+    from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+    if hasattr(attention_mgpu, "cuda_versions"):
+        monkeypatch.setattr(attention_mgpu, "cuda_versions",
+                            types.SimpleNamespace(cuda_runtime_get_version=lambda: 13000))
+    q = jax.ShapeDtypeStruct((2, tokens, q_heads, head_dim), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((2, tokens, kv_heads, head_dim), jnp.bfloat16)
+    out = jax.eval_shape(mosaic_prompt_attention, q, kv, kv)
+    assert out.shape == q.shape and out.dtype == jnp.bfloat16
