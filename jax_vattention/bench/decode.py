@@ -230,7 +230,9 @@ def paged_summary(rows: list[dict]) -> str:
             lines.append(f"  batch {batch:4d} context {context:6d}: {virtual['mode']} {virtual['step_ms']} ms, "
                          f"{paged['mode']} {paged['step_ms']} ms: "
                          f"{float(paged['step_ms']) / float(virtual['step_ms']):.3f}x")
-    return "\n".join(lines) if len(lines) > 1 else "virtual / best paged: not measured (a virtual and a paged mode are needed)"
+    if len(lines) == 1:
+        return "virtual / best paged: not measured (a virtual and a paged mode are needed)"
+    return "\n".join(lines)
 
 
 def _plot(rows, path: pathlib.Path, card: str) -> str:
