@@ -309,8 +309,10 @@ def mosaic_prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel:
     padded = -(-tokens // (2 * MOSAIC_BLOCK_Q)) * (2 * MOSAIC_BLOCK_Q)
     if kernel is None:
         from jax.experimental.pallas.ops.gpu import attention_mgpu
-        config = attention_mgpu.TuningConfig(block_q=MOSAIC_BLOCK_Q, block_kv=128 if padded >= 256 else 64,
-                                             max_concurrent_steps=2, causal=True)
+        # 128-key blocks where they fit: two of K and two of V in shared memory up to head_dim 128.
+        block_kv = 128 if padded >= 256 and head_dim <= 128 else 64
+        config = attention_mgpu.TuningConfig(block_q=MOSAIC_BLOCK_Q, block_kv=block_kv, max_concurrent_steps=2,
+                                             causal=True)
         kernel = functools.partial(attention_mgpu.attention, config=config)
     pad = ((0, 0), (0, padded - tokens), (0, 0), (0, 0))
     scaled = q.astype(jnp.float32) * jnp.float32(head_dim ** -0.5)  # [B, T, N, H]

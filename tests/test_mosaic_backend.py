@@ -105,7 +105,7 @@ def test_prefill_goes_to_attend_prompt_for_mosaic_on_either_layout():
     assert seen == ["mosaic"] * config.num_layers and np.isfinite(np.asarray(logits)).all()
 
 
-@pytest.mark.parametrize("tokens, q_heads, kv_heads, head_dim", [(5, 32, 8, 128), (300, 4, 2, 64), (1024, 8, 8, 128)])
+@pytest.mark.parametrize("tokens, q_heads, kv_heads, head_dim", [(5, 32, 8, 128), (300, 4, 2, 64), (1024, 8, 8, 128), (256, 8, 4, 256)])
 def test_the_installed_kernel_traces_with_the_shapes_and_config_the_wrapper_gives_it(monkeypatch, tokens, q_heads,
                                                                                     kv_heads, head_dim):
     """JAX's kernel itself (not a stand-in) accepts what the wrapper passes: its shape and config checks
