@@ -172,6 +172,7 @@ def test_the_models_decode_through_a_paged_cache_gives_the_virtual_caches_tokens
     assert (virtual >= 0).all()
 
 
+@pytest.mark.slow
 def test_bench_decode_runs_the_paged_rows_through_the_reference_off_a_gpu(tmp_path, capsys):
     from jax_vattention.cli import main
     assert main(["bench", "decode", "--batch", "2", "--context", "16", "--steps", "2", "--repeats", "1",
