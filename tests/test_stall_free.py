@@ -149,5 +149,8 @@ def test_bench_decode_reports_every_mode_and_writes_the_csv(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "NOT A GPU" in report
     rows = (tmp_path / "decode.csv").read_text().splitlines()
-    assert rows[0].startswith("card,date,config,batch,context,mode") and len(rows) == 4
+    assert rows[0].startswith("card,date,config,batch,context,mode") and len(rows) == 6
+    assert [row.split(",")[5] for row in rows[1:]] == ["static", "virtual_per_layer", "virtual_interleaved",
+                                                      "paged_cudnn", "paged_pallas"]
     assert all(float(row.split(",")[7]) > 0 for row in rows[1:])
+    assert "virtual / best paged" in report
