@@ -6,6 +6,10 @@ model once and samples a token per row. Its shapes depend only on the engine's
 configuration: a step with no chunk compiles once with ``R = 0`` rows, a mixed step
 once with all of them, whatever the prompts' lengths (:attr:`StepRunner.traces`
 counts the compilations).
+
+Over a mesh (tensor parallelism) the same step runs inside ``shard_map``: every device
+runs it on its shards of the weights and of the cache, and samples the same tokens
+(see :mod:`jax_vattention.tensor_parallel`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flax import nnx
 from jax_vattention.donation import cache_jit
 from jax_vattention.engine.scheduler import StepPlan
 from jax_vattention.step_batch import StepBatch, model_step
+from jax_vattention.tensor_parallel import CACHE
 
 
 class StepRunner:
@@ -31,16 +36,21 @@ class StepRunner:
     max_batch : decode rows (row ``s`` is slot ``s``)
     chunk_rows, chunk_tokens : the prefill rows of a mixed step and their width
     backend : the attention backend
+    tp : the :class:`~jax_vattention.tensor_parallel.TPSpecs` of a model split over a mesh and
+        its cache (:func:`~jax_vattention.tensor_parallel.for_manager`), or None for one device
     """
 
-    def __init__(self, model, *, max_batch: int, chunk_rows: int, chunk_tokens: int, backend: str):
+    def __init__(self, model, *, max_batch: int, chunk_rows: int, chunk_tokens: int, backend: str, tp=None):
         self.graphdef, self.state = nnx.split(model)
         self.max_batch = max_batch
         self.chunk_rows = chunk_rows
         self.chunk_tokens = chunk_tokens
         self.backend = backend
         self.traces = 0
-        self._step = cache_jit(functools.partial(self._traced, self.graphdef, backend))
+        self.tp = tp
+        body = functools.partial(self._traced, self.graphdef, backend)
+        # batch, temperature, top_k, top_p, key: whole on every device; the tokens come back whole
+        self._step = cache_jit(body) if tp is None else tp.shard_jit(body, 5, (None, CACHE))
 
     def _traced(self, graphdef, backend, state, cache, batch, temperature, top_k, top_p, key):
         self.traces += 1  # runs once per compilation
