@@ -11,7 +11,11 @@ with the in-graph mapping op on a virtual cache) from ``context`` cached tokens 
 Each row gives the step time (median over ``--repeats`` loops, divided by the steps), tokens per
 second, and the roofline: the weights plus the live KV bytes over the device's copy bandwidth
 (measured: a device-to-device memcpy, read plus written), with the step's ratio to it. Off a GPU
-the grid is tiny and the numbers say nothing about a GPU (the report says so). Paged caches
+the grid is tiny and the numbers say nothing about a GPU (the report says so).
+
+``--tp 1 2`` times every point at each tensor-parallel degree (the model made in its shards and a
+:class:`~jax_vattention.ShardedCacheManager` over the first N devices; virtual caches only) and
+prints each degree's step time against TP 1's. Paged caches
 through the model code are not part of this benchmark (``vattention bench attention`` compares
 the paged kernels alone).
 """
@@ -36,12 +40,15 @@ from jax_vattention.cache import KVCache
 from jax_vattention.cli import standalone
 from jax_vattention.config import CacheConfig
 from jax_vattention.engine.steps import decode_chunk_fn
+from jax_vattention.bench.device_memory import weight_bytes_per_device
 from jax_vattention.manager import CacheManager
+from jax_vattention.sharded_manager import ShardedCacheManager
+from jax_vattention.tensor_parallel import check_divisible, init_sharded, sharded_decode_chunk_fn, tp_mesh, tp_specs
 
 MODES = ("static", "virtual_per_layer", "virtual_interleaved")
 GPU_GRID = {"config": "llama-3-8b", "batch": (1, 16, 64), "context": (2048, 8192)}
 CPU_GRID = {"config": "tiny", "batch": (1, 4), "context": (64,)}
-FIELDS = ("card", "date", "config", "batch", "context", "mode", "backend", "step_ms", "tokens_per_s",
+FIELDS = ("card", "date", "config", "tp", "batch", "context", "mode", "backend", "step_ms", "tokens_per_s",
           "roofline_ms", "vs_roofline")
 
 
@@ -54,32 +61,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the memcpy that sets the roofline")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out") / "bench-decode")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1],
+                        help="tensor-parallel degrees to time (default 1); above 1: virtual caches only")
 
 
-def make_cache(mode: str, model_config, batch: int, capacity: int, context: int, device):
-    """The cache of ``mode`` with ``context`` tokens in each of ``batch`` slots; (cache, manager or None)."""
+def make_cache(mode: str, model_config, batch: int, capacity: int, context: int, device, mesh=None):
+    """The cache of ``mode`` with ``context`` tokens in each of ``batch`` slots; (cache, manager or None).
+    Over a ``mesh``: a :class:`ShardedCacheManager`'s (virtual modes only)."""
     dtype = model_config.jnp_dtype
     if mode == "static":
         return KVCache.dense(num_layers=model_config.num_layers, max_batch=batch, capacity=capacity,
                              kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=dtype,
                              device=device), None
     layout = mode.removeprefix("virtual_")
-    manager = CacheManager(CacheConfig(num_layers=model_config.num_layers, max_batch=batch, max_len=capacity,
-                                       kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim,
-                                       dtype=dtype, layout=layout), device)
+    config = CacheConfig(num_layers=model_config.num_layers, max_batch=batch, max_len=capacity,
+                         kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=dtype, layout=layout)
+    manager = CacheManager(config, device) if mesh is None else ShardedCacheManager(config, mesh)
     for _ in range(batch):
         manager.alloc(context)
     return manager.cache, manager
 
 
-def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: int, device):
-    """Median seconds per decode step, and the backend that ran it."""
+def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: int, device, mesh=None):
+    """Median seconds per decode step, and the backend that ran it (over ``mesh``: the model must
+    be split over it)."""
     config = model.config
     capacity = context + (repeats + 2) * steps
-    cache, manager = make_cache(mode, config, batch, capacity, context, device)
+    cache, manager = make_cache(mode, config, batch, capacity, context, device, mesh)
     backend = default_backend("interleaved" if cache.interleaved else "per_layer", device.platform)
     graphdef, state = nnx.split(model)
-    decode = decode_chunk_fn(graphdef, backend, steps)
+    if mesh is None:
+        decode = decode_chunk_fn(graphdef, backend, steps)
+    else:
+        decode = sharded_decode_chunk_fn(graphdef, backend, steps, tp_specs(model, manager))
     lengths = jnp.full((batch,), context, jnp.int32)
     ints = jnp.zeros((batch,), jnp.int32)
     arguments = (ints, lengths, jnp.ones((batch,), bool), ints, jnp.full((batch,), 1 << 30, jnp.int32),
@@ -103,14 +117,15 @@ def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: i
     return statistics.median(seconds), backend
 
 
-def roofline_seconds(model, batch: int, context: int, bandwidth: float | None) -> float | None:
-    """(weights + live KV bytes) / copy bandwidth, or None without a measured bandwidth."""
+def roofline_seconds(model, batch: int, context: int, bandwidth: float | None, tp: int = 1) -> float | None:
+    """(weights + live KV bytes) / copy bandwidth, or None without a measured bandwidth; at ``tp``
+    devices, one device's share of them (the devices read theirs at once)."""
     if not bandwidth:
         return None
-    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
     config = model.config
+    weights = weight_bytes_per_device(config, tp)
     kv = 2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim * \
-        jnp.dtype(config.jnp_dtype).itemsize
+        jnp.dtype(config.jnp_dtype).itemsize // tp
     # The bandwidth counts the copy's bytes read plus written, as the design's roofline does.
     return (weights + kv) / bandwidth
 
@@ -127,24 +142,39 @@ def run(args: argparse.Namespace) -> int:
     print(f"vattention bench decode on {card} ({device.platform}), jax {jax.__version__}, {today}")
     if not on_gpu:
         print("NOT A GPU: a tiny grid on the CPU backend; the numbers say nothing about a GPU")
-    model = Llama(config_for_device(config_name, device), rngs=nnx.Rngs(0))
+    model_config = config_for_device(config_name, device)
+    degrees = list(dict.fromkeys(args.tp))
+    for degree in degrees:
+        if degree < 1 or degree > len(jax.devices()):
+            raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {degree}")
+        check_divisible(model_config, degree)
     bandwidth = copy_ceiling(args.copy_gib) if on_gpu else None
     if bandwidth:
         print(f"device copy: {bandwidth / 1e12:.2f} TB/s (read + written)")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for batch in batches:
-        for context in contexts:
-            roof = roofline_seconds(model, batch, context, bandwidth)
-            for mode in args.modes:
-                step, backend = time_step(model, mode, batch, context, args.steps, args.repeats, device)
-                rows.append(dict(card=card, date=today, config=config_name, batch=batch, context=context, mode=mode,
-                                 backend=backend, step_ms=f"{step * 1e3:.3f}", tokens_per_s=f"{batch / step:.1f}",
-                                 roofline_ms=f"{roof * 1e3:.3f}" if roof else "",
-                                 vs_roofline=f"{step / roof:.3f}" if roof else ""))
-                print(f"batch {batch:4d} context {context:6d} {mode:20s} {backend:8s} {step * 1e3:9.3f} ms/step "
-                      f"{batch / step:10.1f} tok/s" + (f"  roofline {roof * 1e3:.3f} ms ({step / roof:.2f}x)"
-                                                        if roof else ""), flush=True)
+    for degree in degrees:
+        mesh = tp_mesh(degree) if degree > 1 else None
+        modes = [m for m in args.modes if mesh is None or m != "static"]
+        if mesh is not None and len(modes) < len(args.modes):
+            print(f"TP {degree}: the static cache runs at TP 1 only; timing {', '.join(modes)}")
+        model = (Llama(model_config, rngs=nnx.Rngs(0)) if mesh is None
+                 else init_sharded(Llama, model_config, mesh, seed=0))
+        for batch in batches:
+            for context in contexts:
+                roof = roofline_seconds(model, batch, context, bandwidth, degree)
+                for mode in modes:
+                    step, backend = time_step(model, mode, batch, context, args.steps, args.repeats, device, mesh)
+                    rows.append(dict(card=card, date=today, config=config_name, tp=degree, batch=batch,
+                                     context=context, mode=mode, backend=backend, step_ms=f"{step * 1e3:.3f}",
+                                     tokens_per_s=f"{batch / step:.1f}", roofline_ms=f"{roof * 1e3:.3f}" if roof else "",
+                                     vs_roofline=f"{step / roof:.3f}" if roof else ""))
+                    print(f"tp {degree} batch {batch:4d} context {context:6d} {mode:20s} {backend:8s} "
+                          f"{step * 1e3:9.3f} ms/step {batch / step:10.1f} tok/s"
+                          + (f"  roofline {roof * 1e3:.3f} ms ({step / roof:.2f}x)" if roof else ""), flush=True)
+        del model
+    for line in tp_ratios(rows):
+        print(line)
     path = args.out / "decode.csv"
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, FIELDS)
@@ -152,6 +182,19 @@ def run(args: argparse.Namespace) -> int:
         writer.writerows(rows)
     print(f"CSV: {path}" + _plot(rows, args.out / "decode.png", card))
     return 0
+
+
+def tp_ratios(rows: list[dict]) -> list[str]:
+    """Each TP degree's step time over TP 1's at the same point and mode (the issue's target: TP 2
+    at most 0.60x TP 1 for Llama-3-8B, batch 32, context 4K)."""
+    one = {(r["batch"], r["context"], r["mode"]): float(r["step_ms"]) for r in rows if r["tp"] == 1}
+    lines = []
+    for r in rows:
+        base = one.get((r["batch"], r["context"], r["mode"]))
+        if r["tp"] > 1 and base:
+            lines.append(f"TP {r['tp']} / TP 1, batch {r['batch']} context {r['context']} {r['mode']}: "
+                         f"{float(r['step_ms']):.3f} / {base:.3f} ms = {float(r['step_ms']) / base:.3f}x")
+    return lines
 
 
 def _plot(rows, path: pathlib.Path, card: str) -> str:
@@ -164,13 +207,18 @@ def _plot(rows, path: pathlib.Path, card: str) -> str:
     figure, axis = plt.subplots(figsize=(8, 4.5))
     points = sorted({(r["batch"], r["context"]) for r in rows})
     labels = [f"{b}x{c}" for b, c in points]
-    for mode in MODES:
-        values = {(r["batch"], r["context"]): float(r["step_ms"]) for r in rows if r["mode"] == mode}
-        if values:
-            axis.plot(labels, [values.get(p, np.nan) for p in points], marker="o", label=mode)
-    roof = {(r["batch"], r["context"]): float(r["roofline_ms"]) for r in rows if r["roofline_ms"]}
-    if roof:
-        axis.plot(labels, [roof.get(p, np.nan) for p in points], linestyle="--", color="gray", label="roofline")
+    degrees = sorted({r["tp"] for r in rows})
+    for degree in degrees:
+        suffix = f" TP {degree}" if degrees != [1] else ""
+        for mode in MODES:
+            values = {(r["batch"], r["context"]): float(r["step_ms"]) for r in rows
+                      if r["mode"] == mode and r["tp"] == degree}
+            if values:
+                axis.plot(labels, [values.get(p, np.nan) for p in points], marker="o", label=mode + suffix)
+        roof = {(r["batch"], r["context"]): float(r["roofline_ms"]) for r in rows
+                if r["roofline_ms"] and r["tp"] == degree}
+        if roof:
+            axis.plot(labels, [roof.get(p, np.nan) for p in points], linestyle="--", label="roofline" + suffix)
     axis.set_xlabel("batch x context")
     axis.set_ylabel("ms per decode step")
     axis.set_title(f"decode step, {card}, {datetime.date.today()}")
