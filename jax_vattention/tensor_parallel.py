@@ -63,6 +63,11 @@ def check_divisible(config, count: int) -> None:
                              f"{count}: every device must hold the same share")
 
 
+def split_axis(name: str) -> int | None:
+    """The axis a Llama weight named ``name`` (``wq``, ``w_down``, ...) is split on; None: replicated."""
+    return _SPLIT_AXIS.get(name)
+
+
 def param_specs(state: nnx.State, axis: str):
     """The PartitionSpec of every weight in a Llama's ``state``: split per ``_SPLIT_AXIS``, else replicated."""
     def spec(path, value):
