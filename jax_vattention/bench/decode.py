@@ -139,15 +139,15 @@ def run(args: argparse.Namespace) -> int:
     config_name = args.config or grid["config"]
     batches, contexts = args.batch or grid["batch"], args.context or grid["context"]
     card, today = device.device_kind, datetime.date.today().isoformat()
-    print(f"vattention bench decode on {card} ({device.platform}), jax {jax.__version__}, {today}")
-    if not on_gpu:
-        print("NOT A GPU: a tiny grid on the CPU backend; the numbers say nothing about a GPU")
     model_config = config_for_device(config_name, device)
     degrees = list(dict.fromkeys(args.tp))
     for degree in degrees:
         if degree < 1 or degree > len(jax.devices()):
             raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {degree}")
         check_divisible(model_config, degree)
+    print(f"vattention bench decode on {card} ({device.platform}), jax {jax.__version__}, {today}")
+    if not on_gpu:
+        print("NOT A GPU: a tiny grid on the CPU backend; the numbers say nothing about a GPU")
     bandwidth = copy_ceiling(args.copy_gib) if on_gpu else None
     if bandwidth:
         print(f"device copy: {bandwidth / 1e12:.2f} TB/s (read + written)")
