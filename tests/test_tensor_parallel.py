@@ -69,3 +69,26 @@ def test_tensor_parallel_engine_case(engine_outcomes, case):
 @pytest.mark.parametrize("case", SLOW_CASES)
 def test_tensor_parallel_benchmark_case(slow_outcomes, case):
     assert slow_outcomes.get(case) == "OK", slow_outcomes.get(case, f"{case} did not run")
+
+
+class _FakeGpu:
+    platform, device_kind = "gpu", "a GPU of 79 GiB"
+
+
+@pytest.mark.parametrize("count,budget_gib,advice", [(1, 16, "use --tp 4"), (2, 16, "use --tp 4"), (4, 16, None),
+                                                     (8, 16, None), (4, 55, "use --tp 8"), (4, 60, "no degree fits")])
+def test_a_llama_3_70b_shape_is_refused_where_it_cannot_fit(monkeypatch, count, budget_gib, advice):
+    """bf16 70B: 131.4 GiB of weights, 67.7 a device at TP 2; on 79 GiB GPUs with a 16 GiB cache budget
+    it needs TP 4, and the refusal names the smallest degree that fits."""
+    from jax_vattention.bench import device_memory
+    from jax_vattention.models.configs import get_config
+
+    monkeypatch.setattr(device_memory, "free_bytes", lambda device: 79 << 30)
+    config = get_config("llama-3-70b")
+    assert round(device_memory.weight_bytes_per_device(config, 2) / 2**30, 1) == 67.7
+    check = lambda: device_memory.check_fits(config, "llama-3-70b", [_FakeGpu()] * count, budget_gib << 30)  # noqa: E731
+    if advice is None:
+        check()
+    else:
+        with pytest.raises(ValueError, match=advice):
+            check()

@@ -18,20 +18,30 @@ GiB = 1 << 30
 GPU_HEADROOM = 2 * GiB
 
 
-def weight_bytes_per_device(config, count: int) -> int:
-    """Bytes of the weights one device holds when ``config``'s Llama is split over ``count``
-    devices Megatron-style (the split weights' share plus every replicated weight)."""
+def _weight_bytes(config) -> tuple[int, int]:
+    """``(split, replicated)``: bytes of the weights a Megatron-style split divides over the devices,
+    and of those every device holds whole (embeddings, norms, ``lm_head``)."""
     from jax_vattention.models.llama import Llama
     from jax_vattention.tensor_parallel import param_specs
 
     abstract = nnx.state(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     specs = param_specs(abstract, "tp")
-    total = 0
+    split = replicated = 0
     for value, spec in zip(jax.tree_util.tree_leaves(abstract),
                            jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
         size = int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize
-        total += size // count if any(axis is not None for axis in spec) else size
-    return total
+        if any(axis is not None for axis in spec):
+            split += size
+        else:
+            replicated += size
+    return split, replicated
+
+
+def weight_bytes_per_device(config, count: int) -> int:
+    """Bytes of the weights one device holds when ``config``'s Llama is split over ``count``
+    devices Megatron-style (the split weights' share plus every replicated weight)."""
+    split, replicated = _weight_bytes(config)
+    return split // count + replicated
 
 
 def free_bytes(device: jax.Device) -> int:
@@ -42,23 +52,31 @@ def free_bytes(device: jax.Device) -> int:
 
 
 def check_fits(config, name: str, devices: list[jax.Device], budget_bytes: int | None) -> None:
-    """Raises ``ValueError`` (one line) when ``config``'s weights split over ``devices`` plus the cache
+    """Raises ``ValueError`` (one line) when ``config``'s weights split over ``devices``, the cache
     budget per device (``budget_bytes``; None: at least a GiB) and the headroom cannot fit the free
-    memory of the fullest device. GPUs only: a CPU device's memory is the host's."""
-    if devices[0].platform != "gpu":
-        return
+    memory of the fullest GPU. CPU devices share the host's memory: there every device's weights
+    together must fit it (the cache is committed page by page as it is written, so it is not counted)."""
     count = len(devices)
     weights = weight_bytes_per_device(config, count)
+    if devices[0].platform != "gpu":
+        free = free_bytes(devices[0])
+        if weights * count + GPU_HEADROOM > free:
+            raise ValueError(f"{name} ({config.dtype}) over {count} CPU device(s) needs {weights * count / GiB:.1f} "
+                             f"GiB of weights in host memory, but {free / GiB:.1f} GiB is free")
+        return
     cache = budget_bytes if budget_bytes is not None else GiB
     free = min(free_bytes(device) for device in devices)
     needed = weights + cache + GPU_HEADROOM
     if needed > free:
-        more = -(-needed * count // max(free, 1))
+        split, replicated = _weight_bytes(config)
+        fitting = [d for d in range(count + 1, config.num_kv_heads + 1)
+                   if not (config.num_heads % d or config.num_kv_heads % d or config.intermediate_size % d)
+                   and split // d + replicated + cache + GPU_HEADROOM <= free]
+        advice = f"use --tp {fitting[0]}" if fitting else "no degree fits these devices"
         raise ValueError(f"{name} ({config.dtype}) over {count} device(s) needs {weights / GiB:.1f} GiB of weights "
                          f"per device + {cache / GiB:.1f} GiB of cache budget + {GPU_HEADROOM / GiB:.0f} GiB of "
                          f"headroom = {needed / GiB:.1f} GiB, but {free / GiB:.1f} GiB is free on "
-                         f"{devices[0].device_kind}: use --tp {more} or more (heads permitting) or a smaller "
-                         f"--budget-mib")
+                         f"{devices[0].device_kind}: {advice} (or a smaller --budget-mib)")
 
 
 def device_lines(manager, devices: list[jax.Device]) -> list[str]:
