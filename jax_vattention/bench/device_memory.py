@@ -8,6 +8,8 @@ the weights' share per device is known from the config alone.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from flax import nnx
@@ -18,6 +20,7 @@ GiB = 1 << 30
 GPU_HEADROOM = 2 * GiB
 
 
+@functools.lru_cache(maxsize=8)
 def _weight_bytes(config) -> tuple[int, int]:
     """``(split, replicated)``: bytes of the weights a Megatron-style split divides over the devices,
     and of those every device holds whole (embeddings, norms, ``lm_head``)."""
