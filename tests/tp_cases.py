@@ -445,9 +445,38 @@ CASES = ["tokens_tp2_per_layer", "tokens_tp4_interleaved", "random_weights_strai
          "pages_per_device_are_exact", "a_copied_shard_gets_the_donation_error", "bad_meshes_and_head_counts",
          "a_failure_on_a_later_device_poisons_the_group", "cli_generate_tp"]
 
+def serve_tp2() -> None:
+    """``vattention serve --tp 2`` builds its engine over a ShardedCacheManager of the first 2 devices,
+    and that engine answers as ``--tp 1``'s does."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("serve_tp2: no FastAPI/uvicorn here, nothing to check")
+        return
+    from jax_vattention.cli import build_parser
+    from jax_vattention.commands.serve import build_service
+    from jax_vattention.engine import Request
+
+    answers = []
+    for degree in ("1", "2"):
+        service = build_service(build_parser().parse_args(["serve", "--max-len", "128", "--max-batch", "4",
+                                                           "--token-budget", "16", "--chunk-tokens", "8",
+                                                           "--tp", degree]))
+        service.engine_loop.stop()
+        engine = service.engine_loop.engine
+        assert isinstance(engine.manager, jv.ShardedCacheManager) == (degree == "2")
+        ids = [engine.submit(Request(prompt=list(b"Hello, world"), max_new_tokens=8)),
+               engine.submit(Request(prompt=list(range(40, 90)), max_new_tokens=5))]
+        outputs = engine.run()
+        answers.append([outputs[i] for i in ids])
+        engine.manager.close()
+    assert answers[0] == answers[1], answers
+
+
 ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_refuses_a_mismatched_model",
                 "checkpoint_straight_into_shards", "bad_tp_degrees_are_refused_in_one_line"]
-SLOW_CASES = ["serve_bench_tp2", "bench_decode_tp2"]
+SLOW_CASES = ["serve_bench_tp2", "bench_decode_tp2", "serve_tp2"]
 if __name__ == "__main__":
     assert len(jax.devices()) == 4, jax.devices()
     for name in sys.argv[1:] or CASES + ENGINE_CASES + SLOW_CASES:
