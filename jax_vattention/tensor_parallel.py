@@ -10,6 +10,9 @@ vocabulary split would save ``vocab x hidden / N`` per device at the price of a 
 The whole generation loop (:func:`jax_vattention.generate`'s traced body) runs inside
 ``shard_map``: each device runs the mapping op on its own cache shard, and the cache stays in
 place per shard under donation (under plain ``jit`` XLA would gather the sharded cache instead).
+The engine's fixed-shape step (:class:`~jax_vattention.engine.runner.StepRunner`, given a
+:class:`~jax_vattention.ShardedCacheManager`) and the decode benchmark's chunk run the same way:
+:meth:`TPSpecs.shard_jit` is the one place that wraps a traced body for the mesh.
 
 Example::
 
