@@ -356,7 +356,8 @@ def checkpoint_straight_into_shards() -> None:
                                          jax.tree_util.tree_leaves_with_path(nnx.state(sharded))):
                 assert np.array_equal(np.asarray(a), np.asarray(b)), path
             wq = sharded.layers[1].attention.wq[...]
-            assert [s.data.shape for s in wq.addressable_shards] == [(MODEL.hidden_size, 8 // count, MODEL.head_dim)] * count
+            shard = (MODEL.hidden_size, 8 // count, MODEL.head_dim)
+            assert [s.data.shape for s in wq.addressable_shards] == [shard] * count
             wo = sharded.layers[0].attention.wo[...]
             assert wo.addressable_shards[-1].data.shape == (8 // count, MODEL.head_dim, MODEL.hidden_size)
             w_down = sharded.layers[0].mlp.w_down[...]

@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
                     step, backend = time_step(model, mode, batch, context, args.steps, args.repeats, device, mesh)
                     rows.append(dict(card=card, date=today, config=config_name, tp=degree, batch=batch,
                                      context=context, mode=mode, backend=backend, step_ms=f"{step * 1e3:.3f}",
-                                     tokens_per_s=f"{batch / step:.1f}", roofline_ms=f"{roof * 1e3:.3f}" if roof else "",
+                                     tokens_per_s=f"{batch / step:.1f}",
+                                     roofline_ms=f"{roof * 1e3:.3f}" if roof else "",
                                      vs_roofline=f"{step / roof:.3f}" if roof else ""))
                     print(f"tp {degree} batch {batch:4d} context {context:6d} {mode:20s} {backend:8s} "
                           f"{step * 1e3:9.3f} ms/step {batch / step:10.1f} tok/s"

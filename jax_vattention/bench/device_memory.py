@@ -30,8 +30,8 @@ def _weight_bytes(config) -> tuple[int, int]:
     abstract = nnx.state(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
     specs = param_specs(abstract, "tp")
     split = replicated = 0
-    for value, spec in zip(jax.tree_util.tree_leaves(abstract),
-                           jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))):
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+    for value, spec in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(specs, is_leaf=is_spec)):
         size = int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize
         if any(axis is not None for axis in spec):
             split += size
@@ -90,8 +90,8 @@ def device_lines(manager, devices: list[jax.Device]) -> list[str]:
     per_device = stats.get("per_device", [stats])
     lines = []
     for device, device_stats in zip(devices, per_device):
-        line = (f"device {device.id} ({device.device_kind}): cache mapped {device_stats['mapped_bytes'] / 2**20:,.1f} MiB "
-                f"in {device_stats['mapped_pages']} pages")
+        line = (f"device {device.id} ({device.device_kind}): cache mapped "
+                f"{device_stats['mapped_bytes'] / 2**20:,.1f} MiB in {device_stats['mapped_pages']} pages")
         memory = device.memory_stats() if hasattr(device, "memory_stats") else None
         if memory and "bytes_in_use" in memory:
             line += (f"; XLA in use {memory['bytes_in_use'] / GiB:.2f} GiB, peak "

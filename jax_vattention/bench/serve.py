@@ -213,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
           f"token budget {args.token_budget}, chunk rows of {args.chunk_tokens}, "
           f"{args.max_batch} slots x {manager.capacity} tokens, page {manager.page_bytes >> 10} KiB, "
           f"budget {stats['budget_pages'] * manager.page_bytes >> 20} MiB"
-          + (f" ({stats['budget_pages'] * manager.page_bytes // args.tp >> 20} MiB per device)" if mesh is not None else "")
+          + (f" ({stats['budget_pages'] * manager.page_bytes // args.tp >> 20} MiB a device)" if mesh is not None else "")
           + f"; {policies}")
     print(f"workload: {len(workload)} requests, Poisson {args.rate}/s, prompt U{tuple(args.prompt_len)}, "
           f"output U{tuple(args.output_len)}")
