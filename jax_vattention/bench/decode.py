@@ -48,8 +48,8 @@ from jax_vattention.tensor_parallel import check_divisible, init_sharded, sharde
 MODES = ("static", "virtual_per_layer", "virtual_interleaved")
 GPU_GRID = {"config": "llama-3-8b", "batch": (1, 16, 64), "context": (2048, 8192)}
 CPU_GRID = {"config": "tiny", "batch": (1, 4), "context": (64,)}
-FIELDS = ("card", "date", "config", "tp", "batch", "context", "mode", "backend", "step_ms", "tokens_per_s",
-          "roofline_ms", "vs_roofline")
+FIELDS = ("card", "date", "config", "batch", "context", "mode", "backend", "step_ms", "tokens_per_s",
+          "roofline_ms", "vs_roofline", "tp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
