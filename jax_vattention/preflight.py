@@ -31,7 +31,8 @@ def check_slots(manager, slots: Sequence[int], tokens: Sequence[int], *, error: 
     chose them (an inconsistency there is a bug).
     """
     active, lengths, pages = manager.active(), manager.lengths(), manager.mapped_pages()
-    token_bytes = manager.config.token_bytes
+    # Pages are per device: a tensor-parallel manager's device holds kv_heads / N of every token.
+    token_bytes = getattr(manager, "shard_config", manager.config).token_bytes
     for slot, needed in zip(slots, tokens):
         slot, needed = int(slot), int(needed)
         if not 0 <= slot < len(active) or not active[slot]:

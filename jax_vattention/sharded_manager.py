@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -236,8 +237,50 @@ class ShardedCacheManager:
         """Maps ahead on every device (``max_pages`` per device); returns device 0's page count."""
         return self._on_all("prefetch", lambda m: m.prefetch(tokens, max_pages))
 
+    def prefetch_while_busy(self, pending: jax.Array, tokens: int, deadline: float | None = None) -> int:
+        """:meth:`CacheManager.prefetch_while_busy` on every device: one slot's next page at a time
+        (on each device), until ``pending`` is ready or the ``deadline`` would pass; returns device 0's
+        page count."""
+        self._check_usable()
+        mapped, page_seconds = 0, 0.0
+        while not pending.is_ready():
+            begin = time.perf_counter()
+            if deadline is not None and begin + page_seconds > deadline:
+                break
+            pages = self.prefetch(tokens, 1)
+            if pages == 0:
+                break
+            page_seconds = time.perf_counter() - begin
+            mapped += pages
+        return mapped
+
     def grow(self, tokens: int) -> None:
         self._on_all("grow", lambda m: m.grow(tokens))
+
+    def grow_slots(self, counts) -> None:
+        """Grows each slot by its own count on every device; see :meth:`CacheManager.grow_slots`."""
+        self._on_all("grow_slots", lambda m: m.grow_slots(counts))
+
+    @property
+    def tokens_per_page(self) -> int:
+        """Tokens one page of a device holds (0 where prefix sharing is off); the same on every device."""
+        return self.managers[0].tokens_per_page
+
+    def alloc_shared(self, prompt_len: int, lookahead: int = 0, *, prefix):
+        """:meth:`CacheManager.alloc_shared` on every device: the same slot and shared prefix everywhere."""
+        return self._on_all("alloc_shared", lambda m: m.alloc_shared(prompt_len, lookahead, prefix=prefix))
+
+    def publish(self, slot: int, tokens) -> int:
+        return self._on_all("publish", lambda m: m.publish(slot, tokens))
+
+    def writable_from(self, slot: int) -> int:
+        return self._on_all("writable_from", lambda m: m.writable_from(slot))
+
+    def check_write(self, slot: int, start: int) -> None:
+        self._on_all("check_write", lambda m: m.check_write(slot, start))
+
+    def evict(self) -> int:
+        return self._on_all("evict", lambda m: m.evict())
 
     def reclaim(self) -> int:
         return self._on_all("reclaim", lambda m: m.reclaim())

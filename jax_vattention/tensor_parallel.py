@@ -10,6 +10,9 @@ vocabulary split would save ``vocab x hidden / N`` per device at the price of a 
 The whole generation loop (:func:`jax_vattention.generate`'s traced body) runs inside
 ``shard_map``: each device runs the mapping op on its own cache shard, and the cache stays in
 place per shard under donation (under plain ``jit`` XLA would gather the sharded cache instead).
+The engine's fixed-shape step (:class:`~jax_vattention.engine.runner.StepRunner`, given a
+:class:`~jax_vattention.ShardedCacheManager`) and the decode benchmark's chunk run the same way:
+:meth:`TPSpecs.shard_jit` is the one place that wraps a traced body for the mesh.
 
 Example::
 
@@ -22,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Sequence
 
@@ -60,6 +64,11 @@ def check_divisible(config, count: int) -> None:
         if getattr(config, name) % count:
             raise ValueError(f"{name}={getattr(config, name)} does not divide by the tensor-parallel degree "
                              f"{count}: every device must hold the same share")
+
+
+def split_axis(name: str) -> int | None:
+    """The axis a Llama weight named ``name`` (``wq``, ``w_down``, ...) is split on; None: replicated."""
+    return _SPLIT_AXIS.get(name)
 
 
 def param_specs(state: nnx.State, axis: str):
@@ -104,15 +113,85 @@ def init_sharded(model_class, config, mesh: Mesh, seed: int = 0, axis: str | Non
     return model
 
 
+# An output position of :meth:`TPSpecs.shard_jit` that is the cache (sharded on the KV heads).
+CACHE = "cache"
+
+
+@dataclasses.dataclass(frozen=True)
+class TPSpecs:
+    """How a sharded model and a :class:`~jax_vattention.ShardedCacheManager`'s cache lie on a mesh:
+    the PartitionSpec of every weight and of every cache buffer. Hashable, so it can key the caches
+    of compiled functions. Built by :func:`tp_specs`.
+    """
+
+    mesh: Mesh
+    axis: str
+    state: "_Specs"
+    cache: KVCache
+
+    def shard_jit(self, body, replicated_inputs: int, outputs: tuple):
+        """``body(state, cache, *replicated)`` inside ``shard_map`` over the mesh, jitted with the
+        cache donated (:func:`~jax_vattention.donation.cache_jit`).
+
+        Every device runs ``body`` on its shards of the weights and the cache (its mapping op on its
+        own shard) and the ``replicated_inputs`` other arguments whole. ``outputs`` names each
+        output: :data:`CACHE` for the cache, anything else for a replicated value (every device
+        computes the same logits, so the same tokens).
+        """
+        out_specs = tuple(self.cache if name == CACHE else P() for name in outputs)
+        sharded = jax.shard_map(body, mesh=self.mesh, in_specs=(self.state.tree(), self.cache,
+                                                                 *(P(),) * replicated_inputs),
+                                out_specs=out_specs, check_vma=False)
+        return cache_jit(sharded)
+
+
+def tp_specs(model, manager) -> TPSpecs:
+    """The :class:`TPSpecs` of a model from :func:`shard_model` / :func:`init_sharded` and a
+    :class:`~jax_vattention.ShardedCacheManager` over the same mesh and axis; ``ValueError`` otherwise."""
+    axis = getattr(model, "tp_axis", None)
+    if axis is None or manager is None or not hasattr(manager, "mesh"):
+        raise ValueError("tensor parallelism needs a model from shard_model/init_sharded and the cache of a "
+                         "ShardedCacheManager; use one device's functions otherwise")
+    if manager.axis != axis:
+        raise ValueError(f"the model is split over axis {axis!r} but the cache over {manager.axis!r}")
+    cache = manager.cache
+    spec = manager._spec
+    state = nnx.state(model)
+    return TPSpecs(manager.mesh, axis, _hashable_specs(param_specs(state, axis)),
+                   cache.replace(k=(spec,) * len(cache.k), v=(spec,) * len(cache.v)))
+
+
+def for_manager(model, manager):
+    """``(model, specs)`` to run ``model`` over ``manager``'s cache: for a
+    :class:`~jax_vattention.ShardedCacheManager`, the model split over its mesh (as it is if it
+    already is, else through :func:`shard_model`) and its :class:`TPSpecs`; for one device's
+    manager, the model and None (``ValueError`` for a sharded model there)."""
+    if not hasattr(manager, "mesh"):
+        if getattr(model, "tp_axis", None) is not None:
+            raise ValueError("the model is split over a mesh but the cache is one device's: use a "
+                             "ShardedCacheManager over the same mesh")
+        return model, None
+    if getattr(model, "tp_axis", None) is None:
+        model = shard_model(model, manager.mesh, manager.axis)
+    return model, tp_specs(model, manager)
+
+
 @functools.lru_cache(maxsize=32)
-def _sharded_generate_fn(graphdef, backend: str, return_logits: bool, mesh: Mesh, state_specs,
-                         cache_specs):
-    """Generation's traced loop inside ``shard_map`` over ``mesh``, jitted with the cache donated."""
+def _sharded_generate_fn(graphdef, backend: str, return_logits: bool, specs: TPSpecs):
+    """Generation's traced loop inside ``shard_map``, jitted with the cache donated."""
     body = functools.partial(generation._generate, graphdef, backend, return_logits)
-    replicated = (P(),) * 9  # prompts, lengths, slots, max_new_tokens, stops, 3 sampling knobs, key
-    sharded = jax.shard_map(body, mesh=mesh, in_specs=(state_specs.tree(), cache_specs, *replicated),
-                            out_specs=(P(), P(), P(), cache_specs), check_vma=False)
-    return cache_jit(sharded)
+    # prompts, lengths, slots, max_new_tokens, stops, 3 sampling knobs, key
+    return specs.shard_jit(body, 9, (None, None, None, CACHE))
+
+
+@functools.lru_cache(maxsize=16)
+def sharded_decode_chunk_fn(graphdef, backend: str, steps: int, specs: TPSpecs):
+    """:func:`~jax_vattention.engine.steps.decode_chunk_fn` inside ``shard_map`` over the mesh."""
+    from jax_vattention.engine.steps import _decode_chunk
+
+    body = functools.partial(_decode_chunk, graphdef, backend, steps)
+    # last, lengths, running, generated, max_new, stops, 3 sampling knobs, key
+    return specs.shard_jit(body, 10, (CACHE, None, None, None, None, None, None))
 
 
 def _hashable_specs(tree):
@@ -146,13 +225,8 @@ def generate_tp(model, cache: KVCache, prompts: Sequence[Sequence[int]], *, max_
     The cache (arrays ``[max_batch, capacity, (layers,) kv_heads, head_dim]``, sharded on
     ``kv_heads``) is donated: use the returned one.
     """
-    axis = getattr(model, "tp_axis", None)
     manager = manager_for(cache)
-    if axis is None or manager is None or not hasattr(manager, "mesh"):
-        raise ValueError("generate_tp needs a model from shard_model/init_sharded and the cache of a "
-                         "ShardedCacheManager; use generate for one device")
-    if manager.axis != axis:
-        raise ValueError(f"the model is split over axis {axis!r} but the cache over {manager.axis!r}")
+    specs = tp_specs(model, manager)
     manager.check_cache(cache)
     backend = resolve_backend(backend, cache)
     request = generation.prepare_request(model, cache, prompts, slots=slots, max_len=max_len,
@@ -162,10 +236,7 @@ def generate_tp(model, cache: KVCache, prompts: Sequence[Sequence[int]], *, max_
     manager.reserve_growth(int(request.new_tokens.max()) - 1)
 
     graphdef, state = nnx.split(model)
-    cache_spec = manager._spec
-    cache_specs = cache.replace(k=(cache_spec,) * len(cache.k), v=(cache_spec,) * len(cache.v))
-    fn = _sharded_generate_fn(graphdef, backend, return_logits, manager.mesh,
-                              _hashable_specs(param_specs(state, axis)), cache_specs)
+    fn = _sharded_generate_fn(graphdef, backend, return_logits, specs)
     with mapping_failures(manager, cache, "generate_tp"):
         outputs = fn(state, cache, *request.arrays)
         result, cache = generation.unpack_results(outputs, len(prompts), return_logits)

@@ -11,6 +11,11 @@ a ``ValueError`` naming the field or tensor. A sliding window is kept in the
 config, and the model refuses a cache longer than it. A tied checkpoint that
 stores its own ``lm_head.weight``, different from the embedding, gets that head,
 as in transformers 5.
+
+Given a mesh (tensor parallelism), each weight is read straight into its shards:
+every device's block is read from the file on its own (``safe_open(...).get_slice``
+of the rows or columns that hold it), so neither the host nor any device ever holds
+a whole split weight (a Llama-3-70B ``q_proj`` is 128 MiB; its MLP weights 448 MiB).
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ import json
 import os
 from typing import Any
 
+import math
+
 import jax
+import numpy as np
 from flax import nnx
 
 from .configs import LlamaConfig, RopeScaling
@@ -128,11 +136,56 @@ def _tensor_files(directory: str) -> dict[str, str]:
         return {name: single for name in f.keys()}
 
 
+class _Same:
+    """A tensor stored in the model's layout (embeddings, norms)."""
+
+    def __call__(self, w):
+        return w
+
+    def source_index(self, index: tuple[slice, ...], source_shape: tuple[int, ...]) -> tuple[slice, ...]:
+        return index
+
+    def block(self, w, shape: tuple[int, ...]):
+        return w
+
+
+class _OutIn:
+    """A linear layer stored ``[out, in]``, kept as ``shape`` = ``[in dims..., out dims...]`` (the
+    transpose, split into heads). A block of the model's weight is a block of rows (a split of the
+    first out dim) or of columns (a split of the first in dim) of the stored tensor."""
+
+    def __init__(self, *shape: int):
+        self.shape = shape
+
+    def __call__(self, w):
+        return w.T.reshape(self.shape)
+
+    def source_index(self, index: tuple[slice, ...], source_shape: tuple[int, int]) -> tuple[slice, slice]:
+        """The stored ``(rows, columns)`` that hold the model block ``index`` (one split axis at most)."""
+        in_dims = next(k for k in range(len(self.shape) + 1) if math.prod(self.shape[:k]) == source_shape[1])
+        rows, columns = slice(None), slice(None)
+        for axis, part in enumerate(index):
+            start, stop, _ = part.indices(self.shape[axis])
+            if (start, stop) == (0, self.shape[axis]):
+                continue
+            if axis not in (0, in_dims):
+                raise ValueError(f"a block split on axis {axis} of {self.shape} is not a block of rows or columns")
+            inner = math.prod(self.shape[axis + 1:in_dims] if axis == 0 else self.shape[axis + 1:])
+            if axis == 0:
+                columns = slice(start * inner, stop * inner)
+            else:
+                rows = slice(start * inner, stop * inner)
+        return rows, columns
+
+    def block(self, w, shape: tuple[int, ...]):
+        return w.T.reshape(shape)
+
+
 def _placements(config: LlamaConfig) -> dict[str, tuple[tuple[str, ...], Any]]:
     """Each Hugging Face tensor name -> (the model attribute path, a layout transform)."""
     d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    same = lambda w: w
-    out_in = lambda *shape: (lambda w: w.T.reshape(shape))  # [out, in] -> [in, ...]
+    same = _Same()
+    out_in = _OutIn  # [out, in] -> [in, ...]
     placements = {
         "model.embed_tokens.weight": (("embed",), same),
         "model.norm.weight": (("norm", "weight"), same),
@@ -172,13 +225,16 @@ def read_config(directory: str, dtype: str | None = None) -> LlamaConfig:
         return config_from_hf(json.load(f), dtype)
 
 
-def load_model(directory: str, *, dtype: str | None = None) -> Llama:
+def load_model(directory: str, *, dtype: str | None = None, mesh=None) -> Llama:
     """Build a :class:`Llama` holding the checkpoint's weights.
 
     Parameters
     ----------
     directory : a Hugging Face model directory (``config.json`` + safetensors)
     dtype : ``float32``, ``bfloat16`` or ``float16``; default: the checkpoint's dtype
+    mesh : a one-dimensional ``jax.sharding.Mesh`` or None; given, the model is split over it
+        Megatron-style as :func:`jax_vattention.tensor_parallel.shard_model` splits it, each
+        device's shard read from the file on its own
 
     Raises
     ------
@@ -189,8 +245,15 @@ def load_model(directory: str, *, dtype: str | None = None) -> Llama:
     Example::
 
         model = load_model("/models/Llama-3.1-8B-Instruct", dtype="bfloat16")
+        model = load_model("/models/Llama-3.1-8B-Instruct", dtype="bfloat16", mesh=tp_mesh(2))
     """
     config = read_config(directory, dtype)
+    axis = None
+    if mesh is not None:
+        from jax_vattention.sharded_manager import mesh_axis
+        from jax_vattention.tensor_parallel import check_divisible
+        axis = mesh_axis(mesh, None)
+        check_divisible(config, mesh.size)
     files = _tensor_files(directory)
     if config.tie_embeddings and "lm_head.weight" in files and not _same_tensor(
             files, "lm_head.weight", "model.embed_tokens.weight"):
@@ -206,8 +269,13 @@ def load_model(directory: str, *, dtype: str | None = None) -> Llama:
     for file, names in by_file.items():
         with safe_open(file, framework="flax") as f:
             for name in names:
-                _place(model, placements[name], name, tuple(f.get_slice(name).get_shape()),
-                       lambda: f.get_tensor(name), "config.json")
+                shape = tuple(f.get_slice(name).get_shape())
+                if mesh is None:
+                    _place(model, placements[name], name, shape, lambda: f.get_tensor(name), "config.json")
+                else:
+                    _place_sharded(model, placements[name], name, shape, f.get_slice(name), mesh, axis)
+    if mesh is not None:
+        model.tp_axis = axis
     return model
 
 
@@ -247,6 +315,33 @@ def _place(model: Llama, placement, name: str, shape: tuple[int, ...], read, imp
     if shape != expected_source:
         raise ValueError(f"tensor {name} has shape {shape}; {implied_by} implies {expected_source}")
     _set(param, jax.device_put(transform(read()).astype(param.dtype)))
+
+
+def _place_sharded(model: Llama, placement, name: str, shape: tuple[int, ...], stored, mesh, axis: str) -> None:
+    """:func:`_place` over ``mesh``: each device's block of the weight read from ``stored`` (a
+    safetensors slice) on its own, through the host, into a global array split as
+    :func:`~jax_vattention.tensor_parallel.shard_model` splits it."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jax_vattention.tensor_parallel import split_axis
+
+    path, transform = placement
+    param = _param(model, path)
+    expected_source = _expected_source_shape(name, param.shape)
+    if shape != expected_source:
+        raise ValueError(f"tensor {name} has shape {shape}; config.json implies {expected_source}")
+    split = split_axis(path[-1])
+    spec = [None] * len(param.shape)
+    if split is not None:
+        spec[split] = axis
+    dtype = param.dtype
+
+    def block(index: tuple[slice, ...]) -> np.ndarray:
+        block_shape = tuple(len(range(*part.indices(size))) for part, size in zip(index, param.shape))
+        stored_block = np.asarray(stored[transform.source_index(index, shape)])
+        return np.asarray(transform.block(stored_block, block_shape)).astype(dtype)
+
+    _set(param, jax.make_array_from_callback(param.shape, NamedSharding(mesh, PartitionSpec(*spec)), block))
 
 
 def _same_tensor(files: dict[str, str], first: str, second: str) -> bool:

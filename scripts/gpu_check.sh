@@ -17,9 +17,14 @@
 #              paged, Pallas paged) caches through the same model code, batch DECODE_BATCH (default
 #              16 64) x context DECODE_CONTEXT (default 2048 8192); CSV and PNG into $OUT (not in the
 #              default list; a point that does not fit in the card's memory is recorded as such)
-#   tp         tensor parallelism on the first 2 GPUs (not in the default list): its GPU tests (TP 2
-#              gives TP 1's tokens, free memory per device) and the decode-step timing, batch 32,
-#              context 4K, TP 1 against TP 2, then generate --tp 2 on the tiny model
+#   tp         tensor parallelism on the first 2 GPUs (not in the default list), one call of ~9 minutes:
+#              its GPU tests (TP 2 gives TP 1's tokens in generate and in the engine, free memory per
+#              device), bench decode --tp 1 2 on Llama-3-8B at batch 32, context 4K (prints TP 2 / TP 1;
+#              target <= 0.60), then serve-bench --tp 2 on Llama-3-8B (the serve section's workload at
+#              the same total budget, 768 MiB per device)
+#   tp70b      serve-bench on a Llama-3-70B shape, random bf16 weights made in their shards (not in the
+#              default list, ~5 minutes): 64 requests, prompt U(64,512), 128 out, 32 slots, 16 GiB of
+#              cache per device; over 2 GPUs of >= 120 GiB (H200) or else 4 (H100), TP70B_TP=N to choose
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-out}"
@@ -39,10 +44,27 @@ last_progress() { awk '/it\/s\]$|s\/it\]$|\?it\/s\]$/ { last = $0; next } { prin
 for section in $sections; do
   case "$section" in
     tp)
-      timeout 320 "$python" -X faulthandler -m pytest -m gpu -q -s -p no:cacheprovider --rootdir "$tests" \
+      # The tests' own decode timing is deselected: bench decode --tp 1 2 measures the same step.
+      timeout 240 "$python" -X faulthandler -m pytest -m gpu -q -s -p no:cacheprovider --rootdir "$tests" \
+        --deselect "test_gpu_tensor_parallel.py::test_gpu_tensor_parallel_case[decode_step_timing]" \
         "$tests/test_gpu_tensor_parallel.py" 2>&1 | tee "$out/tp.log" || status=1
-      timeout 90 "$python" -m jax_vattention.cli generate --tp 2 --batch 8 --rounds 2 --max-new-tokens 32 \
-        --max-len 1024 2>&1 | last_progress | tee -a "$out/tp.log" || status=1 ;;
+      timeout 200 "$python" -m jax_vattention.cli bench decode --config llama-3-8b --tp 1 2 --batch 32 \
+        --context 4096 --modes virtual_interleaved --steps 8 --repeats 3 --copy-gib 1 --out /tmp/tp_decode 2>&1 \
+        | tee -a "$out/tp.log" || status=1
+      timeout 180 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --tp 2 --requests 64 --rate 40 \
+        --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 768 \
+        --out /tmp/serve_tp2 2>&1 | tr '\r' '\n' | last_progress | tee -a "$out/tp.log" || status=1 ;;
+    tp70b)
+      # 70B in bf16 is 131 GiB of weights: 67.7 GiB a device at TP 2, 35.8 at TP 4 (serve-bench
+      # refuses in one line, before building anything, when weights + budget + 2 GiB do not fit).
+      tp70b="${TP70B_TP:-}"
+      if [ -z "$tp70b" ]; then
+        memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+        tp70b=$([ "${memory:-0}" -ge 122880 ] && echo 2 || echo 4)
+      fi
+      timeout 420 "$python" -m jax_vattention.cli serve-bench --config llama-3-70b --tp "$tp70b" --requests 64 \
+        --rate 40 --prompt-len 64 512 --output-len 128 128 --max-batch 32 --max-len 1024 --budget-mib 16384 \
+        --out /tmp/serve_70b 2>&1 | tr '\r' '\n' | last_progress | tee "$out/tp70b.log" || status=1 ;;
     tests)
       # GPU_TESTS: test files to run (default: all).
       # The soak has its own section.

@@ -157,7 +157,37 @@ def decode_step_timing(batch: int = 32, context: int = 4096, steps: int = 20) ->
           f"({two / one:.2f}x TP 1)", flush=True)
 
 
-CASES = ["llama8b_tp2_matches_tp1", "free_memory_per_device", "decode_step_timing"]
+def engine_tp2_matches_tp1() -> None:
+    """The engine on 2 GPUs (tiny model, float32, default kernels: mixed steps of prefill chunks and
+    decodes) streams the tokens it streams on one, and each device's pages are the same."""
+    from jax_vattention.engine import Engine, EngineConfig, Request
+    from jax_vattention.models.configs import get_config
+
+    config = get_config("tiny")
+    prompts = [(list(range(3, 3 + n)), 24) for n in (5, 90, 33, 200, 17, 64)]
+
+    def run(manager, model):
+        engine = Engine(model, manager, EngineConfig(token_budget=64, chunk_tokens=16))
+        ids = [engine.submit(Request(prompt=p, max_new_tokens=n)) for p, n in prompts]
+        outputs = engine.run()
+        return [outputs[i] for i in ids]
+
+    cache = jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=320, kv_heads=config.num_kv_heads,
+                           head_dim=config.head_dim, dtype=jnp.float32, budget_bytes=256 * MiB)
+    model = Llama(config, rngs=nnx.Rngs(0))
+    with jv.CacheManager(cache) as manager:
+        want = run(manager, model)
+    mesh = tp_mesh(2)
+    with jv.ShardedCacheManager(cache, mesh) as manager:
+        got = run(manager, init_sharded(Llama, config, mesh, seed=0))
+        per_device = manager.stats()["per_device"]
+        assert per_device[0]["mapped_pages"] == per_device[1]["mapped_pages"] > 0
+    assert got == want, (got, want)
+    print(f"engine at TP 2: {sum(map(len, got))} tokens equal to TP 1's; {per_device[0]['mapped_pages']} pages "
+          f"mapped on each device", flush=True)
+
+
+CASES = ["llama8b_tp2_matches_tp1", "free_memory_per_device", "decode_step_timing", "engine_tp2_matches_tp1"]
 
 if __name__ == "__main__":
     name = sys.argv[1]

@@ -11,7 +11,7 @@ import pytest
 import jax_vattention
 
 SCRIPT = Path(__file__).with_name("gpu_tp_cases.py")
-CASES = ["llama8b_tp2_matches_tp1", "free_memory_per_device", "decode_step_timing"]
+CASES = ["llama8b_tp2_matches_tp1", "free_memory_per_device", "decode_step_timing", "engine_tp2_matches_tp1"]
 
 
 def _gpus() -> int:

@@ -1,9 +1,9 @@
 """Tensor-parallel cases on 4 forced CPU devices, run in their own process.
 
 ``python tests/tp_cases.py`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` before
-JAX is imported (the rest of the suite keeps its usual devices), runs every case and prints
-``CASE OK`` or ``CASE FAILED`` with the traceback for each; ``tests/test_tensor_parallel.py``
-runs it once and checks each case.
+JAX is imported (the rest of the suite keeps its usual devices), runs the cases named on its
+command line (default: all) and prints ``CASE OK`` or ``CASE FAILED`` with the traceback for each;
+``tests/test_tensor_parallel.py`` runs it once per group of cases and checks each case.
 """
 
 from __future__ import annotations
@@ -222,13 +222,265 @@ def cli_generate_tp() -> None:
     assert code == 2 and "--tp must be between 1 and the 4 devices" in refused[0], refused
 
 
+def engine_tokens(manager, **config) -> list[list[int]]:
+    """The engine's greedy tokens for ENGINE_PROMPTS over ``manager`` (a long prompt takes several
+    prefill chunks, and decodes run beside them in mixed steps)."""
+    from jax_vattention.engine import Engine, EngineConfig, Request
+
+    engine = Engine(model(), manager, EngineConfig(token_budget=24, chunk_tokens=8, **config))
+    ids = [engine.submit(Request(prompt=p, max_new_tokens=n)) for p, n in ENGINE_PROMPTS]
+    outputs = engine.run()
+    mixed = sum(1 for r in engine.stats.records if r.chunk_tokens and r.decodes)
+    assert mixed >= 3 and engine.runner.traces == 2, (mixed, engine.runner.traces)
+    return [outputs[i] for i in ids]
+
+
+ENGINE_PROMPTS = [([5, 6, 7, 8, 9], 12), ([10, 11, 12], 16), (list(range(20, 60)), 10), (list(range(70, 95)), 8),
+                  ([3] * 30, 6)]
+
+
+@functools.lru_cache(maxsize=None)
+def engine_reference() -> list[list[int]]:
+    with jv.CacheManager(cache_config()) as manager:
+        return engine_tokens(manager)
+
+
+class RecordingManager:
+    """A :class:`ShardedCacheManager` whose host-side page operations are logged, to replay them on
+    one device's manager of ``kv_heads / N`` heads."""
+
+    OPERATIONS = ("alloc", "free", "grow_slots", "reclaim", "prefetch", "reserve_growth", "grow", "trim")
+
+    def __init__(self, manager):
+        self.log = []
+        for name in self.OPERATIONS:
+            method = getattr(manager, name)
+
+            def logged(*args, _name=name, _method=method, **kwargs):
+                self.log.append((_name, args, kwargs))
+                return _method(*args, **kwargs)
+            setattr(manager, name, logged)
+
+
+def engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages() -> None:
+    """The engine over a ShardedCacheManager (TP 2 per-layer without overlap, TP 4 interleaved with
+    it) streams TP 1's greedy tokens through mixed steps; each device's manager then holds exactly
+    what one manager of kv_heads / N heads holds after the same page operations."""
+    for count, layout, overlap in ((2, "per_layer", False), (4, "interleaved", True)):
+        with jv.ShardedCacheManager(cache_config(layout), tp_mesh(count)) as manager:
+            recording = RecordingManager(manager)
+            tokens = engine_tokens(manager, overlap=overlap)
+            assert tokens == engine_reference(), (count, tokens, engine_reference())
+            with jv.CacheManager(cache_config(layout, kv_heads=4 // count)) as single:
+                for name, args, kwargs in recording.log:
+                    getattr(single, name)(*args, **kwargs)
+                expected = {k: v for k, v in single.stats().items() if not k.endswith("seconds")}
+                stats = manager.stats()
+                assert expected["mapped_pages"] > 0
+                for device_stats in stats["per_device"]:
+                    assert {k: v for k, v in device_stats.items() if not k.endswith("seconds")} == expected
+                for device_manager in manager.managers:
+                    assert np.array_equal(device_manager.mapped_pages(), single.mapped_pages())
+                    assert np.array_equal(device_manager.lengths(), single.lengths())
+
+
+def engine_refuses_a_mismatched_model() -> None:
+    """A model split over another axis than the cache's, or a split model over one device's cache."""
+    from jax_vattention.engine import Engine
+
+    mesh = tp_mesh(2)
+    with jv.CacheManager(cache_config()) as single:
+        try:
+            Engine(shard_model(model(), mesh), single)
+        except ValueError as error:
+            assert "one device's" in str(error), str(error)
+        else:
+            raise AssertionError("a split model ran over one device's cache")
+    other = Mesh(np.array(jax.devices()[:2]), ("model",))
+    with jv.ShardedCacheManager(cache_config(), mesh) as manager:
+        try:
+            Engine(shard_model(model(), other), manager)
+        except ValueError as error:
+            assert "axis 'model'" in str(error), str(error)
+        else:
+            raise AssertionError("a model split over another axis was accepted")
+
+
+def write_checkpoint(directory: str) -> None:
+    """A tiny Llama checkpoint of MODEL's shape, written with safetensors (float32, two files)."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    d, f, n, k, h, v = (MODEL.hidden_size, MODEL.intermediate_size, MODEL.num_heads, MODEL.num_kv_heads,
+                        MODEL.head_dim, MODEL.vocab_size)
+    rng = np.random.default_rng(1)
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    for i in range(MODEL.num_layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
+                       p + "self_attn.q_proj.weight": (n * h, d), p + "self_attn.k_proj.weight": (k * h, d),
+                       p + "self_attn.v_proj.weight": (k * h, d), p + "self_attn.o_proj.weight": (d, n * h),
+                       p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d),
+                       p + "mlp.down_proj.weight": (d, f)})
+    tensors = {name: (rng.normal(size=shape) / np.sqrt(shape[-1])).astype(np.float32) for name, shape in shapes.items()}
+    names = sorted(tensors)
+    files = {"model-1.safetensors": names[:len(names) // 2], "model-2.safetensors": names[len(names) // 2:]}
+    for file, members in files.items():
+        save_file({name: tensors[name] for name in members}, os.path.join(directory, file))
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as out:
+        json.dump({"weight_map": {name: file for file, members in files.items() for name in members}}, out)
+    with open(os.path.join(directory, "config.json"), "w") as out:
+        json.dump(dict(model_type="llama", vocab_size=v, hidden_size=d, intermediate_size=f,
+                       num_hidden_layers=MODEL.num_layers, num_attention_heads=n, num_key_value_heads=k, head_dim=h,
+                       max_position_embeddings=512, torch_dtype="float32"), out)
+
+
+def checkpoint_straight_into_shards() -> None:
+    """A checkpoint loaded over a mesh equals the one loaded whole, every device holding only its
+    share of each split weight; TP 2 generates TP 1's tokens from it, in the library and the CLI."""
+    import contextlib
+    import io
+    import tempfile
+
+    from jax_vattention import cli
+    from jax_vattention.models.hf_loader import load_model
+
+    with tempfile.TemporaryDirectory() as directory:
+        write_checkpoint(directory)
+        whole = load_model(directory)
+        for count in (2, 4):
+            sharded = load_model(directory, mesh=tp_mesh(count))
+            assert sharded.tp_axis == "tp"
+            for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(whole)),
+                                         jax.tree_util.tree_leaves_with_path(nnx.state(sharded))):
+                assert np.array_equal(np.asarray(a), np.asarray(b)), path
+            wq = sharded.layers[1].attention.wq[...]
+            shard = (MODEL.hidden_size, 8 // count, MODEL.head_dim)
+            assert [s.data.shape for s in wq.addressable_shards] == [shard] * count
+            wo = sharded.layers[0].attention.wo[...]
+            assert wo.addressable_shards[-1].data.shape == (8 // count, MODEL.head_dim, MODEL.hidden_size)
+            w_down = sharded.layers[0].mlp.w_down[...]
+            assert w_down.addressable_shards[0].data.shape == (MODEL.intermediate_size // count, MODEL.hidden_size)
+        with jv.CacheManager(cache_config()) as manager:
+            want = generate_in_manager(whole, manager, PROMPTS, max_new_tokens=12).tokens
+        with jv.ShardedCacheManager(cache_config(), tp_mesh(2)) as manager:
+            got = generate_tp_in_manager(load_model(directory, mesh=tp_mesh(2)), manager, PROMPTS,
+                                         max_new_tokens=12).tokens
+        assert got == want, (got, want)
+
+        def run(*options) -> tuple[int, list[str]]:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                code = cli.main(["generate", "--model", directory, "--batch", "2", "--rounds", "1",
+                                 "--max-new-tokens", "6", "--max-len", "64", *options])
+            return code, [line for line in out.getvalue().splitlines() if " new: " in line or "error" in line]
+
+        code, one = run("--tp", "1")
+        assert code == 0 and len(one) == 2, one
+        assert run("--tp", "2") == (0, one)
+
+
+def cli_output(*argv) -> tuple[int, str]:
+    """``vattention ARGV``'s exit status and everything it printed."""
+    import contextlib
+    import io
+
+    from jax_vattention import cli
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as exit_:
+            code = exit_.code
+    return code, out.getvalue()
+
+
+def bad_tp_degrees_are_refused_in_one_line() -> None:
+    """More devices than there are, or heads that do not divide: exit 2, one line naming the problem."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        for argv, words in (
+                (("serve-bench", "--tp", "5", "--out", out), "--tp must be between 1 and the 4 devices"),
+                (("serve-bench", "--tp", "4", "--out", out), "num_kv_heads=2 does not divide by the tensor-parallel "
+                                                             "degree 4"),
+                (("bench", "decode", "--tp", "1", "4", "--out", out), "num_kv_heads=2 does not divide"),
+                (("bench", "decode", "--tp", "8", "--out", out), "--tp must be between 1 and the 4 devices"),
+                (("generate", "--tp", "4"), "num_kv_heads=2 does not divide")):
+            code, printed = cli_output(*argv)
+            lines = [line for line in printed.splitlines() if line.strip()]
+            assert code == 2 and len(lines) == 1 and words in lines[0], (argv, code, printed)
+
+
+def serve_bench_tp2() -> None:
+    """serve-bench --tp 2 on the tiny model serves every request and reports each device's memory."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        code, printed = cli_output("serve-bench", "--tp", "2", "--requests", "6", "--rate", "200", "--prompt-len",
+                                   "8", "40", "--output-len", "4", "10", "--max-batch", "4", "--max-len", "64",
+                                   "--token-budget", "24", "--chunk-tokens", "8", "--out", out)
+    assert code == 0, printed
+    assert "tensor parallel over 2 devices" in printed and "prefills 6" in printed, printed
+    for device in (0, 1):
+        line = next(line for line in printed.splitlines() if line.startswith(f"device {device} "))
+        assert "cache mapped" in line and " pages" in line, line
+
+
+def bench_decode_tp2() -> None:
+    """bench decode --tp 1 2 times both degrees and prints TP 2 against TP 1."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out:
+        code, printed = cli_output("bench", "decode", "--tp", "1", "2", "--batch", "2", "--context", "16",
+                                   "--steps", "2", "--repeats", "1", "--modes", "static", "virtual_interleaved",
+                                   "--out", out)
+    assert code == 0, printed
+    assert "TP 2: the static and paged caches run at TP 1 only" in printed, printed
+    assert "TP 2 / TP 1, batch 2 context 16 virtual_interleaved:" in printed, printed
+
+
 CASES = ["tokens_tp2_per_layer", "tokens_tp4_interleaved", "random_weights_straight_into_shards",
          "pages_per_device_are_exact", "a_copied_shard_gets_the_donation_error", "bad_meshes_and_head_counts",
          "a_failure_on_a_later_device_poisons_the_group", "cli_generate_tp"]
 
+def serve_tp2() -> None:
+    """``vattention serve --tp 2`` builds its engine over a ShardedCacheManager of the first 2 devices,
+    and that engine answers as ``--tp 1``'s does."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        print("serve_tp2: no FastAPI/uvicorn here, nothing to check")
+        return
+    from jax_vattention.cli import build_parser
+    from jax_vattention.commands.serve import build_service
+    from jax_vattention.engine import Request
+
+    answers = []
+    for degree in ("1", "2"):
+        service = build_service(build_parser().parse_args(["serve", "--max-len", "128", "--max-batch", "4",
+                                                           "--token-budget", "16", "--chunk-tokens", "8",
+                                                           "--tp", degree]))
+        service.engine_loop.stop()
+        engine = service.engine_loop.engine
+        assert isinstance(engine.manager, jv.ShardedCacheManager) == (degree == "2")
+        ids = [engine.submit(Request(prompt=list(b"Hello, world"), max_new_tokens=8)),
+               engine.submit(Request(prompt=list(range(40, 90)), max_new_tokens=5))]
+        outputs = engine.run()
+        answers.append([outputs[i] for i in ids])
+        engine.manager.close()
+    assert answers[0] == answers[1], answers
+
+
+ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_refuses_a_mismatched_model",
+                "checkpoint_straight_into_shards", "bad_tp_degrees_are_refused_in_one_line"]
+SLOW_CASES = ["serve_bench_tp2", "bench_decode_tp2", "serve_tp2"]
 if __name__ == "__main__":
     assert len(jax.devices()) == 4, jax.devices()
-    for name in sys.argv[1:] or CASES:
+    for name in sys.argv[1:] or CASES + ENGINE_CASES + SLOW_CASES:
         try:
             globals()[name]()
             print(f"{name} OK", flush=True)

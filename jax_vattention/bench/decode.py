@@ -19,6 +19,10 @@ second, and the roofline: the weights plus the live KV bytes over the device's c
 fast as the best paged cache or faster). A point that does not fit in memory is recorded with the
 note ``out of memory`` and no time. Off a GPU the grid is tiny and the numbers say nothing about a
 GPU (the report says so).
+
+``--tp 1 2`` times every point at each tensor-parallel degree (the model made in its shards and a
+:class:`~jax_vattention.ShardedCacheManager` over the first N devices; virtual caches only above
+TP 1) and prints each degree's step time against TP 1's.
 """
 
 from __future__ import annotations
@@ -42,8 +46,11 @@ from jax_vattention.cache import KVCache
 from jax_vattention.cli import standalone
 from jax_vattention.config import CacheConfig
 from jax_vattention.engine.steps import decode_chunk_fn
+from jax_vattention.bench.device_memory import weight_bytes_per_device
 from jax_vattention.manager import CacheManager
 from jax_vattention.paged_cache import PagedKVCache
+from jax_vattention.sharded_manager import ShardedCacheManager
+from jax_vattention.tensor_parallel import check_divisible, init_sharded, sharded_decode_chunk_fn, tp_mesh, tp_specs
 
 MODES = ("static", "virtual_per_layer", "virtual_interleaved", "paged_cudnn", "paged_pallas")
 PAGED_MODES = ("paged_cudnn", "paged_pallas")
@@ -53,7 +60,7 @@ BLOCK_SIZES = {"paged_cudnn": 64, "paged_pallas": 128}
 GPU_GRID = {"config": "llama-3-8b", "batch": (1, 16, 64), "context": (2048, 8192)}
 CPU_GRID = {"config": "tiny", "batch": (1, 4), "context": (64,)}
 FIELDS = ("card", "date", "config", "batch", "context", "mode", "backend", "step_ms", "tokens_per_s",
-          "roofline_ms", "vs_roofline", "vs_best_paged", "block_size", "note")
+          "roofline_ms", "vs_roofline", "vs_best_paged", "block_size", "note", "tp")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,13 +74,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tokens per block of the paged caches (default: 64 for cuDNN, 128 for Pallas)")
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the memcpy that sets the roofline")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out") / "bench-decode")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1],
+                        help="tensor-parallel degrees to time (default 1); above 1: virtual caches only")
 
 
-def make_cache(mode: str, model_config, batch: int, capacity: int, context: int, device, block_size: int | None = None):
+def make_cache(mode: str, model_config, batch: int, capacity: int, context: int, device,
+               block_size: int | None = None, mesh=None):
     """The cache of ``mode`` with ``context`` tokens in each of ``batch`` slots; (cache, manager or None).
 
     The static and paged caches hold zeros (the step's work does not depend on the values); a
-    paged cache gets ``block_size`` tokens per block (default :data:`BLOCK_SIZES`)."""
+    paged cache gets ``block_size`` tokens per block (default :data:`BLOCK_SIZES`). Over a
+    ``mesh``: a :class:`ShardedCacheManager`'s (virtual modes only)."""
     dtype = model_config.jnp_dtype
     shape = dict(num_layers=model_config.num_layers, max_batch=batch, capacity=capacity,
                  kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=dtype, device=device)
@@ -83,9 +94,9 @@ def make_cache(mode: str, model_config, batch: int, capacity: int, context: int,
         return PagedKVCache.allocate(**shape, block_size=block_size or BLOCK_SIZES[mode],
                                      heads_first=mode == "paged_pallas"), None
     layout = mode.removeprefix("virtual_")
-    manager = CacheManager(CacheConfig(num_layers=model_config.num_layers, max_batch=batch, max_len=capacity,
-                                       kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim,
-                                       dtype=dtype, layout=layout), device)
+    config = CacheConfig(num_layers=model_config.num_layers, max_batch=batch, max_len=capacity,
+                         kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=dtype, layout=layout)
+    manager = CacheManager(config, device) if mesh is None else ShardedCacheManager(config, mesh)
     for _ in range(batch):
         manager.alloc(context)
     return manager.cache, manager
@@ -100,14 +111,18 @@ def mode_backend(mode: str, platform: str) -> str:
 
 
 def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: int, device,
-              block_size: int | None = None):
-    """Median seconds per decode step, and the backend that ran it."""
+              block_size: int | None = None, mesh=None):
+    """Median seconds per decode step, and the backend that ran it (over ``mesh``: the model must
+    be split over it)."""
     config = model.config
     capacity = context + (repeats + 2) * steps
-    cache, manager = make_cache(mode, config, batch, capacity, context, device, block_size)
+    cache, manager = make_cache(mode, config, batch, capacity, context, device, block_size, mesh)
     backend = mode_backend(mode, device.platform)
     graphdef, state = nnx.split(model)
-    decode = decode_chunk_fn(graphdef, backend, steps)
+    if mesh is None:
+        decode = decode_chunk_fn(graphdef, backend, steps)
+    else:
+        decode = sharded_decode_chunk_fn(graphdef, backend, steps, tp_specs(model, manager))
     lengths = jnp.full((batch,), context, jnp.int32)
     ints = jnp.zeros((batch,), jnp.int32)
     arguments = (ints, lengths, jnp.ones((batch,), bool), ints, jnp.full((batch,), 1 << 30, jnp.int32),
@@ -136,14 +151,15 @@ def out_of_memory(error: Exception) -> bool:
     return isinstance(error, (MemoryError, OutOfPagesError)) or "RESOURCE_EXHAUSTED" in str(error)
 
 
-def roofline_seconds(model, batch: int, context: int, bandwidth: float | None) -> float | None:
-    """(weights + live KV bytes) / copy bandwidth, or None without a measured bandwidth."""
+def roofline_seconds(model, batch: int, context: int, bandwidth: float | None, tp: int = 1) -> float | None:
+    """(weights + live KV bytes) / copy bandwidth, or None without a measured bandwidth; at ``tp``
+    devices, one device's share of them (the devices read theirs at once)."""
     if not bandwidth:
         return None
-    weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(nnx.state(model, nnx.Param)))
     config = model.config
+    weights = weight_bytes_per_device(config, tp)
     kv = 2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim * \
-        jnp.dtype(config.jnp_dtype).itemsize
+        jnp.dtype(config.jnp_dtype).itemsize // tp
     # The bandwidth counts the copy's bytes read plus written, as the design's roofline does.
     return (weights + kv) / bandwidth
 
@@ -157,24 +173,39 @@ def run(args: argparse.Namespace) -> int:
     config_name = args.config or grid["config"]
     batches, contexts = args.batch or grid["batch"], args.context or grid["context"]
     card, today = device.device_kind, datetime.date.today().isoformat()
+    model_config = config_for_device(config_name, device)
+    degrees = list(dict.fromkeys(args.tp))
+    for degree in degrees:
+        if degree < 1 or degree > len(jax.devices()):
+            raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {degree}")
+        check_divisible(model_config, degree)
     print(f"vattention bench decode on {card} ({device.platform}), jax {jax.__version__}, {today}")
     if not on_gpu:
         print("NOT A GPU: a tiny grid on the CPU backend; the numbers say nothing about a GPU")
-    model = Llama(config_for_device(config_name, device), rngs=nnx.Rngs(0))
     bandwidth = copy_ceiling(args.copy_gib) if on_gpu else None
     if bandwidth:
         print(f"device copy: {bandwidth / 1e12:.2f} TB/s (read + written)")
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for batch in batches:
-        for context in contexts:
-            roof = roofline_seconds(model, batch, context, bandwidth)
-            point = [measure(model, mode, batch, context, roof, args, device,
-                             dict(card=card, date=today, config=config_name)) for mode in args.modes]
-            add_paged_ratio(point)
-            rows.extend(point)
-            write_csv(rows, args.out / "decode.csv")  # after every point: a run cut short keeps what it measured
+    for degree in degrees:
+        mesh = tp_mesh(degree) if degree > 1 else None
+        modes = [m for m in args.modes if mesh is None or m.startswith("virtual_")]
+        if mesh is not None and len(modes) < len(args.modes):
+            print(f"TP {degree}: the static and paged caches run at TP 1 only; timing {', '.join(modes)}")
+        model = (Llama(model_config, rngs=nnx.Rngs(0)) if mesh is None
+                 else init_sharded(Llama, model_config, mesh, seed=0))
+        for batch in batches:
+            for context in contexts:
+                roof = roofline_seconds(model, batch, context, bandwidth, degree)
+                point = [measure(model, mode, batch, context, roof, args, device, mesh,
+                                 dict(card=card, date=today, config=config_name, tp=degree)) for mode in modes]
+                add_paged_ratio(point)
+                rows.extend(point)
+                write_csv(rows, args.out / "decode.csv")  # after every point: a run cut short keeps what it measured
+        del model
     print(paged_summary(rows))
+    for line in tp_ratios(rows):
+        print(line)
     print(f"CSV: {args.out / 'decode.csv'}" + _plot(rows, args.out / "decode.png", card))
     return 0
 
@@ -186,16 +217,17 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
         writer.writerows(rows)
 
 
-def measure(model, mode: str, batch: int, context: int, roof: float | None, args, device, fields: dict) -> dict:
+def measure(model, mode: str, batch: int, context: int, roof: float | None, args, device, mesh,
+            fields: dict) -> dict:
     """One CSV row: ``mode``'s decode step at (``batch``, ``context``), or the note ``out of memory``."""
     block_size = (args.block_size or BLOCK_SIZES[mode]) if mode in PAGED_MODES else ""
     row = dict(fields, batch=batch, context=context, mode=mode, backend=mode_backend(mode, device.platform),
                step_ms="", tokens_per_s="", roofline_ms=f"{roof * 1e3:.3f}" if roof else "", vs_roofline="",
                vs_best_paged="", block_size=block_size, note="")
-    label = f"batch {batch:4d} context {context:6d} {mode:20s}"
+    label = (f"tp {mesh.size} " if mesh is not None else "") + f"batch {batch:4d} context {context:6d} {mode:20s}"
     try:
         step, row["backend"] = time_step(model, mode, batch, context, args.steps, args.repeats, device,
-                                         args.block_size)
+                                         args.block_size, mesh)
     except Exception as error:  # a point that does not fit in memory is a result, not a crash
         if not out_of_memory(error):
             raise
@@ -222,7 +254,7 @@ def paged_summary(rows: list[dict]) -> str:
     """One line per grid point: the faster virtual layout against the faster paged kernel."""
     lines = ["virtual / best paged (the best paged step time over the best virtual one; >= 1: virtual is faster):"]
     for batch, context in sorted({(r["batch"], r["context"]) for r in rows}):
-        here = [r for r in rows if (r["batch"], r["context"]) == (batch, context) and r["step_ms"]]
+        here = [r for r in rows if (r["batch"], r["context"]) == (batch, context) and r["step_ms"] and r["tp"] == 1]
         virtual = min((r for r in here if r["mode"].startswith("virtual_")), default=None,
                       key=lambda r: float(r["step_ms"]))
         paged = min((r for r in here if r["mode"] in PAGED_MODES), default=None, key=lambda r: float(r["step_ms"]))
@@ -235,6 +267,19 @@ def paged_summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tp_ratios(rows: list[dict]) -> list[str]:
+    """Each TP degree's step time over TP 1's at the same point and mode (the issue's target: TP 2
+    at most 0.60x TP 1 for Llama-3-8B, batch 32, context 4K)."""
+    one = {(r["batch"], r["context"], r["mode"]): float(r["step_ms"]) for r in rows if r["tp"] == 1 and r["step_ms"]}
+    lines = []
+    for r in rows:
+        base = one.get((r["batch"], r["context"], r["mode"]))
+        if r["tp"] > 1 and base and r["step_ms"]:
+            lines.append(f"TP {r['tp']} / TP 1, batch {r['batch']} context {r['context']} {r['mode']}: "
+                         f"{float(r['step_ms']):.3f} / {base:.3f} ms = {float(r['step_ms']) / base:.3f}x")
+    return lines
+
+
 def _plot(rows, path: pathlib.Path, card: str) -> str:
     try:
         import matplotlib
@@ -245,14 +290,19 @@ def _plot(rows, path: pathlib.Path, card: str) -> str:
     figure, axis = plt.subplots(figsize=(9, 5))
     points = sorted({(r["batch"], r["context"]) for r in rows})
     labels = [f"{b}x{c}" for b, c in points]
-    for mode in MODES:
-        values = {(r["batch"], r["context"]): float(r["step_ms"]) for r in rows if r["mode"] == mode and r["step_ms"]}
-        if values:
-            axis.plot(labels, [values.get(p, np.nan) for p in points], marker="o", label=mode,
-                      linestyle=":" if mode in PAGED_MODES else "-")
-    roof = {(r["batch"], r["context"]): float(r["roofline_ms"]) for r in rows if r["roofline_ms"]}
-    if roof:
-        axis.plot(labels, [roof.get(p, np.nan) for p in points], linestyle="--", color="gray", label="roofline")
+    degrees = sorted({r["tp"] for r in rows})
+    for degree in degrees:
+        suffix = f" TP {degree}" if degrees != [1] else ""
+        for mode in MODES:
+            values = {(r["batch"], r["context"]): float(r["step_ms"]) for r in rows
+                      if r["mode"] == mode and r["tp"] == degree and r["step_ms"]}
+            if values:
+                axis.plot(labels, [values.get(p, np.nan) for p in points], marker="o", label=mode + suffix,
+                          linestyle=":" if mode in PAGED_MODES else "-")
+        roof = {(r["batch"], r["context"]): float(r["roofline_ms"]) for r in rows
+                if r["roofline_ms"] and r["tp"] == degree}
+        if roof:
+            axis.plot(labels, [roof.get(p, np.nan) for p in points], linestyle="--", label="roofline" + suffix)
     axis.set_xlabel("batch x context")
     axis.set_ylabel("ms per decode step")
     axis.set_title(f"decode step, {card}, {datetime.date.today()}")

@@ -31,8 +31,11 @@ from jax_vattention.config import LAYOUTS, CacheConfig
 from jax_vattention.attention import check_backend
 from jax_vattention.device_defaults import check_backend_on, default_backend
 from jax_vattention.engine import Engine, EngineConfig, EngineStats, Request
+from jax_vattention.bench.device_memory import check_fits, device_lines
 from jax_vattention.manager import CacheManager
 from jax_vattention.models import Llama, config_for_device
+from jax_vattention.sharded_manager import ShardedCacheManager
+from jax_vattention.tensor_parallel import check_divisible, init_sharded, tp_mesh
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="trace the timed run with the JAX profiler and print the device's busy and idle "
                              "time by kernel kind (see vattention bench profile)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel degree: the model (random weights made in their shards) and the cache "
+                             "split over the first TP devices (default 1)")
     parser.add_argument("--out", default=os.path.join("out", "serve-bench"),
                         help="folder for the CSV and PNG (default out/serve-bench)")
 
@@ -85,6 +91,8 @@ def validate(args: argparse.Namespace) -> None:
     for name in ("budget_mib", "page_kib", "prefetch_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.tp < 1 or args.tp > len(jax.devices()):
+        raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {args.tp}")
     check_writable(args.out)
 
 
@@ -117,13 +125,21 @@ def run(args: argparse.Namespace) -> int:
     check_backend(backend)
     check_backend_on(backend, args.layout, device)
     model_config = config_for_device(args.config, device)
-    model = Llama(model_config, rngs=nnx.Rngs(args.seed))
+    mesh = tp_mesh(args.tp) if args.tp > 1 else None
+    devices = list(mesh.devices.flat) if mesh is not None else [device]
+    if mesh is not None:
+        check_divisible(model_config, args.tp)
+    check_fits(model_config, args.config, devices, args.budget_mib << 20 if args.budget_mib is not None else None)
+    if mesh is None:
+        model = Llama(model_config, rngs=nnx.Rngs(args.seed))
+    else:  # each device makes only its share of the weights
+        model = init_sharded(Llama, model_config, mesh, seed=args.seed)
     cache_config = CacheConfig(
         num_layers=model_config.num_layers, max_batch=args.max_batch, max_len=args.max_len,
         kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=model_config.jnp_dtype,
         page_bytes=args.page_kib * 1024 if args.page_kib else None,
         budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None, layout=args.layout)
-    manager = CacheManager(cache_config, device)
+    manager = CacheManager(cache_config, device) if mesh is None else ShardedCacheManager(cache_config, mesh)
     engine_config = EngineConfig(token_budget=args.token_budget, chunk_tokens=args.chunk_tokens,
                                  prefetch_tokens=args.prefetch_tokens, backend=backend,
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
@@ -204,11 +220,14 @@ def run(args: argparse.Namespace) -> int:
     policies = ", ".join(f"{name}={'on' if on else 'off'}" for name, on in (
         ("overlap", engine_config.overlap), ("deferred_reclamation", engine_config.deferred_reclamation),
         ("eager_allocation", engine_config.eager_allocation), ("pipeline", engine_config.pipeline)))
-    print(f"\nvattention serve-bench on {device.device_kind} ({device.platform}), {datetime.date.today()}")
+    print(f"\nvattention serve-bench on {device.device_kind} ({device.platform}), {datetime.date.today()}"
+          + (f", tensor parallel over {args.tp} devices" if mesh is not None else ""))
     print(f"model {args.config} (random weights), {args.layout} cache, backend {engine_config.backend}, "
           f"token budget {args.token_budget}, chunk rows of {args.chunk_tokens}, "
           f"{args.max_batch} slots x {manager.capacity} tokens, page {manager.page_bytes >> 10} KiB, "
-          f"budget {stats['budget_pages'] * manager.page_bytes >> 20} MiB; {policies}")
+          f"budget {stats['budget_pages'] * manager.page_bytes >> 20} MiB"
+          + (f" ({stats['budget_pages'] * manager.page_bytes // args.tp >> 20} MiB a device)" if mesh is not None else "")
+          + f"; {policies}")
     print(f"workload: {len(workload)} requests, Poisson {args.rate}/s, prompt U{tuple(args.prompt_len)}, "
           f"output U{tuple(args.output_len)}")
     print(f"throughput          {tokens / elapsed:10.1f} tokens/s ({tokens} tokens in {elapsed:.2f} s)")
@@ -236,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
               f"batch {running.sum() / ideal.sum():.3f}x the ideal")
     else:
         print("admission was never held back by memory (raise --rate or lower --budget-mib to measure it)")
+    print("\n".join(device_lines(manager, devices)))
     print(f"mapped memory over time: {memory_csv}" + (f", {plot}" if plot else " (no matplotlib: no PNG)"))
     if trace_folder:
         _print_device_time(trace_folder, elapsed, len(records))

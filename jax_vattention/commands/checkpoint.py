@@ -96,10 +96,11 @@ def check_checkpoint(directory: str) -> None:
         raise CheckpointError(f"{tokenizer_path} must hold a JSON object")
 
 
-def load_checkpoint(directory: str, dtype: str | None, device):
+def load_checkpoint(directory: str, dtype: str | None, device, mesh=None):
     """``(model, tokenizer or None, end-of-sequence ids)`` of a checked checkpoint directory.
 
     ``dtype`` None takes the checkpoint's (bfloat16 for a float32 one on a GPU ``device``).
+    ``mesh``: the model split over it, each device's shards read from the files on their own.
     Raises :class:`CheckpointError` (a ``ValueError``) for any file the loader cannot use.
     """
     from jax_vattention.device_defaults import default_dtype
@@ -108,7 +109,7 @@ def load_checkpoint(directory: str, dtype: str | None, device):
     check_checkpoint(directory)
     try:
         dtype = dtype or default_dtype(hf_loader.read_config(directory).dtype, device)
-        model = hf_loader.load_model(directory, dtype=dtype)
+        model = hf_loader.load_model(directory, dtype=dtype, mesh=mesh)
         tokenizer = hf_loader.load_tokenizer(directory)
         return model, tokenizer, hf_loader.eos_token_ids(directory, model.config)
     except ValueError as error:

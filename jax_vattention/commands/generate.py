@@ -187,7 +187,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         backend, layout = _check_arguments(args)
-        loaded = load_model(args)
+        mesh = None
+        if args.tp > 1:
+            from jax_vattention.tensor_parallel import tp_mesh
+            mesh = tp_mesh(args.tp)
+        loaded = load_model(args, mesh)  # over a mesh: every weight made or read in its shards
         config = loaded.model.config
         if args.chat is not None:
             return _chat(args, loaded, backend, layout)
@@ -199,11 +203,10 @@ def run(args: argparse.Namespace) -> int:
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, backend=backend)
         print(f"model: {loaded.source}; {config.num_layers} layers, {config.dtype}; device: {jax.devices()[0]}; "
               f"{layout} cache, backend: {backend}")
-        model, mesh, generate = loaded.model, None, generate_in_manager
-        if args.tp > 1:
-            from jax_vattention.tensor_parallel import generate_tp_in_manager, shard_model, tp_mesh
-            mesh = tp_mesh(args.tp)
-            model, generate = shard_model(loaded.model, mesh), generate_tp_in_manager
+        model, generate = loaded.model, generate_in_manager
+        if mesh is not None:
+            from jax_vattention.tensor_parallel import generate_tp_in_manager
+            generate = generate_tp_in_manager
             print(f"tensor parallel over {args.tp} devices: {', '.join(map(str, mesh.devices.flat))}")
         with _open_manager(cache_config, mesh) as manager:
             _check_budget(manager, prompts, args.max_new_tokens)

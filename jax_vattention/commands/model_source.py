@@ -101,8 +101,9 @@ def _gguf_path(model: str) -> str | None:
     return model if model.endswith(".gguf") else None
 
 
-def load_model(args: argparse.Namespace) -> LoadedModel:
-    """The model ``args`` name, on JAX's default device."""
+def load_model(args: argparse.Namespace, mesh=None) -> LoadedModel:
+    """The model ``args`` name, on JAX's default device, or split over ``mesh`` (tensor parallelism:
+    a checkpoint's and random weights straight into their shards, a GGUF file's loaded, then split)."""
     from flax import nnx
 
     from jax_vattention.commands.checkpoint import load_checkpoint
@@ -114,16 +115,23 @@ def load_model(args: argparse.Namespace) -> LoadedModel:
         from jax_vattention.device_defaults import default_dtype
         from jax_vattention.models import gguf_loader
         model, tokenizer = gguf_loader.load(gguf_path, dtype=args.dtype or default_dtype("float32", device))
+        if mesh is not None:
+            from jax_vattention.tensor_parallel import shard_model
+            model = shard_model(model, mesh)
         name = os.path.basename(gguf_path).removesuffix(".gguf")
         return LoadedModel(model, tokenizer, model.config.eos_token_ids, name, args.model)
     if args.model:
-        model, tokenizer, stop_tokens = load_checkpoint(args.model, args.dtype, device)
+        model, tokenizer, stop_tokens = load_checkpoint(args.model, args.dtype, device, mesh)
         name = args.model.rstrip("/").split("/")[-1] or args.model
         return LoadedModel(model, tokenizer, tuple(stop_tokens), name, args.model)
     if args.dtype:
         config = get_config(args.config).replace(dtype=args.dtype)
     else:
         config = config_for_device(args.config, device)
-    model = Llama(config, rngs=nnx.Rngs(args.seed))
+    if mesh is None:
+        model = Llama(config, rngs=nnx.Rngs(args.seed))
+    else:
+        from jax_vattention.tensor_parallel import init_sharded
+        model = init_sharded(Llama, config, mesh, seed=args.seed)
     tokenizer = ByteTokenizer() if config.vocab_size >= 256 else None
     return LoadedModel(model, tokenizer, (), args.config, f"config {args.config} (random weights)")

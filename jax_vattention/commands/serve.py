@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention kernel; auto: pallas on GPU (cudnn for a per-layer cache), xla on CPU")
     parser.add_argument("--budget-mib", type=int, default=None,
                         help="physical memory the cache may map (default: 90%% of free)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel degree: the model and the cache split over the first TP devices "
+                             "(default 1)")
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[str, str]:
@@ -53,6 +56,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, str]:
         raise ValueError(f"--max-len must be at least 2 (a prompt token and an answer); got {args.max_len}")
     if args.budget_mib is not None and args.budget_mib < 1:
         raise ValueError(f"--budget-mib must be at least 1; got {args.budget_mib}")
+    if args.tp < 1 or args.tp > len(jax.devices()):
+        raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {args.tp}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65536); got {args.port}")
     device = jax.devices()[0]
@@ -74,7 +79,11 @@ def build_service(args: argparse.Namespace):
     from jax_vattention.server.engine_loop import EngineLoop
 
     backend, layout = check_arguments(args)
-    loaded = load_model(args)
+    mesh = None
+    if args.tp > 1:
+        from jax_vattention.tensor_parallel import tp_mesh
+        mesh = tp_mesh(args.tp)
+    loaded = load_model(args, mesh)  # over a mesh: every weight made or read in its shards
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source} has no tokenizer (a vocabulary under 256 has no byte tokens): "
                          f"serve a checkpoint with a tokenizer.json")
@@ -83,7 +92,7 @@ def build_service(args: argparse.Namespace):
         num_layers=config.num_layers, max_batch=args.max_batch, max_len=args.max_len,
         kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=config.jnp_dtype, layout=layout,
         budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None)
-    manager = jv.CacheManager(cache_config)
+    manager = jv.CacheManager(cache_config) if mesh is None else jv.ShardedCacheManager(cache_config, mesh)
     engine = Engine(loaded.model, manager, EngineConfig(
         token_budget=args.token_budget, chunk_tokens=args.chunk_tokens, backend=backend, seed=args.seed,
         max_stop_tokens=max(4, len(loaded.stop_tokens))))

@@ -43,6 +43,7 @@ from jax_vattention.engine.scheduler import Scheduler, StepPlan
 from jax_vattention.engine.validation import checked_request
 from jax_vattention.manager import CacheManager
 from jax_vattention.preflight import check_slots, mapping_failures
+from jax_vattention.tensor_parallel import for_manager
 
 
 # Mapping a page takes ~50 µs of host time per buffer (2.9 ms for a slot of a 32-layer
@@ -152,7 +153,9 @@ class EngineStats:
 
 
 class Engine:
-    """Serves requests over one :class:`CacheManager`'s cache.
+    """Serves requests over one :class:`CacheManager`'s cache, or a
+    :class:`~jax_vattention.ShardedCacheManager`'s over its mesh (tensor parallelism: the model is
+    split over the same mesh, by :func:`~jax_vattention.tensor_parallel.shard_model` if it is not yet).
 
     Example::
 
@@ -169,6 +172,7 @@ class Engine:
                 cache_config.num_layers, cache_config.kv_heads, cache_config.head_dim):
             raise ValueError("the cache's layers, KV heads and head_dim must match the model's")
         self.backend = resolve_backend(config.backend, manager.cache)
+        model, tp = for_manager(model, manager)  # a ShardedCacheManager: the model split over its mesh
         self.model = model
         self.manager = manager
         self.config = config
@@ -177,15 +181,13 @@ class Engine:
         self.scheduler = Scheduler(max_batch=cache_config.max_batch, token_budget=config.token_budget,
                                    chunk_tokens=config.chunk_tokens, chunk_rows=config.chunk_rows)
         self.runner = StepRunner(model, max_batch=cache_config.max_batch, chunk_rows=config.chunk_rows,
-                                 chunk_tokens=config.chunk_tokens, backend=self.backend)
+                                 chunk_tokens=config.chunk_tokens, backend=self.backend, tp=tp)
         self._next_id = 0
         self._blocked = False           # the last admission stopped at the page budget
         self._admit_error: Exception | None = None
         self._key = jax.random.key(config.seed)
         self._in_flight: _InFlight | None = None     # the step dispatched and not yet read
-        # Committed to the cache's device like every step's tokens, so that the step compiled with
-        # these "no previous tokens" is the one every later step reuses.
-        self._no_tokens = jax.device_put(self.runner.no_tokens(), manager.cache.k[0].sharding)
+        self._no_tokens = self.runner.no_tokens(next(iter(manager.cache.k[0].devices())))
         self._last_read = 0.0                         # when the host last finished reading a step
         self._undelivered: list[TokenEvent] = []      # failures the next step streams
 
@@ -250,9 +252,9 @@ class Engine:
         return self.scheduler.running
 
     def _pages_for(self, tokens: int) -> int:
-        token_bytes = self.manager.config.token_bytes
-        return -(-min(tokens, self.manager.capacity) * token_bytes // self.manager.page_bytes) * \
-            self.manager.config.num_buffers
+        shards = getattr(self.manager, "managers", [self.manager])  # tensor parallel: one per device
+        return sum(-(-min(tokens, shard.capacity) * shard.config.token_bytes // shard.page_bytes) *
+                   shard.config.num_buffers for shard in shards)
 
     # ------------------------------------------------------------------- steps
     def step(self) -> list[TokenEvent]:

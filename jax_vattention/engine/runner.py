@@ -12,6 +12,10 @@ chunk_rows]``, and take the previous step's as an input: a decode row whose last
 token is still on the device (the pipelined engine dispatches a step before it
 reads the previous one's tokens) names that token's row in ``token_rows``, so
 the host never waits for a token to feed it back.
+
+Over a mesh (tensor parallelism) the same step runs inside ``shard_map``: every device
+runs it on its shards of the weights and of the cache, and samples the same tokens
+(see :mod:`jax_vattention.tensor_parallel`).
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jax_vattention.donation import cache_jit
 from jax_vattention.engine.scheduler import StepPlan
 from jax_vattention.step_batch import StepBatch, model_step
+from jax_vattention.tensor_parallel import CACHE
 
 
 class StepRunner:
@@ -38,25 +44,37 @@ class StepRunner:
     max_batch : decode rows (row ``s`` is slot ``s``)
     chunk_rows, chunk_tokens : the prefill rows of a mixed step and their width
     backend : the attention backend
+    tp : the :class:`~jax_vattention.tensor_parallel.TPSpecs` of a model split over a mesh and
+        its cache (:func:`~jax_vattention.tensor_parallel.for_manager`), or None for one device
     """
 
-    def __init__(self, model, *, max_batch: int, chunk_rows: int, chunk_tokens: int, backend: str):
+    def __init__(self, model, *, max_batch: int, chunk_rows: int, chunk_tokens: int, backend: str, tp=None):
         self.graphdef, self.state = nnx.split(model)
         self.max_batch = max_batch
         self.chunk_rows = chunk_rows
         self.chunk_tokens = chunk_tokens
         self.backend = backend
         self.traces = 0
-        self._step = cache_jit(functools.partial(self._traced, self.graphdef, backend))
+        self.tp = tp
+        body = functools.partial(self._traced, self.graphdef, backend)
+        # batch, token_rows, previous, temperature, top_k, top_p, key: whole on every device; the
+        # tokens come back whole
+        self._step = cache_jit(body) if tp is None else tp.shard_jit(body, 7, (None, CACHE))
 
     @property
     def output_rows(self) -> int:
         """The rows of every step's tokens: a decode row per slot, then the mixed step's chunk rows."""
         return self.max_batch + self.chunk_rows
 
-    def no_tokens(self) -> jax.Array:
-        """int32 [output_rows] zeros: the previous tokens of a step that follows none."""
-        return jnp.zeros(self.output_rows, jnp.int32)
+    def no_tokens(self, device) -> jax.Array:
+        """int32 [output_rows] zeros: the previous tokens of a step that follows none.
+
+        Placed as every step's tokens are (on ``device``, or whole on every device of the mesh), so
+        that a step compiled after none is the one every later step reuses."""
+        zeros = jnp.zeros(self.output_rows, jnp.int32)
+        if self.tp is not None:
+            return jax.device_put(zeros, NamedSharding(self.tp.mesh, PartitionSpec()))
+        return jax.device_put(zeros, SingleDeviceSharding(device))
 
     def _traced(self, graphdef, backend, state, cache, batch, token_rows, previous, temperature, top_k,
                 top_p, key):
