@@ -142,6 +142,8 @@ class EngineStats:
     memory_bound_batches: list = dataclasses.field(default_factory=list)
     mapped_bytes: list = dataclasses.field(default_factory=list)   # (time, bytes) after each step
     # Prefix sharing. Every admission counts: a preempted request's readmission too.
+    admissions: int = 0
+    shared_admissions: int = 0    # admissions that mapped at least one cached page
     prompt_tokens: int = 0        # context tokens of the requests admitted
     prefill_tokens: int = 0       # of them, computed by prefill chunks (the rest was shared)
     shared_tokens: int = 0        # mapped from the prefix cache at admission
@@ -325,8 +327,10 @@ class Engine:
                 placed = self.prefixes.admit(state, eager)
                 slot, state.computed = placed.slot, placed.shared_tokens
                 self.stats.shared_tokens += placed.shared_tokens
+                self.stats.shared_admissions += placed.shared_tokens > 0
                 self.stats.shared_pages += (placed.shared_tokens // self.prefixes.tokens_per_page
                                             * self.manager.config.num_buffers)
+            self.stats.admissions += 1
             self.stats.prompt_tokens += context
             return slot
         except OutOfPagesError as error:
