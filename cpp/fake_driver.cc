@@ -19,6 +19,11 @@ FakeDriver::FakeDriver(std::size_t granularity, std::size_t memory_bytes, bool h
   if (granularity == 0) throw std::invalid_argument("FakeDriver: granularity must be positive");
 }
 
+bool FakeDriver::can_alias() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return host_pages_ || !reservations_.empty();
+}
+
 MemoryInfo FakeDriver::memory_info() {
   std::lock_guard<std::mutex> lock(mutex_);
   std::size_t used = 0;

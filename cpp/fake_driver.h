@@ -26,6 +26,10 @@ class FakeDriver final : public Driver {
   FakeDriver(std::size_t granularity, std::size_t memory_bytes, bool host_pages = false);
 
   std::string name() const override { return "fake"; }
+  // Pages may be shared where that is honest: on its own reservations (addresses with nothing
+  // behind them: bookkeeping only) or with host_pages. On buffers adopted from the CPU backend
+  // without host_pages, a page mapped at a second address would not show the first one's bytes.
+  bool can_alias() const override;
   std::size_t granularity() const override { return granularity_; }
   MemoryInfo memory_info() override;
 
