@@ -160,6 +160,30 @@ def test_cached_pages_are_evicted_before_a_request_waits_or_is_preempted(model):
     manager.close()
 
 
+def test_a_driver_failure_while_mapping_a_shared_prefix_changes_nothing_and_the_engine_goes_on(model):
+    requests = workload(6, 2, 70, new=(6, 7))
+    manager, driver = make_manager(model)
+    engine = Engine(model, manager, EngineConfig(token_budget=48, chunk_tokens=16))
+    first = engine.submit(requests[0])
+    alone = engine.run()[first]
+    manager.reclaim()                          # the prefix stays cached, mapped nowhere: admission maps it
+    second = engine.submit(requests[1])
+    for operation in ("map", "set_access"):   # the cached pages' mapping, then their access
+        driver.fail_on(operation, 1)
+        before = manager._core.view()
+        with pytest.raises(_core.DriverError, match="injected"):
+            engine.step()
+        view = check_accounting(manager, driver)
+        assert (view["slots"], view["cache"]) == (before["slots"], before["cache"]) and engine.waiting == 1
+    outputs = engine.run()
+    assert engine.stats.shared_admissions == 1 and not engine.failed
+    check_nothing_leaks(manager, driver)
+    manager.close()
+    reference, *_, plain, _ = run(model, requests, sharing=False)
+    assert [alone, outputs[second]] == reference
+    plain.close()
+
+
 def test_a_shared_page_reads_the_same_in_every_slot_that_maps_it(model):
     """The fake driver's host pages: values written in one slot appear at the shared positions of
     another, and come back after the page was unmapped everywhere."""
