@@ -314,7 +314,9 @@ class Engine:
 
     def _admit(self, state: RequestState) -> int | None:
         """A slot with the request's whole context mapped (and its first decode pages, with eager
-        allocation); None on back-pressure."""
+        allocation); with prefix sharing, its cached prefix is shared and ``state.computed`` set to
+        its end. None on back-pressure, or while a running request computes the request's next
+        prefix page (it is published within a few steps)."""
         context = len(state.context)
         eager = min(self.config.prefetch_horizon, state.remaining) if self.config.eager_allocation else 0
         try:
