@@ -94,7 +94,7 @@ def check_nothing_leaks(manager, driver):
     assert driver.handles() == [] and driver.mappings() == {}
 
 
-@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+@pytest.mark.parametrize("layout", ["per_layer", pytest.param("interleaved", marks=pytest.mark.slow)])
 def test_tokens_are_the_same_with_sharing_on_and_off_under_preemption(model, layout):
     # A 70-token system prompt (2 pages per layer, 4 interleaved pages) and a tight budget.
     # Outputs longer than the eager pages: decodes grow into pages they must map, and preempt.
@@ -160,6 +160,7 @@ def test_cached_pages_are_evicted_before_a_request_waits_or_is_preempted(model):
     manager.close()
 
 
+@pytest.mark.slow
 def test_a_driver_failure_while_mapping_a_shared_prefix_changes_nothing_and_the_engine_goes_on(model):
     requests = workload(6, 2, 70, new=(6, 7))
     manager, driver = make_manager(model)
