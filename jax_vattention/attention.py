@@ -28,6 +28,14 @@ Backends
     Decode (``q_len == 1``) runs
     ``jax_vattention.kernels.decode_attention.decode_attention``; prefill falls
     back to ``cudnn`` on GPU and ``blocked`` elsewhere.
+``mosaic``
+    JAX's Mosaic GPU flash attention (FlashAttention-3 on Hopper,
+    ``jax.experimental.pallas.ops.gpu.attention_mgpu``), a kernel we did not write
+    and that has no paged version, for prompt prefill from position 0: it takes no
+    lengths, so it attends each prompt over the prompt's own keys and values
+    (:func:`attend_prompt`, causal: a real query never sees a padding key). Hopper
+    only, 16-bit caches, ``head_dim`` a multiple of 64. Decode runs cuDNN on a
+    per-layer cache and the Pallas decode kernel on an interleaved one.
 
 Which backend may run is one rule, :func:`resolve_backend`, used by
 :func:`attend`, :func:`jax_vattention.generate.generate` and the engine: no
@@ -269,6 +277,69 @@ def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
     return out[:, None]  # [B, 1, N, H]
 
 
+# Query rows per warpgroup of the Mosaic kernel; each program takes two warpgroups' rows, so a
+# prompt is padded to a multiple of 2 * MOSAIC_BLOCK_Q tokens.
+MOSAIC_BLOCK_Q = 64
+
+
+def check_mosaic_shapes(dtype, head_dim: int) -> None:
+    """``ValueError`` unless the Mosaic kernel takes a cache of ``dtype`` and ``head_dim``."""
+    if jnp.dtype(dtype) not in CUDNN_DTYPES:
+        raise ValueError(f"backend 'mosaic' takes bfloat16 or float16 caches, not {jnp.dtype(dtype)}: use "
+                         "'blocked' (or a 16-bit model dtype)")
+    if head_dim % 64:
+        raise ValueError(f"backend 'mosaic' needs head_dim a multiple of 64 (its wgmma tiles); this cache has "
+                         f"{head_dim}: use 'cudnn' or 'pallas'")
+
+
+def mosaic_prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: Callable | None = None) -> jax.Array:
+    """Causal attention of prompts from position 0 over their own keys, by Mosaic GPU flash attention.
+
+    The kernel has no lengths and no scale, needs sequences in whole tiles and (jax 0.10–0.11)
+    stages its operands in float16 shared memory. So the queries are scaled first, everything is
+    cast to float16 and padded with zeros to a multiple of ``2 * MOSAIC_BLOCK_Q`` tokens; the causal
+    mask keeps every real query (``t < length``) off the padding keys (``s > t``).
+
+    Shapes: q [B, T, N, H]; k, v [B, T, K, H] -> [B, T, N, H] in ``q``'s dtype (rows past a
+    prompt's length hold values that are never read). ``kernel(q, k, v)`` replaces the Mosaic
+    call (tests run ``attention_mgpu.attention_reference`` on a CPU through it).
+    """
+    batch, tokens, _, head_dim = q.shape
+    check_mosaic_shapes(q.dtype, head_dim)
+    padded = -(-tokens // (2 * MOSAIC_BLOCK_Q)) * (2 * MOSAIC_BLOCK_Q)
+    if kernel is None:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+        # 128-key blocks where they fit: two of K and two of V in shared memory up to head_dim 128.
+        block_kv = 128 if padded >= 256 and head_dim <= 128 else 64
+        config = attention_mgpu.TuningConfig(block_q=MOSAIC_BLOCK_Q, block_kv=block_kv, max_concurrent_steps=2,
+                                             causal=True)
+        kernel = functools.partial(attention_mgpu.attention, config=config)
+    pad = ((0, 0), (0, padded - tokens), (0, 0), (0, 0))
+    scaled = q.astype(jnp.float32) * jnp.float32(head_dim ** -0.5)  # [B, T, N, H]
+    q16, k16, v16 = (jnp.pad(x.astype(jnp.float16), pad) for x in (scaled, k, v))  # [B, T', ., H]
+    return kernel(q16, k16, v16)[:, :tokens].astype(q.dtype)  # [B, T, N, H]
+
+
+def mosaic_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
+    """The ``mosaic`` backend over a cache: decode only (cuDNN per-layer, the Pallas kernel interleaved).
+
+    The Mosaic kernel cannot read a cache in place (it has no lengths: it would read past them),
+    so prefill goes through :func:`attend_prompt` (see :func:`prefill_attends_prompt`)."""
+    if q.shape[1] > 1:
+        raise ValueError("backend 'mosaic' prefills through attend_prompt (from position 0, over the prompt's "
+                         "own keys): its kernel takes no lengths, so it cannot read a cache in place")
+    decode = cudnn_attention if layer is None else pallas_attention
+    return decode(q, k_cache, v_cache, q_positions, kv_lengths, layer)
+
+
+def prefill_attends_prompt(backend: str, interleaved: bool) -> bool:
+    """Whether a prefill from position 0 attends over the prompt's own keys and values
+    (:func:`attend_prompt`) instead of reading the cache: for every backend but the ``xla``
+    reference on an interleaved cache (cuDNN cannot read one layer of it in place), and for
+    backends whose prefill kernel takes no lengths (:data:`PROMPT_KERNELS`)."""
+    return backend in PROMPT_KERNELS or (interleaved and backend != "xla")
+
+
 def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, backend: str) -> jax.Array:
     """Causal attention of a prompt over its own keys and values, starting at position 0.
 
@@ -280,13 +351,18 @@ def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
     ----------
     q : [batch, tokens, q_heads, head_dim]; k, v : [batch, tokens, kv_heads, head_dim]
     lengths : int32 [batch], the real tokens of each row (the rest is padding)
-    backend : ``"cudnn"`` or ``"pallas"`` use cuDNN on a GPU; elsewhere JAX's XLA version
+    backend : ``"cudnn"`` or ``"pallas"`` use cuDNN on a GPU; elsewhere JAX's XLA version;
+        ``"mosaic"`` JAX's Mosaic GPU flash attention (:func:`mosaic_prompt_attention`)
 
     Returns
     -------
     [batch, tokens, q_heads, head_dim]; rows past their length hold zeros or garbage that is never read.
     """
     check_backend(backend)
+    if backend == "mosaic":
+        if jax.default_backend() != "gpu":
+            raise ValueError("backend 'mosaic' needs a Hopper GPU; use 'blocked' here")
+        return mosaic_prompt_attention(q, k.astype(q.dtype), v.astype(q.dtype))  # [B, T, N, H]
     cudnn = (jax.default_backend() == "gpu" and backend in ("cudnn", "pallas")
              and jnp.dtype(q.dtype) in CUDNN_DTYPES)
     implementation = "cudnn" if cudnn else None
@@ -300,11 +376,15 @@ BACKENDS: dict[str, Callable] = {
     "blocked": blocked_attention,
     "cudnn": cudnn_attention,
     "pallas": pallas_attention,
+    "mosaic": mosaic_attention,
 }
 
 
 # Backends that read every position of the capacity, not only each row's first kv_lengths[b].
 READS_WHOLE_CAPACITY = frozenset({"xla"})
+
+# Backends whose prefill kernel takes no lengths: a prompt attends over its own keys (attend_prompt).
+PROMPT_KERNELS = frozenset({"mosaic"})
 
 
 def check_backend(backend: str) -> None:
@@ -327,16 +407,25 @@ def default_backend(layout: str, platform: str, dtype=None) -> str:
     return "pallas" if layout == "interleaved" else "cudnn"
 
 
-def check_backend_on(backend: str, layout: str, platform: str, virtual: bool = True) -> None:
+def check_backend_on(backend: str, layout: str, platform: str, virtual: bool = True, *,
+                     compute_capability: str | None = None) -> None:
     """The one rule for which attention backend may read which cache; ``ValueError`` if it may not.
 
     ``layout`` is the cache's (``"per_layer"`` or ``"interleaved"``), ``platform`` its device's
-    ``jax.Device.platform``, ``virtual`` whether a manager serves it. Refused: an unknown backend;
-    cuDNN off a GPU, or on an interleaved cache (it cannot read one layer in place); and a backend
-    in :data:`READS_WHOLE_CAPACITY` on a virtual cache on a GPU, whose pages past the lengths are
+    ``jax.Device.platform``, ``virtual`` whether a manager serves it, ``compute_capability`` the
+    GPU's (``jax.Device.compute_capability``, e.g. ``"9.0"``; None: not checked). Refused: an
+    unknown backend; cuDNN off a GPU, or on an interleaved cache (it cannot read one layer in
+    place); Mosaic off a Hopper GPU (its kernel is written for sm_90's wgmma); and a backend in
+    :data:`READS_WHOLE_CAPACITY` on a virtual cache on a GPU, whose pages past the lengths are
     unmapped: one read there kills the CUDA context.
     """
     check_backend(backend)
+    if backend == "mosaic" and platform != "gpu":
+        raise ValueError(f"backend 'mosaic' (JAX's Mosaic GPU flash attention) needs an NVIDIA Hopper GPU; JAX "
+                         f"runs on {platform} here: use 'blocked'")
+    if backend == "mosaic" and compute_capability is not None and str(compute_capability).split(".")[0] != "9":
+        raise ValueError(f"backend 'mosaic' needs a Hopper GPU (compute capability 9.x: its kernel uses wgmma); "
+                         f"this GPU's is {compute_capability}: use 'cudnn' or 'pallas'")
     if backend == "cudnn" and platform != "gpu":
         raise ValueError(f"backend 'cudnn' needs a CUDA GPU; JAX runs on {platform} here: use 'blocked' "
                          "(or 'pallas', which is interpreted and slow off a GPU)")
@@ -354,11 +443,14 @@ def resolve_backend(backend: str | None, cache) -> str:
     :func:`check_backend_on`, or for ``None`` the :func:`default_backend` of the cache's device
     and layout. Raises ``ValueError`` for an unknown or unsafe backend.
     """
-    platform = next(iter(cache.k[0].devices())).platform
+    device = next(iter(cache.k[0].devices()))
     layout = "interleaved" if cache.interleaved else "per_layer"
     if backend is None:
-        return default_backend(layout, platform, cache.k[0].dtype)
-    check_backend_on(backend, layout, platform, virtual=not cache.is_dense)
+        return default_backend(layout, device.platform, cache.k[0].dtype)
+    check_backend_on(backend, layout, device.platform, virtual=not cache.is_dense,
+                     compute_capability=getattr(device, "compute_capability", None))
+    if backend == "mosaic":
+        check_mosaic_shapes(cache.k[0].dtype, cache.k[0].shape[-1])
     return backend
 
 
@@ -374,7 +466,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
         (holding the new tokens' keys and values already)
     q_positions : int32 [batch, q_len], each query's position in its sequence
     kv_lengths : int32 [batch], how many cache positions of each row are valid
-    backend : ``"xla"``, ``"blocked"``, ``"cudnn"``, ``"pallas"``, or None for the default backend's
+    backend : ``"xla"``, ``"blocked"``, ``"cudnn"``, ``"pallas"``, ``"mosaic"`` (decode only: see
+        :func:`mosaic_attention`), or None for the default backend's
         :func:`default_backend` (on the platform JAX runs on; an interleaved cache when ``layer`` is
         given). Callers holding a :class:`KVCache` pass :func:`resolve_backend`'s answer.
     slots : int32 [batch] or None, the cache slot of each row (default: row ``b`` is slot ``b``);

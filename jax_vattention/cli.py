@@ -1,4 +1,4 @@
-"""The ``vattention`` command: ``generate``, ``serve``, ``bench {alloc,attention,crossing,decode,pages}`` and ``serve-bench``."""
+"""The ``vattention`` command: ``generate``, ``serve``, ``bench {alloc,attention,crossing,decode,profile,pages}`` and ``serve-bench``."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ COMMANDS = [
     (("bench", "attention"), "jax_vattention.bench.attention", "decode attention against paged kernels"),
     (("bench", "decode"), "jax_vattention.bench.decode", "the model's decode step: static vs virtual cache, roofline"),
     (("bench", "crossing"), "jax_vattention.bench.crossing", "the cost of a decode step that crosses a page"),
+    (("bench", "profile"), "jax_vattention.bench.profile", "where a decode step's time goes, by kernel kind (profiler)"),
     (("bench", "pages"), "jax_vattention.bench.page_table", "tokens per page and worst-case waste by model, TP, page size"),
     (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),
 ]

@@ -33,4 +33,5 @@ def default_layout(backend: str) -> str:
 
 def check_backend_on(backend: str, layout: str, device: jax.Device) -> None:
     """Raises ``ValueError`` for a kernel that cannot read a virtual cache of ``layout`` on ``device``."""
-    attention.check_backend_on(backend, layout, device.platform, virtual=True)
+    attention.check_backend_on(backend, layout, device.platform, virtual=True,
+                               compute_capability=getattr(device, "compute_capability", None))

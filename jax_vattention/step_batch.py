@@ -81,6 +81,11 @@ class StepBatch:
         chunk = self.decode_rows + jnp.arange(self.chunk_rows, dtype=jnp.int32) * self.chunk_width + last
         return jnp.concatenate([jnp.arange(self.decode_rows, dtype=jnp.int32), chunk])
 
+    def split_rows(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``[1, D + R*C, ...]`` -> the decode part ``[D, 1, ...]`` and the chunk part ``[R, C, ...]``."""
+        rows = self.decode_rows
+        return x[0, :rows, None], x[0, rows:].reshape(self.chunk_rows, self.chunk_width, *x.shape[2:])
+
     def write_and_attend(self, cache: KVCache, layer: int, q: jax.Array, k: jax.Array, v: jax.Array,
                          backend: str) -> tuple[jax.Array, KVCache]:
         """Writes one layer's new keys and values, then attends each part over the cache.
@@ -88,13 +93,13 @@ class StepBatch:
         q [1, D + R*C, N, H]; k, v [1, D + R*C, K, H] in the cache's dtype.
         Returns the attention output [1, D + R*C, N, H] and the cache.
         """
+        if not isinstance(cache, KVCache):
+            # A cache with a layout of its own (the paged baseline, jax_vattention.paged_cache)
+            # writes and attends the step through its own kernels.
+            return cache.write_and_attend(self, layer, q, k, v, backend)
         check_backend(backend)
-        rows, chunks, width = self.decode_rows, self.chunk_rows, self.chunk_width
-
-        def split(x):  # [1, D + R*C, ...] -> [D, 1, ...], [R, C, ...]
-            return x[0, :rows, None], x[0, rows:].reshape(chunks, width, *x.shape[2:])
-
-        (q_d, q_c), (k_d, k_c), (v_d, v_c) = split(q), split(k), split(v)
+        rows, chunks = self.decode_rows, self.chunk_rows
+        (q_d, q_c), (k_d, k_c), (v_d, v_c) = self.split_rows(q), self.split_rows(k), self.split_rows(v)
         cache = write_kv(cache, layer, k_d, v_d, self.decode_positions, self.decode_count, self.decode_slots)
         if chunks:
             cache = write_kv(cache, layer, k_c, v_c, self.chunk_start, self.chunk_count, self.chunk_slots)
@@ -103,7 +108,7 @@ class StepBatch:
                       kv_lengths=self.decode_positions + self.decode_count, backend=backend,
                       slots=self.decode_slots, layer=index).reshape(rows, *q.shape[2:])]  # [D, N, H]
         if chunks:
-            positions = self.positions()[0, rows:].reshape(chunks, width)  # [R, C]
+            positions = self.positions()[0, rows:].reshape(chunks, self.chunk_width)  # [R, C]
             lengths = self.chunk_start + self.chunk_count  # [R]
             if backend == "xla":  # the reference reads whole rows: dense caches and tests only
                 gathered = (k_cache[jnp.minimum(self.chunk_slots, k_cache.shape[0] - 1)],
@@ -113,7 +118,7 @@ class StepBatch:
             else:
                 chunk_out = chunk_attention(q_c, k_cache, v_cache, slots=self.chunk_slots,
                                             q_positions=positions, kv_lengths=lengths, layer=index)
-            out.append(chunk_out.reshape(chunks * width, *q.shape[2:]))  # [R*C, N, H]
+            out.append(chunk_out.reshape(chunks * self.chunk_width, *q.shape[2:]))  # [R*C, N, H]
         return jnp.concatenate(out)[None], cache  # [1, D + R*C, N, H]
 
 

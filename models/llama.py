@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from jax_vattention.attention import attend, attend_prompt
+from jax_vattention.attention import attend, attend_prompt, prefill_attends_prompt
 from jax_vattention.cache import KVCache
 from jax_vattention.step_batch import StepBatch
 from jax_vattention.writes import write_kv
@@ -68,9 +68,9 @@ class Attention(nnx.Module):
             return jnp.einsum('BTNH,NHD->BTD', out.astype(x.dtype), self.wo[...]), cache  # [1, T, D]
         cache = write_kv(cache, layer, k.astype(dtype), v.astype(dtype), start, count, slots)
         k_cache, v_cache, index = cache.layer(layer)
-        if index is not None and q.shape[1] > 1 and backend != "xla":
-            # Prefill of an interleaved cache (which starts at position 0): the prompt's own
-            # keys and values are all it attends to, and cuDNN cannot read the cache in place.
+        if q.shape[1] > 1 and prefill_attends_prompt(backend, interleaved=index is not None):
+            # Prefill (from position 0): the prompt's own keys and values are all it attends to,
+            # for a cache the kernel cannot read in place.
             out = attend_prompt(q, k.astype(dtype), v.astype(dtype), count, backend=backend)  # [B, T, N, H]
         else:
             out = attend(q, k_cache, v_cache, q_positions=positions, kv_lengths=start + count,

@@ -16,6 +16,10 @@
 #              default 20000), in its own process
 #   server     vattention serve on the tiny model, one completion and one streamed chat through curl
 #   chat       generate --model smollm2-135m --chat, both layouts (needs the SmolLM2 file installed)
+#   decode     vattention bench decode, Llama-3-8B shape: static, virtual (both layouts) and paged (cuDNN
+#              paged, Pallas paged) caches through the same model code, batch DECODE_BATCH (default
+#              16 64) x context DECODE_CONTEXT (default 2048 8192); CSV and PNG into $OUT (not in the
+#              default list; a point that does not fit in the card's memory is recorded as such)
 #   tp         tensor parallelism on the first 2 GPUs (not in the default list): its GPU tests (TP 2
 #              gives TP 1's tokens, free memory per device) and the decode-step timing, batch 32,
 #              context 4K, TP 1 against TP 2, then generate --tp 2 on the tiny model
@@ -49,6 +53,11 @@ for section in $sections; do
         --deselect test_soak.py::test_gpu_soak_of_twenty_thousand_decode_steps \
         $(for file in ${GPU_TESTS:-.}; do echo "$tests/$file"; done) \
         2>&1 | tee "$out/gpu_tests.log" || status=1 ;;
+    decode)
+      timeout "${DECODE_TIMEOUT:-240}" "$python" -m jax_vattention.cli bench decode --batch ${DECODE_BATCH:-16 64} \
+        --context ${DECODE_CONTEXT:-2048 8192} --steps 8 --repeats 3 --out /tmp/bench_decode 2>&1 \
+        | tee "$out/bench_decode.log" || status=1
+      cp /tmp/bench_decode/decode.csv /tmp/bench_decode/decode.png "$out/" 2>/dev/null || true ;;
     alloc)
       timeout 60 "$python" -m jax_vattention.bench alloc 2>&1 | tee "$out/bench_alloc.log" || status=1 ;;
     generate)

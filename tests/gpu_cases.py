@@ -135,9 +135,89 @@ def out_of_pages_in_a_step_rebuilds_the_cache() -> None:
         assert manager.reclaim() >= 0
 
 
+def hopper() -> bool:
+    return str(getattr(gpu(), "compute_capability", "")).split(".")[0] == "9"
+
+
+def mosaic_prefill_matches_reference() -> None:
+    """Issue 12 item 7: JAX's Mosaic GPU flash attention behind backend='mosaic' prefills like the
+    float32 reference on every real token (padded prompts, GQA, head_dim 64 and 128)."""
+    if not hopper():
+        print(f"not a Hopper GPU ({gpu().device_kind}): the case checks the refusal only")
+        try:
+            jv.attention.check_backend_on("mosaic", "per_layer", "gpu", compute_capability=gpu().compute_capability)
+            raise AssertionError("backend 'mosaic' was accepted off Hopper")
+        except ValueError as error:
+            assert "Hopper" in str(error)
+        return
+    from jax_vattention.attention import attend_prompt
+
+    rng = np.random.default_rng(7)
+    for batch, tokens, q_heads, kv_heads, head_dim, lengths in ((2, 300, 32, 8, 128, (300, 77)),
+                                                                 (3, 5, 4, 2, 64, (5, 1, 3))):
+        q, k, v = (jnp.asarray(rng.standard_normal((batch, tokens, heads, head_dim)), jnp.bfloat16)
+                   for heads in (q_heads, kv_heads, kv_heads))
+        lengths = jnp.asarray(lengths, jnp.int32)
+        got = jax.jit(attend_prompt, static_argnames="backend")(q, k, v, lengths, backend="mosaic")
+        got = np.asarray(jax.block_until_ready(got), np.float32)
+        want = np.asarray(xla_attention(*(x.astype(jnp.float32) for x in (q, k, v)),
+                                        jnp.broadcast_to(jnp.arange(tokens), (batch, tokens)), lengths))
+        real = np.arange(tokens)[None] < np.asarray(lengths)[:, None]
+        np.testing.assert_allclose(got[real], want[real], atol=2e-2, rtol=2e-2)
+
+
+def mosaic_generate_matches_cudnn() -> None:
+    """Issue 12 item 7: generate with backend='mosaic' (Mosaic prefill) gives the tokens of the backend
+    that differs from it only in the prefill kernel: cuDNN per-layer, Pallas interleaved (float16,
+    head_dim 64, so that the query scale is exact and only the kernels differ)."""
+    if not hopper():
+        print(f"not a Hopper GPU ({gpu().device_kind}): skipped")
+        return
+    from jax_vattention.generate import generate_in_manager
+    from jax_vattention.models.configs import get_config
+    from jax_vattention.models.llama import Llama
+
+    config = get_config("tiny").replace(hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64, dtype="float16")
+    model = Llama(config, rngs=nnx.Rngs(0))
+    prompts = [[(7 * i + j) % 250 + 1 for j in range(n)] for i, n in enumerate((3, 70, 200))]
+    for layout, other in (("per_layer", "cudnn"), ("interleaved", "pallas")):
+        cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=1024,
+                                      kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float16,
+                                      budget_bytes=256 * MiB, layout=layout)
+        with jv.CacheManager(cache_config, gpu()) as manager:
+            results = {backend: generate_in_manager(model, manager, prompts, max_new_tokens=8, backend=backend).tokens
+                       for backend in ("mosaic", other)}
+        assert results["mosaic"] == results[other], (layout, results)
+
+
+def paged_kernels_match_reference() -> None:
+    """Issue 12 item 6: the paged baselines (cuDNN paged, Pallas paged) against the float32 reference
+    through the same block table, ragged lengths (one 0), bf16 32q/8kv D128, blocks of 16, 64, 128."""
+    from jax_vattention.paged_cache import (PagedKVCache, paged_cudnn_attention, paged_pallas_attention,
+                                            paged_reference)
+
+    rng = np.random.default_rng(8)
+    batch, capacity = 4, 1000
+    dense = jv.KVCache(k=(jnp.asarray(rng.standard_normal((batch, capacity, 8, 128)), jnp.bfloat16),),
+                       v=(jnp.asarray(rng.standard_normal((batch, capacity, 8, 128)), jnp.bfloat16),))
+    q = jnp.asarray(rng.standard_normal((batch, 32, 128)), jnp.bfloat16)
+    lengths = jnp.array([1000, 0, 1, 517], jnp.int32)
+    for block_size in (16, 64, 128):
+        for heads_first, kernel in ((False, paged_cudnn_attention), (True, paged_pallas_attention)):
+            paged = PagedKVCache.from_dense(dense, block_size=block_size, heads_first=heads_first)
+            got = jax.jit(kernel)(q, paged.k[0], paged.v[0], paged.block_table, lengths)
+            got = np.asarray(jax.block_until_ready(got), np.float32)
+            want = np.asarray(paged_reference(q, paged.k[0], paged.v[0], paged.block_table, lengths,
+                                              heads_first=heads_first))
+            live = np.asarray(lengths) > 0  # cuDNN's row of length 0 is masked by PagedKVCache.attend
+            np.testing.assert_allclose(got[live], want[live], atol=2e-2, rtol=2e-2,
+                                       err_msg=f"{kernel.__name__} block {block_size}")
+
+
 CASES = {function.__name__: function for function in (
     engine_default_backend, blocked_on_a_partly_mapped_cache, chunk_attention_on_a_partly_mapped_cache,
-    out_of_pages_in_a_step_rebuilds_the_cache)}
+    out_of_pages_in_a_step_rebuilds_the_cache, mosaic_prefill_matches_reference, mosaic_generate_matches_cudnn,
+    paged_kernels_match_reference)}
 
 
 if __name__ == "__main__":

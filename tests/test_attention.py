@@ -138,12 +138,11 @@ def test_unknown_backend_is_a_value_error():
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         attend(q, cache, cache, q_positions=jnp.zeros((1, 1), jnp.int32),
                kv_lengths=jnp.ones((1,), jnp.int32), backend="flash")
-    assert set(BACKENDS) == {"xla", "blocked", "cudnn", "pallas"}
+    assert set(BACKENDS) == {"xla", "blocked", "cudnn", "pallas", "mosaic"}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cudnn", "pallas"])
-@pytest.mark.parametrize("q_len", [1, 8])
+@pytest.mark.parametrize("backend, q_len", [("cudnn", 1), ("cudnn", 8), ("pallas", 1), ("pallas", 8), ("mosaic", 1)])
 def test_gpu_backends_read_the_cache_in_place(backend, q_len):
     consumers = _cache_consumers(backend, q_len)
     assert not consumers & {"transpose", "slice", "dynamic_slice", "gather", "copy", "convert_element_type"}

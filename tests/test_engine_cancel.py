@@ -2,6 +2,7 @@
 go on as if it had never been there."""
 
 import jax
+import pytest
 import jax.numpy as jnp
 from flax import nnx
 
@@ -14,18 +15,21 @@ from jax_vattention.models.llama import Llama
 PAGE = 4096          # a fake driver's page: 32 tokens of the tiny model's K or V of one layer
 
 
-def make_engine(max_batch=2):
+def make_engine(max_batch=2, pipeline=True):
     model = Llama(get_config("tiny"), rngs=nnx.Rngs(0))
     config = model.config
     cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=max_batch, max_len=128,
                                   kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32,
                                   page_bytes=PAGE, budget_bytes=1000 * PAGE)
     manager = jv.CacheManager(cache_config, jax.devices("cpu")[0], driver=_core.FakeDriver(PAGE))
-    return Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4, deferred_reclamation=False)), manager
+    return Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4, deferred_reclamation=False,
+                                               pipeline=pipeline)), manager
 
 
-def test_cancel_running_and_waiting_requests():
-    engine, manager = make_engine(max_batch=2)
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_cancel_running_and_waiting_requests(pipeline):
+    """Pipelined, the running request is cancelled with its next token in flight: it is dropped."""
+    engine, manager = make_engine(max_batch=2, pipeline=pipeline)
     kept = Request(prompt=[5, 6, 7], max_new_tokens=20)
     reference_id = engine.submit(kept)
     reference = engine.run()[reference_id]
@@ -34,6 +38,9 @@ def test_cancel_running_and_waiting_requests():
     running_id = engine.submit(Request(prompt=[9, 10, 11, 12], max_new_tokens=60))
     waiting_id = engine.submit(Request(prompt=[3, 4], max_new_tokens=60))   # no third slot: it waits
     events = engine.step()
+    if pipeline:
+        assert not events, "the first step's tokens are read during the second"
+        events = engine.step()
     assert {event.request_id for event in events} == {kept_id, running_id}
     assert engine.running == 2 and engine.waiting == 1
 

@@ -11,7 +11,8 @@ import jax_vattention
 
 SCRIPT = Path(__file__).with_name("gpu_cases.py")
 CASES = ["engine_default_backend", "blocked_on_a_partly_mapped_cache", "chunk_attention_on_a_partly_mapped_cache",
-         "out_of_pages_in_a_step_rebuilds_the_cache"]
+         "out_of_pages_in_a_step_rebuilds_the_cache", "mosaic_prefill_matches_reference",
+         "mosaic_generate_matches_cudnn", "paged_kernels_match_reference"]
 
 
 @pytest.mark.gpu

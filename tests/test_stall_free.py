@@ -83,6 +83,23 @@ def test_a_prefill_may_start_at_an_offset_and_admission_stops_at_back_pressure()
     assert [s.request_id for s in scheduler.waiting] == [1]
 
 
+def test_a_token_in_flight_holds_back_the_decode_that_would_pass_the_limit_and_a_requeued_admission():
+    scheduler = Scheduler(max_batch=2, token_budget=8, chunk_tokens=4, chunk_rows=2)
+    running = state(0, 3, computed=3)
+    running.request.max_new_tokens = 2
+    running.prefilled, running.slot, running.generated = True, 0, [5]
+    running.in_flight = 1                                        # its second (last) token is on the device
+    scheduler.running[0] = running
+    requeued = state(1, 4)
+    requeued.in_flight = 1                                       # preempted while its token was in flight
+    scheduler.add(requeued)
+    plan = scheduler.schedule(lambda s: 1)
+    assert plan.empty and [s.request_id for s in scheduler.waiting] == [1]
+    requeued.in_flight = 0
+    plan = scheduler.schedule(lambda s: 1)
+    assert [s.request_id for s in plan.admitted] == [1] and not plan.decodes
+
+
 PROMPTS = [np.random.default_rng(7).integers(2, 256, length).tolist() for length in (23, 9, 40)]
 
 
@@ -132,5 +149,8 @@ def test_bench_decode_reports_every_mode_and_writes_the_csv(tmp_path, capsys):
     report = capsys.readouterr().out
     assert "NOT A GPU" in report
     rows = (tmp_path / "decode.csv").read_text().splitlines()
-    assert rows[0].startswith("card,date,config,batch,context,mode") and len(rows) == 4
+    assert rows[0].startswith("card,date,config,batch,context,mode") and len(rows) == 6
+    assert [row.split(",")[5] for row in rows[1:]] == ["static", "virtual_per_layer", "virtual_interleaved",
+                                                      "paged_cudnn", "paged_pallas"]
     assert all(float(row.split(",")[7]) > 0 for row in rows[1:])
+    assert "virtual / best paged" in report

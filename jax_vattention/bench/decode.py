@@ -6,14 +6,19 @@ with the in-graph mapping op on a virtual cache) from ``context`` cached tokens 
 
 * ``static``: a plain contiguous cache (``KVCache.dense``), per-layer;
 * ``virtual_per_layer`` and ``virtual_interleaved``: a :class:`CacheManager`'s cache, mapped up to
-  the lengths.
+  the lengths;
+* ``paged_cudnn`` and ``paged_pallas``: a paged cache (:class:`~jax_vattention.paged_cache.PagedKVCache`:
+  block pools and a shuffled block table) through the same model code, read by JAX's paged kernels,
+  cuDNN's and Pallas'; blocks of ``--block-size`` tokens (default per kernel, :data:`BLOCK_SIZES`).
+  Off a GPU both run the paged reference (backend ``xla``).
 
 Each row gives the step time (median over ``--repeats`` loops, divided by the steps), tokens per
 second, and the roofline: the weights plus the live KV bytes over the device's copy bandwidth
-(measured: a device-to-device memcpy, read plus written), with the step's ratio to it. Off a GPU
-the grid is tiny and the numbers say nothing about a GPU (the report says so). Paged caches
-through the model code are not part of this benchmark (``vattention bench attention`` compares
-the paged kernels alone).
+(measured: a device-to-device memcpy, read plus written), with the step's ratio to it, and
+``vs_best_paged``: the faster paged row's step time over this row's (at least 1: this row is as
+fast as the best paged cache or faster). A point that does not fit in memory is recorded with the
+note ``out of memory`` and no time. Off a GPU the grid is tiny and the numbers say nothing about a
+GPU (the report says so).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jax_vattention._core import OutOfPagesError
 from jax_vattention.attention import default_backend
 from jax_vattention.bench.attention import copy_ceiling
 from jax_vattention.cache import KVCache
@@ -37,12 +43,17 @@ from jax_vattention.cli import standalone
 from jax_vattention.config import CacheConfig
 from jax_vattention.engine.steps import decode_chunk_fn
 from jax_vattention.manager import CacheManager
+from jax_vattention.paged_cache import PagedKVCache
 
-MODES = ("static", "virtual_per_layer", "virtual_interleaved")
+MODES = ("static", "virtual_per_layer", "virtual_interleaved", "paged_cudnn", "paged_pallas")
+PAGED_MODES = ("paged_cudnn", "paged_pallas")
+# Tokens per block of each paged kernel by default: in `bench attention` (H100, bf16 32q/8kv D128)
+# cuDNN's paged kernel was best with 64 or 128, Pallas' with 128 at most points of 64K tokens or more.
+BLOCK_SIZES = {"paged_cudnn": 64, "paged_pallas": 128}
 GPU_GRID = {"config": "llama-3-8b", "batch": (1, 16, 64), "context": (2048, 8192)}
 CPU_GRID = {"config": "tiny", "batch": (1, 4), "context": (64,)}
 FIELDS = ("card", "date", "config", "batch", "context", "mode", "backend", "step_ms", "tokens_per_s",
-          "roofline_ms", "vs_roofline")
+          "roofline_ms", "vs_roofline", "vs_best_paged", "block_size", "note")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,17 +63,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps per timed loop")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="tokens per block of the paged caches (default: 64 for cuDNN, 128 for Pallas)")
     parser.add_argument("--copy-gib", type=float, default=2.0, help="size of the memcpy that sets the roofline")
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out") / "bench-decode")
 
 
-def make_cache(mode: str, model_config, batch: int, capacity: int, context: int, device):
-    """The cache of ``mode`` with ``context`` tokens in each of ``batch`` slots; (cache, manager or None)."""
+def make_cache(mode: str, model_config, batch: int, capacity: int, context: int, device, block_size: int | None = None):
+    """The cache of ``mode`` with ``context`` tokens in each of ``batch`` slots; (cache, manager or None).
+
+    The static and paged caches hold zeros (the step's work does not depend on the values); a
+    paged cache gets ``block_size`` tokens per block (default :data:`BLOCK_SIZES`)."""
     dtype = model_config.jnp_dtype
+    shape = dict(num_layers=model_config.num_layers, max_batch=batch, capacity=capacity,
+                 kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=dtype, device=device)
     if mode == "static":
-        return KVCache.dense(num_layers=model_config.num_layers, max_batch=batch, capacity=capacity,
-                             kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=dtype,
-                             device=device), None
+        return KVCache.dense(**shape), None
+    if mode in PAGED_MODES:
+        return PagedKVCache.allocate(**shape, block_size=block_size or BLOCK_SIZES[mode],
+                                     heads_first=mode == "paged_pallas"), None
     layout = mode.removeprefix("virtual_")
     manager = CacheManager(CacheConfig(num_layers=model_config.num_layers, max_batch=batch, max_len=capacity,
                                        kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim,
@@ -72,12 +91,21 @@ def make_cache(mode: str, model_config, batch: int, capacity: int, context: int,
     return manager.cache, manager
 
 
-def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: int, device):
+def mode_backend(mode: str, platform: str) -> str:
+    """The attention backend a mode runs: the paged kernel it names on a GPU (the paged reference
+    elsewhere), else the device's default for the layout."""
+    if mode in PAGED_MODES:
+        return mode.removeprefix("paged_") if platform == "gpu" else "xla"
+    return default_backend("interleaved" if mode == "virtual_interleaved" else "per_layer", platform)
+
+
+def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: int, device,
+              block_size: int | None = None):
     """Median seconds per decode step, and the backend that ran it."""
     config = model.config
     capacity = context + (repeats + 2) * steps
-    cache, manager = make_cache(mode, config, batch, capacity, context, device)
-    backend = default_backend("interleaved" if cache.interleaved else "per_layer", device.platform)
+    cache, manager = make_cache(mode, config, batch, capacity, context, device, block_size)
+    backend = mode_backend(mode, device.platform)
     graphdef, state = nnx.split(model)
     decode = decode_chunk_fn(graphdef, backend, steps)
     lengths = jnp.full((batch,), context, jnp.int32)
@@ -101,6 +129,11 @@ def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: i
             manager.cache = cache
             manager.close()
     return statistics.median(seconds), backend
+
+
+def out_of_memory(error: Exception) -> bool:
+    """Whether ``error`` says the device (or the cache's page budget) ran out of memory."""
+    return isinstance(error, (MemoryError, OutOfPagesError)) or "RESOURCE_EXHAUSTED" in str(error)
 
 
 def roofline_seconds(model, batch: int, context: int, bandwidth: float | None) -> float | None:
@@ -136,22 +169,70 @@ def run(args: argparse.Namespace) -> int:
     for batch in batches:
         for context in contexts:
             roof = roofline_seconds(model, batch, context, bandwidth)
-            for mode in args.modes:
-                step, backend = time_step(model, mode, batch, context, args.steps, args.repeats, device)
-                rows.append(dict(card=card, date=today, config=config_name, batch=batch, context=context, mode=mode,
-                                 backend=backend, step_ms=f"{step * 1e3:.3f}", tokens_per_s=f"{batch / step:.1f}",
-                                 roofline_ms=f"{roof * 1e3:.3f}" if roof else "",
-                                 vs_roofline=f"{step / roof:.3f}" if roof else ""))
-                print(f"batch {batch:4d} context {context:6d} {mode:20s} {backend:8s} {step * 1e3:9.3f} ms/step "
-                      f"{batch / step:10.1f} tok/s" + (f"  roofline {roof * 1e3:.3f} ms ({step / roof:.2f}x)"
-                                                        if roof else ""), flush=True)
-    path = args.out / "decode.csv"
+            point = [measure(model, mode, batch, context, roof, args, device,
+                             dict(card=card, date=today, config=config_name)) for mode in args.modes]
+            add_paged_ratio(point)
+            rows.extend(point)
+            write_csv(rows, args.out / "decode.csv")  # after every point: a run cut short keeps what it measured
+    print(paged_summary(rows))
+    print(f"CSV: {args.out / 'decode.csv'}" + _plot(rows, args.out / "decode.png", card))
+    return 0
+
+
+def write_csv(rows: list[dict], path: pathlib.Path) -> None:
     with open(path, "w", newline="") as file:
         writer = csv.DictWriter(file, FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    print(f"CSV: {path}" + _plot(rows, args.out / "decode.png", card))
-    return 0
+
+
+def measure(model, mode: str, batch: int, context: int, roof: float | None, args, device, fields: dict) -> dict:
+    """One CSV row: ``mode``'s decode step at (``batch``, ``context``), or the note ``out of memory``."""
+    block_size = (args.block_size or BLOCK_SIZES[mode]) if mode in PAGED_MODES else ""
+    row = dict(fields, batch=batch, context=context, mode=mode, backend=mode_backend(mode, device.platform),
+               step_ms="", tokens_per_s="", roofline_ms=f"{roof * 1e3:.3f}" if roof else "", vs_roofline="",
+               vs_best_paged="", block_size=block_size, note="")
+    label = f"batch {batch:4d} context {context:6d} {mode:20s}"
+    try:
+        step, row["backend"] = time_step(model, mode, batch, context, args.steps, args.repeats, device,
+                                         args.block_size)
+    except Exception as error:  # a point that does not fit in memory is a result, not a crash
+        if not out_of_memory(error):
+            raise
+        print(f"{label} out of memory", flush=True)
+        return dict(row, note="out of memory")
+    row.update(step_ms=f"{step * 1e3:.3f}", tokens_per_s=f"{batch / step:.1f}",
+               vs_roofline=f"{step / roof:.3f}" if roof else "")
+    print(f"{label} {row['backend']:8s} {step * 1e3:9.3f} ms/step {batch / step:10.1f} tok/s"
+          + (f"  roofline {roof * 1e3:.3f} ms ({step / roof:.2f}x)" if roof else ""), flush=True)
+    return row
+
+
+def add_paged_ratio(point: list[dict]) -> None:
+    """Fills ``vs_best_paged`` of one grid point's rows: the faster paged row's step time over each row's."""
+    paged = [float(r["step_ms"]) for r in point if r["mode"] in PAGED_MODES and r["step_ms"]]
+    if not paged:
+        return
+    for row in point:
+        if row["step_ms"]:
+            row["vs_best_paged"] = f"{min(paged) / float(row['step_ms']):.3f}"
+
+
+def paged_summary(rows: list[dict]) -> str:
+    """One line per grid point: the faster virtual layout against the faster paged kernel."""
+    lines = ["virtual / best paged (the best paged step time over the best virtual one; >= 1: virtual is faster):"]
+    for batch, context in sorted({(r["batch"], r["context"]) for r in rows}):
+        here = [r for r in rows if (r["batch"], r["context"]) == (batch, context) and r["step_ms"]]
+        virtual = min((r for r in here if r["mode"].startswith("virtual_")), default=None,
+                      key=lambda r: float(r["step_ms"]))
+        paged = min((r for r in here if r["mode"] in PAGED_MODES), default=None, key=lambda r: float(r["step_ms"]))
+        if virtual and paged:
+            lines.append(f"  batch {batch:4d} context {context:6d}: {virtual['mode']} {virtual['step_ms']} ms, "
+                         f"{paged['mode']} {paged['step_ms']} ms: "
+                         f"{float(paged['step_ms']) / float(virtual['step_ms']):.3f}x")
+    if len(lines) == 1:
+        return "virtual / best paged: not measured (a virtual and a paged mode are needed)"
+    return "\n".join(lines)
 
 
 def _plot(rows, path: pathlib.Path, card: str) -> str:
@@ -161,13 +242,14 @@ def _plot(rows, path: pathlib.Path, card: str) -> str:
         import matplotlib.pyplot as plt
     except ImportError:
         return " (no matplotlib: no PNG)"
-    figure, axis = plt.subplots(figsize=(8, 4.5))
+    figure, axis = plt.subplots(figsize=(9, 5))
     points = sorted({(r["batch"], r["context"]) for r in rows})
     labels = [f"{b}x{c}" for b, c in points]
     for mode in MODES:
-        values = {(r["batch"], r["context"]): float(r["step_ms"]) for r in rows if r["mode"] == mode}
+        values = {(r["batch"], r["context"]): float(r["step_ms"]) for r in rows if r["mode"] == mode and r["step_ms"]}
         if values:
-            axis.plot(labels, [values.get(p, np.nan) for p in points], marker="o", label=mode)
+            axis.plot(labels, [values.get(p, np.nan) for p in points], marker="o", label=mode,
+                      linestyle=":" if mode in PAGED_MODES else "-")
     roof = {(r["batch"], r["context"]): float(r["roofline_ms"]) for r in rows if r["roofline_ms"]}
     if roof:
         axis.plot(labels, [roof.get(p, np.nan) for p in points], linestyle="--", color="gray", label="roofline")

@@ -69,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a common N-token system prompt before each request's --prompt-len tokens")
     parser.add_argument("--no-prefix-sharing", action="store_true",
                         help="compute every prompt in full (no pages mapped from the prefix cache)")
+    parser.add_argument("--no-pipeline", action="store_true",
+                        help="read each step's tokens before dispatching the next (default: dispatch each "
+                             "step before reading the previous one's)")
+    parser.add_argument("--profile", action="store_true",
+                        help="trace the timed run with the JAX profiler and print the device's busy and idle "
+                             "time by kernel kind (see vattention bench profile)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=os.path.join("out", "serve-bench"),
                         help="folder for the CSV and PNG (default out/serve-bench)")
@@ -139,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
                                  prefetch_tokens=args.prefetch_tokens, backend=backend,
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation,
-                                 prefix_sharing=not args.no_prefix_sharing, seed=args.seed)
+                                 prefix_sharing=not args.no_prefix_sharing, seed=args.seed,
+                                 pipeline=not args.no_pipeline)
     engine = Engine(model, manager, engine_config)
     # The longest request the workload can draw, through the engine's own check (budget, max_len),
     # before anything compiles; it is withdrawn at once.
@@ -169,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
     outputs: dict[int, list[int]] = {}
     arrival_of: dict[int, float] = {}
     pending = list(workload)
+    os.makedirs(args.out, exist_ok=True)
+    trace_folder = tempfile.mkdtemp(prefix="trace-", dir=args.out) if args.profile else None
+    if trace_folder:
+        jax.profiler.start_trace(trace_folder, create_perfetto_trace=True)
     start = time.perf_counter()
     with tqdm(total=len(workload), desc="requests", unit="req") as progress:
         while pending or not engine.idle:
@@ -190,6 +201,8 @@ def run(args: argparse.Namespace) -> int:
                     outputs[event.request_id].append(event.token)
                 progress.update(int(event.finished))
     elapsed = time.perf_counter() - start
+    if trace_folder:
+        jax.profiler.stop_trace()
     stats = manager.stats()
 
     tokens = sum(len(times) for times in token_times.values())
@@ -217,7 +230,8 @@ def run(args: argparse.Namespace) -> int:
 
     policies = ", ".join(f"{name}={'on' if on else 'off'}" for name, on in (
         ("overlap", engine_config.overlap), ("deferred_reclamation", engine_config.deferred_reclamation),
-        ("eager_allocation", engine_config.eager_allocation), ("prefix_sharing", engine.prefixes is not None)))
+        ("eager_allocation", engine_config.eager_allocation), ("pipeline", engine_config.pipeline),
+        ("prefix_sharing", engine.prefixes is not None)))
     print(f"\nvattention serve-bench on {device.device_kind} ({device.platform}), {datetime.date.today()}")
     print(f"model {args.config} (random weights), {args.layout} cache, backend {engine_config.backend}, "
           f"token budget {args.token_budget}, chunk rows of {args.chunk_tokens}, "
@@ -254,6 +268,8 @@ def run(args: argparse.Namespace) -> int:
         print("admission was never held back by memory (raise --rate or lower --budget-mib to measure it)")
     print(f"mapped memory over time: {memory_csv}" + (f", {plot}" if plot else " (no matplotlib: no PNG)")
           + f"; tokens: {tokens_json}")
+    if trace_folder:
+        _print_device_time(trace_folder, elapsed, len(records))
     manager.close()
     return 0
 
@@ -271,6 +287,28 @@ def _prefix_report(engine: Engine, manager: CacheManager, stats: dict) -> str:
             f"({run.shared_pages} pages), {run.prefix_waits} admission waits for a prefix being computed; "
             f"peak memory saved {run.peak_bytes_saved / 2**20:.1f} MiB; prefix cache at the end "
             f"{stats['cached_pages']} pages, {stats['pages_evicted_total']} evicted")
+
+
+def _print_device_time(folder: str, elapsed: float, steps: int) -> None:
+    """The device's busy time over the traced run, by kernel kind, per engine step; the rest is idle
+    (the device waited for the host)."""
+    import gzip
+    import json
+    import pathlib
+
+    from jax_vattention.bench.profile import KINDS, breakdown, device_kernels, trace_file
+
+    path = trace_file(pathlib.Path(folder))
+    kernels = device_kernels(json.loads(gzip.open(path).read())) if path else []
+    if not kernels or not steps:
+        print("profile: no device kernel events in the trace (not a GPU?)")
+        return
+    by_kind, idle, top = breakdown(kernels, steps, elapsed)
+    per_step = elapsed * 1e3 / steps
+    print(f"profile ({path}): per step {per_step:.2f} ms, device busy {1 - idle / per_step:.0%}; "
+          + ", ".join(f"{kind} {by_kind[kind]:.2f}" for kind in KINDS) + f", idle {idle:.2f} ms")
+    for name, kind, ms, calls in top[:8]:
+        print(f"  {ms:8.3f} ms/step {calls:6.1f} calls/step  {kind:9s} {name[:80]}")
 
 
 def _plot(samples, start, stats, path) -> str | None:

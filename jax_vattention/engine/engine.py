@@ -82,6 +82,9 @@ class EngineConfig:
         runs, and with eager allocation what is mapped with a prompt (default ``MIN_PREFETCH_TOKENS``)
     max_stop_tokens : the most stop tokens a request may give
     seed : sampling seed
+    pipeline : dispatch each step before reading the previous one's tokens (vLLM v1's asynchronous
+        scheduling): the host plans, maps and streams while the device computes. A request that
+        stops on a stop token has already been given one more step, whose token is dropped
     """
 
     token_budget: int = 256
@@ -94,6 +97,7 @@ class EngineConfig:
     prefetch_tokens: int | None = None
     max_stop_tokens: int = 4
     seed: int = 0
+    pipeline: bool = True
 
     @property
     def prefetch_horizon(self) -> int:
@@ -126,6 +130,20 @@ class StepRecord:
     seconds: float
     mapped_pages: int       # before dispatch for the step's growth, and ahead while it ran
     blocked_by_memory: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _InFlight:
+    """A dispatched step: its plan, its tokens on the device (int32 [output_rows]) and the
+    ``(request, row)`` pairs of the rows that carry a token."""
+
+    plan: StepPlan
+    tokens: jax.Array
+    rows: tuple
+    dispatched: float        # time.perf_counter() when it was dispatched
+    mapped_pages: int        # mapped for it before dispatch
+    blocked: bool            # admission stopped at the page budget
+    written: tuple = ()      # with prefix sharing: what it writes, per request (PrefixSharer.dispatched)
 
 
 @dataclasses.dataclass
@@ -185,6 +203,12 @@ class Engine:
         self._key = jax.random.key(config.seed)
         sharer = PrefixSharer(manager) if config.prefix_sharing else None
         self.prefixes = sharer if sharer is not None and sharer.active else None
+        self._in_flight: _InFlight | None = None     # the step dispatched and not yet read
+        # Committed to the cache's device like every step's tokens, so that the step compiled with
+        # these "no previous tokens" is the one every later step reuses.
+        self._no_tokens = jax.device_put(self.runner.no_tokens(), manager.cache.k[0].sharding)
+        self._last_read = 0.0                         # when the host last finished reading a step
+        self._undelivered: list[TokenEvent] = []      # failures the next step streams
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: Request) -> int:
@@ -215,6 +239,7 @@ class Engine:
         for state in self.scheduler.waiting:
             if state.request_id == request_id:
                 self.scheduler.waiting.remove(state)
+                state.done = True
                 if self.prefixes is not None:
                     self.prefixes.leave(state, publish=False, done=True)
                 return True
@@ -226,7 +251,8 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self.scheduler.waiting and not self.scheduler.running
+        """Nothing waits, runs or is in flight."""
+        return not self.scheduler.waiting and not self.scheduler.running and self._in_flight is None
 
     @property
     def waiting(self) -> int:
@@ -253,16 +279,27 @@ class Engine:
 
     # ------------------------------------------------------------------- steps
     def step(self) -> list[TokenEvent]:
-        """Plans, maps and runs one step; streams its tokens and retires finished requests."""
-        events: list[TokenEvent] = []
+        """Plans, maps and dispatches one step; streams the tokens of a step and retires finished
+        requests.
+
+        Pipelined (the default), the tokens streamed are the previous step's: they are read while
+        the device already runs this one, so the host's planning and reading never leave the
+        device idle. Otherwise they are this step's own.
+        """
+        events, self._undelivered = self._undelivered, []
         mapped_before = self.manager.stats()["pages_mapped_total"]
         plan = self._plan(events)
+        previous = self._in_flight
         if not plan.empty:
-            start = time.perf_counter()
-            events += self._run(plan)
-            self.stats.records.append(StepRecord(
-                len(plan.decodes), plan.tokens - len(plan.decodes), len(plan.admitted), time.perf_counter() - start,
-                self.manager.stats()["pages_mapped_total"] - mapped_before, self._blocked))
+            dispatched = self._dispatch(plan, events, mapped_before)
+            if dispatched is not None:
+                self._in_flight = dispatched
+                if not self.config.pipeline:
+                    previous = dispatched
+        if previous is not None:
+            if previous is self._in_flight:
+                self._in_flight = None
+            events += self._read(previous)
         self.stats.steps += 1
         stats = self.manager.stats()
         self.stats.mapped_bytes.append((time.perf_counter(), stats["mapped_bytes"]))
@@ -362,9 +399,12 @@ class Engine:
             ideal += 1
         return ideal
 
-    def _run(self, plan: StepPlan) -> list[TokenEvent]:
-        """Dispatches a planned (and mapped) step; a request whose row cannot be built fails alone."""
-        events: list[TokenEvent] = []
+    def _dispatch(self, plan: StepPlan, events: list[TokenEvent], mapped_before: int) -> _InFlight | None:
+        """Dispatches a planned (and mapped) step; a request whose row cannot be built fails alone.
+
+        Returns the step in flight (None when no request was left to run). The requests' cache
+        lengths advance at once: the next step is planned on top of this one.
+        """
         knobs = {}
         for state in {id(s): s for s in (*plan.decodes, *(c.state for c in plan.chunks))}.values():
             request = state.request
@@ -374,7 +414,7 @@ class Engine:
             except (TypeError, ValueError, OverflowError) as error:
                 events.append(self._fail(state, error))
         if not knobs:
-            return events
+            return None
         if len(knobs) < len({*(s.request_id for s in plan.decodes), *(c.state.request_id for c in plan.chunks)}):
             # Failed requests left their slots: their growth stays mapped, unused, with the slot.
             plan = StepPlan(tuple(s for s in plan.decodes if s.request_id in knobs),
@@ -387,30 +427,59 @@ class Engine:
                     self.manager.check_write(chunk.slot, chunk.start)
                 except ValueError as error:
                     raise RuntimeError(f"the engine planned a write into shared pages: {error}") from None
-        batch, arrays = self.runner.arrays(plan, knobs)
+        batch, token_rows, arrays = self.runner.arrays(plan, knobs)
+        previous = self._in_flight.tokens if self._in_flight is not None else self._no_tokens
         self._key, key = jax.random.split(self._key)
         cache = self.manager.cache
-        start = time.perf_counter()
         with mapping_failures(self.manager, cache, "the engine's step"):
-            tokens, self.manager.cache = self.runner.run(cache, batch, arrays, key)
-            if self.config.overlap:
-                map_seconds_before = self.manager.stats()["map_seconds"]
-                deadline = expected_end(start, [r.seconds for r in self.stats.records])
-                self.manager.prefetch_while_busy(tokens, self._prefetch_tokens(), deadline)
-                self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - map_seconds_before
-            tokens = np.asarray(tokens)
+            tokens, self.manager.cache = self.runner.run(cache, batch, token_rows, previous, arrays, key)
+        dispatched = time.perf_counter()
+        # The rows of the step's outputs that carry a token: each decode row's and each last chunk's.
+        rows = [(state, state.slot) for state in plan.decodes]
+        rows += [(chunk.state, self.runner.max_batch + row) for row, chunk in enumerate(plan.chunks) if chunk.last]
+        for state, row in rows:
+            state.pending_row = row
+            state.in_flight += 1
+        written = self.prefixes.dispatched(plan) if self.prefixes is not None else ()
         self.scheduler.completed(plan)
         self.stats.prefill_tokens += sum(chunk.count for chunk in plan.chunks)
+        return _InFlight(plan, tokens, tuple(rows), dispatched,
+                         self.manager.stats()["pages_mapped_total"] - mapped_before, self._blocked, written)
+
+    def _read(self, step: _InFlight) -> list[TokenEvent]:
+        """Waits for a dispatched step's tokens (mapping ahead meanwhile, with overlap) and streams
+        them; a request that finished or failed since drops its token."""
+        events: list[TokenEvent] = []
+        begin = max(step.dispatched, self._last_read)
+        try:
+            with mapping_failures(self.manager, self.manager.cache, "the engine's step"):
+                if self.config.overlap:
+                    map_seconds_before = self.manager.stats()["map_seconds"]
+                    deadline = expected_end(begin, [r.seconds for r in self.stats.records])
+                    self.manager.prefetch_while_busy(step.tokens, self._prefetch_tokens(), deadline)
+                    self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - map_seconds_before
+                tokens = np.asarray(step.tokens)
+        except Exception as error:
+            # The step's requests end with the error, delivered by the next step; the error goes up.
+            for state, _ in step.rows:
+                state.in_flight -= 1
+                if not state.done:
+                    self._undelivered.append(self._fail(state, error))
+            raise
+        self._last_read = time.perf_counter()
+        self.stats.records.append(StepRecord(
+            len(step.plan.decodes), step.plan.tokens - len(step.plan.decodes), len(step.plan.admitted),
+            self._last_read - begin, step.mapped_pages, step.blocked))
         if self.prefixes is not None:
-            for state in {id(c.state): c.state for c in plan.chunks}.values():
-                self.prefixes.publish(state)   # what the prefill completed: later admissions share it
-        max_batch = self.manager.config.max_batch
-        for state in plan.decodes:
-            events.append(self._emit(state, int(tokens[state.slot])))
-        for row, chunk in enumerate(plan.chunks):
-            if chunk.last:
-                self.stats.prefills += 1
-                events.append(self._emit(chunk.state, int(tokens[max_batch + row])))
+            self.prefixes.read(step.written)   # it ran: the pages it completed can be shared
+        for state, row in step.rows:
+            state.in_flight -= 1
+            if state.in_flight == 0:
+                state.pending_row = None
+            if not state.done:
+                if row >= self.runner.max_batch:
+                    self.stats.prefills += 1
+                events.append(self._emit(state, int(tokens[row])))
         return events
 
     def _prefetch_tokens(self) -> int:
@@ -428,10 +497,13 @@ class Engine:
         return TokenEvent(state.request_id, -1, True, error=f"{type(error).__name__}: {error}")
 
     def _emit(self, state: RequestState, token: int) -> TokenEvent:
-        """Records a generated token; on the request's last one, retires it from its slot."""
+        """Records a generated token; on the request's last one, retires it from its slot (or from
+        the queue, where a preemption put it while the token was in flight)."""
         state.generated.append(token)
-        finished = token in state.request.stop_tokens or state.remaining <= 0
+        finished = token in state.request.stop_tokens or state.remaining + state.in_flight <= 0
         if finished:
+            if state.slot is None and state in self.scheduler.waiting:
+                self.scheduler.waiting.remove(state)
             self._retire(state, publish=True)
         self.stats.tokens += 1
         return TokenEvent(state.request_id, token, finished)
@@ -449,6 +521,7 @@ class Engine:
     def _retire(self, state: RequestState, *, publish: bool) -> None:
         """Takes ``state`` off its slot for good; with ``publish`` its written pages stay in the prefix
         cache (not for a failed request: its last step may not have run)."""
+        state.done = True
         slot = state.slot
         if self.prefixes is not None:
             self.prefixes.leave(state, publish=publish, done=True)

@@ -8,12 +8,14 @@ page has a key that stands for every token up to its end
   (never the page of its last token: that token's logits give the next one)
   and starts the chunked prefill at the run's end
   (:meth:`~jax_vattention.CacheManager.alloc_prefix`);
-* after every step offers the pages a prefill completed to the cache, so that
-  requests admitted later share them while this one still prefills
-  (:meth:`~jax_vattention.CacheManager.publish_pages`);
-* when a request finishes, is cancelled or preempted, offers every full page it
-  wrote, generated tokens included (a preempted request finds its own pages
-  again when it is readmitted, unless memory pressure evicted them first).
+* once a step's tokens are read (the step ran: with the pipelined engine, one
+  step after its dispatch), offers the full pages it completed to the cache, so
+  that requests admitted later share them while this one still prefills or
+  decodes (:meth:`~jax_vattention.CacheManager.publish_pages`);
+* when a request finishes, is cancelled or preempted, offers every full page
+  that steps already read wrote, generated tokens included (a preempted request
+  finds its own pages again when it is readmitted, unless memory pressure
+  evicted them first).
 
 Requests that share a prefix nobody has published yet: the first one admitted
 computes it, and a waiting request whose next uncached page a running request
@@ -49,6 +51,7 @@ class PrefixSharer:
         self.tokens_per_page = manager.tokens_per_page
         self._keys: dict[int, list[int]] = {}               # request id -> page keys of its context
         self._published: dict[int, int] = {}                # request id -> pages of its slot published
+        self._written: dict[int, int] = {}                  # request id -> tokens of its slot steps read wrote
         self._computing: dict[int, int] = {}                # page key -> the running request computing it
 
     @property
@@ -79,13 +82,31 @@ class PrefixSharer:
         placed = self.manager.alloc_prefix(self._admission_keys(state), len(state.context), lookahead)
         shared_pages = placed.shared_tokens // self.tokens_per_page
         self._published[state.request_id] = shared_pages
+        self._written[state.request_id] = placed.shared_tokens
         for key in self.keys(state, len(state.context))[shared_pages:]:
             self._computing.setdefault(key, state.request_id)
         return placed
 
+    def dispatched(self, plan) -> tuple:
+        """What a step about to be dispatched writes: ``(state, slot, preemptions, end)`` per decode and
+        chunk, taken before the plan advances ``computed``; :meth:`read` takes it back."""
+        return tuple([(s, s.slot, s.preemptions, s.computed + 1) for s in plan.decodes] +
+                     [(c.state, c.slot, c.state.preemptions, c.start + c.count) for c in plan.chunks])
+
+    def read(self, written: tuple) -> None:
+        """A step's tokens were read, so it ran: what it wrote (:meth:`dispatched`) counts as written in
+        the slots that still hold the same requests, and the full pages it completed are published."""
+        states = {}
+        for state, slot, preemptions, end in written:
+            if state.slot == slot and state.preemptions == preemptions and state.request_id in self._written:
+                self._written[state.request_id] = max(self._written[state.request_id], end)
+                states[state.request_id] = state
+        for state in states.values():
+            self.publish(state)
+
     def publish(self, state: RequestState) -> None:
-        """Offers the full pages of ``state``'s slot below its ``computed`` tokens to the cache."""
-        pages = state.computed // self.tokens_per_page
+        """Offers the full pages of ``state``'s slot that steps already read wrote to the cache."""
+        pages = self._written.get(state.request_id, 0) // self.tokens_per_page
         if state.slot is None or pages <= self._published.get(state.request_id, 0):
             return
         keys = self.keys(state, pages * self.tokens_per_page)
@@ -102,6 +123,7 @@ class PrefixSharer:
         if publish:
             self.publish(state)
         self._published.pop(state.request_id, None)
+        self._written.pop(state.request_id, None)
         self._computing = {key: owner for key, owner in self._computing.items() if owner != state.request_id}
         if done:
             self._keys.pop(state.request_id, None)

@@ -51,10 +51,17 @@ class RequestState:
     preemptions: int = 0
     computed: int = 0         # context tokens in the slot's cache (a prefill may start at an offset)
     prefilled: bool = False   # the whole context is in the cache: the request decodes
+    # Tokens sampled by dispatched steps that the host has not read yet (the pipelined engine
+    # has at most two: the last step's, read while the next one runs), and the row of the
+    # latest one in its step's outputs (None when none is in flight): the next step's input.
+    in_flight: int = 0
+    pending_row: int | None = None
+    done: bool = False        # finished, failed or cancelled: any token still in flight is dropped
 
     @property
     def remaining(self) -> int:
-        return self.request.max_new_tokens - len(self.generated)
+        """Tokens still to generate, counting a token in flight as generated."""
+        return self.request.max_new_tokens - len(self.generated) - self.in_flight
 
     @property
     def context(self) -> list[int]:

@@ -6,10 +6,17 @@ model once and samples a token per row. Its shapes depend only on the engine's
 configuration: a step with no chunk compiles once with ``R = 0`` rows, a mixed step
 once with all of them, whatever the prompts' lengths (:attr:`StepRunner.traces`
 counts the compilations).
+
+Both programs return their sampled tokens padded to one shape, ``[max_batch +
+chunk_rows]``, and take the previous step's as an input: a decode row whose last
+token is still on the device (the pipelined engine dispatches a step before it
+reads the previous one's tokens) names that token's row in ``token_rows``, so
+the host never waits for a token to feed it back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -42,14 +49,30 @@ class StepRunner:
         self.traces = 0
         self._step = cache_jit(functools.partial(self._traced, self.graphdef, backend))
 
-    def _traced(self, graphdef, backend, state, cache, batch, temperature, top_k, top_p, key):
+    @property
+    def output_rows(self) -> int:
+        """The rows of every step's tokens: a decode row per slot, then the mixed step's chunk rows."""
+        return self.max_batch + self.chunk_rows
+
+    def no_tokens(self) -> jax.Array:
+        """int32 [output_rows] zeros: the previous tokens of a step that follows none."""
+        return jnp.zeros(self.output_rows, jnp.int32)
+
+    def _traced(self, graphdef, backend, state, cache, batch, token_rows, previous, temperature, top_k,
+                top_p, key):
         self.traces += 1  # runs once per compilation
         model = nnx.merge(graphdef, state)
+        # token_rows int32 [D]: the row of ``previous`` [output_rows] holding each decode row's input
+        # token, or -1 where the host gave it in ``batch.decode_tokens``.
+        fed = jnp.where(token_rows >= 0, previous[jnp.maximum(token_rows, 0)], batch.decode_tokens)  # [D]
+        batch = dataclasses.replace(batch, decode_tokens=fed)
         tokens, _, cache = model_step(model, cache, batch, temperature, top_k, top_p, key, backend=backend)
-        return tokens, cache
+        padding = self.output_rows - tokens.shape[0]
+        return jnp.pad(tokens, (0, padding)), cache  # [output_rows]
 
-    def arrays(self, plan: StepPlan, knobs: dict) -> tuple[StepBatch, tuple[np.ndarray, ...]]:
-        """The step's inputs: the :class:`StepBatch` and the sampling knobs ``[D + R]``.
+    def arrays(self, plan: StepPlan, knobs: dict) -> tuple[StepBatch, np.ndarray, tuple[np.ndarray, ...]]:
+        """The step's inputs: the :class:`StepBatch`, the decode rows' ``token_rows`` ``[D]`` (see
+        the module docstring) and the sampling knobs ``[D + R]``.
 
         ``knobs[request_id]`` is ``(temperature, top_k, top_p)`` of each request in the plan.
         """
@@ -58,6 +81,7 @@ class StepRunner:
         decode_tokens = np.zeros(slots, np.int32)
         decode_positions = np.zeros(slots, np.int32)
         decode_count = np.zeros(slots, np.int32)
+        token_rows = np.full(slots, -1, np.int32)
         chunk_tokens = np.zeros((rows, width), np.int32)
         chunk_slots = np.full(rows, slots, np.int32)        # padding rows: an out-of-range slot, dropped
         chunk_start = np.zeros(rows, np.int32)
@@ -67,7 +91,10 @@ class StepRunner:
         top_p = np.ones(slots + rows, np.float32)
         for state in plan.decodes:
             slot = state.slot
-            decode_tokens[slot] = state.generated[-1]
+            if state.pending_row is None:
+                decode_tokens[slot] = state.generated[-1]
+            else:
+                token_rows[slot] = state.pending_row
             decode_positions[slot] = state.computed
             decode_count[slot] = 1
             temperature[slot], top_k[slot], top_p[slot] = knobs[state.request_id]
@@ -78,8 +105,12 @@ class StepRunner:
         batch = StepBatch(*(jnp.asarray(a) for a in (
             decode_tokens, np.arange(slots, dtype=np.int32), decode_positions, decode_count,
             chunk_tokens, chunk_slots, chunk_start, chunk_count)))
-        return batch, (temperature, top_k, top_p)
+        return batch, token_rows, (temperature, top_k, top_p)
 
-    def run(self, cache, batch: StepBatch, knobs: tuple[np.ndarray, ...], key):
-        """Dispatches the step; returns the sampled tokens (a device array int32 [D + R]) and the cache."""
-        return self._step(self.state, cache, batch, *(jnp.asarray(k) for k in knobs), key)
+    def run(self, cache, batch: StepBatch, token_rows: np.ndarray, previous: jax.Array,
+            knobs: tuple[np.ndarray, ...], key):
+        """Dispatches the step after ``previous`` (the tokens the last step returned, or
+        :meth:`no_tokens`); returns the sampled tokens (a device array int32 [output_rows]: row
+        ``s`` for slot ``s``'s decode, ``max_batch + r`` for chunk row ``r``) and the cache."""
+        return self._step(self.state, cache, batch, jnp.asarray(token_rows), previous,
+                          *(jnp.asarray(k) for k in knobs), key)

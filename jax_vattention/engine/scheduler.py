@@ -109,7 +109,8 @@ class Scheduler:
         request's chunks start there. It is asked only while a slot is free and the step has room
         for a chunk.
         """
-        decodes = tuple(s for s in self.running.values() if s.prefilled)
+        # A request whose last token is in flight (``remaining`` 0) waits for it, holding its slot.
+        decodes = tuple(s for s in self.running.values() if s.prefilled and s.remaining > 0)
         room = self.token_budget - len(decodes)
         rows = self.chunk_rows
         chunks: list[Chunk] = []
@@ -127,6 +128,8 @@ class Scheduler:
             if not state.prefilled:
                 take(state)
         while self.waiting and room > 0 and rows > 0 and len(self.running) < self.max_batch:
+            if self.waiting[0].in_flight:
+                break  # preempted with a token in flight: its context is complete once that is read
             slot = admit(self.waiting[0])
             if slot is None:
                 break
