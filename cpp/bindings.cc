@@ -139,8 +139,11 @@ NB_MODULE(_core, m) {
         "The driver of the CPU backend: the OS commits pages, madvise returns them.");
 
   nb::class_<FakeDriver, Driver>(m, "FakeDriver")
-      .def(nb::init<std::size_t, std::size_t>(), "granularity"_a = std::size_t(2) << 20,
-           "memory_bytes"_a = std::size_t(1) << 40)
+      .def(nb::init<std::size_t, std::size_t, bool>(), "granularity"_a = std::size_t(2) << 20,
+           "memory_bytes"_a = std::size_t(1) << 40, "host_pages"_a = false,
+           "With host_pages, pages mapped into buffers adopted from the CPU backend behave like physical\n"
+           "pages: a page mapped at a second address shows the bytes of its first mapping there, and an\n"
+           "unmapped page keeps its bytes for its next mapping (prefix sharing's values, on the CPU).")
       .def("fail_on", &FakeDriver::fail_on, "operation"_a, "nth"_a = 1, "after_a_failure"_a = false,
            "Makes the nth next call of operation raise DriverError; with after_a_failure, the nth call\n"
            "after the next injected failure (a call of the undo, say).")
@@ -188,6 +191,8 @@ NB_MODULE(_core, m) {
       .def("writable_from", &PageManager::writable_from, "slot"_a, Release())
       .def("check_write", &PageManager::check_write, "slot"_a, "start"_a, Release())
       .def("evict", &PageManager::evict, Release())
+      .def("cached_pages", &PageManager::cached_pages, "keys"_a, Release(),
+           "How many of `keys` the prefix cache holds at pages 0.., the longest run (no change).")
       .def("prefetch", &PageManager::prefetch, "tokens"_a, "max_pages"_a = SIZE_MAX, Release())
       .def("free", &PageManager::free, "slot"_a, Release())
       .def("grow", [](PageManager& manager, std::size_t tokens) { manager.grow(tokens, nullptr); }, "tokens"_a,

@@ -1,5 +1,6 @@
 #include "fake_driver.h"
 
+#include <cstring>
 #include <sstream>
 
 namespace vattention {
@@ -13,9 +14,14 @@ std::string hex(DevicePtr address) {
 
 }  // namespace
 
-FakeDriver::FakeDriver(std::size_t granularity, std::size_t memory_bytes)
-    : granularity_(granularity), memory_bytes_(memory_bytes) {
+FakeDriver::FakeDriver(std::size_t granularity, std::size_t memory_bytes, bool host_pages)
+    : granularity_(granularity), memory_bytes_(memory_bytes), host_pages_(host_pages) {
   if (granularity == 0) throw std::invalid_argument("FakeDriver: granularity must be positive");
+}
+
+bool FakeDriver::can_alias() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return host_pages_ || !reservations_.empty();
 }
 
 MemoryInfo FakeDriver::memory_info() {
@@ -81,6 +87,7 @@ void FakeDriver::release(PhysicalHandle handle) {
     if (mapping.handle == handle) throw DriverError("fake release failed: the handle is still mapped at " + hex(address));
   }
   if (handles_.erase(handle) == 0) throw DriverError("fake release failed: unknown handle");
+  contents_.erase(handle);
 }
 
 const std::pair<const DevicePtr, FakeDriver::Mapping>* FakeDriver::mapping_at(DevicePtr address) const {
@@ -111,6 +118,16 @@ void FakeDriver::map(DevicePtr address, std::size_t bytes, PhysicalHandle handle
   for (DevicePtr a = address; a < address + bytes; a += granularity_) {
     if (mapping_at(a) != nullptr) throw DriverError("fake map failed: " + hex(a) + " is already mapped");
   }
+  if (host_pages_ && reservations_.empty()) {
+    // The handle's bytes: those of another address it is mapped at, or those it kept when unmapped.
+    const unsigned char* source = nullptr;
+    for (const auto& [other, mapping] : mappings_) {
+      if (mapping.handle == handle) source = reinterpret_cast<const unsigned char*>(other);
+    }
+    auto kept = contents_.find(handle);
+    if (source == nullptr && kept != contents_.end()) source = kept->second.data();
+    if (source != nullptr) std::memcpy(reinterpret_cast<void*>(address), source, bytes);
+  }
   mappings_[address] = Mapping{bytes, handle, false};
 }
 
@@ -132,7 +149,17 @@ void FakeDriver::unmap(DevicePtr address, std::size_t bytes) {
   if (it == mappings_.end() || it->second.bytes != bytes) {
     throw DriverError("fake unmap failed: no mapping of that size at " + hex(address));
   }
+  const PhysicalHandle handle = it->second.handle;
   mappings_.erase(it);
+  if (host_pages_ && reservations_.empty()) {
+    bool elsewhere = false;
+    for (const auto& [other, mapping] : mappings_) elsewhere = elsewhere || mapping.handle == handle;
+    if (!elsewhere) {
+      auto& kept = contents_[handle];
+      kept.resize(bytes);
+      std::memcpy(kept.data(), reinterpret_cast<const void*>(address), bytes);
+    }
+  }
 }
 
 void FakeDriver::synchronize(void*) {

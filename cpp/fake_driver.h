@@ -18,10 +18,18 @@ namespace vattention {
 
 class FakeDriver final : public Driver {
  public:
-  // `granularity` is the page size it reports; `memory_bytes` the free memory.
-  FakeDriver(std::size_t granularity, std::size_t memory_bytes);
+  // `granularity` is the page size it reports; `memory_bytes` the free memory. With `host_pages`,
+  // mappings into buffers it did not reserve (the CPU backend's, adopted by the manager: real host
+  // memory) behave like physical pages: mapping a handle copies into the address the bytes of its
+  // other mapping, or what it held when last unmapped, so every address of a shared page shows the
+  // same tokens (the manager never writes a shared page). Off, memory is never touched.
+  FakeDriver(std::size_t granularity, std::size_t memory_bytes, bool host_pages = false);
 
   std::string name() const override { return "fake"; }
+  // Pages may be shared where that is honest: on its own reservations (addresses with nothing
+  // behind them: bookkeeping only) or with host_pages. On buffers adopted from the CPU backend
+  // without host_pages, a page mapped at a second address would not show the first one's bytes.
+  bool can_alias() const override;
   std::size_t granularity() const override { return granularity_; }
   MemoryInfo memory_info() override;
 
@@ -89,6 +97,8 @@ class FakeDriver final : public Driver {
   std::map<PhysicalHandle, std::size_t> handles_;
   std::map<DevicePtr, Mapping> mappings_;
   std::vector<std::pair<DevicePtr, std::size_t>> discarded_;
+  bool host_pages_ = false;
+  std::map<PhysicalHandle, std::vector<unsigned char>> contents_;  // host_pages: bytes of unmapped handles
 };
 
 }  // namespace vattention

@@ -171,6 +171,9 @@ class PageManager {
   void check_write(int slot, std::size_t start) const;
   // Releases to the pool every page of the prefix cache that no slot maps; returns the pages.
   std::size_t evict();
+  // How many of `keys` the prefix cache holds at pages 0.., the longest run: what alloc_shared() would
+  // share now. No driver call, nothing changes (the entries are not marked as used).
+  std::size_t cached_pages(const std::vector<PrefixKey>& keys) const;
 
   // Ends the request in `slot`; its pages stay mapped for the next one.
   void free(int slot);

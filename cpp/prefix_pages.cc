@@ -168,6 +168,12 @@ void PageManager::check_write(int slot, std::size_t start) const {
   }
 }
 
+std::size_t PageManager::cached_pages(const std::vector<PrefixKey>& keys) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  return tokens_per_page() == 0 ? 0 : cached_run(keys);
+}
+
 std::size_t PageManager::evict() {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();

@@ -37,7 +37,8 @@ from jax_vattention.donation import cache_jit
 from jax_vattention.manager import manager_for
 from jax_vattention.preflight import check_slots, mapping_failures
 from jax_vattention.sampling import sample_tokens
-from jax_vattention.step_batch import decode_batch, model_step
+from jax_vattention.prefix import page_keys
+from jax_vattention.step_batch import StepBatch, decode_batch, model_step
 
 MIN_PROMPT_BUCKET = 16
 
@@ -53,8 +54,13 @@ def prompt_bucket(length: int, capacity: int) -> int:
 
 
 def _generate(graphdef, backend: str, return_logits: bool, state, cache: KVCache, prompts,
-              prompt_lengths, slots, max_new_tokens, stop_tokens, temperature, top_k, top_p, key):
+              prompt_lengths, slots, max_new_tokens, stop_tokens, temperature, top_k, top_p, key,
+              prompt_starts=None):
     """The traced generation of ``B`` padded rows (a batch bucket) with prompts of width ``P``.
+
+    With ``prompt_starts`` (int32 [B]: tokens of each row already in its slot, a shared prefix),
+    row ``b`` of ``prompts`` holds the prompt from ``prompt_starts[b]`` on, and the prefill runs
+    as prompt chunks at those offsets (the engine's chunk rows, which read the prefix in place).
 
     prompts int32 [B, P]; prompt_lengths, slots, max_new_tokens, top_k int32 [B] (padding rows:
     length 0, a slot >= max_batch, 0 new tokens); stop_tokens int32 [B, W] (padded with -1);
@@ -70,10 +76,16 @@ def _generate(graphdef, backend: str, return_logits: bool, state, cache: KVCache
     def is_stop(tokens):  # [B] -> [B]
         return jnp.any(tokens[:, None] == stop_tokens, axis=-1)
 
-    positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))  # [B, P]
-    logits, cache = model(prompts, positions, cache, start=jnp.zeros_like(prompt_lengths),
-                          count=prompt_lengths, slots=slots, backend=backend,
-                          logit_index=jnp.maximum(prompt_lengths - 1, 0))  # [B, V]
+    if prompt_starts is None:
+        positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))  # [B, P]
+        logits, cache = model(prompts, positions, cache, start=jnp.zeros_like(prompt_lengths),
+                              count=prompt_lengths, slots=slots, backend=backend,
+                              logit_index=jnp.maximum(prompt_lengths - 1, 0))  # [B, V]
+    else:
+        idle = jnp.zeros_like(slots)  # [B]: decode rows that write and read nothing
+        chunks = StepBatch(idle, idle, idle, idle, prompts, slots, prompt_starts, prompt_lengths - prompt_starts)
+        logits, cache = model.run_step(chunks, cache, backend=backend)  # [B + B, V]
+        logits = logits[batch:]  # [B, V]: each chunk row's last token
     key, step_key = jax.random.split(key)
     first = sample_tokens(logits, step_key, temperature, top_k, top_p)  # [B]
     out_tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, 0].set(first)  # [B, L]
@@ -206,14 +218,17 @@ class PreparedRequest:
     lengths: np.ndarray
     new_tokens: np.ndarray
     arrays: tuple
+    starts: jax.Array | None = None   # int32 [B] with ``starts``: the loop's ``prompt_starts``
 
 
 def prepare_request(model, cache: KVCache, prompts, *, slots, max_len, max_new_tokens, stop_tokens,
-                    temperature, top_k, top_p, seed) -> PreparedRequest:
+                    temperature, top_k, top_p, seed, starts=None) -> PreparedRequest:
     """Checks a request against the model and the cache and pads it to its batch and prompt buckets.
 
+    ``starts`` (one per prompt, ``0 <= start < len(prompt)``): tokens already in the slots; the
+    padded prompts then hold each prompt from its start on.
     Raises ``ValueError`` for a cache that does not fit the model, a bad prompt (see
-    :func:`check_prompts`) or bad slots.
+    :func:`check_prompts`), bad slots or bad starts.
     """
     max_batch, capacity = cache.max_batch, cache.capacity
     max_len = capacity if max_len is None else min(max_len, capacity)
@@ -232,11 +247,14 @@ def prepare_request(model, cache: KVCache, prompts, *, slots, max_len, max_new_t
     if slot_ids.min() < 0 or slot_ids.max() >= max_batch:
         raise ValueError(f"slots must lie in [0, {max_batch}); got {list(slot_ids)}")
 
+    offsets = np.zeros(count, np.int32) if starts is None else np.asarray(starts, np.int32)
+    if offsets.shape != (count,) or (offsets < 0).any() or (offsets >= lengths).any():
+        raise ValueError(f"starts must be one count per prompt, each below its prompt's length; got {starts}")
     rows = batch_bucket(count, max_batch)
-    width = prompt_bucket(int(lengths.max()), capacity)
+    width = prompt_bucket(int((lengths - offsets).max()), capacity)
     padded = np.zeros((rows, width), np.int32)
     for i, prompt in enumerate(prompts):
-        padded[i, :len(prompt)] = prompt
+        padded[i, :len(prompt) - offsets[i]] = prompt[offsets[i]:]
 
     def pad(values, fill):
         return np.concatenate([values, np.full((rows - count, *values.shape[1:]), fill, values.dtype)])
@@ -247,7 +265,8 @@ def prepare_request(model, cache: KVCache, prompts, *, slots, max_len, max_new_t
               jnp.asarray(pad(_per_prompt(top_k, count, "top_k", np.int32), 0)),
               jnp.asarray(pad(_per_prompt(top_p, count, "top_p", np.float32), 1)),
               jax.random.key(seed))
-    return PreparedRequest(slots=slot_ids, lengths=lengths, new_tokens=new_tokens, arrays=arrays)
+    return PreparedRequest(slots=slot_ids, lengths=lengths, new_tokens=new_tokens, arrays=arrays,
+                           starts=None if starts is None else jnp.asarray(pad(offsets, 0)))
 
 
 def unpack_results(outputs, count: int, return_logits: bool) -> tuple["GenerationResult", KVCache]:
@@ -267,7 +286,7 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int] = 32, stop_tokens=None,
              temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] = 0,
              top_p: float | Sequence[float] = 1.0, seed: int = 0, backend: str | None = None,
-             return_logits: bool = False) -> tuple[GenerationResult, KVCache]:
+             return_logits: bool = False, starts: Sequence[int] | None = None) -> tuple[GenerationResult, KVCache]:
     """Generate new tokens for each prompt; the cache is donated and the updated one returned.
 
     Parameters
@@ -291,6 +310,9 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
         also refuses a backend that would read unmapped pages)
     return_logits : also return the logits of every new token (float32 ``[capacity, vocab]`` per
         row on the device: for tests and small vocabularies)
+    starts : tokens of each prompt its slot holds already (a shared prefix that
+        ``CacheManager.alloc_prefix`` mapped; the slot's host length must be the whole prompt's):
+        the prefill computes from there, as prompt chunks (a second compiled program). Default: none
 
     Returns
     -------
@@ -306,28 +328,39 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
     backend = resolve_backend(backend, cache)
     request = prepare_request(model, cache, prompts, slots=slots, max_len=max_len,
                               max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, starts=starts)
     manager = manager_for(cache)
     if manager is not None:
         manager.check_cache(cache)
         check_slots(manager, request.slots, request.lengths)
+        if starts is not None:
+            for slot, start in zip(request.slots.tolist(), starts):
+                manager.check_write(slot, int(start))   # ValueError: the prefill would write shared pages
         manager.reserve_growth(int(request.new_tokens.max()) - 1)  # the loop's growth; OutOfPagesError if short
 
     graphdef, state = nnx.split(model)
     with mapping_failures(manager, cache, "generate"):
-        outputs = generate_fn(graphdef, backend, return_logits)(state, cache, *request.arrays)
+        outputs = generate_fn(graphdef, backend, return_logits)(state, cache, *request.arrays, request.starts)
         result, cache = unpack_results(outputs, len(prompts), return_logits)
     return result, cache
 
 
 def generate_in_manager(model, manager, prompts: Sequence[Sequence[int]], *,
-                        max_new_tokens: int | Sequence[int] = 32, **options) -> GenerationResult:
+                        max_new_tokens: int | Sequence[int] = 32, prefix_sharing: bool = False,
+                        **options) -> GenerationResult:
     """:func:`generate` in slots of a :class:`~jax_vattention.CacheManager`, freed afterwards.
 
     Allocates one slot per prompt (mapping its pages), runs the loop (which reserves the pages
     of the decode steps first) on ``manager.cache`` and stores the returned cache back into
     ``manager.cache``. Every slot allocated here is freed, also on any error. ``options``
     are :func:`generate`'s keyword arguments.
+
+    With ``prefix_sharing``, each prompt maps the longest run of its pages that the manager's
+    prefix cache holds (``CacheManager.alloc_prefix``) and the prefill computes only the rest;
+    afterwards the prompts' full pages are published, so a later call whose prompts start the
+    same way (a system prompt, a conversation's earlier turns) shares them. Prompts of one call
+    share only what earlier calls published. Nothing is shared where
+    ``manager.tokens_per_page`` is 0 (the CPU backend).
 
     Raises
     ------
@@ -348,11 +381,28 @@ def generate_in_manager(model, manager, prompts: Sequence[Sequence[int]], *,
     _, new_tokens = check_prompts(prompts, max_batch=config.max_batch, max_len=config.max_len,
                                   vocab_size=model.config.vocab_size, max_new_tokens=max_new_tokens)
     slots: list[int] = []
+    sharing = prefix_sharing and manager.tokens_per_page > 0
     try:
+        if not sharing:
+            for prompt in prompts:
+                slots.append(manager.alloc(len(prompt)))
+            result, manager.cache = generate(model, manager.cache, prompts, slots=slots,
+                                             max_len=config.max_len, max_new_tokens=new_tokens, **options)
+            return result
+        starts = []
         for prompt in prompts:
-            slots.append(manager.alloc(len(prompt)))
-        result, manager.cache = generate(model, manager.cache, prompts, slots=slots,
-                                         max_len=config.max_len, max_new_tokens=new_tokens, **options)
+            keys = page_keys(list(prompt)[:-1], manager.tokens_per_page)
+            placed = manager.alloc_prefix(keys, len(prompt))
+            slots.append(placed.slot)
+            starts.append(placed.shared_tokens)
+        growth = [0] * config.max_batch
+        for slot, prompt, start in zip(slots, prompts, starts):
+            growth[slot] = len(prompt) - start      # the host length becomes the prompt's: the loop's start
+        manager.grow_slots(growth)
+        result, manager.cache = generate(model, manager.cache, prompts, slots=slots, max_len=config.max_len,
+                                         max_new_tokens=new_tokens, starts=starts, **options)
+        for slot, prompt in zip(slots, prompts):
+            manager.publish(slot, list(prompt))     # the prompt's full pages: what the prefill wrote
     finally:
         if not manager.lost:  # a lost cache's slots went with it
             for slot in slots:

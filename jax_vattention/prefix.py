@@ -138,6 +138,61 @@ class PrefixSharing:
         self._discard_unmapped()
         return SharedAlloc(slot=slot, shared_tokens=pages * per_page)
 
+    def cached_pages(self, keys) -> int:
+        """How many of ``keys`` (:func:`page_keys` of a prompt) the prefix cache holds, from the first
+        on: the pages :meth:`alloc_shared` would map now. Changes nothing (no page counts as used)."""
+        self._check_usable()
+        return self._core.cached_pages(_keys(keys)) if self.tokens_per_page else 0
+
+    def alloc_prefix(self, keys, tokens: int, lookahead: int = 0) -> SharedAlloc:
+        """:meth:`alloc_shared` for a prompt that is prefilled in chunks: only its cached prefix is in the slot.
+
+        ``keys`` are :func:`page_keys` of the prompt's first tokens (at most ``(tokens - 1) //
+        tokens_per_page`` of them: the prompt's last token is always computed); ``tokens`` the
+        prompt's length. The longest cached run of ``keys`` is mapped, read-only, and the slot's
+        length is its end, ``shared_tokens``: the prefill writes from there, growing the slot
+        chunk by chunk (:meth:`grow_slots`). The pages of ``tokens + lookahead`` tokens are mapped
+        (reserved for that growth) as :meth:`alloc` maps ``lookahead`` tokens ahead.
+
+        Returns a :class:`SharedAlloc`. Raises as :meth:`alloc` does, and ``ValueError`` for more
+        keys than the prompt's full pages before its last token.
+
+        Example::
+
+            keys = page_keys(prompt[:-1], manager.tokens_per_page)
+            placed = manager.alloc_prefix(keys, len(prompt), lookahead=16)
+            ...                 # chunks of prompt[placed.shared_tokens:], each grown before it runs
+        """
+        self._check_usable()
+        tokens = _count("tokens", tokens)
+        lookahead = _count("lookahead", lookahead)
+        keys = _keys(keys)
+        if tokens > self.config.max_len:
+            raise ValueError(f"a prompt of {tokens} tokens is longer than max_len={self.config.max_len}")
+        per_page = self.tokens_per_page
+        if not per_page:
+            return SharedAlloc(slot=self.alloc(0, tokens + lookahead), shared_tokens=0)
+        if tokens == 0 or len(keys) > (tokens - 1) // per_page:
+            raise ValueError(f"{len(keys)} page keys stand for more than the full pages before the last token "
+                             f"of a prompt of {tokens} tokens ({max(tokens - 1, 0) // per_page} at most)")
+        run = self._core.cached_pages(keys)
+        shared = run * per_page
+        slot, pages = self._core.alloc_shared(shared, tokens - shared + lookahead, keys[:run])
+        self._discard_unmapped()
+        if pages != run:
+            self._core.free(slot)
+            raise RuntimeError(f"the prefix cache held {run} pages of the prompt but {pages} were mapped")
+        return SharedAlloc(slot=slot, shared_tokens=shared)
+
+    def publish_pages(self, slot: int, keys) -> int:
+        """:meth:`publish` with the slot's page keys (:func:`page_keys` of its tokens) instead of its
+        tokens: pages ``0 .. len(keys) - 1`` of ``slot``, which must all be written (below its length).
+        Raises ``ValueError`` otherwise, with nothing registered. Returns the pages registered."""
+        self._check_usable()
+        if not self.tokens_per_page:
+            return 0
+        return self._core.publish(_count("slot", slot), _keys(keys))
+
     def publish(self, slot: int, tokens) -> int:
         """Offers the full pages of ``slot`` to the prefix cache, keyed by ``tokens``.
 
@@ -181,6 +236,13 @@ class PrefixSharing:
         """
         self._check_usable()
         return self._core.evict()
+
+
+def _keys(keys) -> list[int]:
+    keys = [int(key) for key in keys]
+    if any(not 0 <= key < 2**64 for key in keys):
+        raise ValueError("page keys are 64-bit unsigned integers (page_keys gives them)")
+    return keys
 
 
 def _tokens(tokens) -> np.ndarray:

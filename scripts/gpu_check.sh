@@ -7,6 +7,9 @@
 #   alloc      vattention bench alloc
 #   generate   vattention generate with both GPU backends
 #   serve      serve-bench on a Llama-3-8B shape at a fixed budget, both layouts
+#   prefix     serve-bench on a Llama-3-8B shape (interleaved) with a 1024-token system prompt before
+#              U(32, 256) user tokens, 128 requests, prefix sharing on and off in turn at one budget, and
+#              the two runs' tokens compared (not in the default list; PREFIX_RUNS="on" or "off": one run)
 #   crossing   vattention bench crossing, both layouts (CROSSING_NO_GRAPHS=1: again with XLA's CUDA
 #              graphs off)
 #   soak       the engine soak at a tight budget with random preemptions (SOAK_STEPS decode steps,
@@ -94,6 +97,25 @@ for section in $sections; do
             | tr '\r' '\n' | last_progress || rc=1
           cp "/tmp/serve_$layout/mapped_memory.png" "$out/serve_$layout.png" 2>/dev/null || true
         done; exit $rc ) | tee "$out/serve.log" || status=1 ;;
+    prefix)
+      # Sharing on, then off, one workload and budget; the second run reuses the first one's compiles.
+      # The GPU tests of prefix sharing: GPU_TESTS=test_gpu_prefix.py with the tests section.
+      ( rc=0
+        export JAX_COMPILATION_CACHE_DIR=/tmp/jax_prefix_cache
+        for sharing in ${PREFIX_RUNS:-on off}; do
+          flag=$([ "$sharing" = off ] && echo --no-prefix-sharing)
+          echo "== prefix sharing $sharing"
+          timeout 280 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --layout interleaved \
+            --requests 128 --rate 64 --shared-prefix 1024 --prompt-len 32 256 --output-len 32 128 \
+            --max-batch 64 --max-len 1536 --budget-mib 8192 $flag --out "/tmp/prefix_$sharing" 2>&1 \
+            | tr '\r' '\n' | last_progress || rc=1
+        done
+        if [ -f /tmp/prefix_on/tokens.json ] && [ -f /tmp/prefix_off/tokens.json ]; then
+          "$python" -c 'import json; on, off = (json.load(open(f"/tmp/prefix_{s}/tokens.json")) for s in ("on", "off"))
+print(f"tokens identical with sharing on and off: {sum(a == b for a, b in zip(on, off))} of {len(off)} requests")' \
+            || rc=1
+        fi
+        exit $rc ) 2>&1 | tee "$out/prefix.log" || status=1 ;;
     crossing)
       # A decode step that crosses a page against one that does not.
       ( rc=0

@@ -69,7 +69,8 @@ def test_the_cpu_backend_shares_nothing():
 
 @pytest.fixture
 def manager():
-    with jv.CacheManager(config(), CPU, driver=_core.FakeDriver(64 * KiB)) as manager:
+    # host_pages: the fake driver shares pages in CPU buffers only where it carries their bytes along.
+    with jv.CacheManager(config(), CPU, driver=_core.FakeDriver(64 * KiB, host_pages=True)) as manager:
         yield manager
 
 

@@ -10,6 +10,14 @@ of it was hidden behind device work, the time of decode-only and mixed
 (decode + prefill chunk) steps, the warm-up (compiling the engine's two step
 programs), and the batch the engine sustained against what an ideal allocator
 (exact tokens, no page rounding) would fit.
+
+``--shared-prefix N`` puts one random N-token system prompt before every
+request's own tokens (drawn from ``--prompt-len``); the report then says how
+many prompt tokens the prefills computed against the prompts' total, how many
+were mapped from the prefix cache, and the memory that sharing saved.
+``--no-prefix-sharing`` runs the same workload with every prompt computed in
+full, for the comparison. Each request's tokens go to ``tokens.json`` in
+``--out``, so two runs can be compared token for token.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import json
 import os
 import tempfile
 import time
@@ -59,6 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlap", action="store_true")
     parser.add_argument("--no-deferred-reclamation", action="store_true")
     parser.add_argument("--no-eager-allocation", action="store_true")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                        help="a common N-token system prompt before each request's --prompt-len tokens")
+    parser.add_argument("--no-prefix-sharing", action="store_true",
+                        help="compute every prompt in full (no pages mapped from the prefix cache)")
     parser.add_argument("--no-pipeline", action="store_true",
                         help="read each step's tokens before dispatching the next (default: dispatch each "
                              "step before reading the previous one's)")
@@ -84,10 +97,12 @@ def validate(args: argparse.Namespace) -> None:
         low, high = getattr(args, name)
         if not 1 <= low <= high:
             raise ValueError(f"--{name.replace('_', '-')} MIN MAX needs 1 <= MIN <= MAX; got {low} {high}")
-    longest = args.prompt_len[1] + args.output_len[1] - 1
+    if args.shared_prefix < 0:
+        raise ValueError(f"--shared-prefix must be at least 0; got {args.shared_prefix}")
+    longest = args.shared_prefix + args.prompt_len[1] + args.output_len[1] - 1
     if longest > args.max_len or args.max_len < 3:
         raise ValueError(f"--max-len {args.max_len} is too short: a request may need {max(longest, 3)} positions "
-                         f"(longest prompt + longest output - 1, and at least 3 for the warm-up)")
+                         f"(shared prefix + longest prompt + longest output - 1, and at least 3 for the warm-up)")
     for name in ("budget_mib", "page_kib", "prefetch_tokens"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
@@ -109,11 +124,13 @@ def check_writable(folder: str) -> None:
 def _workload(args, vocab: int) -> list[tuple[float, Request]]:
     rng = np.random.default_rng(args.seed)
     arrivals = np.cumsum(rng.exponential(1.0 / args.rate, args.requests))
+    # Drawn from its own generator: the same workload with or without a system prompt.
+    system = np.random.default_rng([args.seed, 1]).integers(2, vocab, args.shared_prefix).tolist()
     requests = []
     for arrival in arrivals:
         prompt_len = int(rng.integers(args.prompt_len[0], args.prompt_len[1] + 1))
         output_len = int(rng.integers(args.output_len[0], args.output_len[1] + 1))
-        prompt = rng.integers(2, vocab, prompt_len).tolist()
+        prompt = system + rng.integers(2, vocab, prompt_len).tolist()
         requests.append((float(arrival), Request(prompt=prompt, max_new_tokens=output_len)))
     return requests
 
@@ -143,16 +160,19 @@ def run(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(token_budget=args.token_budget, chunk_tokens=args.chunk_tokens,
                                  prefetch_tokens=args.prefetch_tokens, backend=backend,
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
-                                 eager_allocation=not args.no_eager_allocation, seed=args.seed,
+                                 eager_allocation=not args.no_eager_allocation,
+                                 prefix_sharing=not args.no_prefix_sharing, seed=args.seed,
                                  pipeline=not args.no_pipeline)
     engine = Engine(model, manager, engine_config)
     # The longest request the workload can draw, through the engine's own check (budget, max_len),
     # before anything compiles; it is withdrawn at once.
     try:
-        engine.cancel(engine.submit(Request(prompt=[2] * args.prompt_len[1], max_new_tokens=args.output_len[1])))
+        engine.cancel(engine.submit(Request(prompt=[2] * (args.shared_prefix + args.prompt_len[1]),
+                                            max_new_tokens=args.output_len[1])))
     except ValueError as error:
         manager.close()
-        raise ValueError(f"the workload's longest request ({args.prompt_len[1]} prompt + {args.output_len[1]} "
+        raise ValueError(f"the workload's longest request ({args.shared_prefix + args.prompt_len[1]} prompt + "
+                         f"{args.output_len[1]} "
                          f"output tokens) cannot run: {error}") from None
     workload = _workload(args, model_config.vocab_size)
 
@@ -169,6 +189,7 @@ def run(args: argparse.Namespace) -> int:
     engine.stats = EngineStats()
 
     token_times: dict[int, list[float]] = {}
+    outputs: dict[int, list[int]] = {}
     arrival_of: dict[int, float] = {}
     pending = list(workload)
     os.makedirs(args.out, exist_ok=True)
@@ -184,6 +205,7 @@ def run(args: argparse.Namespace) -> int:
                 request_id = engine.submit(request)
                 arrival_of[request_id] = start + arrival
                 token_times[request_id] = []
+                outputs[request_id] = []
             if engine.idle:
                 time.sleep(max(0.0, min(pending[0][0] - now, 0.05)))
                 continue
@@ -191,6 +213,8 @@ def run(args: argparse.Namespace) -> int:
             stamp = time.perf_counter()
             for event in events:
                 token_times[event.request_id].append(stamp)
+                if event.error is None:
+                    outputs[event.request_id].append(event.token)
                 progress.update(int(event.finished))
     elapsed = time.perf_counter() - start
     if trace_folder:
@@ -216,10 +240,14 @@ def run(args: argparse.Namespace) -> int:
         for stamp, mapped in engine.stats.mapped_bytes:
             writer.writerow([f"{stamp - start:.4f}", f"{mapped / 2**20:.1f}"])
     plot = _plot(engine.stats.mapped_bytes, start, stats, os.path.join(args.out, "mapped_memory.png"))
+    tokens_json = os.path.join(args.out, "tokens.json")
+    with open(tokens_json, "w") as file:   # in submission order: the workload's order
+        json.dump([outputs[request_id] for request_id in sorted(outputs)], file)
 
     policies = ", ".join(f"{name}={'on' if on else 'off'}" for name, on in (
         ("overlap", engine_config.overlap), ("deferred_reclamation", engine_config.deferred_reclamation),
-        ("eager_allocation", engine_config.eager_allocation), ("pipeline", engine_config.pipeline)))
+        ("eager_allocation", engine_config.eager_allocation), ("pipeline", engine_config.pipeline),
+        ("prefix_sharing", engine.prefixes is not None)))
     print(f"\nvattention serve-bench on {device.device_kind} ({device.platform}), {datetime.date.today()}"
           + (f", tensor parallel over {args.tp} devices" if mesh is not None else ""))
     print(f"model {args.config} (random weights), {args.layout} cache, backend {engine_config.backend}, "
@@ -228,7 +256,8 @@ def run(args: argparse.Namespace) -> int:
           f"budget {stats['budget_pages'] * manager.page_bytes >> 20} MiB"
           + (f" ({stats['budget_pages'] * manager.page_bytes // args.tp >> 20} MiB a device)" if mesh is not None else "")
           + f"; {policies}")
-    print(f"workload: {len(workload)} requests, Poisson {args.rate}/s, prompt U{tuple(args.prompt_len)}, "
+    shared = f"{args.shared_prefix}-token shared prefix + " if args.shared_prefix else ""
+    print(f"workload: {len(workload)} requests, Poisson {args.rate}/s, prompt {shared}U{tuple(args.prompt_len)}, "
           f"output U{tuple(args.output_len)}")
     print(f"throughput          {tokens / elapsed:10.1f} tokens/s ({tokens} tokens in {elapsed:.2f} s)")
     print(f"time per output token p50 {np.percentile(per_token, 50) * 1e3:.2f} ms, "
@@ -248,6 +277,7 @@ def run(args: argparse.Namespace) -> int:
               f"{seconds[mapping].mean() * 1e3:.2f} ms when pages were mapped (before or during them): "
               f"{mapping.sum()} of {len(seconds)} steps")
     print(f"preemptions {engine.stats.preemptions}, prefills {engine.stats.prefills}")
+    print(_prefix_report(engine, manager, stats))
     if engine.stats.memory_bound_batches:
         running, ideal = np.array(engine.stats.memory_bound_batches).T
         print(f"admissions the budget held back: {len(running)}; in them the engine ran {running.mean():.1f} "
@@ -256,11 +286,27 @@ def run(args: argparse.Namespace) -> int:
     else:
         print("admission was never held back by memory (raise --rate or lower --budget-mib to measure it)")
     print("\n".join(device_lines(manager, devices)))
-    print(f"mapped memory over time: {memory_csv}" + (f", {plot}" if plot else " (no matplotlib: no PNG)"))
+    print(f"mapped memory over time: {memory_csv}" + (f", {plot}" if plot else " (no matplotlib: no PNG)")
+          + f"; tokens: {tokens_json}")
     if trace_folder:
         _print_device_time(trace_folder, elapsed, len(records))
     manager.close()
     return 0
+
+
+def _prefix_report(engine: Engine, manager: CacheManager, stats: dict) -> str:
+    """Prefill tokens computed against the prompts' and what prefix sharing mapped and saved."""
+    run = engine.stats
+    computed = f"prefill tokens computed {run.prefill_tokens} of {run.prompt_tokens} prompt tokens admitted " \
+               f"({100 * run.prefill_tokens / max(run.prompt_tokens, 1):.1f}%)"
+    if engine.prefixes is None:
+        why = "off" if not engine.config.prefix_sharing else "not possible with this driver (tokens_per_page 0)"
+        return f"{computed}; prefix sharing {why}"
+    return (f"{computed}; prefix sharing ({engine.prefixes.tokens_per_page} tokens a page): "
+            f"{run.shared_admissions} of {run.admissions} admissions shared {run.shared_tokens} tokens "
+            f"({run.shared_pages} pages), {run.prefix_waits} admission waits for a prefix being computed; "
+            f"peak memory saved {run.peak_bytes_saved / 2**20:.1f} MiB; prefix cache at the end "
+            f"{stats['cached_pages']} pages, {stats['pages_evicted_total']} evicted")
 
 
 def _print_device_time(folder: str, elapsed: float, steps: int) -> None:

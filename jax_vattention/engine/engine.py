@@ -20,7 +20,12 @@ The paper's memory policies are switches of :class:`EngineConfig`:
   next steps will need (:meth:`CacheManager.prefetch_while_busy`);
 * ``deferred_reclamation``: a finished request's pages stay with its slot for the next
   request there, unmapped only under memory pressure. Off: unmapped at once;
-* ``eager_allocation``: a request's first decode pages are mapped with its prompt.
+* ``eager_allocation``: a request's first decode pages are mapped with its prompt;
+* ``prefix_sharing``: a request maps the cached pages of its prompt's start (one physical
+  copy for every request that shares them) and prefills only the rest
+  (:mod:`~jax_vattention.engine.prefixes`); the pages requests wrote stay in the prefix
+  cache when they finish, and are evicted, least recently used first, before a request
+  waits for memory and before one is preempted.
 
 No request is lost, and tokens already streamed are not streamed again.
 """
@@ -38,6 +43,7 @@ import numpy as np
 from jax_vattention._core import OutOfPagesError
 from jax_vattention.attention import resolve_backend
 from jax_vattention.engine.requests import Request, RequestState, TokenEvent
+from jax_vattention.engine.prefixes import PrefixSharer
 from jax_vattention.engine.runner import StepRunner
 from jax_vattention.engine.scheduler import Scheduler, StepPlan
 from jax_vattention.engine.validation import checked_request
@@ -70,7 +76,9 @@ class EngineConfig:
     backend : attention backend (``blocked``, ``xla``, ``cudnn``, ``pallas``); None: the default of the
         cache's device and layout (:func:`~jax_vattention.attention.resolve_backend`). Prompt chunks
         run the in-place chunk kernel (:func:`~jax_vattention.attention.chunk_attention`)
-    overlap, deferred_reclamation, eager_allocation : the memory policies (module docstring)
+    overlap, deferred_reclamation, eager_allocation, prefix_sharing : the memory policies (module
+        docstring); prefix sharing needs pages that one physical page can back at several addresses
+        (CUDA's; ``CacheManager.tokens_per_page`` is 0 elsewhere, and then nothing is shared)
     prefetch_tokens : with overlap, how far ahead of every running slot the host maps while a step
         runs, and with eager allocation what is mapped with a prompt (default ``MIN_PREFETCH_TOKENS``)
     max_stop_tokens : the most stop tokens a request may give
@@ -86,6 +94,7 @@ class EngineConfig:
     overlap: bool = True
     deferred_reclamation: bool = True
     eager_allocation: bool = True
+    prefix_sharing: bool = True
     prefetch_tokens: int | None = None
     max_stop_tokens: int = 4
     seed: int = 0
@@ -135,6 +144,7 @@ class _InFlight:
     dispatched: float        # time.perf_counter() when it was dispatched
     mapped_pages: int        # mapped for it before dispatch
     blocked: bool            # admission stopped at the page budget
+    written: tuple = ()      # with prefix sharing: what it writes, per request (PrefixSharer.dispatched)
 
 
 @dataclasses.dataclass
@@ -150,6 +160,15 @@ class EngineStats:
     # At each admission the budget stopped: (requests running, requests an ideal allocator would run).
     memory_bound_batches: list = dataclasses.field(default_factory=list)
     mapped_bytes: list = dataclasses.field(default_factory=list)   # (time, bytes) after each step
+    # Prefix sharing. Every admission counts: a preempted request's readmission too.
+    admissions: int = 0
+    shared_admissions: int = 0    # admissions that mapped at least one cached page
+    prompt_tokens: int = 0        # context tokens of the requests admitted
+    prefill_tokens: int = 0       # of them, computed by prefill chunks (the rest was shared)
+    shared_tokens: int = 0        # mapped from the prefix cache at admission
+    shared_pages: int = 0         # the same in pages (counted in every buffer, as the manager counts)
+    prefix_waits: int = 0         # steps whose admission waited for a running request to publish a prefix
+    peak_bytes_saved: int = 0     # the most memory the shared pages saved at once (manager's bytes_saved)
 
 
 class Engine:
@@ -186,6 +205,8 @@ class Engine:
         self._blocked = False           # the last admission stopped at the page budget
         self._admit_error: Exception | None = None
         self._key = jax.random.key(config.seed)
+        sharer = PrefixSharer(manager) if config.prefix_sharing else None
+        self.prefixes = sharer if sharer is not None and sharer.active else None
         self._in_flight: _InFlight | None = None     # the step dispatched and not yet read
         self._no_tokens = self.runner.no_tokens(next(iter(manager.cache.k[0].devices())))
         self._last_read = 0.0                         # when the host last finished reading a step
@@ -221,10 +242,12 @@ class Engine:
             if state.request_id == request_id:
                 self.scheduler.waiting.remove(state)
                 state.done = True
+                if self.prefixes is not None:
+                    self.prefixes.leave(state, publish=False, done=True)
                 return True
         for state in list(self.scheduler.running.values()):
             if state.request_id == request_id:
-                self._retire(state)
+                self._retire(state, publish=True)   # what it wrote is valid: other prompts may share it
                 return True
         return False
 
@@ -280,7 +303,9 @@ class Engine:
                 self._in_flight = None
             events += self._read(previous)
         self.stats.steps += 1
-        self.stats.mapped_bytes.append((time.perf_counter(), self.manager.stats()["mapped_bytes"]))
+        stats = self.manager.stats()
+        self.stats.mapped_bytes.append((time.perf_counter(), stats["mapped_bytes"]))
+        self.stats.peak_bytes_saved = max(self.stats.peak_bytes_saved, stats["bytes_saved"])
         return events
 
     def stream(self) -> Iterator[TokenEvent]:
@@ -328,13 +353,27 @@ class Engine:
 
     def _admit(self, state: RequestState) -> int | None:
         """A slot with the request's whole context mapped (and its first decode pages, with eager
-        allocation); None on back-pressure."""
+        allocation); with prefix sharing, its cached prefix is shared and ``state.computed`` set to
+        its end. None on back-pressure, or while a running request computes the request's next
+        prefix page (it is published within a few steps)."""
         context = len(state.context)
-        lookahead = context - state.computed
-        if self.config.eager_allocation:
-            lookahead += min(self.config.prefetch_horizon, state.remaining)
+        eager = min(self.config.prefetch_horizon, state.remaining) if self.config.eager_allocation else 0
         try:
-            return self.manager.alloc(state.computed, lookahead=lookahead)
+            if self.prefixes is None:
+                slot = self.manager.alloc(state.computed, lookahead=context - state.computed + eager)
+            elif self.prefixes.waits(state):
+                self.stats.prefix_waits += 1
+                return None
+            else:
+                placed = self.prefixes.admit(state, eager)
+                slot, state.computed = placed.slot, placed.shared_tokens
+                self.stats.shared_tokens += placed.shared_tokens
+                self.stats.shared_admissions += placed.shared_tokens > 0
+                self.stats.shared_pages += (placed.shared_tokens // self.prefixes.tokens_per_page
+                                            * self.manager.config.num_buffers)
+            self.stats.admissions += 1
+            self.stats.prompt_tokens += context
+            return slot
         except OutOfPagesError as error:
             self._blocked = True
             self._admit_error = error
@@ -384,6 +423,12 @@ class Engine:
                             tuple(c for c in plan.chunks if c.state.request_id in knobs), plan.admitted)
         ends = [(s.slot, s.computed + 1) for s in plan.decodes] + [(c.slot, c.start + c.count) for c in plan.chunks]
         check_slots(self.manager, [slot for slot, _ in ends], [end for _, end in ends], error=RuntimeError)
+        if self.prefixes is not None:
+            for chunk in plan.chunks:   # the last line of defence: a chunk never starts in a shared page
+                try:
+                    self.manager.check_write(chunk.slot, chunk.start)
+                except ValueError as error:
+                    raise RuntimeError(f"the engine planned a write into shared pages: {error}") from None
         batch, token_rows, arrays = self.runner.arrays(plan, knobs)
         previous = self._in_flight.tokens if self._in_flight is not None else self._no_tokens
         self._key, key = jax.random.split(self._key)
@@ -397,9 +442,11 @@ class Engine:
         for state, row in rows:
             state.pending_row = row
             state.in_flight += 1
+        written = self.prefixes.dispatched(plan) if self.prefixes is not None else ()
         self.scheduler.completed(plan)
+        self.stats.prefill_tokens += sum(chunk.count for chunk in plan.chunks)
         return _InFlight(plan, tokens, tuple(rows), dispatched,
-                         self.manager.stats()["pages_mapped_total"] - mapped_before, self._blocked)
+                         self.manager.stats()["pages_mapped_total"] - mapped_before, self._blocked, written)
 
     def _read(self, step: _InFlight) -> list[TokenEvent]:
         """Waits for a dispatched step's tokens (mapping ahead meanwhile, with overlap) and streams
@@ -425,6 +472,8 @@ class Engine:
         self.stats.records.append(StepRecord(
             len(step.plan.decodes), step.plan.tokens - len(step.plan.decodes), len(step.plan.admitted),
             self._last_read - begin, step.mapped_pages, step.blocked))
+        if self.prefixes is not None:
+            self.prefixes.read(step.written)   # it ran: the pages it completed can be shared
         for state, row in step.rows:
             state.in_flight -= 1
             if state.in_flight == 0:
@@ -443,7 +492,9 @@ class Engine:
     def _fail(self, state: RequestState, error: Exception) -> TokenEvent:
         """Ends one request with ``error``: it leaves its slot, and its stream's last event carries it."""
         if state.slot is not None:
-            self._retire(state)
+            self._retire(state, publish=False)
+        elif self.prefixes is not None:
+            self.prefixes.leave(state, publish=False, done=True)
         self.failed[state.request_id] = error
         return TokenEvent(state.request_id, -1, True, error=f"{type(error).__name__}: {error}")
 
@@ -455,19 +506,27 @@ class Engine:
         if finished:
             if state.slot is None and state in self.scheduler.waiting:
                 self.scheduler.waiting.remove(state)
-            self._retire(state)
+            self._retire(state, publish=True)
         self.stats.tokens += 1
         return TokenEvent(state.request_id, token, finished)
 
     def _preempt(self, state: RequestState) -> None:
         slot = state.slot
+        if self.prefixes is not None:
+            # Its pages go to the prefix cache: evicted first if memory stays short, else shared when
+            # it comes back.
+            self.prefixes.leave(state, publish=True, done=False)
         self.scheduler.preempt(state)
         self._free(slot)
         self.stats.preemptions += 1
 
-    def _retire(self, state: RequestState) -> None:
+    def _retire(self, state: RequestState, *, publish: bool) -> None:
+        """Takes ``state`` off its slot for good; with ``publish`` its written pages stay in the prefix
+        cache (not for a failed request: its last step may not have run)."""
         state.done = True
         slot = state.slot
+        if self.prefixes is not None:
+            self.prefixes.leave(state, publish=publish, done=True)
         self.scheduler.finish(state)
         if slot is not None:
             self._free(slot)

@@ -104,8 +104,10 @@ class Scheduler:
         """The next step's plan; admits waiting requests that fit.
 
         ``admit(state)`` gives the request a slot (and its pages) and returns the slot, or None
-        when memory is short (back-pressure: admission stops there). It is asked only while a
-        slot is free and the step has room for a chunk.
+        when memory is short or the request must wait (back-pressure, or a prefix a running request
+        is computing: admission stops there). It may set ``state.computed`` (a shared prefix): the
+        request's chunks start there. It is asked only while a slot is free and the step has room
+        for a chunk.
         """
         # A request whose last token is in flight (``remaining`` 0) waits for it, holding its slot.
         decodes = tuple(s for s in self.running.values() if s.prefilled and s.remaining > 0)
