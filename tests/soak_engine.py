@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     parser.add_argument("--sample", type=int, default=12, help="requests compared with running alone")
     parser.add_argument("--preempt", type=float, default=0.2, help="chance of a preemption per engine step")
     parser.add_argument("--max-prompt", type=int, default=40, help="longest prompt (fewer compiles when short)")
+    parser.add_argument("--pipeline", action="store_true", help="the pipelined engine (EngineConfig.pipeline)")
     args = parser.parse_args(argv)
     # Requests are compared token for token with running alone, in float32: on a GPU, XLA's default
     # float32 matmuls round their inputs to TF32, whose result depends on the batch around a row.
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
     pages_per_slot = -(-max_len // tokens_per_page)
     budget = 2 * pages_per_slot * cache_config.num_buffers * page_bytes
     manager = jv.CacheManager(dataclasses.replace(cache_config, budget_bytes=budget), device)
-    engine = Engine(model, manager, EngineConfig(token_budget=2 * chunk, chunk_tokens=chunk))
+    engine = Engine(model, manager, EngineConfig(token_budget=2 * chunk, chunk_tokens=chunk, pipeline=args.pipeline))
     requests: dict[int, Request] = {}
     outputs: dict[int, list[int]] = {}
     while len(engine.stats.records) < args.steps or not engine.idle:

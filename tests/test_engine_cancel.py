@@ -15,7 +15,7 @@ from jax_vattention.models.llama import Llama
 PAGE = 4096          # a fake driver's page: 32 tokens of the tiny model's K or V of one layer
 
 
-def make_engine(max_batch=2, pipeline=True):
+def make_engine(max_batch=2, pipeline=False):
     model = Llama(get_config("tiny"), rngs=nnx.Rngs(0))
     config = model.config
     cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=max_batch, max_len=128,

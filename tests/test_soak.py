@@ -23,8 +23,11 @@ def run_soak(*args, timeout):
 
 
 @pytest.mark.slow
-def test_cpu_soak_with_preemptions():
-    print(run_soak("--device", "cpu", "--steps", "200", "--max-prompt", "15", "--sample", "6", timeout=600))
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_cpu_soak_with_preemptions(pipeline):
+    """Pipelined, the random preemptions between steps catch requests with a token in flight."""
+    print(run_soak("--device", "cpu", "--steps", "200", "--max-prompt", "15", "--sample", "6",
+                   *(["--pipeline"] if pipeline else []), timeout=600))
 
 
 @pytest.mark.gpu

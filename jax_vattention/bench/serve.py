@@ -72,9 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a common N-token system prompt before each request's --prompt-len tokens")
     parser.add_argument("--no-prefix-sharing", action="store_true",
                         help="compute every prompt in full (no pages mapped from the prefix cache)")
-    parser.add_argument("--no-pipeline", action="store_true",
-                        help="read each step's tokens before dispatching the next (default: dispatch each "
-                             "step before reading the previous one's)")
+    parser.add_argument("--pipeline", action="store_true",
+                        help="dispatch each step before reading the previous one's tokens (EngineConfig.pipeline)")
     parser.add_argument("--profile", action="store_true",
                         help="trace the timed run with the JAX profiler and print the device's busy and idle "
                              "time by kernel kind (see vattention bench profile)")
@@ -162,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation,
                                  prefix_sharing=not args.no_prefix_sharing, seed=args.seed,
-                                 pipeline=not args.no_pipeline)
+                                 pipeline=args.pipeline)
     engine = Engine(model, manager, engine_config)
     # The longest request the workload can draw, through the engine's own check (budget, max_len),
     # before anything compiles; it is withdrawn at once.
