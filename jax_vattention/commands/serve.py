@@ -96,6 +96,7 @@ def build_service(args: argparse.Namespace):
     engine = Engine(loaded.model, manager, EngineConfig(
         token_budget=args.token_budget, chunk_tokens=args.chunk_tokens, backend=backend, seed=args.seed,
         max_stop_tokens=max(4, len(loaded.stop_tokens))))
+    engine.compile()
     engine.submit(Request(prompt=[0] * min(args.chunk_tokens + 1, args.max_len - 1), max_new_tokens=2))
     engine.run()
     loop = EngineLoop(engine)

@@ -213,6 +213,11 @@ class Engine:
         self._last_read = 0.0                         # when the host last finished reading a step
         self._undelivered: list[TokenEvent] = []      # failures the next step streams
 
+    def compile(self) -> None:
+        """Compiles the engine's two step programs (decode-only and mixed) at once, before serving:
+        the first steps then run at once instead of compiling one after the other."""
+        self.runner.compile(self.manager.cache, self._no_tokens, self._key)
+
     # ----------------------------------------------------------------- requests
     def submit(self, request: Request) -> int:
         """Queues a request; returns its id.

@@ -20,6 +20,7 @@ runs it on its shards of the weights and of the cache, and samples the same toke
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 
@@ -88,14 +89,31 @@ class StepRunner:
         padding = self.output_rows - tokens.shape[0]
         return jnp.pad(tokens, (0, padding)), cache  # [output_rows]
 
+    def compile(self, cache, previous: jax.Array, key) -> None:
+        """Compiles the decode-only and the mixed step at once, before the first request.
+
+        XLA compiles with the GIL released, so in two threads the pair takes about as long as the
+        longer one; the steps dispatched later find both compiled. ``cache``, ``previous`` and
+        ``key`` are what the engine's first step will pass (nothing runs, nothing is donated).
+        """
+        def compile_with(rows: int) -> None:
+            batch, token_rows, knobs = self._inputs(StepPlan((), (), ()), {}, rows)
+            self._step.lower(self.state, cache, batch, jnp.asarray(token_rows), previous,
+                             *(jnp.asarray(k) for k in knobs), key).compile()
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            list(pool.map(compile_with, (0, self.chunk_rows)))
+
     def arrays(self, plan: StepPlan, knobs: dict) -> tuple[StepBatch, np.ndarray, tuple[np.ndarray, ...]]:
         """The step's inputs: the :class:`StepBatch`, the decode rows' ``token_rows`` ``[D]`` (see
         the module docstring) and the sampling knobs ``[D + R]``.
 
         ``knobs[request_id]`` is ``(temperature, top_k, top_p)`` of each request in the plan.
         """
-        slots, rows = self.max_batch, self.chunk_rows if plan.chunks else 0
-        width = self.chunk_tokens
+        return self._inputs(plan, knobs, self.chunk_rows if plan.chunks else 0)
+
+    def _inputs(self, plan: StepPlan, knobs: dict, rows: int):
+        slots, width = self.max_batch, self.chunk_tokens
         decode_tokens = np.zeros(slots, np.int32)
         decode_positions = np.zeros(slots, np.int32)
         decode_count = np.zeros(slots, np.int32)
