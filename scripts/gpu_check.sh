@@ -7,6 +7,9 @@
 #   alloc      vattention bench alloc
 #   generate   vattention generate with both GPU backends
 #   serve      serve-bench on a Llama-3-8B shape at a fixed budget, both layouts
+#   stall      serve-bench on issue 12's workload (Llama-3-8B shape, interleaved, 128 requests at once,
+#              prompt U(64, 700), 144 out, 64 slots, 16 GiB), with the device's busy time per step
+#              (--profile), the engine plain and pipelined (STALL_RUNS="plain" or "pipelined": one run)
 #   prefix     serve-bench on a Llama-3-8B shape (interleaved) with a 1024-token system prompt before
 #              U(32, 256) user tokens, 128 requests, prefix sharing on and off in turn at one budget, and
 #              the two runs' tokens compared (not in the default list; PREFIX_RUNS="on" or "off": one run)
@@ -97,6 +100,15 @@ for section in $sections; do
             | tr '\r' '\n' | last_progress || rc=1
           cp "/tmp/serve_$layout/mapped_memory.png" "$out/serve_$layout.png" 2>/dev/null || true
         done; exit $rc ) | tee "$out/serve.log" || status=1 ;;
+    stall)
+      ( rc=0
+        for run in ${STALL_RUNS:-plain pipelined}; do
+          echo "== engine $run"
+          timeout 150 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --layout interleaved \
+            --requests 128 --rate 100000 --prompt-len 64 700 --output-len 144 144 --max-batch 64 --max-len 1024 \
+            --budget-mib 16384 --profile $([ "$run" = pipelined ] && echo --pipeline) --out "/tmp/stall_$run" 2>&1 \
+            | tr '\r' '\n' | last_progress || rc=1
+        done; exit $rc ) 2>&1 | tee "$out/stall.log" || status=1 ;;
     prefix)
       # Sharing on, then off, one workload and budget; the second run reuses the first one's compiles.
       # The GPU tests of prefix sharing: GPU_TESTS=test_gpu_prefix.py with the tests section.
