@@ -48,6 +48,23 @@ _DLPACK_DTYPES = {  # dtype -> (DLPack type code, bits)
 }
 
 
+def map_while_busy(map_one_page, pending: jax.Array, deadline: float | None) -> int:
+    """Calls ``map_one_page()`` (it returns the pages it mapped, 0 when there is nothing left) until
+    ``pending`` is ready, no page is left, or the last page's time says the next would end after
+    ``deadline``; returns the pages mapped."""
+    mapped, page_seconds = 0, 0.0
+    while not pending.is_ready():
+        begin = time.perf_counter()
+        if deadline is not None and begin + page_seconds > deadline:
+            break
+        pages = map_one_page()
+        if pages == 0:
+            break
+        page_seconds = time.perf_counter() - begin
+        mapped += pages
+    return mapped
+
+
 class CacheManager(PrefixSharing):
     """Slots and physical pages of one virtual KV cache on one device.
 
@@ -278,17 +295,7 @@ class CacheManager(PrefixSharing):
         """
         self._check_usable()
         tokens = _count("tokens", tokens)
-        mapped, page_seconds = 0, 0.0
-        while not pending.is_ready():
-            begin = time.perf_counter()
-            if deadline is not None and begin + page_seconds > deadline:
-                break
-            pages = self._core.prefetch(tokens, 1)
-            if pages == 0:
-                break
-            page_seconds = time.perf_counter() - begin
-            mapped += pages
-        return mapped
+        return map_while_busy(lambda: self._core.prefetch(tokens, 1), pending, deadline)
 
     def grow(self, tokens: int) -> None:
         """Host-side growth, outside a compiled program: what :func:`jax_vattention.grow` does in one."""

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +35,7 @@ from jax_vattention import _core, manager as manager_module
 from jax_vattention._core import CacheManagerPoisonedError
 from jax_vattention.cache import KVCache
 from jax_vattention.config import CacheConfig
-from jax_vattention.manager import CacheManager, default_driver
+from jax_vattention.manager import CacheManager, default_driver, map_while_busy
 
 
 # Stats every device has the same value of, under one plan: not summed.
@@ -242,17 +241,7 @@ class ShardedCacheManager:
         (on each device), until ``pending`` is ready or the ``deadline`` would pass; returns device 0's
         page count."""
         self._check_usable()
-        mapped, page_seconds = 0, 0.0
-        while not pending.is_ready():
-            begin = time.perf_counter()
-            if deadline is not None and begin + page_seconds > deadline:
-                break
-            pages = self.prefetch(tokens, 1)
-            if pages == 0:
-                break
-            page_seconds = time.perf_counter() - begin
-            mapped += pages
-        return mapped
+        return map_while_busy(lambda: self.prefetch(tokens, 1), pending, deadline)
 
     def grow(self, tokens: int) -> None:
         self._on_all("grow", lambda m: m.grow(tokens))

@@ -115,6 +115,12 @@ def trace_file(folder: pathlib.Path) -> pathlib.Path | None:
     return found[-1] if found else None
 
 
+def traced_kernels(folder: pathlib.Path) -> tuple[pathlib.Path | None, list[tuple[str, float, float]]]:
+    """The trace file under ``folder`` and its device kernels (:func:`device_kernels`; none without a file)."""
+    path = trace_file(folder)
+    return path, device_kernels(json.loads(gzip.open(path).read())) if path else []
+
+
 def run(args: argparse.Namespace) -> int:
     from jax_vattention.models import Llama, config_for_device
 
@@ -155,8 +161,7 @@ def run(args: argparse.Namespace) -> int:
         if manager is not None:
             manager.cache = cache
             manager.close()
-    path = trace_file(folder)
-    kernels = device_kernels(json.loads(gzip.open(path).read())) if path else []
+    path, kernels = traced_kernels(folder)
     step_ms = wall * 1e3 / args.steps
     print(f"step {step_ms:.3f} ms (wall, traced), backend {backend}; trace: {path or 'none written'}")
     if not kernels:

@@ -27,6 +27,7 @@ import csv
 import datetime
 import json
 import os
+import pathlib
 import tempfile
 import time
 
@@ -35,6 +36,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from jax_vattention.bench.profile import KINDS, breakdown, traced_kernels
 from jax_vattention.cli import standalone
 from jax_vattention.config import LAYOUTS, CacheConfig
 from jax_vattention.attention import check_backend
@@ -312,14 +314,7 @@ def _prefix_report(engine: Engine, manager: CacheManager, stats: dict) -> str:
 def _print_device_time(folder: str, elapsed: float, steps: int) -> None:
     """The device's busy time over the traced run, by kernel kind, per engine step; the rest is idle
     (the device waited for the host)."""
-    import gzip
-    import json
-    import pathlib
-
-    from jax_vattention.bench.profile import KINDS, breakdown, device_kernels, trace_file
-
-    path = trace_file(pathlib.Path(folder))
-    kernels = device_kernels(json.loads(gzip.open(path).read())) if path else []
+    path, kernels = traced_kernels(pathlib.Path(folder))
     if not kernels or not steps:
         print("profile: no device kernel events in the trace (not a GPU?)")
         return

@@ -98,8 +98,7 @@ class StepRunner:
         """
         def compile_with(rows: int) -> None:
             batch, token_rows, knobs = self._inputs(StepPlan((), (), ()), {}, rows)
-            self._step.lower(self.state, cache, batch, jnp.asarray(token_rows), previous,
-                             *(jnp.asarray(k) for k in knobs), key).compile()
+            self._step.lower(*self._arguments(cache, batch, token_rows, previous, knobs, key)).compile()
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             list(pool.map(compile_with, (0, self.chunk_rows)))
@@ -148,5 +147,8 @@ class StepRunner:
         """Dispatches the step after ``previous`` (the tokens the last step returned, or
         :meth:`no_tokens`); returns the sampled tokens (a device array int32 [output_rows]: row
         ``s`` for slot ``s``'s decode, ``max_batch + r`` for chunk row ``r``) and the cache."""
-        return self._step(self.state, cache, batch, jnp.asarray(token_rows), previous,
-                          *(jnp.asarray(k) for k in knobs), key)
+        return self._step(*self._arguments(cache, batch, token_rows, previous, knobs, key))
+
+    def _arguments(self, cache, batch, token_rows, previous, knobs, key) -> tuple:
+        """The compiled step's arguments, in its order."""
+        return (self.state, cache, batch, jnp.asarray(token_rows), previous, *(jnp.asarray(k) for k in knobs), key)
