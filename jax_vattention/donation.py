@@ -116,15 +116,22 @@ def cache_jit(fun: Callable | None = None, *, cache_argnames: str | Sequence[str
     jitted = jax.jit(fun, donate_argnames=tuple(dict.fromkeys(donate + names)), **jit_kwargs)
     checked: set = set()
 
-    @functools.wraps(fun)
-    def call(*args, **kwargs):
+    def check(*args, **kwargs) -> None:
+        """Checks the donation of the call's signature, once per signature (shapes, dtypes, pytree)."""
         leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
         key = (treedef, tuple((getattr(x, "shape", None), getattr(x, "dtype", type(x))) for x in leaves))
         if key not in checked:
             check_cache_donation(jitted.lower(*args, **kwargs), args, kwargs)
             checked.add(key)
+
+    @functools.wraps(fun)
+    def call(*args, **kwargs):
+        check(*args, **kwargs)
         return jitted(*args, **kwargs)
 
+    # A caller that dispatches a few fixed signatures many times (the engine's step) checks each
+    # once and then calls ``jitted`` itself: the check's key costs host time on every call.
+    call.check = check
     call.lower = jitted.lower
     call.jitted = jitted
     return call

@@ -129,17 +129,22 @@ class TPSpecs:
     state: "_Specs"
     cache: KVCache
 
-    def shard_jit(self, body, replicated_inputs: int, outputs: tuple):
+    def shard_jit(self, body, replicated_inputs: int, outputs: tuple, *, flat_state: bool = False):
         """``body(state, cache, *replicated)`` inside ``shard_map`` over the mesh, jitted with the
         cache donated (:func:`~jax_vattention.donation.cache_jit`).
 
         Every device runs ``body`` on its shards of the weights and the cache (its mapping op on its
         own shard) and the ``replicated_inputs`` other arguments whole. ``outputs`` names each
         output: :data:`CACHE` for the cache, anything else for a replicated value (every device
-        computes the same logits, so the same tokens).
+        computes the same logits, so the same tokens). With ``flat_state``, ``state`` is the tuple
+        of the model state's leaves (``jax.tree_util.tree_leaves(nnx.state(model))``) instead of
+        the state itself.
         """
         out_specs = tuple(self.cache if name == CACHE else P() for name in outputs)
-        sharded = jax.shard_map(body, mesh=self.mesh, in_specs=(self.state.tree(), self.cache,
+        state = self.state.tree()
+        if flat_state:
+            state = tuple(jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(x, P)))
+        sharded = jax.shard_map(body, mesh=self.mesh, in_specs=(state, self.cache,
                                                                  *(P(),) * replicated_inputs),
                                 out_specs=out_specs, check_vma=False)
         return cache_jit(sharded)

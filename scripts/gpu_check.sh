@@ -8,8 +8,9 @@
 #   generate   vattention generate with both GPU backends
 #   serve      serve-bench on a Llama-3-8B shape at a fixed budget, both layouts
 #   stall      serve-bench on issue 12's workload (Llama-3-8B shape, interleaved, 128 requests at once,
-#              prompt U(64, 700), 144 out, 64 slots, 16 GiB), with the device's busy time per step
-#              (--profile), the engine plain and pipelined (STALL_RUNS="plain" or "pipelined": one run)
+#              prompt U(64, 700), 144 out, 64 slots, 16 GiB), the engine plain and pipelined
+#              (STALL_RUNS: the runs, default "plain pipelined"; a run named ...-profiled also traces
+#              a window of steps with --profile, e.g. STALL_RUNS="plain pipelined pipelined-profiled")
 #   prefix     serve-bench on a Llama-3-8B shape (interleaved) with a 1024-token system prompt before
 #              U(32, 256) user tokens, 128 requests, prefix sharing on and off in turn at one budget, and
 #              the two runs' tokens compared (not in the default list; PREFIX_RUNS="on" or "off": one run)
@@ -106,7 +107,8 @@ for section in $sections; do
           echo "== engine $run"
           timeout 150 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --layout interleaved \
             --requests 128 --rate 100000 --prompt-len 64 700 --output-len 144 144 --max-batch 64 --max-len 1024 \
-            --budget-mib 16384 --profile $([ "$run" = pipelined ] && echo --pipeline) --out "/tmp/stall_$run" 2>&1 \
+            --budget-mib 16384 $(case "$run" in pipelined*) echo --pipeline;; esac) \
+            $(case "$run" in *profiled) echo --profile;; esac) --out "/tmp/stall_$run" 2>&1 \
             | tr '\r' '\n' | last_progress || rc=1
         done; exit $rc ) 2>&1 | tee "$out/stall.log" || status=1 ;;
     prefix)

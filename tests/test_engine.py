@@ -147,8 +147,10 @@ def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
                  "--profile", "--pipeline", "--out", str(tmp_path)]) == 0
     report = capsys.readouterr().out
     for line in ("warm-up", "throughput", "time per output token", "first-token latency", "pages mapped",
-                 "mapping time", "preemptions", "pipeline=on", "profile: no device kernel events"):
+                 "mapping time", "preemptions", "pipeline=on"):
         assert line in report
+    # The profiler's window of steps: traced on the CPU (no device kernels) or after the run's end.
+    assert "profile: no device kernel events" in report or "profile: the run ended before step" in report
     rows = (tmp_path / "mapped_memory.csv").read_text().splitlines()
     assert rows[0] == "seconds,mapped_mib" and len(rows) > 2
 

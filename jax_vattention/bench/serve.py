@@ -49,6 +49,12 @@ from jax_vattention.sharded_manager import ShardedCacheManager
 from jax_vattention.tensor_parallel import check_divisible, init_sharded, tp_mesh
 
 
+# --profile traces this window of engine steps: past the first admissions, short enough that the
+# profiler's own cost and its trace stay small.
+PROFILE_FIRST_STEP = 64
+PROFILE_STEPS = 32
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default="tiny", help="model shape (tiny, yi-6b, llama-3-8b, yi-34b)")
     parser.add_argument("--requests", type=int, default=64)
@@ -77,8 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pipeline", action="store_true",
                         help="dispatch each step before reading the previous one's tokens (EngineConfig.pipeline)")
     parser.add_argument("--profile", action="store_true",
-                        help="trace the timed run with the JAX profiler and print the device's busy and idle "
-                             "time by kernel kind (see vattention bench profile)")
+                        help=f"trace {PROFILE_STEPS} engine steps from step {PROFILE_FIRST_STEP} of the timed run "
+                             "with the JAX profiler and print the device's busy and idle time per step by kernel "
+                             "kind (see vattention bench profile); the figures outside those steps stay untraced")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel degree: the model (random weights made in their shards) and the cache "
@@ -196,8 +203,7 @@ def run(args: argparse.Namespace) -> int:
     pending = list(workload)
     os.makedirs(args.out, exist_ok=True)
     trace_folder = tempfile.mkdtemp(prefix="trace-", dir=args.out) if args.profile else None
-    if trace_folder:
-        jax.profiler.start_trace(trace_folder, create_perfetto_trace=True)
+    traced_window: list[float] = []   # when the traced steps began and ended
     start = time.perf_counter()
     with tqdm(total=len(workload), desc="requests", unit="req") as progress:
         while pending or not engine.idle:
@@ -211,6 +217,12 @@ def run(args: argparse.Namespace) -> int:
             if engine.idle:
                 time.sleep(max(0.0, min(pending[0][0] - now, 0.05)))
                 continue
+            if trace_folder and engine.stats.steps in (PROFILE_FIRST_STEP, PROFILE_FIRST_STEP + PROFILE_STEPS):
+                if traced_window:
+                    jax.profiler.stop_trace()
+                else:
+                    jax.profiler.start_trace(trace_folder, create_perfetto_trace=True)
+                traced_window.append(time.perf_counter())
             events = engine.step()
             stamp = time.perf_counter()
             for event in events:
@@ -219,8 +231,9 @@ def run(args: argparse.Namespace) -> int:
                     outputs[event.request_id].append(event.token)
                 progress.update(int(event.finished))
     elapsed = time.perf_counter() - start
-    if trace_folder:
+    if len(traced_window) == 1:   # the run ended inside the window
         jax.profiler.stop_trace()
+        traced_window.append(time.perf_counter())
     stats = manager.stats()
 
     tokens = sum(len(times) for times in token_times.values())
@@ -290,8 +303,11 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(device_lines(manager, devices)))
     print(f"mapped memory over time: {memory_csv}" + (f", {plot}" if plot else " (no matplotlib: no PNG)")
           + f"; tokens: {tokens_json}")
-    if trace_folder:
-        _print_device_time(trace_folder, elapsed, len(records))
+    if traced_window:
+        first, last = PROFILE_FIRST_STEP, min(PROFILE_FIRST_STEP + PROFILE_STEPS, len(records))
+        _print_device_time(trace_folder, traced_window[1] - traced_window[0], records[first:last])
+    elif trace_folder:
+        print(f"profile: the run ended before step {PROFILE_FIRST_STEP}, where the traced steps begin")
     manager.close()
     return 0
 
@@ -311,16 +327,20 @@ def _prefix_report(engine: Engine, manager: CacheManager, stats: dict) -> str:
             f"{stats['cached_pages']} pages, {stats['pages_evicted_total']} evicted")
 
 
-def _print_device_time(folder: str, elapsed: float, steps: int) -> None:
-    """The device's busy time over the traced run, by kernel kind, per engine step; the rest is idle
-    (the device waited for the host)."""
+def _print_device_time(folder: str, elapsed: float, records: list) -> None:
+    """The device's busy time over the traced steps, by kernel kind, per engine step; the rest is
+    idle (the device waited for the host)."""
     path, kernels = traced_kernels(pathlib.Path(folder))
-    if not kernels or not steps:
+    if not kernels or not records:
         print("profile: no device kernel events in the trace (not a GPU?)")
         return
+    steps = len(records)
     by_kind, idle, top = breakdown(kernels, steps, elapsed)
     per_step = elapsed * 1e3 / steps
-    print(f"profile ({path}): per step {per_step:.2f} ms, device busy {1 - idle / per_step:.0%}; "
+    mixed = sum(r.chunk_tokens > 0 for r in records)
+    print(f"profile of steps {PROFILE_FIRST_STEP}-{PROFILE_FIRST_STEP + steps - 1} ({steps - mixed} decode-only, "
+          f"{mixed} mixed; {sum(r.decodes for r in records) / steps:.1f} decodes a step; {path}):")
+    print(f"  per step {per_step:.2f} ms, device busy {1 - idle / per_step:.0%}; "
           + ", ".join(f"{kind} {by_kind[kind]:.2f}" for kind in KINDS) + f", idle {idle:.2f} ms")
     for name, kind, ms, calls in top[:8]:
         print(f"  {ms:8.3f} ms/step {calls:6.1f} calls/step  {kind:9s} {name[:80]}")

@@ -205,11 +205,12 @@ class Engine:
         self._next_id = 0
         self._blocked = False           # the last admission stopped at the page budget
         self._admit_error: Exception | None = None
-        self._key = jax.random.key(config.seed)
+        device = next(iter(manager.cache.k[0].devices()))
+        self._key = self.runner.first_key(config.seed, device)   # each step returns the next one's
         sharer = PrefixSharer(manager) if config.prefix_sharing else None
         self.prefixes = sharer if sharer is not None and sharer.active else None
         self._in_flight: _InFlight | None = None     # the step dispatched and not yet read
-        self._no_tokens = self.runner.no_tokens(next(iter(manager.cache.k[0].devices())))
+        self._no_tokens = self.runner.no_tokens(device)
         self._last_read = 0.0                         # when the host last finished reading a step
         self._undelivered: list[TokenEvent] = []      # failures the next step streams
 
@@ -435,12 +436,11 @@ class Engine:
                     self.manager.check_write(chunk.slot, chunk.start)
                 except ValueError as error:
                     raise RuntimeError(f"the engine planned a write into shared pages: {error}") from None
-        batch, token_rows, arrays = self.runner.arrays(plan, knobs)
+        inputs = self.runner.inputs(plan, knobs)
         previous = self._in_flight.tokens if self._in_flight is not None else self._no_tokens
-        self._key, key = jax.random.split(self._key)
         cache = self.manager.cache
         with mapping_failures(self.manager, cache, "the engine's step"):
-            tokens, self.manager.cache = self.runner.run(cache, batch, token_rows, previous, arrays, key)
+            tokens, self._key, self.manager.cache = self.runner.run(cache, inputs, previous, self._key)
         dispatched = time.perf_counter()
         # The rows of the step's outputs that carry a token: each decode row's and each last chunk's.
         rows = [(state, state.slot) for state in plan.decodes]

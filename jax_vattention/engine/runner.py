@@ -16,6 +16,11 @@ the host never waits for a token to feed it back.
 Over a mesh (tensor parallelism) the same step runs inside ``shard_map``: every device
 runs it on its shards of the weights and of the cache, and samples the same tokens
 (see :mod:`jax_vattention.tensor_parallel`).
+
+The host hands a step its inputs in two packed vectors (:class:`StepInputs`), one int32
+and one float32, and the sampling key stays on the device (each step returns the next),
+so a dispatch moves two small arrays to the device: on a GPU every argument costs host
+time that the device may wait for.
 """
 
 from __future__ import annotations
@@ -36,6 +41,36 @@ from jax_vattention.step_batch import StepBatch, model_step
 from jax_vattention.tensor_parallel import CACHE
 
 
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """One step's host inputs, packed: ``ints`` int32 and ``floats`` float32 vectors.
+
+    With ``S`` slots, ``R`` chunk rows of ``C`` tokens::
+
+        ints   | decode_tokens S | decode_positions S | decode_count S | token_rows S |
+               | top_k S+R | chunk_slots R | chunk_start R | chunk_count R | chunk_tokens R*C |
+        floats | temperature S+R | top_p S+R |
+
+    ``token_rows[s]`` is the row of the previous step's tokens that holds slot ``s``'s input
+    token, or -1 where the host gives it in ``decode_tokens`` (see the module docstring).
+    """
+
+    ints: np.ndarray
+    floats: np.ndarray
+
+    @staticmethod
+    def unpack(ints: jax.Array, floats: jax.Array, slots: int, width: int):
+        """In the traced step: ``(StepBatch, token_rows [S], temperature, top_k, top_p [S+R])``."""
+        rows = (ints.shape[0] - 5 * slots) // (4 + width)
+        sizes = (slots, slots, slots, slots, slots + rows, rows, rows, rows, rows * width)
+        offsets = np.cumsum((0,) + sizes)
+        parts = [ints[begin:end] for begin, end in zip(offsets[:-1], offsets[1:])]
+        decode_tokens, positions, count, token_rows, top_k, chunk_slots, chunk_start, chunk_count, chunk = parts
+        batch = StepBatch(decode_tokens, jnp.arange(slots, dtype=jnp.int32), positions, count,
+                          chunk.reshape(rows, width), chunk_slots, chunk_start, chunk_count)
+        return batch, token_rows, floats[:slots + rows], top_k, floats[slots + rows:]
+
+
 class StepRunner:
     """Owns the model's state and the compiled step; turns a :class:`StepPlan` into one dispatch.
 
@@ -50,17 +85,21 @@ class StepRunner:
     """
 
     def __init__(self, model, *, max_batch: int, chunk_rows: int, chunk_tokens: int, backend: str, tp=None):
-        self.graphdef, self.state = nnx.split(model)
+        self.graphdef, state = nnx.split(model)
+        # The state's arrays as one flat tuple: jit flattens a tuple of arrays in C++, an nnx State
+        # through Python callbacks, ~600 of them a step for a 32-layer model.
+        self.leaves, self.state_def = jax.tree_util.tree_flatten(state)
+        self.leaves = tuple(self.leaves)
         self.max_batch = max_batch
         self.chunk_rows = chunk_rows
         self.chunk_tokens = chunk_tokens
         self.backend = backend
         self.traces = 0
         self.tp = tp
+        self._checked: set = set()    # the packed inputs' shapes whose program's donation is checked
         body = functools.partial(self._traced, self.graphdef, backend)
-        # batch, token_rows, previous, temperature, top_k, top_p, key: whole on every device; the
-        # tokens come back whole
-        self._step = cache_jit(body) if tp is None else tp.shard_jit(body, 7, (None, CACHE))
+        # ints, floats, previous, key: whole on every device; the tokens and the next key come back whole
+        self._step = cache_jit(body) if tp is None else tp.shard_jit(body, 4, (None, None, CACHE), flat_state=True)
 
     @property
     def output_rows(self) -> int:
@@ -72,22 +111,28 @@ class StepRunner:
 
         Placed as every step's tokens are (on ``device``, or whole on every device of the mesh), so
         that a step compiled after none is the one every later step reuses."""
-        zeros = jnp.zeros(self.output_rows, jnp.int32)
-        if self.tp is not None:
-            return jax.device_put(zeros, NamedSharding(self.tp.mesh, PartitionSpec()))
-        return jax.device_put(zeros, SingleDeviceSharding(device))
+        return jax.device_put(jnp.zeros(self.output_rows, jnp.int32), self._placement(device))
 
-    def _traced(self, graphdef, backend, state, cache, batch, token_rows, previous, temperature, top_k,
-                top_p, key):
+    def first_key(self, seed: int, device) -> jax.Array:
+        """The first step's sampling key, placed as every later step's (see :meth:`no_tokens`)."""
+        return jax.device_put(jax.random.key(seed), self._placement(device))
+
+    def _placement(self, device):
+        if self.tp is not None:
+            return NamedSharding(self.tp.mesh, PartitionSpec())
+        return SingleDeviceSharding(device)
+
+    def _traced(self, graphdef, backend, leaves, cache, ints, floats, previous, key):
         self.traces += 1  # runs once per compilation
-        model = nnx.merge(graphdef, state)
-        # token_rows int32 [D]: the row of ``previous`` [output_rows] holding each decode row's input
-        # token, or -1 where the host gave it in ``batch.decode_tokens``.
-        fed = jnp.where(token_rows >= 0, previous[jnp.maximum(token_rows, 0)], batch.decode_tokens)  # [D]
+        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(self.state_def, leaves))
+        batch, token_rows, temperature, top_k, top_p = StepInputs.unpack(ints, floats, self.max_batch,
+                                                                          self.chunk_tokens)
+        fed = jnp.where(token_rows >= 0, previous[jnp.maximum(token_rows, 0)], batch.decode_tokens)  # [S]
         batch = dataclasses.replace(batch, decode_tokens=fed)
-        tokens, _, cache = model_step(model, cache, batch, temperature, top_k, top_p, key, backend=backend)
+        key, step_key = jax.random.split(key)
+        tokens, _, cache = model_step(model, cache, batch, temperature, top_k, top_p, step_key, backend=backend)
         padding = self.output_rows - tokens.shape[0]
-        return jnp.pad(tokens, (0, padding)), cache  # [output_rows]
+        return jnp.pad(tokens, (0, padding)), key, cache  # [output_rows], the next step's key
 
     def compile(self, cache, previous: jax.Array, key) -> None:
         """Compiles the decode-only and the mixed step at once, before the first request.
@@ -97,58 +142,60 @@ class StepRunner:
         ``key`` are what the engine's first step will pass (nothing runs, nothing is donated).
         """
         def compile_with(rows: int) -> None:
-            batch, token_rows, knobs = self._inputs(StepPlan((), (), ()), {}, rows)
-            self._step.lower(*self._arguments(cache, batch, token_rows, previous, knobs, key)).compile()
+            inputs = self._inputs(StepPlan((), (), ()), {}, rows)
+            self._step.lower(*self._arguments(cache, inputs, previous, key)).compile()
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             list(pool.map(compile_with, (0, self.chunk_rows)))
 
-    def arrays(self, plan: StepPlan, knobs: dict) -> tuple[StepBatch, np.ndarray, tuple[np.ndarray, ...]]:
-        """The step's inputs: the :class:`StepBatch`, the decode rows' ``token_rows`` ``[D]`` (see
-        the module docstring) and the sampling knobs ``[D + R]``.
+    def inputs(self, plan: StepPlan, knobs: dict) -> StepInputs:
+        """The step's packed inputs (:class:`StepInputs`).
 
         ``knobs[request_id]`` is ``(temperature, top_k, top_p)`` of each request in the plan.
         """
         return self._inputs(plan, knobs, self.chunk_rows if plan.chunks else 0)
 
-    def _inputs(self, plan: StepPlan, knobs: dict, rows: int):
+    def _inputs(self, plan: StepPlan, knobs: dict, rows: int) -> StepInputs:
         slots, width = self.max_batch, self.chunk_tokens
-        decode_tokens = np.zeros(slots, np.int32)
-        decode_positions = np.zeros(slots, np.int32)
-        decode_count = np.zeros(slots, np.int32)
-        token_rows = np.full(slots, -1, np.int32)
-        chunk_tokens = np.zeros((rows, width), np.int32)
-        chunk_slots = np.full(rows, slots, np.int32)        # padding rows: an out-of-range slot, dropped
-        chunk_start = np.zeros(rows, np.int32)
-        chunk_count = np.zeros(rows, np.int32)
-        temperature = np.zeros(slots + rows, np.float32)
-        top_k = np.zeros(slots + rows, np.int32)
-        top_p = np.ones(slots + rows, np.float32)
+        ints = np.zeros(5 * slots + rows * (4 + width), np.int32)
+        floats = np.zeros(2 * (slots + rows), np.float32)
+        decode_tokens, positions, count, token_rows = (ints[i * slots:(i + 1) * slots] for i in range(4))
+        top_k = ints[4 * slots:5 * slots + rows]
+        chunk_slots, chunk_start, chunk_count = (ints[5 * slots + rows * i:5 * slots + rows * (i + 1)]
+                                                 for i in range(1, 4))
+        chunk_tokens = ints[5 * slots + 4 * rows:].reshape(rows, width)
+        temperature, top_p = floats[:slots + rows], floats[slots + rows:]
+        token_rows[:] = -1
+        chunk_slots[:] = slots           # padding rows: an out-of-range slot, dropped
+        top_p[:] = 1.0
         for state in plan.decodes:
             slot = state.slot
             if state.pending_row is None:
                 decode_tokens[slot] = state.generated[-1]
             else:
                 token_rows[slot] = state.pending_row
-            decode_positions[slot] = state.computed
-            decode_count[slot] = 1
+            positions[slot] = state.computed
+            count[slot] = 1
             temperature[slot], top_k[slot], top_p[slot] = knobs[state.request_id]
         for row, chunk in enumerate(plan.chunks):
             chunk_tokens[row, :chunk.count] = chunk.tokens()
             chunk_slots[row], chunk_start[row], chunk_count[row] = chunk.slot, chunk.start, chunk.count
             temperature[slots + row], top_k[slots + row], top_p[slots + row] = knobs[chunk.state.request_id]
-        batch = StepBatch(*(jnp.asarray(a) for a in (
-            decode_tokens, np.arange(slots, dtype=np.int32), decode_positions, decode_count,
-            chunk_tokens, chunk_slots, chunk_start, chunk_count)))
-        return batch, token_rows, (temperature, top_k, top_p)
+        return StepInputs(ints, floats)
 
-    def run(self, cache, batch: StepBatch, token_rows: np.ndarray, previous: jax.Array,
-            knobs: tuple[np.ndarray, ...], key):
+    def run(self, cache, inputs: StepInputs, previous: jax.Array, key):
         """Dispatches the step after ``previous`` (the tokens the last step returned, or
         :meth:`no_tokens`); returns the sampled tokens (a device array int32 [output_rows]: row
-        ``s`` for slot ``s``'s decode, ``max_batch + r`` for chunk row ``r``) and the cache."""
-        return self._step(*self._arguments(cache, batch, token_rows, previous, knobs, key))
+        ``s`` for slot ``s``'s decode, ``max_batch + r`` for chunk row ``r``), the next step's key
+        and the cache."""
+        arguments = self._arguments(cache, inputs, previous, key)
+        # The step's other arguments keep their shapes for good (the runner's weights, the engine's
+        # cache, the previous step's tokens and key): the packed inputs' shape names the program.
+        if inputs.ints.shape not in self._checked:
+            self._step.check(*arguments)
+            self._checked.add(inputs.ints.shape)
+        return self._step.jitted(*arguments)
 
-    def _arguments(self, cache, batch, token_rows, previous, knobs, key) -> tuple:
+    def _arguments(self, cache, inputs: StepInputs, previous, key) -> tuple:
         """The compiled step's arguments, in its order."""
-        return (self.state, cache, batch, jnp.asarray(token_rows), previous, *(jnp.asarray(k) for k in knobs), key)
+        return (self.leaves, cache, inputs.ints, inputs.floats, previous, key)
