@@ -129,9 +129,10 @@ class StepRecord:
     decodes: int
     chunk_tokens: int
     admitted: int
-    seconds: float
+    seconds: float          # from its dispatch (or the previous step's read, if later) to its tokens read
     mapped_pages: int       # before dispatch for the step's growth, and ahead while it ran
     blocked_by_memory: bool
+    dispatch_seconds: float = 0.0   # the host's time in the compiled step's call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +144,7 @@ class _InFlight:
     tokens: jax.Array
     rows: tuple
     dispatched: float        # time.perf_counter() when it was dispatched
+    dispatch_seconds: float  # the host's time in the dispatch call
     mapped_pages: int        # mapped for it before dispatch
     blocked: bool            # admission stopped at the page budget
     written: tuple = ()      # with prefix sharing: what it writes, per request (PrefixSharer.dispatched)
@@ -439,6 +441,7 @@ class Engine:
         inputs = self.runner.inputs(plan, knobs)
         previous = self._in_flight.tokens if self._in_flight is not None else self._no_tokens
         cache = self.manager.cache
+        calling = time.perf_counter()
         with mapping_failures(self.manager, cache, "the engine's step"):
             tokens, self._key, self.manager.cache = self.runner.run(cache, inputs, previous, self._key)
         dispatched = time.perf_counter()
@@ -451,7 +454,7 @@ class Engine:
         written = self.prefixes.dispatched(plan) if self.prefixes is not None else ()
         self.scheduler.completed(plan)
         self.stats.prefill_tokens += sum(chunk.count for chunk in plan.chunks)
-        return _InFlight(plan, tokens, tuple(rows), dispatched,
+        return _InFlight(plan, tokens, tuple(rows), dispatched, dispatched - calling,
                          self.manager.stats()["pages_mapped_total"] - mapped_before, self._blocked, written)
 
     def _read(self, step: _InFlight) -> list[TokenEvent]:
@@ -477,7 +480,7 @@ class Engine:
         self._last_read = time.perf_counter()
         self.stats.records.append(StepRecord(
             len(step.plan.decodes), step.plan.tokens - len(step.plan.decodes), len(step.plan.admitted),
-            self._last_read - begin, step.mapped_pages, step.blocked))
+            self._last_read - begin, step.mapped_pages, step.blocked, step.dispatch_seconds))
         if self.prefixes is not None:
             self.prefixes.read(step.written)   # it ran: the pages it completed can be shared
         for state, row in step.rows:
