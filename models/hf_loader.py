@@ -35,7 +35,7 @@ from flax import nnx
 
 from .configs import LlamaConfig, RopeScaling
 from .llama import Llama
-from .placement import OutIn, Part, Same, weight_block
+from .placement import OutIn, Part, Same, check_parts, weight_block
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -276,6 +276,8 @@ def _empty_model(config: LlamaConfig, names: set[str], source: str):
     if unexpected:
         raise ValueError(f"{source} has the tensor {unexpected[0]}, which a "
                          f"{config.num_layers}-layer Llama does not use")
+    for path, parts in placements.items():
+        check_parts(parts, _param(model, path).shape, ".".join(str(step) for step in path))
     return model, placements
 
 

@@ -76,8 +76,8 @@ class Attention(nnx.Module):
     def __call__(self, x, positions, cache: KVCache, layer: int, *, inv_freq, start, count, slots,
                  backend: str, step: StepBatch | None = None):
         qkv = jnp.einsum('BTD,DKGH->BTKGH', x, self.w_qkv[...])  # [B, T, K, G + 2, H]
-        batch, tokens, kv_heads, columns, head_dim = qkv.shape
-        groups = columns - 2
+        batch, tokens, kv_heads, per_kv_head, head_dim = qkv.shape
+        groups = per_kv_head - 2  # each KV head's query heads, then its key and its value
         q = qkv[..., :groups, :].reshape(batch, tokens, kv_heads * groups, head_dim)  # [B, T, N, H]
         k = qkv[..., groups, :]  # [B, T, K, H]
         v = qkv[..., groups + 1, :]  # [B, T, K, H]

@@ -146,21 +146,27 @@ class Part:
 
 
 def check_parts(parts: tuple[Part, ...], weight_shape: tuple[int, ...], weight: str) -> None:
-    """``ValueError`` unless ``parts`` cover every element of a weight of ``weight_shape`` once,
-    each in a box of its layout's shape."""
-    covered = np.zeros(weight_shape, np.int32)
+    """``ValueError`` unless ``parts`` cover a weight of ``weight_shape`` (named ``weight``) exactly
+    once, each in a box of its layout's shape: one part that is the whole weight, or parts side by
+    side along one axis."""
+    names = [part.name for part in parts]
+    axes = {part.axis for part in parts}
+    if len(axes) != 1 or (None in axes and len(parts) != 1):
+        raise ValueError(f"the stored tensors {names} of {weight} are not one whole weight nor parts along one axis")
+    (axis,) = axes
     for part in parts:
-        region = part.region(weight_shape)
-        shape = block_shape(region, weight_shape)
+        shape = block_shape(part.region(weight_shape), weight_shape)
         if isinstance(part.at, int):  # the part lacks this axis
-            shape = shape[:part.axis] + shape[part.axis + 1:]
+            shape = shape[:axis] + shape[axis + 1:]
         if shape != part.layout.shape:
             raise ValueError(f"{part.name} would fill a block of shape {shape} of {weight} {weight_shape}, "
                              f"but its layout has the shape {part.layout.shape}")
-        covered[region] += 1
-    if not np.all(covered == 1):
-        raise ValueError(f"the stored tensors {[part.name for part in parts]} do not cover {weight} "
-                         f"{weight_shape} exactly once")
+    if axis is not None:
+        spans = sorted(_bounds(part.region(weight_shape), weight_shape)[axis] for part in parts)
+        edges = [0] + [stop for _, stop in spans]
+        if [start for start, _ in spans] != edges[:-1] or edges[-1] != weight_shape[axis]:
+            raise ValueError(f"the stored tensors {names} do not cover axis {axis} of {weight} {weight_shape} "
+                             f"exactly once: they span {spans}")
 
 
 def weight_block(weight_shape: tuple[int, ...], dtype, parts: tuple[Part, ...], index: Index,
