@@ -13,8 +13,8 @@ gate and up halves of the MLP's input projection.
 The query, key and value projections are one weight ``w_qkv [D, K, G + 2, H]``
 and the MLP's gate and up projections one weight ``w_gate_up [D, 2, F]``: one
 matmul per projection group reads its weights once per decode step (the
-Llama-3-8B weights at batch 16 on an H200: 4.92 ms per step as separate q/k/v
-and gate/up matmuls, 4.46 ms fused; 2026-11-27).
+matmuls of the Llama-3-8B weights alone at batch 16 on an H200: 4.92 ms per
+step with separate q/k/v and gate/up matmuls, 4.46 ms fused; 2026-11-27).
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ class Attention(nnx.Module):
     w_qkv : [D, K, G + 2, H], the query, key and value projections of each KV head side by side:
         ``w_qkv[:, k, :G]`` projects the query heads ``k * G .. k * G + G - 1`` (query head ``n``
         reads KV head ``n // G``, standard grouped-query attention), ``w_qkv[:, k, G]`` KV head
-        ``k``'s key and ``w_qkv[:, k, G + 1]`` its value. One matmul reads all three at once (at
-        decode the step is bound by reading the weights: 4.92 -> 4.46 ms per step for the
-        Llama-3-8B weights at batch 16 on an H200, with the MLP's gate and up fused too,
+        ``k``'s key and ``w_qkv[:, k, G + 1]`` its value. One matmul reads all three at once (a
+        decode step is bound by reading the weights: 4.92 -> 4.46 ms per step for the matmuls
+        of the Llama-3-8B weights at batch 16 on an H200, with the MLP's gate and up fused too,
         2026-11-27), and splitting ``K`` over devices keeps each KV head with its query heads.
     wo : [N, H, D], the output projection.
     """

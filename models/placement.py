@@ -4,8 +4,8 @@ A checkpoint stores each linear layer on its own as ``[out_features, in_features
 model keeps einsum layouts (``[in dims..., out dims...]``) and fuses some layers into one
 weight: ``w_qkv [D, K, G + 2, H]`` holds ``q_proj``, ``k_proj`` and ``v_proj``, and
 ``w_gate_up [D, 2, F]`` holds ``gate_proj`` and ``up_proj`` (see :mod:`.llama`). A weight is
-then a list of :class:`Part` s, each one stored tensor in a :class:`Same` or :class:`OutIn`
-layout at its place in the weight, and :func:`weight_block` builds any block of the weight
+then a tuple of parts (:class:`Part`), each one stored tensor in a :class:`Same` or
+:class:`OutIn` layout at its place in the weight, and :func:`weight_block` builds any block of the weight
 (a whole weight, or one device's shard of it) by reading only the rows and columns of each
 stored tensor that the block holds.
 """
