@@ -1,8 +1,8 @@
 """Tensor-parallel generation: the model's weights and the virtual cache split over a mesh.
 
-Megatron-style: every device holds ``1/N`` of the query and KV heads (``wq``, ``wk``, ``wv``
-split on their heads axis, ``wo`` on its rows), of the MLP's columns (``w_gate``, ``w_up``) and of
-``w_down``'s rows; one ``psum`` after each block's attention output and one after its MLP. The
+Megatron-style: every device holds ``1/N`` of the query and KV heads (``w_qkv`` split on its KV
+heads axis, each KV head with its query heads; ``wo`` on its rows), of the MLP's columns (``w_gate_up``)
+and of ``w_down``'s rows; one ``psum`` after each block's attention output and one after its MLP. The
 embeddings, norms and ``lm_head`` are replicated: every device then computes the same logits and
 samples the same token with no gather, and generation's sampling code runs unchanged (a
 vocabulary split would save ``vocab x hidden / N`` per device at the price of a gather per step).
@@ -43,7 +43,7 @@ from jax_vattention.preflight import check_slots, mapping_failures
 from jax_vattention.sharded_manager import mesh_axis
 
 # The split axis of each weight, by its name: which axis holds heads or MLP columns.
-_SPLIT_AXIS = {"wq": 1, "wk": 1, "wv": 1, "wo": 0, "w_gate": 1, "w_up": 1, "w_down": 0}
+_SPLIT_AXIS = {"w_qkv": 1, "wo": 0, "w_gate_up": 2, "w_down": 0}
 
 
 def tp_mesh(count: int, devices: Sequence[jax.Device] | None = None, axis: str = "tp") -> Mesh:
@@ -67,7 +67,7 @@ def check_divisible(config, count: int) -> None:
 
 
 def split_axis(name: str) -> int | None:
-    """The axis a Llama weight named ``name`` (``wq``, ``w_down``, ...) is split on; None: replicated."""
+    """The axis a Llama weight named ``name`` (``w_qkv``, ``w_down``, ...) is split on; None: replicated."""
     return _SPLIT_AXIS.get(name)
 
 

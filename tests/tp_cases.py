@@ -86,9 +86,13 @@ def random_weights_straight_into_shards() -> None:
     """init_sharded gives the unsharded model's weights, each device holding only its share."""
     mesh = tp_mesh(2)
     sharded = init_sharded(Llama, MODEL, mesh, seed=0)
-    wq = sharded.layers[0].attention.wq[...]
-    assert np.array_equal(np.asarray(wq), np.asarray(model().layers[0].attention.wq[...]))
-    assert wq.addressable_shards[0].data.shape == (MODEL.hidden_size, MODEL.num_heads // 2, MODEL.head_dim)
+    w_qkv = sharded.layers[0].attention.w_qkv[...]
+    assert np.array_equal(np.asarray(w_qkv), np.asarray(model().layers[0].attention.w_qkv[...]))
+    groups = MODEL.num_heads // MODEL.num_kv_heads
+    assert w_qkv.addressable_shards[0].data.shape == (MODEL.hidden_size, MODEL.num_kv_heads // 2, groups + 2,
+                                                      MODEL.head_dim)
+    w_gate_up = sharded.layers[0].mlp.w_gate_up[...]
+    assert w_gate_up.addressable_shards[1].data.shape == (MODEL.hidden_size, 2, MODEL.intermediate_size // 2)
     w_down = sharded.layers[1].mlp.w_down[...]
     assert w_down.addressable_shards[1].data.shape == (MODEL.intermediate_size // 2, MODEL.hidden_size)
     assert sharded.embed[...].addressable_shards[1].data.shape == (MODEL.vocab_size, MODEL.hidden_size)
@@ -355,9 +359,9 @@ def checkpoint_straight_into_shards() -> None:
             for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(whole)),
                                          jax.tree_util.tree_leaves_with_path(nnx.state(sharded))):
                 assert np.array_equal(np.asarray(a), np.asarray(b)), path
-            wq = sharded.layers[1].attention.wq[...]
-            shard = (MODEL.hidden_size, 8 // count, MODEL.head_dim)
-            assert [s.data.shape for s in wq.addressable_shards] == [shard] * count
+            w_qkv = sharded.layers[1].attention.w_qkv[...]
+            shard = (MODEL.hidden_size, 4 // count, 2 + 2, MODEL.head_dim)
+            assert [s.data.shape for s in w_qkv.addressable_shards] == [shard] * count
             wo = sharded.layers[0].attention.wo[...]
             assert wo.addressable_shards[-1].data.shape == (8 // count, MODEL.head_dim, MODEL.hidden_size)
             w_down = sharded.layers[0].mlp.w_down[...]
@@ -379,6 +383,75 @@ def checkpoint_straight_into_shards() -> None:
         code, one = run("--tp", "1")
         assert code == 0 and len(one) == 2, one
         assert run("--tp", "2") == (0, one)
+
+
+def fused_checkpoint_weights_per_device() -> None:
+    """Over a mesh, each device's blocks of ``w_qkv`` and ``w_gate_up`` equal the whole load's and
+    are read from the checkpoint's rows of that device's KV heads and MLP columns only: no read of
+    ``q_proj``, ``k_proj``, ``v_proj``, ``gate_proj`` or ``up_proj`` spans more than one device's share."""
+    import tempfile
+
+    import safetensors
+
+    from jax_vattention.models.hf_loader import load_model
+
+    reads: list[tuple[str, tuple[slice, ...]]] = []
+    real_open = safetensors.safe_open
+
+    class RecordingSlice:
+        def __init__(self, name, stored):
+            self.name, self.stored = name, stored
+
+        def get_shape(self):
+            return self.stored.get_shape()
+
+        def __getitem__(self, index):
+            reads.append((self.name, index))
+            return self.stored[index]
+
+    class RecordingFile:
+        def __init__(self, *args, **kwargs):
+            self.file = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.opened = self.file.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.file.__exit__(*exc)
+
+        def get_slice(self, name):
+            return RecordingSlice(name, self.opened.get_slice(name))
+
+    d, f, k, h = MODEL.hidden_size, MODEL.intermediate_size, MODEL.num_kv_heads, MODEL.head_dim
+    groups = MODEL.num_heads // k
+    with tempfile.TemporaryDirectory() as directory:
+        write_checkpoint(directory)
+        whole = load_model(directory)
+        for count in (2, 4):
+            reads.clear()
+            safetensors.safe_open = RecordingFile
+            try:
+                sharded = load_model(directory, mesh=tp_mesh(count))
+            finally:
+                safetensors.safe_open = real_open
+            for layer in range(MODEL.num_layers):
+                w_qkv = np.asarray(whole.layers[layer].attention.w_qkv[...])  # [D, K, G + 2, H]
+                for shard in sharded.layers[layer].attention.w_qkv[...].addressable_shards:
+                    assert np.array_equal(np.asarray(shard.data), w_qkv[shard.index]), (layer, shard.index)
+                    assert shard.data.shape == (d, k // count, groups + 2, h)
+                w_gate_up = np.asarray(whole.layers[layer].mlp.w_gate_up[...])  # [D, 2, F]
+                for shard in sharded.layers[layer].mlp.w_gate_up[...].addressable_shards:
+                    assert np.array_equal(np.asarray(shard.data), w_gate_up[shard.index]), (layer, shard.index)
+                    assert shard.data.shape == (d, 2, f // count)
+            share = {"q_proj": k * groups * h // count, "k_proj": k * h // count, "v_proj": k * h // count,
+                     "gate_proj": f // count, "up_proj": f // count}
+            fused_reads = [(name, index) for name, index in reads if name.split(".")[-2] in share]
+            assert len(fused_reads) == MODEL.num_layers * len(share) * count, len(fused_reads)
+            for name, (rows, columns) in fused_reads:
+                size = share[name.split(".")[-2]]
+                assert rows.stop - rows.start == size and rows.start % size == 0, (name, rows)
+                assert columns == slice(0, d), (name, columns)
 
 
 def cli_output(*argv) -> tuple[int, str]:
@@ -476,7 +549,8 @@ def serve_tp2() -> None:
 
 
 ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_refuses_a_mismatched_model",
-                "checkpoint_straight_into_shards", "bad_tp_degrees_are_refused_in_one_line"]
+                "checkpoint_straight_into_shards", "fused_checkpoint_weights_per_device",
+                "bad_tp_degrees_are_refused_in_one_line"]
 SLOW_CASES = ["serve_bench_tp2", "bench_decode_tp2", "serve_tp2"]
 if __name__ == "__main__":
     assert len(jax.devices()) == 4, jax.devices()
