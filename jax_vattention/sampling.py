@@ -2,7 +2,11 @@
 
 Every knob is a traced ``[batch]`` array, so rows of one batch may sample
 differently and changing a knob never recompiles. A row with temperature 0 is
-greedy; the sort that sampling needs is skipped when every row is greedy.
+greedy. The sort that sampling needs is skipped when every row is greedy: by the
+caller's static ``sampling`` flag where the host knows the knobs (the engine's
+step), else by a conditional on the device. On a GPU that conditional costs more
+than its branch: XLA reads its predicate on the host, so the host's dispatch waits
+for the whole forward pass before it can go on.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from jax import lax
 
 
 def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_k: jax.Array,
-                  top_p: jax.Array) -> jax.Array:
+                  top_p: jax.Array, *, sampling: bool | None = None) -> jax.Array:
     """Pick one token per row.
 
     Parameters
@@ -24,6 +28,8 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     top_k : int32 [batch]; keep the ``top_k`` most likely tokens (0: all)
     top_p : float32 [batch]; then keep the smallest set of most likely tokens whose
         probability reaches ``top_p`` (1: all)
+    sampling : static: False if every row is greedy (no sort is compiled), True if rows may
+        sample (the sort always runs), None to decide on the device (see the module docstring)
 
     Returns
     -------
@@ -36,11 +42,10 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
     """
     logits = logits.astype(jnp.float32)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [B]
-    sampling = temperature > 0  # [B]
 
     def draw(_):
         vocab = logits.shape[-1]
-        scaled = logits / jnp.where(sampling, temperature, 1.0)[:, None]  # [B, V]
+        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]  # [B, V]
         order = jnp.argsort(-scaled, axis=-1).astype(jnp.int32)  # [B, V], most likely first
         ranked = jnp.take_along_axis(scaled, order, axis=-1)  # [B, V]
         rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]  # [1, V]
@@ -53,5 +58,11 @@ def sample_tokens(logits: jax.Array, key: jax.Array, temperature: jax.Array, top
         choice = jax.random.categorical(key, ranked, axis=-1)  # [B]
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]  # [B]
 
-    sampled = lax.cond(jnp.any(sampling), draw, lambda _: greedy, None)  # [B]
-    return jnp.where(sampling, sampled, greedy)
+    if sampling is False:
+        return greedy
+    rows_sampling = temperature > 0  # [B]
+    if sampling:
+        sampled = draw(None)  # [B]
+    else:
+        sampled = lax.cond(jnp.any(rows_sampling), draw, lambda _: greedy, None)  # [B]
+    return jnp.where(rows_sampling, sampled, greedy)

@@ -122,15 +122,16 @@ class StepBatch:
         return jnp.concatenate(out)[None], cache  # [1, D + R*C, N, H]
 
 
-def model_step(model, cache, batch: StepBatch, temperature, top_k, top_p, key, *, backend: str):
+def model_step(model, cache, batch: StepBatch, temperature, top_k, top_p, key, *, backend: str,
+               sampling: bool | None = None):
     """One forward pass of ``batch`` and a sampled token per row: the decode step that
     :func:`~jax_vattention.generate.generate`'s loop and the engine share.
 
     temperature, top_p float32 [D + R]; top_k int32 [D + R] -> (tokens int32 [D + R], logits
-    float32 [D + R, vocab], cache).
+    float32 [D + R, vocab], cache). ``sampling``: see :func:`~jax_vattention.sampling.sample_tokens`.
     """
     logits, cache = model.run_step(batch, cache, backend=backend)  # [D + R, V]
-    return sample_tokens(logits, key, temperature, top_k, top_p), logits, cache
+    return sample_tokens(logits, key, temperature, top_k, top_p, sampling=sampling), logits, cache
 
 
 def decode_batch(tokens, slots, positions, count) -> StepBatch:

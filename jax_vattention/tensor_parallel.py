@@ -190,11 +190,11 @@ def _sharded_generate_fn(graphdef, backend: str, return_logits: bool, specs: TPS
 
 
 @functools.lru_cache(maxsize=16)
-def sharded_decode_chunk_fn(graphdef, backend: str, steps: int, specs: TPSpecs):
+def sharded_decode_chunk_fn(graphdef, backend: str, steps: int, specs: TPSpecs, sampling: bool | None = None):
     """:func:`~jax_vattention.engine.steps.decode_chunk_fn` inside ``shard_map`` over the mesh."""
     from jax_vattention.engine.steps import _decode_chunk
 
-    body = functools.partial(_decode_chunk, graphdef, backend, steps)
+    body = functools.partial(_decode_chunk, graphdef, backend, steps, sampling)
     # last, lengths, running, generated, max_new, stops, 3 sampling knobs, key
     return specs.shard_jit(body, 10, (CACHE, None, None, None, None, None, None))
 

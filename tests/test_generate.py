@@ -138,6 +138,19 @@ def test_sample_tokens_keeps_top_k_and_top_p_sets():
     np.testing.assert_allclose(everything, [0.5, 0.3, 0.15, 0.05], atol=0.03)
 
 
+def test_the_static_sampling_flag_draws_what_the_device_side_choice_draws():
+    logits = jax.random.normal(jax.random.key(1), (6, 50), jnp.float32)
+    key = jax.random.key(2)
+    top_k, top_p = jnp.array([0, 5, 0, 3, 0, 0], jnp.int32), jnp.array([1.0, 1.0, 0.9, 1.0, 0.7, 1.0])
+    mixed = jnp.array([0.0, 0.8, 1.2, 0.0, 0.5, 0.0])
+    on_device = sample_tokens(logits, key, mixed, top_k, top_p)
+    np.testing.assert_array_equal(sample_tokens(logits, key, mixed, top_k, top_p, sampling=True), on_device)
+    greedy = jnp.zeros(6)
+    np.testing.assert_array_equal(sample_tokens(logits, key, greedy, top_k, top_p, sampling=False),
+                                  np.argmax(np.asarray(logits), axis=-1))
+    np.testing.assert_array_equal(sample_tokens(logits, key, greedy, top_k, top_p), np.argmax(np.asarray(logits), -1))
+
+
 def test_bad_requests_are_value_errors(model):
     cache = dense_cache(max_batch=2, capacity=32)
     with pytest.raises(ValueError, match="3 prompts but the cache has only 2 slots"):

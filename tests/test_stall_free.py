@@ -130,15 +130,30 @@ def test_compiled_programs_stay_bounded_over_a_hundred_requests(model):
     manager, driver = make_manager(model, budget_pages=40)
     with manager:
         engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8))
-        engine.compile()                               # both programs at once; the steps reuse them
-        assert engine.runner.traces == 2
-        for _ in range(100):
+        engine.compile()                      # decode-only and mixed, greedy and sampling, at once
+        assert engine.runner.traces == 4
+        for i in range(100):
             engine.submit(Request(prompt=rng.integers(2, 256, int(rng.integers(1, 60))).tolist(),
-                                  max_new_tokens=int(rng.integers(1, 12))))
+                                  max_new_tokens=int(rng.integers(1, 12)), temperature=0.8 * (i % 3 == 0)))
         outputs = engine.run()
         assert len(outputs) == 100 and not engine.failed
-        assert engine.runner.traces == 2               # decode-only and mixed, whatever the prompt lengths
+        assert engine.runner.traces == 4      # whatever the prompt lengths and the mix of knobs
         assert manager.stats()["active_slots"] == 0
+        manager.reclaim()
+
+
+def test_a_greedy_engine_compiles_no_sampling_program(model):
+    manager, driver = make_manager(model, budget_pages=40)
+    with manager:
+        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8))
+        engine.compile(sampling=False)
+        assert engine.runner.traces == 2
+        engine.submit(Request(prompt=list(range(2, 30)), max_new_tokens=6))
+        engine.run()
+        assert engine.runner.traces == 2      # greedy requests: the greedy pair only
+        engine.submit(Request(prompt=list(range(2, 30)), max_new_tokens=6, temperature=1.0))
+        engine.run()
+        assert engine.runner.traces == 4      # a sampling request: its two programs compile when needed
         manager.reclaim()
         assert manager.stats()["mapped_pages"] == 0 and driver.mapped_bytes == 0
 

@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     max_len = (args.pages + 1) * tokens_per_page
     cache_config = dataclasses.replace(cache_config, max_len=max_len)
     graphdef, state = nnx.split(Llama(model_config, rngs=nnx.Rngs(0)))
-    decode = decode_chunk_fn(graphdef, backend, 1)
+    decode = decode_chunk_fn(graphdef, backend, 1, sampling=False)
 
     print(f"vattention bench crossing on {device.device_kind} ({device.platform}), {datetime.date.today()}")
     print(f"model {args.config} (random weights), {args.layout} cache, backend {backend}, batch {args.batch}, "

@@ -120,9 +120,9 @@ def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: i
     backend = mode_backend(mode, device.platform)
     graphdef, state = nnx.split(model)
     if mesh is None:
-        decode = decode_chunk_fn(graphdef, backend, steps)
+        decode = decode_chunk_fn(graphdef, backend, steps, sampling=False)
     else:
-        decode = sharded_decode_chunk_fn(graphdef, backend, steps, tp_specs(model, manager))
+        decode = sharded_decode_chunk_fn(graphdef, backend, steps, tp_specs(model, manager), sampling=False)
     lengths = jnp.full((batch,), context, jnp.int32)
     ints = jnp.zeros((batch,), jnp.int32)
     arguments = (ints, lengths, jnp.ones((batch,), bool), ints, jnp.full((batch,), 1 << 30, jnp.int32),

@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
                                 args.context, device)
     backend = default_backend("interleaved" if cache.interleaved else "per_layer", device.platform)
     graphdef, state = nnx.split(model)
-    decode = decode_chunk_fn(graphdef, backend, args.steps)
+    decode = decode_chunk_fn(graphdef, backend, args.steps, sampling=False)
     batch = args.batch
     ints = jnp.zeros((batch,), jnp.int32)
     arguments = (ints, jnp.full((batch,), args.context, jnp.int32), jnp.ones((batch,), bool), ints,

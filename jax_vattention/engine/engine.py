@@ -216,10 +216,11 @@ class Engine:
         self._last_read = 0.0                         # when the host last finished reading a step
         self._undelivered: list[TokenEvent] = []      # failures the next step streams
 
-    def compile(self) -> None:
-        """Compiles the engine's two step programs (decode-only and mixed) at once, before serving:
-        the first steps then run at once instead of compiling one after the other."""
-        self.runner.compile(self.manager.cache, self._no_tokens, self._key)
+    def compile(self, *, sampling: bool = True) -> None:
+        """Compiles the engine's step programs at once, before serving: decode-only and mixed, greedy
+        and (with ``sampling``, for requests with a temperature) sampling. The first steps then run at
+        once instead of compiling one after the other; a program left out compiles when first needed."""
+        self.runner.compile(self.manager.cache, self._no_tokens, self._key, sampling=sampling)
 
     # ----------------------------------------------------------------- requests
     def submit(self, request: Request) -> int:

@@ -5,7 +5,10 @@ One step runs the decode rows of every slot and ``chunk_rows`` prefill rows of
 model once and samples a token per row. Its shapes depend only on the engine's
 configuration: a step with no chunk compiles once with ``R = 0`` rows, a mixed step
 once with all of them, whatever the prompts' lengths (:attr:`StepRunner.traces`
-counts the compilations).
+counts the compilations). Each comes in a greedy and a sampling version, chosen by
+the host from the requests' knobs: a conditional on the device would make the host
+wait for every step (:mod:`~jax_vattention.sampling`); the sampling pair compiles
+only once a request samples, or in :meth:`StepRunner.compile`.
 
 Both programs return their sampled tokens padded to one shape, ``[max_batch +
 chunk_rows]``, and take the previous step's as an input: a decode row whose last
@@ -96,10 +99,13 @@ class StepRunner:
         self.backend = backend
         self.traces = 0
         self.tp = tp
-        self._checked: set = set()    # the packed inputs' shapes whose program's donation is checked
-        body = functools.partial(self._traced, self.graphdef, backend)
-        # ints, floats, previous, key: whole on every device; the tokens and the next key come back whole
-        self._step = cache_jit(body) if tp is None else tp.shard_jit(body, 4, (None, None, CACHE), flat_state=True)
+        self._checked: set = set()    # (sampling, the packed inputs' shape) of programs whose donation is checked
+        self._steps = {}   # by whether a row samples: the compiled step
+        for sampling in (False, True):
+            body = functools.partial(self._traced, self.graphdef, backend, sampling)
+            # ints, floats, previous, key: whole on every device; the tokens and the next key come back whole
+            self._steps[sampling] = (cache_jit(body) if tp is None else
+                                     tp.shard_jit(body, 4, (None, None, CACHE), flat_state=True))
 
     @property
     def output_rows(self) -> int:
@@ -122,7 +128,7 @@ class StepRunner:
             return NamedSharding(self.tp.mesh, PartitionSpec())
         return SingleDeviceSharding(device)
 
-    def _traced(self, graphdef, backend, leaves, cache, ints, floats, previous, key):
+    def _traced(self, graphdef, backend, sampling, leaves, cache, ints, floats, previous, key):
         self.traces += 1  # runs once per compilation
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(self.state_def, leaves))
         batch, token_rows, temperature, top_k, top_p = StepInputs.unpack(ints, floats, self.max_batch,
@@ -130,23 +136,28 @@ class StepRunner:
         fed = jnp.where(token_rows >= 0, previous[jnp.maximum(token_rows, 0)], batch.decode_tokens)  # [S]
         batch = dataclasses.replace(batch, decode_tokens=fed)
         key, step_key = jax.random.split(key)
-        tokens, _, cache = model_step(model, cache, batch, temperature, top_k, top_p, step_key, backend=backend)
+        tokens, _, cache = model_step(model, cache, batch, temperature, top_k, top_p, step_key, backend=backend,
+                                      sampling=sampling)
         padding = self.output_rows - tokens.shape[0]
         return jnp.pad(tokens, (0, padding)), key, cache  # [output_rows], the next step's key
 
-    def compile(self, cache, previous: jax.Array, key) -> None:
-        """Compiles the decode-only and the mixed step at once, before the first request.
+    def compile(self, cache, previous: jax.Array, key, *, sampling: bool = True) -> None:
+        """Compiles the decode-only and the mixed step at once, before the first request: greedy,
+        and with ``sampling`` the sampling versions too.
 
-        XLA compiles with the GIL released, so in two threads the pair takes about as long as the
-        longer one; the steps dispatched later find both compiled. ``cache``, ``previous`` and
+        XLA compiles with the GIL released, so in threads the programs take about as long as the
+        longest one; the steps dispatched later find them compiled. ``cache``, ``previous`` and
         ``key`` are what the engine's first step will pass (nothing runs, nothing is donated).
         """
-        def compile_with(rows: int) -> None:
+        def compile_with(version: tuple[int, bool]) -> None:
+            rows, sampling = version
             inputs = self._inputs(StepPlan((), (), ()), {}, rows)
-            self._step.lower(*self._arguments(cache, inputs, previous, key)).compile()
+            self._steps[sampling].lower(*self._arguments(cache, inputs, previous, key)).compile()
 
-        with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            list(pool.map(compile_with, (0, self.chunk_rows)))
+        versions = [(rows, flag) for flag in ((False, True) if sampling else (False,))
+                    for rows in (0, self.chunk_rows)]
+        with concurrent.futures.ThreadPoolExecutor(len(versions)) as pool:
+            list(pool.map(compile_with, versions))
 
     def inputs(self, plan: StepPlan, knobs: dict) -> StepInputs:
         """The step's packed inputs (:class:`StepInputs`).
@@ -189,12 +200,14 @@ class StepRunner:
         ``s`` for slot ``s``'s decode, ``max_batch + r`` for chunk row ``r``), the next step's key
         and the cache."""
         arguments = self._arguments(cache, inputs, previous, key)
+        sampling = bool(np.any(inputs.floats[:inputs.floats.size // 2] > 0))   # a row's temperature
+        step = self._steps[sampling]
         # The step's other arguments keep their shapes for good (the runner's weights, the engine's
         # cache, the previous step's tokens and key): the packed inputs' shape names the program.
-        if inputs.ints.shape not in self._checked:
-            self._step.check(*arguments)
-            self._checked.add(inputs.ints.shape)
-        return self._step.jitted(*arguments)
+        if (sampling, inputs.ints.shape) not in self._checked:
+            step.check(*arguments)
+            self._checked.add((sampling, inputs.ints.shape))
+        return step.jitted(*arguments)
 
     def _arguments(self, cache, inputs: StepInputs, previous, key) -> tuple:
         """The compiled step's arguments, in its order."""

@@ -23,9 +23,12 @@ from jax_vattention.donation import cache_jit
 from jax_vattention.step_batch import decode_batch, model_step
 
 
-def _decode_chunk(graphdef, backend: str, steps: int, state, cache: KVCache, last, lengths, running,
-                  generated, max_new, stops, temperature, top_k, top_p, key):
+def _decode_chunk(graphdef, backend: str, steps: int, sampling: bool | None, state, cache: KVCache, last,
+                  lengths, running, generated, max_new, stops, temperature, top_k, top_p, key):
     """One chunk of ``steps`` decode steps over all ``max_batch`` slots.
+
+    ``sampling`` (static): False when every slot is greedy, which leaves no conditional in the loop
+    (see :func:`~jax_vattention.sampling.sample_tokens`); True or None as there.
 
     last, lengths, generated, max_new : int32 [S]; running : bool [S]; stops : int32 [S, W]
     (padded with -1); temperature, top_p : float32 [S]; top_k : int32 [S].
@@ -42,7 +45,8 @@ def _decode_chunk(graphdef, backend: str, steps: int, state, cache: KVCache, las
         key, step_key = jax.random.split(key)
         token, _, cache = model_step(model, cache, decode_batch(last, jnp.arange(slots, dtype=jnp.int32),
                                                                 lengths * count, count),
-                                     temperature, top_k, top_p, step_key, backend=backend)  # [S]
+                                     temperature, top_k, top_p, step_key, backend=backend,
+                                     sampling=sampling)  # [S]
         token = jnp.where(running, token, -1)  # [S]
         tokens = tokens.at[:, i].set(token)  # [S, steps]
         generated = generated + count  # [S]
@@ -57,6 +61,6 @@ def _decode_chunk(graphdef, backend: str, steps: int, state, cache: KVCache, las
 
 
 @functools.lru_cache(maxsize=16)
-def decode_chunk_fn(graphdef, backend: str, steps: int):
-    """Jitted decode chunk; compiles once per chunk length."""
-    return cache_jit(functools.partial(_decode_chunk, graphdef, backend, steps))
+def decode_chunk_fn(graphdef, backend: str, steps: int, sampling: bool | None = None):
+    """Jitted decode chunk; compiles once per chunk length (and ``sampling``, see :func:`_decode_chunk`)."""
+    return cache_jit(functools.partial(_decode_chunk, graphdef, backend, steps, sampling))
