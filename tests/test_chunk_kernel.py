@@ -2,23 +2,49 @@
 
 Prefill chunks of several slots in one call: a first chunk at offset 0, chunks after a cached prefix
 that crosses K/V tiles, two consecutive chunks of one slot, a one-token chunk and padding rows. What
-lies past the lengths holds NaN, so a kernel that loads it returns NaN.
+lies past the lengths holds NaN, and every test runs the kernel with loads that turn their whole tile
+NaN when any lane they load is NaN: a load at or past a length then shows in the output, even a key
+load whose logits the mask would have dropped.
 """
 
 from __future__ import annotations
 
-import jax
+import importlib
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental.pallas import triton as plgpu
 
 from jax_vattention.kernels.chunk_attention import chunk_attention
+
+kernel_module = importlib.import_module("jax_vattention.kernels.chunk_attention")
 
 MAX_BATCH, CAPACITY, LAYERS, KV_HEADS, HEAD_DIM, WIDTH, BLOCK_K = 5, 160, 2, 2, 16, 10, 32
 
 # (slot, start, count) per row. Slot 0 holds no token at all: the padding rows' addresses are clamped
 # to it, and it is NaN from token 0.
 ROWS = [(2, 0, 10), (1, 57, 6), (3, 100, 10), (3, 110, 3), (4, 33, 1), (MAX_BATCH, 0, 0), (MAX_BATCH + 2, 40, 5)]
+
+
+class PoisoningLoads:
+    """``plgpu`` whose ``load`` spreads a NaN it loaded over its whole tile."""
+
+    def __getattr__(self, name):
+        return getattr(plgpu, name)
+
+    @staticmethod
+    def load(ref, **kwargs):
+        tile = plgpu.load(ref, **kwargs)
+        return tile + 0 * tile.sum()
+
+
+@pytest.fixture(autouse=True)
+def poisoning_loads(monkeypatch):
+    monkeypatch.setattr(kernel_module, "plgpu", PoisoningLoads())
+    chunk_attention.clear_cache()  # trace the kernel again with these loads
+    yield
+    chunk_attention.clear_cache()
 
 
 def reference(q, k_cache, v_cache, slots, positions, lengths, layer=None):
