@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-__all__ = ["chunk_attention", "default_block_k", "default_block_q", "supported"]
+__all__ = ["chunk_attention", "default_block_k", "default_block_q", "default_num_warps", "supported"]
 
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
@@ -65,6 +65,11 @@ def default_block_q(q_len: int, group: int) -> int:
     block_q = max(1, _DEFAULT_BLOCK_ROWS // group)
     block_q = min(block_q, pl.next_power_of_2(max(q_len, 1)))
     return max(block_q, pl.cdiv(_MIN_DOT_ROWS, group))
+
+
+def default_num_warps(head_dim: int) -> int:
+    """Warps per program: 4, or 8 above head_dim 128, whose float32 accumulator needs twice the registers."""
+    return 4 if head_dim <= 128 else 8
 
 
 def supported(dtype, head_dim: int) -> bool:
@@ -195,7 +200,7 @@ def chunk_attention(
     scale: float | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
     interpret: bool | None = None,
 ) -> jax.Array:
@@ -228,8 +233,10 @@ def chunk_attention(
       up to a power of two); :func:`default_block_q` by default.
     block_k : int, optional
       Tokens per K/V tile, a power of two >= 16; :func:`default_block_k` by default.
-    num_warps, num_stages : int
-      Triton launch parameters (warps per program, software-pipeline depth of the tile loop).
+    num_warps : int, optional
+      Warps per program (Triton); :func:`default_num_warps` by default.
+    num_stages : int
+      Software-pipeline depth of the tile loop (Triton).
     interpret : bool, optional
       Run the Pallas interpreter; by default when the default backend is not a GPU.
 
@@ -263,6 +270,8 @@ def chunk_attention(
         block_k = default_block_k(head_dim)
     if block_k < 16 or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
+    if num_warps is None:
+        num_warps = default_num_warps(head_dim)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
     if interpret is None:
