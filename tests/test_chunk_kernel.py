@@ -163,3 +163,40 @@ def test_bad_inputs_are_refused():
         chunk_attention(q, k_cache, v_cache, *args, layer=0, block_q=4, interpret=True)
     with pytest.raises(ValueError, match="dtypes differ"):
         chunk_attention(q.astype(jnp.bfloat16), k_cache, v_cache, *args, layer=0, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_gpu_compiled_kernel_matches_the_reference(interleaved, group, head_dim, dtype):
+    """Triton-compiled, default tiles and small ones, longer chunks and prefixes: the same NaN-spreading
+    loads catch a read past a length."""
+    rng = np.random.default_rng(group * head_dim)
+    rows = [(1, 0, 100), (2, 700, 77), (3, 1200, 128), (3, 1328, 50), (0, 5, 1), (4, 0, 0)]
+    max_batch, capacity, width, kv_heads = 4, 1500, 128, 2
+    shape = (max_batch, capacity, *((3,) if interleaved else ()), kv_heads, head_dim)
+    k_cache = rng.standard_normal(shape).astype(np.float32)
+    v_cache = rng.standard_normal(shape).astype(np.float32)
+    for slot in range(max_batch):
+        end = max([s + c for r, s, c in rows if r == slot], default=0)
+        k_cache[slot, end:] = np.nan
+        v_cache[slot, end:] = np.nan
+    slots = np.array([r[0] for r in rows], np.int32)
+    start = np.array([r[1] for r in rows], np.int32)
+    count = np.array([r[2] for r in rows], np.int32)
+    positions = start[:, None] + np.arange(width, dtype=np.int32)[None]
+    q = rng.standard_normal((len(rows), width, kv_heads * group, head_dim)).astype(np.float32)
+    q, k_cache, v_cache = (jnp.asarray(x, dtype) for x in (q, k_cache, v_cache))
+    layer = 2 if interleaved else None
+    expected = reference(q, k_cache, v_cache, slots, positions, start + count, layer)
+    real = np.arange(width)[None] < count[:, None]
+    tolerance = {jnp.float32: 1e-4, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}[dtype]
+    for tiles in ({}, {"block_q": max(1, 16 // group), "block_k": 16}):
+        out = chunk_attention(q, k_cache, v_cache, jnp.asarray(slots), jnp.asarray(positions),
+                              jnp.asarray(start + count), layer=layer, interpret=False, **tiles)
+        out = np.asarray(out, np.float32)
+        assert np.all(np.isfinite(out)), tiles
+        np.testing.assert_allclose(out[real], expected[real], rtol=tolerance, atol=tolerance, err_msg=f"{tiles}")
+        np.testing.assert_array_equal(out[slots >= max_batch], 0.0)
