@@ -223,14 +223,26 @@ def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, laye
     slots int32 [R] (``>= M``: padding, with length 0); q_positions int32 [R, T]; kv_lengths
     int32 [R] -> [R, T, N, H] (zeros where a query sees no key).
 
+    On a GPU, with a bfloat16, float16 or float32 cache and a power-of-two ``head_dim`` in [16, 256],
+    the Pallas kernel :func:`jax_vattention.kernels.chunk_attention.chunk_attention` runs it, its loop
+    over key tiles on the device; elsewhere :func:`blocked_attention`, whose loop bound XLA on a GPU
+    would read on the host at every block.
+
     Example::
 
         out = chunk_attention(q, cache.k[0], cache.v[0], slots=jnp.array([3]),
                               q_positions=jnp.arange(40, 48)[None], kv_lengths=jnp.array([48]))
     """
     _check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer)
-    return blocked_attention(q, k_cache, v_cache, q_positions.astype(jnp.int32),
-                             kv_lengths.astype(jnp.int32), layer, slots=slots)
+    q_positions, kv_lengths = q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32)
+    if jax.default_backend() == "gpu":
+        from jax_vattention.kernels.chunk_attention import chunk_attention as chunk_kernel, supported
+        if supported(k_cache.dtype, k_cache.shape[-1]):
+            rows = jnp.arange(q.shape[0], dtype=jnp.int32) if slots is None else slots.astype(jnp.int32)
+            out = chunk_kernel(q.astype(k_cache.dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
+                               layer=layer, interpret=False)
+            return out.astype(q.dtype)  # [R, T, N, H]
+    return blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, slots=slots)
 
 
 def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *,

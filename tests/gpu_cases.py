@@ -6,6 +6,7 @@ runs every case so that a fault kills only that process, not the test suite.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import jax
@@ -75,8 +76,11 @@ def blocked_on_a_partly_mapped_cache() -> None:
 
 def chunk_attention_on_a_partly_mapped_cache() -> None:
     """Issue 12 item 2: prefill chunks attend over a partly mapped cache in place (both layouts), reading
-    nothing past the lengths, and match the float32 reference."""
+    nothing past the lengths, and match the float32 reference. On a GPU ``chunk_attention`` runs the
+    Pallas chunk kernel (no host-read loop bound in the step); the kernel is also called directly, with
+    its default and with small tiles."""
     from jax_vattention.attention import chunk_attention
+    from jax_vattention.kernels.chunk_attention import chunk_attention as chunk_kernel
 
     for layout in ("per_layer", "interleaved"):
         config = jv.CacheConfig(num_layers=2, max_batch=3, max_len=8192, kv_heads=8, head_dim=128,
@@ -97,16 +101,26 @@ def chunk_attention_on_a_partly_mapped_cache() -> None:
             positions = start[:, None] + np.arange(16, dtype=np.int32)[None]
             q = jnp.asarray(rng.standard_normal((5, 16, 32, 128)), jnp.bfloat16)
             k, v, index = manager.cache.layer(1)
-            got = jax.jit(chunk_attention, static_argnames="layer")(
-                q, k, v, slots=jnp.asarray(slots), q_positions=jnp.asarray(positions),
-                kv_lengths=jnp.asarray(start + count), layer=index)
+            args = (jnp.asarray(slots), jnp.asarray(positions), jnp.asarray(start + count))
+            attend = jax.jit(chunk_attention, static_argnames="layer")
+            lowered = attend.lower(q, k, v, slots=args[0], q_positions=args[1], kv_lengths=args[2],
+                                   layer=index).as_text()
+            assert "triton" in lowered and "stablehlo.while" not in lowered, "not the chunk kernel"
+            got = attend(q, k, v, slots=args[0], q_positions=args[1], kv_lengths=args[2], layer=index)
             got = np.asarray(jax.block_until_ready(got), np.float32)
             rows = np.minimum(slots, 2)
             dense = jnp.where((jnp.arange(1100) < jnp.asarray(lengths)[:, None])[:, :, None, None], new, 0)[rows]
-            want = np.asarray(xla_attention(q, dense, dense, jnp.asarray(positions),
-                                            jnp.asarray(np.where(slots < 3, start + count, 0))), np.float32)
+            dense = dense.astype(jnp.float32)
+            want = np.asarray(xla_attention(q.astype(jnp.float32), dense, dense, args[1],
+                                            jnp.asarray(np.where(slots < 3, start + count, 0))))
             real = np.arange(16)[None] < count[:, None]
             np.testing.assert_allclose(got[real], want[real], atol=3e-2, rtol=3e-2)
+            np.testing.assert_array_equal(got[slots >= 3], 0.0)
+            for tiles in ({}, {"block_q": 4, "block_k": 16}):
+                direct = jax.jit(functools.partial(chunk_kernel, layer=index, interpret=False, **tiles))
+                got = np.asarray(jax.block_until_ready(direct(q, k, v, *args)), np.float32)
+                np.testing.assert_allclose(got[real], want[real], atol=3e-2, rtol=3e-2, err_msg=f"{tiles}")
+                np.testing.assert_array_equal(got[slots >= 3], 0.0)
 
 
 def out_of_pages_in_a_step_rebuilds_the_cache() -> None:
