@@ -262,6 +262,18 @@ class ShardedCacheManager:
     def publish(self, slot: int, tokens) -> int:
         return self._on_all("publish", lambda m: m.publish(slot, tokens))
 
+    def cached_pages(self, keys) -> int:
+        """:meth:`CacheManager.cached_pages`: the same on every device, or the group is poisoned."""
+        return self._on_all("cached_pages", lambda m: m.cached_pages(keys))
+
+    def alloc_prefix(self, keys, tokens: int, lookahead: int = 0):
+        """:meth:`CacheManager.alloc_prefix` on every device: the same slot and shared pages everywhere."""
+        return self._on_all("alloc_prefix", lambda m: m.alloc_prefix(keys, tokens, lookahead))
+
+    def publish_pages(self, slot: int, keys) -> int:
+        """:meth:`CacheManager.publish_pages` on every device."""
+        return self._on_all("publish_pages", lambda m: m.publish_pages(slot, keys))
+
     def writable_from(self, slot: int) -> int:
         return self._on_all("writable_from", lambda m: m.writable_from(slot))
 

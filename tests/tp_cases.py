@@ -288,6 +288,33 @@ def engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages() -> None:
                     assert np.array_equal(device_manager.lengths(), single.lengths())
 
 
+def engine_shares_prefixes_at_tp2() -> None:
+    """Prefix sharing over a ShardedCacheManager (a fake driver whose aliased pages show the same bytes,
+    as CUDA's do): every device maps the same cached pages into the same slots, and the engine streams
+    the tokens of one device's engine that shares nothing."""
+    from jax_vattention.engine import Engine, EngineConfig, Request
+
+    system = list(range(100, 140))
+    prompts = [(system + [5, 6, 7], 8), (system + [9, 10], 8), (system + list(range(200, 220)), 6)]
+
+    def run(manager, **config):
+        engine = Engine(model(), manager, EngineConfig(token_budget=24, chunk_tokens=8, **config))
+        ids = [engine.submit(Request(prompt=p, max_new_tokens=n)) for p, n in prompts]
+        outputs = engine.run()
+        return [outputs[i] for i in ids], engine.stats
+
+    with jv.CacheManager(cache_config("interleaved")) as single:
+        want, _ = run(single, prefix_sharing=False)
+    fake = lambda device: _core.FakeDriver(4096, host_pages=True)  # noqa: E731
+    with jv.ShardedCacheManager(cache_config("interleaved"), tp_mesh(2), driver_factory=fake) as manager:
+        assert manager.tokens_per_page == 16
+        got, stats = run(manager)
+        per_device = manager.stats()["per_device"]
+    assert got == want, (got, want)
+    assert stats.shared_admissions >= 2 and stats.shared_tokens >= 2 * 32, stats
+    assert per_device[0]["cached_pages"] == per_device[1]["cached_pages"] > 0, per_device
+
+
 def engine_refuses_a_mismatched_model() -> None:
     """A model split over another axis than the cache's, or a split model over one device's cache."""
     from jax_vattention.engine import Engine
@@ -548,7 +575,8 @@ def serve_tp2() -> None:
     assert answers[0] == answers[1], answers
 
 
-ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_refuses_a_mismatched_model",
+ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_shares_prefixes_at_tp2",
+                "engine_refuses_a_mismatched_model",
                 "checkpoint_straight_into_shards", "fused_checkpoint_weights_per_device",
                 "bad_tp_degrees_are_refused_in_one_line"]
 SLOW_CASES = ["serve_bench_tp2", "bench_decode_tp2", "serve_tp2"]
