@@ -35,9 +35,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jax_vattention.kernels.operands import check_cache_operands, supported
+
 __all__ = ["chunk_attention", "default_block_k", "default_block_q", "default_num_warps", "supported"]
 
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 # Smallest row count of a Triton `dot` operand.
 _MIN_DOT_ROWS = 16
@@ -70,12 +71,6 @@ def default_block_q(q_len: int, group: int) -> int:
 def default_num_warps(head_dim: int) -> int:
     """Warps per program: 4, or 8 above head_dim 128, whose float32 accumulator needs twice the registers."""
     return 4 if head_dim <= 128 else 8
-
-
-def supported(dtype, head_dim: int) -> bool:
-    """Whether the kernel takes a cache of ``dtype`` with ``head_dim``."""
-    return (jnp.dtype(dtype) in tuple(map(jnp.dtype, SUPPORTED_DTYPES))
-            and 16 <= head_dim <= 256 and not head_dim & (head_dim - 1))
 
 
 def _chunk_kernel(
@@ -145,35 +140,8 @@ def _chunk_kernel(
 def _check_inputs(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer):
     if q.ndim != 4:
         raise ValueError(f"q must be [rows, q_len, q_heads, head_dim], got shape {q.shape}")
-    if k_cache.ndim not in (4, 5):
-        raise ValueError(
-            "k_cache must be [max_batch, max_len, kv_heads, head_dim] or "
-            f"[max_batch, max_len, layers, kv_heads, head_dim], got shape {k_cache.shape}"
-        )
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"k_cache and v_cache shapes differ: {k_cache.shape} vs {v_cache.shape}")
-    if k_cache.ndim == 5 and layer is None:
-        raise ValueError(
-            "a layer-interleaved cache [max_batch, max_len, layers, kv_heads, head_dim] needs `layer`"
-        )
-    if k_cache.ndim == 4 and layer is not None:
-        raise ValueError(
-            f"`layer` applies only to a 5-D layer-interleaved cache; k_cache has shape {k_cache.shape}"
-        )
-    if layer is not None and not 0 <= layer < k_cache.shape[2]:
-        raise ValueError(f"layer {layer} out of range for {k_cache.shape[2]} layers")
-    if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"q, k_cache and v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {q.dtype} not supported; use bfloat16, float16 or float32")
     rows, q_len, q_heads, head_dim = q.shape
-    kv_heads, cache_head_dim = k_cache.shape[-2], k_cache.shape[-1]
-    if cache_head_dim != head_dim:
-        raise ValueError(f"head_dim of q ({head_dim}) and of the cache ({cache_head_dim}) differ")
-    if not supported(q.dtype, head_dim):
-        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
-    if q_heads % kv_heads:
-        raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
     if slots.shape != (rows,) or slots.dtype != jnp.int32:
         raise ValueError(f"slots must be int32 [rows={rows}], got {slots.dtype} {slots.shape}")
     if q_positions.shape != (rows, q_len) or q_positions.dtype != jnp.int32:

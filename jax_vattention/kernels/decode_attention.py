@@ -27,9 +27,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jax_vattention.kernels.operands import check_cache_operands
+
 __all__ = ["decode_attention", "default_block_k", "default_num_splits"]
 
-SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 # Streaming multiprocessors of the cards this kernel is tuned for (H100 and H200 SXM).
 _DEFAULT_NUM_SMS = 132
@@ -154,35 +155,9 @@ def _combine_splits(partial_out: jax.Array, partial_lse: jax.Array) -> jax.Array
 def _check_inputs(q, k_cache, v_cache, lengths, layer):
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
-    if k_cache.ndim not in (4, 5):
-        raise ValueError(
-            "k_cache must be [max_batch, max_len, kv_heads, head_dim] or "
-            f"[max_batch, max_len, layers, kv_heads, head_dim], got shape {k_cache.shape}"
-        )
-    if v_cache.shape != k_cache.shape:
-        raise ValueError(f"k_cache and v_cache shapes differ: {k_cache.shape} vs {v_cache.shape}")
-    if k_cache.ndim == 5 and layer is None:
-        raise ValueError(
-            "a layer-interleaved cache [max_batch, max_len, layers, kv_heads, head_dim] needs `layer`"
-        )
-    if k_cache.ndim == 4 and layer is not None:
-        raise ValueError(
-            f"`layer` applies only to a 5-D layer-interleaved cache; k_cache has shape {k_cache.shape}"
-        )
-    if layer is not None and not 0 <= layer < k_cache.shape[2]:
-        raise ValueError(f"layer {layer} out of range for {k_cache.shape[2]} layers")
-    if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"q, k_cache and v_cache dtypes differ: {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
-    if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"dtype {q.dtype} not supported; use bfloat16, float16 or float32")
     batch, q_heads, head_dim = q.shape
-    max_batch, kv_heads, cache_head_dim = k_cache.shape[0], k_cache.shape[-2], k_cache.shape[-1]
-    if cache_head_dim != head_dim:
-        raise ValueError(f"head_dim of q ({head_dim}) and of the cache ({cache_head_dim}) differ")
-    if head_dim < 16 or head_dim > 256 or head_dim & (head_dim - 1):
-        raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
-    if q_heads % kv_heads:
-        raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
+    max_batch = k_cache.shape[0]
     if batch > max_batch:
         raise ValueError(f"batch ({batch}) exceeds the cache's max_batch ({max_batch})")
     if lengths.shape != (batch,) or lengths.dtype != jnp.int32:
