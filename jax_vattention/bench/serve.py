@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=512)
     parser.add_argument("--budget-mib", type=int, default=None, help="cache budget (default: 90%% of free)")
     parser.add_argument("--page-kib", type=int, default=None, help="page size (default: the driver's)")
-    parser.add_argument("--token-budget", type=int, default=256, help="tokens per engine step (decodes + chunks)")
+    parser.add_argument("--token-budget", type=int, default=EngineConfig.token_budget,
+                        help="tokens per engine step (decodes + chunks)")
     parser.add_argument("--chunk-tokens", type=int, default=64, help="the width of a prefill chunk row")
     parser.add_argument("--prefetch-tokens", type=int, default=None,
                         help="with overlap: tokens mapped ahead of each running slot (default 16)")

@@ -18,6 +18,7 @@ from jax_vattention.attention import BACKENDS
 from jax_vattention.commands.model_source import add_model_arguments, check_model_arguments, load_model
 from jax_vattention.config import LAYOUTS
 from jax_vattention.device_defaults import check_backend_on, default_backend, default_layout
+from jax_vattention.engine import EngineConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     parser.add_argument("--max-len", type=int, default=2048,
                         help="tokens a request may hold, prompt and answer (default 2048)")
-    parser.add_argument("--token-budget", type=int, default=256,
+    parser.add_argument("--token-budget", type=int, default=EngineConfig.token_budget,
                         help="tokens per engine step: decodes plus prompt chunks (default 256)")
     parser.add_argument("--chunk-tokens", type=int, default=64, help="the width of a prompt chunk row (default 64)")
     parser.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
@@ -74,7 +75,7 @@ def build_service(args: argparse.Namespace):
     Compiles the engine's step programs first, so the first client does not wait for it.
     """
     import jax_vattention as jv
-    from jax_vattention.engine import Engine, EngineConfig, Request
+    from jax_vattention.engine import Engine, Request
     from jax_vattention.server.app import Service
     from jax_vattention.server.engine_loop import EngineLoop
 
