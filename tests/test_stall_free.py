@@ -171,3 +171,19 @@ def test_bench_decode_reports_every_mode_and_writes_the_csv(tmp_path, capsys):
                                                       "paged_cudnn", "paged_pallas"]
     assert all(float(row.split(",")[7]) > 0 for row in rows[1:])
     assert "virtual / best paged" in report
+
+
+def test_the_greedy_step_has_no_control_flow_for_the_host_to_wait_on(model):
+    """On a GPU XLA reads a conditional's predicate on the host, so the host's dispatch would wait for
+    the device every step: neither version of the step has one, and only the sampling one sorts."""
+    manager, _ = make_manager(model)
+    with manager:
+        engine = Engine(model, manager, EngineConfig(token_budget=8, chunk_tokens=4, backend="xla"))
+        runner = engine.runner
+        inputs = runner._inputs(jv.engine.scheduler.StepPlan((), (), ()), {}, 0)
+        arguments = runner._arguments(manager.cache, inputs, engine._no_tokens, engine._key)
+        greedy = runner._steps[False].lower(*arguments).as_text()
+        sampling = runner._steps[True].lower(*arguments).as_text()
+    for program in (greedy, sampling):
+        assert "stablehlo.case" not in program and "stablehlo.if" not in program
+    assert "stablehlo.sort" in sampling and "stablehlo.sort" not in greedy
