@@ -46,6 +46,7 @@ from jax_vattention.engine.requests import Request, RequestState, TokenEvent
 from jax_vattention.engine.prefixes import PrefixSharer
 from jax_vattention.engine.runner import StepRunner
 from jax_vattention.engine.scheduler import Scheduler, StepPlan
+from jax_vattention.engine.stats import EngineStats, StepRecord
 from jax_vattention.engine.validation import checked_request
 from jax_vattention.manager import CacheManager
 from jax_vattention.preflight import check_slots, mapping_failures
@@ -127,19 +128,6 @@ class EngineConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class StepRecord:
-    """What one step did: its decodes and chunk tokens, admissions, time and pages mapped."""
-
-    decodes: int
-    chunk_tokens: int
-    admitted: int
-    seconds: float          # from its dispatch (or the previous step's read, if later) to its tokens read
-    mapped_pages: int       # before dispatch for the step's growth, and ahead while it ran
-    blocked_by_memory: bool
-    dispatch_seconds: float = 0.0   # the host's time in the compiled step's call
-
-
-@dataclasses.dataclass(frozen=True)
 class _InFlight:
     """A dispatched step: its plan, its tokens on the device (int32 [output_rows]) and the
     ``(request, row)`` pairs of the rows that carry a token."""
@@ -152,30 +140,6 @@ class _InFlight:
     mapped_pages: int        # mapped for it before dispatch
     blocked: bool            # admission stopped at the page budget
     written: tuple = ()      # with prefix sharing: what it writes, per request (PrefixSharer.dispatched)
-
-
-@dataclasses.dataclass
-class EngineStats:
-    """What the engine did, for reports."""
-
-    steps: int = 0
-    prefills: int = 0          # prompts whose last chunk ran
-    preemptions: int = 0
-    tokens: int = 0
-    prefetch_seconds: float = 0.0     # time spent mapping on the host while the device computed
-    records: list = dataclasses.field(default_factory=list)               # a StepRecord per step
-    # At each admission the budget stopped: (requests running, requests an ideal allocator would run).
-    memory_bound_batches: list = dataclasses.field(default_factory=list)
-    mapped_bytes: list = dataclasses.field(default_factory=list)   # (time, bytes) after each step
-    # Prefix sharing. Every admission counts: a preempted request's readmission too.
-    admissions: int = 0
-    shared_admissions: int = 0    # admissions that mapped at least one cached page
-    prompt_tokens: int = 0        # context tokens of the requests admitted
-    prefill_tokens: int = 0       # of them, computed by prefill chunks (the rest was shared)
-    shared_tokens: int = 0        # mapped from the prefix cache at admission
-    shared_pages: int = 0         # the same in pages (counted in every buffer, as the manager counts)
-    prefix_waits: int = 0         # steps whose admission waited for a running request to publish a prefix
-    peak_bytes_saved: int = 0     # the most memory the shared pages saved at once (manager's bytes_saved)
 
 
 class Engine:
