@@ -79,21 +79,22 @@ def reference(q, k_cache, v_cache, slots, positions, lengths, layer=None):
     return out
 
 
-def make_inputs(seed, rows, *, group, dtype, interleaved):
+def make_inputs(seed, rows, *, group, dtype, interleaved, max_batch=MAX_BATCH, capacity=CAPACITY, layers=LAYERS,
+                kv_heads=KV_HEADS, head_dim=HEAD_DIM, width=WIDTH):
     """Random q and caches, NaN past each slot's longest chunk; slots, positions and lengths of ``rows``."""
     rng = np.random.default_rng(seed)
-    shape = (MAX_BATCH, CAPACITY, *((LAYERS,) if interleaved else ()), KV_HEADS, HEAD_DIM)
+    shape = (max_batch, capacity, *((layers,) if interleaved else ()), kv_heads, head_dim)
     k_cache = rng.standard_normal(shape).astype(np.float32)
     v_cache = rng.standard_normal(shape).astype(np.float32)
-    for slot in range(MAX_BATCH):
+    for slot in range(max_batch):
         end = max([s + c for r, s, c in rows if r == slot], default=0)
         k_cache[slot, end:] = np.nan
         v_cache[slot, end:] = np.nan
     slots = np.array([r[0] for r in rows], np.int32)
     start = np.array([r[1] for r in rows], np.int32)
     count = np.array([r[2] for r in rows], np.int32)
-    positions = start[:, None] + np.arange(WIDTH, dtype=np.int32)[None]
-    q = rng.standard_normal((len(rows), WIDTH, KV_HEADS * group, HEAD_DIM)).astype(np.float32)
+    positions = start[:, None] + np.arange(width, dtype=np.int32)[None]
+    q = rng.standard_normal((len(rows), width, kv_heads * group, head_dim)).astype(np.float32)
     q, k_cache, v_cache = (jnp.asarray(x, dtype) for x in (q, k_cache, v_cache))
     return q, k_cache, v_cache, slots, positions, start + count, count
 
@@ -173,29 +174,18 @@ def test_bad_inputs_are_refused():
 def test_gpu_compiled_kernel_matches_the_reference(interleaved, group, head_dim, dtype):
     """Triton-compiled, default tiles and small ones, longer chunks and prefixes: the same NaN-spreading
     loads catch a read past a length."""
-    rng = np.random.default_rng(group * head_dim)
     rows = [(1, 0, 100), (2, 700, 77), (3, 1200, 128), (3, 1328, 50), (0, 5, 1), (4, 0, 0)]
-    max_batch, capacity, width, kv_heads = 4, 1500, 128, 2
-    shape = (max_batch, capacity, *((3,) if interleaved else ()), kv_heads, head_dim)
-    k_cache = rng.standard_normal(shape).astype(np.float32)
-    v_cache = rng.standard_normal(shape).astype(np.float32)
-    for slot in range(max_batch):
-        end = max([s + c for r, s, c in rows if r == slot], default=0)
-        k_cache[slot, end:] = np.nan
-        v_cache[slot, end:] = np.nan
-    slots = np.array([r[0] for r in rows], np.int32)
-    start = np.array([r[1] for r in rows], np.int32)
-    count = np.array([r[2] for r in rows], np.int32)
-    positions = start[:, None] + np.arange(width, dtype=np.int32)[None]
-    q = rng.standard_normal((len(rows), width, kv_heads * group, head_dim)).astype(np.float32)
-    q, k_cache, v_cache = (jnp.asarray(x, dtype) for x in (q, k_cache, v_cache))
+    max_batch, width = 4, 128
+    q, k_cache, v_cache, slots, positions, lengths, count = make_inputs(
+        group * head_dim, rows, group=group, dtype=dtype, interleaved=interleaved, max_batch=max_batch,
+        capacity=1500, layers=3, kv_heads=2, head_dim=head_dim, width=width)
     layer = 2 if interleaved else None
-    expected = reference(q, k_cache, v_cache, slots, positions, start + count, layer)
+    expected = reference(q, k_cache, v_cache, slots, positions, lengths, layer)
     real = np.arange(width)[None] < count[:, None]
     tolerance = {jnp.float32: 1e-4, jnp.float16: 4e-3, jnp.bfloat16: 3e-2}[dtype]
     for tiles in ({}, {"block_q": max(1, 16 // group), "block_k": 16}):
         out = chunk_attention(q, k_cache, v_cache, jnp.asarray(slots), jnp.asarray(positions),
-                              jnp.asarray(start + count), layer=layer, interpret=False, **tiles)
+                              jnp.asarray(lengths), layer=layer, interpret=False, **tiles)
         out = np.asarray(out, np.float32)
         assert np.all(np.isfinite(out)), tiles
         np.testing.assert_allclose(out[real], expected[real], rtol=tolerance, atol=tolerance, err_msg=f"{tiles}")
