@@ -61,6 +61,11 @@ class StepInputs:
     ints: np.ndarray
     floats: np.ndarray
 
+    @property
+    def sampling(self) -> bool:
+        """Whether a row samples (a temperature above 0): the step's sampling version runs."""
+        return bool(np.any(self.floats[:self.floats.size // 2] > 0))
+
     @staticmethod
     def unpack(ints: jax.Array, floats: jax.Array, slots: int, width: int):
         """In the traced step: ``(StepBatch, token_rows [S], temperature, top_k, top_p [S+R])``."""
@@ -200,7 +205,7 @@ class StepRunner:
         ``s`` for slot ``s``'s decode, ``max_batch + r`` for chunk row ``r``), the next step's key
         and the cache."""
         arguments = self._arguments(cache, inputs, previous, key)
-        sampling = bool(np.any(inputs.floats[:inputs.floats.size // 2] > 0))   # a row's temperature
+        sampling = inputs.sampling
         step = self._steps[sampling]
         # The step's other arguments keep their shapes for good (the runner's weights, the engine's
         # cache, the previous step's tokens and key): the packed inputs' shape names the program.
