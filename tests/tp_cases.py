@@ -203,6 +203,36 @@ def a_failure_on_a_later_device_poisons_the_group() -> None:
     assert all(driver.mappings() == {} and driver.handles() == [] for driver in drivers.values())
 
 
+def a_failed_prefix_admission_on_a_later_device_poisons_the_group() -> None:
+    """A driver call of a prefix admission (``alloc_prefix``: the cached pages mapped, the rest created)
+    that fails on device 1 after device 0 admitted leaves them disagreeing: the group is poisoned, and
+    closing it gives every page back on both devices."""
+    from jax_vattention.prefix import page_keys
+
+    prompt = list(range(100, 150))
+    for operation in ("create", "map", "set_access"):
+        drivers = {}
+
+        def fake(device):
+            drivers[device.id] = _core.FakeDriver(4096, host_pages=True)
+            return drivers[device.id]
+
+        manager = jv.ShardedCacheManager(cache_config("interleaved"), tp_mesh(2), driver_factory=fake)
+        keys = page_keys(prompt[:-1], manager.tokens_per_page)
+        first = manager.alloc(len(prompt))
+        assert manager.publish(first, prompt) == len(keys) == 3
+        drivers[1].fail_on(operation, 1)
+        try:
+            manager.alloc_prefix(keys, len(prompt), lookahead=8)
+        except jv.DriverError:
+            pass
+        else:
+            raise AssertionError(f"the injected {operation} failure did not surface")
+        assert manager.stats()["poisoned"], operation
+        manager.close()
+        assert all(driver.mappings() == {} and driver.handles() == [] for driver in drivers.values()), operation
+
+
 def cli_generate_tp() -> None:
     """``vattention generate --tp 2`` prints the tokens of ``--tp 1``; a degree beyond the devices is refused."""
     import contextlib
@@ -544,7 +574,8 @@ def bench_decode_tp2() -> None:
 
 CASES = ["tokens_tp2_per_layer", "tokens_tp4_interleaved", "random_weights_straight_into_shards",
          "pages_per_device_are_exact", "a_copied_shard_gets_the_donation_error", "bad_meshes_and_head_counts",
-         "a_failure_on_a_later_device_poisons_the_group", "cli_generate_tp"]
+         "a_failure_on_a_later_device_poisons_the_group",
+         "a_failed_prefix_admission_on_a_later_device_poisons_the_group", "cli_generate_tp"]
 
 def serve_tp2() -> None:
     """``vattention serve --tp 2`` builds its engine over a ShardedCacheManager of the first 2 devices,
