@@ -188,6 +188,10 @@ NB_MODULE(_core, m) {
       .def("publish", &PageManager::publish, "slot"_a, "keys"_a, Release(),
            "Registers the slot's first len(keys) full pages in the prefix cache; returns how many were new.")
       .def("tokens_per_page", &PageManager::tokens_per_page, "0 where prefix sharing is off.")
+      .def("slot_pages", [](const PageManager& manager, std::size_t tokens) {
+             return manager.geometry().pages_for(tokens) * manager.geometry().num_buffers;
+           }, "tokens"_a,
+           "Pages a slot of `tokens` tokens holds over every buffer (counted up to the capacity).")
       .def("writable_from", &PageManager::writable_from, "slot"_a, Release())
       .def("check_write", &PageManager::check_write, "slot"_a, "start"_a, Release())
       .def("evict", &PageManager::evict, Release())

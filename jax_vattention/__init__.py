@@ -21,13 +21,8 @@ Example::
 import jax  # noqa: F401
 
 from jax_vattention._core import CacheManagerPoisonedError, DriverError, NoFreeSlotError, OutOfPagesError
-from jax_vattention.cache import KVCache
-from jax_vattention.config import CacheConfig
-from jax_vattention.donation import cache_jit, check_cache_donation
-from jax_vattention.manager import CacheManager
-from jax_vattention.ops import grow
-from jax_vattention.sharded_manager import ShardedCacheManager
-from jax_vattention.writes import scatter_tokens, write_kv
+from jax_vattention.cache import (CacheConfig, CacheManager, KVCache, ShardedCacheManager, cache_jit,
+                                  check_cache_donation, grow, scatter_tokens, write_kv)
 
 __all__ = [
     "CacheConfig",

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jax_vattention.device_defaults import default_dtype
+from jax_vattention.attention.backends import default_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +139,7 @@ def get_config(name: str) -> LlamaConfig:
 
 
 def config_for_device(name: str, device: jax.Device) -> LlamaConfig:
-    """The named shape in the dtype :func:`~jax_vattention.device_defaults.default_dtype` picks for
+    """The named shape in the dtype :func:`~jax_vattention.attention.backends.default_dtype` picks for
     ``device`` (bfloat16 on a GPU where the config says float32)."""
     config = get_config(name)
-    return config.replace(dtype=default_dtype(config.dtype, device))
+    return config.replace(dtype=default_dtype(config.dtype, device.platform))

@@ -199,7 +199,7 @@ def load_model(directory: str, *, dtype: str | None = None, mesh=None) -> Llama:
     directory : a Hugging Face model directory (``config.json`` + safetensors)
     dtype : ``float32``, ``bfloat16`` or ``float16``; default: the checkpoint's dtype
     mesh : a one-dimensional ``jax.sharding.Mesh`` or None; given, the model is split over it
-        Megatron-style as :func:`jax_vattention.tensor_parallel.shard_model` splits it, each
+        Megatron-style as :func:`jax_vattention.decode.mesh.shard_model` splits it, each
         device's shard read from the file on its own
 
     Raises
@@ -216,8 +216,9 @@ def load_model(directory: str, *, dtype: str | None = None, mesh=None) -> Llama:
     config = read_config(directory, dtype)
     axis = None
     if mesh is not None:
-        from jax_vattention.sharded_manager import mesh_axis
-        from jax_vattention.tensor_parallel import check_divisible
+        from jax_vattention.cache.sharded_manager import mesh_axis
+
+        from .sharding import check_divisible
         axis = mesh_axis(mesh, None)
         check_divisible(config, mesh.size)
     files = _tensor_files(directory)
@@ -304,10 +305,10 @@ def _place_sharded(model: Llama, path: tuple, parts: tuple[Part, ...], read, mes
     """:func:`_place` over ``mesh``: each device's block of the weight built on its own from the
     rows or columns of its stored parts that it holds (a ``w_qkv`` shard from the ``q_proj``,
     ``k_proj`` and ``v_proj`` rows of its KV heads only), through the host, into a global array
-    split as :func:`~jax_vattention.tensor_parallel.shard_model` splits it."""
+    split as :func:`~jax_vattention.decode.mesh.shard_model` splits it."""
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from jax_vattention.tensor_parallel import split_axis
+    from .sharding import split_axis
 
     param = _param(model, path)
     split = split_axis(path[-1])

@@ -1,7 +1,7 @@
 """A Llama-family decoder in Flax NNX that reads and writes a :class:`KVCache`.
 
 One forward pass serves prefill and decode alike: the new tokens' keys and
-values go into the cache through :func:`~jax_vattention.writes.write_kv` (only
+values go into the cache through :func:`~jax_vattention.cache.writes.write_kv` (only
 ``count[b]`` tokens of row ``b``, so padding never reaches the cache), and
 attention reads the cache in place through :func:`~jax_vattention.attention.attend`.
 
@@ -25,10 +25,11 @@ from flax import nnx
 from jax import lax
 
 from jax_vattention.attention import attend, attend_prompt, prefill_attends_prompt
-from jax_vattention.cache import KVCache
-from jax_vattention.step_batch import StepBatch
-from jax_vattention.writes import write_kv
+from jax_vattention.cache.kv_cache import KVCache
+from jax_vattention.decode.step_batch import StepBatch
+from jax_vattention.cache.writes import write_kv
 
+from . import sharding
 from .configs import LlamaConfig
 from .rope import apply_rope, inverse_frequencies
 
@@ -147,7 +148,7 @@ class Llama(nnx.Module):
     """The decoder: embeddings, ``num_layers`` blocks, a final norm and the output projection.
 
     ``tp_axis`` (static, default None) names the mesh axis of tensor parallelism: set by
-    :func:`jax_vattention.tensor_parallel.shard_model`, the model then runs inside ``shard_map``
+    :func:`jax_vattention.decode.mesh.shard_model`, the model then runs inside ``shard_map``
     on its devices' shards of the weights (Megatron-style: heads and MLP columns split) and sums
     each block's attention output and MLP output over that axis.
 
@@ -190,7 +191,7 @@ class Llama(nnx.Module):
         backend : the attention backend (see :mod:`jax_vattention.attention`)
         logit_index : int32 [batch] or None, if given, compute logits only at this token of each row
             (int32 [batch, J]: at these J tokens of each row, logits [batch, J, vocab])
-        step : a :class:`~jax_vattention.step_batch.StepBatch` or None; if given, the tokens,
+        step : a :class:`~jax_vattention.decode.step_batch.StepBatch` or None; if given, the tokens,
             positions and cache writes are the step's (``tokens`` is ``step.tokens()``, batch 1,
             and ``start``/``count``/``slots`` are unused); see :meth:`run_step`
 
@@ -223,6 +224,13 @@ class Llama(nnx.Module):
             logits = jnp.einsum('...D,DV->...V', x, self.lm_head[...],
                                 preferred_element_type=jnp.float32)  # [B, (T,) V]
         return logits, cache
+
+    def partition_specs(self, axis: str, count: int):
+        """How the weights split over ``count`` devices of mesh axis ``axis``
+        (:mod:`~jax_vattention.models.sharding`); ``ValueError`` where the heads or the MLP width do
+        not divide by ``count``."""
+        sharding.check_divisible(self.config, count)
+        return sharding.partition_specs(nnx.state(self), axis)
 
     def run_step(self, step: StepBatch, cache: KVCache, *, backend: str):
         """One engine step: the decode rows and prefill chunks of ``step`` in one pass.

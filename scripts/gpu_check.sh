@@ -55,10 +55,10 @@ for section in $sections; do
       timeout 240 "$python" -X faulthandler -m pytest -m gpu -q -s -p no:cacheprovider --rootdir "$tests" \
         --deselect "test_gpu_tensor_parallel.py::test_gpu_tensor_parallel_case[decode_step_timing]" \
         "$tests/test_gpu_tensor_parallel.py" 2>&1 | tee "$out/tp.log" || status=1
-      timeout 200 "$python" -m jax_vattention.cli bench decode --config llama-3-8b --tp 1 2 --batch 32 \
+      timeout 200 "$python" -m jax_vattention.app.cli bench decode --config llama-3-8b --tp 1 2 --batch 32 \
         --context 4096 --modes virtual_interleaved --steps 8 --repeats 3 --copy-gib 1 --out /tmp/tp_decode 2>&1 \
         | tee -a "$out/tp.log" || status=1
-      timeout 180 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --tp 2 --requests 64 --rate 40 \
+      timeout 180 "$python" -m jax_vattention.app.cli serve-bench --config llama-3-8b --tp 2 --requests 64 --rate 40 \
         --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 768 \
         --out /tmp/serve_tp2 2>&1 | tr '\r' '\n' | last_progress | tee -a "$out/tp.log" || status=1 ;;
     tp70b)
@@ -69,7 +69,7 @@ for section in $sections; do
         memory=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
         tp70b=$([ "${memory:-0}" -ge 122880 ] && echo 2 || echo 4)
       fi
-      timeout 420 "$python" -m jax_vattention.cli serve-bench --config llama-3-70b --tp "$tp70b" --requests 64 \
+      timeout 420 "$python" -m jax_vattention.app.cli serve-bench --config llama-3-70b --tp "$tp70b" --requests 64 \
         --rate 40 --prompt-len 64 512 --output-len 128 128 --max-batch 32 --max-len 1024 --budget-mib 16384 \
         --out /tmp/serve_70b 2>&1 | tr '\r' '\n' | last_progress | tee "$out/tp70b.log" || status=1 ;;
     tests)
@@ -82,7 +82,7 @@ for section in $sections; do
         $(for file in ${GPU_TESTS:-.}; do echo "$tests/$file"; done) \
         2>&1 | tee "$out/gpu_tests.log" || status=1 ;;
     decode)
-      timeout "${DECODE_TIMEOUT:-240}" "$python" -m jax_vattention.cli bench decode --batch ${DECODE_BATCH:-16 64} \
+      timeout "${DECODE_TIMEOUT:-240}" "$python" -m jax_vattention.app.cli bench decode --batch ${DECODE_BATCH:-16 64} \
         --context ${DECODE_CONTEXT:-2048 8192} --steps 8 --repeats 3 --out /tmp/bench_decode 2>&1 \
         | tee "$out/bench_decode.log" || status=1
       cp /tmp/bench_decode/decode.csv /tmp/bench_decode/decode.png "$out/" 2>/dev/null || true ;;
@@ -91,13 +91,13 @@ for section in $sections; do
     generate)
       ( rc=0
         for backend in auto cudnn pallas; do
-          timeout 90 "$python" -m jax_vattention.cli generate --backend "$backend" 2>&1 | tail -8 || rc=1
+          timeout 90 "$python" -m jax_vattention.app.cli generate --backend "$backend" 2>&1 | tail -8 || rc=1
         done; exit $rc ) | tee "$out/generate.log" || status=1 ;;
     serve)
       # Serving at a fixed budget: the batch sustained against an ideal allocator's.
       ( rc=0
         for layout in ${SERVE_LAYOUTS:-per_layer interleaved}; do
-          timeout 240 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --requests 64 --rate 40 \
+          timeout 240 "$python" -m jax_vattention.app.cli serve-bench --config llama-3-8b --requests 64 --rate 40 \
             --prompt-len 64 700 --output-len 32 256 --max-batch 32 --max-len 1024 --budget-mib 1536 \
             --layout "$layout" --out "/tmp/serve_$layout" 2>&1 \
             | tr '\r' '\n' | last_progress || rc=1
@@ -107,7 +107,7 @@ for section in $sections; do
       ( rc=0
         for run in ${STALL_RUNS:-plain pipelined}; do
           echo "== engine $run"
-          timeout 150 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --layout interleaved \
+          timeout 150 "$python" -m jax_vattention.app.cli serve-bench --config llama-3-8b --layout interleaved \
             --requests 128 --rate 100000 --prompt-len 64 700 --output-len 144 144 --max-batch 64 --max-len 1024 \
             --budget-mib 16384 $(case "$run" in plain*) echo --no-pipeline;; esac) \
             $(case "$run" in *profiled) echo --profile;; esac) --out "/tmp/stall_$run" 2>&1 \
@@ -121,7 +121,7 @@ for section in $sections; do
         for sharing in ${PREFIX_RUNS:-on off}; do
           flag=$([ "$sharing" = off ] && echo --no-prefix-sharing)
           echo "== prefix sharing $sharing"
-          timeout 280 "$python" -m jax_vattention.cli serve-bench --config llama-3-8b --layout interleaved \
+          timeout 280 "$python" -m jax_vattention.app.cli serve-bench --config llama-3-8b --layout interleaved \
             --requests 128 --rate 64 --shared-prefix 1024 --prompt-len 32 256 --output-len 32 128 \
             --max-batch 64 --max-len 1536 --budget-mib 8192 $flag --out "/tmp/prefix_$sharing" 2>&1 \
             | tr '\r' '\n' | last_progress || rc=1
@@ -136,9 +136,9 @@ print(f"tokens identical with sharing on and off: {sum(a == b for a, b in zip(on
       # A decode step that crosses a page against one that does not.
       ( rc=0
         for layout in ${CROSSING_LAYOUTS:-per_layer interleaved}; do
-          timeout 120 "$python" -m jax_vattention.cli bench crossing --layout "$layout" || rc=1
+          timeout 120 "$python" -m jax_vattention.app.cli bench crossing --layout "$layout" || rc=1
           if [ -n "${CROSSING_NO_GRAPHS:-}" ]; then
-            XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 "$python" -m jax_vattention.cli bench crossing \
+            XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 120 "$python" -m jax_vattention.app.cli bench crossing \
               --layout "$layout" --modes premapped prefetched 2>&1 | sed -n '/^mode/,$p' \
               | sed 's/^/no CUDA graphs: /' || rc=1
           fi
@@ -148,7 +148,7 @@ print(f"tokens identical with sharing on and off: {sum(a == b for a, b in zip(on
         --sample 24 2>&1 | tail -20 | tee "$out/soak.log" || status=1 ;;
     server)
       ( rc=1
-        "$python" -m jax_vattention.cli serve --config tiny --max-len 512 --port 8765 > /tmp/server.log 2>&1 &
+        "$python" -m jax_vattention.app.cli serve --config tiny --max-len 512 --port 8765 > /tmp/server.log 2>&1 &
         server=$!
         for _ in $(seq 90); do curl -sf localhost:8765/health > /dev/null && rc=0 && break; sleep 1; done
         curl -sf localhost:8765/v1/completions -H 'Content-Type: application/json' \
@@ -162,7 +162,7 @@ print(f"tokens identical with sharing on and off: {sum(a == b for a, b in zip(on
     chat)
       ( rc=0
         for backend in pallas cudnn; do
-          timeout 120 "$python" -m jax_vattention.cli generate --model smollm2-135m --backend "$backend" \
+          timeout 120 "$python" -m jax_vattention.app.cli generate --model smollm2-135m --backend "$backend" \
             --chat "What is the capital of France?" || rc=1
         done; exit $rc ) 2>&1 | tee "$out/chat.log" || status=1 ;;
     *) echo "unknown section: $section" >&2; status=1 ;;

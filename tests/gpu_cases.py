@@ -17,7 +17,7 @@ from jax import lax
 
 import jax_vattention as jv
 from jax_vattention.attention import blocked_attention, xla_attention
-from jax_vattention.preflight import mapping_failures
+from jax_vattention.cache.guards import mapping_failures
 
 MiB = 1 << 20
 
@@ -80,7 +80,7 @@ def chunk_attention_on_a_partly_mapped_cache() -> None:
     Pallas chunk kernel (no host-read loop bound in the step); the kernel is also called directly, with
     its default and with small tiles."""
     from jax_vattention.attention import chunk_attention
-    from jax_vattention.kernels.chunk_attention import chunk_attention as chunk_kernel
+    from jax_vattention.attention.kernels.chunk_attention import chunk_attention as chunk_kernel
 
     for layout in ("per_layer", "interleaved"):
         config = jv.CacheConfig(num_layers=2, max_batch=3, max_len=8192, kv_heads=8, head_dim=128,
@@ -187,7 +187,7 @@ def mosaic_generate_matches_cudnn() -> None:
     if not hopper():
         print(f"not a Hopper GPU ({gpu().device_kind}): skipped")
         return
-    from jax_vattention.generate import generate_in_manager
+    from jax_vattention.decode.generate import generate_in_manager
     from jax_vattention.models.configs import get_config
     from jax_vattention.models.llama import Llama
 
@@ -207,7 +207,7 @@ def mosaic_generate_matches_cudnn() -> None:
 def paged_kernels_match_reference() -> None:
     """Issue 12 item 6: the paged baselines (cuDNN paged, Pallas paged) against the float32 reference
     through the same block table, ragged lengths (one 0), bf16 32q/8kv D128, blocks of 16, 64, 128."""
-    from jax_vattention.paged_cache import (PagedKVCache, paged_cudnn_attention, paged_pallas_attention,
+    from jax_vattention.bench.paged_cache import (PagedKVCache, paged_cudnn_attention, paged_pallas_attention,
                                             paged_reference)
 
     rng = np.random.default_rng(8)

@@ -20,12 +20,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jax_vattention as jv
-from jax_vattention import ops
+from jax_vattention.cache.mapping_op import grow
 from jax_vattention.attention import resolve_backend
-from jax_vattention.generate import generate_in_manager
+from jax_vattention.decode.generate import generate_in_manager
 from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
-from jax_vattention.tensor_parallel import generate_tp_in_manager, init_sharded, param_specs, tp_mesh
+from jax_vattention.decode.generate import generate_in_manager
+from jax_vattention.decode.mesh import init_sharded, tp_mesh
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -67,7 +68,7 @@ def llama8b_tp2_matches_tp1() -> None:
         gc.collect()
         mesh = tp_mesh(2)
         with jv.ShardedCacheManager(cache_config(4, 1100, 2 * GiB, layout), mesh) as manager:
-            got = generate_tp_in_manager(init_sharded(Llama, MODEL, mesh, seed=0), manager, prompts, **options)
+            got = generate_in_manager(init_sharded(Llama, MODEL, mesh, seed=0), manager, prompts, **options)
         gc.collect()
         compared = 0
         for tokens, want, logits, want_logits in zip(got.tokens, reference.tokens, got.logits, reference.logits):
@@ -104,7 +105,7 @@ def free_memory_per_device() -> None:
 def _decode_step(graphdef, backend, state, cache, last, lengths, slots):
     """One decode step: map, then the model on one token per row. last, lengths, slots int32 [B]."""
     model = nnx.merge(graphdef, state)
-    cache = ops.grow(cache, tokens=1)
+    cache = grow(cache, tokens=1)
     logits, cache = model(last[:, None], lengths[:, None], cache, start=lengths, count=jnp.ones_like(lengths),
                           slots=slots, backend=backend, logit_index=jnp.zeros_like(lengths))  # [B, V]
     return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache  # [B]
@@ -149,7 +150,7 @@ def decode_step_timing(batch: int = 32, context: int = 4096, steps: int = 20) ->
         spec = manager.cache.k[0].sharding.spec
         specs = manager.cache.replace(k=(spec,) * len(manager.cache.k), v=(spec,) * len(manager.cache.v))
         body = jax.shard_map(functools.partial(_decode_step, graphdef, backend), mesh=mesh,
-                             in_specs=(param_specs(state, "tp"), specs, P(), P(), P()), out_specs=(P(), specs),
+                             in_specs=(sharded.partition_specs("tp", 2), specs, P(), P(), P()), out_specs=(P(), specs),
                              check_vma=False)
         two = _time_steps(jv.cache_jit(body), manager, state, batch, context, steps)
     print(f"decode step, Llama-3-8B shape bf16, batch {batch}, context {context}, {backend}, "

@@ -85,7 +85,7 @@ def test_slots_map_rows_to_cache_rows_and_padding_gets_zeros():
 
 
 def test_pallas_backend_matches_xla_on_cpu():
-    pytest.importorskip("jax_vattention.kernels.decode_attention")
+    pytest.importorskip("jax_vattention.attention.kernels.decode_attention")
     rng, q, k, v = random_case(4, batch=3, capacity=64)
     lengths = np.array([1, 64, 17], np.int32)
     args = dict(q_positions=jnp.asarray((lengths - 1)[:, None]), kv_lengths=jnp.asarray(lengths))

@@ -4,7 +4,7 @@ and sums them per step; on the CPU the command says there is nothing to break do
 import pytest
 
 from jax_vattention.bench import profile
-from jax_vattention.cli import main
+from jax_vattention.app.cli import main
 
 
 def synthetic_trace():

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from jax.experimental.pallas import triton as plgpu
 
-from jax_vattention.kernels.chunk_attention import chunk_attention
+from jax_vattention.attention.kernels.chunk_attention import chunk_attention
 
-kernel_module = importlib.import_module("jax_vattention.kernels.chunk_attention")
+kernel_module = importlib.import_module("jax_vattention.attention.kernels.chunk_attention")
 
 MAX_BATCH, CAPACITY, LAYERS, KV_HEADS, HEAD_DIM, WIDTH, BLOCK_K = 5, 160, 2, 2, 16, 10, 32
 

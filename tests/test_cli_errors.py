@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from jax_vattention.cli import main
+from jax_vattention.app.cli import main
 
 TINY_HF_CONFIG = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 256,
                   "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
@@ -23,7 +23,7 @@ def _no_cache_program(*args, **kwargs):
 def run_cli(capsys, *argv) -> str:
     """Runs ``vattention argv``; asserts exit status 2 before any program that takes the cache is
     traced (every one passes the donation check first); returns stderr."""
-    with mock.patch("jax_vattention.donation.check_cache_donation", _no_cache_program), \
+    with mock.patch("jax_vattention.cache.donation.check_cache_donation", _no_cache_program), \
             pytest.raises(SystemExit) as exit_info:
         status = main(list(argv))
         raise SystemExit(status)
@@ -56,14 +56,14 @@ def test_generate_cudnn_on_cpu(capsys):
 
 
 def test_generate_cudnn_cannot_read_interleaved():
-    from jax_vattention import device_defaults
+    from jax_vattention.attention import backend_for
 
     class Gpu:
         platform = "gpu"
 
     with pytest.raises(ValueError, match="interleaved"):
-        device_defaults.check_backend_on("cudnn", "interleaved", Gpu())
-    device_defaults.check_backend_on("cudnn", "per_layer", Gpu())
+        backend_for("cudnn", "interleaved", Gpu())
+    assert backend_for("cudnn", "per_layer", Gpu()) == "cudnn"
 
 
 def test_generate_huge_batch(capsys):

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_vattention.kernels import decode_attention
-from jax_vattention.kernels.reference import decode_attention_reference
+from jax_vattention.attention.kernels import decode_attention
+from jax_vattention.attention.kernels.reference import decode_attention_reference
 
 ON_GPU = jax.devices()[0].platform == "gpu"
 gpu = pytest.mark.gpu

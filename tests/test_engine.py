@@ -9,7 +9,7 @@ from flax import nnx
 import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.engine import Engine, EngineConfig, Request
-from jax_vattention.generate import generate
+from jax_vattention.decode.generate import generate
 from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
 
@@ -141,7 +141,7 @@ def test_mapping_rounds_end_by_the_fastest_recent_chunk():
 
 
 def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
-    from jax_vattention.cli import main
+    from jax_vattention.app.cli import main
     assert main(["serve-bench", "--requests", "12", "--rate", "200", "--max-batch", "4", "--max-len", "256",
                  "--prompt-len", "8", "40", "--output-len", "4", "24", "--budget-mib", "2", "--page-kib", "64",
                  "--profile", "--no-pipeline", "--out", str(tmp_path)]) == 0
@@ -157,7 +157,7 @@ def test_serve_bench_reports_and_writes_the_memory_trace(tmp_path, capsys):
 
 def test_bench_crossing_maps_pages_only_where_its_mode_says(capsys):
     from jax_vattention.bench.crossing import MODES
-    from jax_vattention.cli import main
+    from jax_vattention.app.cli import main
     assert main(["bench", "crossing", "--config", "tiny", "--batch", "2", "--repeats", "1", "--before", "2",
                  "--after", "2", "--layout", "interleaved"]) == 0
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()
@@ -189,7 +189,7 @@ def test_memory_bound_admission_is_compared_with_an_exact_token_allocator(model)
 
 
 def test_the_command_line_reports_bad_arguments_without_a_traceback(capsys):
-    from jax_vattention.cli import main
+    from jax_vattention.app.cli import main
     with pytest.raises(SystemExit) as exit_info:
         main(["serve-bench", "--page-kib", "3", "--requests", "1"])
     assert exit_info.value.code == 2

@@ -10,7 +10,7 @@ from flax import nnx
 import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.engine import Engine, EngineConfig, Request
-from jax_vattention.generate import generate
+from jax_vattention.decode.generate import generate
 from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
 

@@ -7,10 +7,10 @@ import pytest
 from flax import nnx
 
 import jax_vattention as jv
-from jax_vattention.cache import KVCache
-from jax_vattention.generate import batch_bucket, generate, generate_fn, generate_in_manager, prompt_bucket
+from jax_vattention.cache.kv_cache import KVCache
+from jax_vattention.decode.generate import batch_bucket, generate, generate_fn, generate_in_manager, prompt_bucket
 from jax_vattention.models import Llama, get_config
-from jax_vattention.sampling import sample_tokens
+from jax_vattention.decode.sampling import sample_tokens
 
 CONFIG = get_config("tiny")
 
@@ -183,7 +183,7 @@ def test_manager_slots_are_freed_on_any_error(model):
 def run_command(argv):
     import argparse
 
-    from jax_vattention.commands import generate as command
+    from jax_vattention.app.commands import generate as command
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     return command.run(parser.parse_args(argv))

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 
 import jax_vattention as jv
-from jax_vattention.commands.generate import memory_report
+from jax_vattention.app.commands.generate import memory_report
 
 MiB = 1 << 20
 

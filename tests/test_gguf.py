@@ -11,7 +11,7 @@ gguf = pytest.importorskip("gguf", reason="the GGUF loader needs the gguf packag
 import jax.numpy as jnp  # noqa: E402
 
 from jax_vattention.models import gguf_loader  # noqa: E402
-from jax_vattention.commands.chat import chat_prompt  # noqa: E402
+from jax_vattention.app.commands.chat import chat_prompt  # noqa: E402
 from jax_vattention.models.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
 
 BLOCK = 32  # values per block in Q8_0, Q4_0 and Q4_1
@@ -254,8 +254,8 @@ def test_smollm2_tokenizer_and_chat_template_match_transformers(smollm2, transfo
 def test_smollm2_greedy_chat_answers_match_transformers(smollm2, transformers_smollm2):
     import torch
 
-    from jax_vattention.cache import KVCache
-    from jax_vattention.generate import generate
+    from jax_vattention.cache.kv_cache import KVCache
+    from jax_vattention.decode.generate import generate
     _, model, tokenizer = smollm2
     hf = transformers_smollm2[0]
     prompts = [chat_prompt(tokenizer, question) for question in CHATS]
@@ -288,7 +288,7 @@ def test_generate_command_streams_a_chat_answer_with_the_bundled_model(monkeypat
     import argparse
     import sys
 
-    from jax_vattention.commands import generate as command
+    from jax_vattention.app.commands import generate as command
     from jax_vattention.models.bundled import bundled_model_path
     try:
         bundled_model_path("smollm2-135m")
@@ -344,9 +344,9 @@ def test_smollm2_bfloat16_virtual_cache_gives_the_dense_cache_tokens(layout):
     import jax
 
     import jax_vattention as jv
-    from jax_vattention.cache import KVCache
-    from jax_vattention.device_defaults import default_backend
-    from jax_vattention.generate import generate, generate_in_manager
+    from jax_vattention.cache.kv_cache import KVCache
+    from jax_vattention.attention.backends import default_backend
+    from jax_vattention.decode.generate import generate, generate_in_manager
     from jax_vattention.models.bundled import bundled_model_path
     try:
         path = bundled_model_path("smollm2-135m")
@@ -355,7 +355,7 @@ def test_smollm2_bfloat16_virtual_cache_gives_the_dense_cache_tokens(layout):
     model, tokenizer = gguf_loader.load(path, dtype="bfloat16")
     config = model.config
     prompts = [chat_prompt(tokenizer, question) for question in CHATS]
-    backend = default_backend(layout, jax.devices()[0])
+    backend = default_backend(layout, jax.devices()[0].platform, "bfloat16")
     options = dict(max_new_tokens=32, stop_tokens=config.eos_token_ids, backend=backend)
     cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=256,
                                   kv_heads=config.num_kv_heads, head_dim=config.head_dim,
@@ -375,7 +375,7 @@ def test_smollm2_bfloat16_virtual_cache_gives_the_dense_cache_tokens(layout):
 def test_generate_command_names_a_model_it_cannot_find(capsys):
     import argparse
 
-    from jax_vattention.commands import generate as command
+    from jax_vattention.app.commands import generate as command
     parser = argparse.ArgumentParser()
     command.add_arguments(parser)
     assert command.run(parser.parse_args(["--model", "smollm2", "--chat", "hi"])) == 2
@@ -397,8 +397,8 @@ def test_bos_is_added_once_and_a_chat_template_writes_its_own():
 
 
 def test_the_server_renders_a_gguf_files_chat_template():
-    from jax_vattention.commands.model_source import LoadedModel
-    from jax_vattention.commands.serve import _chat_format
+    from jax_vattention.app.commands.model_source import LoadedModel
+    from jax_vattention.app.commands.serve import _chat_format
     meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["<s>", "</s>", "a"],
             "tokenizer.ggml.merges": [], "tokenizer.ggml.token_type": [3, 3, 1],
             "tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.eos_token_id": 1,

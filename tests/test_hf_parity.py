@@ -12,8 +12,8 @@ transformers = pytest.importorskip("transformers", reason=PARITY)
 
 import jax.numpy as jnp  # noqa: E402
 
-from jax_vattention.cache import KVCache  # noqa: E402
-from jax_vattention.generate import generate  # noqa: E402
+from jax_vattention.cache.kv_cache import KVCache  # noqa: E402
+from jax_vattention.decode.generate import generate  # noqa: E402
 from jax_vattention.models.hf_loader import load_model, load_tokenizer  # noqa: E402
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -112,7 +112,7 @@ def test_generate_command_runs_a_checkpoint_with_its_tokenizer(tmp_path, capsys)
 
     import tokenizers
 
-    from jax_vattention.commands import generate as command
+    from jax_vattention.app.commands import generate as command
     save_tiny_llama(tmp_path)
     tokenizer = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "hello": 5, "world": 9},
                                                                  unk_token="[UNK]"))

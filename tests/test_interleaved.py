@@ -9,9 +9,9 @@ from flax import nnx
 import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.attention import attend
-from jax_vattention.cache import KVCache
+from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.engine import Engine, EngineConfig, Request
-from jax_vattention.generate import generate, generate_in_manager
+from jax_vattention.decode.generate import generate, generate_in_manager
 from jax_vattention.models import Llama, get_config
 
 CONFIG = get_config("tiny")        # 2 layers, 2 KV heads x 16, float32: 256 bytes a token over all layers

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_vattention.cache import KVCache
+from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.models import CONFIGS, Llama, RopeScaling, get_config
 from jax_vattention.models.rope import inverse_frequencies
 

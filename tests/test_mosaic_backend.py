@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 import jax_vattention as jv
-from jax_vattention import attention
+import jax_vattention.attention as attention
 from jax_vattention.attention import (check_backend_on, check_mosaic_shapes, mosaic_attention,
                                       mosaic_prompt_attention, prefill_attends_prompt, resolve_backend,
                                       xla_attention)
@@ -51,7 +51,7 @@ def test_mosaic_refuses_caches_its_kernel_cannot_take():
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="the command runs on the GPU there")
 def test_the_command_line_refuses_mosaic_off_a_gpu_in_one_line(capsys):
-    from jax_vattention.cli import main
+    from jax_vattention.app.cli import main
     assert main(["generate", "--backend", "mosaic", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert "backend 'mosaic'" in err and "Hopper" in err and "\n" not in err

@@ -11,11 +11,11 @@ from flax import nnx
 import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.attention import xla_attention
-from jax_vattention.engine.steps import decode_chunk_fn
+from jax_vattention.bench.decode_chunk import decode_chunk_fn
 from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
-from jax_vattention.paged_cache import PagedKVCache, paged_pallas_attention, paged_reference
-from jax_vattention.step_batch import StepBatch
+from jax_vattention.bench.paged_cache import PagedKVCache, paged_pallas_attention, paged_reference
+from jax_vattention.decode.step_batch import StepBatch
 
 CPU = jax.devices("cpu")[0]
 
@@ -174,7 +174,7 @@ def test_the_models_decode_through_a_paged_cache_gives_the_virtual_caches_tokens
 
 @pytest.mark.slow
 def test_bench_decode_runs_the_paged_rows_through_the_reference_off_a_gpu(tmp_path, capsys):
-    from jax_vattention.cli import main
+    from jax_vattention.app.cli import main
     assert main(["bench", "decode", "--batch", "2", "--context", "16", "--steps", "2", "--repeats", "1",
                  "--modes", "virtual_per_layer", "paged_cudnn", "paged_pallas", "--block-size", "8",
                  "--out", str(tmp_path)]) == 0

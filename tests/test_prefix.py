@@ -14,7 +14,7 @@ import pytest
 
 import jax_vattention as jv
 from jax_vattention import _core
-from jax_vattention.prefix import SharedAlloc, page_keys
+from jax_vattention.cache.prefix import SharedAlloc, page_keys
 
 KiB = 1024
 CPU = jax.devices("cpu")[0]

@@ -18,10 +18,10 @@ from flax import nnx
 import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.engine import Engine, EngineConfig, Request
-from jax_vattention.generate import generate_in_manager
+from jax_vattention.decode.generate import generate_in_manager
 from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
-from jax_vattention.prefix import page_keys
+from jax_vattention.cache.prefix import page_keys
 
 CPU = jax.devices("cpu")[0]
 PAGE = 4096
@@ -239,7 +239,7 @@ def test_serve_bench_with_a_shared_prefix_computes_a_fraction_of_the_prompts(mod
     import functools
 
     from jax_vattention.bench import serve
-    from jax_vattention.cli import main
+    from jax_vattention.app.cli import main
     # The bench's manager on the fake driver with host pages: the CPU backend's own cannot share.
     monkeypatch.setattr(serve, "CacheManager", functools.partial(
         jv.CacheManager, driver=_core.FakeDriver(PAGE, host_pages=True)))

@@ -7,8 +7,8 @@ import pytest
 from flax import nnx
 
 import jax_vattention as jv
-from jax_vattention.generate import generate, generate_in_manager
-from jax_vattention.manager import manager_for
+from jax_vattention.decode.generate import generate, generate_in_manager
+from jax_vattention.cache.host import host_for
 from jax_vattention.models import Llama, get_config
 
 CONFIG = get_config("tiny")
@@ -41,7 +41,7 @@ def test_a_manager_accepts_only_its_own_cache():
             b.cache = dense
         with pytest.raises(ValueError, match="do not match"):
             b.cache = b.cache.replace(k=b.cache.k[:1])
-        assert manager_for(a.cache) is a and manager_for(b.cache) is b
+        assert host_for(a.cache) is a and host_for(b.cache) is b
         b.cache = b.cache
 
 

@@ -15,7 +15,7 @@ import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.attention import attend
 from jax_vattention.engine import Engine, EngineConfig, Request
-from jax_vattention.generate import generate_in_manager
+from jax_vattention.decode.generate import generate_in_manager
 from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
 

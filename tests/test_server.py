@@ -13,11 +13,11 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
-from jax_vattention.cli import build_parser  # noqa: E402
-from jax_vattention.commands.serve import build_service  # noqa: E402
-from jax_vattention.server.app import create_app  # noqa: E402
-from jax_vattention.server.chat import ChatFormat  # noqa: E402
-from jax_vattention.server.text import TextStream  # noqa: E402
+from jax_vattention.app.cli import build_parser  # noqa: E402
+from jax_vattention.app.commands.serve import build_service  # noqa: E402
+from jax_vattention.app.server.app import create_app  # noqa: E402
+from jax_vattention.app.server.chat import ChatFormat  # noqa: E402
+from jax_vattention.app.server.text import TextStream  # noqa: E402
 
 MAX_LEN = 256
 
@@ -158,7 +158,7 @@ def test_chat_format_template_or_plain_lines():
 
 
 def test_text_stream_holds_a_split_character_and_drops_stop_tokens():
-    from jax_vattention.commands.model_source import ByteTokenizer
+    from jax_vattention.app.commands.model_source import ByteTokenizer
 
     text = TextStream(ByteTokenizer(), stop_tokens=(1,))
     euro = list("€".encode())                        # three bytes, one character

@@ -12,7 +12,7 @@ from jax_vattention import _core
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.engine.requests import RequestState
 from jax_vattention.engine.scheduler import Scheduler
-from jax_vattention.generate import generate
+from jax_vattention.decode.generate import generate
 from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
 
@@ -160,7 +160,7 @@ def test_a_greedy_engine_compiles_no_sampling_program(model):
 
 @pytest.mark.slow
 def test_bench_decode_reports_every_mode_and_writes_the_csv(tmp_path, capsys):
-    from jax_vattention.cli import main
+    from jax_vattention.app.cli import main
     assert main(["bench", "decode", "--batch", "2", "--context", "16", "--steps", "2", "--repeats", "1",
                  "--out", str(tmp_path)]) == 0
     report = capsys.readouterr().out

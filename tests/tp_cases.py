@@ -26,11 +26,10 @@ from jax.sharding import Mesh  # noqa: E402
 
 import jax_vattention as jv  # noqa: E402
 from jax_vattention import _core  # noqa: E402
-from jax_vattention.generate import generate_in_manager  # noqa: E402
 from jax_vattention.models.configs import get_config  # noqa: E402
 from jax_vattention.models.llama import Llama  # noqa: E402
-from jax_vattention.tensor_parallel import (generate_tp, generate_tp_in_manager, init_sharded,  # noqa: E402
-                                            shard_model, tp_mesh)
+from jax_vattention.decode.generate import generate, generate_in_manager  # noqa: E402
+from jax_vattention.decode.mesh import init_sharded, shard_model, tp_mesh  # noqa: E402
 
 MODEL = dataclasses.replace(get_config("tiny"), num_heads=8, num_kv_heads=4)  # 4 KV heads: TP 1, 2 and 4
 PROMPTS = [[5, 6, 7, 8, 9], [10, 11, 12], list(range(20, 60))]
@@ -67,8 +66,8 @@ def check_tp(count: int, layout: str) -> None:
         assert shard_pointers(manager.cache) == bases
         shard_shape = manager.cache.k[0].addressable_shards[0].data.shape
         assert shard_shape[-2] == 4 // count, shard_shape
-        tokens = generate_tp_in_manager(shard_model(model(), mesh), manager, PROMPTS,
-                                        max_new_tokens=NEW_TOKENS).tokens
+        tokens = generate_in_manager(shard_model(model(), mesh), manager, PROMPTS,
+                                     max_new_tokens=NEW_TOKENS).tokens
         assert tokens == reference_tokens(), (tokens, reference_tokens())
         assert shard_pointers(manager.cache) == bases
         assert manager.stats()["grow_calls"] == NEW_TOKENS - 1
@@ -158,9 +157,11 @@ def bad_meshes_and_head_counts() -> None:
     refused(lambda: shard_model(Llama(get_config("tiny"), rngs=nnx.Rngs(0)), tp_mesh(4)), "num_kv_heads=2")
     with jv.ShardedCacheManager(cache_config(), tp_mesh(2)) as manager:
         manager.alloc(3)
-        refused(lambda: generate_tp(model(), manager.cache, [[1, 2, 3]]), "needs a model from shard_model")
-        refused(lambda: generate_tp(shard_model(model(), tp_mesh(2)), manager.cache, [[1, 2, 3]] * 5),
-                "5 prompts")
+        refused(lambda: generate(shard_model(model(), tp_mesh(2)), manager.cache, [[1, 2, 3]] * 5), "5 prompts")
+    with jv.CacheManager(cache_config()) as single:
+        single.alloc(3)
+        refused(lambda: generate(shard_model(model(), tp_mesh(2)), single.cache, [[1, 2, 3]]),
+                "the cache is one device's")
 
 
 def a_failure_on_a_later_device_poisons_the_group() -> None:
@@ -207,7 +208,7 @@ def a_failed_prefix_admission_on_a_later_device_poisons_the_group() -> None:
     """A driver call of a prefix admission (``alloc_prefix``: the cached pages mapped, the rest created)
     that fails on device 1 after device 0 admitted leaves them disagreeing: the group is poisoned, and
     closing it gives every page back on both devices."""
-    from jax_vattention.prefix import page_keys
+    from jax_vattention.cache.prefix import page_keys
 
     prompt = list(range(100, 150))
     for operation in ("create", "map", "set_access"):
@@ -238,7 +239,7 @@ def cli_generate_tp() -> None:
     import contextlib
     import io
 
-    from jax_vattention import cli
+    from jax_vattention.app import cli
 
     def run(*options) -> tuple[int, list[str]]:
         out, err = io.StringIO(), io.StringIO()
@@ -404,7 +405,7 @@ def checkpoint_straight_into_shards() -> None:
     import io
     import tempfile
 
-    from jax_vattention import cli
+    from jax_vattention.app import cli
     from jax_vattention.models.hf_loader import load_model
 
     with tempfile.TemporaryDirectory() as directory:
@@ -426,8 +427,8 @@ def checkpoint_straight_into_shards() -> None:
         with jv.CacheManager(cache_config()) as manager:
             want = generate_in_manager(whole, manager, PROMPTS, max_new_tokens=12).tokens
         with jv.ShardedCacheManager(cache_config(), tp_mesh(2)) as manager:
-            got = generate_tp_in_manager(load_model(directory, mesh=tp_mesh(2)), manager, PROMPTS,
-                                         max_new_tokens=12).tokens
+            got = generate_in_manager(load_model(directory, mesh=tp_mesh(2)), manager, PROMPTS,
+                                      max_new_tokens=12).tokens
         assert got == want, (got, want)
 
         def run(*options) -> tuple[int, list[str]]:
@@ -516,7 +517,7 @@ def cli_output(*argv) -> tuple[int, str]:
     import contextlib
     import io
 
-    from jax_vattention import cli
+    from jax_vattention.app import cli
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
@@ -586,8 +587,8 @@ def serve_tp2() -> None:
     except ImportError:
         print("serve_tp2: no FastAPI/uvicorn here, nothing to check")
         return
-    from jax_vattention.cli import build_parser
-    from jax_vattention.commands.serve import build_service
+    from jax_vattention.app.cli import build_parser
+    from jax_vattention.app.commands.serve import build_service
     from jax_vattention.engine import Request
 
     answers = []

@@ -1,5 +1,5 @@
 import sys
 
-from jax_vattention.cli import main
+from jax_vattention.app.cli import main
 
 sys.exit(main(["bench", *sys.argv[1:]]))

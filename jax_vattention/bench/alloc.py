@@ -24,9 +24,9 @@ import time
 import jax
 import jax.numpy as jnp
 
-from jax_vattention.cli import standalone
-from jax_vattention.config import CacheConfig
-from jax_vattention.manager import CacheManager
+from jax_vattention.app.cli import standalone
+from jax_vattention.cache.config import CacheConfig
+from jax_vattention.cache.manager import CacheManager
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,10 +33,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from jax_vattention.cli import standalone
-from jax_vattention.kernels import decode_attention
-from jax_vattention.kernels.decode_attention import default_block_k, default_num_splits
-from jax_vattention.kernels.reference import decode_attention_reference
+from jax_vattention.app.cli import standalone
+from jax_vattention.attention.kernels import decode_attention
+from jax_vattention.attention.kernels.decode_attention import default_block_k, default_num_splits
+from jax_vattention.attention.kernels.reference import decode_attention_reference
 
 OURS, CUDNN, PAGED_CUDNN, PAGED_PALLAS = "ours", "cudnn", "paged_cudnn", "paged_pallas"
 IMPLEMENTATIONS = (OURS, CUDNN, PAGED_CUDNN, PAGED_PALLAS)

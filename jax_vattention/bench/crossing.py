@@ -37,12 +37,12 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jax_vattention.cli import standalone
-from jax_vattention.config import LAYOUTS, CacheConfig
-from jax_vattention.device_defaults import check_backend_on, default_backend
+from jax_vattention.app.cli import standalone
+from jax_vattention.cache.config import LAYOUTS, CacheConfig
+from jax_vattention.attention.backends import backend_for
 from jax_vattention.engine.engine import EngineConfig, expected_end
-from jax_vattention.engine.steps import decode_chunk_fn
-from jax_vattention.manager import CacheManager, default_driver
+from jax_vattention.bench.decode_chunk import decode_chunk_fn
+from jax_vattention.cache.manager import CacheManager, default_driver
 from jax_vattention.models import Llama, config_for_device
 
 MODES = ("premapped", "in-graph", "prefetched")
@@ -112,8 +112,7 @@ def run(args: argparse.Namespace) -> int:
             print("not a GPU: the tiny shape (pass --config for another); step times on a CPU say little "
                   "about the cost of mapping a GPU page", file=sys.stderr)
     model_config = config_for_device(args.config, device)
-    backend = args.backend or default_backend(args.layout, device)
-    check_backend_on(backend, args.layout, device)
+    backend = backend_for(args.backend, args.layout, device, model_config.jnp_dtype)
     cache_config = CacheConfig(
         num_layers=model_config.num_layers, max_batch=args.batch, max_len=1, kv_heads=model_config.num_kv_heads,
         head_dim=model_config.head_dim, dtype=model_config.jnp_dtype, layout=args.layout)

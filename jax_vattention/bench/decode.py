@@ -1,13 +1,13 @@
 """`vattention bench decode`: the model's decode step through a static cache and the virtual one.
 
 For every (batch, context) point the same model (random weights) decodes ``--steps`` steps in one
-compiled loop (the engine's decode program, :func:`~jax_vattention.engine.steps.decode_chunk_fn`,
+compiled loop (the engine's decode program, :func:`~jax_vattention.bench.decode_chunk.decode_chunk_fn`,
 with the in-graph mapping op on a virtual cache) from ``context`` cached tokens per slot, through:
 
 * ``static``: a plain contiguous cache (``KVCache.dense``), per-layer;
 * ``virtual_per_layer`` and ``virtual_interleaved``: a :class:`CacheManager`'s cache, mapped up to
   the lengths;
-* ``paged_cudnn`` and ``paged_pallas``: a paged cache (:class:`~jax_vattention.paged_cache.PagedKVCache`:
+* ``paged_cudnn`` and ``paged_pallas``: a paged cache (:class:`~jax_vattention.bench.paged_cache.PagedKVCache`:
   block pools and a shuffled block table) through the same model code, read by JAX's paged kernels,
   cuDNN's and Pallas'; blocks of ``--block-size`` tokens (default per kernel, :data:`BLOCK_SIZES`).
   Off a GPU both run the paged reference (backend ``xla``).
@@ -42,15 +42,16 @@ from flax import nnx
 from jax_vattention._core import OutOfPagesError
 from jax_vattention.attention import default_backend
 from jax_vattention.bench.attention import copy_ceiling
-from jax_vattention.cache import KVCache
-from jax_vattention.cli import standalone
-from jax_vattention.config import CacheConfig
-from jax_vattention.engine.steps import decode_chunk_fn
+from jax_vattention.cache.kv_cache import KVCache
+from jax_vattention.app.cli import standalone
+from jax_vattention.cache.config import CacheConfig
+from jax_vattention.bench.decode_chunk import decode_chunk_fn
 from jax_vattention.bench.device_memory import weight_bytes_per_device
-from jax_vattention.manager import CacheManager
-from jax_vattention.paged_cache import PagedKVCache
-from jax_vattention.sharded_manager import ShardedCacheManager
-from jax_vattention.tensor_parallel import check_divisible, init_sharded, sharded_decode_chunk_fn, tp_mesh, tp_specs
+from jax_vattention.cache.manager import CacheManager
+from jax_vattention.bench.paged_cache import PagedKVCache
+from jax_vattention.cache.sharded_manager import ShardedCacheManager
+from jax_vattention.decode.mesh import init_sharded, place, tp_mesh
+from jax_vattention.models.sharding import check_divisible
 
 MODES = ("static", "virtual_per_layer", "virtual_interleaved", "paged_cudnn", "paged_pallas")
 PAGED_MODES = ("paged_cudnn", "paged_pallas")
@@ -118,11 +119,9 @@ def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: i
     capacity = context + (repeats + 2) * steps
     cache, manager = make_cache(mode, config, batch, capacity, context, device, block_size, mesh)
     backend = mode_backend(mode, device.platform)
+    model, specs = place(model, manager)
     graphdef, state = nnx.split(model)
-    if mesh is None:
-        decode = decode_chunk_fn(graphdef, backend, steps, sampling=False)
-    else:
-        decode = sharded_decode_chunk_fn(graphdef, backend, steps, tp_specs(model, manager), sampling=False)
+    decode = decode_chunk_fn(graphdef, backend, steps, sampling=False, specs=specs)
     lengths = jnp.full((batch,), context, jnp.int32)
     ints = jnp.zeros((batch,), jnp.int32)
     arguments = (ints, lengths, jnp.ones((batch,), bool), ints, jnp.full((batch,), 1 << 30, jnp.int32),

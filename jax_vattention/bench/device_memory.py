@@ -25,10 +25,10 @@ def _weight_bytes(config) -> tuple[int, int]:
     """``(split, replicated)``: bytes of the weights a Megatron-style split divides over the devices,
     and of those every device holds whole (embeddings, norms, ``lm_head``)."""
     from jax_vattention.models.llama import Llama
-    from jax_vattention.tensor_parallel import param_specs
+    from jax_vattention.models.sharding import partition_specs
 
     abstract = nnx.state(nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0))))
-    specs = param_specs(abstract, "tp")
+    specs = partition_specs(abstract, "tp")
     split = replicated = 0
     is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
     for value, spec in zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(specs, is_leaf=is_spec)):
@@ -49,7 +49,7 @@ def weight_bytes_per_device(config, count: int) -> int:
 
 def free_bytes(device: jax.Device) -> int:
     """The device's free memory as the cache's driver sees it (the CUDA driver on a GPU)."""
-    from jax_vattention.manager import default_driver
+    from jax_vattention.cache.manager import default_driver
 
     return int(default_driver(device).memory_info()[0])
 
@@ -97,7 +97,7 @@ def device_lines(manager, devices: list[jax.Device]) -> list[str]:
             line += (f"; XLA in use {memory['bytes_in_use'] / GiB:.2f} GiB, peak "
                      f"{memory.get('peak_bytes_in_use', 0) / GiB:.2f} GiB")
         if device.platform == "gpu":
-            from jax_vattention.manager import default_driver
+            from jax_vattention.cache.manager import default_driver
             free, total = default_driver(device).memory_info()
             line += f"; card in use {(total - free) / GiB:.2f} of {total / GiB:.2f} GiB"
         lines.append(line)

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from jax_vattention import _core
-from jax_vattention.cli import standalone
-from jax_vattention.config import LAYOUTS, CacheConfig
-from jax_vattention.manager import CacheManager
+from jax_vattention.app.cli import standalone
+from jax_vattention.cache.config import LAYOUTS, CacheConfig
+from jax_vattention.cache.manager import CacheManager
 from jax_vattention.models import get_config
 
 KiB = 1024

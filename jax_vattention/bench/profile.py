@@ -37,8 +37,8 @@ from flax import nnx
 from jax_vattention.attention import default_backend
 from jax_vattention.bench.attention import copy_ceiling
 from jax_vattention.bench.decode import make_cache, roofline_seconds
-from jax_vattention.cli import standalone
-from jax_vattention.engine.steps import decode_chunk_fn
+from jax_vattention.app.cli import standalone
+from jax_vattention.bench.decode_chunk import decode_chunk_fn
 
 KINDS = ("matmul", "attention", "sampling", "copy", "other")
 # Kernel-name patterns, tried in this order (a name is of the first kind that matches).

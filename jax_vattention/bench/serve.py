@@ -37,16 +37,16 @@ from flax import nnx
 from tqdm import tqdm
 
 from jax_vattention.bench.profile import KINDS, breakdown, traced_kernels
-from jax_vattention.cli import standalone
-from jax_vattention.config import LAYOUTS, CacheConfig
-from jax_vattention.attention import check_backend
-from jax_vattention.device_defaults import check_backend_on, default_backend
+from jax_vattention.app.cli import standalone
+from jax_vattention.cache.config import LAYOUTS, CacheConfig
+from jax_vattention.attention.backends import backend_for
 from jax_vattention.engine import Engine, EngineConfig, EngineStats, Request
 from jax_vattention.bench.device_memory import check_fits, device_lines
-from jax_vattention.manager import CacheManager
+from jax_vattention.cache.manager import CacheManager
 from jax_vattention.models import Llama, config_for_device
-from jax_vattention.sharded_manager import ShardedCacheManager
-from jax_vattention.tensor_parallel import check_divisible, init_sharded, tp_mesh
+from jax_vattention.cache.sharded_manager import ShardedCacheManager
+from jax_vattention.decode.mesh import init_sharded, tp_mesh
+from jax_vattention.models.sharding import check_divisible
 
 
 # --profile traces this window of engine steps: past the first admissions, short enough that the
@@ -148,10 +148,8 @@ def _workload(args, vocab: int) -> list[tuple[float, Request]]:
 def run(args: argparse.Namespace) -> int:
     validate(args)
     device = jax.devices()[0]
-    backend = args.backend or default_backend(args.layout, device)
-    check_backend(backend)
-    check_backend_on(backend, args.layout, device)
     model_config = config_for_device(args.config, device)
+    backend = backend_for(args.backend, args.layout, device, model_config.jnp_dtype)
     mesh = tp_mesh(args.tp) if args.tp > 1 else None
     devices = list(mesh.devices.flat) if mesh is not None else [device]
     if mesh is not None:

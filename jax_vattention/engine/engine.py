@@ -48,9 +48,9 @@ from jax_vattention.engine.runner import StepRunner
 from jax_vattention.engine.scheduler import Scheduler, StepPlan
 from jax_vattention.engine.stats import EngineStats, StepRecord
 from jax_vattention.engine.validation import checked_request
-from jax_vattention.manager import CacheManager
-from jax_vattention.preflight import check_slots, mapping_failures
-from jax_vattention.tensor_parallel import for_manager
+from jax_vattention.cache.manager import CacheManager
+from jax_vattention.cache.guards import check_slots, mapping_failures
+from jax_vattention.decode.mesh import place
 
 
 # Mapping a page takes ~50 µs of host time per buffer (2.9 ms for a slot of a 32-layer
@@ -145,7 +145,7 @@ class _InFlight:
 class Engine:
     """Serves requests over one :class:`CacheManager`'s cache, or a
     :class:`~jax_vattention.ShardedCacheManager`'s over its mesh (tensor parallelism: the model is
-    split over the same mesh, by :func:`~jax_vattention.tensor_parallel.shard_model` if it is not yet).
+    split over the same mesh, by :func:`~jax_vattention.decode.mesh.shard_model` if it is not yet).
 
     Example::
 
@@ -162,7 +162,7 @@ class Engine:
                 cache_config.num_layers, cache_config.kv_heads, cache_config.head_dim):
             raise ValueError("the cache's layers, KV heads and head_dim must match the model's")
         self.backend = resolve_backend(config.backend, manager.cache)
-        model, tp = for_manager(model, manager)  # a ShardedCacheManager: the model split over its mesh
+        model, tp = place(model, manager)  # a ShardedCacheManager: the model split over its mesh
         self.model = model
         self.manager = manager
         self.config = config
@@ -253,9 +253,7 @@ class Engine:
         return self.scheduler.running
 
     def _pages_for(self, tokens: int) -> int:
-        shards = getattr(self.manager, "managers", [self.manager])  # tensor parallel: one per device
-        return sum(-(-min(tokens, shard.capacity) * shard.config.token_bytes // shard.page_bytes) *
-                   shard.config.num_buffers for shard in shards)
+        return self.manager.pages_for(tokens)
 
     # ------------------------------------------------------------------- steps
     def step(self) -> list[TokenEvent]:

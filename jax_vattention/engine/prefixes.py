@@ -2,7 +2,7 @@
 
 A request's context is cut into pages of ``tokens_per_page`` tokens; each full
 page has a key that stands for every token up to its end
-(:func:`~jax_vattention.prefix.page_keys`). The engine
+(:func:`~jax_vattention.cache.prefix.page_keys`). The engine
 
 * at admission maps the longest run of cached pages that starts the context
   (never the page of its last token: that token's logits give the next one)
@@ -33,8 +33,8 @@ its shared pages, and a page is published only once it lies below ``computed``.
 from __future__ import annotations
 
 from jax_vattention.engine.requests import RequestState
-from jax_vattention.manager import CacheManager
-from jax_vattention.prefix import SharedAlloc, page_keys
+from jax_vattention.cache.manager import CacheManager
+from jax_vattention.cache.prefix import SharedAlloc, page_keys
 
 
 class PrefixSharer:

@@ -1,13 +1,13 @@
 """The device side of the engine: the compiled step and the arrays it takes.
 
 One step runs the decode rows of every slot and ``chunk_rows`` prefill rows of
-``chunk_tokens`` tokens (:class:`~jax_vattention.step_batch.StepBatch`) through the
+``chunk_tokens`` tokens (:class:`~jax_vattention.decode.step_batch.StepBatch`) through the
 model once and samples a token per row. Its shapes depend only on the engine's
 configuration: a step with no chunk compiles once with ``R = 0`` rows, a mixed step
 once with all of them, whatever the prompts' lengths (:attr:`StepRunner.traces`
 counts the compilations). Each comes in a greedy and a sampling version, chosen by
 the host from the requests' knobs: a conditional on the device would make the host
-wait for every step (:mod:`~jax_vattention.sampling`); the sampling pair compiles
+wait for every step (:mod:`~jax_vattention.decode.sampling`); the sampling pair compiles
 only once a request samples, or in :meth:`StepRunner.compile`.
 
 Both programs return their sampled tokens padded to one shape, ``[max_batch +
@@ -18,7 +18,7 @@ the host never waits for a token to feed it back.
 
 Over a mesh (tensor parallelism) the same step runs inside ``shard_map``: every device
 runs it on its shards of the weights and of the cache, and samples the same tokens
-(see :mod:`jax_vattention.tensor_parallel`).
+(see :mod:`jax_vattention.decode.mesh`).
 
 The host hands a step its inputs in two packed vectors (:class:`StepInputs`), one int32
 and one float32, and the sampling key stays on the device (each step returns the next),
@@ -38,10 +38,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from jax_vattention.donation import cache_jit
+from jax_vattention.cache.donation import cache_jit
 from jax_vattention.engine.scheduler import StepPlan
-from jax_vattention.step_batch import StepBatch, model_step
-from jax_vattention.tensor_parallel import CACHE
+from jax_vattention.decode.step_batch import StepBatch, model_step
+from jax_vattention.decode.mesh import CACHE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +88,8 @@ class StepRunner:
     max_batch : decode rows (row ``s`` is slot ``s``)
     chunk_rows, chunk_tokens : the prefill rows of a mixed step and their width
     backend : the attention backend
-    tp : the :class:`~jax_vattention.tensor_parallel.TPSpecs` of a model split over a mesh and
-        its cache (:func:`~jax_vattention.tensor_parallel.for_manager`), or None for one device
+    tp : the :class:`~jax_vattention.decode.mesh.MeshSpecs` of a model split over a mesh and
+        its cache (:func:`~jax_vattention.decode.mesh.place`), or None for one device
     """
 
     def __init__(self, model, *, max_batch: int, chunk_rows: int, chunk_tokens: int, backend: str, tp=None):

@@ -1,0 +1,1 @@
+"""The application: the ``vattention`` CLI, its commands and the OpenAI-compatible server."""

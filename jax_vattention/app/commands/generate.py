@@ -1,0 +1,235 @@
+"""``vattention generate``: text through the virtual KV cache, with its speed and memory.
+
+With no arguments it runs the embedded default (the ``tiny`` config with random
+weights) on whatever device JAX has. It reports tokens per second over the
+timed rounds (the first, compiling round is not counted) and the physical
+memory the cache mapped against what a static contiguous cache of the same
+slots and ``max_len`` would hold; where whole pages rather than tokens decide
+what is mapped (a small model on a GPU's 2 MiB pages), it says so and why.
+
+The cache is interleaved by default (one K and one V buffer for all layers):
+a request holds at least a page in every buffer, so this layout holds the
+fewest pages; decode reads it with the Pallas kernel on a GPU and the XLA
+reference on a CPU. ``--backend cudnn`` takes the per-layer layout.
+Every option is checked before anything is compiled; a bad one exits with
+status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import jax
+import numpy as np
+
+from jax_vattention.attention import BACKENDS
+from jax_vattention.app.commands.model_source import (ByteTokenizer, add_model_arguments, check_model_arguments,
+                                                  load_model)
+from jax_vattention.cache.config import LAYOUTS
+from jax_vattention.attention.backends import backend_for, default_layout
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--backend", choices=("auto", *BACKENDS), default="auto",
+                        help="attention kernel; auto: pallas on GPU (cudnn for a per-layer cache), xla on CPU")
+    parser.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
+                        help="cache layout; auto: interleaved (all layers in one buffer, the least memory a "
+                             "request can hold in whole pages), per_layer for --backend cudnn")
+    parser.add_argument("--batch", type=int, default=4, help="prompts per round (default 4)")
+    parser.add_argument("--prompt-len", type=int, default=32,
+                        help="longest random prompt; lengths vary from half of it (default 32)")
+    parser.add_argument("--prompt", action="append", metavar="TEXT",
+                        help="a prompt (repeatable); needs the checkpoint's tokenizer or a byte vocabulary")
+    parser.add_argument("--chat", metavar="QUESTION",
+                        help="ask one question through the model's chat template and print the answer as "
+                             "it is generated (a .gguf file carries its template; a checkpoint directory "
+                             "may, in chat_template.jinja or tokenizer_config.json)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default 64)")
+    parser.add_argument("--max-len", type=int, default=2048, help="tokens a cache slot may hold (default 2048)")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the compiling one (default 3)")
+    parser.add_argument("--tp", type=int, default=1,
+                        help="tensor-parallel degree: the model and the cache split over the first TP devices "
+                             "(default 1)")
+
+
+def _check_arguments(args: argparse.Namespace) -> tuple[str, str]:
+    """Raises ``ValueError`` for options that cannot run here; returns (backend, layout)."""
+    for name in ("batch", "max_new_tokens", "max_len", "rounds"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.chat is not None and args.prompt:
+        raise ValueError("give either --chat or --prompt")
+    if not args.prompt and args.prompt_len < 1:
+        raise ValueError(f"--prompt-len must be at least 1; got {args.prompt_len}")
+    if args.tp < 1 or args.tp > len(jax.devices()):
+        raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {args.tp}")
+    if args.tp > 1 and args.chat is not None:
+        raise ValueError("--chat runs on one device: leave out --tp")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--temperature and --top-k must be at least 0 and --top-p in (0, 1]")
+    device = jax.devices()[0]
+    if args.layout == "auto":
+        layout = default_layout(args.backend)
+    else:
+        layout = args.layout
+    backend = backend_for(None if args.backend == "auto" else args.backend, layout, device)
+    check_model_arguments(args)
+    return backend, layout
+
+
+def _check_budget(manager, prompts: list[list[int]], max_new_tokens: int) -> None:
+    """Raises ``ValueError`` when the page budget cannot hold every request at its full length."""
+    config, stats = manager.config, manager.stats()
+    needed = pages_needed(manager, [len(p) + max_new_tokens - 1 for p in prompts])
+    if needed > stats["budget_pages"]:
+        raise ValueError(f"{len(prompts)} requests of up to {max(map(len, prompts)) + max_new_tokens - 1} tokens "
+                         f"need {needed} pages of {manager.page_bytes >> 10} KiB ({config.num_buffers} buffers "
+                         f"each), more than the budget of {stats['budget_pages']}: lower --batch or --max-len")
+
+
+def pages_needed(manager, lengths: list[int]) -> int:
+    """Whole pages that requests of ``lengths`` tokens hold, over every buffer of the cache."""
+    return sum(manager.pages_for(n) for n in lengths)
+
+
+
+def _open_manager(cache_config, mesh=None):
+    """A :class:`CacheManager` (a ``ShardedCacheManager`` over ``mesh``), or ``ValueError`` when the
+    device cannot hold its buffers."""
+    import jax_vattention as jv
+
+    try:
+        return jv.CacheManager(cache_config) if mesh is None else jv.ShardedCacheManager(cache_config, mesh)
+    except (jax.errors.JaxRuntimeError, jv.DriverError) as error:
+        if isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        raise ValueError(f"the device cannot hold a cache of {cache_config.max_batch} slots x "
+                         f"{cache_config.max_len} tokens ({cache_config.static_bytes() / 2**30:,.1f} GiB): "
+                         f"lower --batch or --max-len ({str(error).splitlines()[0]})") from None
+
+
+def _prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
+    if args.prompt:
+        if tokenizer is None:
+            raise ValueError("--prompt needs a tokenizer: use --model DIR with a tokenizer.json")
+        texts = [args.prompt[i % len(args.prompt)] for i in range(max(args.batch, len(args.prompt)))]
+        return [tokenizer.encode(text) if isinstance(tokenizer, ByteTokenizer) else tokenizer.encode(text).ids
+                for text in texts]
+    rng = np.random.default_rng(args.seed)
+    lengths = rng.integers(max(1, args.prompt_len // 2), args.prompt_len + 1, size=args.batch)
+    return [rng.integers(0, vocab_size, size=n).tolist() for n in lengths]
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def _page(n: int) -> str:
+    return f"{n >> 20} MiB" if n % 2**20 == 0 else f"{n >> 10} KiB"
+
+
+def memory_report(manager, prompts: list[list[int]], outputs: list[list[int]]) -> list[str]:
+    """Lines comparing the memory the cache mapped with a static cache of the same slots and max_len.
+
+    When whole pages, not tokens, set what was mapped (a small model's tokens are a few hundred bytes,
+    a GPU page 2 MiB), the last line says so and why.
+    """
+    config, stats = manager.config, manager.stats()
+    mapped, static, page = stats["mapped_bytes"], stats["static_bytes"], manager.page_bytes
+    lengths = [len(p) + len(t) - 1 for p, t in zip(prompts, outputs)]
+    live = sum(lengths) * config.kv_bytes_per_token
+    least = pages_needed(manager, lengths)
+    lines = [f"KV cache ({config.layout}, {config.num_buffers} buffers): mapped {_mib(mapped)} of physical "
+             f"memory in {stats['mapped_pages']} pages of {_page(page)}; a static cache of "
+             f"{config.max_batch} x {config.max_len} tokens holds {_mib(static)} "
+             f"({mapped / static:.1%} of it mapped); the live tokens need {_mib(live)}"]
+    if least * page > live * 2:
+        per_page = page // getattr(manager, "shard_config", config).token_bytes
+        line = (f"pages are {_page(page)}: these {len(prompts)} requests (up to {max(lengths)} tokens) need at "
+                f"least {least} pages ({_mib(least * page)}), one in each of the {config.num_buffers} buffers "
+                f"per request, and a page holds {per_page:,} tokens of a buffer")
+        if mapped >= static:
+            line += (f"; a static cache is smaller here, until max_len passes about "
+                     f"{-(-least // (len(prompts) * config.num_buffers)) * per_page:,} tokens a slot (larger "
+                     f"models fill pages sooner: an interleaved Llama-3-8B page holds 32 tokens)")
+        lines.append(line)
+    return lines
+
+
+def _chat(args: argparse.Namespace, loaded, backend: str, layout: str) -> int:
+    """``--chat``: the answer streams to standard output, the rest goes to standard error."""
+    from jax_vattention.app.commands.chat import stream_chat
+
+    if loaded.tokenizer is None or isinstance(loaded.tokenizer, ByteTokenizer):
+        raise ValueError("--chat needs a real model with a tokenizer: use --model PATH")
+    config = loaded.model.config
+    print(f"model: {loaded.source}; {config.num_layers} layers, {config.dtype}; device: {jax.devices()[0]}; "
+          f"{layout} cache, backend: {backend}", file=sys.stderr)
+    stream_chat(loaded.model, loaded.tokenizer, args.chat, stop_tokens=loaded.stop_tokens,
+                max_new_tokens=args.max_new_tokens, max_len=args.max_len, layout=layout, backend=backend,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    import jax_vattention as jv
+    from jax_vattention.decode.generate import generate_in_manager
+
+    try:
+        backend, layout = _check_arguments(args)
+        mesh = None
+        if args.tp > 1:
+            from jax_vattention.decode.mesh import tp_mesh
+            mesh = tp_mesh(args.tp)
+        loaded = load_model(args, mesh)  # over a mesh: every weight made or read in its shards
+        config = loaded.model.config
+        if args.chat is not None:
+            return _chat(args, loaded, backend, layout)
+        prompts = _prompts(args, loaded.tokenizer, config.vocab_size)
+        cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=len(prompts),
+                                      max_len=args.max_len, kv_heads=config.num_kv_heads,
+                                      head_dim=config.head_dim, dtype=config.jnp_dtype, layout=layout)
+        options = dict(max_new_tokens=args.max_new_tokens, stop_tokens=loaded.stop_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, backend=backend)
+        print(f"model: {loaded.source}; {config.num_layers} layers, {config.dtype}; device: {jax.devices()[0]}; "
+              f"{layout} cache, backend: {backend}")
+        model, generate = loaded.model, generate_in_manager
+        if mesh is not None:
+            print(f"tensor parallel over {args.tp} devices: {', '.join(map(str, mesh.devices.flat))}")
+        with _open_manager(cache_config, mesh) as manager:
+            _check_budget(manager, prompts, args.max_new_tokens)
+            started = time.perf_counter()
+            first = generate(model, manager, prompts, seed=args.seed, **options)
+            compile_seconds = time.perf_counter() - started
+            memory = memory_report(manager, prompts, first.tokens)
+            tokens = 0
+            seconds = 0.0
+            with tqdm(range(args.rounds), desc="generate", unit="round") as bar:
+                for round_index in bar:
+                    started = time.perf_counter()
+                    result = generate(model, manager, prompts, seed=args.seed + 1 + round_index, **options)
+                    seconds += time.perf_counter() - started
+                    tokens += sum(len(t) for t in result.tokens)
+                    bar.set_postfix(tokens_per_s=f"{tokens / seconds:,.0f}")
+        for i, (prompt, new) in enumerate(zip(prompts, first.tokens)):
+            if loaded.tokenizer is not None and (args.prompt or args.model):
+                shown = repr(loaded.decode(new))
+            else:
+                shown = "ids " + " ".join(map(str, new[:16])) + (" ..." if len(new) > 16 else "")
+            print(f"[{i}] {len(prompt)} prompt tokens -> {len(new)} new: {shown}")
+        print(f"first round (compiling): {compile_seconds:.2f} s")
+        print(f"throughput: {tokens / seconds:,.1f} tokens/s ({tokens} tokens in {seconds:.3f} s, "
+              f"batch {len(prompts)}, prefill included)")
+        print("\n".join(memory))
+        return 0
+    except (ValueError, jv.OutOfPagesError, jv.NoFreeSlotError) as error:
+        print(f"vattention generate: error: {error}", file=sys.stderr)
+        return 2

@@ -1,0 +1,154 @@
+"""Adapters from the one attention signature to kernels: cuDNN, our Pallas kernels, Mosaic GPU.
+
+Each adapter takes ``(q [B, T, N, H], k_cache, v_cache, q_positions [B, T], kv_lengths [B],
+layer=None)`` and reads the cache in place, only below each row's length.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jax_vattention.attention.reference import blocked_attention, check_shapes
+
+# The dtypes cuDNN's fused attention takes.
+CUDNN_DTYPES = frozenset({jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)})
+
+
+def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, layer=None):
+    """Attention of prefill chunks (several query tokens per row) over their slots' caches, in place.
+
+    Row ``b`` is a chunk of slot ``slots[b]`` already written into the cache; its query ``t`` at
+    position ``q_positions[b, t]`` sees keys ``s <= q_positions[b, t]`` and ``s < kv_lengths[b]``
+    (the cached prefix plus the chunk's own keys, causal within the chunk: a bottom-right causal
+    mask). Nothing at or past ``kv_lengths[b]`` is read, so it is safe on a virtual cache mapped
+    up to the lengths. Rows of one slot may follow each other in one call (consecutive chunks of a
+    long prompt), since every chunk is written before any is attended.
+
+    Shapes: q [R, T, N, H]; caches [M, S, K, H] (or [M, S, layers, K, H] with ``layer``);
+    slots int32 [R] (``>= M``: padding, with length 0); q_positions int32 [R, T]; kv_lengths
+    int32 [R] -> [R, T, N, H] (zeros where a query sees no key).
+
+    On a GPU, with a bfloat16, float16 or float32 cache and a power-of-two ``head_dim`` in [16, 256],
+    the Pallas kernel :func:`jax_vattention.attention.kernels.chunk_attention.chunk_attention` runs it, its loop
+    over key tiles on the device; elsewhere :func:`blocked_attention`, whose loop bound XLA on a GPU
+    would read on the host at every block.
+
+    Example::
+
+        out = chunk_attention(q, cache.k[0], cache.v[0], slots=jnp.array([3]),
+                              q_positions=jnp.arange(40, 48)[None], kv_lengths=jnp.array([48]))
+    """
+    check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer)
+    q_positions, kv_lengths = q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32)
+    if jax.default_backend() == "gpu":
+        from jax_vattention.attention.kernels.chunk_attention import chunk_attention as chunk_kernel, supported
+        if supported(k_cache.dtype, k_cache.shape[-1]):
+            rows = jnp.arange(q.shape[0], dtype=jnp.int32) if slots is None else slots.astype(jnp.int32)
+            out = chunk_kernel(q.astype(k_cache.dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
+                               layer=layer, interpret=False)
+            return out.astype(q.dtype)  # [R, T, N, H]
+    return blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, slots=slots)
+
+
+def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *,
+                          implementation="cudnn"):
+    """``jax.nn.dot_product_attention`` over the cache, bounded by ``kv_lengths``.
+
+    Decode (``T == 1``) attends the first ``kv_lengths[b]`` keys; prefill (``T > 1``)
+    is causal from position 0. ``implementation=None`` runs JAX's own XLA version of the
+    same call, which is how the argument mapping is tested on CPU.
+    """
+    del q_positions  # decode: the query sees all kv_lengths keys; prefill: top-left causal from 0
+    if layer is not None:
+        raise ValueError("cuDNN cannot read one layer of an interleaved cache in place (it would copy the "
+                         "whole cache): use backend='pallas' with the interleaved layout")
+    q_len = q.shape[1]
+    q = q.astype(k_cache.dtype)  # [B, T, N, H]
+    if q_len == 1:
+        return jax.nn.dot_product_attention(
+            q, k_cache, v_cache, key_value_seq_lengths=kv_lengths,
+            implementation=implementation)  # [B, 1, N, H]
+    return jax.nn.dot_product_attention(
+        q, k_cache, v_cache, is_causal=True, key_value_seq_lengths=kv_lengths,
+        query_seq_lengths=jnp.minimum(kv_lengths, q_len),
+        implementation=implementation)  # [B, T, N, H]
+
+
+def cudnn_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
+    """cuDNN flash attention; see :func:`dot_product_attention`."""
+    return dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, implementation="cudnn")
+
+
+def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
+    """The project's Pallas decode kernel; prefill falls back to cuDNN (a 16-bit cache on a GPU) or the blocked kernel."""
+    if q.shape[1] > 1:
+        use_cudnn = jax.default_backend() == "gpu" and jnp.dtype(k_cache.dtype) in CUDNN_DTYPES
+        fallback = cudnn_attention if use_cudnn else blocked_attention
+        return fallback(q, k_cache, v_cache, q_positions, kv_lengths, layer)
+    try:
+        from jax_vattention.attention.kernels.decode_attention import decode_attention
+    except ModuleNotFoundError as error:
+        raise ValueError("backend 'pallas' needs jax_vattention.attention.kernels.decode_attention, "
+                         f"which cannot be imported ({error})") from error
+    out = decode_attention(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths, layer=layer)  # [B, N, H]
+    return out[:, None]  # [B, 1, N, H]
+
+
+# Query rows per warpgroup of the Mosaic kernel; each program takes two warpgroups' rows, so a
+# prompt is padded to a multiple of 2 * MOSAIC_BLOCK_Q tokens.
+MOSAIC_BLOCK_Q = 64
+
+
+def check_mosaic_shapes(dtype, head_dim: int | None) -> None:
+    """``ValueError`` unless the Mosaic kernel takes a cache of ``dtype`` and ``head_dim``."""
+    if jnp.dtype(dtype) not in CUDNN_DTYPES:
+        raise ValueError(f"backend 'mosaic' takes bfloat16 or float16 caches, not {jnp.dtype(dtype)}: use "
+                         "'blocked' (or a 16-bit model dtype)")
+    if head_dim is not None and head_dim % 64:
+        raise ValueError(f"backend 'mosaic' needs head_dim a multiple of 64 (its wgmma tiles); this cache has "
+                         f"{head_dim}: use 'cudnn' or 'pallas'")
+
+
+def mosaic_prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: Callable | None = None) -> jax.Array:
+    """Causal attention of prompts from position 0 over their own keys, by Mosaic GPU flash attention.
+
+    The kernel has no lengths and no scale, needs sequences in whole tiles and (jax 0.10–0.11)
+    stages its operands in float16 shared memory. So the queries are scaled first, everything is
+    cast to float16 and padded with zeros to a multiple of ``2 * MOSAIC_BLOCK_Q`` tokens; the causal
+    mask keeps every real query (``t < length``) off the padding keys (``s > t``).
+
+    Shapes: q [B, T, N, H]; k, v [B, T, K, H] -> [B, T, N, H] in ``q``'s dtype (rows past a
+    prompt's length hold values that are never read). ``kernel(q, k, v)`` replaces the Mosaic
+    call (tests run ``attention_mgpu.attention_reference`` on a CPU through it).
+    """
+    batch, tokens, _, head_dim = q.shape
+    check_mosaic_shapes(q.dtype, head_dim)
+    padded = -(-tokens // (2 * MOSAIC_BLOCK_Q)) * (2 * MOSAIC_BLOCK_Q)
+    if kernel is None:
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+        # 128-key blocks where they fit: two of K and two of V in shared memory up to head_dim 128.
+        block_kv = 128 if padded >= 256 and head_dim <= 128 else 64
+        config = attention_mgpu.TuningConfig(block_q=MOSAIC_BLOCK_Q, block_kv=block_kv, max_concurrent_steps=2,
+                                             causal=True)
+        kernel = functools.partial(attention_mgpu.attention, config=config)
+    pad = ((0, 0), (0, padded - tokens), (0, 0), (0, 0))
+    scaled = q.astype(jnp.float32) * jnp.float32(head_dim ** -0.5)  # [B, T, N, H]
+    q16, k16, v16 = (jnp.pad(x.astype(jnp.float16), pad) for x in (scaled, k, v))  # [B, T', ., H]
+    return kernel(q16, k16, v16)[:, :tokens].astype(q.dtype)  # [B, T, N, H]
+
+
+def mosaic_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
+    """The ``mosaic`` backend over a cache: decode only (cuDNN per-layer, the Pallas kernel interleaved).
+
+    The Mosaic kernel cannot read a cache in place (it has no lengths: it would read past them),
+    so prefill goes through :func:`attend_prompt` (see :func:`prefill_attends_prompt`)."""
+    if q.shape[1] > 1:
+        raise ValueError("backend 'mosaic' prefills through attend_prompt (from position 0, over the prompt's "
+                         "own keys): its kernel takes no lengths, so it cannot read a cache in place")
+    decode = cudnn_attention if layer is None else pallas_attention
+    return decode(q, k_cache, v_cache, q_positions, kv_lengths, layer)
+
