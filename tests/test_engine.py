@@ -124,7 +124,7 @@ def test_bad_requests_are_refused(model):
 
 
 def test_prefetch_horizon_covers_short_chunks_and_respects_an_explicit_setting():
-    from jax_vattention.engine.engine import MIN_PREFETCH_TOKENS
+    from jax_vattention.engine.memory import MIN_PREFETCH_TOKENS
     assert EngineConfig(token_budget=16, chunk_tokens=1).prefetch_horizon == MIN_PREFETCH_TOKENS
     assert EngineConfig(token_budget=16, chunk_tokens=1, prefetch_tokens=3).prefetch_horizon == 3
     assert EngineConfig(token_budget=100, chunk_tokens=32).chunk_rows == 3
@@ -133,7 +133,7 @@ def test_prefetch_horizon_covers_short_chunks_and_respects_an_explicit_setting()
 
 
 def test_mapping_rounds_end_by_the_fastest_recent_chunk():
-    from jax_vattention.engine.engine import expected_end
+    from jax_vattention.engine.memory import expected_end
     assert expected_end(10.0, []) is None
     assert expected_end(10.0, np.zeros(0)) is None
     # The oldest (0.1) is past the window; of the last four the fastest, 0.2, sets the end.

@@ -67,7 +67,7 @@ def engine_tokens_with_sharing_on_and_off(layout: str, platform: str = "gpu") ->
                 assert stats.prefill_tokens == stats.prompt_tokens - 5 * shared
                 assert stats.peak_bytes_saved > 0
             else:
-                assert engine.prefixes is None and stats.prefill_tokens == stats.prompt_tokens
+                assert not engine.prefixes.active and stats.prefill_tokens == stats.prompt_tokens
     assert results[True] == results[False], (results[True], results[False])
 
 

@@ -105,7 +105,7 @@ def test_tokens_are_the_same_with_sharing_on_and_off_under_preemption(model, lay
     on, engine, manager, driver = run(model, requests, sharing=True, layout=layout, budget_pages=budget)
     assert on == off
     stats = engine.stats
-    assert engine.prefixes is not None and engine_off.prefixes is None
+    assert engine.prefixes.active and not engine_off.prefixes.active
     assert stats.preemptions > 0 and stats.shared_admissions >= 6
     assert engine_off.stats.prefill_tokens == engine_off.stats.prompt_tokens
     assert stats.prompt_tokens - stats.prefill_tokens == stats.shared_tokens > 6 * 64
@@ -121,7 +121,7 @@ def test_without_host_pages_the_fake_driver_shares_nothing_in_cpu_buffers(model)
     CPU backend's own driver, and the engine computes every prompt."""
     manager, _ = make_manager(model, host_pages=False)
     assert manager.tokens_per_page == 0
-    assert Engine(model, manager, EngineConfig(prefix_sharing=True)).prefixes is None
+    assert Engine(model, manager, EngineConfig(prefix_sharing=True)).prefixes.active is False
     manager.close()
 
 

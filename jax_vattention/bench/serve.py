@@ -40,7 +40,7 @@ from jax_vattention.bench.profile import KINDS, breakdown, traced_kernels
 from jax_vattention.app.cli import standalone
 from jax_vattention.cache.config import LAYOUTS, CacheConfig
 from jax_vattention.attention.backends import backend_for
-from jax_vattention.engine import Engine, EngineConfig, EngineStats, Request
+from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.bench.device_memory import check_fits, device_lines
 from jax_vattention.cache.manager import CacheManager
 from jax_vattention.models import Llama, config_for_device
@@ -195,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"warm-up (compiling the mixed and the decode-only step): {time.perf_counter() - warm_start:.1f} s"
           f"{reuse}", flush=True)
     warm_stats = manager.stats()
-    engine.stats = EngineStats()
+    engine.reset_stats()
 
     token_times: dict[int, list[float]] = {}
     outputs: dict[int, list[int]] = {}
@@ -262,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
     policies = ", ".join(f"{name}={'on' if on else 'off'}" for name, on in (
         ("overlap", engine_config.overlap), ("deferred_reclamation", engine_config.deferred_reclamation),
         ("eager_allocation", engine_config.eager_allocation), ("pipeline", engine_config.pipeline),
-        ("prefix_sharing", engine.prefixes is not None)))
+        ("prefix_sharing", engine.prefixes.active)))
     print(f"\nvattention serve-bench on {device.device_kind} ({device.platform}), {datetime.date.today()}"
           + (f", tensor parallel over {args.tp} devices" if mesh is not None else ""))
     print(f"model {args.config} (random weights), {args.layout} cache, backend {engine_config.backend}, "
@@ -320,7 +320,7 @@ def _prefix_report(engine: Engine, manager: CacheManager, stats: dict) -> str:
     run = engine.stats
     computed = f"prefill tokens computed {run.prefill_tokens} of {run.prompt_tokens} prompt tokens admitted " \
                f"({100 * run.prefill_tokens / max(run.prompt_tokens, 1):.1f}%)"
-    if engine.prefixes is None:
+    if not engine.prefixes.active:
         why = ("off" if not engine.config.prefix_sharing else
                "not possible here (tokens_per_page 0: the driver cannot map one page at several addresses, "
                "or a page does not hold a whole number of tokens)")

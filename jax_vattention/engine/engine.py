@@ -14,18 +14,10 @@ program of a fixed shape (Sarathi-Serve's batching, vLLM v1's split):
 * the :class:`~jax_vattention.engine.runner.StepRunner` dispatches it, and the engine
   streams the sampled tokens and retires finished requests.
 
-The paper's memory policies are switches of :class:`EngineConfig`:
-
-* ``overlap``: while the device computes a step, the host maps ahead the pages the
-  next steps will need (:meth:`CacheManager.prefetch_while_busy`);
-* ``deferred_reclamation``: a finished request's pages stay with its slot for the next
-  request there, unmapped only under memory pressure. Off: unmapped at once;
-* ``eager_allocation``: a request's first decode pages are mapped with its prompt;
-* ``prefix_sharing``: a request maps the cached pages of its prompt's start (one physical
-  copy for every request that shares them) and prefills only the rest
-  (:mod:`~jax_vattention.engine.prefixes`); the pages requests wrote stay in the prefix
-  cache when they finish, and are evicted, least recently used first, before a request
-  waits for memory and before one is preempted.
+Every decision about pages (admission, growth, mapping ahead, release, prefix sharing) is
+:class:`~jax_vattention.engine.memory.CacheMemory`'s, over the cache host; the paper's memory
+policies are switches of :class:`EngineConfig` that it follows. The engine is the loop: plan,
+map, dispatch, read, stream.
 
 No request is lost, and tokens already streamed are not streamed again.
 """
@@ -42,29 +34,16 @@ import numpy as np
 
 from jax_vattention._core import OutOfPagesError
 from jax_vattention.attention import resolve_backend
+from jax_vattention.cache.guards import mapping_failures
+from jax_vattention.cache.host import CacheHost
+from jax_vattention.decode.mesh import place
+from jax_vattention.decode.model import check_model_fits
+from jax_vattention.engine.memory import CacheMemory, MemoryPolicy
 from jax_vattention.engine.requests import Request, RequestState, TokenEvent
-from jax_vattention.engine.prefixes import PrefixSharer
 from jax_vattention.engine.runner import StepRunner
 from jax_vattention.engine.scheduler import Scheduler, StepPlan
 from jax_vattention.engine.stats import EngineStats, StepRecord
 from jax_vattention.engine.validation import checked_request
-from jax_vattention.cache.manager import CacheManager
-from jax_vattention.cache.guards import check_slots, mapping_failures
-from jax_vattention.decode.mesh import place
-
-
-# Mapping a page takes ~50 µs of host time per buffer (2.9 ms for a slot of a 32-layer
-# per-layer cache), and a step leaves the host only a few milliseconds while the device
-# computes: mapping that far ahead spreads a crossing over enough steps to hide it.
-MIN_PREFETCH_TOKENS = 16
-
-
-def expected_end(start: float, recent_seconds) -> float | None:
-    """When device work dispatched at ``start`` should end, going by the fastest of the last
-    few like it (``recent_seconds``, oldest first): a slow one may have been slowed by mapping
-    that overran it, and must not let the next mapping overrun further. None without a record."""
-    recent = recent_seconds[-4:]
-    return start + min(recent) if len(recent) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +59,10 @@ class EngineConfig:
     backend : attention backend (``blocked``, ``xla``, ``cudnn``, ``pallas``); None: the default of the
         cache's device and layout (:func:`~jax_vattention.attention.resolve_backend`). Prompt chunks
         run the in-place chunk kernel (:func:`~jax_vattention.attention.chunk_attention`)
-    overlap, deferred_reclamation, eager_allocation, prefix_sharing : the memory policies (module
-        docstring); prefix sharing needs pages that one physical page can back at several addresses
-        (CUDA's; ``CacheManager.tokens_per_page`` is 0 elsewhere, and then nothing is shared)
-    prefetch_tokens : with overlap, how far ahead of every running slot the host maps while a step
-        runs, and with eager allocation what is mapped with a prompt (default ``MIN_PREFETCH_TOKENS``)
+    overlap, deferred_reclamation, eager_allocation, prefix_sharing, prefetch_tokens : the memory
+        policies (:class:`~jax_vattention.engine.memory.MemoryPolicy`); prefix sharing needs pages
+        that one physical page can back at several addresses (``CacheHost.tokens_per_page`` is 0
+        elsewhere, and then nothing is shared)
     max_stop_tokens : the most stop tokens a request may give
     seed : sampling seed
     pipeline : dispatch each step before reading the previous one's tokens (vLLM v1's asynchronous
@@ -107,9 +85,15 @@ class EngineConfig:
     pipeline: bool = True
 
     @property
+    def memory_policy(self) -> MemoryPolicy:
+        """The memory policies, for :class:`~jax_vattention.engine.memory.CacheMemory`."""
+        return MemoryPolicy(self.overlap, self.deferred_reclamation, self.eager_allocation, self.prefix_sharing,
+                            self.prefetch_tokens)
+
+    @property
     def prefetch_horizon(self) -> int:
         """Tokens mapped ahead of every running slot when memory allows."""
-        return self.prefetch_tokens or MIN_PREFETCH_TOKENS
+        return self.memory_policy.prefetch_horizon
 
     @property
     def chunk_rows(self) -> int:
@@ -143,8 +127,8 @@ class _InFlight:
 
 
 class Engine:
-    """Serves requests over one :class:`CacheManager`'s cache, or a
-    :class:`~jax_vattention.ShardedCacheManager`'s over its mesh (tensor parallelism: the model is
+    """Serves requests over a cache host's cache: one device's :class:`~jax_vattention.CacheManager`,
+    or a :class:`~jax_vattention.ShardedCacheManager`'s over its mesh (tensor parallelism: the model is
     split over the same mesh, by :func:`~jax_vattention.decode.mesh.shard_model` if it is not yet).
 
     Example::
@@ -155,12 +139,9 @@ class Engine:
             print(event.request_id, event.token, event.finished)
     """
 
-    def __init__(self, model, manager: CacheManager, config: EngineConfig = EngineConfig()):
-        model_config = model.config
+    def __init__(self, model, manager: CacheHost, config: EngineConfig = EngineConfig()):
         cache_config = manager.config
-        if (model_config.num_layers, model_config.num_kv_heads, model_config.head_dim) != (
-                cache_config.num_layers, cache_config.kv_heads, cache_config.head_dim):
-            raise ValueError("the cache's layers, KV heads and head_dim must match the model's")
+        check_model_fits(model, cache_config)
         self.backend = resolve_backend(config.backend, manager.cache)
         model, tp = place(model, manager)  # a ShardedCacheManager: the model split over its mesh
         self.model = model
@@ -172,13 +153,11 @@ class Engine:
                                    chunk_tokens=config.chunk_tokens, chunk_rows=config.chunk_rows)
         self.runner = StepRunner(model, max_batch=cache_config.max_batch, chunk_rows=config.chunk_rows,
                                  chunk_tokens=config.chunk_tokens, backend=self.backend, tp=tp)
+        self.memory = CacheMemory(manager, config.memory_policy, self.stats)
+        self.prefixes = self.memory.prefixes
         self._next_id = 0
-        self._blocked = False           # the last admission stopped at the page budget
-        self._admit_error: Exception | None = None
         device = next(iter(manager.cache.k[0].devices()))
         self._key = self.runner.first_key(config.seed, device)   # each step returns the next one's
-        sharer = PrefixSharer(manager) if config.prefix_sharing else None
-        self.prefixes = sharer if sharer is not None and sharer.active else None
         self._in_flight: _InFlight | None = None     # the step dispatched and not yet read
         self._no_tokens = self.runner.no_tokens(device)
         self._last_read = 0.0                         # when the host last finished reading a step
@@ -190,6 +169,10 @@ class Engine:
         once instead of compiling one after the other; a program left out compiles when first needed."""
         self.runner.compile(self.manager.cache, self._no_tokens, self._key, sampling=sampling)
 
+    def reset_stats(self) -> None:
+        """Starts :attr:`stats` afresh (after a warm-up, say)."""
+        self.stats = self.memory.stats = EngineStats()
+
     # ----------------------------------------------------------------- requests
     def submit(self, request: Request) -> int:
         """Queues a request; returns its id.
@@ -200,10 +183,7 @@ class Engine:
         """
         request = checked_request(request, vocab=self.model.config.vocab_size, max_len=self.manager.config.max_len,
                                   max_stop_tokens=self.config.max_stop_tokens)
-        needed = self._pages_for(len(request.prompt) + request.max_new_tokens + self.config.prefetch_horizon)
-        budget = self.manager.stats()["budget_pages"]
-        if needed > budget:
-            raise ValueError(f"the request needs {needed} pages at most but the whole budget is {budget} pages")
+        self.memory.check_fits(request)
         state = RequestState(self._next_id, request, time.perf_counter())
         self._next_id += 1
         self.scheduler.add(state)
@@ -220,8 +200,7 @@ class Engine:
             if state.request_id == request_id:
                 self.scheduler.waiting.remove(state)
                 state.done = True
-                if self.prefixes is not None:
-                    self.prefixes.leave(state, publish=False, done=True)
+                self.prefixes.leave(state, publish=False, done=True)
                 return True
         for state in list(self.scheduler.running.values()):
             if state.request_id == request_id:
@@ -251,9 +230,6 @@ class Engine:
     @property
     def _by_slot(self):
         return self.scheduler.running
-
-    def _pages_for(self, tokens: int) -> int:
-        return self.manager.pages_for(tokens)
 
     # ------------------------------------------------------------------- steps
     def step(self) -> list[TokenEvent]:
@@ -307,17 +283,17 @@ class Engine:
         budget cannot cover it. Failure events go to ``events``."""
         admit = self._admit
         while True:
-            self._blocked = False
+            self.memory.blocked = False
             plan = self.scheduler.schedule(admit)
-            if plan.empty and self.scheduler.waiting and not self.scheduler.running and self._blocked:
+            if plan.empty and self.scheduler.waiting and not self.scheduler.running and self.memory.blocked:
                 # Nothing runs that could free pages for the first waiting request: fail it alone.
                 state = self.scheduler.waiting.popleft()
-                events.append(self._fail(state, self._admit_error))
+                events.append(self._fail(state, self.memory.admit_error))
                 continue
             if plan.empty:
                 return plan
             try:
-                self.manager.grow_slots(plan.growth(self.manager.config.max_batch))
+                self.memory.grow(plan)
                 return plan
             except OutOfPagesError as error:
                 victim = self.scheduler.youngest()
@@ -328,54 +304,12 @@ class Engine:
                 admit = lambda state: None  # noqa: E731  (no admission into a step that preempted)
 
     def _admit(self, state: RequestState) -> int | None:
-        """A slot with the request's whole context mapped (and its first decode pages, with eager
-        allocation); with prefix sharing, its cached prefix is shared and ``state.computed`` set to
-        its end. None on back-pressure, or while a running request computes the request's next
-        prefix page (it is published within a few steps)."""
-        context = len(state.context)
-        eager = min(self.config.prefetch_horizon, state.remaining) if self.config.eager_allocation else 0
-        try:
-            if self.prefixes is None:
-                slot = self.manager.alloc(state.computed, lookahead=context - state.computed + eager)
-            elif self.prefixes.waits(state):
-                self.stats.prefix_waits += 1
-                return None
-            else:
-                placed = self.prefixes.admit(state, eager)
-                slot, state.computed = placed.slot, placed.shared_tokens
-                self.stats.shared_tokens += placed.shared_tokens
-                self.stats.shared_admissions += placed.shared_tokens > 0
-                self.stats.shared_pages += (placed.shared_tokens // self.prefixes.tokens_per_page
-                                            * self.manager.config.num_buffers)
-            self.stats.admissions += 1
-            self.stats.prompt_tokens += context
-            return slot
-        except OutOfPagesError as error:
-            self._blocked = True
-            self._admit_error = error
-            holding = list(self.scheduler.running.values())
-            self.stats.memory_bound_batches.append((len(holding), self._ideal_batch(holding)))
-            return None
-
-    def _ideal_batch(self, holding: list[RequestState]) -> int:
-        """The requests an ideal allocator would run now.
-
-        It holds exact tokens, with no page rounding and nothing mapped ahead: each request's
-        context plus the token the coming step writes. Besides the ``holding`` requests, it
-        admits the waiting requests in order while they fit in the rest of the budget and slots
-        are free.
-        """
-        config, stats = self.manager.config, self.manager.stats()
-        budget_tokens = stats["budget_pages"] * stats["page_bytes"] // (config.token_bytes * config.num_buffers)
-        free_tokens = budget_tokens - sum(len(s.context) + 1 for s in holding)
-        ideal = len(holding)
-        for state in self.scheduler.waiting:
-            needed = len(state.context) + 1
-            if ideal >= config.max_batch or needed > free_tokens:
-                break
-            free_tokens -= needed
-            ideal += 1
-        return ideal
+        """The scheduler's admission callback: :meth:`CacheMemory.admit`, recording the batch an
+        ideal allocator would run when the budget stops it."""
+        slot = self.memory.admit(state, self.scheduler.waiting)
+        if slot is None and self.memory.blocked:
+            self.memory.record_memory_bound(list(self.scheduler.running.values()), self.scheduler.waiting)
+        return slot
 
     def _dispatch(self, plan: StepPlan, events: list[TokenEvent], mapped_before: int) -> _InFlight | None:
         """Dispatches a planned (and mapped) step; a request whose row cannot be built fails alone.
@@ -397,14 +331,7 @@ class Engine:
             # Failed requests left their slots: their growth stays mapped, unused, with the slot.
             plan = StepPlan(tuple(s for s in plan.decodes if s.request_id in knobs),
                             tuple(c for c in plan.chunks if c.state.request_id in knobs), plan.admitted)
-        ends = [(s.slot, s.computed + 1) for s in plan.decodes] + [(c.slot, c.start + c.count) for c in plan.chunks]
-        check_slots(self.manager, [slot for slot, _ in ends], [end for _, end in ends], error=RuntimeError)
-        if self.prefixes is not None:
-            for chunk in plan.chunks:   # the last line of defence: a chunk never starts in a shared page
-                try:
-                    self.manager.check_write(chunk.slot, chunk.start)
-                except ValueError as error:
-                    raise RuntimeError(f"the engine planned a write into shared pages: {error}") from None
+        self.memory.check_plan(plan)
         inputs = self.runner.inputs(plan, knobs)
         previous = self._in_flight.tokens if self._in_flight is not None else self._no_tokens
         cache = self.manager.cache
@@ -418,11 +345,11 @@ class Engine:
         for state, row in rows:
             state.pending_row = row
             state.in_flight += 1
-        written = self.prefixes.dispatched(plan) if self.prefixes is not None else ()
+        written = self.prefixes.dispatched(plan)
         self.scheduler.completed(plan)
         self.stats.prefill_tokens += sum(chunk.count for chunk in plan.chunks)
         return _InFlight(plan, tokens, tuple(rows), dispatched, dispatched - calling,
-                         self.manager.stats()["pages_mapped_total"] - mapped_before, self._blocked, written)
+                         self.manager.stats()["pages_mapped_total"] - mapped_before, self.memory.blocked, written)
 
     def _read(self, step: _InFlight) -> list[TokenEvent]:
         """Waits for a dispatched step's tokens (mapping ahead meanwhile, with overlap) and streams
@@ -431,11 +358,7 @@ class Engine:
         begin = max(step.dispatched, self._last_read)
         try:
             with mapping_failures(self.manager, self.manager.cache, "the engine's step"):
-                if self.config.overlap:
-                    map_seconds_before = self.manager.stats()["map_seconds"]
-                    deadline = expected_end(begin, [r.seconds for r in self.stats.records])
-                    self.manager.prefetch_while_busy(step.tokens, self._prefetch_tokens(), deadline)
-                    self.stats.prefetch_seconds += self.manager.stats()["map_seconds"] - map_seconds_before
+                self.memory.map_ahead(step.tokens, begin, [r.seconds for r in self.stats.records])
                 tokens = np.asarray(step.tokens)
         except Exception as error:
             # The step's requests end with the error, delivered by the next step; the error goes up.
@@ -448,8 +371,7 @@ class Engine:
         self.stats.records.append(StepRecord(
             len(step.plan.decodes), step.plan.tokens - len(step.plan.decodes), len(step.plan.admitted),
             self._last_read - begin, step.mapped_pages, step.blocked, step.dispatch_seconds))
-        if self.prefixes is not None:
-            self.prefixes.read(step.written)   # it ran: the pages it completed can be shared
+        self.prefixes.read(step.written)   # it ran: the pages it completed can be shared
         for state, row in step.rows:
             state.in_flight -= 1
             if state.in_flight == 0:
@@ -460,16 +382,11 @@ class Engine:
                 events.append(self._emit(state, int(tokens[row])))
         return events
 
-    def _prefetch_tokens(self) -> int:
-        """How far ahead to map: the config's horizon, but one token while admission is held back by
-        memory, so the budget goes to requests, not early pages."""
-        return 1 if self._blocked else self.config.prefetch_horizon
-
     def _fail(self, state: RequestState, error: Exception) -> TokenEvent:
         """Ends one request with ``error``: it leaves its slot, and its stream's last event carries it."""
         if state.slot is not None:
             self._retire(state, publish=False)
-        elif self.prefixes is not None:
+        else:
             self.prefixes.leave(state, publish=False, done=True)
         self.failed[state.request_id] = error
         return TokenEvent(state.request_id, -1, True, error=f"{type(error).__name__}: {error}")
@@ -488,12 +405,11 @@ class Engine:
 
     def _preempt(self, state: RequestState) -> None:
         slot = state.slot
-        if self.prefixes is not None:
-            # Its pages go to the prefix cache: evicted first if memory stays short, else shared when
-            # it comes back.
-            self.prefixes.leave(state, publish=True, done=False)
+        # Its pages go to the prefix cache: evicted first if memory stays short, else shared when it
+        # comes back.
+        self.prefixes.leave(state, publish=True, done=False)
         self.scheduler.preempt(state)
-        self._free(slot)
+        self.memory.release(slot)
         self.stats.preemptions += 1
 
     def _retire(self, state: RequestState, *, publish: bool) -> None:
@@ -501,13 +417,7 @@ class Engine:
         cache (not for a failed request: its last step may not have run)."""
         state.done = True
         slot = state.slot
-        if self.prefixes is not None:
-            self.prefixes.leave(state, publish=publish, done=True)
+        self.prefixes.leave(state, publish=publish, done=True)
         self.scheduler.finish(state)
         if slot is not None:
-            self._free(slot)
-
-    def _free(self, slot: int) -> None:
-        self.manager.free(slot)
-        if not self.config.deferred_reclamation:
-            self.manager.reclaim()
+            self.memory.release(slot)

@@ -33,7 +33,7 @@ its shared pages, and a page is published only once it lies below ``computed``.
 from __future__ import annotations
 
 from jax_vattention.engine.requests import RequestState
-from jax_vattention.cache.manager import CacheManager
+from jax_vattention.cache.host import CacheHost
 from jax_vattention.cache.prefix import SharedAlloc, page_keys
 
 
@@ -46,7 +46,7 @@ class PrefixSharer:
         backend's own driver, or pages that split a token)
     """
 
-    def __init__(self, manager: CacheManager):
+    def __init__(self, manager: CacheHost):
         self.manager = manager
         self.tokens_per_page = manager.tokens_per_page
         self._keys: dict[int, list[int]] = {}               # request id -> page keys of its context
@@ -127,3 +127,31 @@ class PrefixSharer:
         self._computing = {key: owner for key, owner in self._computing.items() if owner != state.request_id}
         if done:
             self._keys.pop(state.request_id, None)
+
+
+class NoPrefixSharing:
+    """The engine's prefix sharer where nothing is shared (sharing off, or a host whose pages cannot
+    back several addresses): every request maps its own pages, and nothing is published."""
+
+    tokens_per_page = 0
+    active = False
+
+    def __init__(self, host: CacheHost):
+        self.host = host
+
+    def waits(self, state: RequestState) -> bool:
+        return False
+
+    def admit(self, state: RequestState, lookahead: int) -> SharedAlloc:
+        """A slot with ``state``'s whole context (and ``lookahead`` tokens more) mapped, none shared;
+        raises as :meth:`CacheHost.alloc` does."""
+        return SharedAlloc(self.host.alloc(0, lookahead=len(state.context) + lookahead), 0)
+
+    def dispatched(self, plan) -> tuple:
+        return ()
+
+    def read(self, written: tuple) -> None:
+        pass
+
+    def leave(self, state: RequestState, *, publish: bool, done: bool) -> None:
+        pass

@@ -27,6 +27,7 @@ class EngineStats:
     preemptions: int = 0
     tokens: int = 0
     prefetch_seconds: float = 0.0     # time spent mapping on the host while the device computed
+    map_ahead_failures: int = 0       # driver failures while mapping ahead (best effort: no request failed)
     records: list = dataclasses.field(default_factory=list)               # a StepRecord per step
     # At each admission the budget stopped: (requests running, requests an ideal allocator would run).
     memory_bound_batches: list = dataclasses.field(default_factory=list)
