@@ -68,7 +68,7 @@ def test_generate_cudnn_cannot_read_interleaved():
 
 def test_generate_huge_batch(capsys):
     err = run_cli(capsys, "generate", "--batch", "100000")
-    assert "lower --batch or --max-len" in err
+    assert "lower the slots (--batch, --max-batch) or --max-len" in err
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -38,3 +38,14 @@ def test_small_pages_map_less_than_a_static_cache():
     lines = report(64 << 10, max_len=2048)
     assert "(25.0% of it mapped)" in lines[0]
     assert all("a static cache is smaller" not in line for line in lines)
+
+
+def test_the_default_max_len_makes_a_gpu_page_cheaper_than_a_static_cache():
+    """The main job's default slot length (a server's): with 2 MiB pages, the tiny model's four short
+    requests map less than the static cache of the same max_len, and the report says so."""
+    from jax_vattention.app.commands.generate import DEFAULT_MAX_LEN
+
+    lines = report(2 * MiB, max_len=DEFAULT_MAX_LEN)
+    assert "mapped 16.0 MiB of physical memory in 8 pages of 2 MiB" in lines[0]
+    assert f"a static cache of 4 x {DEFAULT_MAX_LEN} tokens holds 64.0 MiB (25.0% of it mapped)" in lines[0]
+    assert all("a static cache is smaller" not in line for line in lines)

@@ -79,11 +79,12 @@ class _FakeGpu:
 
 
 @pytest.mark.parametrize("count,budget_gib,advice", [(1, 16, "use --tp 4"), (2, 16, "use --tp 4"), (4, 16, None),
-                                                     (8, 16, None), (4, 55, "use --tp 8"), (4, 60, "no degree fits")])
+                                                     (8, 16, None), (4, 55, "use --tp 8"),
+                                                     (4, 60, r"a cache of 4\d\.\d GiB would fit \(--budget-mib")])
 def test_a_llama_3_70b_shape_is_refused_where_it_cannot_fit(monkeypatch, count, budget_gib, advice):
     """bf16 70B: 131.4 GiB of weights, 67.7 a device at TP 2; on 79 GiB GPUs with a 16 GiB cache budget
-    it needs TP 4, and the refusal names the smallest degree that fits."""
-    from jax_vattention.bench import device_memory
+    it needs TP 4, and the refusal names the smallest degree that fits, or else the cache that would."""
+    from jax_vattention.app import memory_fit as device_memory
     from jax_vattention.models.configs import get_config
 
     monkeypatch.setattr(device_memory, "free_bytes", lambda device: 79 << 30)

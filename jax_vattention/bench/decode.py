@@ -46,7 +46,7 @@ from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.app.cli import standalone
 from jax_vattention.cache.config import CacheConfig
 from jax_vattention.bench.decode_chunk import decode_chunk_fn
-from jax_vattention.bench.device_memory import weight_bytes_per_device
+from jax_vattention.app.memory_fit import weight_bytes_per_device
 from jax_vattention.cache.manager import CacheManager
 from jax_vattention.bench.paged_cache import PagedKVCache
 from jax_vattention.cache.sharded_manager import ShardedCacheManager

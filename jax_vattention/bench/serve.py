@@ -38,14 +38,15 @@ from tqdm import tqdm
 
 from jax_vattention.bench.profile import KINDS, breakdown, traced_kernels
 from jax_vattention.app.cli import standalone
-from jax_vattention.cache.config import LAYOUTS, CacheConfig
-from jax_vattention.attention.backends import backend_for
+from jax_vattention.cache.config import LAYOUTS
+from jax_vattention.app.assembly import cache_config_for, choose_kernel, mesh_for
 from jax_vattention.engine import Engine, EngineConfig, Request
-from jax_vattention.bench.device_memory import check_fits, device_lines
+from jax_vattention.app.memory_fit import check_fits
+from jax_vattention.bench.device_memory import device_lines
 from jax_vattention.cache.manager import CacheManager
 from jax_vattention.models import Llama, config_for_device
 from jax_vattention.cache.sharded_manager import ShardedCacheManager
-from jax_vattention.decode.mesh import init_sharded, tp_mesh
+from jax_vattention.decode.mesh import init_sharded
 from jax_vattention.models.sharding import check_divisible
 
 
@@ -149,8 +150,8 @@ def run(args: argparse.Namespace) -> int:
     validate(args)
     device = jax.devices()[0]
     model_config = config_for_device(args.config, device)
-    backend = backend_for(args.backend, args.layout, device, model_config.jnp_dtype)
-    mesh = tp_mesh(args.tp) if args.tp > 1 else None
+    backend, _ = choose_kernel(args.backend, args.layout, device, model_config.jnp_dtype)
+    mesh = mesh_for(args.tp)
     devices = list(mesh.devices.flat) if mesh is not None else [device]
     if mesh is not None:
         check_divisible(model_config, args.tp)
@@ -159,11 +160,9 @@ def run(args: argparse.Namespace) -> int:
         model = Llama(model_config, rngs=nnx.Rngs(args.seed))
     else:  # each device makes only its share of the weights
         model = init_sharded(Llama, model_config, mesh, seed=args.seed)
-    cache_config = CacheConfig(
-        num_layers=model_config.num_layers, max_batch=args.max_batch, max_len=args.max_len,
-        kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=model_config.jnp_dtype,
-        page_bytes=args.page_kib * 1024 if args.page_kib else None,
-        budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None, layout=args.layout)
+    cache_config = cache_config_for(model_config, max_batch=args.max_batch, max_len=args.max_len, layout=args.layout,
+                                    budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None,
+                                    page_bytes=args.page_kib * 1024 if args.page_kib else None)
     manager = CacheManager(cache_config, device) if mesh is None else ShardedCacheManager(cache_config, mesh)
     engine_config = EngineConfig(token_budget=args.token_budget, chunk_tokens=args.chunk_tokens,
                                  prefetch_tokens=args.prefetch_tokens, backend=backend,

@@ -24,11 +24,14 @@ import time
 import jax
 import numpy as np
 
+from jax_vattention.app.assembly import assemble
+from jax_vattention.app.commands.model_source import ByteTokenizer, add_model_arguments, check_model_arguments
 from jax_vattention.attention import BACKENDS
-from jax_vattention.app.commands.model_source import (ByteTokenizer, add_model_arguments, check_model_arguments,
-                                                  load_model)
 from jax_vattention.cache.config import LAYOUTS
-from jax_vattention.attention.backends import backend_for, default_layout
+
+# The default slot length: a server's, long enough that a static cache sized for it is larger than
+# what short requests map even in whole 2 MiB GPU pages (the reservation is free; only pages cost).
+DEFAULT_MAX_LEN = 65536
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "it is generated (a .gguf file carries its template; a checkpoint directory "
                              "may, in chat_template.jinja or tokenizer_config.json)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens per prompt (default 64)")
-    parser.add_argument("--max-len", type=int, default=2048, help="tokens a cache slot may hold (default 2048)")
+    parser.add_argument("--max-len", type=int,
+                        help=f"tokens a cache slot may hold (default {DEFAULT_MAX_LEN}, at most the model's "
+                             f"max_position_embeddings for --model); the virtual range is reserved for it, "
+                             f"and only the pages requests fill are mapped")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     parser.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
     parser.add_argument("--top-p", type=float, default=1.0, help="1: no nucleus cut")
@@ -58,29 +64,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 1)")
 
 
-def _check_arguments(args: argparse.Namespace) -> tuple[str, str]:
-    """Raises ``ValueError`` for options that cannot run here; returns (backend, layout)."""
-    for name in ("batch", "max_new_tokens", "max_len", "rounds"):
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Raises ``ValueError`` for options that cannot run here (the model's and the kernel's are
+    checked by :func:`~jax_vattention.app.assembly.assemble`)."""
+    for name in ("batch", "max_new_tokens", "rounds"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.max_len is not None and args.max_len < 1:
+        raise ValueError(f"--max-len must be at least 1; got {args.max_len}")
     if args.chat is not None and args.prompt:
         raise ValueError("give either --chat or --prompt")
     if not args.prompt and args.prompt_len < 1:
         raise ValueError(f"--prompt-len must be at least 1; got {args.prompt_len}")
-    if args.tp < 1 or args.tp > len(jax.devices()):
-        raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {args.tp}")
     if args.tp > 1 and args.chat is not None:
         raise ValueError("--chat runs on one device: leave out --tp")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature and --top-k must be at least 0 and --top-p in (0, 1]")
-    device = jax.devices()[0]
-    if args.layout == "auto":
-        layout = default_layout(args.backend)
-    else:
-        layout = args.layout
-    backend = backend_for(None if args.backend == "auto" else args.backend, layout, device)
     check_model_arguments(args)
-    return backend, layout
+
+
+def _max_len(args: argparse.Namespace) -> int:
+    """``--max-len``, else :data:`DEFAULT_MAX_LEN` (a named config's, at most the checkpoint's
+    max_position_embeddings for ``--model``)."""
+    if args.max_len is not None:
+        return args.max_len
+    if args.model:
+        from jax_vattention.app.commands.model_source import model_config_of
+        return min(DEFAULT_MAX_LEN, model_config_of(args).max_position_embeddings)
+    return DEFAULT_MAX_LEN
 
 
 def _check_budget(manager, prompts: list[list[int]], max_new_tokens: int) -> None:
@@ -97,21 +108,6 @@ def pages_needed(manager, lengths: list[int]) -> int:
     """Whole pages that requests of ``lengths`` tokens hold, over every buffer of the cache."""
     return sum(manager.pages_for(n) for n in lengths)
 
-
-
-def _open_manager(cache_config, mesh=None):
-    """A :class:`CacheManager` (a ``ShardedCacheManager`` over ``mesh``), or ``ValueError`` when the
-    device cannot hold its buffers."""
-    import jax_vattention as jv
-
-    try:
-        return jv.CacheManager(cache_config) if mesh is None else jv.ShardedCacheManager(cache_config, mesh)
-    except (jax.errors.JaxRuntimeError, jv.DriverError) as error:
-        if isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" not in str(error):
-            raise
-        raise ValueError(f"the device cannot hold a cache of {cache_config.max_batch} slots x "
-                         f"{cache_config.max_len} tokens ({cache_config.static_bytes() / 2**30:,.1f} GiB): "
-                         f"lower --batch or --max-len ({str(error).splitlines()[0]})") from None
 
 
 def _prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
@@ -150,7 +146,7 @@ def memory_report(manager, prompts: list[list[int]], outputs: list[list[int]]) -
              f"{config.max_batch} x {config.max_len} tokens holds {_mib(static)} "
              f"({mapped / static:.1%} of it mapped); the live tokens need {_mib(live)}"]
     if least * page > live * 2:
-        per_page = page // getattr(manager, "shard_config", config).token_bytes
+        per_page = page // manager.shard_config.token_bytes
         line = (f"pages are {_page(page)}: these {len(prompts)} requests (up to {max(lengths)} tokens) need at "
                 f"least {least} pages ({_mib(least * page)}), one in each of the {config.num_buffers} buffers "
                 f"per request, and a page holds {per_page:,} tokens of a buffer")
@@ -162,7 +158,7 @@ def memory_report(manager, prompts: list[list[int]], outputs: list[list[int]]) -
     return lines
 
 
-def _chat(args: argparse.Namespace, loaded, backend: str, layout: str) -> int:
+def _chat(args: argparse.Namespace, loaded, backend: str, layout: str, max_len: int) -> int:
     """``--chat``: the answer streams to standard output, the rest goes to standard error."""
     from jax_vattention.app.commands.chat import stream_chat
 
@@ -172,7 +168,7 @@ def _chat(args: argparse.Namespace, loaded, backend: str, layout: str) -> int:
     print(f"model: {loaded.source}; {config.num_layers} layers, {config.dtype}; device: {jax.devices()[0]}; "
           f"{layout} cache, backend: {backend}", file=sys.stderr)
     stream_chat(loaded.model, loaded.tokenizer, args.chat, stop_tokens=loaded.stop_tokens,
-                max_new_tokens=args.max_new_tokens, max_len=args.max_len, layout=layout, backend=backend,
+                max_new_tokens=args.max_new_tokens, max_len=max_len, layout=layout, backend=backend,
                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     return 0
 
@@ -184,19 +180,15 @@ def run(args: argparse.Namespace) -> int:
     from jax_vattention.decode.generate import generate_in_manager
 
     try:
-        backend, layout = _check_arguments(args)
-        mesh = None
-        if args.tp > 1:
-            from jax_vattention.decode.mesh import tp_mesh
-            mesh = tp_mesh(args.tp)
-        loaded = load_model(args, mesh)  # over a mesh: every weight made or read in its shards
+        _check_arguments(args)
+        max_len = _max_len(args)
+        batch = 1 if args.chat is not None else max(args.batch, len(args.prompt or ()))
+        built = assemble(args, max_batch=batch, max_len=max_len)
+        loaded, backend, layout, mesh = built.loaded, built.backend, built.layout, built.mesh
         config = loaded.model.config
         if args.chat is not None:
-            return _chat(args, loaded, backend, layout)
+            return _chat(args, loaded, backend, layout, max_len)
         prompts = _prompts(args, loaded.tokenizer, config.vocab_size)
-        cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=len(prompts),
-                                      max_len=args.max_len, kv_heads=config.num_kv_heads,
-                                      head_dim=config.head_dim, dtype=config.jnp_dtype, layout=layout)
         options = dict(max_new_tokens=args.max_new_tokens, stop_tokens=loaded.stop_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, backend=backend)
         print(f"model: {loaded.source}; {config.num_layers} layers, {config.dtype}; device: {jax.devices()[0]}; "
@@ -204,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         model, generate = loaded.model, generate_in_manager
         if mesh is not None:
             print(f"tensor parallel over {args.tp} devices: {', '.join(map(str, mesh.devices.flat))}")
-        with _open_manager(cache_config, mesh) as manager:
+        with built.open() as manager:
             _check_budget(manager, prompts, args.max_new_tokens)
             started = time.perf_counter()
             first = generate(model, manager, prompts, seed=args.seed, **options)

@@ -101,13 +101,33 @@ def _gguf_path(model: str) -> str | None:
     return model if model.endswith(".gguf") else None
 
 
+def model_config_of(args: argparse.Namespace):
+    """The config of the model ``args`` name, in the dtype the run uses, read without its weights
+    (for the memory check before anything is built)."""
+    from jax_vattention.attention.backends import default_dtype
+    from jax_vattention.models import config_for_device, get_config
+
+    platform = jax.devices()[0].platform
+    gguf_path = _gguf_path(args.model) if args.model else None
+    if gguf_path is not None:
+        from jax_vattention.models import gguf_loader
+        return gguf_loader.read_config(gguf_path, args.dtype or default_dtype("float32", platform))
+    if args.model:
+        from jax_vattention.models import hf_loader
+        return hf_loader.read_config(args.model, args.dtype or default_dtype(hf_loader.read_config(args.model).dtype,
+                                                                             platform))
+    if args.dtype:
+        return get_config(args.config).replace(dtype=args.dtype)
+    return config_for_device(args.config, jax.devices()[0])
+
+
 def load_model(args: argparse.Namespace, mesh=None) -> LoadedModel:
     """The model ``args`` name, on JAX's default device, or split over ``mesh`` (tensor parallelism:
     a checkpoint's and random weights straight into their shards, a GGUF file's loaded, then split)."""
     from flax import nnx
 
     from jax_vattention.app.commands.checkpoint import load_checkpoint
-    from jax_vattention.models import Llama, config_for_device, get_config
+    from jax_vattention.models import Llama
 
     device = jax.devices()[0]
     gguf_path = _gguf_path(args.model) if args.model else None
@@ -124,10 +144,7 @@ def load_model(args: argparse.Namespace, mesh=None) -> LoadedModel:
         model, tokenizer, stop_tokens = load_checkpoint(args.model, args.dtype, device, mesh)
         name = args.model.rstrip("/").split("/")[-1] or args.model
         return LoadedModel(model, tokenizer, tuple(stop_tokens), name, args.model)
-    if args.dtype:
-        config = get_config(args.config).replace(dtype=args.dtype)
-    else:
-        config = config_for_device(args.config, device)
+    config = model_config_of(args)
     if mesh is None:
         model = Llama(config, rngs=nnx.Rngs(args.seed))
     else:

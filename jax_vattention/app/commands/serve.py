@@ -15,9 +15,9 @@ import sys
 import jax
 
 from jax_vattention.attention import BACKENDS
-from jax_vattention.app.commands.model_source import add_model_arguments, check_model_arguments, load_model
+from jax_vattention.app.assembly import assemble
+from jax_vattention.app.commands.model_source import add_model_arguments
 from jax_vattention.cache.config import LAYOUTS
-from jax_vattention.attention.backends import backend_for, default_layout
 from jax_vattention.engine import EngineConfig
 
 
@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default 1)")
 
 
-def check_arguments(args: argparse.Namespace) -> tuple[str, str]:
-    """Raises ``ValueError`` for options that cannot run; returns (backend, layout)."""
+def check_arguments(args: argparse.Namespace) -> None:
+    """Raises ``ValueError`` for options that cannot run (the model and kernel options: in
+    :func:`~jax_vattention.app.assembly.assemble`)."""
     try:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
@@ -57,15 +58,8 @@ def check_arguments(args: argparse.Namespace) -> tuple[str, str]:
         raise ValueError(f"--max-len must be at least 2 (a prompt token and an answer); got {args.max_len}")
     if args.budget_mib is not None and args.budget_mib < 1:
         raise ValueError(f"--budget-mib must be at least 1; got {args.budget_mib}")
-    if args.tp < 1 or args.tp > len(jax.devices()):
-        raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {args.tp}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65536); got {args.port}")
-    device = jax.devices()[0]
-    layout = default_layout(args.backend) if args.layout == "auto" else args.layout
-    backend = backend_for(None if args.backend == "auto" else args.backend, layout, device)
-    check_model_arguments(args)
-    return backend, layout
 
 
 def build_service(args: argparse.Namespace):
@@ -73,28 +67,20 @@ def build_service(args: argparse.Namespace):
 
     Compiles the engine's step programs first, so the first client does not wait for it.
     """
-    import jax_vattention as jv
     from jax_vattention.engine import Engine, Request
     from jax_vattention.app.server.app import Service
     from jax_vattention.app.server.engine_loop import EngineLoop
 
-    backend, layout = check_arguments(args)
-    mesh = None
-    if args.tp > 1:
-        from jax_vattention.decode.mesh import tp_mesh
-        mesh = tp_mesh(args.tp)
-    loaded = load_model(args, mesh)  # over a mesh: every weight made or read in its shards
+    check_arguments(args)
+    built = assemble(args, max_batch=args.max_batch, max_len=args.max_len,
+                     budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None)
+    loaded = built.loaded
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source} has no tokenizer (a vocabulary under 256 has no byte tokens): "
                          f"serve a checkpoint with a tokenizer.json")
-    config = loaded.model.config
-    cache_config = jv.CacheConfig(
-        num_layers=config.num_layers, max_batch=args.max_batch, max_len=args.max_len,
-        kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=config.jnp_dtype, layout=layout,
-        budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None)
-    manager = jv.CacheManager(cache_config) if mesh is None else jv.ShardedCacheManager(cache_config, mesh)
+    manager = built.open()
     engine = Engine(loaded.model, manager, EngineConfig(
-        token_budget=args.token_budget, chunk_tokens=args.chunk_tokens, backend=backend, seed=args.seed,
+        token_budget=args.token_budget, chunk_tokens=args.chunk_tokens, backend=built.backend, seed=args.seed,
         max_stop_tokens=max(4, len(loaded.stop_tokens))))
     engine.compile()
     engine.submit(Request(prompt=[0] * min(args.chunk_tokens + 1, args.max_len - 1), max_new_tokens=2))

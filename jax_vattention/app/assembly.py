@@ -1,0 +1,129 @@
+"""The one composition root: from a command's options to a model, a cache host and a kernel.
+
+Every entry point (``vattention generate``, ``chat``, ``serve``, ``serve-bench``, ``bench decode``,
+``bench profile``) builds the same four things in the same order, here:
+
+1. the kernel and the cache layout (:func:`choose_kernel`: the one backend rule of
+   :mod:`jax_vattention.attention.backends`), and the mesh for ``--tp`` (:func:`mesh_for`);
+2. a memory check from the model's config alone, before any weight is built
+   (:func:`~jax_vattention.app.memory_fit.check_fits`);
+3. the model (``--model`` / ``--config``: :mod:`~jax_vattention.app.commands.model_source`);
+4. the cache's configuration and its host (:func:`open_host`: a ``CacheManager``, or a
+   ``ShardedCacheManager`` over the mesh).
+
+:func:`assemble` does all four for the commands that take the model options; the benchmarks,
+whose models are named shapes, call the steps themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import jax
+
+from jax_vattention.attention.backends import backend_for, default_layout
+from jax_vattention.cache.config import CacheConfig
+from jax_vattention.cache.host import CacheHost
+
+
+def choose_kernel(backend: str | None, layout: str | None, device: jax.Device, dtype=None) -> tuple[str, str]:
+    """``(backend, layout)`` for a cache on ``device``: ``None`` or ``"auto"`` picks the default of
+    each (:func:`~jax_vattention.attention.backends.default_layout`, ``default_backend``); a named
+    one is checked. ``ValueError`` for a kernel that cannot read such a cache there."""
+    backend = None if backend in (None, "auto") else backend
+    layout = default_layout(backend) if layout in (None, "auto") else layout
+    return backend_for(backend, layout, device, dtype), layout
+
+
+def mesh_for(tp: int) -> jax.sharding.Mesh | None:
+    """The mesh of ``--tp`` devices (None for 1); ``ValueError`` outside ``[1, devices]``."""
+    count = len(jax.devices())
+    if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= count:
+        raise ValueError(f"--tp must be between 1 and the {count} devices JAX sees; got {tp}")
+    if tp == 1:
+        return None
+    from jax_vattention.decode.mesh import tp_mesh
+    return tp_mesh(tp)
+
+
+def cache_config_for(model_config, *, max_batch: int, max_len: int, layout: str, budget_bytes: int | None = None,
+                     page_bytes: int | None = None) -> CacheConfig:
+    """The cache a model of ``model_config`` writes: its layers, KV heads, head_dim and dtype."""
+    return CacheConfig(num_layers=model_config.num_layers, max_batch=max_batch, max_len=max_len,
+                       kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim,
+                       dtype=model_config.jnp_dtype, layout=layout, budget_bytes=budget_bytes,
+                       page_bytes=page_bytes)
+
+
+def check_memory(model_config, name: str, cache_config: CacheConfig, mesh=None) -> None:
+    """``ValueError`` (one line, with what would fit) unless the weights in their dtype and the cache
+    fit the free memory of the run's devices.
+
+    The cache counts at its budget where one is set (at most what a static cache of its slots would
+    hold), else not at all: without a budget the manager takes a share of what is free once the
+    weights are in, and maps pages only as requests grow; the reservation itself is free."""
+    from jax_vattention.app.memory_fit import check_fits
+
+    devices = list(mesh.devices.flat) if mesh is not None else [jax.devices()[0]]
+    cache = 0
+    if cache_config.budget_bytes is not None:
+        cache = min(cache_config.static_bytes() // len(devices), cache_config.budget_bytes)
+    check_fits(model_config, name, devices, cache)
+
+
+def open_host(cache_config: CacheConfig, mesh=None, device: jax.Device | None = None, *,
+              driver_factory=None) -> CacheHost:
+    """A :class:`~jax_vattention.CacheManager` on ``device`` (default: JAX's first), or a
+    :class:`~jax_vattention.ShardedCacheManager` over ``mesh``; ``ValueError`` when the device cannot
+    hold its buffers. ``driver_factory`` (``device -> driver``): fake drivers, for tests."""
+    import jax_vattention as jv
+
+    try:
+        if mesh is not None:
+            return jv.ShardedCacheManager(cache_config, mesh, driver_factory=driver_factory)
+        device = device if device is not None else jax.devices()[0]
+        return jv.CacheManager(cache_config, device,
+                               driver=driver_factory(device) if driver_factory is not None else None)
+    except (jax.errors.JaxRuntimeError, jv.DriverError) as error:
+        if isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" not in str(error):
+            raise
+        raise ValueError(f"the device cannot hold a cache of {cache_config.max_batch} slots x "
+                         f"{cache_config.max_len} tokens ({cache_config.static_bytes() / 2**30:,.1f} GiB): "
+                         f"lower the slots (--batch, --max-batch) or --max-len ({str(error).splitlines()[0]})") from None
+
+
+@dataclasses.dataclass
+class Assembly:
+    """What :func:`assemble` built: the model with its tokenizer (``loaded``), the cache's
+    configuration, the kernel, the layout and the mesh (None on one device). The host is opened
+    by the caller (:meth:`open`), which closes it."""
+
+    loaded: object
+    cache_config: CacheConfig
+    backend: str
+    layout: str
+    mesh: jax.sharding.Mesh | None
+
+    def open(self) -> CacheHost:
+        return open_host(self.cache_config, self.mesh)
+
+
+def assemble(args: argparse.Namespace, *, max_batch: int, max_len: int, budget_bytes: int | None = None) -> Assembly:
+    """The model, cache configuration, kernel and mesh of a command's options (``--model`` /
+    ``--config``, ``--dtype``, ``--seed``, ``--backend``, ``--layout``, ``--tp``), checked in that
+    order and the memory checked before the model is built. ``ValueError`` for any option that
+    cannot run, with nothing built."""
+    from jax_vattention.app.commands.model_source import check_model_arguments, load_model, model_config_of
+
+    mesh = mesh_for(args.tp)
+    check_model_arguments(args)
+    model_config = model_config_of(args)
+    device = jax.devices()[0]
+    backend, layout = choose_kernel(args.backend, args.layout, device, model_config.jnp_dtype)
+    cache_config = cache_config_for(model_config, max_batch=max_batch, max_len=max_len, layout=layout,
+                                    budget_bytes=budget_bytes)
+    check_memory(model_config, args.model or args.config, cache_config, mesh)
+    loaded = load_model(args, mesh)  # over a mesh: every weight made or read in its shards
+    return Assembly(loaded, cache_config_for(loaded.model.config, max_batch=max_batch, max_len=max_len,
+                                             layout=layout, budget_bytes=budget_bytes), backend, layout, mesh)
