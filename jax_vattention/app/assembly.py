@@ -25,6 +25,7 @@ import jax
 from jax_vattention.attention.backends import backend_for, default_layout
 from jax_vattention.cache.config import CacheConfig
 from jax_vattention.cache.host import CacheHost
+from jax_vattention.cache.jax_internals import first_line, out_of_memory
 
 
 def choose_kernel(backend: str | None, layout: str | None, device: jax.Device, dtype=None) -> tuple[str, str]:
@@ -86,11 +87,11 @@ def open_host(cache_config: CacheConfig, mesh=None, device: jax.Device | None = 
         return jv.CacheManager(cache_config, device,
                                driver=driver_factory(device) if driver_factory is not None else None)
     except (jax.errors.JaxRuntimeError, jv.DriverError) as error:
-        if isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" not in str(error):
+        if isinstance(error, jax.errors.JaxRuntimeError) and not out_of_memory(error):
             raise
         raise ValueError(f"the device cannot hold a cache of {cache_config.max_batch} slots x "
                          f"{cache_config.max_len} tokens ({cache_config.static_bytes() / 2**30:,.1f} GiB): "
-                         f"lower the slots (--batch, --max-batch) or --max-len ({str(error).splitlines()[0]})") from None
+                         f"lower the slots (--batch, --max-batch) or --max-len ({first_line(error)})") from None
 
 
 @dataclasses.dataclass

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from jax_vattention._core import OutOfPagesError
+from jax_vattention.cache import jax_internals
 from jax_vattention.attention import default_backend
 from jax_vattention.bench.attention import copy_ceiling
 from jax_vattention.cache.kv_cache import KVCache
@@ -147,7 +148,7 @@ def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: i
 
 def out_of_memory(error: Exception) -> bool:
     """Whether ``error`` says the device (or the cache's page budget) ran out of memory."""
-    return isinstance(error, (MemoryError, OutOfPagesError)) or "RESOURCE_EXHAUSTED" in str(error)
+    return isinstance(error, (MemoryError, OutOfPagesError)) or jax_internals.out_of_memory(error)
 
 
 def roofline_seconds(model, batch: int, context: int, bandwidth: float | None, tp: int = 1) -> float | None:

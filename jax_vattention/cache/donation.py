@@ -12,11 +12,11 @@ there, and :func:`cache_jit` does it for every new signature.
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Callable, Sequence
 
 import jax
 
+from jax_vattention.cache.jax_internals import aliased_outputs
 from jax_vattention.cache.kv_cache import KVCache
 
 
@@ -31,31 +31,6 @@ def _cache_leaves(tree: Any) -> list[tuple[int, int] | None]:
         else:
             tags.append(None)
     return tags
-
-
-def _aliased_outputs(lowered: jax.stages.Lowered, arguments: int) -> list[int | None]:
-    """For each flat argument of the lowered function: the flat output it aliases, or None."""
-    signature = re.search(r"func\.func public @main\((.*?)\)\s*->", lowered.as_text(), re.S)
-    if signature is None:
-        raise RuntimeError("cannot find the lowered program's main function")
-    kept = lowered._lowering.compile_args.get("kept_var_idx")  # arguments XLA did not prune
-    kept = sorted(kept) if kept is not None else list(range(arguments))
-    aliased: list[int | None] = [None] * arguments
-    donors = False
-    for text in signature.group(1).split("%arg")[1:]:  # "<n>: tensor<...> {attributes}, "
-        parameter = int(re.match(r"\d+", text).group(0))
-        output = re.search(r"tf\.aliasing_output = (\d+) : i32", text)
-        donors = donors or "jax.buffer_donor = true" in text
-        if parameter < len(kept) and output is not None:
-            aliased[kept[parameter]] = int(output.group(1))
-    if donors:
-        # A sharded program (e.g. shard_map over a mesh) marks donated parameters as buffer donors
-        # and leaves the aliasing to XLA: read what the compiled program aliases.
-        compiled = lowered.compile().as_text()
-        for output, parameter in re.findall(r"\{(\d+)\}: \((\d+), \{\}, (?:may|must)-alias\)", compiled):
-            if int(parameter) < len(kept):
-                aliased[kept[int(parameter)]] = int(output)
-    return aliased
 
 
 def check_cache_donation(lowered: jax.stages.Lowered, args: Sequence[Any], kwargs: dict) -> None:
@@ -85,7 +60,7 @@ def check_cache_donation(lowered: jax.stages.Lowered, args: Sequence[Any], kwarg
             "(on a GPU that copy reads unmapped memory and kills the CUDA context). Donate it: "
             "jax.jit(fn, donate_argnames='cache'), or use jax_vattention.cache_jit.")
     outputs = _cache_leaves(lowered.out_info)
-    aliased = _aliased_outputs(lowered, len(inputs))
+    aliased = aliased_outputs(lowered, len(inputs))
     wrong = [tag for tag, output in zip(inputs, aliased)
              if tag and (output is None or output >= len(outputs) or outputs[output] != tag)]
     if wrong:

@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import jax
 
 from jax_vattention.cache import _ffi
+from jax_vattention.cache.jax_internals import failed_in, first_line, out_of_memory
 from jax_vattention._core import DriverError, OutOfPagesError
 
 
@@ -57,12 +58,11 @@ def mapping_failures(manager, cache, what: str) -> Iterator[None]:
     try:
         yield
     except jax.errors.JaxRuntimeError as failure:
-        message = str(failure)
-        if manager is None or _ffi.GROW_TARGET not in message:
+        if manager is None or not failed_in(failure, _ffi.GROW_TARGET):
             raise
         state = manager.recover_from_failed_step(cache)
-        reason = message.strip().splitlines()[0]
-        if "RESOURCE_EXHAUSTED" in message:
+        reason = first_line(failure)
+        if out_of_memory(failure):
             raise OutOfPagesError(
                 f"{what} ran out of pages inside the compiled step ({reason}); {state}. Reserve the "
                 "growth a step can do before dispatching it (manager.reserve_growth), or free slots"

@@ -34,7 +34,6 @@ import numpy as np
 
 from jax_vattention._core import OutOfPagesError
 from jax_vattention.attention import resolve_backend
-from jax_vattention.cache.guards import mapping_failures
 from jax_vattention.cache.host import CacheHost
 from jax_vattention.decode.mesh import place
 from jax_vattention.decode.model import check_model_fits
@@ -336,8 +335,8 @@ class Engine:
         previous = self._in_flight.tokens if self._in_flight is not None else self._no_tokens
         cache = self.manager.cache
         calling = time.perf_counter()
-        with mapping_failures(self.manager, cache, "the engine's step"):
-            tokens, self._key, self.manager.cache = self.runner.run(cache, inputs, previous, self._key)
+        # The step maps nothing itself (its growth is mapped above, on the host): no mapping op can fail in it.
+        tokens, self._key, self.manager.cache = self.runner.run(cache, inputs, previous, self._key)
         dispatched = time.perf_counter()
         # The rows of the step's outputs that carry a token: each decode row's and each last chunk's.
         rows = [(state, state.slot) for state in plan.decodes]
@@ -357,9 +356,8 @@ class Engine:
         events: list[TokenEvent] = []
         begin = max(step.dispatched, self._last_read)
         try:
-            with mapping_failures(self.manager, self.manager.cache, "the engine's step"):
-                self.memory.map_ahead(step.tokens, begin, [r.seconds for r in self.stats.records])
-                tokens = np.asarray(step.tokens)
+            self.memory.map_ahead(step.tokens, begin, [r.seconds for r in self.stats.records])
+            tokens = np.asarray(step.tokens)
         except Exception as error:
             # The step's requests end with the error, delivered by the next step; the error goes up.
             for state, _ in step.rows:
