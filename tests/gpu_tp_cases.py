@@ -25,7 +25,6 @@ from jax_vattention.attention import resolve_backend
 from jax_vattention.decode.generate import generate_in_manager
 from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
-from jax_vattention.decode.generate import generate_in_manager
 from jax_vattention.decode.mesh import init_sharded, tp_mesh
 
 MiB = 1 << 20

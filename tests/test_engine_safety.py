@@ -5,22 +5,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
-from flax import nnx
 
 import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.decode.generate import generate
-from jax_vattention.models.configs import get_config
-from jax_vattention.models.llama import Llama
 
 CPU = jax.devices("cpu")[0]
 PAGE = 4096          # a fake driver's page: 32 tokens of the tiny model's K or V of one layer
-
-
-@pytest.fixture(scope="module")
-def model():
-    return Llama(get_config("tiny"), rngs=nnx.Rngs(0))
 
 
 def make_manager(model, *, max_batch=2, max_len=64, budget_pages=10_000):

@@ -5,7 +5,6 @@ import threading
 
 import jax
 import jax.numpy as jnp
-import pytest
 
 import jax_vattention as jv
 from jax_vattention import _core

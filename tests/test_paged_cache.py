@@ -12,8 +12,6 @@ import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.attention import xla_attention
 from jax_vattention.bench.decode_chunk import decode_chunk_fn
-from jax_vattention.models.configs import get_config
-from jax_vattention.models.llama import Llama
 from jax_vattention.bench.paged_cache import PagedKVCache, paged_pallas_attention, paged_reference
 from jax_vattention.decode.step_batch import StepBatch
 
@@ -94,11 +92,6 @@ def test_backends_a_paged_cache_refuses_say_what_to_use():
     with pytest.raises(ValueError, match="prefill chunks on a paged cache run with backend 'xla'"):
         heads_first.attend(0, jnp.zeros((2, 3, 4, 16)), q_positions=jnp.zeros((2, 3), jnp.int32),
                            kv_lengths=jnp.ones(2, jnp.int32), slots=jnp.arange(2), backend="pallas")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return Llama(get_config("tiny"), rngs=nnx.Rngs(0))
 
 
 def test_a_mixed_step_through_a_paged_cache_gives_the_dense_caches_logits(model):

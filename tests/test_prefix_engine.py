@@ -13,23 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.decode.generate import generate_in_manager
-from jax_vattention.models.configs import get_config
-from jax_vattention.models.llama import Llama
 from jax_vattention.cache.prefix import page_keys
 
 CPU = jax.devices("cpu")[0]
 PAGE = 4096
-
-
-@pytest.fixture(scope="module")
-def model():
-    return Llama(get_config("tiny"), rngs=nnx.Rngs(0))
 
 
 def make_manager(model, *, layout="per_layer", max_batch=4, max_len=160, budget_pages=10_000, host_pages=True):

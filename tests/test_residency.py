@@ -9,15 +9,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.attention import attend
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.decode.generate import generate_in_manager
-from jax_vattention.models.configs import get_config
-from jax_vattention.models.llama import Llama
 
 CPU = jax.devices("cpu")[0]
 KiB = 1024
@@ -64,11 +61,6 @@ def test_a_decode_step_with_the_default_backend_touches_only_mapped_pages(dtype)
         manager.cache = jax.block_until_ready(cache)
         assert np.isfinite(np.asarray(out, np.float32)).all()
         assert_resident_within_mapped(manager, manager.cache)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return Llama(get_config("tiny"), rngs=nnx.Rngs(0))
 
 
 def bfloat16_manager(model):

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 
 from jax_vattention.attention.adapters import (CUDNN_DTYPES, check_mosaic_shapes, cudnn_attention,
