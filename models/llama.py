@@ -12,9 +12,9 @@ gate and up halves of the MLP's input projection.
 
 The query, key and value projections are one weight ``w_qkv [D, K, G + 2, H]``
 and the MLP's gate and up projections one weight ``w_gate_up [D, 2, F]``: one
-matmul per projection group reads its weights once per decode step (the
-matmuls of the Llama-3-8B weights alone at batch 16 on an H200: 4.92 ms per
-step with separate q/k/v and gate/up matmuls, 4.46 ms fused; 2026-11-27).
+matmul per projection group reads its weights once per decode step (a decode
+step is bound by reading the weights; the fused matmuls' gain is measured in
+docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -61,9 +61,8 @@ class Attention(nnx.Module):
         ``w_qkv[:, k, :G]`` projects the query heads ``k * G .. k * G + G - 1`` (query head ``n``
         reads KV head ``n // G``, standard grouped-query attention), ``w_qkv[:, k, G]`` KV head
         ``k``'s key and ``w_qkv[:, k, G + 1]`` its value. One matmul reads all three at once (a
-        decode step is bound by reading the weights: 4.92 -> 4.46 ms per step for the matmuls
-        of the Llama-3-8B weights at batch 16 on an H200, with the MLP's gate and up fused too,
-        2026-11-27), and splitting ``K`` over devices keeps each KV head with its query heads.
+        decode step is bound by reading the weights), and splitting ``K`` over devices keeps each
+        KV head with its query heads.
     wo : [N, H, D], the output projection.
     """
 

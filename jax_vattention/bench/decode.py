@@ -56,8 +56,8 @@ from jax_vattention.models.sharding import check_divisible
 
 MODES = ("static", "virtual_per_layer", "virtual_interleaved", "paged_cudnn", "paged_pallas")
 PAGED_MODES = ("paged_cudnn", "paged_pallas")
-# Tokens per block of each paged kernel by default: in `bench attention` (H100, bf16 32q/8kv D128)
-# cuDNN's paged kernel was best with 64 or 128, Pallas' with 128 at most points of 64K tokens or more.
+# Tokens per block of each paged kernel by default: the sizes `bench attention` found best at most
+# points of 64K tokens or more (docs/benchmarks.md).
 BLOCK_SIZES = {"paged_cudnn": 64, "paged_pallas": 128}
 GPU_GRID = {"config": "llama-3-8b", "batch": (1, 16, 64), "context": (2048, 8192)}
 CPU_GRID = {"config": "tiny", "batch": (1, 4), "context": (64,)}

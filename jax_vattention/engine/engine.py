@@ -49,10 +49,9 @@ from jax_vattention.engine.validation import checked_request
 class EngineConfig:
     """How the engine runs.
 
-    token_budget : tokens per step at most: one per decoding request plus prompt chunks. On issue 12's
-        workload (H200, 2026-11-27) 512 gave 5,617 tokens/s, time per output token p50 / p90 6.2 / 19.2
-        ms and the first token at 1.1 s; 256 gave 5,086, 8.6 / 15.3 ms and 1.2 s: a smaller budget
-        bounds the slowest steps, a larger one finishes prompts sooner
+    token_budget : tokens per step at most: one per decoding request plus prompt chunks. A smaller
+        budget bounds the slowest steps, a larger one finishes prompts sooner (the measurements that
+        chose 512: docs/benchmarks.md)
     chunk_tokens : the width of a prefill row (a prompt takes several rows of a step if the
         budget allows); a mixed step has ``chunk_rows = max(1, token_budget // chunk_tokens)``
     backend : attention backend (``blocked``, ``xla``, ``cudnn``, ``pallas``); None: the default of the
@@ -67,8 +66,7 @@ class EngineConfig:
     pipeline : dispatch each step before reading the previous one's tokens (vLLM v1's asynchronous
         scheduling): the host plans, maps and streams while the device computes. A request that
         stops on a stop token has already been given one more step, whose token is dropped. On by
-        default: on an H200 it served issue 12's workload at 5,086 tokens/s against 3,809 without
-        (2026-11-27); the same tokens either way
+        default (faster on every workload measured: docs/benchmarks.md); the same tokens either way
     """
 
     token_budget: int = 512
