@@ -20,7 +20,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from jax_vattention import _core
+import jax_vattention._core as _core
 from jax_vattention.app.cli import standalone
 from jax_vattention.cache.config import LAYOUTS, CacheConfig
 from jax_vattention.cache.manager import CacheManager

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from jax_vattention import _core
+import jax_vattention._core as _core
 
 GROW_TARGET = "vattention_grow"
 UNINITIALIZED_TARGET = "vattention_uninitialized"

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_vattention import _core
+import jax_vattention._core as _core
 from jax_vattention.cache import _ffi
 from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.cache.config import CacheConfig

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jax_vattention import _core
+import jax_vattention._core as _core
 from jax_vattention._core import CacheManagerPoisonedError
 from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.cache.config import CacheConfig
