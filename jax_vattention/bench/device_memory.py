@@ -11,10 +11,8 @@ def device_lines(manager, devices: list[jax.Device]) -> list[str]:
     """One line per device: the cache's mapped memory and peak, and the device memory in use (XLA's
     allocator, from ``memory_stats`` where the backend has it; and the driver's whole-card view on a GPU,
     which counts the cache's pages too: they are mapped outside XLA)."""
-    stats = manager.stats()
-    per_device = stats.get("per_device", [stats])
     lines = []
-    for device, device_stats in zip(devices, per_device):
+    for device, device_stats in zip(devices, (shard.stats() for shard in manager.shards)):
         line = (f"device {device.id} ({device.device_kind}): cache mapped "
                 f"{device_stats['mapped_bytes'] / 2**20:,.1f} MiB in {device_stats['mapped_pages']} pages")
         memory = device.memory_stats() if hasattr(device, "memory_stats") else None

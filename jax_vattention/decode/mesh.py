@@ -123,7 +123,7 @@ def place(model, host: CacheHost | None):
     the model and None. ``ValueError`` for a split model over one device's cache, or a model split
     over another axis than the cache.
     """
-    axis = getattr(model, "tp_axis", None)
+    axis = model.tp_axis
     if host is None or host.mesh is None:
         if axis is not None:
             raise ValueError("the model is split over a mesh but the cache is one device's: use a "
