@@ -10,16 +10,9 @@ import numpy as np
 import pytest
 
 import jax_vattention as jv
+from caches import small_config
 
-KiB = 1024
 CPU = jax.devices("cpu")[0]
-
-
-def small_config(**overrides):
-    settings = dict(num_layers=2, max_batch=3, max_len=600, kv_heads=2, head_dim=16, dtype=jnp.float32,
-                    page_bytes=64 * KiB, budget_bytes=256 * 64 * KiB)
-    settings.update(overrides)
-    return jv.CacheConfig(**settings)
 
 
 @pytest.fixture

@@ -8,21 +8,12 @@ import numpy as np
 import pytest
 
 import jax_vattention as jv
-from jax_vattention import _core
+from caches import model_manager
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.decode.generate import generate
 
 CPU = jax.devices("cpu")[0]
 PAGE = 4096
-
-
-def make_manager(model, *, layout="per_layer", max_batch=4, max_len=160, budget_pages=10_000):
-    config = model.config
-    cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=max_batch, max_len=max_len,
-                                  kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32,
-                                  page_bytes=PAGE, budget_bytes=budget_pages * PAGE, layout=layout)
-    driver = _core.FakeDriver(PAGE)
-    return jv.CacheManager(cache_config, CPU, driver=driver), driver
 
 
 def unchunked(model, requests):
@@ -49,7 +40,7 @@ def reference(model):
     pytest.param("interleaved", 1, marks=pytest.mark.slow), pytest.param("interleaved", 64, marks=pytest.mark.slow)])
 def test_chunked_prefill_gives_the_tokens_of_unchunked_generate(model, reference, layout, chunk_tokens):
     requests, expected = reference
-    manager, _ = make_manager(model, layout=layout)
+    manager, _ = model_manager(model, layout=layout)
     with manager:
         engine = Engine(model, manager, EngineConfig(token_budget=max(chunk_tokens, 8), chunk_tokens=chunk_tokens))
         ids = [engine.submit(request) for request in requests]

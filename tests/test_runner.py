@@ -1,32 +1,19 @@
 """The engine's compiled step (engine/runner.py): a bounded number of programs over many requests,
 no sampling program for greedy requests, no control flow for the host to wait on."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jax_vattention as jv
-from jax_vattention import _core
+from caches import model_manager
 from jax_vattention.engine import Engine, EngineConfig, Request
 
-CPU = jax.devices("cpu")[0]
-PAGE = 4096
-
-
-def make_manager(model, *, layout="per_layer", max_batch=4, max_len=160, budget_pages=10_000):
-    config = model.config
-    cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=max_batch, max_len=max_len,
-                                  kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32,
-                                  page_bytes=PAGE, budget_bytes=budget_pages * PAGE, layout=layout)
-    driver = _core.FakeDriver(PAGE)
-    return jv.CacheManager(cache_config, CPU, driver=driver), driver
 
 
 @pytest.mark.slow
 def test_compiled_programs_stay_bounded_over_a_hundred_requests(model):
     rng = np.random.default_rng(5)
-    manager, driver = make_manager(model, budget_pages=40)
+    manager, driver = model_manager(model, budget_pages=40)
     with manager:
         engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8))
         engine.compile()                      # decode-only and mixed, greedy and sampling, at once
@@ -42,7 +29,7 @@ def test_compiled_programs_stay_bounded_over_a_hundred_requests(model):
 
 
 def test_a_greedy_engine_compiles_no_sampling_program(model):
-    manager, driver = make_manager(model, budget_pages=40)
+    manager, driver = model_manager(model, budget_pages=40)
     with manager:
         engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8))
         engine.compile(sampling=False)
@@ -60,7 +47,7 @@ def test_a_greedy_engine_compiles_no_sampling_program(model):
 def test_the_greedy_step_has_no_control_flow_for_the_host_to_wait_on(model):
     """On a GPU XLA reads a conditional's predicate on the host, so the host's dispatch would wait for
     the device every step: neither version of the step has one, and only the sampling one sorts."""
-    manager, _ = make_manager(model)
+    manager, _ = model_manager(model)
     with manager:
         engine = Engine(model, manager, EngineConfig(token_budget=8, chunk_tokens=4, backend="xla"))
         runner = engine.runner
