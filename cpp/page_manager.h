@@ -333,7 +333,13 @@ class PageManager {
   void rollback(const Checkpoint& before, const std::string& failure) noexcept;
   // Records the first failure that left the view unsure; `what` says what failed.
   void poison(const std::string& what) noexcept;
-  // Maps pages of `slot` until it has `target`; all or nothing (or poisoned).
+  // Maps `pages` (pages[i][b]: the handle of buffer b) as the next pages of `slot`, with one
+  // set_access per buffer over the run, and lists them. All or nothing: if a driver call fails,
+  // what it mapped is unmapped and every handle goes back where it belongs (give_back), then the
+  // error goes on; a page that fails to unmap stays mapped as a stray and poisons the manager.
+  // Every run of pages the manager maps goes through here.
+  void map_pages(std::size_t slot, const std::vector<std::vector<PhysicalHandle>>& pages);
+  // Maps pages of `slot` from the pool until it has `target`; all or nothing (or poisoned).
   void map_up_to(std::size_t slot, std::size_t target);
   // Unmaps the top page of `slot` in every buffer and pools its handles; all
   // or nothing: if one buffer fails, the others are mapped back (or poisoned).

@@ -73,26 +73,24 @@ std::string PageManager::unmap_or_stray(const std::vector<DevicePtr>& addresses,
   return failure;
 }
 
-void PageManager::map_up_to(std::size_t slot, std::size_t target) {
+void PageManager::map_pages(std::size_t slot, const std::vector<std::vector<PhysicalHandle>>& pages) {
   Slot& state = slots_[slot];
   const std::size_t first = state.pages.size();
-  if (target <= first) return;
-  const std::size_t count = target - first;
+  const std::size_t count = pages.size();
+  if (count == 0) return;
   const std::size_t buffers = geometry_.num_buffers;
   const auto start = Clock::now();
-  const std::vector<PhysicalHandle> handles = pool_.take(count * buffers);
   std::vector<DevicePtr> mapped;
   std::vector<PhysicalHandle> mapped_handles;
   std::vector<bool> accessible;
   try {
-    // One set_access per buffer covers all of the slot's new pages there.
+    // Buffer by buffer, so that one set_access per buffer covers the whole run there.
     for (std::size_t b = 0; b < buffers; ++b) {
-      for (std::size_t p = first; p < target; ++p) {
-        const DevicePtr address = page_address(b, slot, p);
-        const PhysicalHandle handle = handles[(p - first) * buffers + b];
-        driver_->map(address, geometry_.page_bytes, handle);
+      for (std::size_t i = 0; i < count; ++i) {
+        const DevicePtr address = page_address(b, slot, first + i);
+        driver_->map(address, geometry_.page_bytes, pages[i][b]);
         mapped.push_back(address);
-        mapped_handles.push_back(handle);
+        mapped_handles.push_back(pages[i][b]);
         accessible.push_back(false);
       }
       driver_->set_access(page_address(b, slot, first), count * geometry_.page_bytes);
@@ -100,27 +98,34 @@ void PageManager::map_up_to(std::size_t slot, std::size_t target) {
     }
   } catch (...) {
     const std::exception_ptr error = std::current_exception();
-    std::vector<PhysicalHandle> unused;
-    for (PhysicalHandle handle : handles) {
-      if (std::find(mapped_handles.begin(), mapped_handles.end(), handle) == mapped_handles.end()) {
-        unused.push_back(handle);
-      }
-    }
-    pool_.put(unused);
     const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
+    // The handles the loop did not reach go back where they belong too (the pool, or the prefix cache).
+    for (std::size_t next = mapped.size(); next < count * buffers; ++next) give_back(pages[next % count][next / count]);
     if (!undo.empty()) {
-      poison("mapping pages " + std::to_string(first) + ".." + std::to_string(target - 1) + " of slot " +
+      poison("mapping pages " + std::to_string(first) + ".." + std::to_string(first + count - 1) + " of slot " +
              std::to_string(slot) + " failed (" + error_message(error) + ") and unmapping what was mapped failed too (" +
              undo + ")");
     }
     std::rethrow_exception(error);
   }
-  for (std::size_t p = first; p < target; ++p) {
-    state.pages.emplace_back(handles.begin() + (p - first) * buffers, handles.begin() + (p - first + 1) * buffers);
-    undiscarded_.erase({slot, p});  // mapped again: it holds the new request's tokens now
+  for (std::size_t i = 0; i < count; ++i) {
+    state.pages.push_back(pages[i]);
+    undiscarded_.erase({slot, first + i});  // mapped again: it holds the new request's tokens now
   }
   pages_mapped_total_ += count * buffers;
   map_time_ += Clock::now() - start;
+}
+
+void PageManager::map_up_to(std::size_t slot, std::size_t target) {
+  const std::size_t first = slots_[slot].pages.size();
+  if (target <= first) return;
+  const std::size_t buffers = geometry_.num_buffers;
+  const auto start = Clock::now();
+  const std::vector<PhysicalHandle> handles = pool_.take((target - first) * buffers);
+  map_time_ += Clock::now() - start;
+  std::vector<std::vector<PhysicalHandle>> pages;
+  for (auto page = handles.begin(); page != handles.end(); page += buffers) pages.emplace_back(page, page + buffers);
+  map_pages(slot, pages);
 }
 
 void PageManager::unmap_top(std::size_t slot, bool log) {
@@ -176,34 +181,15 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
 
 bool PageManager::map_back(std::size_t slot, const std::vector<PhysicalHandle>& handles,
                            std::string& failure) noexcept {
-  const std::size_t page = slots_[slot].pages.size();
-  std::vector<DevicePtr> mapped;
-  std::vector<PhysicalHandle> mapped_handles;
-  std::vector<bool> accessible;
   try {
-    for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
-      driver_->map(page_address(b, slot, page), geometry_.page_bytes, handles[b]);
-      mapped.push_back(page_address(b, slot, page));
-      mapped_handles.push_back(handles[b]);
-      accessible.push_back(false);
-    }
-    for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
-      driver_->set_access(page_address(b, slot, page), geometry_.page_bytes);
-      accessible[b] = true;
-    }
+    map_pages(slot, {handles});
+    return true;
   } catch (const std::exception& error) {
     failure = error.what();
-    const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
-    for (std::size_t b = mapped.size(); b < handles.size(); ++b) give_back(handles[b]);
-    if (!undo.empty()) {
-      poison("mapping page " + std::to_string(page) + " of slot " + std::to_string(slot) + " back failed (" +
-             failure + ") and unmapping its buffers failed too (" + undo + ")");
-    }
-    return false;
+  } catch (...) {
+    failure = "an unknown error";
   }
-  slots_[slot].pages.push_back(handles);
-  undiscarded_.erase({slot, page});
-  return true;
+  return false;
 }
 
 void PageManager::rollback(const Checkpoint& before, const std::string& failure) noexcept {

@@ -13,15 +13,9 @@
 #include <algorithm>
 #include <string>
 
-#include "errors.h"
 #include "page_manager.h"
 
 namespace vattention {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-}  // namespace
 
 std::size_t PageManager::tokens_per_page() const {
   if (!driver_->can_alias() || geometry_.page_bytes % geometry_.token_bytes != 0) return 0;
@@ -76,44 +70,9 @@ void PageManager::evict_unmapped(std::size_t needed, const std::vector<PrefixKey
 }
 
 void PageManager::map_cached(std::size_t slot, const std::vector<PrefixKey>& keys, std::size_t last) {
-  Slot& state = slots_[slot];
-  const std::size_t first = state.pages.size();
-  if (last <= first) return;
-  const std::size_t count = last - first;
-  const auto start = Clock::now();
-  std::vector<DevicePtr> mapped;
-  std::vector<PhysicalHandle> mapped_handles;
-  std::vector<bool> accessible;
-  try {
-    // As map_up_to: one set_access per buffer covers the run.
-    for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
-      for (std::size_t p = first; p < last; ++p) {
-        const DevicePtr address = page_address(b, slot, p);
-        const PhysicalHandle handle = prefix_.find(keys[p])->handles[b];
-        driver_->map(address, geometry_.page_bytes, handle);
-        mapped.push_back(address);
-        mapped_handles.push_back(handle);
-        accessible.push_back(false);
-      }
-      driver_->set_access(page_address(b, slot, first), count * geometry_.page_bytes);
-      std::fill(accessible.end() - count, accessible.end(), true);
-    }
-  } catch (...) {
-    const std::exception_ptr error = std::current_exception();
-    const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);  // the cache keeps them
-    if (!undo.empty()) {
-      poison("mapping cached pages " + std::to_string(first) + ".." + std::to_string(last - 1) + " into slot " +
-             std::to_string(slot) + " failed (" + error_message(error) + ") and unmapping what was mapped failed too (" +
-             undo + ")");
-    }
-    std::rethrow_exception(error);
-  }
-  for (std::size_t p = first; p < last; ++p) {
-    state.pages.push_back(prefix_.find(keys[p])->handles);
-    undiscarded_.erase({slot, p});
-  }
-  pages_mapped_total_ += count * geometry_.num_buffers;
-  map_time_ += Clock::now() - start;
+  std::vector<std::vector<PhysicalHandle>> pages;
+  for (std::size_t p = slots_[slot].pages.size(); p < last; ++p) pages.push_back(prefix_.find(keys[p])->handles);
+  map_pages(slot, pages);  // if it fails, the pages stay with the cache
 }
 
 std::size_t PageManager::publish(int slot, const std::vector<PrefixKey>& keys) {
