@@ -194,10 +194,14 @@ bool PageManager::map_back(std::size_t slot, const std::vector<PhysicalHandle>& 
 
 void PageManager::rollback(const Checkpoint& before, const std::string& failure) noexcept {
   undoing_ = failure;
-  // Pages the operation mapped: unmap them, top first. One that fails to unmap stays listed with
-  // its slot (and the pages below it too): the view stays exact, and the slot merely has a spare page.
+  // Pages the operation mapped: unmap them, top first. It may have mapped them where it unmapped
+  // others first (a reused slot), so each slot goes down to the lowest page count it had. One that
+  // fails to unmap stays listed with its slot (and the pages below it too): the view stays exact,
+  // and the slot merely has a spare page.
+  std::vector<std::size_t> lowest = before.page_counts;
+  for (const UnmappedPage& page : unmapped_log_) lowest[page.slot] = std::min(lowest[page.slot], page.page);
   for (std::size_t s = 0; s < slots_.size(); ++s) {
-    while (slots_[s].pages.size() > before.page_counts[s]) {
+    while (slots_[s].pages.size() > lowest[s]) {
       try {
         unmap_top(s, false);
       } catch (...) {

@@ -124,6 +124,8 @@ SCENARIOS = [
     # Prefix sharing: the aliasing path (publish makes no driver call: see test_prefix_sharing.py).
     Scenario("alloc_shared", published, lambda m: m.alloc_shared(80, 0, [1, 2])),
     Scenario("alloc_over_shared", shared_reuse_setup, lambda m: m.alloc(20)),
+    Scenario("alloc_shared_over_private", lambda m: (published(m), m.free(m.alloc(128))),
+             lambda m: m.alloc_shared(80, 0, [1, 2]), max_batch=2),
     Scenario("alloc_evicting", cached_unmapped, lambda m: m.alloc(128), budget_pages=4 * BUFFERS),
     Scenario("alloc_shared_evicting", cached_unmapped, lambda m: m.alloc_shared(128, 0, [1, 9]),
              budget_pages=4 * BUFFERS),
