@@ -50,6 +50,9 @@ class Driver {
   virtual void map(DevicePtr address, std::size_t bytes, PhysicalHandle handle) = 0;
   virtual void set_access(DevicePtr address, std::size_t bytes) = 0;
   virtual void unmap(DevicePtr address, std::size_t bytes) = 0;
+  // Copies `bytes` from `source` to `destination`, both mapped and accessible, and returns once the
+  // copy is complete. A fork copies the partly filled last page of a sequence this way.
+  virtual void copy(DevicePtr destination, DevicePtr source, std::size_t bytes) = 0;
   // Called once for a contiguous range whose pages were all just unmapped:
   // the host driver returns the memory to the OS here, in one piece, so that
   // OS pages straddling two of our pages go back too. Nothing to do elsewhere.

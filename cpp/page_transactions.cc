@@ -10,8 +10,9 @@
 // not others (a "stray") cannot be listed, and poisons the manager.
 //
 // Pages of the prefix cache may be mapped in several slots: unmapping one
-// drops that mapping only (the page stays with the cache), and an eviction
-// the operation made is undone by taking the page back from the pool.
+// drops that mapping only (the page stays with the cache, or goes back to the
+// pool with its last mapping if it is a forked page), and an eviction the
+// operation made is undone by taking the page back from the pool.
 #include <algorithm>
 #include <string>
 
@@ -42,11 +43,30 @@ void PageManager::commit() {
   for (const UnmappedPage& page : unmapped_log_) undiscarded_.emplace(page.slot, page.page);
   unmapped_log_.clear();
   evicted_log_.clear();
+  forked_log_.clear();
+  written_log_.clear();
   pool_.begin_log();
 }
 
 void PageManager::give_back(PhysicalHandle handle) {
   if (!prefix_.holds(handle)) pool_.put({handle});
+}
+
+std::size_t PageManager::mappings_of(const std::vector<PhysicalHandle>& handles, std::size_t page) const {
+  std::size_t count = 0;
+  for (const Slot& slot : slots_) count += slot.pages.size() > page && slot.pages[page] == handles;
+  for (const StrayMapping& stray : strays_) {
+    count += std::find(handles.begin(), handles.end(), stray.handle) != handles.end();
+  }
+  return count;
+}
+
+void PageManager::drop_if_unmapped(const std::vector<PhysicalHandle>& handles, std::size_t page) {
+  const std::optional<EntryId> id = prefix_.entry_of(handles.front());
+  if (!id || prefix_.at(*id).key || mappings_of(handles, page) > 0) return;
+  PrefixCache::Entry entry = prefix_.erase(*id);
+  pool_.put(entry.handles);
+  evicted_log_.emplace_back(*id, std::move(entry));
 }
 
 void PageManager::poison(const std::string& what) noexcept {
@@ -175,6 +195,7 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
   }
   for (PhysicalHandle handle : handles) give_back(handle);
   state.pages.pop_back();
+  drop_if_unmapped(handles, page);
   pages_unmapped_total_ += geometry_.num_buffers;
   if (log) unmapped_log_.push_back(UnmappedPage{slot, page, handles});
 }
@@ -209,12 +230,31 @@ void PageManager::rollback(const Checkpoint& before, const std::string& failure)
       }
     }
   }
-  // Cache entries the operation evicted: back from the pool (all of them are there unless an undo
-  // above failed), before the pages below are mapped back, since a cached page is mapped from the cache.
+  // Forked pages the operation made of a slot's private pages: private again where that slot is
+  // the only one left that maps them (an undo above that failed may have left another mapping).
+  for (EntryId id : forked_log_) {
+    if (prefix_.entries().count(id) == 0) continue;
+    const PrefixCache::Entry& entry = prefix_.at(id);
+    if (mappings_of(entry.handles, entry.page) <= 1) prefix_.erase(id);
+  }
+  // Cache entries the operation evicted (and forked pages it unmapped for the last time): back from
+  // the pool (all of them are there unless an undo above failed), before the pages below are mapped
+  // back, since a cached page is mapped from the cache. Not an entry whose pages the operation wrote:
+  // its contents are gone, so it stays in the pool. Nor one the operation made.
+  std::vector<PrefixCache::Entry> restored_forked;
   for (auto it = evicted_log_.rbegin(); it != evicted_log_.rend(); ++it) {
-    if (pool_.remove(it->second.handles)) prefix_.restore(it->first, it->second);
+    const auto& handles = it->second.handles;
+    const bool written = std::any_of(handles.begin(), handles.end(), [this](PhysicalHandle handle) {
+      return std::find(written_log_.begin(), written_log_.end(), handle) != written_log_.end();
+    });
+    const bool made = std::find(forked_log_.begin(), forked_log_.end(), it->first) != forked_log_.end();
+    if (written || made || !pool_.remove(handles)) continue;
+    prefix_.restore(it->first, it->second);
+    if (!it->second.key) restored_forked.push_back(it->second);
   }
   evicted_log_.clear();
+  forked_log_.clear();
+  written_log_.clear();
   // Pages the operation unmapped: map them back, lowest first. One that fails stays unmapped and
   // pooled (or cached: it was spare), and the pages above it too.
   for (auto it = unmapped_log_.rbegin(); it != unmapped_log_.rend(); ++it) {
@@ -224,6 +264,10 @@ void PageManager::rollback(const Checkpoint& before, const std::string& failure)
     map_back(it->slot, it->handles, ignored);
   }
   unmapped_log_.clear();
+  // A forked page that no slot maps again (its mapping back failed) goes to the pool, as it would
+  // have with its last mapping.
+  for (const PrefixCache::Entry& entry : restored_forked) drop_if_unmapped(entry.handles, entry.page);
+  evicted_log_.clear();
   pool_.release_created();  // a page that fails to release stays pooled: still exact
   std::size_t kept = 0;
   std::size_t lost = 0;
@@ -279,12 +323,12 @@ void PageManager::release() {
   }
   strays_ = std::move(left);
   // The cache's pages go with the rest, but those still mapped somewhere: the next release() tries again.
-  for (PrefixKey key : prefix_.eviction_order()) {
-    const std::vector<PhysicalHandle>& handles = prefix_.find(key)->handles;
+  for (EntryId id : prefix_.eviction_order()) {
+    const std::vector<PhysicalHandle>& handles = prefix_.at(id).handles;
     const bool mapped = std::any_of(strays_.begin(), strays_.end(), [&](const StrayMapping& stray) {
       return std::find(handles.begin(), handles.end(), stray.handle) != handles.end();
     });
-    if (!mapped) pool_.put(prefix_.erase(key).handles);
+    if (!mapped) pool_.put(prefix_.erase(id).handles);
   }
   try {
     pool_.trim(0);
