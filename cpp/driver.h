@@ -59,7 +59,9 @@ class Driver {
   virtual void discard(DevicePtr, std::size_t) {}
 
   // Whether one physical page can be mapped at several addresses at once, so that a page of the
-  // prefix cache appears in several slots. The host driver cannot: its "pages" are XLA's memory.
+  // prefix cache appears in several slots. The host driver cannot: its "pages" are XLA's memory,
+  // which starts 64 bytes past an OS page (AlignedMalloc's header), so no page of a cache starts on
+  // an OS page, the unit in which the OS maps memory.
   virtual bool can_alias() const { return true; }
 
   // Waits until device work that may read or write pages about to be unmapped
