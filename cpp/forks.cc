@@ -78,7 +78,8 @@ int PageManager::fork_locked(int parent, std::size_t lookahead) {
                      std::to_string(parent));
   }
   const std::size_t child = *best;
-  const std::size_t extra = need > std::max(best_keep, full) ? (need - std::max(best_keep, full)) * geometry_.num_buffers : 0;
+  const std::size_t have = std::max(best_keep, full);  // mapped once the shared pages are
+  const std::size_t extra = need > have ? (need - have) * geometry_.num_buffers : 0;
   const std::size_t owed = owed_pages();
   if (pool_.headroom() < extra + owed &&
       pool_.headroom() + freeable_pages(floors(child, 0, best_keep)) < extra + owed) {
@@ -102,7 +103,9 @@ int PageManager::fork_locked(int parent, std::size_t lookahead) {
       // The copy's page: not one this operation evicted from the cache, where that can be helped,
       // since a failure would have to give that entry back with its contents.
       std::vector<PhysicalHandle> evicted;
-      for (const auto& [id, entry] : evicted_log_) evicted.insert(evicted.end(), entry.handles.begin(), entry.handles.end());
+      for (const auto& [id, entry] : evicted_log_) {
+        evicted.insert(evicted.end(), entry.handles.begin(), entry.handles.end());
+      }
       const auto start = Clock::now();
       std::vector<PhysicalHandle> page = pool_.take(geometry_.num_buffers, evicted);
       map_time_ += Clock::now() - start;

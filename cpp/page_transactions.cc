@@ -123,8 +123,8 @@ void PageManager::map_pages(std::size_t slot, const std::vector<std::vector<Phys
     for (std::size_t next = mapped.size(); next < count * buffers; ++next) give_back(pages[next % count][next / count]);
     if (!undo.empty()) {
       poison("mapping pages " + std::to_string(first) + ".." + std::to_string(first + count - 1) + " of slot " +
-             std::to_string(slot) + " failed (" + error_message(error) + ") and unmapping what was mapped failed too (" +
-             undo + ")");
+             std::to_string(slot) + " failed (" + error_message(error) +
+             ") and unmapping what was mapped failed too (" + undo + ")");
     }
     std::rethrow_exception(error);
   }

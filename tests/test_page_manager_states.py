@@ -6,7 +6,8 @@ and of forks, with driver failures injected among them. After every
 step the fake driver's table must equal the manager's view, and the slots,
 lengths and reservations must equal the model's: a failed call changes nothing
 (but a cached page that a fork's failed copy may have written, which stays
-evicted, with the free slots' mappings of it). No active slot's cached or forked (read-only) pages ever reach its length.
+evicted, with the free slots' mappings of it). No active slot's cached or forked (read-only) pages
+ever reach its length.
 """
 
 from hypothesis import settings, strategies as st
