@@ -39,6 +39,7 @@ nb::dict stats_dict(const ManagerStats& stats) {
   out["pages_unmapped_total"] = stats.pages_unmapped_total;
   out["grow_calls"] = stats.grow_calls;
   out["cached_pages"] = stats.cached_pages;
+  out["forked_pages"] = stats.forked_pages;
   out["shared_pages"] = stats.shared_pages;
   out["bytes_saved"] = stats.bytes_saved;
   out["pages_evicted_total"] = stats.pages_evicted_total;
@@ -62,7 +63,7 @@ nb::dict view_dict(const ManagerView& view) {
   nb::list cache;
   for (const CachedPage& page : view.cache) {
     nb::dict entry;
-    entry["key"] = page.key;
+    entry["key"] = page.key ? nb::cast(*page.key) : nb::none();
     entry["page"] = page.page;
     entry["handles"] = nb::cast(page.handles);
     entry["mappings"] = page.mappings;
@@ -162,7 +163,16 @@ NB_MODULE(_core, m) {
       }, "{address: (bytes, handle, accessible)} of every mapping.")
       .def("handles", &FakeDriver::handles, "The live physical handles.")
       .def("reservations", &FakeDriver::reservations, "The bases of the live reservations.")
-      .def("discarded", &FakeDriver::discarded, "(address, bytes) of every discard() call.");
+      .def("discarded", &FakeDriver::discarded, "(address, bytes) of every discard() call.")
+      .def("write", [](FakeDriver& driver, std::uint64_t address, nb::bytes data) {
+             const auto* begin = static_cast<const unsigned char*>(data.data());
+             driver.write(address, std::vector<unsigned char>(begin, begin + data.size()));
+           }, "address"_a, "data"_a,
+           "Writes `data` at a mapped, accessible address, as a kernel would (DriverError elsewhere).")
+      .def("read", [](const FakeDriver& driver, std::uint64_t address, std::size_t size) {
+             const std::vector<unsigned char> data = driver.read(address, size);
+             return nb::bytes(reinterpret_cast<const char*>(data.data()), data.size());
+           }, "address"_a, "size"_a, "Reads `size` bytes at a mapped, accessible address.");
 
   // Every method that takes the manager's lock lets the GIL go: the lock may be held by the mapping
   // op, on a thread waiting for the device, and the device's work may need the GIL (host callbacks).
@@ -192,6 +202,8 @@ NB_MODULE(_core, m) {
              return manager.geometry().pages_for(tokens) * manager.geometry().num_buffers;
            }, "tokens"_a,
            "Pages a slot of `tokens` tokens holds over every buffer (counted up to the capacity).")
+      .def("fork", &PageManager::fork, "parent"_a, "lookahead"_a = 0, Release(),
+           "A free slot that holds the same tokens as `parent`: its full pages shared, its last page copied.")
       .def("writable_from", &PageManager::writable_from, "slot"_a, Release())
       .def("check_write", &PageManager::check_write, "slot"_a, "start"_a, Release())
       .def("evict", &PageManager::evict, Release())

@@ -73,6 +73,7 @@ struct CudaApi {
                        unsigned long long);
   CUresult (*cuMemSetAccess)(CUdeviceptr, size_t, const CUmemAccessDesc*, size_t);
   CUresult (*cuMemUnmap)(CUdeviceptr, size_t);
+  CUresult (*cuMemcpyDtoD)(CUdeviceptr, CUdeviceptr, size_t);
   CUresult (*cuGetErrorName)(CUresult, const char**);
   CUresult (*cuGetErrorString)(CUresult, const char**);
 };
@@ -113,6 +114,7 @@ const CudaApi& load_cuda_api() {
     resolve(library, "cuMemMap", loaded.cuMemMap);
     resolve(library, "cuMemSetAccess", loaded.cuMemSetAccess);
     resolve(library, "cuMemUnmap", loaded.cuMemUnmap);
+    resolve(library, "cuMemcpyDtoD_v2", loaded.cuMemcpyDtoD);
     resolve(library, "cuGetErrorName", loaded.cuGetErrorName);
     resolve(library, "cuGetErrorString", loaded.cuGetErrorString);
     return loaded;
@@ -191,6 +193,14 @@ class CudaDriver final : public Driver {
   void unmap(DevicePtr address, std::size_t bytes) override {
     ContextScope scope(*this);
     check(api_.cuMemUnmap(address, bytes), "cuMemUnmap");
+  }
+
+  // cuMemcpyDtoD runs on the legacy default stream and does not wait on the host; the context's
+  // synchronization makes the copy complete before any stream of XLA reads the destination.
+  void copy(DevicePtr destination, DevicePtr source, std::size_t bytes) override {
+    ContextScope scope(*this);
+    check(api_.cuMemcpyDtoD(destination, source, bytes), "cuMemcpyDtoD");
+    check(api_.cuCtxSynchronize(), "cuCtxSynchronize");
   }
 
   void synchronize(void* stream) override {

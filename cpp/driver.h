@@ -50,13 +50,18 @@ class Driver {
   virtual void map(DevicePtr address, std::size_t bytes, PhysicalHandle handle) = 0;
   virtual void set_access(DevicePtr address, std::size_t bytes) = 0;
   virtual void unmap(DevicePtr address, std::size_t bytes) = 0;
+  // Copies `bytes` from `source` to `destination`, both mapped and accessible, and returns once the
+  // copy is complete. A fork copies the partly filled last page of a sequence this way.
+  virtual void copy(DevicePtr destination, DevicePtr source, std::size_t bytes) = 0;
   // Called once for a contiguous range whose pages were all just unmapped:
   // the host driver returns the memory to the OS here, in one piece, so that
   // OS pages straddling two of our pages go back too. Nothing to do elsewhere.
   virtual void discard(DevicePtr, std::size_t) {}
 
   // Whether one physical page can be mapped at several addresses at once, so that a page of the
-  // prefix cache appears in several slots. The host driver cannot: its "pages" are XLA's memory.
+  // prefix cache appears in several slots. The host driver cannot: its "pages" are XLA's memory,
+  // which starts 64 bytes past an OS page (AlignedMalloc's header), so no page of a cache starts on
+  // an OS page, the unit in which the OS maps memory.
   virtual bool can_alias() const { return true; }
 
   // Waits until device work that may read or write pages about to be unmapped

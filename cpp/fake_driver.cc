@@ -1,5 +1,6 @@
 #include "fake_driver.h"
 
+#include <algorithm>
 #include <cstring>
 #include <sstream>
 
@@ -88,6 +89,7 @@ void FakeDriver::release(PhysicalHandle handle) {
   }
   if (handles_.erase(handle) == 0) throw DriverError("fake release failed: unknown handle");
   contents_.erase(handle);
+  page_bytes_.erase(handle);
 }
 
 const std::pair<const DevicePtr, FakeDriver::Mapping>* FakeDriver::mapping_at(DevicePtr address) const {
@@ -160,6 +162,75 @@ void FakeDriver::unmap(DevicePtr address, std::size_t bytes) {
       std::memcpy(kept.data(), reinterpret_cast<const void*>(address), bytes);
     }
   }
+}
+
+std::vector<FakeDriver::Piece> FakeDriver::pieces(const std::string& call, DevicePtr address,
+                                                  std::size_t bytes) const {
+  std::vector<Piece> out;
+  for (DevicePtr a = address; a < address + bytes;) {
+    auto* mapping = mapping_at(a);
+    if (mapping == nullptr || !mapping->second.accessible) {
+      throw DriverError("fake " + call + " failed: " + hex(a) + " is not mapped and accessible (a fault)");
+    }
+    const std::size_t end = std::min<DevicePtr>(address + bytes, mapping->first + mapping->second.bytes);
+    out.push_back(Piece{mapping->second.handle, a - mapping->first, end - a});
+    a = end;
+  }
+  return out;
+}
+
+std::vector<unsigned char> FakeDriver::load(const std::vector<Piece>& from) const {
+  std::vector<unsigned char> data;
+  for (const Piece& piece : from) {
+    auto kept = page_bytes_.find(piece.handle);
+    if (kept == page_bytes_.end()) {
+      data.insert(data.end(), piece.bytes, 0);
+    } else {
+      data.insert(data.end(), kept->second.begin() + piece.offset, kept->second.begin() + piece.offset + piece.bytes);
+    }
+  }
+  return data;
+}
+
+void FakeDriver::store(const std::vector<Piece>& to, const std::vector<unsigned char>& data) {
+  std::size_t done = 0;
+  for (const Piece& piece : to) {
+    auto& kept = page_bytes_[piece.handle];
+    kept.resize(handles_.at(piece.handle));
+    std::copy(data.begin() + done, data.begin() + done + piece.bytes, kept.begin() + piece.offset);
+    done += piece.bytes;
+  }
+}
+
+void FakeDriver::copy(DevicePtr destination, DevicePtr source, std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  record("copy");
+  const std::vector<Piece> from = pieces("copy", source, bytes);
+  const std::vector<Piece> to = pieces("copy", destination, bytes);
+  auto kept = [this](const Piece& piece) { return page_bytes_.count(piece.handle) != 0; };
+  if (in_host_memory()) {
+    std::memmove(reinterpret_cast<void*>(destination), reinterpret_cast<const void*>(source), bytes);
+  } else if (std::any_of(from.begin(), from.end(), kept) || std::any_of(to.begin(), to.end(), kept)) {
+    store(to, load(from));  // else zeros onto zeros: nothing to keep
+  }
+}
+
+void FakeDriver::write(DevicePtr address, const std::vector<unsigned char>& data) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const std::vector<Piece> to = pieces("write", address, data.size());
+  if (in_host_memory()) {
+    std::memcpy(reinterpret_cast<void*>(address), data.data(), data.size());
+  } else {
+    store(to, data);
+  }
+}
+
+std::vector<unsigned char> FakeDriver::read(DevicePtr address, std::size_t bytes) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const std::vector<Piece> from = pieces("read", address, bytes);
+  if (!in_host_memory()) return load(from);
+  const auto* begin = reinterpret_cast<const unsigned char*>(address);
+  return std::vector<unsigned char>(begin, begin + bytes);
 }
 
 void FakeDriver::synchronize(void*) {

@@ -1,6 +1,8 @@
 // A Driver for tests: it keeps an exact table of what is mapped where, rejects
 // misuse (mapping twice, unmapping what is not mapped, leaking handles) as the
 // real driver would, counts every call, and fails chosen calls on demand.
+// On its own reservations it also keeps the bytes of every page that tests
+// write (write/read) or that copy() fills, so that tests can check contents.
 #pragma once
 
 #include <cstddef>
@@ -40,10 +42,18 @@ class FakeDriver final : public Driver {
   void map(DevicePtr address, std::size_t bytes, PhysicalHandle handle) override;
   void set_access(DevicePtr address, std::size_t bytes) override;
   void unmap(DevicePtr address, std::size_t bytes) override;
+  // Copies between mapped, accessible ranges (a fault otherwise: DriverError): the bytes of host
+  // memory with host_pages, else the bytes the driver keeps for each page.
+  void copy(DevicePtr destination, DevicePtr source, std::size_t bytes) override;
   void synchronize(void* stream) override;
+  // What a kernel would write or read at `address` (mapped and accessible, else DriverError): on
+  // the driver's own reservations, bytes it keeps for each physical page (zeros until written), so
+  // that every address a page is mapped at shows the same bytes. No call is counted.
+  void write(DevicePtr address, const std::vector<unsigned char>& data);
+  std::vector<unsigned char> read(DevicePtr address, std::size_t bytes) const;
 
   // Makes the `nth` next call of `operation` ("reserve", "free_reservation",
-  // "create", "map", "set_access", "unmap", "release", "synchronize",
+  // "create", "map", "set_access", "unmap", "release", "copy", "synchronize",
   // "discard") throw DriverError. With `after_a_failure`, calls count only
   // once another injected failure was thrown: the nth call of the undo, say.
   void fail_on(const std::string& operation, int nth, bool after_a_failure = false);
@@ -78,6 +88,18 @@ class FakeDriver final : public Driver {
 
   // Counts the call and throws if a failure was injected for it.
   void record(const std::string& operation);
+  // The pieces of [address, address + bytes) in the mappings that cover it: (handle, offset in the
+  // page, bytes). Throws DriverError naming `call` if a byte is not mapped and accessible.
+  struct Piece {
+    PhysicalHandle handle;
+    std::size_t offset;
+    std::size_t bytes;
+  };
+  std::vector<Piece> pieces(const std::string& call, DevicePtr address, std::size_t bytes) const;
+  bool in_host_memory() const { return host_pages_ && reservations_.empty(); }
+  // The bytes kept for the pieces, in order (zeros where nothing was written); and the other way.
+  std::vector<unsigned char> load(const std::vector<Piece>& from) const;
+  void store(const std::vector<Piece>& to, const std::vector<unsigned char>& data);
   const std::pair<const DevicePtr, Mapping>* mapping_at(DevicePtr address) const;
 
   mutable std::mutex mutex_;
@@ -99,6 +121,7 @@ class FakeDriver final : public Driver {
   std::vector<std::pair<DevicePtr, std::size_t>> discarded_;
   bool host_pages_ = false;
   std::map<PhysicalHandle, std::vector<unsigned char>> contents_;  // host_pages: bytes of unmapped handles
+  std::map<PhysicalHandle, std::vector<unsigned char>> page_bytes_;  // own reservations: bytes written
 };
 
 }  // namespace vattention

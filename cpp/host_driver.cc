@@ -44,6 +44,9 @@ class HostDriver final : public Driver {
   void set_access(DevicePtr, std::size_t) override {}
 
   void unmap(DevicePtr, std::size_t) override {}
+  void copy(DevicePtr destination, DevicePtr source, std::size_t bytes) override {
+    std::memcpy(reinterpret_cast<void*>(destination), reinterpret_cast<const void*>(source), bytes);
+  }
   bool can_alias() const override { return false; }
   void discard(DevicePtr address, std::size_t bytes) override { discard_pages(address, bytes); }
 

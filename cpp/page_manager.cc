@@ -3,9 +3,9 @@
 #include <algorithm>
 #include <stdexcept>
 #include <string>
-#include <type_traits>
 
 #include "errors.h"
+#include "page_operations.h"
 
 namespace vattention {
 namespace {
@@ -141,11 +141,11 @@ std::vector<std::size_t> PageManager::floors(std::optional<std::size_t> keep_slo
 std::size_t PageManager::freeable_pages(const std::vector<std::size_t>& floors,
                                         const std::vector<PrefixKey>& kept) const {
   std::size_t pages = 0;
-  std::unordered_map<PrefixKey, std::size_t> above;  // mappings of each cache entry above the floors
+  std::unordered_map<EntryId, std::size_t> above;  // mappings of each cache entry above the floors
   for (std::size_t s = 0; s < slots_.size(); ++s) {
     for (std::size_t p = floors[s]; p < slots_[s].pages.size(); ++p) {
-      if (auto key = prefix_.key_of(slots_[s].pages[p].front())) {
-        ++above[*key];
+      if (auto id = prefix_.entry_of(slots_[s].pages[p].front())) {
+        ++above[*id];
       } else {
         pages += geometry_.num_buffers;
       }
@@ -153,10 +153,10 @@ std::size_t PageManager::freeable_pages(const std::vector<std::size_t>& floors,
   }
   if (prefix_.size() == 0) return pages;
   const auto mappings = cache_mappings();
-  for (const auto& [key, entry] : prefix_.entries()) {
-    auto count = mappings.find(key);
-    auto freed = above.find(key);
-    if (std::find(kept.begin(), kept.end(), key) != kept.end()) continue;
+  for (const auto& [id, entry] : prefix_.entries()) {
+    auto count = mappings.find(id);
+    auto freed = above.find(id);
+    if (entry.key && std::find(kept.begin(), kept.end(), *entry.key) != kept.end()) continue;
     if (count == mappings.end() || (freed != above.end() && freed->second == count->second)) {
       pages += geometry_.num_buffers;
     }
@@ -220,57 +220,6 @@ void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> kee
     if (pool_.headroom() >= needed) return;
   }
   if (!evicted) evict_unmapped(needed, kept);
-}
-
-template <class Body>
-auto PageManager::transaction(Body&& body) -> decltype(body()) {
-  const Checkpoint before = checkpoint();
-  unmapped_log_.clear();
-  evicted_log_.clear();
-  pool_.begin_log();
-  try {
-    if constexpr (std::is_void_v<decltype(body())>) {
-      body();
-      commit();
-    } else {
-      auto result = body();
-      commit();
-      return result;
-    }
-  } catch (const std::exception& error) {
-    rollback(before, error.what());
-    throw;
-  } catch (...) {
-    rollback(before, "an unknown error");
-    throw;
-  }
-}
-
-namespace {
-
-// Thrown under the lock where the device must be waited for and the caller has not waited yet.
-struct WaitOutsideTheLock {};
-
-}  // namespace
-
-template <class Operation>
-auto PageManager::locked(void* stream, Operation&& operation) -> decltype(operation()) {
-  for (bool waited = false;; waited = true) {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      waited_ = waited;
-      synchronized_ = false;
-      try {
-        return operation();
-      } catch (const WaitOutsideTheLock&) {
-        // Nothing was changed yet: the wait is the first thing an operation does with the driver.
-      }
-    }
-    // The long wait, for all the work in flight, happens without the lock so that other callers
-    // (the mapping op of the next step, Python threads) go on meanwhile. The operation then runs
-    // again and waits once more under the lock, which finds little or nothing left to wait for.
-    driver_->synchronize(stream);
-  }
 }
 
 void PageManager::wait_for_device(void* stream) {

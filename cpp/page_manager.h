@@ -81,7 +81,8 @@ struct ManagerStats {
   std::uint64_t pages_unmapped_total = 0;
   std::uint64_t grow_calls = 0;
   // Prefix sharing (prefix_pages.cc). Pages count one per buffer, as mapped_pages does.
-  std::size_t cached_pages = 0;     // held by the prefix cache, mapped or not
+  std::size_t cached_pages = 0;     // held by the prefix cache under a key, mapped or not
+  std::size_t forked_pages = 0;     // full pages that forks share, without a key (prefix_cache.h)
   std::size_t shared_pages = 0;     // physical pages mapped in more than one slot
   std::size_t bytes_saved = 0;      // every mapping of a physical page beyond its first, in bytes
   std::uint64_t pages_evicted_total = 0;
@@ -101,10 +102,10 @@ struct StrayMapping {
 
 // A page of the prefix cache, as view() reports it.
 struct CachedPage {
-  PrefixKey key = 0;
+  std::optional<PrefixKey> key;         // none for a forked page
   std::size_t page = 0;                 // its page index in every slot that maps it
   std::vector<PhysicalHandle> handles;  // one per buffer
-  std::size_t mappings = 0;             // slots that map it (its reference count is this + 1, the cache's)
+  std::size_t mappings = 0;             // slots that map it: its reference count (+1, the cache's, if keyed)
   std::uint64_t last_used = 0;
 };
 
@@ -165,10 +166,18 @@ class PageManager {
   // whose key another page holds already (no duplicates). No driver call. Returns the pages
   // registered (entries: one page index in every buffer).
   std::size_t publish(int slot, const std::vector<PrefixKey>& keys);
-  // The first token of `slot` that may be written: the end of its last cached page.
+  // The first token of `slot` that may be written: the end of its last cached or forked page.
   std::size_t writable_from(int slot) const;
-  // Throws std::invalid_argument if writing `slot` from token `start` would touch a cached page.
+  // Throws std::invalid_argument if writing `slot` from token `start` would touch a cached or forked page.
   void check_write(int slot, std::size_t start) const;
+  // Forks (forks.cc). Places a copy of the request in the active slot `parent` in a free slot and
+  // returns it: the new slot's length is the parent's, its full pages are the parent's own physical
+  // pages (read-only in both slots from now on: forked pages of the prefix cache), and its partly
+  // filled last page is a private copy of the parent's, made once, here, after the device finished
+  // writing it. The pages of `lookahead` more tokens are mapped too, as alloc() maps them. Prefers a
+  // free slot that already maps the most of the parent's pages. Throws std::invalid_argument for a
+  // free parent or a driver that cannot map one page at two addresses, NoFreeSlot, OutOfPages.
+  int fork(int parent, std::size_t lookahead = 0);
   // Releases to the pool every page of the prefix cache that no slot maps; returns the pages.
   std::size_t evict();
   // How many of `keys` the prefix cache holds at pages 0.., the longest run: what alloc_shared() would
@@ -295,8 +304,13 @@ class PageManager {
   bool is_cached(const std::vector<PhysicalHandle>& page) const { return prefix_.holds(page.front()); }
   // Where a handle goes once a mapping of it is gone: a cached one stays with the cache, any other to the pool.
   void give_back(PhysicalHandle handle);
-  // How many slots (and strays) map each entry of the prefix cache.
-  std::unordered_map<PrefixKey, std::size_t> cache_mappings() const;
+  // How many slots map each entry of the prefix cache.
+  std::unordered_map<EntryId, std::size_t> cache_mappings() const;
+  // How many slots and strays map the page `handles` (its handle in every buffer) at `page`.
+  std::size_t mappings_of(const std::vector<PhysicalHandle>& handles, std::size_t page) const;
+  // Where the last mapping of a page has gone: a forked page goes back to the pool (and to
+  // evicted_log_, so that a failed operation can take it back); anything else stays where it is.
+  void drop_if_unmapped(const std::vector<PhysicalHandle>& handles, std::size_t page);
   // Evicts entries that nothing maps but `kept`, least recently used first, until the headroom
   // reaches `needed`.
   void evict_unmapped(std::size_t needed, const std::vector<PrefixKey>& kept = {});
@@ -308,8 +322,15 @@ class PageManager {
   // Maps the cached pages of `keys[pages.size()..last)` as the next pages of `slot`; all or nothing.
   void map_cached(std::size_t slot, const std::vector<PrefixKey>& keys, std::size_t last);
   void reserve_growth_locked(std::size_t tokens);
+  int fork_locked(int parent, std::size_t lookahead);
+  // Leading pages of the free `slot` that a fork of `parent` with `full` full pages may keep: the
+  // parent's own pages below `full`, private pages from there on.
+  std::size_t fork_reusable_pages(std::size_t slot, std::size_t parent, std::size_t full) const;
+  // Makes pages 0..full-1 of `parent` forked pages of the prefix cache, where they are private (no
+  // driver call; forked_log_ lists them for rollback).
+  void share_full_pages(std::size_t parent, std::size_t full);
   // Runs `operation` under the lock. Where it must wait for the device (wait_for_device), it
-  // is run again after a wait without the lock: see page_manager.cc.
+  // is run again after a wait without the lock: see page_operations.h.
   template <class Operation>
   auto locked(void* stream, Operation&& operation) -> decltype(operation());
   // Waits for the device's work (`stream`'s, or all of it if null) before pages are unmapped.
@@ -318,7 +339,7 @@ class PageManager {
   void discard_pending() noexcept;
 
   // Page mapping, unmapping and undoing them (page_transactions.cc; transaction() is a template
-  // in page_manager.cc, its only user).
+  // in page_operations.h).
   //
   // Runs `body` as one operation: if it throws, rollback() restores what it
   // changed before the exception goes on, and the exception is the original one.
@@ -333,7 +354,13 @@ class PageManager {
   void rollback(const Checkpoint& before, const std::string& failure) noexcept;
   // Records the first failure that left the view unsure; `what` says what failed.
   void poison(const std::string& what) noexcept;
-  // Maps pages of `slot` until it has `target`; all or nothing (or poisoned).
+  // Maps `pages` (pages[i][b]: the handle of buffer b) as the next pages of `slot`, with one
+  // set_access per buffer over the run, and lists them. All or nothing: if a driver call fails,
+  // what it mapped is unmapped and every handle goes back where it belongs (give_back), then the
+  // error goes on; a page that fails to unmap stays mapped as a stray and poisons the manager.
+  // Every run of pages the manager maps goes through here.
+  void map_pages(std::size_t slot, const std::vector<std::vector<PhysicalHandle>>& pages);
+  // Maps pages of `slot` from the pool until it has `target`; all or nothing (or poisoned).
   void map_up_to(std::size_t slot, std::size_t target);
   // Unmaps the top page of `slot` in every buffer and pools its handles; all
   // or nothing: if one buffer fails, the others are mapped back (or poisoned).
@@ -362,7 +389,11 @@ class PageManager {
   std::vector<Slot> slots_;
   std::vector<StrayMapping> strays_;
   PrefixCache prefix_;
-  std::vector<std::pair<PrefixKey, PrefixCache::Entry>> evicted_log_;  // of the operation in progress
+  std::vector<std::pair<EntryId, PrefixCache::Entry>> evicted_log_;  // of the operation in progress
+  std::vector<EntryId> forked_log_;  // entries the operation in progress made of private pages
+  // Pages the operation in progress wrote (a fork's copy): an entry it evicted whose pages these
+  // are cannot be restored if it fails, its contents are gone.
+  std::vector<PhysicalHandle> written_log_;
   std::uint64_t pages_evicted_total_ = 0;
   std::vector<UnmappedPage> unmapped_log_;  // of the operation in progress
   // (slot, page) of unmapped pages not yet discarded; a page mapped again leaves it.

@@ -34,8 +34,9 @@ ManagerStats PageManager::stats() const {
   stats.pages_mapped_total = pages_mapped_total_;
   stats.pages_unmapped_total = pages_unmapped_total_;
   stats.grow_calls = grow_calls_;
-  stats.cached_pages = prefix_.size() * geometry_.num_buffers;
-  for (const auto& [key, mappings] : cache_mappings()) {
+  stats.cached_pages = (prefix_.size() - prefix_.forked()) * geometry_.num_buffers;
+  stats.forked_pages = prefix_.forked() * geometry_.num_buffers;
+  for (const auto& [id, mappings] : cache_mappings()) {
     if (mappings > 1) {
       stats.shared_pages += geometry_.num_buffers;
       stats.bytes_saved += (mappings - 1) * geometry_.num_buffers * geometry_.page_bytes;
@@ -80,13 +81,16 @@ ManagerView PageManager::view() const {
   view.pooled = pool_.pooled();
   view.strays = strays_;
   const auto mappings = cache_mappings();
-  for (const auto& [key, entry] : prefix_.entries()) {
-    auto count = mappings.find(key);
-    view.cache.push_back(CachedPage{key, entry.page, entry.handles, count == mappings.end() ? 0 : count->second,
-                                    entry.last_used});
+  for (const auto& [id, entry] : prefix_.entries()) {
+    auto count = mappings.find(id);
+    view.cache.push_back(CachedPage{entry.key, entry.page, entry.handles,
+                                    count == mappings.end() ? 0 : count->second, entry.last_used});
   }
-  std::sort(view.cache.begin(), view.cache.end(),
-            [](const CachedPage& a, const CachedPage& b) { return a.key < b.key; });
+  // Cached pages by key, then forked pages by their handles.
+  std::sort(view.cache.begin(), view.cache.end(), [](const CachedPage& a, const CachedPage& b) {
+    return std::make_pair(!a.key.has_value(), a.key ? *a.key : a.handles.front()) <
+           std::make_pair(!b.key.has_value(), b.key ? *b.key : b.handles.front());
+  });
   view.poisoned = poisoned_;
   return view;
 }

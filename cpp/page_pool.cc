@@ -20,16 +20,26 @@ PagePool::~PagePool() {
   }
 }
 
-std::vector<PhysicalHandle> PagePool::take(std::size_t count) {
+std::vector<PhysicalHandle> PagePool::take(std::size_t count, const std::vector<PhysicalHandle>& last) {
   if (count > headroom()) {
     throw OutOfPages("needs " + std::to_string(count) + " pages of " + std::to_string(page_bytes_) +
                      " bytes but only " + std::to_string(headroom()) + " of the budget of " +
                      std::to_string(budget_pages_) + " are free");
   }
+  // Pooled pages go out from the back: those of `last` move to the front, behind new pages too.
+  std::size_t kept_back = 0;
+  if (!last.empty()) {
+    const auto others = std::stable_partition(free_.begin(), free_.end(), [&last](PhysicalHandle handle) {
+      return std::find(last.begin(), last.end(), handle) != last.end();
+    });
+    kept_back = static_cast<std::size_t>(others - free_.begin());
+  }
+  const std::size_t others = std::min(count, free_.size() - kept_back);
+  const std::size_t to_create = std::min(count - others, budget_pages_ - created_);
+  const std::size_t from_pool = count - to_create;
   std::vector<PhysicalHandle> created;
-  const std::size_t from_pool = std::min(count, free_.size());
   try {
-    while (created.size() < count - from_pool) created.push_back(driver_.create(page_bytes_));
+    while (created.size() < to_create) created.push_back(driver_.create(page_bytes_));
   } catch (...) {
     for (PhysicalHandle handle : created) {
       try {

@@ -37,8 +37,10 @@ class PagePool {
   // Hands out `count` pages, creating those the pool lacks. All or nothing:
   // throws OutOfPages when the headroom is short and DriverError when a
   // creation fails, with the pool as it was before the call (except a page
-  // the driver then failed to release: it stays pooled).
-  std::vector<PhysicalHandle> take(std::size_t count);
+  // the driver then failed to release: it stays pooled). Pooled pages listed
+  // in `last` are handed out only where neither other pooled pages nor new
+  // ones can be: a page whose contents may still be needed.
+  std::vector<PhysicalHandle> take(std::size_t count, const std::vector<PhysicalHandle>& last = {});
   void put(const std::vector<PhysicalHandle>& handles);
   // Takes these pooled pages out of the pool; false (and nothing taken) if one is not pooled.
   bool remove(const std::vector<PhysicalHandle>& handles);

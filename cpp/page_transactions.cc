@@ -10,8 +10,9 @@
 // not others (a "stray") cannot be listed, and poisons the manager.
 //
 // Pages of the prefix cache may be mapped in several slots: unmapping one
-// drops that mapping only (the page stays with the cache), and an eviction
-// the operation made is undone by taking the page back from the pool.
+// drops that mapping only (the page stays with the cache, or goes back to the
+// pool with its last mapping if it is a forked page), and an eviction the
+// operation made is undone by taking the page back from the pool.
 #include <algorithm>
 #include <string>
 
@@ -42,11 +43,30 @@ void PageManager::commit() {
   for (const UnmappedPage& page : unmapped_log_) undiscarded_.emplace(page.slot, page.page);
   unmapped_log_.clear();
   evicted_log_.clear();
+  forked_log_.clear();
+  written_log_.clear();
   pool_.begin_log();
 }
 
 void PageManager::give_back(PhysicalHandle handle) {
   if (!prefix_.holds(handle)) pool_.put({handle});
+}
+
+std::size_t PageManager::mappings_of(const std::vector<PhysicalHandle>& handles, std::size_t page) const {
+  std::size_t count = 0;
+  for (const Slot& slot : slots_) count += slot.pages.size() > page && slot.pages[page] == handles;
+  for (const StrayMapping& stray : strays_) {
+    count += std::find(handles.begin(), handles.end(), stray.handle) != handles.end();
+  }
+  return count;
+}
+
+void PageManager::drop_if_unmapped(const std::vector<PhysicalHandle>& handles, std::size_t page) {
+  const std::optional<EntryId> id = prefix_.entry_of(handles.front());
+  if (!id || prefix_.at(*id).key || mappings_of(handles, page) > 0) return;
+  PrefixCache::Entry entry = prefix_.erase(*id);
+  pool_.put(entry.handles);
+  evicted_log_.emplace_back(*id, std::move(entry));
 }
 
 void PageManager::poison(const std::string& what) noexcept {
@@ -73,26 +93,24 @@ std::string PageManager::unmap_or_stray(const std::vector<DevicePtr>& addresses,
   return failure;
 }
 
-void PageManager::map_up_to(std::size_t slot, std::size_t target) {
+void PageManager::map_pages(std::size_t slot, const std::vector<std::vector<PhysicalHandle>>& pages) {
   Slot& state = slots_[slot];
   const std::size_t first = state.pages.size();
-  if (target <= first) return;
-  const std::size_t count = target - first;
+  const std::size_t count = pages.size();
+  if (count == 0) return;
   const std::size_t buffers = geometry_.num_buffers;
   const auto start = Clock::now();
-  const std::vector<PhysicalHandle> handles = pool_.take(count * buffers);
   std::vector<DevicePtr> mapped;
   std::vector<PhysicalHandle> mapped_handles;
   std::vector<bool> accessible;
   try {
-    // One set_access per buffer covers all of the slot's new pages there.
+    // Buffer by buffer, so that one set_access per buffer covers the whole run there.
     for (std::size_t b = 0; b < buffers; ++b) {
-      for (std::size_t p = first; p < target; ++p) {
-        const DevicePtr address = page_address(b, slot, p);
-        const PhysicalHandle handle = handles[(p - first) * buffers + b];
-        driver_->map(address, geometry_.page_bytes, handle);
+      for (std::size_t i = 0; i < count; ++i) {
+        const DevicePtr address = page_address(b, slot, first + i);
+        driver_->map(address, geometry_.page_bytes, pages[i][b]);
         mapped.push_back(address);
-        mapped_handles.push_back(handle);
+        mapped_handles.push_back(pages[i][b]);
         accessible.push_back(false);
       }
       driver_->set_access(page_address(b, slot, first), count * geometry_.page_bytes);
@@ -100,27 +118,34 @@ void PageManager::map_up_to(std::size_t slot, std::size_t target) {
     }
   } catch (...) {
     const std::exception_ptr error = std::current_exception();
-    std::vector<PhysicalHandle> unused;
-    for (PhysicalHandle handle : handles) {
-      if (std::find(mapped_handles.begin(), mapped_handles.end(), handle) == mapped_handles.end()) {
-        unused.push_back(handle);
-      }
-    }
-    pool_.put(unused);
     const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
+    // The handles the loop did not reach go back where they belong too (the pool, or the prefix cache).
+    for (std::size_t next = mapped.size(); next < count * buffers; ++next) give_back(pages[next % count][next / count]);
     if (!undo.empty()) {
-      poison("mapping pages " + std::to_string(first) + ".." + std::to_string(target - 1) + " of slot " +
-             std::to_string(slot) + " failed (" + error_message(error) + ") and unmapping what was mapped failed too (" +
-             undo + ")");
+      poison("mapping pages " + std::to_string(first) + ".." + std::to_string(first + count - 1) + " of slot " +
+             std::to_string(slot) + " failed (" + error_message(error) +
+             ") and unmapping what was mapped failed too (" + undo + ")");
     }
     std::rethrow_exception(error);
   }
-  for (std::size_t p = first; p < target; ++p) {
-    state.pages.emplace_back(handles.begin() + (p - first) * buffers, handles.begin() + (p - first + 1) * buffers);
-    undiscarded_.erase({slot, p});  // mapped again: it holds the new request's tokens now
+  for (std::size_t i = 0; i < count; ++i) {
+    state.pages.push_back(pages[i]);
+    undiscarded_.erase({slot, first + i});  // mapped again: it holds the new request's tokens now
   }
   pages_mapped_total_ += count * buffers;
   map_time_ += Clock::now() - start;
+}
+
+void PageManager::map_up_to(std::size_t slot, std::size_t target) {
+  const std::size_t first = slots_[slot].pages.size();
+  if (target <= first) return;
+  const std::size_t buffers = geometry_.num_buffers;
+  const auto start = Clock::now();
+  const std::vector<PhysicalHandle> handles = pool_.take((target - first) * buffers);
+  map_time_ += Clock::now() - start;
+  std::vector<std::vector<PhysicalHandle>> pages;
+  for (auto page = handles.begin(); page != handles.end(); page += buffers) pages.emplace_back(page, page + buffers);
+  map_pages(slot, pages);
 }
 
 void PageManager::unmap_top(std::size_t slot, bool log) {
@@ -170,48 +195,34 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
   }
   for (PhysicalHandle handle : handles) give_back(handle);
   state.pages.pop_back();
+  drop_if_unmapped(handles, page);
   pages_unmapped_total_ += geometry_.num_buffers;
   if (log) unmapped_log_.push_back(UnmappedPage{slot, page, handles});
 }
 
 bool PageManager::map_back(std::size_t slot, const std::vector<PhysicalHandle>& handles,
                            std::string& failure) noexcept {
-  const std::size_t page = slots_[slot].pages.size();
-  std::vector<DevicePtr> mapped;
-  std::vector<PhysicalHandle> mapped_handles;
-  std::vector<bool> accessible;
   try {
-    for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
-      driver_->map(page_address(b, slot, page), geometry_.page_bytes, handles[b]);
-      mapped.push_back(page_address(b, slot, page));
-      mapped_handles.push_back(handles[b]);
-      accessible.push_back(false);
-    }
-    for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
-      driver_->set_access(page_address(b, slot, page), geometry_.page_bytes);
-      accessible[b] = true;
-    }
+    map_pages(slot, {handles});
+    return true;
   } catch (const std::exception& error) {
     failure = error.what();
-    const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
-    for (std::size_t b = mapped.size(); b < handles.size(); ++b) give_back(handles[b]);
-    if (!undo.empty()) {
-      poison("mapping page " + std::to_string(page) + " of slot " + std::to_string(slot) + " back failed (" +
-             failure + ") and unmapping its buffers failed too (" + undo + ")");
-    }
-    return false;
+  } catch (...) {
+    failure = "an unknown error";
   }
-  slots_[slot].pages.push_back(handles);
-  undiscarded_.erase({slot, page});
-  return true;
+  return false;
 }
 
 void PageManager::rollback(const Checkpoint& before, const std::string& failure) noexcept {
   undoing_ = failure;
-  // Pages the operation mapped: unmap them, top first. One that fails to unmap stays listed with
-  // its slot (and the pages below it too): the view stays exact, and the slot merely has a spare page.
+  // Pages the operation mapped: unmap them, top first. It may have mapped them where it unmapped
+  // others first (a reused slot), so each slot goes down to the lowest page count it had. One that
+  // fails to unmap stays listed with its slot (and the pages below it too): the view stays exact,
+  // and the slot merely has a spare page.
+  std::vector<std::size_t> lowest = before.page_counts;
+  for (const UnmappedPage& page : unmapped_log_) lowest[page.slot] = std::min(lowest[page.slot], page.page);
   for (std::size_t s = 0; s < slots_.size(); ++s) {
-    while (slots_[s].pages.size() > before.page_counts[s]) {
+    while (slots_[s].pages.size() > lowest[s]) {
       try {
         unmap_top(s, false);
       } catch (...) {
@@ -219,12 +230,31 @@ void PageManager::rollback(const Checkpoint& before, const std::string& failure)
       }
     }
   }
-  // Cache entries the operation evicted: back from the pool (all of them are there unless an undo
-  // above failed), before the pages below are mapped back, since a cached page is mapped from the cache.
+  // Forked pages the operation made of a slot's private pages: private again where that slot is
+  // the only one left that maps them (an undo above that failed may have left another mapping).
+  for (EntryId id : forked_log_) {
+    if (prefix_.entries().count(id) == 0) continue;
+    const PrefixCache::Entry& entry = prefix_.at(id);
+    if (mappings_of(entry.handles, entry.page) <= 1) prefix_.erase(id);
+  }
+  // Cache entries the operation evicted (and forked pages it unmapped for the last time): back from
+  // the pool (all of them are there unless an undo above failed), before the pages below are mapped
+  // back, since a cached page is mapped from the cache. Not an entry whose pages the operation wrote:
+  // its contents are gone, so it stays in the pool. Nor one the operation made.
+  std::vector<PrefixCache::Entry> restored_forked;
   for (auto it = evicted_log_.rbegin(); it != evicted_log_.rend(); ++it) {
-    if (pool_.remove(it->second.handles)) prefix_.restore(it->first, it->second);
+    const auto& handles = it->second.handles;
+    const bool written = std::any_of(handles.begin(), handles.end(), [this](PhysicalHandle handle) {
+      return std::find(written_log_.begin(), written_log_.end(), handle) != written_log_.end();
+    });
+    const bool made = std::find(forked_log_.begin(), forked_log_.end(), it->first) != forked_log_.end();
+    if (written || made || !pool_.remove(handles)) continue;
+    prefix_.restore(it->first, it->second);
+    if (!it->second.key) restored_forked.push_back(it->second);
   }
   evicted_log_.clear();
+  forked_log_.clear();
+  written_log_.clear();
   // Pages the operation unmapped: map them back, lowest first. One that fails stays unmapped and
   // pooled (or cached: it was spare), and the pages above it too.
   for (auto it = unmapped_log_.rbegin(); it != unmapped_log_.rend(); ++it) {
@@ -234,6 +264,10 @@ void PageManager::rollback(const Checkpoint& before, const std::string& failure)
     map_back(it->slot, it->handles, ignored);
   }
   unmapped_log_.clear();
+  // A forked page that no slot maps again (its mapping back failed) goes to the pool, as it would
+  // have with its last mapping.
+  for (const PrefixCache::Entry& entry : restored_forked) drop_if_unmapped(entry.handles, entry.page);
+  evicted_log_.clear();
   pool_.release_created();  // a page that fails to release stays pooled: still exact
   std::size_t kept = 0;
   std::size_t lost = 0;
@@ -289,12 +323,12 @@ void PageManager::release() {
   }
   strays_ = std::move(left);
   // The cache's pages go with the rest, but those still mapped somewhere: the next release() tries again.
-  for (PrefixKey key : prefix_.eviction_order()) {
-    const std::vector<PhysicalHandle>& handles = prefix_.find(key)->handles;
+  for (EntryId id : prefix_.eviction_order()) {
+    const std::vector<PhysicalHandle>& handles = prefix_.at(id).handles;
     const bool mapped = std::any_of(strays_.begin(), strays_.end(), [&](const StrayMapping& stray) {
       return std::find(handles.begin(), handles.end(), stray.handle) != handles.end();
     });
-    if (!mapped) pool_.put(prefix_.erase(key).handles);
+    if (!mapped) pool_.put(prefix_.erase(id).handles);
   }
   try {
     pool_.trim(0);

@@ -13,15 +13,9 @@
 #include <algorithm>
 #include <string>
 
-#include "errors.h"
 #include "page_manager.h"
 
 namespace vattention {
-namespace {
-
-using Clock = std::chrono::steady_clock;
-
-}  // namespace
 
 std::size_t PageManager::tokens_per_page() const {
   if (!driver_->can_alias() || geometry_.page_bytes % geometry_.token_bytes != 0) return 0;
@@ -43,20 +37,20 @@ std::size_t PageManager::reusable_pages(std::size_t slot, const std::vector<Pref
   const auto& pages = slots_[slot].pages;
   std::size_t p = 0;
   for (; p < pages.size(); ++p) {
-    const std::optional<PrefixKey> key = prefix_.key_of(pages[p].front());
-    if (p < shared ? (!key || *key != keys[p]) : key.has_value()) break;
+    const std::optional<EntryId> id = prefix_.entry_of(pages[p].front());
+    if (p < shared ? (!id || prefix_.at(*id).key != keys[p]) : id.has_value()) break;
   }
   return p;
 }
 
-std::unordered_map<PrefixKey, std::size_t> PageManager::cache_mappings() const {
-  std::unordered_map<PrefixKey, std::size_t> counts;
+std::unordered_map<EntryId, std::size_t> PageManager::cache_mappings() const {
+  std::unordered_map<EntryId, std::size_t> counts;
   if (prefix_.size() == 0) return counts;
   // Cached pages lie below the cache's depth in every slot: the statistics of every step stay cheap.
   const std::size_t depth = prefix_.depth();
   for (const Slot& slot : slots_) {
     for (std::size_t p = 0; p < std::min(depth, slot.pages.size()); ++p) {
-      if (auto key = prefix_.key_of(slot.pages[p].front())) ++counts[*key];
+      if (auto id = prefix_.entry_of(slot.pages[p].front())) ++counts[*id];
     }
   }
   return counts;
@@ -65,55 +59,21 @@ std::unordered_map<PrefixKey, std::size_t> PageManager::cache_mappings() const {
 void PageManager::evict_unmapped(std::size_t needed, const std::vector<PrefixKey>& kept) {
   if (pool_.headroom() >= needed || prefix_.size() == 0) return;
   const auto mappings = cache_mappings();
-  for (PrefixKey key : prefix_.eviction_order()) {
-    if (mappings.count(key) != 0 || std::find(kept.begin(), kept.end(), key) != kept.end()) continue;
-    PrefixCache::Entry entry = prefix_.erase(key);
+  for (EntryId id : prefix_.eviction_order()) {
+    const std::optional<PrefixKey> key = prefix_.at(id).key;
+    if (mappings.count(id) != 0 || (key && std::find(kept.begin(), kept.end(), *key) != kept.end())) continue;
+    PrefixCache::Entry entry = prefix_.erase(id);
     pool_.put(entry.handles);
     pages_evicted_total_ += entry.handles.size();
-    evicted_log_.emplace_back(key, std::move(entry));
+    evicted_log_.emplace_back(id, std::move(entry));
     if (pool_.headroom() >= needed) return;
   }
 }
 
 void PageManager::map_cached(std::size_t slot, const std::vector<PrefixKey>& keys, std::size_t last) {
-  Slot& state = slots_[slot];
-  const std::size_t first = state.pages.size();
-  if (last <= first) return;
-  const std::size_t count = last - first;
-  const auto start = Clock::now();
-  std::vector<DevicePtr> mapped;
-  std::vector<PhysicalHandle> mapped_handles;
-  std::vector<bool> accessible;
-  try {
-    // As map_up_to: one set_access per buffer covers the run.
-    for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
-      for (std::size_t p = first; p < last; ++p) {
-        const DevicePtr address = page_address(b, slot, p);
-        const PhysicalHandle handle = prefix_.find(keys[p])->handles[b];
-        driver_->map(address, geometry_.page_bytes, handle);
-        mapped.push_back(address);
-        mapped_handles.push_back(handle);
-        accessible.push_back(false);
-      }
-      driver_->set_access(page_address(b, slot, first), count * geometry_.page_bytes);
-      std::fill(accessible.end() - count, accessible.end(), true);
-    }
-  } catch (...) {
-    const std::exception_ptr error = std::current_exception();
-    const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);  // the cache keeps them
-    if (!undo.empty()) {
-      poison("mapping cached pages " + std::to_string(first) + ".." + std::to_string(last - 1) + " into slot " +
-             std::to_string(slot) + " failed (" + error_message(error) + ") and unmapping what was mapped failed too (" +
-             undo + ")");
-    }
-    std::rethrow_exception(error);
-  }
-  for (std::size_t p = first; p < last; ++p) {
-    state.pages.push_back(prefix_.find(keys[p])->handles);
-    undiscarded_.erase({slot, p});
-  }
-  pages_mapped_total_ += count * geometry_.num_buffers;
-  map_time_ += Clock::now() - start;
+  std::vector<std::vector<PhysicalHandle>> pages;
+  for (std::size_t p = slots_[slot].pages.size(); p < last; ++p) pages.push_back(prefix_.find(keys[p])->handles);
+  map_pages(slot, pages);  // if it fails, the pages stay with the cache
 }
 
 std::size_t PageManager::publish(int slot, const std::vector<PrefixKey>& keys) {
@@ -131,7 +91,8 @@ std::size_t PageManager::publish(int slot, const std::vector<PrefixKey>& keys) {
   }
   // Checked first, so that a refusal changes nothing.
   for (std::size_t p = 0; p < keys.size(); ++p) {
-    const std::optional<PrefixKey> key = prefix_.key_of(state.pages[p].front());
+    const std::optional<EntryId> id = prefix_.entry_of(state.pages[p].front());
+    const std::optional<PrefixKey> key = id ? prefix_.at(*id).key : std::nullopt;
     if (key && *key != keys[p]) {
       throw std::invalid_argument("page " + std::to_string(p) + " of slot " + std::to_string(slot) +
                                   " is cached under another key: pass the hash chain of the slot's own tokens");
@@ -139,8 +100,13 @@ std::size_t PageManager::publish(int slot, const std::vector<PrefixKey>& keys) {
   }
   std::size_t registered = 0;
   for (std::size_t p = 0; p < keys.size(); ++p) {
-    if (is_cached(state.pages[p]) || prefix_.find(keys[p]) != nullptr) continue;
-    prefix_.insert(keys[p], p, state.pages[p]);
+    if (prefix_.find(keys[p]) != nullptr) continue;  // this page, or the same tokens computed elsewhere
+    const std::optional<EntryId> id = prefix_.entry_of(state.pages[p].front());
+    if (id) {
+      prefix_.name(*id, keys[p]);  // a forked page: the cache keeps it from now on
+    } else {
+      prefix_.insert(keys[p], p, state.pages[p]);
+    }
     ++registered;
   }
   prefix_.touch(keys);  // one tick for the whole prefix: its deepest pages go first
@@ -153,7 +119,8 @@ std::size_t PageManager::writable_from(int slot) const {
   check_slot(slot);
   const auto& pages = slots_[slot].pages;
   for (std::size_t p = pages.size(); p-- > 0;) {
-    if (is_cached(pages[p])) return (p + 1) * tokens_per_page();
+    // The first token that lies wholly after the page (a page may end inside a token).
+    if (is_cached(pages[p])) return ((p + 1) * geometry_.page_bytes + geometry_.token_bytes - 1) / geometry_.token_bytes;
   }
   return 0;
 }

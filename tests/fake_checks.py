@@ -37,7 +37,8 @@ def check_view(manager, driver):
     assert driver.mappings() == expected_table(view)
     mapped = [handle for pages in view["slots"] for page in pages for handle in page]
     stray = [handle for _, _, handle, _ in view["strays"]]
-    # A page of the prefix cache may be mapped at several addresses; any other handle is held once.
+    # A page of the prefix cache (cached or forked) may be mapped at several addresses; any other
+    # handle is held once.
     cached = [handle for entry in view["cache"] for handle in entry["handles"]]
     assert len(set(cached)) == len(cached), "a handle is cached twice"
     held = [h for h in mapped + stray if h not in set(cached)] + list(view["pooled"])
@@ -48,7 +49,10 @@ def check_view(manager, driver):
         assert all(len(pages) <= entry["page"] or pages[entry["page"]] == entry["handles"] or
                    pages[entry["page"]][0] not in entry["handles"] for pages in view["slots"])
     stats = manager.stats()
-    assert stats["cached_pages"] == len(cached)
+    forked = [handle for entry in view["cache"] if entry["key"] is None for handle in entry["handles"]]
+    assert stats["cached_pages"] == len(cached) - len(forked) and stats["forked_pages"] == len(forked)
+    # A forked page goes back to the pool with its last mapping.
+    assert all(entry["mappings"] > 0 for entry in view["cache"] if entry["key"] is None) or view["strays"]
     assert stats["created_pages"] == len(driver.handles()) <= stats["budget_pages"]
     assert stats["pooled_pages"] == len(view["pooled"])
     assert stats["mapped_pages"] == len(mapped)

@@ -18,7 +18,8 @@ from fake_checks import BUFFERS, CAPACITY, PAGE, TOKEN, check_released, check_vi
 from jax_vattention import _core
 from jax_vattention._core import CacheManagerPoisonedError, DriverError, OutOfPagesError
 
-OPERATIONS = ("reserve", "free_reservation", "create", "release", "map", "set_access", "unmap", "synchronize")
+OPERATIONS = ("reserve", "free_reservation", "create", "release", "map", "set_access", "unmap", "copy",
+              "synchronize")
 
 
 @dataclasses.dataclass
@@ -107,6 +108,28 @@ def release_shared_setup(m):
     m.free(first)
 
 
+def forked(m):
+    """Slot 0: 70 tokens; slot 1 its fork, freed: it keeps the 2 shared pages and its copy."""
+    parent = m.alloc(70)
+    m.free(m.fork(parent))
+    return parent
+
+
+def fork_evicting_setup(m):
+    cached_unmapped(m)                          # 2 cached pages mapped nowhere, 1 pooled
+    m.alloc(40)                                 # slot 0: 2 pages; 1 of the budget of 5 is left
+
+
+def reclaim_forked_setup(m):
+    m.free(forked(m))                           # both free: the shared pages' last mappings go with them
+
+
+def release_forked_setup(m):
+    parent = m.alloc(70)
+    m.fork(parent)
+    m.free(parent)
+
+
 SCENARIOS = [
     Scenario("alloc", lambda m: m.alloc(40), lambda m: m.alloc(100)),
     Scenario("alloc_reclaiming", alloc_reclaiming_setup, lambda m: m.alloc(96), max_batch=4, budget_pages=6 * BUFFERS),
@@ -124,12 +147,24 @@ SCENARIOS = [
     # Prefix sharing: the aliasing path (publish makes no driver call: see test_prefix_sharing.py).
     Scenario("alloc_shared", published, lambda m: m.alloc_shared(80, 0, [1, 2])),
     Scenario("alloc_over_shared", shared_reuse_setup, lambda m: m.alloc(20)),
+    Scenario("alloc_shared_over_private", lambda m: (published(m), m.free(m.alloc(128))),
+             lambda m: m.alloc_shared(80, 0, [1, 2]), max_batch=2),
     Scenario("alloc_evicting", cached_unmapped, lambda m: m.alloc(128), budget_pages=4 * BUFFERS),
     Scenario("alloc_shared_evicting", cached_unmapped, lambda m: m.alloc_shared(128, 0, [1, 9]),
              budget_pages=4 * BUFFERS),
     Scenario("grow_evicting", evicting_grow_setup, lambda m: m.grow(1), budget_pages=4 * BUFFERS),
     Scenario("reclaim_shared", reclaim_shared_setup, lambda m: m.reclaim()),
     Scenario("release_shared", release_shared_setup, lambda m: m.release(), atomic=False),
+    # Forks: shared pages mapped from the parent, the last page copied.
+    Scenario("fork", lambda m: m.alloc(70), lambda m: m.fork(0)),
+    Scenario("fork_lookahead", lambda m: m.alloc(40), lambda m: m.fork(0, 60)),
+    Scenario("fork_reusing", forked, lambda m: m.fork(0)),
+    Scenario("fork_over_private", lambda m: (m.alloc(70), m.free(m.alloc(128))), lambda m: m.fork(0), max_batch=2),
+    Scenario("fork_evicting", fork_evicting_setup, lambda m: m.fork(0, 60), budget_pages=5 * BUFFERS),
+    Scenario("alloc_over_forked", forked, lambda m: m.alloc(100), max_batch=2),
+    Scenario("grow_forked", lambda m: m.fork(m.alloc(64)), lambda m: m.grow(1)),
+    Scenario("reclaim_forked", reclaim_forked_setup, lambda m: m.reclaim()),
+    Scenario("release_forked", release_forked_setup, lambda m: m.release(), atomic=False),
 ]
 
 
@@ -367,4 +402,4 @@ def sweep_double_failures(depth):
 
 
 def test_a_failure_while_undoing_keeps_the_view_exact_or_poisons_the_manager():
-    sweep_double_failures(depth=4)      # 4,368 cases
+    sweep_double_failures(depth=4)      # 13,744 cases

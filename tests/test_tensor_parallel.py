@@ -14,7 +14,7 @@ SCRIPT = Path(__file__).with_name("tp_cases.py")
 CASES = ["tokens_tp2_per_layer", "tokens_tp4_interleaved", "random_weights_straight_into_shards",
          "pages_per_device_are_exact", "a_copied_shard_gets_the_donation_error", "bad_meshes_and_head_counts",
          "a_failure_on_a_later_device_poisons_the_group",
-         "a_failed_prefix_admission_on_a_later_device_poisons_the_group", "cli_generate_tp"]
+         "a_failed_prefix_admission_on_a_later_device_poisons_the_group", "forks_at_tp2", "cli_generate_tp"]
 ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_shares_prefixes_at_tp2",
                 "engine_refuses_a_mismatched_model",
                 "checkpoint_straight_into_shards", "fused_checkpoint_weights_per_device",

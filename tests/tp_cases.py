@@ -234,6 +234,49 @@ def a_failed_prefix_admission_on_a_later_device_poisons_the_group() -> None:
         assert all(driver.mappings() == {} and driver.handles() == [] for driver in drivers.values()), operation
 
 
+def forks_at_tp2() -> None:
+    """A fork over a ShardedCacheManager (fake drivers whose aliased pages show the same bytes, as
+    CUDA's do): the same new slot, shared pages and copied page on both devices, and the child's K
+    and V are its parent's; a copy that fails on device 1 poisons the group, and closing it gives
+    every page back on both devices."""
+    prompt = PROMPTS[2]                             # 40 tokens: 2 full pages of 16 on each device, and 8
+    mesh = tp_mesh(2)
+    drivers = {}
+
+    def fake(device):
+        drivers[device.id] = _core.FakeDriver(4096, host_pages=True)
+        return drivers[device.id]
+
+    with jv.ShardedCacheManager(cache_config("interleaved"), mesh, driver_factory=fake) as manager:
+        parent = manager.alloc(len(prompt))
+        _, manager.cache = generate(shard_model(model(), mesh), manager.cache, [prompt], slots=[parent],
+                                    max_new_tokens=1)
+        child = manager.fork(parent)
+        assert list(manager.lengths()[[parent, child]]) == [40, 40]
+        for shard in manager.managers:
+            view = shard.page_manager.view()
+            assert view["slots"][child][:2] == view["slots"][parent][:2]
+            assert view["slots"][child][2] != view["slots"][parent][2]
+        k, v = (np.asarray(buffers[0][:, :40]) for buffers in (manager.cache.k, manager.cache.v))
+        assert np.array_equal(k[child], k[parent]) and np.array_equal(v[child], v[parent])
+        assert np.abs(k[parent]).sum() > 0
+        per_device = manager.stats()["per_device"]
+        assert per_device[0]["forked_pages"] == per_device[1]["forked_pages"] == 2 * manager.config.num_buffers
+    drivers.clear()
+    manager = jv.ShardedCacheManager(cache_config("interleaved"), mesh, driver_factory=fake)
+    parent = manager.alloc(len(prompt))
+    drivers[1].fail_on("copy", 1)
+    try:
+        manager.fork(parent)
+    except jv.DriverError:
+        pass
+    else:
+        raise AssertionError("the injected copy failure did not surface")
+    assert manager.stats()["poisoned"]
+    manager.close()
+    assert all(driver.mappings() == {} and driver.handles() == [] for driver in drivers.values())
+
+
 def cli_generate_tp() -> None:
     """``vattention generate --tp 2`` prints the tokens of ``--tp 1``; a degree beyond the devices is refused."""
     import contextlib
@@ -576,7 +619,7 @@ def bench_decode_tp2() -> None:
 CASES = ["tokens_tp2_per_layer", "tokens_tp4_interleaved", "random_weights_straight_into_shards",
          "pages_per_device_are_exact", "a_copied_shard_gets_the_donation_error", "bad_meshes_and_head_counts",
          "a_failure_on_a_later_device_poisons_the_group",
-         "a_failed_prefix_admission_on_a_later_device_poisons_the_group", "cli_generate_tp"]
+         "a_failed_prefix_admission_on_a_later_device_poisons_the_group", "forks_at_tp2", "cli_generate_tp"]
 
 def serve_tp2() -> None:
     """``vattention serve --tp 2`` builds its engine over a ShardedCacheManager of the first 2 devices,

@@ -34,6 +34,7 @@ from jax_vattention.cache import _ffi
 from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.cache.config import CacheConfig
 from jax_vattention.cache.config import count as _count
+from jax_vattention.cache.forks import Forks
 from jax_vattention.cache.host import forget_live, map_while_busy, register_live
 from jax_vattention.cache.prefix import PrefixSharing
 
@@ -46,7 +47,7 @@ _DLPACK_DTYPES = {  # dtype -> (DLPack type code, bits)
 }
 
 
-class CacheManager(PrefixSharing):
+class CacheManager(PrefixSharing, Forks):
     """Slots and physical pages of one virtual KV cache on one device: a
     :class:`~jax_vattention.cache.host.CacheHost`.
 
@@ -345,6 +346,13 @@ class CacheManager(PrefixSharing):
         if self._discards and not self._closed and self._lost is None:
             self._core.discard_unmapped([*self._cache.k, *self._cache.v])
 
+    def _wait_for_writes(self) -> None:
+        """Waits until the steps that produced :attr:`cache` have written it, where the page manager
+        cannot wait for them itself: on the CPU backend, whose steps XLA runs asynchronously (on a
+        GPU the page manager waits for the device before a fork copies a page)."""
+        if self.device.platform == "cpu" and not self._closed and self._lost is None:
+            jax.block_until_ready(self._cache)
+
     def trim(self) -> int:
         """Releases pooled (created, unmapped) pages back to the device; returns the page count.
 
@@ -373,7 +381,8 @@ class CacheManager(PrefixSharing):
         ``mapped_bytes``, ``used_bytes`` and ``waste_bytes`` add up over all
         buffers; ``static_bytes`` is what a static cache of ``max_batch`` x
         ``max_len`` tokens would hold. Prefix sharing: ``cached_pages`` (and
-        ``cached_bytes``) the prefix cache holds, mapped or not;
+        ``cached_bytes``) the prefix cache holds, mapped or not; ``forked_pages``
+        full pages that forks share (:meth:`fork`; they have no key);
         ``shared_pages`` physical pages mapped in more than one slot;
         ``bytes_saved`` every mapping of a page beyond its first;
         ``pages_evicted_total``. Pages count once per buffer, as

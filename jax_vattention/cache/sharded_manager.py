@@ -291,6 +291,10 @@ class ShardedCacheManager:
     def check_write(self, slot: int, start: int) -> None:
         self._on_all("check_write", lambda m: m.check_write(slot, start))
 
+    def fork(self, slot: int, lookahead: int = 0) -> int:
+        """:meth:`CacheManager.fork` on every device: the same new slot, shared pages and copy everywhere."""
+        return self._on_all("fork", lambda m: m.fork(slot, lookahead))
+
     def evict(self) -> int:
         return self._on_all("evict", lambda m: m.evict())
 
