@@ -56,3 +56,25 @@ def model():
     from jax_vattention.models import Llama, get_config
 
     return Llama(get_config("tiny"), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture
+def fake_host():
+    """A factory of cache managers on the CPU over the fake driver, closed after the test.
+
+    ``fake_host(config, page_bytes, host_pages=False)`` -> ``(manager, driver)``; ``host_pages``: the
+    fake driver backs pages with host memory that several addresses can alias (prefix sharing, forks).
+    """
+    import jax_vattention as jv
+
+    opened = []
+
+    def make(config, page_bytes: int, *, host_pages: bool = False):
+        driver = jv._core.FakeDriver(page_bytes, host_pages=host_pages)
+        manager = jv.CacheManager(config, jax.devices("cpu")[0], driver=driver)
+        opened.append(manager)
+        return manager, driver
+
+    yield make
+    for manager in opened:
+        manager.close()
