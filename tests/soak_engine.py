@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     engine = Engine(model, manager, EngineConfig(token_budget=2 * chunk, chunk_tokens=chunk, pipeline=args.pipeline))
     requests: dict[int, Request] = {}
     outputs: dict[int, list[int]] = {}
-    while len(engine.stats.records) < args.steps or not engine.idle:
-        if len(engine.stats.records) < args.steps:
+    while engine.stats.records_total < args.steps or not engine.idle:
+        if engine.stats.records_total < args.steps:
             while engine.waiting < 3:
                 prompt_len = int(rng.integers(1, args.max_prompt + 1))
                 request = Request(prompt=rng.integers(2, config.vocab_size, prompt_len).tolist(),
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
                 print(f"request {event.request_id} failed: {event.error}", file=sys.stderr)
                 return 1
             outputs.setdefault(event.request_id, []).append(event.token)
-    steps = len(engine.stats.records)
+    steps = engine.stats.records_total
     sample = rng.choice(sorted(requests), size=min(args.sample, len(requests)), replace=False)
     for request_id in sample:
         request = requests[int(request_id)]

@@ -26,23 +26,28 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 from typing import Callable, Iterator
 
 import jax
 import numpy as np
 
-from jax_vattention._core import OutOfPagesError
+from jax_vattention._core import DriverError, OutOfPagesError
 from jax_vattention.attention import resolve_backend
 from jax_vattention.cache.host import CacheHost
 from jax_vattention.decode.mesh import place
 from jax_vattention.decode.model import check_model_fits
 from jax_vattention.engine.memory import CacheMemory, MemoryPolicy
+from jax_vattention.engine.failures import ADMISSION_ATTEMPTS, FailedRequests, grow_each
 from jax_vattention.engine.requests import Request, RequestState, TokenEvent
 from jax_vattention.engine.runner import StepRunner
 from jax_vattention.engine.scheduler import Scheduler, StepPlan
 from jax_vattention.engine.stats import EngineStats, StepRecord
 from jax_vattention.engine.validation import checked_request
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +150,7 @@ class Engine:
         self.manager = manager
         self.config = config
         self.stats = EngineStats()
-        self.failed: dict[int, Exception] = {}   # requests ended by an error, by id
+        self.failed: dict[int, Exception] = FailedRequests()   # requests ended by an error, by id (the last ones)
         self.scheduler = Scheduler(max_batch=cache_config.max_batch, token_budget=config.token_budget,
                                    chunk_tokens=config.chunk_tokens, chunk_rows=config.chunk_rows)
         self.runner = StepRunner(model, max_batch=cache_config.max_batch, chunk_rows=config.chunk_rows,
@@ -207,8 +212,9 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        """Nothing waits, runs or is in flight."""
-        return not self.scheduler.waiting and not self.scheduler.running and self._in_flight is None
+        """Nothing waits, runs or is in flight, and every event was streamed."""
+        return (not self.scheduler.waiting and not self.scheduler.running and self._in_flight is None
+                and not self._undelivered)
 
     @property
     def waiting(self) -> int:
@@ -236,8 +242,19 @@ class Engine:
         Pipelined (the default), the tokens streamed are the previous step's: they are read while
         the device already runs this one, so the host's planning and reading never leave the
         device idle. Otherwise they are this step's own.
+
+        A driver failure fails only the requests it touched (:mod:`~jax_vattention.engine.failures`).
+        If the step raises, those requests have been failed already, and every event the step
+        gathered is streamed by the next one.
         """
         events, self._undelivered = self._undelivered, []
+        try:
+            return self._step(events)
+        except BaseException:
+            self._undelivered = events + self._undelivered
+            raise
+
+    def _step(self, events: list[TokenEvent]) -> list[TokenEvent]:
         mapped_before = self.manager.stats()["pages_mapped_total"]
         plan = self._plan(events)
         previous = self._in_flight
@@ -253,7 +270,7 @@ class Engine:
             events += self._read(previous)
         self.stats.steps += 1
         stats = self.manager.stats()
-        self.stats.mapped_bytes.append((time.perf_counter(), stats["mapped_bytes"]))
+        self.stats.sample_memory(time.perf_counter(), stats["mapped_bytes"])
         self.stats.peak_bytes_saved = max(self.stats.peak_bytes_saved, stats["bytes_saved"])
         return events
 
@@ -287,11 +304,17 @@ class Engine:
                 state = self.scheduler.waiting.popleft()
                 events.append(self._fail(state, self.memory.admit_error))
                 continue
+            waiting = self.scheduler.waiting
+            if waiting and waiting[0].admission_failures >= ADMISSION_ATTEMPTS:
+                events.append(self._fail(waiting.popleft(), self.memory.admit_error))   # tried enough
+                continue
             if plan.empty:
                 return plan
             try:
                 self.memory.grow(plan)
                 return plan
+            except DriverError:
+                return self._grow_each(plan, events)
             except OutOfPagesError as error:
                 victim = self.scheduler.youngest()
                 if len(self.scheduler.running) <= 1:
@@ -307,6 +330,19 @@ class Engine:
         if slot is None and self.memory.blocked:
             self.memory.record_memory_bound(list(self.scheduler.running.values()), self.scheduler.waiting)
         return slot
+
+    def _grow_each(self, plan: StepPlan, events: list[TokenEvent]) -> StepPlan:
+        """After the driver failed to map a step's growth (which changed nothing): each slot's growth
+        on its own; a request whose growth fails again fails alone, and the plan runs without it."""
+        self.stats.step_failures += 1
+        failed = grow_each(self.manager, plan.growth(self.manager.config.max_batch))
+        for slot, error in failed.items():
+            log.warning("mapping slot %d's growth failed in the driver (%s): its request fails", slot, error)
+            events.append(self._fail(self.scheduler.running[slot], error))
+        if not failed:
+            return plan
+        return StepPlan(tuple(s for s in plan.decodes if not s.done), tuple(c for c in plan.chunks if not c.state.done),
+                        tuple(s for s in plan.admitted if not s.done))
 
     def _dispatch(self, plan: StepPlan, events: list[TokenEvent], mapped_before: int) -> _InFlight | None:
         """Dispatches a planned (and mapped) step; a request whose row cannot be built fails alone.
@@ -328,6 +364,17 @@ class Engine:
             # Failed requests left their slots: their growth stays mapped, unused, with the slot.
             plan = StepPlan(tuple(s for s in plan.decodes if s.request_id in knobs),
                             tuple(c for c in plan.chunks if c.state.request_id in knobs), plan.admitted)
+        try:
+            return self._run_plan(plan, knobs, mapped_before)
+        except Exception as error:
+            if self._can_free():   # else nothing can be served: the engine's caller sees the manager
+                for state in {id(s): s for s in (*plan.decodes, *(c.state for c in plan.chunks))}.values():
+                    if not state.done:
+                        self._undelivered.append(self._fail(state, error))
+            raise
+
+    def _run_plan(self, plan: StepPlan, knobs: dict, mapped_before: int) -> _InFlight:
+        """Dispatches ``plan`` (its rows built from ``knobs``); raises with nothing dispatched."""
         self.memory.check_plan(plan)
         inputs = self.runner.inputs(plan, knobs)
         previous = self._in_flight.tokens if self._in_flight is not None else self._no_tokens
@@ -354,17 +401,17 @@ class Engine:
         events: list[TokenEvent] = []
         begin = max(step.dispatched, self._last_read)
         try:
-            self.memory.map_ahead(step.tokens, begin, [r.seconds for r in self.stats.records])
+            self.memory.map_ahead(step.tokens, begin, self.stats.recent_seconds(4))
             tokens = np.asarray(step.tokens)
         except Exception as error:
             # The step's requests end with the error, delivered by the next step; the error goes up.
             for state, _ in step.rows:
                 state.in_flight -= 1
-                if not state.done:
+                if not state.done and self._can_free():
                     self._undelivered.append(self._fail(state, error))
             raise
         self._last_read = time.perf_counter()
-        self.stats.records.append(StepRecord(
+        self.stats.record(StepRecord(
             len(step.plan.decodes), step.plan.tokens - len(step.plan.decodes), len(step.plan.admitted),
             self._last_read - begin, step.mapped_pages, step.blocked, step.dispatch_seconds))
         self.prefixes.read(step.written)   # it ran: the pages it completed can be shared
@@ -377,6 +424,11 @@ class Engine:
                     self.stats.prefills += 1
                 events.append(self._emit(state, int(tokens[row])))
         return events
+
+    def _can_free(self) -> bool:
+        """Whether failed requests can still give their slots back (the cache is neither lost nor
+        its manager poisoned)."""
+        return not self.manager.lost and not self.manager.stats()["poisoned"]
 
     def _fail(self, state: RequestState, error: Exception) -> TokenEvent:
         """Ends one request with ``error``: it leaves its slot, and its stream's last event carries it."""

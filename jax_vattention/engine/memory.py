@@ -24,16 +24,21 @@ decides whom to preempt.
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
 
 import jax
 
 from jax_vattention._core import DriverError, OutOfPagesError
 from jax_vattention.cache.guards import check_slots
 from jax_vattention.cache.host import CacheHost
+from jax_vattention.engine.failures import ADMISSION_ATTEMPTS, admission_retry_at
 from jax_vattention.engine.prefixes import NoPrefixSharing, PrefixSharer
 from jax_vattention.engine.requests import Request, RequestState
 from jax_vattention.engine.scheduler import StepPlan
 from jax_vattention.engine.stats import EngineStats
+
+log = logging.getLogger(__name__)
 
 # Mapping a page takes ~50 µs of host time per buffer (2.9 ms for a slot of a 32-layer
 # per-layer cache), and a step leaves the host only a few milliseconds while the device
@@ -78,7 +83,9 @@ class CacheMemory:
         :class:`NoPrefixSharing`
     blocked : the last admission stopped at the page budget (admission waits; map-ahead shrinks
         to one token so the budget goes to requests, not early pages)
-    admit_error : the ``OutOfPagesError`` of that admission
+    admit_error : the error of the last admission that failed (``OutOfPagesError``, or the
+        ``DriverError`` of one the driver failed: it is tried again later, see
+        :mod:`~jax_vattention.engine.failures`)
     """
 
     def __init__(self, host: CacheHost, policy: MemoryPolicy, stats: EngineStats):
@@ -88,7 +95,7 @@ class CacheMemory:
         sharer = PrefixSharer(host) if policy.prefix_sharing else None
         self.prefixes = sharer if sharer is not None and sharer.active else NoPrefixSharing(host)
         self.blocked = False
-        self.admit_error: OutOfPagesError | None = None
+        self.admit_error: Exception | None = None
 
     def check_fits(self, request: Request) -> None:
         """``ValueError`` for a request whose pages at its longest exceed the whole budget."""
@@ -101,7 +108,10 @@ class CacheMemory:
         """A slot with ``state``'s whole context mapped (and its first decode pages, with eager
         allocation); with prefix sharing its cached prefix is shared and ``state.computed`` set to
         its end. None on back-pressure (``waiting``, the queue, sizes the ideal batch recorded
-        then), or while a running request computes the request's next prefix page."""
+        then), or while a running request computes the request's next prefix page, or while an
+        admission the driver failed waits to be tried again."""
+        if state.retry_at > time.perf_counter():
+            return None
         if self.prefixes.waits(state):
             self.stats.prefix_waits += 1
             return None
@@ -111,6 +121,15 @@ class CacheMemory:
         except OutOfPagesError as error:
             self.blocked = True
             self.admit_error = error
+            return None
+        except DriverError as error:
+            # Nothing was mapped for it (the page manager undid the call): it waits, to be tried again.
+            state.admission_failures += 1
+            state.retry_at = admission_retry_at(time.perf_counter(), state.admission_failures)
+            self.admit_error = error
+            self.stats.step_failures += 1
+            log.warning("admitting request %d failed in the driver (%s); try %d of %d", state.request_id, error,
+                        state.admission_failures, ADMISSION_ATTEMPTS)
             return None
         state.computed = placed.shared_tokens
         context = len(state.context)
@@ -126,7 +145,7 @@ class CacheMemory:
     def record_memory_bound(self, holding: list[RequestState], waiting) -> None:
         """Records, when admission stopped at the budget, the requests running and those an ideal
         allocator would run (:meth:`ideal_batch`)."""
-        self.stats.memory_bound_batches.append((len(holding), self.ideal_batch(holding, waiting)))
+        self.stats.memory_bound(len(holding), self.ideal_batch(holding, waiting))
 
     def ideal_batch(self, holding: list[RequestState], waiting) -> int:
         """The requests an ideal allocator would run now.
@@ -186,4 +205,8 @@ class CacheMemory:
         """Gives ``slot`` back; without deferred reclamation its pages are unmapped at once."""
         self.host.free(slot)
         if not self.policy.deferred_reclamation:
-            self.host.reclaim()
+            try:
+                self.host.reclaim()
+            except DriverError as error:   # the pages stay mapped to free slots; the next reclaim retries
+                self.stats.step_failures += 1
+                log.warning("reclaiming freed pages failed (%s); retried later", error)

@@ -57,6 +57,8 @@ class RequestState:
     in_flight: int = 0
     pending_row: int | None = None
     done: bool = False        # finished, failed or cancelled: any token still in flight is dropped
+    admission_failures: int = 0   # admissions the driver failed (engine.failures: retried, then failed)
+    retry_at: float = 0.0         # not admitted before this time.perf_counter() (after such a failure)
 
     @property
     def remaining(self) -> int:

@@ -47,6 +47,9 @@ class LoadedModel:
             raise ValueError("this model has no tokenizer: use --model DIR with a tokenizer.json")
         if isinstance(self.tokenizer, ByteTokenizer):
             return self.tokenizer.encode(text)
+        batch = getattr(self.tokenizer, "encode_batch", None)
+        if batch is not None:   # it lets go of the GIL while it works: a server's other threads go on
+            return batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int]) -> str:

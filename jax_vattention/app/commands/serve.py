@@ -3,13 +3,18 @@
 The model options are ``generate``'s: ``--model DIR`` serves a checkpoint (its tokenizer turns
 text into tokens and back, its chat template formats chat), ``--config NAME`` a named shape with
 random weights (UTF-8 bytes as tokens). Endpoints: ``/v1/completions``, ``/v1/chat/completions``
-(both streaming and not), ``/v1/models``, ``/health``. The server listens on 127.0.0.1 unless
-``--host`` says otherwise. Needs the ``serve`` extra: ``pip install ".[serve]"``.
+(both streaming and not), ``/v1/models`` (and ``/v1/models/{id}``), ``/health``, ``/metrics``
+(Prometheus). The server listens on 127.0.0.1 unless ``--host`` says otherwise; the port is taken
+before the model is built. It answers to the model's own name and to the name given to
+``--model`` (or to ``--served-model-name``). Ctrl-C stops it gracefully (requests in flight get
+``--shutdown-timeout`` seconds to finish), a second Ctrl-C at once. Each request leaves one JSON
+line in the log. Needs the ``serve`` extra: ``pip install ".[serve]"``.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 import jax
@@ -19,6 +24,7 @@ from jax_vattention.app.assembly import assemble
 from jax_vattention.app.commands.model_source import add_model_arguments
 from jax_vattention.cache.config import LAYOUTS
 from jax_vattention.engine import EngineConfig
+from jax_vattention.app.server.limits import ServerLimits
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,18 +46,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel degree: the model and the cache split over the first TP devices "
                              "(default 1)")
+    parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                        help="the names clients use for the model, the first one reported (default: the "
+                             "name given to --model, and the model's own)")
+    parser.add_argument("--max-waiting", type=int, default=ServerLimits.max_waiting,
+                        help="requests that may wait for a slot; beyond, 429 with Retry-After (default "
+                             f"{ServerLimits.max_waiting})")
+    parser.add_argument("--max-body-bytes", type=int, default=ServerLimits.max_body_bytes,
+                        help=f"the largest request body (default {ServerLimits.max_body_bytes})")
+    parser.add_argument("--max-prompt-tokens", type=int, default=None,
+                        help="the longest prompt in tokens (default: --max-len)")
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds requests in flight get to finish after Ctrl-C (default 30)")
+
+
+def check_serve_extra() -> None:
+    """``ValueError`` in one line when the ``serve`` extra is not installed."""
+    for module in ("fastapi", "uvicorn", "pydantic"):
+        try:
+            __import__(module)
+        except ImportError:
+            raise ValueError(f"vattention serve needs FastAPI and uvicorn ({module} is missing): "
+                             f"pip install 'jax_vattention[serve]'") from None
 
 
 def check_arguments(args: argparse.Namespace) -> None:
     """Raises ``ValueError`` for options that cannot run (the model and kernel options: in
     :func:`~jax_vattention.app.assembly.assemble`)."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as error:
-        raise ValueError(f"vattention serve needs FastAPI and uvicorn ({error.name} is missing): "
-                         f"pip install 'jax_vattention[serve]'") from None
-    for name in ("max_batch", "max_len", "token_budget", "chunk_tokens"):
+    check_serve_extra()
+    for name in ("max_batch", "max_len", "token_budget", "chunk_tokens", "max_waiting", "max_body_bytes"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     if args.max_len < 2:
@@ -60,6 +83,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--budget-mib must be at least 1; got {args.budget_mib}")
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65536); got {args.port}")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise ValueError(f"--max-prompt-tokens must be at least 1; got {args.max_prompt_tokens}")
+    if not args.shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout must be at least 0; got {args.shutdown_timeout}")
 
 
 def build_service(args: argparse.Namespace):
@@ -68,8 +95,8 @@ def build_service(args: argparse.Namespace):
     Compiles the engine's step programs first, so the first client does not wait for it.
     """
     from jax_vattention.engine import Engine, Request
-    from jax_vattention.app.server.app import Service
     from jax_vattention.app.server.engine_loop import EngineLoop
+    from jax_vattention.app.server.service import Service
 
     check_arguments(args)
     built = assemble(args, max_batch=args.max_batch, max_len=args.max_len,
@@ -87,7 +114,19 @@ def build_service(args: argparse.Namespace):
     engine.run()
     loop = EngineLoop(engine)
     loop.start()
-    return Service(loop, loaded, _chat_format(loaded, args.model))
+    limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+                          max_waiting=args.max_waiting)
+    return Service(loop, loaded, _chat_format(loaded, args.model), names=served_names(args, loaded),
+                   limits=limits)
+
+
+def served_names(args: argparse.Namespace, loaded) -> list[str]:
+    """``--served-model-name``, else the name given to ``--model`` (a bundled model's short name)
+    followed by the model's own name."""
+    if args.served_model_name:
+        return list(dict.fromkeys(args.served_model_name))
+    typed = [args.model] if args.model and "/" not in args.model and not args.model.endswith(".gguf") else []
+    return list(dict.fromkeys([*typed, loaded.name]))
 
 
 def _chat_format(loaded, model: str | None):
@@ -103,23 +142,60 @@ def _chat_format(loaded, model: str | None):
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from jax_vattention.app.server.app import create_app
-
+    """Serves until Ctrl-C; 0 after a shutdown, 130 after an interrupt, 2 when it cannot start."""
     try:
-        service = build_service(args)
+        check_serve_extra()
+        from jax_vattention.app.server.lifecycle import bind
+        listening = bind(args.host, args.port)       # before the model: a port in use is found at once
     except ValueError as error:
         print(f"vattention serve: error: {error}", file=sys.stderr)
         return 2
-    cache = service.engine_loop.engine.manager.config
-    print(f"serving {service.loaded.source} as model {service.loaded.name!r} on http://{args.host}:{args.port}/v1 "
-          f"({jax.devices()[0]}, {cache.layout} cache, {cache.max_batch} slots x {cache.max_len} tokens, "
-          f"backend {service.engine_loop.engine.config.backend}); chat prompts: {service.chat_format.description}",
-          flush=True)
     try:
-        uvicorn.run(create_app(service), host=args.host, port=args.port, log_level="info")
+        try:
+            service = build_service(args)
+        except ValueError as error:
+            print(f"vattention serve: error: {error}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("vattention serve: interrupted while starting", file=sys.stderr)
+            return 130
+        return _serve(service, listening, args)
     finally:
-        service.engine_loop.stop()
-        service.engine_loop.engine.manager.close()
-    return 0
+        listening.close()
+
+
+def _serve(service, listening, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from jax_vattention.app.server.app import create_app
+    from jax_vattention.app.server.lifecycle import GracefulServer, close_engine
+
+    host, port = listening.getsockname()[:2]
+    cache = service.engine_loop.engine.manager.config
+    print(f"serving {service.loaded.source} as model {' / '.join(map(repr, service.names))} on "
+          f"http://{host}:{port}/v1 ({jax.devices()[0]}, {cache.layout} cache, {cache.max_batch} slots x "
+          f"{cache.max_len} tokens, backend {service.engine_loop.engine.config.backend}); chat prompts: "
+          f"{service.chat_format.description}", flush=True)
+    _log_requests()
+    server = GracefulServer(uvicorn.Config(create_app(service), log_level="info"), service, args.shutdown_timeout)
+    try:
+        server.run(sockets=[listening])
+    except KeyboardInterrupt:   # a Ctrl-C outside uvicorn's handlers (before it started listening)
+        server.signals.append(2)
+    try:
+        close_engine(service)
+    except KeyboardInterrupt:
+        return 130
+    return 130 if 2 in server.signals else 0
+
+
+def _log_requests() -> None:
+    """Each request's JSON line on stderr, as it is (the request log's only handler)."""
+    from jax_vattention.app.server.metrics import REQUEST_LOG
+
+    if not REQUEST_LOG.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        REQUEST_LOG.addHandler(handler)
+        REQUEST_LOG.setLevel(logging.INFO)
+        REQUEST_LOG.propagate = False

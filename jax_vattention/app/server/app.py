@@ -1,111 +1,33 @@
-"""The FastAPI application: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``, ``/health``.
+"""The FastAPI application: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and
+``/v1/models/{id}``), ``/health`` and ``/metrics``.
 
-Each request is checked (model name, prompt, ``max_tokens`` against the cache's ``max_len``,
-sampling fields) before it reaches the engine; a refusal is a 4xx with OpenAI's error JSON.
-Tokens are turned into text as they arrive and sent as server-sent events when ``stream`` is
-set. A client that goes away mid-answer has its request cancelled in the engine, which frees
-its slot and pages.
+Each request is read and checked by the :class:`~jax_vattention.app.server.service.Service`
+before it reaches the engine; a refusal is a 4xx with OpenAI's error JSON (every other error
+path too: :mod:`~jax_vattention.app.server.errors`). Tokens are turned into text as they arrive
+and sent as server-sent events when ``stream`` is set; a request that fails mid-stream ends
+with an ``error`` event, which OpenAI's client raises. A client that goes away mid-answer,
+streaming or not, has its request cancelled in the engine, which frees its slot and pages.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.requests import Request as HttpRequest
 
-from jax_vattention.engine import Request
 from jax_vattention.app.server import protocol
-from jax_vattention.app.server.chat import ChatFormat
-from jax_vattention.app.server.engine_loop import EngineLoop
-from jax_vattention.app.server.text import TextStream
+from jax_vattention.app.server.errors import ApiError, error_body, install_error_handlers
+from jax_vattention.app.server.metrics import RequestRecord
+from jax_vattention.app.server.service import RequestFailed, Service  # noqa: F401 (Service: re-exported)
 
-
-class ApiError(Exception):
-    """A request the server refuses: an HTTP status and OpenAI's error fields."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-
-class Service:
-    """What the handlers share: the engine loop, the model's name and text functions, the limits."""
-
-    def __init__(self, engine_loop: EngineLoop, loaded, chat_format: ChatFormat):
-        self.engine_loop = engine_loop
-        self.loaded = loaded
-        self.chat_format = chat_format
-        self.max_len = engine_loop.engine.manager.config.max_len
-
-    def check(self, body: protocol.SamplingFields) -> None:
-        if body.model != self.loaded.name:
-            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves "
-                                f"{self.loaded.name!r}", "model", "model_not_found")
-        reason = body.unsupported()
-        if reason:
-            raise ApiError(400, reason)
-
-    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
-        if not text:
-            raise ApiError(400, f"the {param} is empty", param)
-        try:
-            ids = self.loaded.encode(text, add_special_tokens=add_special_tokens)
-        except ValueError as error:
-            raise ApiError(400, str(error), param) from None
-        if not ids:
-            raise ApiError(400, f"the {param} has no tokens", param)
-        return ids
-
-    def max_tokens(self, body: protocol.SamplingFields, prompt: list[int], default: int | None) -> int:
-        room = self.max_len - len(prompt) + 1      # the last generated token is not written back
-        if room < 1:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens; this server's cache holds "
-                                f"max_len={self.max_len} tokens per request", "messages")
-        wanted = body.max_tokens or (default or room)
-        if wanted > room:
-            raise ApiError(400, f"max_tokens={wanted} with a prompt of {len(prompt)} tokens needs "
-                                f"{len(prompt) + wanted - 1} positions; this server's cache holds "
-                                f"max_len={self.max_len} tokens per request (at most max_tokens={room} here)",
-                           "max_tokens")
-        return wanted
-
-    async def submit(self, body: protocol.SamplingFields, prompt: list[int], max_tokens: int):
-        request = Request(prompt=prompt, max_new_tokens=max_tokens, stop_tokens=self.loaded.stop_tokens,
-                          temperature=body.temperature, top_p=body.top_p)
-        try:
-            return await self.engine_loop.submit(request)
-        except ValueError as error:
-            raise ApiError(400, str(error)) from None
-        except RuntimeError as error:
-            raise ApiError(503, str(error), code="engine_stopped") from None
-
-    async def pieces(self, stream) -> AsyncIterator[tuple[str, str | None, int]]:
-        """``(text, None, tokens so far)`` as tokens arrive, then ``("", finish_reason, tokens)``;
-        cancels the request in the engine if the consumer stops early (the client went away)."""
-        text = TextStream(self.loaded, self.loaded.stop_tokens)
-        finished = False
-        try:
-            while True:
-                event = await stream.tokens.get()
-                if isinstance(event, BaseException):
-                    raise event
-                piece = text.push(event.token, final=event.finished)
-                if event.finished:
-                    finished = True
-                    if piece:
-                        yield piece, None, text.count
-                    stop = event.token in self.loaded.stop_tokens
-                    yield "", "stop" if stop else "length", text.count
-                    return
-                if piece:
-                    yield piece, None, text.count
-        finally:
-            if not finished:
-                self.engine_loop.cancel(stream.request_id)
+# Prometheus' text exposition format.
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def _sse(payload: dict | str) -> str:
@@ -115,84 +37,149 @@ def _sse(payload: dict | str) -> str:
 def create_app(service: Service) -> FastAPI:
     """The application over ``service`` (whose engine loop is already running)."""
     app = FastAPI(title="jax_vattention", description="OpenAI-compatible completions over a virtual KV cache")
-
-    @app.exception_handler(ApiError)
-    async def api_error(_, error: ApiError):
-        kind = "invalid_request_error" if error.status < 500 else "server_error"
-        return JSONResponse(protocol.error_body(error.message, kind, error.param, error.code), error.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_, error: RequestValidationError):
-        first = error.errors()[0]
-        where = ".".join(str(part) for part in first.get("loc", ())[1:]) or "body"
-        return JSONResponse(protocol.error_body(f"{where}: {first.get('msg')}", param=where), 400)
+    install_error_handlers(app)
 
     @app.get("/health")
     async def health():
-        alive = service.engine_loop.alive
-        body = {"status": "ok" if alive else "engine stopped", **service.engine_loop.stats()}
-        return JSONResponse(body, 200 if alive else 503)
+        reason = "the server is shutting down" if service.shutting_down else service.engine_loop.health
+        body = {"status": "ok" if reason is None else "unavailable", "reason": reason,
+                **service.engine_loop.stats()}
+        return JSONResponse(body, 200 if reason is None else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return PlainTextResponse(service.metrics.render(service.engine_loop), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": service.loaded.name, "object": "model",
-                                            "created": int(time.time()), "owned_by": "jax_vattention"}]}
+        return {"object": "list", "data": [protocol.model_card(name, service.started) for name in service.names]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id not in service.names:
+            raise ApiError(404, f"the model {model_id!r} does not exist; this server serves "
+                                f"{' or '.join(map(repr, service.names))}", "model", "model_not_found")
+        return protocol.model_card(model_id, service.started)
 
     @app.post("/v1/completions")
-    async def completions(body: protocol.CompletionRequest):
-        service.check(body)
+    async def completions(request: HttpRequest):
+        record = RequestRecord(protocol.new_id("cmpl"), "completions", time.perf_counter())
         try:
-            text = body.prompt_text()
-        except ValueError as error:
-            raise ApiError(400, str(error), "prompt") from None
-        prompt = service.encode(text, "prompt")
-        max_tokens = service.max_tokens(body, prompt, default=16)
-        stream = await service.submit(body, prompt, max_tokens)
-        request_id = protocol.new_id("cmpl")
-        name = service.loaded.name
+            body = await service.parse(request, protocol.CompletionRequest)
+            record.stream, record.user = bool(body.stream), body.user
+            prompt = await service.completion_prompt(body)
+            max_tokens = service.max_tokens(body.max_tokens, "max_tokens", prompt, "prompt", default=16)
+            stream = await service.submit(body, prompt, max_tokens, "max_tokens", record)
+        except ApiError as error:
+            service.refused(record, error)
+            raise
+        name = service.name
+
+        def chunk(text, finish):
+            return protocol.completion_chunk(record.request_id, name, text, finish)
+
         if body.stream:
-            async def events():
-                async for piece, finish, _ in service.pieces(stream):
-                    yield _sse(protocol.completion_chunk(request_id, name, piece, finish))
-                yield _sse("[DONE]")
-            return StreamingResponse(events(), media_type="text/event-stream")
-        return await _whole(service, stream, lambda text, finish, use: {
-            **protocol.completion_chunk(request_id, name, text, finish), "usage": use}, len(prompt))
+            return _event_stream(service, stream, record, body.include_usage, chat=False,
+                                 chunks=lambda text, finish: [chunk(text, finish)])
+        return await _whole(request, service, stream, record, lambda text, finish, use: {
+            **chunk(text, finish), "usage": use})
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: protocol.ChatCompletionRequest):
-        service.check(body)
-        messages = [message.model_dump() for message in body.messages]
+    async def chat_completions(request: HttpRequest):
+        record = RequestRecord(protocol.new_id("chatcmpl"), "chat", time.perf_counter())
         try:
-            text = service.chat_format.render(messages)
-        except ValueError as error:
-            raise ApiError(400, str(error), "messages") from None
-        templated = service.chat_format.description.startswith("the checkpoint's")
-        prompt = service.encode(text, "messages", add_special_tokens=not templated)
-        max_tokens = service.max_tokens(body, prompt, default=None)
-        stream = await service.submit(body, prompt, max_tokens)
-        request_id = protocol.new_id("chatcmpl")
-        name = service.loaded.name
+            body = await service.parse(request, protocol.ChatCompletionRequest)
+            record.stream, record.user = bool(body.stream), body.user
+            prompt = await service.chat_prompt(body)
+            wanted, field = body.answer_limit
+            max_tokens = service.max_tokens(wanted, field, prompt, "messages", default=None)
+            stream = await service.submit(body, prompt, max_tokens, field, record)
+        except ApiError as error:
+            service.refused(record, error)
+            raise
+        name = service.name
+
+        def chunks(text, finish):
+            if finish is None:
+                return [protocol.chat_chunk(record.request_id, name, {"content": text}, None)]
+            return [protocol.chat_chunk(record.request_id, name, {}, finish)]
+
         if body.stream:
-            async def events():
-                yield _sse(protocol.chat_chunk(request_id, name, {"role": "assistant", "content": ""}, None))
-                async for piece, finish, _ in service.pieces(stream):
-                    delta = {"content": piece} if finish is None else {}
-                    yield _sse(protocol.chat_chunk(request_id, name, delta, finish))
-                yield _sse("[DONE]")
-            return StreamingResponse(events(), media_type="text/event-stream")
-        return await _whole(service, stream, lambda text, finish, use: protocol.chat_completion(
-            request_id, name, text, finish, use), len(prompt))
+            first = protocol.chat_chunk(record.request_id, name, {"role": "assistant", "content": ""}, None)
+            return _event_stream(service, stream, record, body.include_usage, chat=True, chunks=chunks,
+                                 first=first)
+        return await _whole(request, service, stream, record, lambda text, finish, use: protocol.chat_completion(
+            record.request_id, name, text, finish, use))
 
     return app
 
 
-async def _whole(service: Service, stream, build, prompt_tokens: int) -> dict:
-    """Collects a whole answer (non-streaming) and builds its JSON with ``build(text, finish, usage)``."""
-    parts, finish, count = [], "length", 0
-    async for piece, reason, count in service.pieces(stream):
-        if reason is None:
-            parts.append(piece)
+def _event_stream(service: Service, stream, record: RequestRecord, include_usage: bool, *, chat: bool,
+                  chunks: Callable[[str, str | None], list[dict]], first: dict | None = None) -> StreamingResponse:
+    """The server-sent events of a streamed answer; with ``include_usage`` every chunk carries
+    ``"usage": null`` and a last chunk without choices carries the usage."""
+
+    def sent(payload: dict) -> str:
+        if include_usage:
+            payload = {**payload, "usage": None}
+        return _sse(payload)
+
+    async def events() -> AsyncIterator[str]:
+        if first is not None:
+            yield sent(first)
+        try:
+            async with contextlib.aclosing(service.pieces(stream, record)) as pieces:
+                async for text, finish in pieces:
+                    for payload in chunks(text, finish):
+                        yield sent(payload)
+        except RequestFailed as failure:
+            yield _sse(error_body(str(failure), "server_error", None, "engine_error"))
         else:
-            finish = reason
-    return build("".join(parts), finish, protocol.usage(prompt_tokens, count))
+            if include_usage:
+                use = protocol.usage(record.prompt_tokens, record.completion_tokens)
+                yield _sse(protocol.usage_chunk(record.request_id, service.name, chat, use))
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _whole(request: HttpRequest, service: Service, stream, record: RequestRecord, build) -> Response:
+    """Collects a whole answer (non-streaming) and builds its JSON with ``build(text, finish, usage)``.
+
+    Waits for the client's disconnection meanwhile: a client that gives up (a timeout) has its
+    request cancelled in the engine, as a stream's is, instead of running to the end unread.
+    """
+
+    async def collect() -> dict:
+        parts, finish = [], "length"
+        async with contextlib.aclosing(service.pieces(stream, record)) as pieces:
+            async for piece, reason in pieces:
+                if reason is None:
+                    parts.append(piece)
+                else:
+                    finish = reason
+        return build("".join(parts), finish, protocol.usage(record.prompt_tokens, record.completion_tokens))
+
+    answer = asyncio.ensure_future(collect())
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not answer.done():
+            answer.cancel()            # the client left (or the handler was cancelled): pieces cancels it
+        gone.cancel()
+    try:
+        return JSONResponse(await answer)
+    except asyncio.CancelledError:
+        return Response(status_code=499)   # nobody reads it: the client closed the connection
+    except RequestFailed as failure:
+        code = "engine_unavailable" if failure.status == 503 else "engine_error"
+        return ApiError(failure.status, str(failure), None, code).response()
+
+
+async def _disconnected(request: HttpRequest) -> None:
+    """Returns when the client closes the connection (the body was read: only that message is left)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,230 @@
+"""What the HTTP handlers share: the engine loop, the model's names and text functions, the limits.
+
+Every request is accounted for. It is checked (its fields, model name, sizes, and whether it
+could ever fit the cache) before it reaches the engine; its text is tokenized in a thread pool,
+off the event loop (a 10 MB prompt would otherwise hold every other client); it waits for a
+slot only while fewer than ``max_waiting`` requests do (else 429 with ``Retry-After``); and it
+ends with its tokens, with a clear error, or cancelled in the engine when its client goes
+away, streaming or not. Each one leaves a JSON log line and its figures in ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from typing import AsyncIterator, Iterable
+
+from pydantic import ValidationError
+from starlette.requests import Request as HttpRequest
+
+from jax_vattention.app.server import protocol
+from jax_vattention.app.server.body import read_json_object
+from jax_vattention.app.server.chat import ChatFormat
+from jax_vattention.app.server.engine_loop import EngineLoop, EngineUnusable, QueueFull
+from jax_vattention.app.server.errors import ApiError, validation_error
+from jax_vattention.app.server.limits import ServerLimits
+from jax_vattention.app.server.metrics import RequestRecord, ServerMetrics
+from jax_vattention.app.server.text import TextStream
+from jax_vattention.engine import Request
+
+
+class RequestFailed(Exception):
+    """A request the engine ended with an error (status 500), or could not finish (503)."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class Service:
+    """The state the handlers share.
+
+    Parameters
+    ----------
+    engine_loop : the running engine loop (its ``max_waiting`` is set from ``limits``)
+    loaded : the model with its tokenizer (:class:`~jax_vattention.app.commands.model_source.LoadedModel`)
+    chat_format : how chat messages become a prompt
+    names : the model names clients may use, the one reported first; default the model's own name
+    limits : :class:`ServerLimits`
+    """
+
+    def __init__(self, engine_loop: EngineLoop, loaded, chat_format: ChatFormat,
+                 names: Iterable[str] | None = None, limits: ServerLimits = ServerLimits()):
+        self.engine_loop = engine_loop
+        self.loaded = loaded
+        self.chat_format = chat_format
+        self.names = list(dict.fromkeys(names or [loaded.name]))
+        self.limits = limits
+        self.max_len = engine_loop.engine.manager.config.max_len
+        self.metrics = ServerMetrics()
+        self.started = int(time.time())
+        self.shutting_down = False
+        self._pool = concurrent.futures.ThreadPoolExecutor(limits.tokenizer_threads, thread_name_prefix="tokenizer")
+
+    @property
+    def name(self) -> str:
+        """The model's name in answers and first in ``/v1/models``."""
+        return self.names[0]
+
+    @property
+    def limits(self) -> ServerLimits:
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: ServerLimits) -> None:
+        """New limits take effect with the next request (the engine loop's queue bound too)."""
+        self._limits = limits
+        self.engine_loop.max_waiting = limits.max_waiting
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return min(self.limits.max_prompt_tokens or self.max_len, self.max_len)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------- checks
+    async def parse(self, request: HttpRequest, model: type[protocol.SamplingFields]) -> protocol.SamplingFields:
+        """The request's body as ``model``, every field checked; :class:`ApiError` otherwise."""
+        self.check_serving()
+        data = await read_json_object(request, self.limits.max_body_bytes)
+        try:
+            body = model.model_validate(data)
+        except ValidationError as error:
+            raise validation_error(error.errors()) from None
+        body.check_fields()
+        if body.model not in self.names:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves "
+                                f"{' or '.join(map(repr, self.names))}", "model", "model_not_found")
+        return body
+
+    def check_serving(self) -> None:
+        if self.shutting_down:
+            raise ApiError(503, "the server is shutting down", None, "shutting_down")
+        reason = self.engine_loop.health
+        if reason is not None:
+            raise ApiError(503, f"the engine cannot serve: {reason}", None, "engine_unavailable")
+
+    async def off_loop(self, function, *args):
+        """``function(*args)`` in the tokenizer threads: the event loop keeps answering meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
+
+    async def completion_prompt(self, body: protocol.CompletionRequest) -> list[int]:
+        """The prompt's token ids (given, or its text tokenized off the event loop)."""
+        prompt = body.prompt_input()
+        if isinstance(prompt, list):
+            return self._checked_prompt(prompt, "prompt")
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        return self._checked_prompt(await self.off_loop(self._encode, prompt, True, "prompt"), "prompt")
+
+    async def chat_prompt(self, body: protocol.ChatCompletionRequest) -> list[int]:
+        """The messages rendered and tokenized, off the event loop."""
+        messages = [message.for_template() for message in body.messages]
+        templated = self.chat_format.description.startswith("the checkpoint's")
+
+        def render_and_encode():
+            try:
+                text = self.chat_format.render(messages)
+            except ValueError as error:
+                raise ApiError(400, str(error), "messages") from None
+            return self._encode(text, not templated, "messages")
+
+        return self._checked_prompt(await self.off_loop(render_and_encode), "messages")
+
+    def _encode(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        try:
+            return self.loaded.encode(text, add_special_tokens=add_special_tokens)
+        except ValueError as error:
+            raise ApiError(400, str(error), param) from None
+
+    def _checked_prompt(self, prompt: list[int], param: str) -> list[int]:
+        if not prompt:
+            raise ApiError(400, f"the {param} has no tokens", param)
+        if len(prompt) > self.max_prompt_tokens:
+            raise ApiError(400, f"the {param} has {len(prompt)} tokens; this server takes at most "
+                                f"{self.max_prompt_tokens} prompt tokens (max_len={self.max_len})", param,
+                           "context_length_exceeded")
+        vocab = self.loaded.model.config.vocab_size
+        bad = next((token for token in prompt if not 0 <= token < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"the {param} holds the token id {bad}, outside the vocabulary [0, {vocab})", param)
+        return prompt
+
+    def max_tokens(self, wanted: int | None, field: str, prompt: list[int], param: str, default: int | None) -> int:
+        """The answer's token limit: ``wanted`` (from ``field``), else ``default``, else all the room
+        the cache leaves; a 400 naming ``field`` when it cannot fit."""
+        room = self.max_len - len(prompt) + 1      # the last generated token is not written back
+        if room < 1:
+            raise ApiError(400, f"the {param} has {len(prompt)} tokens; this server's cache holds max_len="
+                                f"{self.max_len} tokens per request", param, "context_length_exceeded")
+        wanted = wanted or min(default or room, room)
+        if wanted > room:
+            raise ApiError(400, f"{field}={wanted} with a prompt of {len(prompt)} tokens needs "
+                                f"{len(prompt) + wanted - 1} positions; this server's cache holds "
+                                f"max_len={self.max_len} tokens per request (at most {field}={room} here)",
+                           field, "context_length_exceeded")
+        return wanted
+
+    # ------------------------------------------------------------- the engine
+    async def submit(self, body: protocol.SamplingFields, prompt: list[int], max_tokens: int, field: str,
+                     record: RequestRecord):
+        """Hands the request to the engine; a 400 for one that can never fit (the whole page budget),
+        a 429 when too many wait, a 503 when the engine cannot serve."""
+        request = Request(prompt=prompt, max_new_tokens=max_tokens, stop_tokens=self.loaded.stop_tokens,
+                          **body.sampling())
+        try:
+            stream = await self.engine_loop.submit(request)
+        except ValueError as error:
+            raise ApiError(400, f"this request can never be served here: {error}", field,
+                           "request_too_large") from None
+        except QueueFull as error:
+            raise ApiError(429, f"the server is busy: {error}; retry later", None, "queue_full",
+                           {"Retry-After": "1"}) from None
+        except EngineUnusable as error:
+            raise ApiError(503, f"the engine cannot serve: {error}", None, "engine_unavailable") from None
+        record.engine_id = stream.request_id
+        record.prompt_tokens = len(prompt)
+        return stream
+
+    async def pieces(self, stream, record: RequestRecord) -> AsyncIterator[tuple[str, str | None]]:
+        """``(text, None)`` as tokens arrive, then ``("", finish_reason)``; raises
+        :class:`RequestFailed` when the engine ends the request with an error. If the consumer stops
+        early (the client went away), the request is cancelled in the engine."""
+        text = TextStream(self.loaded, self.loaded.stop_tokens)
+        finished = False
+        try:
+            while True:
+                event = await stream.tokens.get()
+                if isinstance(event, BaseException):
+                    status = 503 if isinstance(event, EngineUnusable) else 500
+                    finished, record.finish_reason, record.error = True, "error", str(event)
+                    raise RequestFailed(str(event), status)
+                if event.error is not None:   # the engine failed it: its token is no token (-1)
+                    finished, record.finish_reason, record.error = True, "error", event.error
+                    raise RequestFailed(f"the request failed in the engine: {event.error}", 500)
+                gap = record.token(time.perf_counter())
+                if gap is not None:
+                    self.metrics.token_gap(gap)
+                piece = text.push(event.token, final=event.finished)
+                if event.finished:
+                    finished = True
+                    record.finish_reason = "stop" if event.token in self.loaded.stop_tokens else "length"
+                    if piece:
+                        yield piece, None
+                    yield "", record.finish_reason
+                    return
+                if piece:
+                    yield piece, None
+        finally:
+            if not finished:
+                self.engine_loop.cancel(stream.request_id)
+                record.finish_reason = "cancelled"
+            self.metrics.finished(record)
+
+    def refused(self, record: RequestRecord, error: ApiError) -> None:
+        """A request refused before it reached the engine: its figures and log line."""
+        record.finish_reason, record.error = "rejected", f"{error.status} {error.message}"
+        self.metrics.rejected(error.code or str(error.status))
+        self.metrics.finished(record)
