@@ -15,18 +15,23 @@ placement as a safetensors checkpoint (:mod:`.hf_loader`).
 
 Anything the model cannot reproduce is a ``ValueError`` naming it: another
 architecture, a tensor type outside :data:`SUPPORTED_TYPES`, missing metadata,
-per-layer head counts, rope scaling other than linear.
+per-layer head counts, rope scaling other than linear. So is a damaged file: every
+metadata field and tensor is checked before any model is built
+(:mod:`.gguf_validation`), and each error names the file (and, for a copy in the
+download cache, says to delete it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from .configs import LlamaConfig, RopeScaling
+from .gguf_validation import check_blocks, check_metadata, check_tensors
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 # GGML tensor types we dequantize (and test against the block layout): name -> GGMLQuantizationType value
@@ -61,11 +66,49 @@ def _require_gguf():
 
 
 def open_gguf(path: str):
-    """A ``gguf.GGUFReader`` of ``path`` (memory-mapped: tensors are read when touched)."""
+    """A ``gguf.GGUFReader`` of ``path`` (memory-mapped: tensors are read when touched); ``ValueError``
+    for a file that is not a whole GGUF file."""
     gguf = _require_gguf()
     if not os.path.isfile(path):
         raise ValueError(f"{path} is not a file")
-    return gguf.GGUFReader(path)
+    try:
+        return gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError, OSError) as error:
+        raise ValueError(f"{path} is not a readable GGUF file: it is truncated or corrupted "
+                         f"({type(error).__name__}: {error}){_cached_hint(path)}") from None
+
+
+def _cached_hint(path: str) -> str:
+    """What to do about a bad file in the download cache (fetching it again)."""
+    from .bundled import cache_folder
+
+    folder = os.path.realpath(cache_folder())
+    if os.path.realpath(path).startswith(folder + os.sep):
+        return f"; it is a cached download: delete {path} and run again to fetch it anew"
+    return ""
+
+
+@contextlib.contextmanager
+def _about(path: str) -> Iterator[None]:
+    """Names ``path`` in the ``ValueError`` raised inside (with the cache hint)."""
+    try:
+        yield
+    except ValueError as error:
+        message = str(error)
+        if message.startswith(path):
+            raise
+        raise ValueError(f"{path}: {message}{_cached_hint(path)}") from None
+
+
+def _checked(path: str, dtype: str | None):
+    """``(reader, metadata, config)`` of the file, its metadata and tensors checked."""
+    reader = open_gguf(path)
+    with _about(path):
+        meta = metadata(reader)
+        config = config_from_gguf(meta, {t.name for t in reader.tensors}, dtype or "float32")
+        check_blocks(config.num_layers, [t.name for t in reader.tensors], f"{meta['general.architecture']}.block_count")
+        check_tensors(reader.tensors, config, os.path.getsize(path))
+    return reader, meta, config
 
 
 def metadata(reader) -> dict[str, Any]:
@@ -106,6 +149,8 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], dtype: str = 
     dtype : the model's dtype; the file's own is a quantization, not a compute dtype
     """
     architecture = _field(meta, "general.architecture")
+    if architecture in SUPPORTED_ARCHITECTURES:
+        check_metadata(meta)
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"the GGUF file's architecture is {architecture!r}; supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
@@ -188,9 +233,9 @@ def read_tensors(reader, config: LlamaConfig) -> dict[str, np.ndarray]:
 
 
 def read_config(path: str, dtype: str | None = None) -> LlamaConfig:
-    """The :class:`LlamaConfig` of a GGUF file (no tensors read); ``dtype`` default float32."""
-    reader = open_gguf(path)
-    return config_from_gguf(metadata(reader), {t.name for t in reader.tensors}, dtype or "float32")
+    """The :class:`LlamaConfig` of a GGUF file (no tensors read, their shapes checked); ``dtype``
+    default float32."""
+    return _checked(path, dtype)[2]
 
 
 def load(path: str, *, dtype: str | None = None):
@@ -205,8 +250,9 @@ def load(path: str, *, dtype: str | None = None):
     Raises
     ------
     ValueError
-        For another architecture, a tensor type outside :data:`SUPPORTED_TYPES`, missing metadata
-        (naming the field), or a missing, unexpected or mis-shaped tensor (naming it).
+        Naming the file, for another architecture, a tensor type outside :data:`SUPPORTED_TYPES`,
+        missing or out-of-range metadata (naming the field), or a missing, unexpected, mis-shaped or
+        truncated tensor (naming it); before any model is built.
 
     Example::
 
@@ -215,17 +261,18 @@ def load(path: str, *, dtype: str | None = None):
     from .gguf_tokenizer import tokenizer_from_gguf
     from .hf_loader import load_tensors
 
-    reader = open_gguf(path)
-    meta = metadata(reader)
-    config = config_from_gguf(meta, {t.name for t in reader.tensors}, dtype or "float32")
-    model = load_tensors(config, read_tensors(reader, config), source=path)
-    return model, tokenizer_from_gguf(meta)
+    reader, meta, config = _checked(path, dtype)
+    with _about(path):
+        tokenizer = tokenizer_from_gguf(meta)
+        tensors = read_tensors(reader, config)
+    return load_tensors(config, tensors, source=path), tokenizer
 
 
 def load_model(path: str, *, dtype: str | None = None):
     """The :class:`Llama` of a GGUF file, without its tokenizer (see :func:`load`)."""
     from .hf_loader import load_tensors
 
-    reader = open_gguf(path)
-    config = config_from_gguf(metadata(reader), {t.name for t in reader.tensors}, dtype or "float32")
-    return load_tensors(config, read_tensors(reader, config), source=path)
+    reader, _, config = _checked(path, dtype)
+    with _about(path):
+        tensors = read_tensors(reader, config)
+    return load_tensors(config, tensors, source=path)

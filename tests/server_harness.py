@@ -27,6 +27,7 @@ from jax_vattention.app.commands.model_source import ByteTokenizer, LoadedModel
 from jax_vattention.app.server.app import create_app
 from jax_vattention.app.server.chat import ChatFormat
 from jax_vattention.app.server.engine_loop import EngineLoop
+from jax_vattention.app.server.lifecycle import GracefulServer
 from jax_vattention.app.server.limits import ServerLimits
 from jax_vattention.app.server.service import Service
 from jax_vattention.engine import Engine, EngineConfig
@@ -110,8 +111,10 @@ class RunningServer:
 
 def start_server(*, fake_driver: bool = True, host_pages: bool = False, max_batch: int = 4, max_len: int = 256,
                  budget_pages: int = 4000, token_budget: int = 16, chunk_tokens: int = 4, sampling: bool = True,
-                 names=None, limits: ServerLimits = ServerLimits(), stop_tokens=(), **engine_options) -> RunningServer:
-    """A running server over the tiny model; see the module docstring."""
+                 names=None, limits: ServerLimits = ServerLimits(), stop_tokens=(), grace_seconds: float | None = None,
+                 **engine_options) -> RunningServer:
+    """A running server over the tiny model; see the module docstring. With ``grace_seconds``, the
+    server is ``vattention serve``'s :class:`GracefulServer` with that grace time."""
     model = tiny_model()
     config = model.config
     driver = _core.FakeDriver(PAGE, host_pages=host_pages) if fake_driver else None
@@ -129,7 +132,8 @@ def start_server(*, fake_driver: bool = True, host_pages: bool = False, max_batc
     loaded = LoadedModel(model, ByteTokenizer(), tuple(stop_tokens), "tiny", "config tiny (random weights)")
     service = Service(loop, loaded, ChatFormat(), names=names, limits=limits)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
+    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config) if grace_seconds is None else GracefulServer(config, service, grace_seconds)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

@@ -66,7 +66,7 @@ def check_serve_extra() -> None:
         try:
             __import__(module)
         except ImportError:
-            raise ValueError(f"vattention serve needs FastAPI and uvicorn ({module} is missing): "
+            raise ValueError(f"the server needs FastAPI and uvicorn ({module} is missing): "
                              f"pip install 'jax_vattention[serve]'") from None
 
 
@@ -177,7 +177,9 @@ def _serve(service, listening, args: argparse.Namespace) -> int:
           f"{cache.max_len} tokens, backend {service.engine_loop.engine.config.backend}); chat prompts: "
           f"{service.chat_format.description}", flush=True)
     _log_requests()
-    server = GracefulServer(uvicorn.Config(create_app(service), log_level="info"), service, args.shutdown_timeout)
+    # No lifespan events: the app has none, and a forced exit would cancel uvicorn's wait for them.
+    config = uvicorn.Config(create_app(service), log_level="info", lifespan="off")
+    server = GracefulServer(config, service, args.shutdown_timeout)
     try:
         server.run(sockets=[listening])
     except KeyboardInterrupt:   # a Ctrl-C outside uvicorn's handlers (before it started listening)

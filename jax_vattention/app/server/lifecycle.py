@@ -33,7 +33,7 @@ FORCED_EXIT_SECONDS = 1.0
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to ``host:port`` (port 0: any free one); ``ValueError`` when it cannot be."""
+    """A socket listening on ``host:port`` (port 0: any free one); ``ValueError`` when it cannot."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                              flags=socket.AI_PASSIVE)[0]
@@ -47,6 +47,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.close()
         hint = "; choose another with --port (0: any free one)" if error.errno == 98 else ""
         raise ValueError(f"cannot listen on {host}:{port}: {error.strerror}{hint}") from None
+    sock.listen(2048)      # connections made while the model is built wait for the server
     return sock
 
 
