@@ -25,11 +25,11 @@ def mapping_on_growth():
     model = tiny_model()
     config = model.config
     driver = _core.FakeDriver(PAGE)
-    manager = jv.CacheManager(jv.CacheConfig(num_layers=config.num_layers, max_batch=2, max_len=128,
+    manager = jv.CacheManager(jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=256,
                                              kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                                              dtype=jnp.float32, page_bytes=PAGE, budget_bytes=400 * PAGE),
                               CPU, driver=driver)
-    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=8, eager_allocation=False,
+    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4, eager_allocation=False,
                                                  overlap=False))
     with compile_cache():
         engine.compile(sampling=False)
@@ -153,12 +153,12 @@ def test_a_map_ahead_failure_fails_no_request():
     model = tiny_model()
     config = model.config
     driver = _core.FakeDriver(PAGE)
-    manager = jv.CacheManager(jv.CacheConfig(num_layers=config.num_layers, max_batch=2, max_len=128,
+    manager = jv.CacheManager(jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=256,
                                              kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                                              dtype=jnp.float32, page_bytes=PAGE, budget_bytes=400 * PAGE),
                               CPU, driver=driver)
     # Mapping 64 tokens ahead: the first map-ahead (after the first step) maps pages.
-    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=8, eager_allocation=False,
+    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4, eager_allocation=False,
                                                  prefetch_tokens=64))
     with compile_cache():
         engine.compile(sampling=False)

@@ -69,11 +69,11 @@ def test_a_long_run_keeps_its_state_bounded_and_each_step_reads_a_window_at_most
     model = tiny_model()
     config = model.config
     # A small budget: admissions wait for memory, so every per-step series gets entries.
-    manager = jv.CacheManager(jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=128,
+    manager = jv.CacheManager(jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=256,
                                              kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                                              dtype=jnp.float32, page_bytes=PAGE, budget_bytes=24 * PAGE),
                               jax.devices("cpu")[0], driver=_core.FakeDriver(PAGE))
-    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=8))
+    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4))
     with compile_cache():
         engine.compile(sampling=False)
     engine.stats = EngineStats(window=WINDOW)

@@ -223,3 +223,23 @@ def test_one_json_log_line_per_request(server, client, caplog):
     assert (served["prompt_tokens"], served["completion_tokens"]) == (2, 3)
     assert 0 < served["ttft_s"] <= served["duration_s"] and served["error"] is None
     assert refused["finish_reason"] == "rejected" and "seed" in refused["error"]
+
+
+def test_a_poisoned_manager_makes_health_503_with_the_reason_and_refuses_requests():
+    """A driver failure whose undo fails too poisons the manager: the engine truly cannot serve. The
+    request being admitted ends with a 503, /health says why, later requests get a 503 at once."""
+    server = start_server(sampling=False)
+    try:
+        server.driver.fail_on("map", 2)                                  # the prompt's second page...
+        server.driver.fail_on("unmap", 1, after_a_failure=True)          # ...and undoing the first
+        response = httpx.post(server.url + "/completions", timeout=30,
+                              json={"model": "tiny", "prompt": "a", "max_tokens": 3})
+        assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"
+        health = httpx.get(server.base + "/health", timeout=10)
+        assert health.status_code == 503 and "poisoned" in health.json()["reason"]
+        later = httpx.post(server.url + "/completions", timeout=10, json={"model": "tiny", "prompt": "a"})
+        assert later.status_code == 503 and "poisoned" in later.json()["error"]["message"]
+        metrics = httpx.get(server.base + "/metrics", timeout=10).text
+        assert "vattention:engine_healthy 0" in metrics.splitlines()
+    finally:
+        server.stop()

@@ -5,8 +5,8 @@ not), malformed requests and overload mixed in.
 It asserts that no request is lost (each ends with all its tokens, a clear error, or cancelled with its
 client), that no page or slot is left once the clients are done, that the engine's host time per step in
 the last tenth of the run is within 1.2x the first tenth's (the thread's CPU time, median), and that the
-resident memory stays flat. ``test_service_soak`` runs 10,000 engine steps (slow); the short one runs a
-few thousand in about 20 s for CI.
+resident memory stays flat. ``test_service_soak`` runs 10,000 engine steps (slow); the short one runs
+4,000 in about 20 s for CI.
 """
 
 import logging
@@ -156,7 +156,7 @@ def inject_failures(driver, stop, rng):
 
 def soak(steps: int, clients: int = 8):
     server = start_server(host_pages=True, max_batch=4, max_len=256, budget_pages=96, token_budget=16,
-                          chunk_tokens=8, sampling=False, limits=ServerLimits(max_waiting=3))
+                          chunk_tokens=4, sampling=False, limits=ServerLimits(max_waiting=3))
     try:
         return run_soak(server, steps, clients)
     finally:
@@ -254,7 +254,7 @@ def run_soak(server, steps: int, clients: int):
 
 
 def test_service_soak_short():
-    soak(steps=2000)
+    soak(steps=4000)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The ``vattention`` command: ``generate``, ``serve``, ``bench {alloc,attention,crossing,decode,profile,pages}`` and ``serve-bench``."""
+"""The ``vattention`` command: ``generate``, ``serve``, ``bench {alloc,attention,crossing,decode,profile,pages,load}`` and ``serve-bench``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ COMMANDS = [
     (("bench", "profile"), "jax_vattention.bench.profile", "where a decode step's time goes, by kernel kind (profiler)"),
     (("bench", "pages"), "jax_vattention.bench.page_table", "tokens per page and worst-case waste by model, TP, page size"),
     (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),
+    (("bench", "load"), "jax_vattention.bench.serve_load",
+     "concurrent openai clients against a running server: first-token and per-token latency"),
 ]
 
 
