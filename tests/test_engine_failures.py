@@ -4,31 +4,20 @@ the engine goes on."""
 
 import time
 
-import jax
-import jax.numpy as jnp
 import pytest
 
-import jax_vattention as jv
-from jax_vattention import _core
+from caches import model_manager
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.engine.failures import ADMISSION_ATTEMPTS
-from server_harness import PAGE, compile_cache, tiny_model
-
-CPU = jax.devices("cpu")[0]
+from server_harness import compile_cache
 # Two requests whose slots cross their first page boundary (32 tokens) at different steps.
 SHORT, LONG = Request(prompt=[5, 6, 7] * 3, max_new_tokens=40), Request(prompt=[8, 9] * 10, max_new_tokens=30)
 
 
 @pytest.fixture(scope="module")
-def mapping_on_growth():
+def mapping_on_growth(model):
     """An engine that maps each slot's pages when a step's growth needs them (no map-ahead)."""
-    model = tiny_model()
-    config = model.config
-    driver = _core.FakeDriver(PAGE)
-    manager = jv.CacheManager(jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=256,
-                                             kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                                             dtype=jnp.float32, page_bytes=PAGE, budget_bytes=400 * PAGE),
-                              CPU, driver=driver)
+    manager, driver = model_manager(model, max_batch=4, max_len=256, budget_pages=400)
     engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4, eager_allocation=False,
                                                  overlap=False))
     with compile_cache():
@@ -147,16 +136,10 @@ def test_a_step_that_fails_fails_its_requests_and_the_next_step_streams_their_er
     assert errors == {} and tokens[again] == reference[0]
 
 
-def test_a_map_ahead_failure_fails_no_request():
+def test_a_map_ahead_failure_fails_no_request(model):
     """The best-effort map-ahead while the device runs fails in the driver: the step ran, its tokens
     are streamed, and the next step maps what it needs."""
-    model = tiny_model()
-    config = model.config
-    driver = _core.FakeDriver(PAGE)
-    manager = jv.CacheManager(jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=256,
-                                             kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                                             dtype=jnp.float32, page_bytes=PAGE, budget_bytes=400 * PAGE),
-                              CPU, driver=driver)
+    manager, driver = model_manager(model, max_batch=4, max_len=256, budget_pages=400)
     # Mapping 64 tokens ahead: the first map-ahead (after the first step) maps pages.
     engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4, eager_allocation=False,
                                                  prefetch_tokens=64))
@@ -182,6 +165,6 @@ def test_a_map_ahead_failure_fails_no_request():
     manager.prefetch_while_busy = failing_once
     again = [engine.submit(SHORT), engine.submit(LONG)]
     tokens, errors = run(engine)
-    assert failures == [1] and engine.stats.prefetch_failures == 1
+    assert failures == [1] and engine.stats.map_ahead_failures == 1
     assert errors == {} and [tokens[i] for i in again] == [reference[i] for i in ids]
     manager.close()

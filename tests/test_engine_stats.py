@@ -4,17 +4,14 @@ last ones only."""
 
 import collections
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax_vattention as jv
-from jax_vattention import _core
+from caches import model_manager
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.engine.failures import FAILED_KEPT, FailedRequests
 from jax_vattention.engine.stats import EngineStats, StepRecord
-from server_harness import PAGE, compile_cache, tiny_model
+from server_harness import compile_cache
 
 WINDOW = 32
 
@@ -65,18 +62,13 @@ def test_failed_requests_keep_the_last_errors():
     assert len(failed) == FAILED_KEPT and 9 not in failed and 10 in failed and FAILED_KEPT + 9 in failed
 
 
-def test_a_long_run_keeps_its_state_bounded_and_each_step_reads_a_window_at_most():
-    model = tiny_model()
-    config = model.config
+def test_a_long_run_keeps_its_state_bounded_and_each_step_reads_a_window_at_most(model):
     # A small budget: admissions wait for memory, so every per-step series gets entries.
-    manager = jv.CacheManager(jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=256,
-                                             kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                                             dtype=jnp.float32, page_bytes=PAGE, budget_bytes=24 * PAGE),
-                              jax.devices("cpu")[0], driver=_core.FakeDriver(PAGE))
+    manager, _ = model_manager(model, max_batch=4, max_len=256, budget_pages=24)
     engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=4))
     with compile_cache():
         engine.compile(sampling=False)
-    engine.stats = EngineStats(window=WINDOW)
+    engine.stats = engine.memory.stats = EngineStats(window=WINDOW)
     engine.stats.records = CountingDeque(maxlen=WINDOW)
     rng = np.random.default_rng(0)
     walked, sizes = [], []
