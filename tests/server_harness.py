@@ -132,7 +132,8 @@ def start_server(*, fake_driver: bool = True, host_pages: bool = False, max_batc
     loaded = LoadedModel(model, ByteTokenizer(), tuple(stop_tokens), "tiny", "config tiny (random weights)")
     service = Service(loop, loaded, ChatFormat(), names=names, limits=limits)
     port = free_port()
-    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning")
+    # log_config=None: uvicorn leaves logging alone (its handlers would hold the test's captured stderr).
+    config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning", log_config=None)
     server = uvicorn.Server(config) if grace_seconds is None else GracefulServer(config, service, grace_seconds)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

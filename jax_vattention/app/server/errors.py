@@ -41,7 +41,7 @@ class ApiError(Exception):
     def kind(self) -> str:
         """OpenAI's error ``type`` for the status."""
         if self.status == 429:
-            return "rate_limit_error" if self.code != "queue_full" else "server_overloaded"
+            return "rate_limit_error"
         return "invalid_request_error" if self.status < 500 else "server_error"
 
     def body(self) -> dict:
