@@ -35,7 +35,7 @@ def server():
     service = build_service(args)
     port = free_port()
     uvicorn_server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port,
-                                                   log_level="warning"))
+                                                   log_level="warning", log_config=None))
     thread = threading.Thread(target=uvicorn_server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
