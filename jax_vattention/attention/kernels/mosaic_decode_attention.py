@@ -81,13 +81,7 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, o
     plgpu.copy_gmem_to_smem(q_ref.at[slot, head], q_smem.at[pl.ds(0, out_rows)], q_barrier)
     plgpu.barrier_wait(q_barrier)
 
-    length = lengths_ref[slot]
-    num_tiles = (length + block_k - 1) // block_k
-    per_split = (num_tiles + num_splits - 1) // num_splits
-    first = split * per_split
-    last = jnp.minimum(first + per_split, num_tiles)
-    lo = first * block_k
-    hi = jnp.maximum(jnp.minimum(last * block_k, length), lo)
+    lo, hi = keys.split_range(lengths_ref[slot], split, num_splits, block_k)
 
     def rows(which, start, size):
         ref = k_ref if which == "k" else v_ref

@@ -34,7 +34,6 @@ softmax state (base-2 logits, float32): ``acc [64, head_dim]``, ``row_max [64]``
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 from typing import Callable
 
@@ -57,25 +56,6 @@ def smem_transforms(dtype) -> tuple:
     """The tiling and swizzle of a 16-bit wgmma operand in shared memory."""
     columns = SWIZZLE_BYTES // jnp.dtype(dtype).itemsize
     return plgpu.TilingTransform((GROUP, columns)), plgpu.SwizzleTransform(SWIZZLE_BYTES)
-
-
-def transposed(ref):
-    """``ref`` viewed as its transpose: ``ref.transpose`` from jax 0.11, ``plgpu.transpose_ref`` before."""
-    if hasattr(plgpu, "transpose_ref") and not hasattr(ref, "transpose"):
-        return plgpu.transpose_ref(ref, (1, 0))
-    return ref.transpose((1, 0))
-
-
-# jax 0.10 takes the index as a second argument of plgpu.load; jax 0.11 deprecates it.
-_LOAD_TAKES_INDEX = "idx" in inspect.signature(plgpu.load).parameters and (
-    inspect.signature(plgpu.load).parameters["idx"].default is inspect.Parameter.empty)
-
-
-def load(ref, layout):
-    """``ref``'s whole contents in registers with ``layout``."""
-    if _LOAD_TAKES_INDEX:
-        return plgpu.load(ref, (), layout=layout)
-    return plgpu.load(ref, layout=layout)
 
 
 def row_layout():
@@ -118,6 +98,19 @@ class KeyPlan:
         if isinstance(groups, int):
             return max(0, min(groups, self.block_k // GROUP))
         return jnp.clip(groups, 0, self.block_k // GROUP)
+
+
+def split_range(length, split, num_splits: int, block_k: int):
+    """``(lo, hi)``: the keys split ``split`` of ``num_splits`` attends of a row of ``length`` tokens,
+    whole tiles of ``block_k`` each (the last split's range ends at the length; an empty split has
+    ``lo == hi``). Python ints or traced int32 scalars alike."""
+    minimum, maximum = (min, max) if isinstance(length, int) else (jnp.minimum, jnp.maximum)
+    num_tiles = (length + block_k - 1) // block_k
+    per_split = (num_tiles + num_splits - 1) // num_splits
+    first = split * per_split
+    last = minimum(first + per_split, num_tiles)
+    lo = first * block_k
+    return lo, maximum(minimum(last * block_k, length), lo)
 
 
 def token_reads(lo: int, hi: int, block_k: int) -> list[tuple[int, int]]:
@@ -257,7 +250,7 @@ def attend_keys(
         wait(tile, buffers.key_whole, buffers.key_groups)
 
         def logits_of(acc_ref):
-            plgpu.wgmma(acc_ref, q_smem, transposed(buffers.keys.at[stage]))
+            plgpu.wgmma(acc_ref, q_smem, buffers.keys.at[stage].transpose((1, 0)))
             return acc_ref[...]
 
         logits = pl.run_scoped(logits_of, plgpu.ACC((ROWS, block_k), jnp.float32))  # [64, block_k]
