@@ -138,11 +138,12 @@ def test_unknown_backend_is_a_value_error():
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         attend(q, cache, cache, q_positions=jnp.zeros((1, 1), jnp.int32),
                kv_lengths=jnp.ones((1,), jnp.int32), backend="flash")
-    assert set(BACKENDS) == {"xla", "blocked", "cudnn", "pallas", "mosaic"}
+    assert set(BACKENDS) == {"xla", "blocked", "cudnn", "pallas", "pallas_triton", "pallas_mgpu", "mosaic"}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend, q_len", [("cudnn", 1), ("cudnn", 8), ("pallas", 1), ("pallas", 8), ("mosaic", 1)])
+@pytest.mark.parametrize("backend, q_len", [("cudnn", 1), ("cudnn", 8), ("pallas", 1), ("pallas", 8), ("mosaic", 1),
+                                            ("pallas_triton", 1)])
 def test_gpu_backends_read_the_cache_in_place(backend, q_len):
     consumers = _cache_consumers(backend, q_len)
     assert not consumers & {"transpose", "slice", "dynamic_slice", "gather", "copy", "convert_element_type"}
@@ -211,6 +212,48 @@ def test_one_rule_picks_and_refuses_backends():
         resolve_backend("flash", dense)
     assert jv.attention.default_backend("per_layer", "gpu") == "cudnn"
     assert jv.attention.default_backend("interleaved", "gpu") == "pallas"
+
+
+def test_pallas_names_pick_an_implementation(monkeypatch):
+    """``pallas`` runs Triton until PALLAS_ON_HOPPER says Mosaic GPU, then Mosaic GPU on Hopper only and
+    only for shapes its kernels take; the pinned names run theirs."""
+    from jax_vattention.attention import backends
+    bf16 = jnp.bfloat16
+    assert backends.pallas_implementation("pallas", bf16, 128, 4, compute_capability="9.0") == "triton"
+    assert backends.pallas_implementation("pallas_triton", bf16, 128, 4) == "triton"
+    assert backends.pallas_implementation("pallas_mgpu", bf16, 128, 4) == "mosaic_gpu"
+    monkeypatch.setattr(backends, "PALLAS_ON_HOPPER", "mosaic_gpu")
+    assert backends.pallas_implementation("pallas", bf16, 128, 4, compute_capability="9.0") == "mosaic_gpu"
+    assert backends.pallas_implementation(None, bf16, 256, 8, compute_capability="9.0") == "mosaic_gpu"
+    assert backends.pallas_implementation("pallas", bf16, 128, 4, compute_capability="8.0") == "triton"
+    assert backends.pallas_implementation("pallas", jnp.float32, 128, 4, compute_capability="9.0") == "triton"
+    assert backends.pallas_implementation("pallas", bf16, 32, 4, compute_capability="9.0") == "triton"
+    assert backends.pallas_implementation("pallas_triton", bf16, 128, 4, compute_capability="9.0") == "triton"
+
+
+def test_one_rule_refuses_pallas_mgpu_where_its_kernels_cannot_run():
+    with pytest.raises(ValueError, match="needs an NVIDIA Hopper GPU"):
+        jv.attention.check_backend_on("pallas_mgpu", "interleaved", "cpu")
+    with pytest.raises(ValueError, match="compute capability 9.x"):
+        jv.attention.check_backend_on("pallas_mgpu", "per_layer", "gpu", compute_capability="8.0")
+    jv.attention.check_backend_on("pallas_mgpu", "interleaved", "gpu", compute_capability="9.0")
+    jv.attention.check_backend_on("pallas_triton", "interleaved", "cpu")
+    from jax_vattention.attention.backends import check_pallas_mgpu_shapes
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        check_pallas_mgpu_shapes(jnp.float32, 128)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        check_pallas_mgpu_shapes(jnp.bfloat16, 96)
+    check_pallas_mgpu_shapes(jnp.float16, 256)
+
+
+def test_pinned_triton_backend_matches_xla_on_cpu():
+    pytest.importorskip("jax_vattention.attention.kernels.decode_attention")
+    rng, q, k, v = random_case(6, batch=2, capacity=48)
+    lengths = np.array([48, 9], np.int32)
+    args = dict(q_positions=jnp.asarray((lengths - 1)[:, None]), kv_lengths=jnp.asarray(lengths))
+    got = attend(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), backend="pallas_triton", **args)
+    np.testing.assert_allclose(np.asarray(got), naive_attention(q, k, v, (lengths - 1)[:, None], lengths),
+                               atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Adapters from the one attention signature to kernels: cuDNN, our Pallas kernels, Mosaic GPU.
+"""Adapters from the one attention signature to kernels: cuDNN, our Pallas kernels, JAX's Mosaic GPU one.
 
 Each adapter takes ``(q [B, T, N, H], k_cache, v_cache, q_positions [B, T], kv_lengths [B],
 layer=None)`` and reads the cache in place, only below each row's length.
@@ -18,7 +18,7 @@ from jax_vattention.attention.reference import blocked_attention, check_shapes
 CUDNN_DTYPES = frozenset({jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)})
 
 
-def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, layer=None):
+def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, layer=None, backend=None):
     """Attention of prefill chunks (several query tokens per row) over their slots' caches, in place.
 
     Row ``b`` is a chunk of slot ``slots[b]`` already written into the cache; its query ``t`` at
@@ -33,9 +33,11 @@ def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, laye
     int32 [R] -> [R, T, N, H] (zeros where a query sees no key).
 
     On a GPU, with a bfloat16, float16 or float32 cache and a power-of-two ``head_dim`` in [16, 256],
-    the Pallas kernel :func:`jax_vattention.attention.kernels.chunk_attention.chunk_attention` runs it, its loop
-    over key tiles on the device; elsewhere :func:`blocked_attention`, whose loop bound XLA on a GPU
-    would read on the host at every block.
+    our Pallas chunk kernel runs it, its loop over key tiles on the device: the Mosaic GPU one
+    (:mod:`~jax_vattention.attention.kernels.mosaic_chunk_attention`) where ``backend`` resolves to
+    it (:func:`~jax_vattention.attention.backends.pallas_implementation`), the Triton one
+    (:mod:`~jax_vattention.attention.kernels.chunk_attention`) otherwise; elsewhere
+    :func:`blocked_attention`, whose loop bound XLA on a GPU would read on the host at every block.
 
     Example::
 
@@ -45,9 +47,17 @@ def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, laye
     check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer)
     q_positions, kv_lengths = q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32)
     if jax.default_backend() == "gpu":
+        from jax_vattention.attention.backends import pallas_implementation
         from jax_vattention.attention.kernels.chunk_attention import chunk_attention as chunk_kernel, supported
+        rows = jnp.arange(q.shape[0], dtype=jnp.int32) if slots is None else slots.astype(jnp.int32)
+        implementation = pallas_implementation(backend, k_cache.dtype, k_cache.shape[-1],
+                                               q.shape[2] // k_cache.shape[-2])
+        if implementation == "mosaic_gpu":
+            from jax_vattention.attention.kernels.mosaic_chunk_attention import mosaic_chunk_attention
+            out = mosaic_chunk_attention(q.astype(k_cache.dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
+                                         layer=layer)
+            return out.astype(q.dtype)  # [R, T, N, H]
         if supported(k_cache.dtype, k_cache.shape[-1]):
-            rows = jnp.arange(q.shape[0], dtype=jnp.int32) if slots is None else slots.astype(jnp.int32)
             out = chunk_kernel(q.astype(k_cache.dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
                                layer=layer, interpret=False)
             return out.astype(q.dtype)  # [R, T, N, H]
@@ -83,18 +93,26 @@ def cudnn_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
     return dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, implementation="cudnn")
 
 
-def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
-    """The project's Pallas decode kernel; prefill falls back to cuDNN (a 16-bit cache on a GPU) or the blocked kernel."""
+def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, backend="pallas"):
+    """The project's Pallas decode kernel, on the implementation ``backend`` names (``"pallas"``: the
+    platform's, :func:`~jax_vattention.attention.backends.pallas_implementation`); prefill falls back to
+    cuDNN (a 16-bit cache on a GPU) or the blocked kernel."""
     if q.shape[1] > 1:
         use_cudnn = jax.default_backend() == "gpu" and jnp.dtype(k_cache.dtype) in CUDNN_DTYPES
         fallback = cudnn_attention if use_cudnn else blocked_attention
         return fallback(q, k_cache, v_cache, q_positions, kv_lengths, layer)
-    try:
-        from jax_vattention.attention.kernels.decode_attention import decode_attention
-    except ModuleNotFoundError as error:
-        raise ValueError("backend 'pallas' needs jax_vattention.attention.kernels.decode_attention, "
-                         f"which cannot be imported ({error})") from error
-    out = decode_attention(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths, layer=layer)  # [B, N, H]
+    from jax_vattention.attention.backends import pallas_implementation
+    implementation = pallas_implementation(backend, k_cache.dtype, k_cache.shape[-1],
+                                           q.shape[2] // k_cache.shape[-2])
+    if implementation == "mosaic_gpu":
+        from jax_vattention.attention.kernels.mosaic_decode_attention import mosaic_decode_attention as kernel
+    else:
+        try:
+            from jax_vattention.attention.kernels.decode_attention import decode_attention as kernel
+        except ModuleNotFoundError as error:
+            raise ValueError(f"backend {backend!r} needs jax_vattention.attention.kernels.decode_attention, "
+                             f"which cannot be imported ({error})") from error
+    out = kernel(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths, layer=layer)  # [B, N, H]
     return out[:, None]  # [B, 1, N, H]
 
 

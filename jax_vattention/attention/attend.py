@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_vattention.attention.adapters import CUDNN_DTYPES, mosaic_prompt_attention
-from jax_vattention.attention.backends import BACKENDS, check_backend, default_backend
+from jax_vattention.attention.backends import BACKENDS, PALLAS_BACKENDS, check_backend, default_backend
 from jax_vattention.attention.reference import check_shapes
 
 
@@ -24,7 +24,8 @@ def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
     ----------
     q : [batch, tokens, q_heads, head_dim]; k, v : [batch, tokens, kv_heads, head_dim]
     lengths : int32 [batch], the real tokens of each row (the rest is padding)
-    backend : ``"cudnn"`` or ``"pallas"`` use cuDNN on a GPU; elsewhere JAX's XLA version;
+    backend : ``"cudnn"`` or a Pallas backend (``"pallas"``, ``"pallas_triton"``, ``"pallas_mgpu"``) use
+        cuDNN on a GPU; elsewhere JAX's XLA version;
         ``"mosaic"`` JAX's Mosaic GPU flash attention (:func:`mosaic_prompt_attention`)
 
     Returns
@@ -36,7 +37,7 @@ def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
         if jax.default_backend() != "gpu":
             raise ValueError("backend 'mosaic' needs a Hopper GPU; use 'blocked' here")
         return mosaic_prompt_attention(q, k.astype(q.dtype), v.astype(q.dtype))  # [B, T, N, H]
-    cudnn = (jax.default_backend() == "gpu" and backend in ("cudnn", "pallas")
+    cudnn = (jax.default_backend() == "gpu" and backend in ("cudnn", *PALLAS_BACKENDS)
              and jnp.dtype(q.dtype) in CUDNN_DTYPES)
     implementation = "cudnn" if cudnn else None
     return jax.nn.dot_product_attention(
@@ -56,7 +57,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
         (holding the new tokens' keys and values already)
     q_positions : int32 [batch, q_len], each query's position in its sequence
     kv_lengths : int32 [batch], how many cache positions of each row are valid
-    backend : ``"xla"``, ``"blocked"``, ``"cudnn"``, ``"pallas"``, ``"mosaic"`` (decode only: see
+    backend : ``"xla"``, ``"blocked"``, ``"cudnn"``, ``"pallas"`` (or ``"pallas_triton"``,
+        ``"pallas_mgpu"``: see :mod:`~jax_vattention.attention.backends`), ``"mosaic"`` (decode only: see
         :func:`mosaic_attention`), or None for the default backend's
         :func:`default_backend` (on the platform JAX runs on; an interleaved cache when ``layer`` is
         given). Callers holding a :class:`KVCache` pass :func:`resolve_backend`'s answer.

@@ -25,9 +25,19 @@ Backends
     position 0 (top-left causal mask), which is how :mod:`jax_vattention.decode.generate`
     prefills.
 ``pallas``
-    Decode (``q_len == 1``) runs
-    ``jax_vattention.attention.kernels.decode_attention.decode_attention``; prefill falls
-    back to ``cudnn`` on GPU and ``blocked`` elsewhere.
+    Our kernels (:mod:`jax_vattention.attention.kernels`): decode (``q_len == 1``) runs our
+    decode kernel and the engine's prefill chunks our chunk kernel; other prefill falls back to
+    ``cudnn`` on GPU and ``blocked`` elsewhere. Each kernel has two implementations of one
+    algorithm, Triton and Mosaic GPU (TMA and wgmma, Hopper only), and ``pallas`` runs the one
+    :func:`pallas_implementation` picks for the device: Triton, or Mosaic GPU on Hopper once
+    :data:`PALLAS_ON_HOPPER` says so.
+``pallas_triton``, ``pallas_mgpu``
+    ``pallas`` pinned to one implementation, for benchmarks, tests and for a deployment that must
+    not change kernels when JAX does. Why names of their own rather than an option: a backend is
+    the one thing every caller (``generate``, the engine, the CLI) already passes through, so the
+    pin needs no new parameter anywhere, and ``pallas`` stays the name to use for "our kernels,
+    the device's best". JAX 0.11 deprecated Pallas' Triton backend; ``pallas_triton`` stays while
+    JAX ships it.
 ``mosaic``
     JAX's Mosaic GPU flash attention (FlashAttention-3 on Hopper,
     ``jax.experimental.pallas.ops.gpu.attention_mgpu``), a kernel we did not write
@@ -50,20 +60,29 @@ back; the cache itself is never gathered.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
+import jax
 import jax.numpy as jnp
 
 from jax_vattention.attention.adapters import (CUDNN_DTYPES, check_mosaic_shapes, cudnn_attention,
                                                mosaic_attention, pallas_attention)
 from jax_vattention.attention.reference import blocked_attention, xla_attention
 
+# Our Pallas kernels' backend names and the implementation each pins (None: the device's, see
+# pallas_implementation).
+PALLAS_BACKENDS: dict[str, str | None] = {"pallas": None, "pallas_triton": "triton", "pallas_mgpu": "mosaic_gpu"}
+
+# The implementation backend "pallas" runs on a Hopper GPU: "triton" until `vattention bench
+# attention` measures Mosaic GPU faster on the same card (docs/benchmarks.md), then "mosaic_gpu".
+PALLAS_ON_HOPPER = "triton"
 
 BACKENDS: dict[str, Callable] = {
     "xla": xla_attention,
     "blocked": blocked_attention,
     "cudnn": cudnn_attention,
-    "pallas": pallas_attention,
+    **{name: functools.partial(pallas_attention, backend=name) for name in PALLAS_BACKENDS},
     "mosaic": mosaic_attention,
 }
 
@@ -81,6 +100,40 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+
+
+def _is_hopper(compute_capability) -> bool:
+    return compute_capability is not None and str(compute_capability).split(".")[0] == "9"
+
+
+def pallas_implementation(backend: str | None, dtype, head_dim: int, group: int, compute_capability=None) -> str:
+    """``"triton"`` or ``"mosaic_gpu"``: which implementation of our kernels ``backend`` runs for a cache
+    of ``dtype`` and ``head_dim`` with ``group`` query heads per kv head.
+
+    ``pallas_triton`` and ``pallas_mgpu`` pin theirs; ``pallas`` (or None) takes :data:`PALLAS_ON_HOPPER`
+    on a Hopper GPU (``compute_capability``, by default the first device's) where the Mosaic GPU kernels
+    take the shapes (16-bit, ``head_dim`` a multiple of 64 up to 256), and Triton everywhere else.
+    """
+    pinned = PALLAS_BACKENDS.get(backend or "pallas")
+    if pinned is not None:
+        return pinned
+    if PALLAS_ON_HOPPER != "mosaic_gpu":
+        return "triton"
+    from jax_vattention.attention.kernels.mosaic_decode_attention import supported
+    if compute_capability is None:
+        device = jax.devices()[0]
+        compute_capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
+    return "mosaic_gpu" if _is_hopper(compute_capability) and supported(dtype, head_dim, group) else "triton"
+
+
+def check_pallas_mgpu_shapes(dtype, head_dim: int | None) -> None:
+    """``ValueError`` unless the Mosaic GPU kernels take a cache of ``dtype`` and ``head_dim``."""
+    if jnp.dtype(dtype) not in CUDNN_DTYPES:
+        raise ValueError(f"backend 'pallas_mgpu' takes bfloat16 or float16 caches, not {jnp.dtype(dtype)}: use "
+                         "'pallas_triton' or 'blocked'")
+    if head_dim is not None and (head_dim % 64 or not 64 <= head_dim <= 256):
+        raise ValueError(f"backend 'pallas_mgpu' needs head_dim a multiple of 64 up to 256 (whole 128-byte "
+                         f"wgmma rows); this cache has {head_dim}: use 'pallas_triton'")
 
 
 def default_backend(layout: str, platform: str, dtype=None) -> str:
@@ -106,6 +159,12 @@ def check_backend_on(backend: str, layout: str, platform: str, virtual: bool = T
     unmapped: one read there kills the CUDA context.
     """
     check_backend(backend)
+    if backend == "pallas_mgpu" and platform != "gpu":
+        raise ValueError(f"backend 'pallas_mgpu' (our Mosaic GPU kernels) needs an NVIDIA Hopper GPU; JAX runs on "
+                         f"{platform} here: use 'blocked' (or 'pallas_triton', interpreted)")
+    if backend == "pallas_mgpu" and compute_capability is not None and not _is_hopper(compute_capability):
+        raise ValueError(f"backend 'pallas_mgpu' needs a Hopper GPU (compute capability 9.x: its kernels use TMA "
+                         f"and wgmma); this GPU's is {compute_capability}: use 'pallas' or 'pallas_triton'")
     if backend == "mosaic" and platform != "gpu":
         raise ValueError(f"backend 'mosaic' (JAX's Mosaic GPU flash attention) needs an NVIDIA Hopper GPU; JAX "
                          f"runs on {platform} here: use 'blocked'")
@@ -134,6 +193,8 @@ def backend_for(backend: str | None, layout: str, device, dtype=None, *, virtual
                      compute_capability=getattr(device, "compute_capability", None))
     if backend == "mosaic" and dtype is not None:
         check_mosaic_shapes(dtype, None)
+    if backend == "pallas_mgpu" and dtype is not None:
+        check_pallas_mgpu_shapes(dtype, None)
     return backend
 
 
@@ -146,6 +207,8 @@ def resolve_backend(backend: str | None, cache) -> str:
     backend = backend_for(backend, layout, device, cache.k[0].dtype, virtual=not cache.is_dense)
     if backend == "mosaic":
         check_mosaic_shapes(cache.k[0].dtype, cache.k[0].shape[-1])
+    if backend == "pallas_mgpu":
+        check_pallas_mgpu_shapes(cache.k[0].dtype, cache.k[0].shape[-1])
     return backend
 
 

@@ -117,7 +117,8 @@ class StepBatch:
                     self.chunk_slots < k_cache.shape[0], lengths, 0), layer=index)
             else:
                 chunk_out = chunk_attention(q_c, k_cache, v_cache, slots=self.chunk_slots,
-                                            q_positions=positions, kv_lengths=lengths, layer=index)
+                                            q_positions=positions, kv_lengths=lengths, layer=index,
+                                            backend=backend)
             out.append(chunk_out.reshape(chunks * self.chunk_width, *q.shape[2:]))  # [R*C, N, H]
         return jnp.concatenate(out)[None], cache  # [1, D + R*C, N, H]
 
