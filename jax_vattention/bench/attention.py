@@ -2,15 +2,18 @@
 
 For every (batch, context) point of the grid the same random K/V data is laid out three ways:
 
-* contiguous ``[batch, context, kv_heads, head_dim]``, read by our split-K Pallas kernel and by cuDNN
+* contiguous ``[batch, context, kv_heads, head_dim]``, read by our split-K decode kernel in both its
+  implementations, Triton (``ours_triton``) and Mosaic GPU (``ours_mgpu``, Hopper only), and by cuDNN
   (``jax.nn.dot_product_attention(implementation="cudnn", key_value_seq_lengths=...)``);
 * a shuffled page pool ``[num_pages, page_size, kv_heads, head_dim]`` with a block table, read by
   cuDNN's paged attention;
 * a shuffled page pool ``[kv_heads, num_pages, page_size, head_dim]``, read by Pallas's
   ``paged_attention``.
 
-Effective bandwidth is the K and V bytes of all live tokens over the time of one attention call. The
-ceiling is a plain device-to-device ``cudaMemcpy`` (bytes read plus written), timed with CUDA events.
+Effective bandwidth is the K and V bytes of all live tokens over the time of one attention call; the
+table gives it as a percentage of the ceiling, a plain device-to-device ``cudaMemcpy`` (bytes read plus
+written), timed with CUDA events. ``--chunk-tokens N`` also times our two chunk kernels (a prefill chunk
+of N tokens at the end of every row's context, the engine's chunked prefill) at the same points.
 Each implementation is timed as ``--calls`` back-to-back calls inside one compiled program (distinct
 queries, so nothing is hoisted), median over ``--repeats`` runs. Every grid point is also checked against
 the float32 reference on ragged lengths (one of them 0 when batch > 1).
@@ -38,8 +41,10 @@ from jax_vattention.attention.kernels import decode_attention
 from jax_vattention.attention.kernels.decode_attention import default_block_k, default_num_splits
 from jax_vattention.attention.kernels.reference import decode_attention_reference
 
-OURS, CUDNN, PAGED_CUDNN, PAGED_PALLAS = "ours", "cudnn", "paged_cudnn", "paged_pallas"
-IMPLEMENTATIONS = (OURS, CUDNN, PAGED_CUDNN, PAGED_PALLAS)
+OURS, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS = "ours_triton", "ours_mgpu", "cudnn", "paged_cudnn", "paged_pallas"
+IMPLEMENTATIONS = (OURS, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS)
+# Our chunk kernels, timed with --chunk-tokens.
+CHUNK_TRITON, CHUNK_MGPU = "chunk_triton", "chunk_mgpu"
 CSV_FIELDS = (
     "card",
     "batch",
@@ -84,8 +89,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-warps", type=int, default=4)
     parser.add_argument("--num-stages", type=int, default=3)
     parser.add_argument(
-        "--sweep", action="store_true", help="also sweep our block_k, num_warps, num_stages and num_splits"
+        "--sweep", action="store_true",
+        help="also sweep our kernels' tiles: Triton's block_k, num_warps, num_stages and num_splits, Mosaic "
+             "GPU's block_k, stages and num_splits"
     )
+    parser.add_argument("--chunk-tokens", type=int, default=0,
+                        help="also time our chunk kernels on a chunk of this many tokens per row (0: off)")
     parser.add_argument("--out-dir", type=pathlib.Path, default=pathlib.Path("out", "bench-attention"),
                         help="folder for the CSV, table and plot (default out/bench-attention)")
 
@@ -223,6 +232,68 @@ def ours_attention(**config):
     return lambda q, k_cache, v_cache, lengths: decode_attention(q, k_cache, v_cache, lengths, **config)
 
 
+def ours_mgpu_attention(**config):
+    from jax_vattention.attention.kernels.mosaic_decode_attention import mosaic_decode_attention
+
+    return lambda q, k_cache, v_cache, lengths: mosaic_decode_attention(q, k_cache, v_cache, lengths, **config)
+
+
+def mgpu_sweep_configs(batch, kv_heads, context, head_dim):
+    """Tile, pipeline and split configurations for the Mosaic GPU kernel, around its defaults."""
+    from jax_vattention.attention.kernels import mosaic_decode_attention as mgpu
+
+    splits = mgpu.default_num_splits(batch, kv_heads, context, mgpu.default_block_k(head_dim))
+    for block_k, stages in itertools.product((64, 128) if head_dim <= 128 else (64,), (2, 3, 4)):
+        yield dict(block_k=block_k, stages=stages)
+    for factor in (0.25, 0.5, 2, 4):
+        yield dict(num_splits=max(1, round(splits * factor)))
+
+
+def chunk_kernels():
+    """Our two chunk kernels under one signature: {name: attend(q, k, v, slots, positions, lengths)}."""
+    from jax_vattention.attention.kernels.chunk_attention import chunk_attention
+    from jax_vattention.attention.kernels.mosaic_chunk_attention import mosaic_chunk_attention
+
+    return {CHUNK_TRITON: lambda *args: chunk_attention(*args, interpret=jax.default_backend() != "gpu"),
+            CHUNK_MGPU: mosaic_chunk_attention}
+
+
+def run_chunks(recorder, args, batch, context, k_cache, v_cache, key, kv_bytes, point, keep):
+    """Times our chunk kernels on a chunk of ``args.chunk_tokens`` tokens at the end of every row.
+
+    The Mosaic GPU kernel is checked against the Triton one (both against the float32 reference in the
+    tests); each chunk reads its row's whole context, so the bandwidth is over the K/V bytes."""
+    tokens = min(args.chunk_tokens, context)
+    calls = max(2, args.calls // 5)
+    queries = jax.random.normal(key, (calls, batch, tokens, args.q_heads, args.head_dim), k_cache.dtype)
+    slots = jnp.arange(batch, dtype=jnp.int32)
+    positions = jnp.broadcast_to(context - tokens + jnp.arange(tokens, dtype=jnp.int32), (batch, tokens))
+    lengths = jnp.full((batch,), context, jnp.int32)
+    operands = (k_cache, v_cache, slots, positions, lengths)
+    outputs = {}
+    for name, kernel in chunk_kernels().items():
+        if name == CHUNK_MGPU and not mgpu_available():
+            continue
+        try:
+            outputs[name] = jax.jit(kernel)(queries[0], *operands).astype(jnp.float32)
+            seconds = time_per_call(kernel, queries, *operands, repeats=recorder.repeats)
+        except Exception as failure:  # A kernel that cannot run here is a row, not an abort.
+            recorder.add(impl=name, note=f"failed: {type(failure).__name__}: {str(failure)[:200]}", **point)
+            continue
+        error = (f"{float(jnp.max(jnp.abs(outputs[name] - outputs[CHUNK_TRITON]))):.2e}"
+                 if name != CHUNK_TRITON and CHUNK_TRITON in outputs else "")
+        recorder.add(impl=name, us=f"{seconds * 1e6:.1f}", tb_per_s=f"{kv_bytes / seconds / 1e12:.3f}",
+                     max_abs_error=error, config=f"chunk_tokens={tokens}",
+                     note="error against chunk_triton" if error else "", **point)
+        keep(name, seconds)
+
+
+def mgpu_available() -> bool:
+    """Whether the Mosaic GPU kernels can run here: a Hopper GPU."""
+    device = jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
+
+
 def ragged_lengths(batch: int, context: int, seed: int) -> jax.Array:
     """Lengths for the correctness check: not multiples of any tile, the full context, and a 0."""
     rng = np.random.default_rng(seed)
@@ -356,6 +427,19 @@ def run_point(recorder, args, batch, context, key, dtype):
                     config=",".join(f"{k}={v}" for k, v in swept.items() if v is not None),
                     **point,
                 )
+    if OURS_MGPU in args.impls and mgpu_available():
+        keep(OURS_MGPU, measure(recorder, OURS_MGPU, ours_mgpu_attention(), (k_cache, v_cache, full), queries,
+                                kv_bytes, contiguous_check, **point))
+        seconds = time_per_call(ours_mgpu_attention(), queries, k_cache, v_cache, jnp.zeros((batch,), jnp.int32),
+                                repeats=args.repeats)
+        recorder.add(impl=f"{OURS_MGPU}_length_0", us=f"{seconds * 1e6:.1f}",
+                     note="same program, all lengths 0: the fixed cost of a call", **point)
+        if args.sweep:
+            for config in mgpu_sweep_configs(batch, args.kv_heads, context, args.head_dim):
+                measure(recorder, f"{OURS_MGPU}_sweep", ours_mgpu_attention(**config), (k_cache, v_cache, full),
+                        queries, kv_bytes, None, config=",".join(f"{k}={v}" for k, v in config.items()), **point)
+    if args.chunk_tokens:
+        run_chunks(recorder, args, batch, context, k_cache, v_cache, keys[4], kv_bytes, point, keep)
     if CUDNN in args.impls:
         keep(
             CUDNN,
@@ -415,27 +499,32 @@ def run_point(recorder, args, batch, context, key, dtype):
 
 
 def summary_table(results, ceiling, card) -> str:
-    """A Markdown table: µs and TB/s per implementation, and our ratios to the ceiling and baselines."""
+    """A Markdown table: µs per implementation, each one's bandwidth as % of the copy ceiling, and the
+    ratios that pick the default (Mosaic GPU against Triton, ours against cuDNN and the best paged)."""
+    names = (OURS, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS, CHUNK_TRITON, CHUNK_MGPU)
     lines = [
         f"card: {card}; copy ceiling: " + (f"{ceiling / 1e12:.3f} TB/s" if ceiling else "not measured"),
         "",
-        "| batch | context | KV MiB | ours µs | ours TB/s | cuDNN µs | paged cuDNN µs | "
-        "paged Pallas µs | ours / copy | ours vs cuDNN | ours vs best paged |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | context | KV MiB | " + " | ".join(f"{name} µs (% copy)" for name in names)
+        + " | mgpu / triton time | chunk mgpu / triton time | best ours vs cuDNN | best ours vs best paged |",
+        "|---:|---:|---:|" + "---:|" * (len(names) + 4),
     ]
     for (batch, context, kv_bytes), best in results:
 
-        def us(name):
-            return f"{best[name] * 1e6:.1f}" if name in best else "—"
+        def cell(name):
+            if name not in best:
+                return "—"
+            share = f" ({100 * kv_bytes / best[name] / ceiling:.0f}%)" if ceiling else ""
+            return f"{best[name] * 1e6:.1f}{share}"
 
-        ours = best.get(OURS)
+        ours = min((best[n] for n in (OURS, OURS_MGPU) if n in best), default=None)
         paged = min((best[n] for n in (PAGED_CUDNN, PAGED_PALLAS) if n in best), default=None)
-        ours_tbps = kv_bytes / ours / 1e12 if ours else None
+        def ratio(mgpu, triton):
+            return f"{best[mgpu] / best[triton]:.2f}" if mgpu in best and triton in best else "—"
+
         lines.append(
-            f"| {batch} | {context} | {kv_bytes / 2**20:.0f} | {us(OURS)} | "
-            f"{f'{ours_tbps:.2f}' if ours else '—'} | {us(CUDNN)} | {us(PAGED_CUDNN)} | "
-            f"{us(PAGED_PALLAS)} | "
-            f"{f'{100 * kv_bytes / ours / ceiling:.0f}%' if ours and ceiling else '—'} | "
+            f"| {batch} | {context} | {kv_bytes / 2**20:.0f} | " + " | ".join(cell(name) for name in names)
+            + f" | {ratio(OURS_MGPU, OURS)} | {ratio(CHUNK_MGPU, CHUNK_TRITON)} | "
             f"{f'{best[CUDNN] / ours:.2f}×' if ours and CUDNN in best else '—'} | "
             f"{f'{paged / ours:.2f}×' if ours and paged else '—'} |"
         )
@@ -453,7 +542,7 @@ def plot(results, ceiling, card, path: pathlib.Path) -> None:
         return
     figure, axes = plt.subplots(figsize=(8, 5))
     labels = [f"{b}×{c // 1024}K" for (b, c, _), _ in results]
-    for name in IMPLEMENTATIONS:
+    for name in (*IMPLEMENTATIONS, CHUNK_TRITON, CHUNK_MGPU):
         axes.plot(
             labels,
             [kv / best[name] / 1e12 if name in best else float("nan") for (_, _, kv), best in results],
@@ -492,6 +581,8 @@ def run(args: argparse.Namespace) -> int:
     if jax.default_backend() != "gpu":
         args.impls = [name for name in args.impls if name not in (CUDNN, PAGED_CUDNN)]
         print("not a GPU: cuDNN baselines skipped, Pallas kernels interpreted", file=sys.stderr)
+    if not mgpu_available():
+        print("not a Hopper GPU: our Mosaic GPU kernels (ours_mgpu, chunk_mgpu) skipped", file=sys.stderr)
     results = []
     key = jax.random.key(0)
     points = [(batch, context) for batch, context in itertools.product(args.batch, args.context)
