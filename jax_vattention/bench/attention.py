@@ -37,14 +37,12 @@ import numpy as np
 from tqdm import tqdm
 
 from jax_vattention.app.cli import standalone
-from jax_vattention.attention.kernels import decode_attention
-from jax_vattention.attention.kernels.decode_attention import default_block_k, default_num_splits
 from jax_vattention.attention.kernels.reference import decode_attention_reference
-
-OURS, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS = "ours_triton", "ours_mgpu", "cudnn", "paged_cudnn", "paged_pallas"
-IMPLEMENTATIONS = (OURS, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS)
-# Our chunk kernels, timed with --chunk-tokens.
-CHUNK_TRITON, CHUNK_MGPU = "chunk_triton", "chunk_mgpu"
+from jax_vattention.bench.attention_kernels import (CHUNK_MGPU, CHUNK_TRITON, CUDNN, IMPLEMENTATIONS, OURS, OURS_MGPU,
+                                                    PAGED_CUDNN, PAGED_PALLAS, chunk_kernels, cudnn_attention,
+                                                    mgpu_available, mgpu_sweep_configs, ours_attention,
+                                                    ours_mgpu_attention, paged_cudnn_attention,
+                                                    paged_pallas_attention, shuffled_page_pool, sweep_configs)
 CSV_FIELDS = (
     "card",
     "batch",
@@ -158,106 +156,6 @@ def copy_ceiling(gib: float, repeats: int = 20) -> float | None:
     return 2 * size / (statistics.median(milliseconds) * 1e-3)
 
 
-def shuffled_page_pool(k_cache, v_cache, page_size: int, key):
-    """The caches cut into pages and scattered in random order over a pool, as in a real page pool.
-
-    Returns k_pool, v_pool [batch * pages_per_slot, page_size, kv_heads, head_dim] and the block
-    table int32 [batch, pages_per_slot]: page i of slot b is ``pool[block_table[b, i]]``.
-    """
-    batch, context, kv_heads, head_dim = k_cache.shape
-    pages_per_slot = context // page_size
-    block_table = jax.random.permutation(key, batch * pages_per_slot).astype(jnp.int32)
-
-    def scatter(cache):
-        pages = cache.reshape(batch * pages_per_slot, page_size, kv_heads, head_dim)
-        return jnp.zeros_like(pages).at[block_table].set(pages)
-
-    return scatter(k_cache), scatter(v_cache), block_table.reshape(batch, pages_per_slot)
-
-
-def paged_cudnn_attention(scale: float):
-    from jax._src.cudnn.fused_attention_stablehlo import MaskType, paged_attention
-
-    def attend(q, k_pool, v_pool, block_table, lengths):
-        batch = q.shape[0]
-        page_table = block_table[:, None, :, None]  # [batch, 1, pages_per_slot, 1]
-        out = paged_attention(
-            q[:, None],
-            k_pool,
-            v_pool,
-            jnp.ones((batch,), jnp.int32),
-            lengths,
-            page_table,
-            page_table,
-            scale=scale,
-            mask_type=MaskType.PADDING,
-        )
-        return out[:, 0]
-
-    return attend
-
-
-def paged_pallas_attention(page_size: int, pages_per_slot: int):
-    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
-
-    k_splits = math.gcd(16, pages_per_slot)
-    pages_per_block = math.gcd(max(1, 128 // page_size), pages_per_slot // k_splits)
-
-    def attend(q, k_pages, v_pages, block_table, lengths):
-        return paged_attention(
-            q,
-            k_pages,
-            v_pages,
-            block_table,
-            lengths,
-            k_splits=k_splits,
-            pages_per_compute_block=pages_per_block,
-            interpret=jax.default_backend() != "gpu",
-        )
-
-    return attend, f"k_splits={k_splits},pages_per_compute_block={pages_per_block}"
-
-
-def cudnn_attention(scale: float):
-    def attend(q, k_cache, v_cache, lengths):
-        out = jax.nn.dot_product_attention(
-            q[:, None], k_cache, v_cache, scale=scale, key_value_seq_lengths=lengths, implementation="cudnn"
-        )
-        return out[:, 0]
-
-    return attend
-
-
-def ours_attention(**config):
-    return lambda q, k_cache, v_cache, lengths: decode_attention(q, k_cache, v_cache, lengths, **config)
-
-
-def ours_mgpu_attention(**config):
-    from jax_vattention.attention.kernels.mosaic_decode_attention import mosaic_decode_attention
-
-    return lambda q, k_cache, v_cache, lengths: mosaic_decode_attention(q, k_cache, v_cache, lengths, **config)
-
-
-def mgpu_sweep_configs(batch, kv_heads, context, head_dim):
-    """Tile, pipeline and split configurations for the Mosaic GPU kernel, around its defaults."""
-    from jax_vattention.attention.kernels import mosaic_decode_attention as mgpu
-
-    splits = mgpu.default_num_splits(batch, kv_heads, context, mgpu.default_block_k(head_dim))
-    for block_k, stages in itertools.product((64, 128) if head_dim <= 128 else (64,), (2, 3, 4)):
-        yield dict(block_k=block_k, stages=stages)
-    for factor in (0.25, 0.5, 2, 4):
-        yield dict(num_splits=max(1, round(splits * factor)))
-
-
-def chunk_kernels():
-    """Our two chunk kernels under one signature: {name: attend(q, k, v, slots, positions, lengths)}."""
-    from jax_vattention.attention.kernels.chunk_attention import chunk_attention
-    from jax_vattention.attention.kernels.mosaic_chunk_attention import mosaic_chunk_attention
-
-    return {CHUNK_TRITON: lambda *args: chunk_attention(*args, interpret=jax.default_backend() != "gpu"),
-            CHUNK_MGPU: mosaic_chunk_attention}
-
-
 def run_chunks(recorder, args, batch, context, k_cache, v_cache, key, kv_bytes, point, keep):
     """Times our chunk kernels on a chunk of ``args.chunk_tokens`` tokens at the end of every row.
 
@@ -286,12 +184,6 @@ def run_chunks(recorder, args, batch, context, k_cache, v_cache, key, kv_bytes, 
                      max_abs_error=error, config=f"chunk_tokens={tokens}",
                      note="error against chunk_triton" if error else "", **point)
         keep(name, seconds)
-
-
-def mgpu_available() -> bool:
-    """Whether the Mosaic GPU kernels can run here: a Hopper GPU."""
-    device = jax.devices()[0]
-    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9")
 
 
 def ragged_lengths(batch: int, context: int, seed: int) -> jax.Array:
@@ -349,15 +241,6 @@ def measure(recorder, name, attend, operands, queries, kv_bytes, check, **fields
         **fields,
     )
     return seconds
-
-
-def sweep_configs(batch, kv_heads, context, head_dim):
-    """Tile, launch and split configurations for our kernel, around the defaults."""
-    splits = default_num_splits(batch, kv_heads, context, default_block_k(head_dim))
-    for block_k, num_warps, num_stages in itertools.product((64, 128, 256), (4, 8), (2, 3, 4)):
-        yield dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
-    for factor in (0.25, 0.5, 2, 4):
-        yield dict(num_splits=max(1, round(splits * factor)))
 
 
 def run_point(recorder, args, batch, context, key, dtype):

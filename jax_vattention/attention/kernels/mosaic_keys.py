@@ -37,7 +37,6 @@ import dataclasses
 import math
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
