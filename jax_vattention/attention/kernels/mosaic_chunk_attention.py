@@ -33,7 +33,7 @@ __all__ = ["mosaic_chunk_attention"]
 
 
 def _chunk_kernel(slots_ref, ends_ref, positions_ref, q_ref, k_ref, v_ref, out_ref, q_smem, o_smem, positions_smem,
-                  q_barrier, *key_scratch, layer, block_k, scale):
+                  q_barrier, *key_scratch, layer, block_k, scale, interpreted):
     """One program: 64 query rows (tokens x group heads) of one chunk row against that row's keys.
 
     Refs (global memory)::
@@ -67,7 +67,7 @@ def _chunk_kernel(slots_ref, ends_ref, positions_ref, q_ref, k_ref, v_ref, out_r
     row_sum = plgpu.layout_cast(jnp.zeros((keys.ROWS,), jnp.float32), keys.row_layout())
     acc, _, row_sum = keys.attend_keys(
         q_smem, rows, buffers, keys.KeyPlan(0, ends_ref[row, block], block_k), (acc, row_max, row_sum),
-        scale_log2=scale * keys.LOG2_E, positions=positions)
+        scale_log2=scale * keys.LOG2_E, accumulate_in_place=not interpreted, positions=positions)
 
     # A query row that saw no key has row_sum == 0 and acc == 0: its output is 0.
     out = acc / lax.broadcast_in_dim(jnp.where(row_sum == 0, 1.0, row_sum), acc.shape, [0])
@@ -196,12 +196,13 @@ def mosaic_chunk_attention(
         *keys.KeyBuffers.scratch(stages, block_k, head_dim, dtype),
     )
     out = plgpu.kernel(
-        functools.partial(_chunk_kernel, layer=layer, block_k=block_k, scale=scale),
+        functools.partial(_chunk_kernel, layer=layer, block_k=block_k, scale=scale,
+                          interpreted=interpret is not None),
         out_type=jax.ShapeDtypeStruct((rows, kv_heads, padded_len * group_pad, head_dim), dtype),
         grid=(rows, kv_heads, q_blocks),
         grid_names=("row", "head", "block"),
         scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=keys.compiler_params(),
         interpret=interpret,
     )(cache_rows.astype(jnp.int32), ends.astype(jnp.int32), positions, q_grouped, k_cache, v_cache)
 

@@ -60,7 +60,7 @@ def default_num_splits(batch: int, kv_heads: int, max_len: int, block_k: int,
 
 
 def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, o_smem, lse_smem, q_barrier,
-                   *key_scratch, layer, block_k, num_splits, out_rows, scale):
+                   *key_scratch, layer, block_k, num_splits, out_rows, scale, interpreted):
     """One program: the query rows of one GQA group of one slot against one split of its context.
 
     Refs (global memory)::
@@ -93,7 +93,7 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, q_smem, o
     row_sum = plgpu.layout_cast(jnp.zeros((keys.ROWS,), jnp.float32), keys.row_layout())
     acc, row_max, row_sum = keys.attend_keys(
         q_smem, rows, buffers, keys.KeyPlan(lo, hi, block_k), (acc, row_max, row_sum),
-        scale_log2=scale * keys.LOG2_E)
+        scale_log2=scale * keys.LOG2_E, accumulate_in_place=not interpreted)
 
     # An empty split has row_sum == 0 and acc == 0: its output is 0 and its lse -inf.
     empty = row_sum == 0
@@ -207,7 +207,7 @@ def mosaic_decode_attention(
     q_grouped = q.reshape(batch, kv_heads, group, head_dim)
     q_grouped = jnp.pad(q_grouped, ((0, 0), (0, 0), (0, out_rows - group), (0, 0)))  # [B, K, G', D]
     kernel = functools.partial(_decode_kernel, layer=layer, block_k=block_k, num_splits=num_splits,
-                               out_rows=out_rows, scale=scale)
+                               out_rows=out_rows, scale=scale, interpreted=interpret is not None)
     dtype = q.dtype
     scratch = (
         plgpu.SMEM((keys.ROWS, head_dim), dtype, transforms=keys.smem_transforms(dtype)),  # q
@@ -223,7 +223,7 @@ def mosaic_decode_attention(
         grid=(batch, kv_heads, num_splits),
         grid_names=("slot", "head", "split"),
         scratch_types=scratch,
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=keys.compiler_params(),
         interpret=interpret,
     )(lengths, q_grouped, k_cache, v_cache)
     out = partial_out[:, :, 0] if num_splits == 1 else _combine_splits(partial_out, partial_lse)

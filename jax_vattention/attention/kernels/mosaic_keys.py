@@ -57,6 +57,13 @@ def smem_transforms(dtype) -> tuple:
     return plgpu.TilingTransform((GROUP, columns)), plgpu.SwizzleTransform(SWIZZLE_BYTES)
 
 
+def compiler_params():
+    """The kernels' compiler parameters: approximate exp2 and log2, and Lane lowering semantics (one
+    Pallas thread per CUDA thread, layouts as written): the lowering these kernels are written and
+    checked against, the default of jax 0.10, which jax 0.11 replaced by Warpgroup semantics."""
+    return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
 def row_layout():
     """One value per query row of a ``[64, n]`` wgmma tile (the layout of its row reductions)."""
     return plgpu.Layout.WGMMA.reduce(1)
@@ -177,6 +184,7 @@ def attend_keys(
     *,
     scale_log2: float,
     positions=None,
+    accumulate_in_place: bool = True,
 ):
     """Streams keys ``[plan.lo, plan.hi)`` through the online softmax of 64 query rows.
 
@@ -199,6 +207,10 @@ def attend_keys(
     positions
       int32 ``[64]`` (row layout): row ``i`` attends only keys ``<= positions[i]`` (causal; -1: none);
       None: every row attends every key of the range.
+    accumulate_in_place
+      Add ``probs @ values`` into the output accumulator inside wgmma (``pl.run_state``: one
+      ``[64, head_dim]`` float32 accumulator in registers). False for Pallas' interpreter, which has no
+      rule for ``run_state``: a fresh accumulator, then an add.
 
     Returns
     -------
@@ -264,14 +276,17 @@ def attend_keys(
         rescale = jnp.exp2(row_max - safe_max)  # [64]
         probs = jnp.exp2(logits - lax.broadcast_in_dim(safe_max, logits.shape, [0]))  # [64, block_k]
         row_sum = row_sum * rescale + probs.sum(axis=1)
+        acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0])
         wait(tile, buffers.value_whole, buffers.value_groups)
 
         def weigh_values(acc_ref):
             plgpu.wgmma(acc_ref, probs.astype(dtype), buffers.values.at[stage])
-            return acc_ref[...]
 
-        weighed = pl.run_scoped(weigh_values, plgpu.ACC((ROWS, head_dim), jnp.float32))  # [64, head_dim]
-        acc = acc * lax.broadcast_in_dim(rescale, acc.shape, [0]) + weighed
+        if accumulate_in_place:  # acc += probs @ values in the wgmma accumulator itself
+            acc = pl.run_state(weigh_values)(plgpu.ACC.init(acc))
+        else:  # the interpreter has no rule for run_state: the same sum through a fresh accumulator
+            acc = acc + pl.run_scoped(lambda acc_ref: (weigh_values(acc_ref), acc_ref[...])[1],
+                                      plgpu.ACC((ROWS, head_dim), jnp.float32))
         pl.when(tile + stages < num_tiles)(lambda: issue(tile + stages))
         return acc, new_max, row_sum
 
