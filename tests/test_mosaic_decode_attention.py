@@ -114,6 +114,14 @@ def test_bad_input_raises_value_error(make_args, message):
         mosaic_decode_attention(q, k, v, jnp.array([3, 4], jnp.int32), block_k=96)
 
 
+def test_a_cache_beyond_a_tma_descriptor_is_refused():
+    q = jax.ShapeDtypeStruct((2, 8, 64), jnp.bfloat16)
+    cache = jax.ShapeDtypeStruct((256, 131072, 32, 8, 64), jnp.bfloat16)  # 2**33 rows of head_dim
+    with pytest.raises(ValueError, match="TMA"):
+        jax.eval_shape(lambda q, k, v: mosaic_decode_attention(q, k, v, jnp.array([1, 2], jnp.int32), layer=0),
+                       q, cache, cache)
+
+
 @pytest.mark.parametrize("layers", [None, 3])
 def test_reads_the_cache_in_place(layers):
     """The caches go straight into the kernel: no transpose, copy or slice of them comes first."""

@@ -87,6 +87,7 @@ def check_inputs(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer) -> 
         raise ValueError(f"the Mosaic GPU kernels take bfloat16 or float16, head_dim a multiple of 64 up to 256 "
                          f"and at most 64 query heads per kv head; got {jnp.dtype(q.dtype)}, head_dim {head_dim}, "
                          f"{q_heads // k_cache.shape[-2]} per kv head: use the Triton kernel")
+    keys.check_tma_extent(k_cache.shape)
     if slots.shape != (rows,) or slots.dtype != jnp.int32:
         raise ValueError(f"slots must be int32 [rows={rows}], got {slots.dtype} {slots.shape}")
     if q_positions.shape != (rows, q_len) or q_positions.dtype != jnp.int32:

@@ -130,6 +130,7 @@ def check_inputs(q, k_cache, v_cache, lengths, layer) -> None:
         raise ValueError(f"the Mosaic GPU kernels take bfloat16 or float16, head_dim a multiple of 64 up to 256 "
                          f"and at most 64 query heads per kv head; got {jnp.dtype(q.dtype)}, head_dim {head_dim}, "
                          f"{q_heads // k_cache.shape[-2]} per kv head: use the Triton kernel")
+    keys.check_tma_extent(k_cache.shape)
     if batch > k_cache.shape[0]:
         raise ValueError(f"batch ({batch}) exceeds the cache's max_batch ({k_cache.shape[0]})")
     if lengths.shape != (batch,) or lengths.dtype != jnp.int32:

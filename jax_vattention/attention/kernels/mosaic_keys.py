@@ -74,6 +74,20 @@ def column_layout():
     return plgpu.Layout.WGMMA.reduce(0)
 
 
+# The largest extent of one dimension of a TMA descriptor.
+TMA_EXTENT_LIMIT = 2**32
+
+
+def check_tma_extent(cache_shape) -> None:
+    """``ValueError`` unless TMA can address the cache: Mosaic folds the slot, layer and head indices of a
+    copy into one descriptor dimension of about ``prod(cache_shape[:-1])`` rows, which must stay below
+    2**32."""
+    rows = math.prod(cache_shape[:-1])
+    if rows >= TMA_EXTENT_LIMIT:
+        raise ValueError(f"a cache of shape {tuple(cache_shape)} has {rows} rows of head_dim, more than a TMA "
+                         f"descriptor addresses (2**32): use the Triton kernels (backend 'pallas_triton')")
+
+
 @dataclasses.dataclass(frozen=True)
 class KeyPlan:
     """Which tokens of ``[lo, hi)`` each read covers; plain integer arithmetic, so that the kernel
