@@ -3,7 +3,7 @@
 Prefill chunks of several slots in one call: a first chunk at offset 0, chunks after a cached prefix,
 two consecutive chunks of one slot, a one-token chunk and padding rows. What lies past the lengths holds
 NaN, which spreads into the output if the kernel loads it. The key loop's read plan is tested in
-``test_mosaic_decode_attention.py`` (it is shared); the interpreter tests need jax >= 0.11 (see there).
+``test_mosaic_decode_attention.py`` (it is shared), and so is what the interpreter runs (see there).
 Run this file in a process of its own on a GPU: a compile failure must not take other files down.
 """
 
@@ -17,11 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_vattention.attention.kernels.mosaic_chunk_attention import mosaic_chunk_attention
+from mosaic_interpreter import interpreter, reset
 
-INTERPRETER = getattr(plgpu, "InterpretGPUParams", None)
 ON_HOPPER = any(d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9")
                 for d in jax.devices())
 TOLERANCE = {jnp.float16: 4e-3, jnp.bfloat16: 3e-2}
@@ -117,8 +116,13 @@ def test_reads_the_cache_in_place():
     assert users[0].primitive.name in ("custom_vmap_call", "pallas_call")
 
 
-@pytest.mark.skipif(INTERPRETER is None, reason="jax 0.10's Mosaic GPU interpreter lacks layout_cast and "
-                                                "transposed or register wgmma operands; jax >= 0.11 has them")
+@pytest.fixture
+def fresh_interpreter():
+    yield
+    reset()
+
+
+@pytest.mark.usefixtures("fresh_interpreter")
 @pytest.mark.parametrize("group, layers", [(1, None), (4, 2)])
 def test_interpreted_kernel_matches_the_reference_and_reads_nothing_past_the_lengths(group, layers):
     # (slot, start, count): a first chunk, one after a whole tile and a group, one ending mid-group,
@@ -130,7 +134,7 @@ def test_interpreted_kernel_matches_the_reference_and_reads_nothing_past_the_len
         width=width, layers=layers)
     layer = 1 if layers else None
     out = mosaic_chunk_attention(q, k, v, jnp.asarray(slots), jnp.asarray(positions), jnp.asarray(lengths),
-                                 layer=layer, block_k=64, interpret=INTERPRETER())
+                                 layer=layer, block_k=64, interpret=interpreter())
     check(out, q, k, v, slots, positions, lengths, count, layer, max_batch)
 
 

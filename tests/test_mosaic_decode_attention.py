@@ -4,10 +4,10 @@ What runs where:
 
 * everywhere: the read plan (:func:`token_reads`) against the bound for every small length and split,
   the input checks, and that the cache goes into the kernel with no copy, slice or transpose first;
-* jax >= 0.11: the kernel itself in Pallas' Mosaic GPU interpreter on the CPU, on caches that hold
-  NaN past every length (a value read there spreads into the output). jax 0.10's interpreter has no
-  rule for ``layout_cast``, for transposed wgmma operands, nor for a wgmma operand in registers, all
-  of which the kernel needs, so there those tests skip;
+* the kernel itself in Pallas' Mosaic GPU interpreter on the CPU (``mosaic_interpreter``: on jax 0.10
+  with the three rules its interpreter lacks), on caches that hold NaN past every length: a value
+  loaded there spreads into the output (through ``0 * NaN`` in P @ V even where the mask drops it; K and
+  V are copied by the same calls, so what holds for V holds for K);
 * a Hopper GPU (``gpu`` marker): compiled, both layouts, groups 1..8, head_dim 64..256, bfloat16 and
   float16, and over a reservation mapped only up to each length (in a child process: a fault there
   would kill the CUDA context). Run this file in a process of its own: a compile failure of a Mosaic
@@ -25,16 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_vattention.attention.kernels.mosaic_decode_attention import mosaic_decode_attention
+from mosaic_interpreter import interpreter, reset
 from jax_vattention.attention.kernels.mosaic_keys import GROUP, KeyPlan, split_range, token_reads
 from jax_vattention.attention.kernels.reference import decode_attention_reference
 
-INTERPRETER = getattr(plgpu, "InterpretGPUParams", None)
-interpreted = pytest.mark.skipif(
-    INTERPRETER is None, reason="jax 0.10's Mosaic GPU interpreter lacks layout_cast and transposed or "
-                                "register wgmma operands; jax >= 0.11 interprets the kernel")
 ON_HOPPER = any(d.platform == "gpu" and str(getattr(d, "compute_capability", "")).startswith("9")
                 for d in jax.devices())
 hopper = [pytest.mark.gpu, pytest.mark.skipif(not ON_HOPPER, reason="needs a Hopper GPU (wgmma)")]
@@ -136,7 +132,13 @@ def test_reads_the_cache_in_place(layers):
     assert users[0].primitive.name in ("custom_vmap_call", "pallas_call")
 
 
-@interpreted
+@pytest.fixture
+def fresh_interpreter():
+    yield
+    reset()
+
+
+@pytest.mark.usefixtures("fresh_interpreter")
 @pytest.mark.parametrize("group, layers, dtype", [(1, None, jnp.bfloat16), (4, 2, jnp.float16)])
 def test_interpreted_kernel_matches_the_reference_and_reads_nothing_past_the_lengths(group, layers, dtype):
     """Lengths: a whole tile and a group past it, a short row with a tail, one token, none."""
@@ -145,7 +147,7 @@ def test_interpreted_kernel_matches_the_reference_and_reads_nothing_past_the_len
                             layers=layers, lengths=lengths)
     layer = 1 if layers else None
     out = mosaic_decode_attention(q, k, v, lengths, layer=layer, block_k=64, num_splits=2, stages=2,
-                                  interpret=INTERPRETER())
+                                  interpret=interpreter())
     assert_matches_reference(out, q, k, v, lengths, layer=layer)
     np.testing.assert_array_equal(np.asarray(out[3], np.float32), 0.0)
 
