@@ -123,10 +123,10 @@ def fresh_interpreter():
 
 
 @pytest.mark.usefixtures("fresh_interpreter")
-@pytest.mark.parametrize("group, layers", [(1, None), (4, 2)])
-def test_interpreted_kernel_matches_the_reference_and_reads_nothing_past_the_lengths(group, layers):
-    # (slot, start, count): a first chunk, one after a whole tile and a group, one ending mid-group,
-    # a one-token chunk, a padding row.
+@pytest.mark.parametrize("group, layers, stages", [(1, None, 2), (8, 2, 1)])
+def test_interpreted_kernel_matches_the_reference_and_reads_nothing_past_the_lengths(group, layers, stages):
+    """(slot, start, count): a first chunk, one after a whole tile and a group, one ending mid-group, a
+    one-token chunk, a padding row. Group 8 puts the 12 tokens in two query blocks of 8."""
     rows = [(1, 0, 12), (2, 72, 5), (3, 20, 3), (0, 6, 1), (4, 0, 0)]
     max_batch, width = 4, 12
     q, k, v, slots, positions, lengths, count = make_inputs(
@@ -134,7 +134,7 @@ def test_interpreted_kernel_matches_the_reference_and_reads_nothing_past_the_len
         width=width, layers=layers)
     layer = 1 if layers else None
     out = mosaic_chunk_attention(q, k, v, jnp.asarray(slots), jnp.asarray(positions), jnp.asarray(lengths),
-                                 layer=layer, block_k=64, interpret=interpreter())
+                                 layer=layer, block_k=64, stages=stages, interpret=interpreter())
     check(out, q, k, v, slots, positions, lengths, count, layer, max_batch)
 
 

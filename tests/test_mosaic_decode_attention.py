@@ -139,14 +139,17 @@ def fresh_interpreter():
 
 
 @pytest.mark.usefixtures("fresh_interpreter")
-@pytest.mark.parametrize("group, layers, dtype", [(1, None, jnp.bfloat16), (4, 2, jnp.float16)])
-def test_interpreted_kernel_matches_the_reference_and_reads_nothing_past_the_lengths(group, layers, dtype):
-    """Lengths: a whole tile and a group past it, a short row with a tail, one token, none."""
+@pytest.mark.parametrize("group, layers, dtype, num_splits, stages",
+                         [(1, None, jnp.bfloat16, 2, 2), (4, 2, jnp.float16, 1, 1)])
+def test_interpreted_kernel_matches_the_reference_and_reads_nothing_past_the_lengths(group, layers, dtype, num_splits,
+                                                                                     stages):
+    """Lengths: a whole tile and a group past it, a short row with a tail, one token, none; two splits,
+    or one with a single stage (each tile's copies issued as the one before is consumed)."""
     lengths = jnp.array([72, 13, 1, 0], jnp.int32)
     q, k, v = random_inputs(group, batch=4, group=group, kv_heads=1, head_dim=64, max_len=136, dtype=dtype,
                             layers=layers, lengths=lengths)
     layer = 1 if layers else None
-    out = mosaic_decode_attention(q, k, v, lengths, layer=layer, block_k=64, num_splits=2, stages=2,
+    out = mosaic_decode_attention(q, k, v, lengths, layer=layer, block_k=64, num_splits=num_splits, stages=stages,
                                   interpret=interpreter())
     assert_matches_reference(out, q, k, v, lengths, layer=layer)
     np.testing.assert_array_equal(np.asarray(out[3], np.float32), 0.0)
