@@ -248,6 +248,16 @@ def test_one_rule_refuses_pallas_mgpu_where_its_kernels_cannot_run():
     check_pallas_mgpu_shapes(jnp.float16, 256)
 
 
+def test_pallas_mgpu_off_a_gpu_is_a_value_error():
+    if jax.default_backend() == "gpu":
+        pytest.skip("runs where JAX has no GPU")
+    q = jnp.zeros((1, 1, 4, 64), jnp.bfloat16)
+    cache = jnp.zeros((1, 8, 2, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match="need a Hopper GPU"):
+        attend(q, cache, cache, q_positions=jnp.zeros((1, 1), jnp.int32), kv_lengths=jnp.ones((1,), jnp.int32),
+               backend="pallas_mgpu")
+
+
 def test_pinned_triton_backend_matches_xla_on_cpu():
     pytest.importorskip("jax_vattention.attention.kernels.decode_attention")
     rng, q, k, v = random_case(6, batch=2, capacity=48)

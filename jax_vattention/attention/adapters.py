@@ -105,6 +105,9 @@ def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *
     implementation = pallas_implementation(backend, k_cache.dtype, k_cache.shape[-1],
                                            q.shape[2] // k_cache.shape[-2])
     if implementation == "mosaic_gpu":
+        if jax.default_backend() != "gpu":
+            raise ValueError(f"backend {backend!r} runs our Mosaic GPU kernels, which need a Hopper GPU; JAX runs "
+                             f"on {jax.default_backend()} here: use 'blocked' or 'pallas_triton'")
         from jax_vattention.attention.kernels.mosaic_decode_attention import mosaic_decode_attention as kernel
     else:
         try:
