@@ -168,8 +168,8 @@ def test_gpu_matches_reference(layers, group, head_dim, dtype):
     q, k, v = random_inputs(group + head_dim, batch=8, group=group, kv_heads=2, head_dim=head_dim, max_len=max_len,
                             dtype=dtype, layers=layers, lengths=lengths)
     layer = 1 if layers else None
-    for splits in (None, 1, 3):
-        out = mosaic_decode_attention(q, k, v, lengths, layer=layer, num_splits=splits)
+    for splits, block_k in ((None, None), (1, 128 if head_dim <= 128 else 64), (3, 64)):
+        out = mosaic_decode_attention(q, k, v, lengths, layer=layer, num_splits=splits, block_k=block_k)
         assert_matches_reference(out, q, k, v, lengths, layer=layer)
 
 

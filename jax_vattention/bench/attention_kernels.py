@@ -103,8 +103,9 @@ def mgpu_sweep_configs(batch, kv_heads, context, head_dim):
     from jax_vattention.attention.kernels import mosaic_decode_attention as mgpu
 
     splits = mgpu.default_num_splits(batch, kv_heads, context, mgpu.default_block_k(head_dim))
-    for block_k, stages in itertools.product((64, 128) if head_dim <= 128 else (64,), (2, 3, 4)):
-        yield dict(block_k=block_k, stages=stages)
+    for block_k, stages in itertools.product((64, 128), (2, 3, 4)):
+        if 2 * stages * block_k * head_dim * 2 <= 160 * 1024:  # K and V tiles that fit shared memory
+            yield dict(block_k=block_k, stages=stages)
     for factor in (0.25, 0.5, 2, 4):
         yield dict(num_splits=max(1, round(splits * factor)))
 

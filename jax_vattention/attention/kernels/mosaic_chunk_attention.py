@@ -26,10 +26,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_vattention.attention.kernels import mosaic_keys as keys
-from jax_vattention.attention.kernels.mosaic_decode_attention import default_block_k, supported
+from jax_vattention.attention.kernels.mosaic_decode_attention import supported
 from jax_vattention.attention.kernels.operands import check_cache_operands
 
-__all__ = ["mosaic_chunk_attention"]
+__all__ = ["default_block_k", "mosaic_chunk_attention"]
+
+
+def default_block_k(head_dim: int) -> int:
+    """Tokens per K/V tile: 128 up to head_dim 128 (64 query rows do twice a decode program's work per
+    key, so bigger tiles for fewer barriers), 64 above, where two stages of 128 would not fit."""
+    return 128 if head_dim <= 128 else 64
 
 
 def _chunk_kernel(slots_ref, ends_ref, positions_ref, q_ref, k_ref, v_ref, out_ref, q_smem, o_smem, positions_smem,

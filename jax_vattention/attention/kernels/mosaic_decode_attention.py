@@ -46,9 +46,11 @@ def supported(dtype, head_dim: int, group: int = 1) -> bool:
 
 
 def default_block_k(head_dim: int) -> int:
-    """Tokens per K/V tile: 32 KiB of K and 32 KiB of V per tile up to head_dim 128, so that two stages,
-    the query and the output tiles fit the 227 KiB of shared memory at head_dim 256 too."""
-    return 128 if head_dim <= 128 else 64
+    """Tokens per K/V tile: 64. Up to head_dim 128 a program then holds about 100 KiB of shared memory
+    (two stages of K and V, the query and output tiles), so two programs share an SM, as many as
+    :func:`default_num_splits` plans for, with four tiles in flight between them."""
+    del head_dim
+    return 64
 
 
 def default_num_splits(batch: int, kv_heads: int, max_len: int, block_k: int,
