@@ -230,6 +230,7 @@ def test_pallas_names_pick_an_implementation(monkeypatch):
     assert backends.pallas_implementation("pallas", bf16, 128, 4, compute_capability="8.0") == "triton"
     assert backends.pallas_implementation("pallas", jnp.float32, 128, 4, compute_capability="9.0") == "triton"
     assert backends.pallas_implementation("pallas", bf16, 32, 4, compute_capability="9.0") == "triton"
+    assert backends.pallas_implementation("pallas", bf16, 128, 4, 1500, compute_capability="9.0") == "triton"
     assert backends.pallas_implementation("pallas_triton", bf16, 128, 4, compute_capability="9.0") == "triton"
 
 
@@ -245,7 +246,9 @@ def test_one_rule_refuses_pallas_mgpu_where_its_kernels_cannot_run():
         check_pallas_mgpu_shapes(jnp.float32, 128)
     with pytest.raises(ValueError, match="multiple of 64"):
         check_pallas_mgpu_shapes(jnp.bfloat16, 96)
-    check_pallas_mgpu_shapes(jnp.float16, 256)
+    with pytest.raises(ValueError, match="multiple of 8 tokens"):
+        check_pallas_mgpu_shapes(jnp.bfloat16, 128, 1500)
+    check_pallas_mgpu_shapes(jnp.float16, 256, 4096)
 
 
 def test_pallas_mgpu_off_a_gpu_is_a_value_error():

@@ -98,6 +98,8 @@ def test_bad_inputs_are_refused():
         mosaic_chunk_attention(q, k, v, args[0], args[1][:, :3], args[2])
     with pytest.raises(ValueError, match="block_k"):
         mosaic_chunk_attention(q, k, v, *args, block_k=32)
+    with pytest.raises(ValueError, match="max_len a multiple of 8"):
+        mosaic_chunk_attention(q, k[:, :60], v[:, :60], *args)
     with pytest.raises(ValueError, match="needs `layer`"):
         mosaic_chunk_attention(q, k[:, :, None], v[:, :, None], *args)
 
@@ -150,7 +152,7 @@ GPU_ROWS = [(1, 0, 100), (2, 700, 77), (3, 1200, 128), (3, 1328, 50), (0, 5, 1),
 def test_gpu_compiled_kernel_matches_the_reference(layers, group, head_dim, dtype):
     max_batch, width = 4, 128
     q, k, v, slots, positions, lengths, count = make_inputs(
-        group * head_dim, GPU_ROWS, group=group, dtype=dtype, max_batch=max_batch, capacity=1500, kv_heads=2,
+        group * head_dim, GPU_ROWS, group=group, dtype=dtype, max_batch=max_batch, capacity=1504, kv_heads=2,
         head_dim=head_dim, width=width, layers=layers)
     layer = 2 if layers else None
     for block_k in (None, 64):

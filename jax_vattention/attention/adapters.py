@@ -51,7 +51,7 @@ def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, laye
         from jax_vattention.attention.kernels.chunk_attention import chunk_attention as chunk_kernel, supported
         rows = jnp.arange(q.shape[0], dtype=jnp.int32) if slots is None else slots.astype(jnp.int32)
         implementation = pallas_implementation(backend, k_cache.dtype, k_cache.shape[-1],
-                                               q.shape[2] // k_cache.shape[-2])
+                                               q.shape[2] // k_cache.shape[-2], k_cache.shape[1])
         if implementation == "mosaic_gpu":
             from jax_vattention.attention.kernels.mosaic_chunk_attention import mosaic_chunk_attention
             out = mosaic_chunk_attention(q.astype(k_cache.dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
@@ -103,7 +103,7 @@ def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *
         return fallback(q, k_cache, v_cache, q_positions, kv_lengths, layer)
     from jax_vattention.attention.backends import pallas_implementation
     implementation = pallas_implementation(backend, k_cache.dtype, k_cache.shape[-1],
-                                           q.shape[2] // k_cache.shape[-2])
+                                           q.shape[2] // k_cache.shape[-2], k_cache.shape[1])
     if implementation == "mosaic_gpu":
         if jax.default_backend() != "gpu":
             raise ValueError(f"backend {backend!r} runs our Mosaic GPU kernels, which need a Hopper GPU; JAX runs "

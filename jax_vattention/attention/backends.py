@@ -106,13 +106,15 @@ def _is_hopper(compute_capability) -> bool:
     return compute_capability is not None and str(compute_capability).split(".")[0] == "9"
 
 
-def pallas_implementation(backend: str | None, dtype, head_dim: int, group: int, compute_capability=None) -> str:
+def pallas_implementation(backend: str | None, dtype, head_dim: int, group: int, max_len: int = 0,
+                          compute_capability=None) -> str:
     """``"triton"`` or ``"mosaic_gpu"``: which implementation of our kernels ``backend`` runs for a cache
-    of ``dtype`` and ``head_dim`` with ``group`` query heads per kv head.
+    of ``dtype``, ``head_dim`` and ``max_len`` tokens per slot with ``group`` query heads per kv head.
 
     ``pallas_triton`` and ``pallas_mgpu`` pin theirs; ``pallas`` (or None) takes :data:`PALLAS_ON_HOPPER`
     on a Hopper GPU (``compute_capability``, by default the first device's) where the Mosaic GPU kernels
-    take the shapes (16-bit, ``head_dim`` a multiple of 64 up to 256), and Triton everywhere else.
+    take the shapes (16-bit, ``head_dim`` a multiple of 64 up to 256, ``max_len`` a multiple of 8), and
+    Triton everywhere else.
     """
     pinned = PALLAS_BACKENDS.get(backend or "pallas")
     if pinned is not None:
@@ -123,17 +125,22 @@ def pallas_implementation(backend: str | None, dtype, head_dim: int, group: int,
     if compute_capability is None:
         device = jax.devices()[0]
         compute_capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
-    return "mosaic_gpu" if _is_hopper(compute_capability) and supported(dtype, head_dim, group) else "triton"
+    mosaic = _is_hopper(compute_capability) and supported(dtype, head_dim, group, max_len)
+    return "mosaic_gpu" if mosaic else "triton"
 
 
-def check_pallas_mgpu_shapes(dtype, head_dim: int | None) -> None:
-    """``ValueError`` unless the Mosaic GPU kernels take a cache of ``dtype`` and ``head_dim``."""
+def check_pallas_mgpu_shapes(dtype, head_dim: int | None, capacity: int | None = None) -> None:
+    """``ValueError`` unless the Mosaic GPU kernels take a cache of ``dtype``, ``head_dim`` and
+    ``capacity`` tokens per slot."""
     if jnp.dtype(dtype) not in CUDNN_DTYPES:
         raise ValueError(f"backend 'pallas_mgpu' takes bfloat16 or float16 caches, not {jnp.dtype(dtype)}: use "
                          "'pallas_triton' or 'blocked'")
     if head_dim is not None and (head_dim % 64 or not 64 <= head_dim <= 256):
         raise ValueError(f"backend 'pallas_mgpu' needs head_dim a multiple of 64 up to 256 (whole 128-byte "
                          f"wgmma rows); this cache has {head_dim}: use 'pallas_triton'")
+    if capacity is not None and capacity % 8:
+        raise ValueError(f"backend 'pallas_mgpu' needs a capacity that is a multiple of 8 tokens (TMA reads the "
+                         f"token axis in 8-row tiles); this cache has {capacity}: use 'pallas_triton'")
 
 
 def default_backend(layout: str, platform: str, dtype=None) -> str:
@@ -208,7 +215,7 @@ def resolve_backend(backend: str | None, cache) -> str:
     if backend == "mosaic":
         check_mosaic_shapes(cache.k[0].dtype, cache.k[0].shape[-1])
     if backend == "pallas_mgpu":
-        check_pallas_mgpu_shapes(cache.k[0].dtype, cache.k[0].shape[-1])
+        check_pallas_mgpu_shapes(cache.k[0].dtype, cache.k[0].shape[-1], cache.k[0].shape[1])
     return backend
 
 

@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_vattention.attention.kernels import mosaic_keys as keys
-from jax_vattention.attention.kernels.mosaic_decode_attention import supported
+from jax_vattention.attention.kernels.mosaic_decode_attention import check_supported
 from jax_vattention.attention.kernels.operands import check_cache_operands
 
 __all__ = ["default_block_k", "mosaic_chunk_attention"]
@@ -89,10 +89,7 @@ def check_inputs(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer) -> 
         raise ValueError(f"q must be [rows, q_len, q_heads, head_dim], got shape {q.shape}")
     rows, q_len, q_heads, head_dim = q.shape
     check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
-    if not supported(q.dtype, head_dim, q_heads // k_cache.shape[-2]):
-        raise ValueError(f"the Mosaic GPU kernels take bfloat16 or float16, head_dim a multiple of 64 up to 256 "
-                         f"and at most 64 query heads per kv head; got {jnp.dtype(q.dtype)}, head_dim {head_dim}, "
-                         f"{q_heads // k_cache.shape[-2]} per kv head: use the Triton kernel")
+    check_supported(q.dtype, head_dim, q_heads // k_cache.shape[-2], k_cache.shape[1])
     keys.check_tma_extent(k_cache.shape)
     if slots.shape != (rows,) or slots.dtype != jnp.int32:
         raise ValueError(f"slots must be int32 [rows={rows}], got {slots.dtype} {slots.shape}")

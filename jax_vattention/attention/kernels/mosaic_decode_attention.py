@@ -27,7 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax_vattention.attention.kernels import mosaic_keys as keys
 from jax_vattention.attention.kernels.operands import check_cache_operands
 
-__all__ = ["default_block_k", "default_num_splits", "mosaic_decode_attention", "supported"]
+__all__ = ["check_supported", "default_block_k", "default_num_splits", "mosaic_decode_attention", "supported"]
 
 # Streaming multiprocessors of the cards this kernel is tuned for (H100 and H200 SXM).
 _DEFAULT_NUM_SMS = 132
@@ -37,12 +37,13 @@ _LN_2 = math.log(2.0)
 MOSAIC_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
-def supported(dtype, head_dim: int, group: int = 1) -> bool:
-    """Whether the Mosaic GPU kernels take a cache of ``dtype`` and ``head_dim`` with ``group`` query
-    heads per kv head: 16-bit, ``head_dim`` a multiple of 64 up to 256 (whole 128-byte swizzled rows),
-    at most 64 query rows of one wgmma."""
+def supported(dtype, head_dim: int, group: int = 1, max_len: int = 0) -> bool:
+    """Whether the Mosaic GPU kernels take a cache of ``dtype``, ``head_dim`` and ``max_len`` tokens per
+    slot with ``group`` query heads per kv head: 16-bit, ``head_dim`` a multiple of 64 up to 256 (whole
+    128-byte swizzled rows), at most 64 query rows of one wgmma, ``max_len`` a multiple of 8 (TMA views
+    the token axis in 8-row tiles)."""
     return (jnp.dtype(dtype) in MOSAIC_DTYPES and head_dim % 64 == 0 and 64 <= head_dim <= 256
-            and 1 <= group <= keys.ROWS)
+            and 1 <= group <= keys.ROWS and max_len % keys.GROUP == 0)
 
 
 def default_block_k(head_dim: int) -> int:
@@ -122,16 +123,21 @@ def _combine_splits(partial_out: jax.Array, partial_lse: jax.Array) -> jax.Array
     return out / jnp.where(total == 0, 1.0, total)[..., None]
 
 
+def check_supported(dtype, head_dim: int, group: int, max_len: int) -> None:
+    """``ValueError`` unless :func:`supported`, naming what is not."""
+    if not supported(dtype, head_dim, group, max_len):
+        raise ValueError(f"the Mosaic GPU kernels take bfloat16 or float16, head_dim a multiple of 64 up to 256, at "
+                         f"most 64 query heads per kv head and max_len a multiple of 8; got {jnp.dtype(dtype)}, "
+                         f"head_dim {head_dim}, {group} per kv head, max_len {max_len}: use the Triton kernel")
+
+
 def check_inputs(q, k_cache, v_cache, lengths, layer) -> None:
     """``ValueError`` unless the Mosaic GPU decode kernel takes these operands."""
     if q.ndim != 3:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
     batch, q_heads, head_dim = q.shape
     check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
-    if not supported(q.dtype, head_dim, q_heads // k_cache.shape[-2]):
-        raise ValueError(f"the Mosaic GPU kernels take bfloat16 or float16, head_dim a multiple of 64 up to 256 "
-                         f"and at most 64 query heads per kv head; got {jnp.dtype(q.dtype)}, head_dim {head_dim}, "
-                         f"{q_heads // k_cache.shape[-2]} per kv head: use the Triton kernel")
+    check_supported(q.dtype, head_dim, q_heads // k_cache.shape[-2], k_cache.shape[1])
     keys.check_tma_extent(k_cache.shape)
     if batch > k_cache.shape[0]:
         raise ValueError(f"batch ({batch}) exceeds the cache's max_batch ({k_cache.shape[0]})")
