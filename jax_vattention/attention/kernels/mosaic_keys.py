@@ -58,9 +58,10 @@ def smem_transforms(dtype) -> tuple:
 
 
 def compiler_params():
-    """The kernels' compiler parameters: approximate exp2 and log2, and Lane lowering semantics (one
-    Pallas thread per CUDA thread, layouts as written): the lowering these kernels are written and
-    checked against, the default of jax 0.10, which jax 0.11 replaced by Warpgroup semantics."""
+    """The kernels' compiler parameters: approximate exp2 and log2, and Lane lowering semantics (each
+    operation lowered straight to per-thread code in the layouts the kernel gives, not through Mosaic
+    GPU's warpgroup dialect and its layout inference): the lowering these kernels are written and
+    checked against, jax 0.10's default, which jax 0.11 changed to Warpgroup semantics."""
     return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
 
 
