@@ -82,6 +82,12 @@ class TokenCounts:
         index = jnp.clip(slots, 0, self.sequences - 1)  # [B]
         return self.output[index], self.prompt[index]
 
+    def step_rows(self, chunk_slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The rows of an engine step whose decode rows are the slots in order: every slot's, then
+        those of ``chunk_slots`` (int32 [R]) — ``[sequences + R, V]`` each, gathering only the chunks'."""
+        output, prompt = self.rows(chunk_slots)  # [R, V] each
+        return (jnp.concatenate([self.output, output]), jnp.concatenate([self.prompt, prompt]))
+
 
 def count_step(counts: TokenCounts, batch: StepBatch, prompt_len: jax.Array) -> TokenCounts:
     """Adds the tokens a :class:`StepBatch` feeds (its decode rows' and its chunks' real tokens);

@@ -218,7 +218,7 @@ class StepRunner:
         counts, row_counts = sampler.counts, None
         if variant.adjust:
             counts = count_step(counts.reset(fresh > 0), batch, params.prompt_len)
-            row_counts = counts.rows(jnp.concatenate([batch.decode_slots, batch.chunk_slots]))  # [S+R, V] each
+            row_counts = counts.step_rows(batch.chunk_slots)  # [S+R, V] each (decode row s is slot s)
         tokens, logprobs, logits, cache = model_step(
             model, cache, batch, params, step_key, backend=backend, sampling=variant.sampling, counts=row_counts,
             top_logprobs=self.top_logprobs if variant.logprobs else None)
