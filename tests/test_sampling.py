@@ -426,3 +426,15 @@ def test_every_variant_compiles_once_and_a_hundred_requests_of_any_knobs_add_non
         outputs = engine.run()
         assert len(outputs) == 100 and not engine.failed
         assert engine.runner.traces == MAX_PROGRAMS
+
+
+def test_no_variant_of_the_step_has_control_flow_and_only_the_sampling_ones_sort(engine):
+    """On a GPU the host would wait for a conditional's predicate every step (see test_stall_free)."""
+    runner = engine.runner
+    for rows in (0, runner.chunk_rows):
+        inputs = runner._inputs(jv.engine.scheduler.StepPlan((), (), ()), {}, rows)
+        arguments = runner._arguments(engine.manager.cache, inputs, engine._no_tokens, engine._sampler)
+        for variant in StepVariant.all(rows):
+            program = runner.step_for(variant).lower(*arguments).as_text()
+            assert "stablehlo.case" not in program and "stablehlo.if" not in program, variant
+            assert ("stablehlo.sort" in program) == variant.sampling, variant
