@@ -438,3 +438,37 @@ def test_no_variant_of_the_step_has_control_flow_and_only_the_sampling_ones_sort
             program = runner.step_for(variant).lower(*arguments).as_text()
             assert "stablehlo.case" not in program and "stablehlo.if" not in program, variant
             assert ("stablehlo.sort" in program) == variant.sampling, variant
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("min_p", 1.5, "min_p must be in"),
+    ("presence_penalty", 3.0, "presence_penalty must be in"),
+    ("frequency_penalty", -2.5, "frequency_penalty must be in"),
+    ("repetition_penalty", 0.0, "repetition_penalty must be in"),
+    ("repetition_penalty", float("nan"), "repetition_penalty must be in"),
+    ("logit_bias", {300: 1.0}, "logit_bias token id 300 is outside"),
+    ("logit_bias", {3: 200.0}, r"logit_bias\[3\] must be in"),
+    ("logit_bias", {t: 1.0 for t in range(40)}, "logit_bias has 40 entries; at most 32"),
+    ("logit_bias", [(3, 1.0)], "logit_bias must be a dict"),
+    ("seed", 1 << 64, "seed .* is outside"),
+    ("seed", 1.5, "seed must be an integer"),
+    ("stop_token_ids", (300,), "stop_token_ids entry 300 is outside"),
+    ("stop_token_ids", tuple(range(2, 11)), "at most 8 stop tokens"),
+    ("ignore_eos", "yes", "ignore_eos must be True or False"),
+    ("min_tokens", 40, "min_tokens 40 is more than max_new_tokens 32"),
+    ("logprobs", 21, "logprobs 21 is more than the engine returns: at most 20"),
+    ("prompt_logprobs", -1, "prompt_logprobs -1 is below 0"),
+])
+def test_submit_refuses_each_bad_sampling_field(engine, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        engine.submit(dataclasses.replace(Request(prompt=[3, 4]), **{field: value}))
+    assert engine.idle
+
+
+def test_submit_normalizes_as_vllm_does(engine):
+    engine.submit(Request(prompt=[3, 4], max_new_tokens=2, top_k=-1, seed=-1, stop_token_ids=(5, 5, 6),
+                          logit_bias={np.int64(7): np.float32(1.5)}))
+    request = engine.scheduler.waiting[-1].request
+    assert (request.top_k, request.seed, request.stop_token_ids) == (0, None, (5, 6))
+    assert request.logit_bias == {7: 1.5} and type(next(iter(request.logit_bias))) is int
+    engine.run()
