@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jax_vattention as jv
 from jax_vattention import _core
@@ -18,8 +17,6 @@ from jax_vattention.decode.sampling import (GREEDY_BELOW, SamplingParams, adjust
 from jax_vattention.decode.token_counts import TokenCounts
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.engine.runner import MAX_PROGRAMS, StepVariant
-from jax_vattention.models.configs import get_config
-from jax_vattention.models.llama import Llama
 
 CPU = jax.devices("cpu")[0]
 PAGE = 4096
@@ -200,12 +197,7 @@ def test_token_counts_count_fed_tokens_as_prompt_or_output_and_reset_per_slot():
     np.testing.assert_array_equal(np.asarray(out[2]), output[2])   # out of range reads the last row
 
 
-# ------------------------------------------------------------------------------ the model, end to end
-@pytest.fixture(scope="module")
-def model():
-    return Llama(get_config("tiny"), rngs=nnx.Rngs(0))
-
-
+# ------------------------------------- the model, end to end (conftest's ``model``: the tiny Llama)
 def make_manager(model, *, max_batch=4, max_len=160, budget_pages=10_000):
     config = model.config
     cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=max_batch, max_len=max_len,
