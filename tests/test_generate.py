@@ -1,6 +1,5 @@
 """Jitted generation: virtual cache against a dense reference, stop rules, sampling, compiles."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -27,7 +27,6 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -54,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", type=int, default=None,
                         help="vocabulary size (default: the config's on a GPU, 32000 elsewhere)")
     parser.add_argument("--batch", type=int, default=64, help="slots, all decoding")
-    parser.add_argument("--context", type=int, default=None, help="tokens per slot (default 2048 on a GPU, 64 elsewhere)")
+    parser.add_argument("--context", type=int, default=None,
+                        help="tokens per slot (default 2048 on a GPU, 64 elsewhere)")
     parser.add_argument("--steps", type=int, default=None, help="chained steps per timing (default 20 on a GPU, 3)")
     parser.add_argument("--repeats", type=int, default=5, help="timings per variant; the report takes the median")
     parser.add_argument("--bias", type=int, default=16, help="logit_bias entries per request in the adjust variants")
