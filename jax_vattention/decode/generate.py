@@ -48,6 +48,7 @@ from jax_vattention.decode.step_batch import StepBatch, decode_batch, model_step
 from jax_vattention.decode.token_counts import TokenCounts
 
 MIN_PROMPT_BUCKET = 16
+MIN_STOP_WIDTH = 4
 
 
 def batch_bucket(batch: int, max_batch: int) -> int:
@@ -206,7 +207,9 @@ def _per_prompt(value, count: int, name: str, dtype) -> np.ndarray:
 
 
 def _stop_table(stop_tokens, count: int) -> np.ndarray:
-    """int32 [count, width], padded with -1: each prompt's stop tokens."""
+    """int32 [count, width], padded with -1: each prompt's stop tokens; the width a power of two, at
+    least :data:`MIN_STOP_WIDTH` (it is part of the loop's signature: calls with a few stop tokens
+    more or less share a program)."""
     if stop_tokens is None:
         stop_tokens = ()
     stop_tokens = list(stop_tokens)
@@ -217,7 +220,7 @@ def _stop_table(stop_tokens, count: int) -> np.ndarray:
     else:
         raise ValueError(f"stop_tokens must be one list for all prompts or one list per prompt "
                          f"({count}); got {len(stop_tokens)} lists")
-    width = max(1, max(len(row) for row in per_prompt))
+    width = max(MIN_STOP_WIDTH, 1 << (max(len(row) for row in per_prompt) - 1).bit_length())
     table = np.full((count, width), -1, np.int32)
     for i, row in enumerate(per_prompt):
         table[i, :len(row)] = row
