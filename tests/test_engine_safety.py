@@ -40,7 +40,7 @@ def alone(model, request):
     ("stop_tokens", (-1,), "stop token id -1 is outside"),
     ("temperature", -0.5, "temperature must be in"),
     ("temperature", "hot", "temperature must be a number"),
-    ("top_k", -1, "top_k -1 is outside"),
+    ("top_k", -2, "top_k -2 is outside"),
     ("top_p", 0.0, "top_p must be in"),
     ("top_p", True, "top_p must be a number"),
 ])

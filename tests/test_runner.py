@@ -7,6 +7,7 @@ import pytest
 import jax_vattention as jv
 from caches import model_manager
 from jax_vattention.engine import Engine, EngineConfig, Request
+from jax_vattention.engine.runner import StepVariant
 
 
 
@@ -52,9 +53,9 @@ def test_the_greedy_step_has_no_control_flow_for_the_host_to_wait_on(model):
         engine = Engine(model, manager, EngineConfig(token_budget=8, chunk_tokens=4, backend="xla"))
         runner = engine.runner
         inputs = runner._inputs(jv.engine.scheduler.StepPlan((), (), ()), {}, 0)
-        arguments = runner._arguments(manager.cache, inputs, engine._no_tokens, engine._key)
-        greedy = runner._steps[False].lower(*arguments).as_text()
-        sampling = runner._steps[True].lower(*arguments).as_text()
+        arguments = runner._arguments(manager.cache, inputs, engine._no_tokens, engine._sampler)
+        greedy = runner.step_for(StepVariant()).lower(*arguments).as_text()
+        sampling = runner.step_for(StepVariant(sampling=True)).lower(*arguments).as_text()
     for program in (greedy, sampling):
         assert "stablehlo.case" not in program and "stablehlo.if" not in program
     assert "stablehlo.sort" in sampling and "stablehlo.sort" not in greedy

@@ -362,6 +362,32 @@ def engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages() -> None:
                     assert np.array_equal(device_manager.lengths(), single.lengths())
 
 
+def engine_tp2_samples_as_tp1_with_every_knob() -> None:
+    """Seeded sampling, penalties, logit_bias, min_tokens and log-probabilities through the sharded
+    step (the sampler's state whole on every device): TP 2 streams TP 1's tokens and log-probabilities."""
+    from jax_vattention.engine import Engine, EngineConfig, Request
+
+    knobs = [dict(temperature=0.9, seed=3, repetition_penalty=1.4, logprobs=2, prompt_logprobs=1),
+             dict(presence_penalty=0.7, frequency_penalty=0.4, logit_bias={9: 3.0}, logprobs=0),
+             dict(temperature=1.1, seed=4, min_p=0.05, top_k=30, min_tokens=3, stop_tokens=(1,))]
+
+    def run(manager):
+        engine = Engine(model(), manager, EngineConfig(token_budget=24, chunk_tokens=8))
+        ids = [engine.submit(Request(prompt=p, max_new_tokens=n, **k)) for (p, n), k in zip(ENGINE_PROMPTS, knobs)]
+        events = [e for e in engine.stream()]
+        assert not engine.failed
+        return [[(e.token, e.logprobs) for e in events if e.request_id == i] for i in ids]
+
+    with jv.CacheManager(cache_config()) as single:
+        want = run(single)
+    with jv.ShardedCacheManager(cache_config(), tp_mesh(2)) as manager:
+        got = run(manager)
+    assert [[t for t, _ in r] for r in got] == [[t for t, _ in r] for r in want], (got, want)
+    for request_got, request_want in zip(got, want):
+        for (_, a), (_, b) in zip(request_got, request_want):
+            assert (a is None) == (b is None) and (a is None or abs(a.logprob - b.logprob) < 1e-4), (a, b)
+
+
 def engine_shares_prefixes_at_tp2() -> None:
     """Prefix sharing over a ShardedCacheManager (a fake driver whose aliased pages show the same bytes,
     as CUDA's do): every device maps the same cached pages into the same slots, and the engine streams
@@ -650,7 +676,8 @@ def serve_tp2() -> None:
     assert answers[0] == answers[1], answers
 
 
-ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_shares_prefixes_at_tp2",
+ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_tp2_samples_as_tp1_with_every_knob",
+                "engine_shares_prefixes_at_tp2",
                 "engine_refuses_a_mismatched_model",
                 "checkpoint_straight_into_shards", "fused_checkpoint_weights_per_device",
                 "bad_tp_degrees_are_refused_in_one_line"]

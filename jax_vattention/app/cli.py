@@ -1,4 +1,5 @@
-"""The ``vattention`` command: ``generate``, ``serve``, ``bench {alloc,attention,crossing,decode,profile,pages,load}`` and ``serve-bench``."""
+"""The ``vattention`` command: ``generate``, ``serve``,
+``bench {alloc,attention,crossing,decode,profile,pages,load,sampling}`` and ``serve-bench``."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ COMMANDS = [
     (("bench", "crossing"), "jax_vattention.bench.crossing", "the cost of a decode step that crosses a page"),
     (("bench", "profile"), "jax_vattention.bench.profile", "where a decode step's time goes, by kernel kind (profiler)"),
     (("bench", "pages"), "jax_vattention.bench.page_table", "tokens per page and worst-case waste by model, TP, page size"),
+    (("bench", "sampling"), "jax_vattention.bench.sampling", "what penalties, logit_bias and logprobs cost the step"),
     (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),
     (("bench", "load"), "jax_vattention.bench.serve_load",
      "concurrent openai clients against a running server: first-token and per-token latency"),

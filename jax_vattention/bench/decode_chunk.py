@@ -21,6 +21,7 @@ from jax_vattention.cache.mapping_op import grow
 from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.cache.donation import cache_jit
 from jax_vattention.decode.mesh import CACHE
+from jax_vattention.decode.sampling import SamplingParams
 from jax_vattention.decode.step_batch import decode_batch, model_step
 
 
@@ -38,16 +39,16 @@ def _decode_chunk(graphdef, backend: str, steps: int, sampling: bool | None, sta
     """
     model = nnx.merge(graphdef, state)
     slots = lengths.shape[0]
+    params = SamplingParams.simple(temperature, top_k, top_p)
 
     def body(i, carry):
         cache, last, lengths, running, generated, tokens, key = carry
         cache = grow(cache, tokens=1)
         count = running.astype(jnp.int32)  # [S]; free and finished slots write nothing
         key, step_key = jax.random.split(key)
-        token, _, cache = model_step(model, cache, decode_batch(last, jnp.arange(slots, dtype=jnp.int32),
-                                                                lengths * count, count),
-                                     temperature, top_k, top_p, step_key, backend=backend,
-                                     sampling=sampling)  # [S]
+        token, _, _, cache = model_step(model, cache, decode_batch(last, jnp.arange(slots, dtype=jnp.int32),
+                                                                   lengths * count, count),
+                                        params, step_key, backend=backend, sampling=sampling)  # [S]
         token = jnp.where(running, token, -1)  # [S]
         tokens = tokens.at[:, i].set(token)  # [S, steps]
         generated = generated + count  # [S]

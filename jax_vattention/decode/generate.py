@@ -5,7 +5,11 @@ mapping op :func:`jax_vattention.cache.mapping_op.grow` runs at the top of every
 before that step's writes. Prompts of a call are padded to a *batch bucket*
 and a *prompt bucket* (powers of two), and everything else that varies between
 calls (prompt lengths, slots, ``max_new_tokens``, stop tokens, sampling knobs,
-the seed) is a traced argument, so the loop compiles once per bucket pair.
+the seed) is a traced argument, so the loop compiles once per bucket pair (and
+per width of the stop and ``logit_bias`` tables, and whether any row has
+penalties or asks for log-probabilities). Sampling is the engine's
+(:mod:`~jax_vattention.decode.sampling`), token for token: a prompt with its own
+seed draws the same tokens here as a request with that seed in the engine.
 
 ::
 
@@ -38,10 +42,13 @@ from jax_vattention.cache.host import host_for
 from jax_vattention.cache.guards import check_slots, mapping_failures
 from jax_vattention.cache.prefix import page_keys
 from jax_vattention.decode.mesh import CACHE, place
-from jax_vattention.decode.sampling import sample_tokens
+from jax_vattention.decode.prompt_sampling import adjusts, prompt_sampling
+from jax_vattention.decode.sampling import Logprobs, SamplingParams, choose_tokens
 from jax_vattention.decode.step_batch import StepBatch, decode_batch, model_step
+from jax_vattention.decode.token_counts import TokenCounts
 
 MIN_PROMPT_BUCKET = 16
+MIN_STOP_WIDTH = 4
 
 
 def batch_bucket(batch: int, max_batch: int) -> int:
@@ -54,28 +61,41 @@ def prompt_bucket(length: int, capacity: int) -> int:
     return min(max(MIN_PROMPT_BUCKET, 1 << (length - 1).bit_length()), capacity)
 
 
-def _generate(graphdef, backend: str, return_logits: bool, state, cache: KVCache, prompts,
-              prompt_lengths, slots, max_new_tokens, stop_tokens, temperature, top_k, top_p, key,
-              prompt_starts=None):
+def _generate(graphdef, backend: str, return_logits: bool, adjust: bool, top_logprobs: int | None, state,
+              cache: KVCache, prompts, prompt_lengths, slots, max_new_tokens, stop_tokens, sampling_ints,
+              sampling_floats, key, prompt_starts=None):
     """The traced generation of ``B`` padded rows (a batch bucket) with prompts of width ``P``.
 
     With ``prompt_starts`` (int32 [B]: tokens of each row already in its slot, a shared prefix),
     row ``b`` of ``prompts`` holds the prompt from ``prompt_starts[b]`` on, and the prefill runs
     as prompt chunks at those offsets (the engine's chunk rows, which read the prefix in place).
 
-    prompts int32 [B, P]; prompt_lengths, slots, max_new_tokens, top_k int32 [B] (padding rows:
+    prompts int32 [B, P]; prompt_lengths, slots, max_new_tokens int32 [B] (padding rows:
     length 0, a slot >= max_batch, 0 new tokens); stop_tokens int32 [B, W] (padded with -1);
-    temperature, top_p float32 [B]. Returns the tokens int32 [B, capacity], the logits float32
-    [B, capacity, vocab] (or an empty [B, 0, 0] without ``return_logits``), the tokens
-    generated per row int32 [B], and the cache.
+    sampling_ints, sampling_floats: the rows' packed
+    :class:`~jax_vattention.decode.sampling.SamplingParams`. ``adjust`` (static): some row has
+    penalties, ``logit_bias`` or ``min_tokens`` (the rows' token counts are kept in the loop);
+    ``top_logprobs`` (static): how many top log-probabilities to return, None for none.
+    Returns the tokens int32 [B, capacity], the logits float32 [B, capacity, vocab] (or an empty
+    [B, 0, 0] without ``return_logits``), the tokens' :class:`Logprobs` ([B, capacity] and
+    [B, capacity, N]; None without ``top_logprobs``), the tokens generated per row int32 [B],
+    and the cache.
     """
     model = nnx.merge(graphdef, state)
     batch, prompt_len = prompts.shape
     capacity = cache.capacity
     rows = jnp.arange(batch, dtype=jnp.int32)  # [B]
+    params = SamplingParams.unpack(sampling_ints, sampling_floats)
 
-    def is_stop(tokens):  # [B] -> [B]
-        return jnp.any(tokens[:, None] == stop_tokens, axis=-1)
+    def stopped(tokens, generated):  # [B], [B] -> [B]: a stop token, once min_tokens are out
+        return jnp.any(tokens[:, None] == stop_tokens, axis=-1) & (generated > params.min_tokens)
+
+    counts = None
+    if adjust:  # each row's prompt tokens, counted where the engine counts its chunks'
+        offsets = jnp.arange(prompt_len, dtype=jnp.int32)  # [P]
+        counts = TokenCounts.zeros(batch, model.config.vocab_size).add(
+            jnp.repeat(rows, prompt_len), prompts.reshape(-1), jnp.tile(offsets, batch),
+            jnp.repeat(params.prompt_len, prompt_len), (offsets[None, :] < prompt_lengths[:, None]).reshape(-1))
 
     if prompt_starts is None:
         positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))  # [B, P]
@@ -88,59 +108,77 @@ def _generate(graphdef, backend: str, return_logits: bool, state, cache: KVCache
         logits, cache = model.run_step(chunks, cache, backend=backend)  # [B + B, V]
         logits = logits[batch:]  # [B, V]: each chunk row's last token
     key, step_key = jax.random.split(key)
-    first = sample_tokens(logits, step_key, temperature, top_k, top_p)  # [B]
+    first, first_logprobs = choose_tokens(
+        logits, params, step_key, prompt_lengths, None if counts is None else (counts.output, counts.prompt),
+        sampling=None, top_logprobs=top_logprobs)  # [B]
     out_tokens = jnp.zeros((batch, capacity), jnp.int32).at[:, 0].set(first)  # [B, L]
     out_logits = (jnp.zeros((batch, capacity, logits.shape[-1]), jnp.float32).at[:, 0].set(logits)
                   if return_logits else jnp.zeros((batch, 0, 0), jnp.float32))  # [B, L, V]
+    out_logprobs = None
+    if top_logprobs is not None:  # [B, L], [B, L, N], [B, L, N]
+        out_logprobs = jax.tree_util.tree_map(
+            lambda x: jnp.zeros((batch, capacity, *x.shape[1:]), x.dtype).at[:, 0].set(x), first_logprobs)
     generated = jnp.ones((batch,), jnp.int32)  # [B]
-    done = (prompt_lengths == 0) | is_stop(first) | (generated >= max_new_tokens)  # [B]
+    done = (prompt_lengths == 0) | stopped(first, generated) | (generated >= max_new_tokens)  # [B]
     max_steps = jnp.max(jnp.where(prompt_lengths > 0, max_new_tokens, 1)) - 1  # []
 
     def cond(carry):
-        step, _, _, _, done, _, _, _, _ = carry
+        step, _, _, _, done, *_ = carry
         return ((step < max_steps)  # stop 1: the decode steps the host reserved pages for are spent
                 & ~jnp.all(done))  # stop 2: every row hit a stop token or its own max_new_tokens
 
     def body(carry):
-        step, cache, last, lengths, done, generated, out_tokens, out_logits, key = carry
+        step, cache, last, lengths, done, generated, out_tokens, out_logits, out_logprobs, counts, key = carry
         cache = grow(cache, tokens=1)
         active = ~done  # [B]
         count = active.astype(jnp.int32)  # [B]; a finished row writes nothing
         key, step_key = jax.random.split(key)
-        token, logits, cache = model_step(model, cache, decode_batch(last, slots, lengths, count), temperature,
-                                          top_k, top_p, step_key, backend=backend)  # [B], [B, V]
+        row_counts = None
+        if counts is not None:  # the token this step feeds, as the engine's step counts it
+            counts = counts.add(rows, last, lengths, params.prompt_len, active)
+            row_counts = (counts.output, counts.prompt)
+        token, logprobs, logits, cache = model_step(
+            model, cache, decode_batch(last, slots, lengths, count), params, step_key, backend=backend,
+            counts=row_counts, top_logprobs=top_logprobs)  # [B], [B, V]
         column = jnp.where(active, generated, capacity)  # [B]; out of bounds for finished rows
         out_tokens = out_tokens.at[rows, column].set(token, mode="drop")  # [B, L]
         if return_logits:
             out_logits = out_logits.at[rows, column].set(logits, mode="drop")  # [B, L, V]
+        if out_logprobs is not None:
+            out_logprobs = jax.tree_util.tree_map(lambda out, new: out.at[rows, column].set(new, mode="drop"),
+                                                  out_logprobs, logprobs)
         generated = generated + count  # [B]
-        done = done | is_stop(token) | (generated >= max_new_tokens)  # [B]
+        done = done | stopped(token, generated) | (generated >= max_new_tokens)  # [B]
         last = jnp.where(active, token, last)  # [B]
-        return (step + 1, cache, last, lengths + count, done, generated, out_tokens, out_logits, key)
+        return (step + 1, cache, last, lengths + count, done, generated, out_tokens, out_logits, out_logprobs,
+                counts, key)
 
-    carry = (jnp.int32(0), cache, first, prompt_lengths, done, generated, out_tokens, out_logits, key)
-    _, cache, _, _, _, generated, out_tokens, out_logits, _ = lax.while_loop(cond, body, carry)
-    return out_tokens, out_logits, generated, cache
+    carry = (jnp.int32(0), cache, first, prompt_lengths, done, generated, out_tokens, out_logits, out_logprobs,
+             counts, key)
+    _, cache, _, _, _, generated, out_tokens, out_logits, out_logprobs, _, _ = lax.while_loop(cond, body, carry)
+    return out_tokens, out_logits, out_logprobs, generated, cache
 
 
-def generate_fn(graphdef, backend: str, return_logits: bool, specs=None):
+def generate_fn(graphdef, backend: str, return_logits: bool, specs=None, *, adjust: bool = False,
+                top_logprobs: int | None = None):
     """The jitted generation loop of one model structure and backend, on one device or, with
-    ``specs`` (:class:`~jax_vattention.decode.mesh.MeshSpecs`), inside ``shard_map`` over a mesh.
+    ``specs`` (:class:`~jax_vattention.decode.mesh.MeshSpecs`), inside ``shard_map`` over a mesh;
+    ``adjust`` and ``top_logprobs``: see :func:`_generate`.
 
     It donates the cache (and checks that XLA aliases it to the output, see
     :func:`~jax_vattention.cache.donation.cache_jit`); it compiles once per (batch bucket,
     prompt bucket) for a given cache shape.
     """
-    return _generate_fn(graphdef, backend, return_logits, specs)
+    return _generate_fn(graphdef, backend, return_logits, adjust, top_logprobs, specs)
 
 
 @functools.lru_cache(maxsize=32)
-def _generate_fn(graphdef, backend: str, return_logits: bool, specs):
-    body = functools.partial(_generate, graphdef, backend, return_logits)
+def _generate_fn(graphdef, backend: str, return_logits: bool, adjust: bool, top_logprobs, specs):
+    body = functools.partial(_generate, graphdef, backend, return_logits, adjust, top_logprobs)
     if specs is None:
         return cache_jit(body)
-    # prompts, lengths, slots, max_new_tokens, stops, 3 sampling knobs, key, prompt starts
-    return specs.shard_jit(body, 10, (None, None, None, CACHE))
+    # prompts, lengths, slots, max_new_tokens, stops, 2 packed sampling tables, key, prompt starts
+    return specs.shard_jit(body, 9, (None, None, None, None, CACHE))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,11 +187,14 @@ class GenerationResult:
 
     ``tokens[i]`` are the new tokens of prompt ``i`` (ending with its stop token if one was
     hit); ``logits[i]`` is float32 ``[len(tokens[i]), vocab]``, the logits each was drawn from,
-    when asked for.
+    when asked for; ``logprobs[i]``, with ``logprobs=N``, the tokens'
+    :class:`~jax_vattention.decode.sampling.Logprobs` as numpy arrays (``chosen [n]``,
+    ``top_tokens`` and ``top`` ``[n, N]``).
     """
 
     tokens: list[list[int]]
     logits: list[np.ndarray] | None = None
+    logprobs: list[Logprobs] | None = None
 
 
 def _per_prompt(value, count: int, name: str, dtype) -> np.ndarray:
@@ -166,7 +207,9 @@ def _per_prompt(value, count: int, name: str, dtype) -> np.ndarray:
 
 
 def _stop_table(stop_tokens, count: int) -> np.ndarray:
-    """int32 [count, width], padded with -1: each prompt's stop tokens."""
+    """int32 [count, width], padded with -1: each prompt's stop tokens; the width a power of two, at
+    least :data:`MIN_STOP_WIDTH` (it is part of the loop's signature: calls with a few stop tokens
+    more or less share a program)."""
     if stop_tokens is None:
         stop_tokens = ()
     stop_tokens = list(stop_tokens)
@@ -177,7 +220,7 @@ def _stop_table(stop_tokens, count: int) -> np.ndarray:
     else:
         raise ValueError(f"stop_tokens must be one list for all prompts or one list per prompt "
                          f"({count}); got {len(stop_tokens)} lists")
-    width = max(1, max(len(row) for row in per_prompt))
+    width = max(MIN_STOP_WIDTH, 1 << (max(len(row) for row in per_prompt) - 1).bit_length())
     table = np.full((count, width), -1, np.int32)
     for i, row in enumerate(per_prompt):
         table[i, :len(row)] = row
@@ -221,7 +264,8 @@ class PreparedRequest:
 
     ``slots``, ``lengths``, ``new_tokens`` are int32 ``[count]``; ``arrays`` are the traced arguments
     of the generation loop after the model state and the cache (prompts ``[B, P]``, then the per-row
-    lengths, slots, max_new_tokens, stop table, temperature, top_k, top_p, and the key).
+    lengths, slots, max_new_tokens, stop table, packed sampling rows, and the key); ``adjust`` and
+    ``top_logprobs`` choose its program (:func:`generate_fn`).
     """
 
     slots: np.ndarray
@@ -229,16 +273,19 @@ class PreparedRequest:
     new_tokens: np.ndarray
     arrays: tuple
     starts: jax.Array | None = None   # int32 [B] with ``starts``: the loop's ``prompt_starts``
+    adjust: bool = False
+    top_logprobs: int | None = None
 
 
-def prepare_request(model, cache: KVCache, prompts, *, slots, max_len, max_new_tokens, stop_tokens,
-                    temperature, top_k, top_p, seed, starts=None) -> PreparedRequest:
+def prepare_request(model, cache: KVCache, prompts, *, slots, max_len, max_new_tokens, stop_tokens, seed,
+                    starts=None, logprobs=None, **knobs) -> PreparedRequest:
     """Checks a request against the model and the cache and pads it to its batch and prompt buckets.
 
     ``starts`` (one per prompt, ``0 <= start < len(prompt)``): tokens already in the slots; the
-    padded prompts then hold each prompt from its start on.
+    padded prompts then hold each prompt from its start on. ``knobs``: the sampling knobs of
+    :func:`~jax_vattention.decode.prompt_sampling.prompt_sampling`.
     Raises ``ValueError`` for a cache that does not fit the model, a bad prompt (see
-    :func:`check_prompts`), bad slots or bad starts.
+    :func:`check_prompts`), bad slots, bad starts or a bad knob.
     """
     max_batch, capacity = cache.max_batch, cache.capacity
     max_len = capacity if max_len is None else min(max_len, capacity)
@@ -261,6 +308,12 @@ def prepare_request(model, cache: KVCache, prompts, *, slots, max_len, max_new_t
     if offsets.shape != (count,) or (offsets < 0).any() or (offsets >= lengths).any():
         raise ValueError(f"starts must be one count per prompt, each below its prompt's length; got {starts}")
     rows = batch_bucket(count, max_batch)
+    stop_table = _stop_table(stop_tokens, count)
+    sampling = prompt_sampling(count, rows, vocab=config.vocab_size, lengths=lengths, new_tokens=new_tokens,
+                               stop_table=stop_table, logprobs=logprobs, **knobs)
+    if sampling.adjust and starts is not None:
+        raise ValueError("penalties, logit_bias and min_tokens need the whole prompt prefilled (the "
+                         "prompt's tokens are counted as they are fed): give no starts")
     width = prompt_bucket(int((lengths - offsets).max()), capacity)
     padded = np.zeros((rows, width), np.int32)
     for i, prompt in enumerate(prompts):
@@ -270,25 +323,26 @@ def prepare_request(model, cache: KVCache, prompts, *, slots, max_len, max_new_t
         return np.concatenate([values, np.full((rows - count, *values.shape[1:]), fill, values.dtype)])
 
     arrays = (jnp.asarray(padded), jnp.asarray(pad(lengths, 0)), jnp.asarray(pad(slot_ids, max_batch)),
-              jnp.asarray(pad(new_tokens, 0)), jnp.asarray(pad(_stop_table(stop_tokens, count), -1)),
-              jnp.asarray(pad(_per_prompt(temperature, count, "temperature", np.float32), 0)),
-              jnp.asarray(pad(_per_prompt(top_k, count, "top_k", np.int32), 0)),
-              jnp.asarray(pad(_per_prompt(top_p, count, "top_p", np.float32), 1)),
-              jax.random.key(seed))
+              jnp.asarray(pad(new_tokens, 0)), jnp.asarray(pad(stop_table, -1)), jnp.asarray(sampling.ints),
+              jnp.asarray(sampling.floats), jax.random.key(seed))
     return PreparedRequest(slots=slot_ids, lengths=lengths, new_tokens=new_tokens, arrays=arrays,
-                           starts=None if starts is None else jnp.asarray(pad(offsets, 0)))
+                           starts=None if starts is None else jnp.asarray(pad(offsets, 0)), adjust=sampling.adjust,
+                           top_logprobs=sampling.top_logprobs)
 
 
 def unpack_results(outputs, count: int, return_logits: bool) -> tuple["GenerationResult", KVCache]:
     """The :class:`GenerationResult` of the first ``count`` rows of the loop's outputs, and the cache."""
-    out_tokens, out_logits, generated, cache = outputs
+    out_tokens, out_logits, out_logprobs, generated, cache = outputs
     out_tokens, generated = np.asarray(out_tokens), np.asarray(generated)
     tokens = [out_tokens[i, :generated[i]].tolist() for i in range(count)]
-    logits = None
+    logits = logprobs = None
     if return_logits:
         out_logits = np.asarray(out_logits)
         logits = [out_logits[i, :generated[i]] for i in range(count)]
-    return GenerationResult(tokens=tokens, logits=logits), cache
+    if out_logprobs is not None:
+        out_logprobs = jax.tree_util.tree_map(np.asarray, out_logprobs)
+        logprobs = [jax.tree_util.tree_map(lambda x: x[i, :generated[i]], out_logprobs) for i in range(count)]
+    return GenerationResult(tokens=tokens, logits=logits, logprobs=logprobs), cache
 
 
 def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
@@ -296,7 +350,11 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
              max_new_tokens: int | Sequence[int] = 32, stop_tokens=None,
              temperature: float | Sequence[float] = 0.0, top_k: int | Sequence[int] = 0,
              top_p: float | Sequence[float] = 1.0, seed: int = 0, backend: str | None = None,
-             return_logits: bool = False, starts: Sequence[int] | None = None) -> tuple[GenerationResult, KVCache]:
+             return_logits: bool = False, starts: Sequence[int] | None = None,
+             min_p: float | Sequence[float] = 0.0, presence_penalty: float | Sequence[float] = 0.0,
+             frequency_penalty: float | Sequence[float] = 0.0, repetition_penalty: float | Sequence[float] = 1.0,
+             logit_bias=None, min_tokens: int | Sequence[int] = 0, prompt_seeds: Sequence[int | None] | None = None,
+             logprobs: int | None = None) -> tuple[GenerationResult, KVCache]:
     """Generate new tokens for each prompt; the cache is donated and the updated one returned.
 
     Parameters
@@ -316,8 +374,16 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
     max_new_tokens : at least 1; one for all prompts or one per prompt
     stop_tokens : token ids that end a sequence (kept in its output), one list for all prompts
         or one list per prompt; default: none
-    temperature, top_k, top_p : sampling knobs, one or one per prompt; temperature 0 is greedy
-    seed : the sampling seed
+    temperature, top_k, top_p, min_p, presence_penalty, frequency_penalty, repetition_penalty,
+    min_tokens : sampling knobs, one or one per prompt, as the engine's
+        :class:`~jax_vattention.engine.Request` documents them (vLLM's); temperature 0 is greedy;
+        ``min_tokens`` masks the prompt's ``stop_tokens``
+    logit_bias : token id -> value added to its logit, one dict or one per prompt; default: none
+    seed : the seed of the call's sampling stream
+    prompt_seeds : each prompt's own seed (None: the call's stream): its tokens then depend only on
+        it and the prompt, not on the call's other prompts nor on ``seed``
+    logprobs : with a number N, each token's log-probability and the N most likely tokens' (the
+        model's log-softmax) in ``result.logprobs``
     backend : the attention backend (``blocked``, ``xla``, ``cudnn``, ``pallas``); None: the
         device's and layout's default (:func:`~jax_vattention.attention.resolve_backend`, which
         also refuses a backend that would read unmapped pages)
@@ -325,7 +391,8 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
         row on the device: for tests and small vocabularies)
     starts : tokens of each prompt its slot holds already (a shared prefix that
         ``CacheManager.alloc_prefix`` mapped; the slot's host length must be the whole prompt's):
-        the prefill computes from there, as prompt chunks (a second compiled program). Default: none
+        the prefill computes from there, as prompt chunks (a second compiled program). Default: none.
+        Not with penalties, ``logit_bias`` or ``min_tokens`` (``ValueError``)
 
     Returns
     -------
@@ -340,8 +407,11 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
     """
     backend = resolve_backend(backend, cache)
     request = prepare_request(model, cache, prompts, slots=slots, max_len=max_len,
-                              max_new_tokens=max_new_tokens, stop_tokens=stop_tokens,
-                              temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, starts=starts)
+                              max_new_tokens=max_new_tokens, stop_tokens=stop_tokens, seed=seed, starts=starts,
+                              logprobs=logprobs, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                              repetition_penalty=repetition_penalty, logit_bias=logit_bias,
+                              min_tokens=min_tokens, prompt_seeds=prompt_seeds)
     manager = host_for(cache)
     model, specs = place(model, manager)
     if manager is not None:
@@ -354,7 +424,9 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
 
     graphdef, state = nnx.split(model)
     with mapping_failures(manager, cache, "generate"):
-        outputs = generate_fn(graphdef, backend, return_logits, specs)(state, cache, *request.arrays, request.starts)
+        loop = generate_fn(graphdef, backend, return_logits, specs, adjust=request.adjust,
+                           top_logprobs=request.top_logprobs)
+        outputs = loop(state, cache, *request.arrays, request.starts)
         result, cache = unpack_results(outputs, len(prompts), return_logits)
     return result, cache
 
@@ -375,7 +447,8 @@ def generate_in_manager(model, manager, prompts: Sequence[Sequence[int]], *,
     afterwards the prompts' full pages are published, so a later call whose prompts start the
     same way (a system prompt, a conversation's earlier turns) shares them. Prompts of one call
     share only what earlier calls published. Nothing is shared where
-    ``manager.tokens_per_page`` is 0 (the CPU backend).
+    ``manager.tokens_per_page`` is 0 (the CPU backend), nor with penalties, ``logit_bias`` or
+    ``min_tokens`` (their prefill must feed every prompt token).
 
     Raises
     ------
@@ -396,7 +469,8 @@ def generate_in_manager(model, manager, prompts: Sequence[Sequence[int]], *,
     _, new_tokens = check_prompts(prompts, max_batch=config.max_batch, max_len=config.max_len,
                                   vocab_size=model.config.vocab_size, max_new_tokens=max_new_tokens)
     slots: list[int] = []
-    sharing = prefix_sharing and manager.tokens_per_page > 0
+    # Penalties count the prompt's tokens as the prefill feeds them: a shared prefix is never fed.
+    sharing = prefix_sharing and manager.tokens_per_page > 0 and not adjusts(len(prompts), options)
     try:
         if not sharing:
             for prompt in prompts:

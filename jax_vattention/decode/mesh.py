@@ -94,7 +94,8 @@ class MeshSpecs:
     state: "_Specs"
     cache: KVCache
 
-    def shard_jit(self, body, replicated_inputs: int, outputs: tuple, *, flat_state: bool = False):
+    def shard_jit(self, body, replicated_inputs: int, outputs: tuple, *, flat_state: bool = False,
+                  donate: tuple[str, ...] = ()):
         """``body(state, cache, *replicated)`` inside ``shard_map`` over the mesh, jitted with the
         cache donated (:func:`~jax_vattention.cache.donation.cache_jit`).
 
@@ -103,7 +104,7 @@ class MeshSpecs:
         output: :data:`CACHE` for the cache, anything else for a replicated value (every device
         computes the same logits, so the same tokens). With ``flat_state``, ``state`` is the tuple
         of the model state's leaves (``jax.tree_util.tree_leaves(nnx.state(model))``) instead of
-        the state itself.
+        the state itself. ``donate`` names arguments of ``body`` donated besides the cache.
         """
         out_specs = tuple(self.cache if name == CACHE else P() for name in outputs)
         state = self.state.tree()
@@ -112,7 +113,7 @@ class MeshSpecs:
         sharded = jax.shard_map(body, mesh=self.mesh, in_specs=(state, self.cache,
                                                                  *(P(),) * replicated_inputs),
                                 out_specs=out_specs, check_vma=False)
-        return cache_jit(sharded)
+        return cache_jit(sharded, donate_argnames=donate)
 
 
 def place(model, host: CacheHost | None):

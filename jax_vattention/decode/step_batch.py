@@ -19,7 +19,9 @@ Per layer, both parts' keys and values are written first, then each part attends
 the decode rows through the chosen backend's decode kernel, the chunk rows through
 :func:`~jax_vattention.attention.chunk_attention` (bottom-right causal, in place).
 A program is compiled per ``(D, R, C)``: the engine uses two, decode-only
-(``R = 0``) and mixed.
+(``R = 0``) and mixed. With ``every_token`` (static) the model returns the logits of every
+token of the flat axis, not only each row's last: the chunks' tokens then get their
+log-probabilities too (``prompt_logprobs``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 
 from jax_vattention.attention import attend, check_backend, chunk_attention, xla_attention
 from jax_vattention.cache.kv_cache import KVCache
-from jax_vattention.decode.sampling import sample_tokens
+from jax_vattention.decode.sampling import SamplingParams, choose_tokens
 from jax_vattention.cache.writes import write_kv
 
 
@@ -42,6 +44,7 @@ class StepBatch:
 
     decode_tokens, decode_slots, decode_positions, decode_count : int32 [D]
     chunk_tokens : int32 [R, C]; chunk_slots, chunk_start, chunk_count : int32 [R]
+    every_token : static; the model's logits are every flat token's (:meth:`logit_index`)
     """
 
     decode_tokens: jax.Array
@@ -52,6 +55,7 @@ class StepBatch:
     chunk_slots: jax.Array
     chunk_start: jax.Array
     chunk_count: jax.Array
+    every_token: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
     @property
     def decode_rows(self) -> int:
@@ -75,11 +79,22 @@ class StepBatch:
         chunk = self.chunk_start[:, None] + offsets[None, :]  # [R, C]
         return jnp.concatenate([self.decode_positions, chunk.reshape(-1)])[None]
 
-    def logit_index(self) -> jax.Array:
+    def last_index(self) -> jax.Array:
         """int32 [D + R], the flat index of each row's last real token (its logits sample the next)."""
         last = jnp.maximum(self.chunk_count - 1, 0)  # [R]
         chunk = self.decode_rows + jnp.arange(self.chunk_rows, dtype=jnp.int32) * self.chunk_width + last
         return jnp.concatenate([jnp.arange(self.decode_rows, dtype=jnp.int32), chunk])
+
+    def logit_index(self) -> jax.Array:
+        """The flat tokens whose logits the model returns: each row's last (:meth:`last_index`,
+        int32 [D + R]), or with ``every_token`` all of them (int32 [D + R*C])."""
+        if self.every_token:
+            return jnp.arange(self.decode_rows + self.chunk_rows * self.chunk_width, dtype=jnp.int32)
+        return self.last_index()
+
+    def sample_positions(self) -> jax.Array:
+        """int32 [D + R], the position of the token each row samples (one past its last token)."""
+        return self.positions()[0, self.last_index()] + 1
 
     def split_rows(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``[1, D + R*C, ...]`` -> the decode part ``[D, 1, ...]`` and the chunk part ``[R, C, ...]``."""
@@ -123,16 +138,22 @@ class StepBatch:
         return jnp.concatenate(out)[None], cache  # [1, D + R*C, N, H]
 
 
-def model_step(model, cache, batch: StepBatch, temperature, top_k, top_p, key, *, backend: str,
-               sampling: bool | None = None):
-    """One forward pass of ``batch`` and a sampled token per row: the decode step that
+def model_step(model, cache, batch: StepBatch, params: SamplingParams, key, *, backend: str,
+               sampling: bool | None = None, counts=None, top_logprobs: int | None = None):
+    """One forward pass of ``batch`` and a token per row: the step that
     :func:`~jax_vattention.decode.generate.generate`'s loop and the engine share.
 
-    temperature, top_p float32 [D + R]; top_k int32 [D + R] -> (tokens int32 [D + R], logits
-    float32 [D + R, vocab], cache). ``sampling``: see :func:`~jax_vattention.decode.sampling.sample_tokens`.
+    ``params``: the rows' :class:`~jax_vattention.decode.sampling.SamplingParams` ([D + R]);
+    ``key``: the stream key of rows without a seed; ``sampling``, ``counts`` and
+    ``top_logprobs``: see :func:`~jax_vattention.decode.sampling.choose_tokens`.
+    Returns (tokens int32 [D + R], their :class:`~jax_vattention.decode.sampling.Logprobs` or None,
+    the logits float32 [D + R, vocab] (with ``every_token``: [D + R*C, vocab]), the cache).
     """
-    logits, cache = model.run_step(batch, cache, backend=backend)  # [D + R, V]
-    return sample_tokens(logits, key, temperature, top_k, top_p, sampling=sampling), logits, cache
+    logits, cache = model.run_step(batch, cache, backend=backend)  # [D + R (*C), V]
+    rows = logits[batch.last_index()] if batch.every_token else logits  # [D + R, V]
+    tokens, logprobs = choose_tokens(rows, params, key, batch.sample_positions(), counts, sampling=sampling,
+                                     top_logprobs=top_logprobs)
+    return tokens, logprobs, logits, cache
 
 
 def decode_batch(tokens, slots, positions, count) -> StepBatch:

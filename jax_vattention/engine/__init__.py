@@ -1,6 +1,7 @@
-"""Continuous batching: :class:`Engine`, :class:`EngineConfig`, :class:`Request`, :class:`TokenEvent`."""
+"""Continuous batching: :class:`Engine`, :class:`EngineConfig`, :class:`Request`, :class:`TokenEvent`
+(with :class:`TokenLogprob` where a request asks for log-probabilities)."""
 
 from jax_vattention.engine.engine import Engine, EngineConfig, EngineStats
-from jax_vattention.engine.requests import Request, TokenEvent
+from jax_vattention.engine.requests import Request, TokenEvent, TokenLogprob
 
-__all__ = ["Engine", "EngineConfig", "EngineStats", "Request", "TokenEvent"]
+__all__ = ["Engine", "EngineConfig", "EngineStats", "Request", "TokenEvent", "TokenLogprob"]

@@ -40,7 +40,9 @@ from jax_vattention.decode.mesh import place
 from jax_vattention.decode.model import check_model_fits
 from jax_vattention.engine.memory import CacheMemory, MemoryPolicy
 from jax_vattention.engine.failures import ADMISSION_ATTEMPTS, FailedRequests, grow_each
-from jax_vattention.engine.requests import Request, RequestState, TokenEvent
+from jax_vattention.engine.logprobs import on_host, record_prompt_logprobs, sampled_logprob, take_prompt_logprobs
+from jax_vattention.engine.request_rows import request_row
+from jax_vattention.engine.requests import Request, RequestState, TokenEvent, TokenLogprob
 from jax_vattention.engine.runner import StepRunner
 from jax_vattention.engine.scheduler import Scheduler, StepPlan
 from jax_vattention.engine.stats import EngineStats, StepRecord
@@ -66,8 +68,11 @@ class EngineConfig:
         policies (:class:`~jax_vattention.engine.memory.MemoryPolicy`); prefix sharing needs pages
         that one physical page can back at several addresses (``CacheHost.tokens_per_page`` is 0
         elsewhere, and then nothing is shared)
-    max_stop_tokens : the most stop tokens a request may give
-    seed : sampling seed
+    max_stop_tokens : the most stop tokens a request may give (``stop_tokens`` and ``stop_token_ids``)
+    max_logit_bias : the most ``logit_bias`` entries a request may give
+    max_logprobs : the most top log-probabilities a request may ask for (``logprobs``,
+        ``prompt_logprobs``); a step that computes them returns this many (vLLM's default is 20)
+    seed : the seed of the sampling stream of requests without their own
     pipeline : dispatch each step before reading the previous one's tokens (vLLM v1's asynchronous
         scheduling): the host plans, maps and streams while the device computes. A request that
         stops on a stop token has already been given one more step, whose token is dropped. On by
@@ -82,7 +87,9 @@ class EngineConfig:
     eager_allocation: bool = True
     prefix_sharing: bool = True
     prefetch_tokens: int | None = None
-    max_stop_tokens: int = 4
+    max_stop_tokens: int = 8
+    max_logit_bias: int = 32
+    max_logprobs: int = 20
     seed: int = 0
     pipeline: bool = True
 
@@ -111,6 +118,9 @@ class EngineConfig:
                              f"and {self.chunk_tokens}")
         if self.max_stop_tokens < 1:
             raise ValueError(f"max_stop_tokens must be at least 1, got {self.max_stop_tokens}")
+        if self.max_logit_bias < 0 or self.max_logprobs < 0:
+            raise ValueError(f"max_logit_bias and max_logprobs must be at least 0, got {self.max_logit_bias} "
+                             f"and {self.max_logprobs}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +136,7 @@ class _InFlight:
     mapped_pages: int        # mapped for it before dispatch
     blocked: bool            # admission stopped at the page budget
     written: tuple = ()      # with prefix sharing: what it writes, per request (PrefixSharer.dispatched)
+    outputs: dict = dataclasses.field(default_factory=dict)   # its log-probabilities on the device, if any
 
 
 class Engine:
@@ -154,22 +165,27 @@ class Engine:
         self.scheduler = Scheduler(max_batch=cache_config.max_batch, token_budget=config.token_budget,
                                    chunk_tokens=config.chunk_tokens, chunk_rows=config.chunk_rows)
         self.runner = StepRunner(model, max_batch=cache_config.max_batch, chunk_rows=config.chunk_rows,
-                                 chunk_tokens=config.chunk_tokens, backend=self.backend, tp=tp)
+                                 chunk_tokens=config.chunk_tokens, backend=self.backend, tp=tp,
+                                 bias_width=config.max_logit_bias, stop_width=config.max_stop_tokens,
+                                 top_logprobs=min(config.max_logprobs, model.config.vocab_size))
         self.memory = CacheMemory(manager, config.memory_policy, self.stats)
         self.prefixes = self.memory.prefixes
         self._next_id = 0
         device = next(iter(manager.cache.k[0].devices()))
-        self._key = self.runner.first_key(config.seed, device)   # each step returns the next one's
+        self._sampler = self.runner.first_state(config.seed, device)   # each step returns the next one's
         self._in_flight: _InFlight | None = None     # the step dispatched and not yet read
         self._no_tokens = self.runner.no_tokens(device)
         self._last_read = 0.0                         # when the host last finished reading a step
         self._undelivered: list[TokenEvent] = []      # failures the next step streams
 
-    def compile(self, *, sampling: bool = True) -> None:
+    def compile(self, *, sampling: bool = True, adjust: bool = False, logprobs: bool = False) -> None:
         """Compiles the engine's step programs at once, before serving: decode-only and mixed, greedy
-        and (with ``sampling``, for requests with a temperature) sampling. The first steps then run at
-        once instead of compiling one after the other; a program left out compiles when first needed."""
-        self.runner.compile(self.manager.cache, self._no_tokens, self._key, sampling=sampling)
+        and (with ``sampling``, for requests with a temperature) sampling, and with ``adjust``
+        (penalties, ``logit_bias``, ``min_tokens``) and ``logprobs`` the variants that compute those
+        (:class:`~jax_vattention.engine.runner.StepVariant`). The first steps then run at once instead
+        of compiling one after the other; a program left out compiles when first needed."""
+        self.runner.compile(self.manager.cache, self._no_tokens, self._sampler, sampling=sampling, adjust=adjust,
+                            logprobs=logprobs)
 
     def reset_stats(self) -> None:
         """Starts :attr:`stats` afresh (after a warm-up, say)."""
@@ -184,7 +200,9 @@ class Engine:
         more pages than the whole budget. The engine keeps its own checked copy.
         """
         request = checked_request(request, vocab=self.model.config.vocab_size, max_len=self.manager.config.max_len,
-                                  max_stop_tokens=self.config.max_stop_tokens)
+                                  max_stop_tokens=self.config.max_stop_tokens,
+                                  max_logit_bias=self.config.max_logit_bias,
+                                  max_logprobs=self.runner.top_logprobs)
         self.memory.check_fits(request)
         state = RequestState(self._next_id, request, time.perf_counter())
         self._next_id += 1
@@ -352,10 +370,11 @@ class Engine:
         """
         knobs = {}
         for state in {id(s): s for s in (*plan.decodes, *(c.state for c in plan.chunks))}.values():
-            request = state.request
             try:
-                knobs[state.request_id] = (np.float32(request.temperature), np.int32(request.top_k),
-                                           np.float32(request.top_p))
+                if state.row is None:
+                    state.row = request_row(state.request, bias_width=self.config.max_logit_bias,
+                                            stop_width=self.config.max_stop_tokens)
+                knobs[state.request_id] = state.row
             except (TypeError, ValueError, OverflowError) as error:
                 events.append(self._fail(state, error))
         if not knobs:
@@ -381,7 +400,8 @@ class Engine:
         cache = self.manager.cache
         calling = time.perf_counter()
         # The step maps nothing itself (its growth is mapped above, on the host): no mapping op can fail in it.
-        tokens, self._key, self.manager.cache = self.runner.run(cache, inputs, previous, self._key)
+        tokens, outputs, self._sampler, self.manager.cache = self.runner.run(cache, inputs, previous,
+                                                                             self._sampler)
         dispatched = time.perf_counter()
         # The rows of the step's outputs that carry a token: each decode row's and each last chunk's.
         rows = [(state, state.slot) for state in plan.decodes]
@@ -393,7 +413,8 @@ class Engine:
         self.scheduler.completed(plan)
         self.stats.prefill_tokens += sum(chunk.count for chunk in plan.chunks)
         return _InFlight(plan, tokens, tuple(rows), dispatched, dispatched - calling,
-                         self.manager.stats()["pages_mapped_total"] - mapped_before, self.memory.blocked, written)
+                         self.manager.stats()["pages_mapped_total"] - mapped_before, self.memory.blocked, written,
+                         outputs)
 
     def _read(self, step: _InFlight) -> list[TokenEvent]:
         """Waits for a dispatched step's tokens (mapping ahead meanwhile, with overlap) and streams
@@ -403,6 +424,7 @@ class Engine:
         try:
             self.memory.map_ahead(step.tokens, begin, self.stats.recent_seconds(4))
             tokens = np.asarray(step.tokens)
+            outputs = on_host(step.outputs)
         except Exception as error:
             # The step's requests end with the error, delivered by the next step; the error goes up.
             for state, _ in step.rows:
@@ -415,6 +437,9 @@ class Engine:
             len(step.plan.decodes), step.plan.tokens - len(step.plan.decodes), len(step.plan.admitted),
             self._last_read - begin, step.mapped_pages, step.blocked, step.dispatch_seconds))
         self.prefixes.read(step.written)   # it ran: the pages it completed can be shared
+        for row, chunk in enumerate(step.plan.chunks):
+            if not chunk.state.done:
+                record_prompt_logprobs(outputs, row, chunk)
         for state, row in step.rows:
             state.in_flight -= 1
             if state.in_flight == 0:
@@ -422,7 +447,8 @@ class Engine:
             if not state.done:
                 if row >= self.runner.max_batch:
                     self.stats.prefills += 1
-                events.append(self._emit(state, int(tokens[row])))
+                token = int(tokens[row])
+                events.append(self._emit(state, token, sampled_logprob(outputs, state, row, token)))
         return events
 
     def _can_free(self) -> bool:
@@ -439,17 +465,23 @@ class Engine:
         self.failed[state.request_id] = error
         return TokenEvent(state.request_id, -1, True, error=f"{type(error).__name__}: {error}")
 
-    def _emit(self, state: RequestState, token: int) -> TokenEvent:
+    def _emit(self, state: RequestState, token: int, logprob: TokenLogprob | None = None) -> TokenEvent:
         """Records a generated token; on the request's last one, retires it from its slot (or from
         the queue, where a preemption put it while the token was in flight)."""
         state.generated.append(token)
-        finished = token in state.request.stop_tokens or state.remaining + state.in_flight <= 0
+        stopped = token in state.row.stops and len(state.generated) > state.request.min_tokens
+        finished = stopped or state.remaining + state.in_flight <= 0
         if finished:
             if state.slot is None and state in self.scheduler.waiting:
                 self.scheduler.waiting.remove(state)
             self._retire(state, publish=True)
         self.stats.tokens += 1
-        return TokenEvent(state.request_id, token, finished)
+        prompt_logprobs = take_prompt_logprobs(state) if len(state.generated) == 1 else None
+        if logprob is not None:
+            state.cumulative_logprob += logprob.logprob
+        return TokenEvent(state.request_id, token, finished, logprobs=logprob,
+                          cumulative_logprob=state.cumulative_logprob if logprob is not None else None,
+                          prompt_logprobs=prompt_logprobs)
 
     def _preempt(self, state: RequestState) -> None:
         slot = state.slot

@@ -34,6 +34,7 @@ from jax_vattention.cache.guards import check_slots
 from jax_vattention.cache.host import CacheHost
 from jax_vattention.engine.failures import ADMISSION_ATTEMPTS, admission_retry_at
 from jax_vattention.engine.prefixes import NoPrefixSharing, PrefixSharer
+from jax_vattention.engine.request_rows import shares_prefix
 from jax_vattention.engine.requests import Request, RequestState
 from jax_vattention.engine.scheduler import StepPlan
 from jax_vattention.engine.stats import EngineStats
@@ -94,6 +95,7 @@ class CacheMemory:
         self.stats = stats
         sharer = PrefixSharer(host) if policy.prefix_sharing else None
         self.prefixes = sharer if sharer is not None and sharer.active else NoPrefixSharing(host)
+        self.unshared = NoPrefixSharing(host)   # for requests that must prefill their whole prompt
         self.blocked = False
         self.admit_error: Exception | None = None
 
@@ -112,12 +114,15 @@ class CacheMemory:
         admission the driver failed waits to be tried again."""
         if state.retry_at > time.perf_counter():
             return None
-        if self.prefixes.waits(state):
+        # Penalties count, and prompt_logprobs score, every prompt token the prefill feeds: a shared
+        # prefix is never fed (engine.request_rows.shares_prefix).
+        prefixes = self.prefixes if shares_prefix(state.request) else self.unshared
+        if prefixes.waits(state):
             self.stats.prefix_waits += 1
             return None
         eager = min(self.policy.prefetch_horizon, state.remaining) if self.policy.eager_allocation else 0
         try:
-            placed = self.prefixes.admit(state, eager)
+            placed = prefixes.admit(state, eager)
         except OutOfPagesError as error:
             self.blocked = True
             self.admit_error = error

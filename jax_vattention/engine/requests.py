@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 
 @dataclasses.dataclass
 class Request:
-    """One generation request.
+    """One generation request; the sampling fields mean what vLLM's ``SamplingParams`` document.
 
     Parameters
     ----------
     prompt : token ids
     max_new_tokens : how many tokens to generate at most
-    stop_tokens : generation ends after any of these (it is emitted)
-    temperature, top_k, top_p : sampling; temperature 0 is greedy
+    stop_tokens : the model's end-of-sequence tokens: generation ends after any of these (it is
+        emitted), unless ``ignore_eos``
+    temperature, top_k, top_p : sampling; a temperature below 1e-5 is greedy; top_k 0 (or -1)
+        keeps every token
+    min_p : keep only tokens at least ``min_p`` times as likely as the most likely one (0: all)
+    presence_penalty, frequency_penalty : in [-2, 2], subtracted from the logit of every token
+        the output holds, once or once per occurrence
+    repetition_penalty : > 0; the logit of every token in the prompt or the output is divided by
+        it where positive, multiplied where negative (1: none)
+    logit_bias : token id -> a value in [-100, 100] added to its logit (at most
+        ``EngineConfig.max_logit_bias`` entries)
+    seed : the request's own random seed (any integer of 64 bits; None or -1: the engine's stream):
+        its sampled tokens then depend on nothing but the seed and the request
+    stop_token_ids : more tokens that end generation (emitted), whatever ``ignore_eos``
+    ignore_eos : go on after the end-of-sequence tokens (``stop_tokens``)
+    min_tokens : no stop token (``stop_token_ids``, and ``stop_tokens`` unless ``ignore_eos``) can
+        be sampled before this many tokens are generated
+    logprobs : with a number N (0 to ``EngineConfig.max_logprobs``), every token's event carries
+        its log-probability and those of the N most likely tokens (:class:`TokenLogprob`), and the
+        cumulative log-probability of the tokens so far
+    prompt_logprobs : with a number N, the first token's event carries every prompt token's
+        log-probability and its N most likely alternatives (the first prompt token has none)
     """
 
     prompt: list[int]
@@ -23,6 +44,28 @@ class Request:
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability under the model (the log-softmax of its logits, before penalties,
+    bias and temperature: vLLM's default ``raw_logprobs``) and the ``N`` most likely tokens' at its
+    position, most likely first: ``top`` is ``((token, logprob), ...)``."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,12 +73,18 @@ class TokenEvent:
     """A token of request ``request_id``; ``finished`` on its last one.
 
     A request that failed ends with an event whose ``error`` says why (its ``token`` is -1).
+    With the request's ``logprobs``: ``logprobs`` (the token's :class:`TokenLogprob`) and
+    ``cumulative_logprob`` (the sum over its tokens so far). With its ``prompt_logprobs``, its
+    first event's ``prompt_logprobs``: one entry per prompt token, None for the first.
     """
 
     request_id: int
     token: int
     finished: bool
     error: str | None = None
+    logprobs: TokenLogprob | None = None
+    cumulative_logprob: float | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 @dataclasses.dataclass
@@ -59,6 +108,10 @@ class RequestState:
     done: bool = False        # finished, failed or cancelled: any token still in flight is dropped
     admission_failures: int = 0   # admissions the driver failed (engine.failures: retried, then failed)
     retry_at: float = 0.0         # not admitted before this time.perf_counter() (after such a failure)
+    row: Any = None           # its packed sampling parameters (engine.request_rows.RequestRow), once built
+    cumulative_logprob: float = 0.0
+    # With prompt_logprobs, until its first token is streamed: prompt position -> TokenLogprob.
+    prompt_logprobs: dict[int, TokenLogprob] = dataclasses.field(default_factory=dict)
 
     @property
     def remaining(self) -> int:
