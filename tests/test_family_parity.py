@@ -23,6 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import family_checkpoints as checkpoints  # noqa: E402
 import jax_vattention as jv  # noqa: E402
+from jax_vattention import _core  # noqa: E402
 from jax_vattention.cache.kv_cache import KVCache  # noqa: E402
 from jax_vattention.decode.generate import generate, generate_in_manager  # noqa: E402
 from jax_vattention.models.hf_loader import load_model  # noqa: E402
@@ -54,9 +55,15 @@ def check_generation(model, prompts, reference, result):
 
 
 def virtual_manager(config, max_batch: int):
-    return jv.CacheManager(jv.CacheConfig(
+    """A virtual cache that unmaps the pages behind the model's windows (32 tokens a page), on the fake
+    driver that fills an unmapped page with NaN: a read behind a window would poison the logits."""
+    page = 4096
+    cache_config = jv.CacheConfig(
         num_layers=config.num_layers, max_batch=max_batch, max_len=CAPACITY, kv_heads=config.num_kv_heads,
-        head_dim=config.head_dim, dtype=jnp.float32, budget_bytes=1 << 30))
+        head_dim=config.head_dim, dtype=jnp.float32, page_bytes=page, budget_bytes=1 << 30,
+        window=config.sliding_window, window_layers=config.window_layers if config.sliding_window else None)
+    return jv.CacheManager(cache_config, jax.devices("cpu")[0],
+                           driver=_core.FakeDriver(page, host_pages=True, poison_unmapped=True))
 
 
 @pytest.mark.parametrize("cache", ["dense", "virtual"])
@@ -71,6 +78,8 @@ def test_greedy_generation_matches_transformers(family, cache):
     else:
         with virtual_manager(model.config, len(prompts)) as manager:
             result = generate_in_manager(model, manager, prompts, max_new_tokens=NEW_TOKENS, return_logits=True)
+            unmapped = manager.stats()["window_pages_unmapped_total"]
+        assert (unmapped > 0) == (model.config.sliding_window is not None)
     check_generation(model, prompts, reference, result)
 
 
