@@ -193,10 +193,17 @@ class LlamaConfig:
         """The layers that attend within ``sliding_window`` (empty without one)."""
         return tuple(layer for layer in range(self.num_layers) if self.layer_window(layer) is not None)
 
-    @property
-    def logit_scale(self) -> float:
-        """The attention logits' scale: ``query_scale``, or ``head_dim ** -0.5``."""
-        return self.query_scale if self.query_scale is not None else self.head_dim ** -0.5
+    def cache_windows(self) -> dict:
+        """The ``CacheConfig`` fields that let a virtual cache unmap the pages behind this model's
+        windows: ``window`` and ``window_layers`` (empty without a window).
+
+        Example::
+
+            CacheConfig(num_layers=..., ..., **model.config.cache_windows())
+        """
+        if self.sliding_window is None:
+            return {}
+        return dict(window=self.sliding_window, window_layers=self.window_layers)
 
     def replace(self, **changes) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)

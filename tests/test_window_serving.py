@@ -104,3 +104,20 @@ def test_a_cache_that_unmaps_more_than_the_model_allows_is_refused(model):
             generate_in_manager(model, manager, PROMPTS[:1], max_new_tokens=4)
         with pytest.raises(ValueError, match="attends within"):
             Engine(model, manager, EngineConfig())
+
+
+def test_the_generate_command_gives_a_windowed_checkpoint_a_windowed_cache(tmp_path, capsys):
+    import argparse
+
+    from jax_vattention.app.commands import generate as command
+    from random_checkpoints import write_random_checkpoint
+    write_random_checkpoint(str(tmp_path), dict(
+        model_type="mistral", vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=WINDOW, torch_dtype="float32"))
+    parser = argparse.ArgumentParser()
+    command.add_arguments(parser)
+    args = parser.parse_args(["--model", str(tmp_path), "--batch", "2", "--prompt-len", "700", "--max-new-tokens",
+                              "20", "--max-len", "1024", "--rounds", "1", "--backend", "blocked"])
+    assert command.run(args) == 0
+    out = capsys.readouterr().out
+    assert f"sliding window of {WINDOW} tokens:" in out and "unmapped behind it" in out

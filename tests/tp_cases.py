@@ -486,22 +486,6 @@ def checkpoint_straight_into_shards() -> None:
         assert run("--tp", "2") == (0, one)
 
 
-def write_family_checkpoint(directory: str, hf_config: dict) -> None:
-    """Random tensors under every name and shape the loader expects for ``hf_config`` (a config.json)."""
-    import json
-
-    from safetensors.numpy import save_file
-
-    from jax_vattention.models.hf_loader import _placements, config_from_hf
-
-    rng = np.random.default_rng(2)
-    parts = [part for parts in _placements(config_from_hf(hf_config)).values() for part in parts]
-    save_file({part.name: (rng.normal(size=part.layout.source_shape) * 0.3).astype(np.float32) for part in parts},
-              os.path.join(directory, "model.safetensors"))
-    with open(os.path.join(directory, "config.json"), "w") as out:
-        json.dump(hf_config, out)
-
-
 def families_tp2_give_tp1_tokens() -> None:
     """Qwen 2 (q/k/v biases split with their heads, a window in its top layer) and Gemma 3 (q/k
     norms, sandwich norms, GeGLU, windows) loaded straight into shards: TP 2 generates TP 1's tokens
@@ -509,6 +493,7 @@ def families_tp2_give_tp1_tokens() -> None:
     import tempfile
 
     from jax_vattention.models.hf_loader import load_model
+    from random_checkpoints import write_random_checkpoint
 
     shape = dict(vocab_size=MODEL.vocab_size, hidden_size=MODEL.hidden_size, intermediate_size=MODEL.intermediate_size,
                  num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=MODEL.head_dim,
@@ -518,7 +503,7 @@ def families_tp2_give_tp1_tokens() -> None:
                 dict(model_type="gemma3_text", sliding_window=8, sliding_window_pattern=2)]
     for family in families:
         with tempfile.TemporaryDirectory() as directory:
-            write_family_checkpoint(directory, {**shape, **family})
+            write_random_checkpoint(directory, {**shape, **family})
             whole = load_model(directory)
             sharded = load_model(directory, mesh=tp_mesh(2))
             for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(whole)),
