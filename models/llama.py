@@ -284,11 +284,12 @@ class Llama(nnx.Module):
         return softcap(logits, config.final_softcap), cache
 
     def _ropes(self, capacity: int, positions, start, count, step: StepBatch | None):
-        """``(frequencies, attention scaling)`` of the full layers and of the sliding layers (index 0
-        and 1): frequencies ``[H/2]``, or ``[B, T, H/2]`` where they depend on each row's length
-        (dynamic NTK, LongRoPE), the length a row reaches in this pass."""
+        """``(frequencies, attention scaling)`` of the full layers and, where they rotate otherwise
+        (Gemma 3), of the sliding layers (index 0 and 1): frequencies ``[H/2]``, or ``[B, T, H/2]``
+        where they depend on each row's length (dynamic NTK, LongRoPE), the length a row reaches in
+        this pass."""
         ropes = []
-        for sliding in (False, True):
+        for sliding in (False, True) if self.config.sliding_rope_theta is not None else (False,):
             table = _rotary_table(self.config, sliding, capacity)
             seq_lens = None
             if len(table.sets) > 1:
