@@ -121,3 +121,29 @@ def test_the_generate_command_gives_a_windowed_checkpoint_a_windowed_cache(tmp_p
     assert command.run(args) == 0
     out = capsys.readouterr().out
     assert f"sliding window of {WINDOW} tokens:" in out and "unmapped behind it" in out
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cudnn", "pallas"])
+def test_gpu_generate_unmaps_behind_the_windows_and_gives_the_dense_tokens(backend):
+    """On the CUDA driver, 2 MiB pages of 1,024 tokens (8 KV heads x 128 x bfloat16): a window of 256
+    in layer 0; prompts of up to 1,500 tokens and 700 new ones cross several pages behind the window,
+    which are unmapped while the loop runs (a read there would kill the CUDA context)."""
+    config = get_config("tiny").replace(hidden_size=256, intermediate_size=512, num_heads=8, num_kv_heads=8,
+                                        head_dim=128, dtype="bfloat16", rope_scaling=None, sliding_window=256,
+                                        sliding_layers=(0,))
+    model = Llama(config, rngs=nnx.Rngs(7))
+    rng = np.random.default_rng(8)
+    prompts = [rng.integers(0, 256, size=n).tolist() for n in (1500, 900, 40)]
+    cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=4096,
+                                  kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.bfloat16,
+                                  **config.cache_windows())
+    with jv.CacheManager(cache_config) as manager:
+        got = generate_in_manager(model, manager, prompts, max_new_tokens=700, stop_tokens=[], backend=backend)
+        unmapped = manager.stats()["window_pages_unmapped_total"]
+        capacity = manager.capacity
+    assert unmapped >= 2 * 2   # layer 0's K and V, two pages at least (the longest prompt's)
+    dense = jv.KVCache.dense(num_layers=config.num_layers, max_batch=4, capacity=capacity,
+                             kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.bfloat16)
+    want, _ = generate(model, dense, prompts, max_new_tokens=700, stop_tokens=[], backend=backend)
+    assert got.tokens == want.tokens
