@@ -43,6 +43,8 @@ nb::dict stats_dict(const ManagerStats& stats) {
   out["shared_pages"] = stats.shared_pages;
   out["bytes_saved"] = stats.bytes_saved;
   out["pages_evicted_total"] = stats.pages_evicted_total;
+  out["window_unmapped_pages"] = stats.window_unmapped_pages;
+  out["window_pages_unmapped_total"] = stats.window_pages_unmapped_total;
   out["map_seconds"] = stats.map_seconds;
   out["unmap_seconds"] = stats.unmap_seconds;
   out["poisoned"] = stats.poisoned;
@@ -140,11 +142,13 @@ NB_MODULE(_core, m) {
         "The driver of the CPU backend: the OS commits pages, madvise returns them.");
 
   nb::class_<FakeDriver, Driver>(m, "FakeDriver")
-      .def(nb::init<std::size_t, std::size_t, bool>(), "granularity"_a = std::size_t(2) << 20,
-           "memory_bytes"_a = std::size_t(1) << 40, "host_pages"_a = false,
+      .def(nb::init<std::size_t, std::size_t, bool, bool>(), "granularity"_a = std::size_t(2) << 20,
+           "memory_bytes"_a = std::size_t(1) << 40, "host_pages"_a = false, "poison_unmapped"_a = false,
            "With host_pages, pages mapped into buffers adopted from the CPU backend behave like physical\n"
            "pages: a page mapped at a second address shows the bytes of its first mapping there, and an\n"
-           "unmapped page keeps its bytes for its next mapping (prefix sharing's values, on the CPU).")
+           "unmapped page keeps its bytes for its next mapping (prefix sharing's values, on the CPU).\n"
+           "With poison_unmapped too, an address is filled with 0xff bytes (NaN in every float dtype) when\n"
+           "its page is unmapped: a kernel that reads an unmapped page then shows NaN, as a GPU would fault.")
       .def("fail_on", &FakeDriver::fail_on, "operation"_a, "nth"_a = 1, "after_a_failure"_a = false,
            "Makes the nth next call of operation raise DriverError; with after_a_failure, the nth call\n"
            "after the next injected failure (a call of the undo, say).")
@@ -209,6 +213,12 @@ NB_MODULE(_core, m) {
       .def("evict", &PageManager::evict, Release())
       .def("cached_pages", &PageManager::cached_pages, "keys"_a, Release(),
            "How many of `keys` the prefix cache holds at pages 0.., the longest run (no change).")
+      .def("set_window", &PageManager::set_window, "window"_a, "windowed"_a, Release(),
+           "A sliding window of `window` tokens in the buffers flagged in `windowed` (one flag per buffer):\n"
+           "each growth unmaps their pages behind every active slot's window. Before the first alloc.")
+      .def_prop_ro("window", &PageManager::window, "The sliding window in tokens; 0: none.")
+      .def("window_pages_due", &PageManager::window_pages_due, Release(),
+           "Pages (over all buffers) the next growth unmaps behind the windows.")
       .def("prefetch", &PageManager::prefetch, "tokens"_a, "max_pages"_a = SIZE_MAX, Release())
       .def("free", &PageManager::free, "slot"_a, Release())
       .def("grow", [](PageManager& manager, std::size_t tokens) { manager.grow(tokens, nullptr); }, "tokens"_a,

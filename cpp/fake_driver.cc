@@ -15,8 +15,9 @@ std::string hex(DevicePtr address) {
 
 }  // namespace
 
-FakeDriver::FakeDriver(std::size_t granularity, std::size_t memory_bytes, bool host_pages)
-    : granularity_(granularity), memory_bytes_(memory_bytes), host_pages_(host_pages) {
+FakeDriver::FakeDriver(std::size_t granularity, std::size_t memory_bytes, bool host_pages, bool poison_unmapped)
+    : granularity_(granularity), memory_bytes_(memory_bytes), host_pages_(host_pages),
+      poison_unmapped_(host_pages && poison_unmapped) {
   if (granularity == 0) throw std::invalid_argument("FakeDriver: granularity must be positive");
 }
 
@@ -161,6 +162,7 @@ void FakeDriver::unmap(DevicePtr address, std::size_t bytes) {
       kept.resize(bytes);
       std::memcpy(kept.data(), reinterpret_cast<const void*>(address), bytes);
     }
+    if (poison_unmapped_) std::memset(reinterpret_cast<void*>(address), 0xff, bytes);
   }
 }
 

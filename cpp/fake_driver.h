@@ -24,8 +24,10 @@ class FakeDriver final : public Driver {
   // mappings into buffers it did not reserve (the CPU backend's, adopted by the manager: real host
   // memory) behave like physical pages: mapping a handle copies into the address the bytes of its
   // other mapping, or what it held when last unmapped, so every address of a shared page shows the
-  // same tokens (the manager never writes a shared page). Off, memory is never touched.
-  FakeDriver(std::size_t granularity, std::size_t memory_bytes, bool host_pages = false);
+  // same tokens (the manager never writes a shared page). Off, memory is never touched. With
+  // `poison_unmapped` too, an unmapped address is filled with 0xff bytes (NaN in every float
+  // dtype): a kernel that reads an unmapped page shows it, as a GPU would fault.
+  FakeDriver(std::size_t granularity, std::size_t memory_bytes, bool host_pages = false, bool poison_unmapped = false);
 
   std::string name() const override { return "fake"; }
   // Pages may be shared where that is honest: on its own reservations (addresses with nothing
@@ -120,6 +122,7 @@ class FakeDriver final : public Driver {
   std::map<DevicePtr, Mapping> mappings_;
   std::vector<std::pair<DevicePtr, std::size_t>> discarded_;
   bool host_pages_ = false;
+  bool poison_unmapped_ = false;
   std::map<PhysicalHandle, std::vector<unsigned char>> contents_;  // host_pages: bytes of unmapped handles
   std::map<PhysicalHandle, std::vector<unsigned char>> page_bytes_;  // own reservations: bytes written
 };

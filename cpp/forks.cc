@@ -55,6 +55,11 @@ int PageManager::fork_locked(int parent, std::size_t lookahead) {
     throw std::invalid_argument("forking needs a driver that maps one physical page at several addresses; the " +
                                 driver_->name() + " driver cannot (the CPU backend's pages are XLA's memory)");
   }
+  const auto& parent_pages = slots_[source].pages;
+  if (!parent_pages.empty() && mapped_in(parent_pages.front()) < geometry_.num_buffers) {
+    throw std::invalid_argument("slot " + std::to_string(parent) + " has pages unmapped behind its sliding window: "
+                                "a fork shares a slot's pages from page 0, so fork before the window moves on");
+  }
   const std::size_t length = slots_[source].length;
   const std::size_t bytes = length * geometry_.token_bytes;
   const std::size_t full = bytes / geometry_.page_bytes;

@@ -144,10 +144,10 @@ std::size_t PageManager::freeable_pages(const std::vector<std::size_t>& floors,
   std::unordered_map<EntryId, std::size_t> above;  // mappings of each cache entry above the floors
   for (std::size_t s = 0; s < slots_.size(); ++s) {
     for (std::size_t p = floors[s]; p < slots_[s].pages.size(); ++p) {
-      if (auto id = prefix_.entry_of(slots_[s].pages[p].front())) {
+      if (auto id = prefix_.entry_of(page_handle(slots_[s].pages[p]))) {
         ++above[*id];
       } else {
-        pages += geometry_.num_buffers;
+        pages += mapped_in(slots_[s].pages[p]);
       }
     }
   }
@@ -317,7 +317,10 @@ void PageManager::grow(std::size_t tokens, void* stream, bool buffers_live) {
   locked(stream, [&] {
     check_open();
     const std::vector<std::size_t> counts = every_active(tokens);
-    transaction([&] { map_for_growth(counts, stream); });
+    transaction([&] {
+      unmap_behind_windows(stream);
+      map_for_growth(counts, stream);
+    });
     add_lengths(counts);
     ++grow_calls_;
     if (buffers_live) discard_pending();
@@ -336,7 +339,10 @@ void PageManager::grow_slots(const std::vector<std::size_t>& counts) {
         throw std::invalid_argument("grow_slots: slot " + std::to_string(s) + " is not allocated");
       }
     }
-    transaction([&] { map_for_growth(counts, nullptr); });
+    transaction([&] {
+      unmap_behind_windows(nullptr);
+      map_for_growth(counts, nullptr);
+    });
     add_lengths(counts);
     ++grow_calls_;
   });
@@ -483,7 +489,8 @@ std::size_t PageManager::trim() {
 std::size_t PageManager::discard_unmapped(const std::vector<DevicePtr>& live_bases) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (released_ || live_bases != bases_) return 0;
-  const std::size_t pages = undiscarded_.size() * geometry_.num_buffers;
+  const std::size_t windowed = static_cast<std::size_t>(std::count(windowed_.begin(), windowed_.end(), true));
+  const std::size_t pages = undiscarded_.size() * geometry_.num_buffers + undiscarded_window_pages_.size() * windowed;
   discard_pending();
   return pages;
 }
@@ -507,6 +514,7 @@ void PageManager::discard_pending() noexcept {
     }
   }
   undiscarded_.clear();
+  discard_window_pages();
 }
 
 }  // namespace vattention

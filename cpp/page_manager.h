@@ -8,8 +8,9 @@
 //   buffer v[0]:  | slot 0: ##__________ | slot 1: ###_________ | slot 2: ____________ |
 //                   # mapped page, _ reserved only (no physical memory)
 //
-// Every slot has the same number of pages mapped in every buffer, so a slot's
-// mapped capacity is one number. A freed slot keeps its pages for the next
+// Every slot has the same number of pages in every buffer, so a slot's
+// mapped capacity is one number; only a sliding window (window_pages.cc) unmaps
+// a slot's leading pages in some buffers, behind the window. A freed slot keeps its pages for the next
 // request placed there (deferred reclamation) until another slot needs them.
 // All methods are thread-safe. The safety promise: nothing done through this
 // API reaches an unmapped page, and any error leaves the state as it was; after
@@ -56,6 +57,10 @@ struct CacheGeometry {
   void validate(std::size_t granularity) const;
 };
 
+// The handle of a page that is not mapped: a windowed buffer's page behind every window
+// (window_pages.cc). No driver hands it out (the CUDA driver's handles are never 0, ours count from 1).
+constexpr PhysicalHandle kNoPage = 0;
+
 // The largest buffer a cache may have: 2**48 bytes (256 TiB), beyond any
 // device's virtual address space, and small enough that no size derived from
 // it overflows, in C++ or in XLA's shapes.
@@ -86,6 +91,10 @@ struct ManagerStats {
   std::size_t shared_pages = 0;     // physical pages mapped in more than one slot
   std::size_t bytes_saved = 0;      // every mapping of a physical page beyond its first, in bytes
   std::uint64_t pages_evicted_total = 0;
+  // Sliding windows (window_pages.cc): pages of windowed buffers unmapped behind the windows, now
+  // (over all buffers, as mapped_pages) and ever.
+  std::size_t window_unmapped_pages = 0;
+  std::uint64_t window_pages_unmapped_total = 0;
   double map_seconds = 0;    // time spent creating and mapping pages
   double unmap_seconds = 0;  // time spent waiting for the device and unmapping
   bool poisoned = false;
@@ -113,7 +122,8 @@ struct CachedPage {
 // with the driver's own table. A handle of the prefix cache may be mapped at
 // several addresses; any other handle is mapped once, pooled, or stray.
 struct ManagerView {
-  // slots[s][p][b]: the physical page behind page p of slot s in buffer b.
+  // slots[s][p][b]: the physical page behind page p of slot s in buffer b (kNoPage: unmapped
+  // behind a sliding window).
   std::vector<std::vector<std::vector<PhysicalHandle>>> slots;
   std::vector<DevicePtr> bases;
   std::vector<PhysicalHandle> pooled;
@@ -229,6 +239,19 @@ class PageManager {
   // Returns the pages discarded.
   std::size_t discard_unmapped(const std::vector<DevicePtr>& live_bases);
 
+  // Sliding windows (window_pages.cc). Sets the window of the buffers marked in `windowed` (one
+  // flag per buffer): a step whose slot is `length` tokens long has its queries at `length` and
+  // later, and each sees only the `window` positions up to its own, so the keys below
+  // `length - window + 1` are never read again. Each growth (grow, grow_slots) first unmaps, in
+  // the windowed buffers, every page of an active slot that lies wholly below that, once the
+  // device is done with it; the slot keeps its reserved range, and the other buffers keep their
+  // pages. Only while no page is mapped (before the first alloc); window 0 turns it off.
+  void set_window(std::size_t window, const std::vector<bool>& windowed);
+  std::size_t window() const;
+  // Pages (over all buffers) that the next growth will unmap behind the windows: a caller whose
+  // driver cannot wait for the device (the CPU backend's) waits for the steps in flight first.
+  std::size_t window_pages_due() const;
+
   ManagerStats stats() const;
   std::vector<std::size_t> lengths() const;
   std::vector<bool> active() const;
@@ -244,7 +267,8 @@ class PageManager {
     // that hold them stay, or are earmarked in the pool; pages beyond are spare and can be
     // reclaimed under memory pressure.
     std::size_t reserved = 0;
-    // pages[p][b]: the physical page behind page p of this slot in buffer b.
+    // pages[p][b]: the physical page behind page p of this slot in buffer b (kNoPage: unmapped
+    // behind the window, in a windowed buffer; only leading pages are).
     std::vector<std::vector<PhysicalHandle>> pages;
   };
   // A page (in every buffer) unmapped by the current operation, to map back if it fails.
@@ -260,6 +284,7 @@ class PageManager {
     std::uint64_t pages_mapped_total;
     std::uint64_t pages_unmapped_total;
     std::uint64_t pages_evicted_total;
+    std::uint64_t window_pages_unmapped_total;
   };
 
   void check_open() const;
@@ -301,7 +326,7 @@ class PageManager {
   void map_for_growth(const std::vector<std::size_t>& counts, void* stream);
   SharedAlloc alloc_locked(std::size_t prompt_len, std::size_t lookahead, const std::vector<PrefixKey>& keys);
   // Whether the page (its handles in every buffer) belongs to the prefix cache.
-  bool is_cached(const std::vector<PhysicalHandle>& page) const { return prefix_.holds(page.front()); }
+  bool is_cached(const std::vector<PhysicalHandle>& page) const { return prefix_.holds(page_handle(page)); }
   // Where a handle goes once a mapping of it is gone: a cached one stays with the cache, any other to the pool.
   void give_back(PhysicalHandle handle);
   // How many slots map each entry of the prefix cache.
@@ -337,6 +362,32 @@ class PageManager {
   void wait_for_device(void* stream);
   void add_lengths(const std::vector<std::size_t>& counts);
   void discard_pending() noexcept;
+
+  // Sliding windows (window_pages.cc).
+  //
+  // A page's handle in its first buffer that maps it (kNoPage if none does): what names the page,
+  // e.g. in the prefix cache, where some of its buffers are unmapped behind a window.
+  static PhysicalHandle page_handle(const std::vector<PhysicalHandle>& page);
+  // How many buffers map the page.
+  static std::size_t mapped_in(const std::vector<PhysicalHandle>& page);
+  // Leading pages of `slot` unmapped in every windowed buffer.
+  std::size_t window_holes(std::size_t slot) const;
+  // Leading pages of the active `slot` that no query of its next step or later reads in a windowed buffer.
+  std::size_t dead_pages(std::size_t slot) const;
+  // Unmaps, in the windowed buffers, every active slot's pages between its holes and its dead pages,
+  // after waiting for the device; logged for rollback.
+  void unmap_behind_windows(void* stream);
+  // Unmaps page `page` of `slot` in the windowed buffers; all or nothing, except that a buffer the
+  // undo cannot map back stays unmapped (it lies behind the window: the view stays exact).
+  void unmap_window_page(std::size_t slot, std::size_t page);
+  // Maps `handle` back at page `page` of `slot` in `buffer`; false (and the page stays unmapped,
+  // its handle given back) where that fails; poisons where it can neither map nor unmap it.
+  bool map_window_back(std::size_t slot, std::size_t page, std::size_t buffer, PhysicalHandle handle) noexcept;
+  // Rollback: maps back what unmap_behind_windows unmapped in the operation; returns the buffers'
+  // pages that stay unmapped.
+  std::size_t restore_window_pages() noexcept;
+  // Discards (CPU backend) the windowed buffers' pages unmapped since the last discard.
+  void discard_window_pages() noexcept;
 
   // Page mapping, unmapping and undoing them (page_transactions.cc; transaction() is a template
   // in page_operations.h).
@@ -396,6 +447,11 @@ class PageManager {
   std::vector<PhysicalHandle> written_log_;
   std::uint64_t pages_evicted_total_ = 0;
   std::vector<UnmappedPage> unmapped_log_;  // of the operation in progress
+  std::size_t window_ = 0;  // 0: no sliding window
+  std::vector<bool> windowed_;  // per buffer, whether the window applies
+  std::vector<UnmappedPage> window_log_;  // of the operation in progress: handles unmapped behind windows
+  std::set<std::pair<std::size_t, std::size_t>> undiscarded_window_pages_;  // (slot, page), windowed buffers only
+  std::uint64_t window_pages_unmapped_total_ = 0;
   // (slot, page) of unmapped pages not yet discarded; a page mapped again leaves it.
   std::set<std::pair<std::size_t, std::size_t>> undiscarded_;
   std::uint64_t pages_mapped_total_ = 0;

@@ -18,18 +18,27 @@ ManagerStats PageManager::stats() const {
   stats.pooled_pages = pool_.pooled_pages();
   stats.reserved_pages = owed_pages();
   std::size_t active_mapped = 0;
-  for (const Slot& slot : slots_) {
-    const std::size_t pages = slot.pages.size() * geometry_.num_buffers;
+  for (std::size_t s = 0; s < slots_.size(); ++s) {
+    const Slot& slot = slots_[s];
+    std::size_t pages = 0;
+    for (const auto& page : slot.pages) pages += mapped_in(page);
     stats.mapped_pages += pages;
+    stats.window_unmapped_pages += slot.pages.size() * geometry_.num_buffers - pages;
     if (slot.active) {
       ++stats.active_slots;
       stats.used_tokens += slot.length;
       active_mapped += pages;
+      // The bytes of the slot's tokens in the pages it maps: a windowed buffer lacks those behind its holes.
+      const std::size_t bytes = slot.length * geometry_.token_bytes;
+      for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
+        std::size_t holes = 0;
+        while (holes < slot.pages.size() && slot.pages[holes][b] == kNoPage) ++holes;
+        stats.used_bytes += bytes - std::min(bytes, holes * geometry_.page_bytes);
+      }
     } else {
       stats.deferred_pages += pages;
     }
   }
-  stats.used_bytes = stats.used_tokens * geometry_.token_bytes * geometry_.num_buffers;
   stats.waste_bytes = active_mapped * geometry_.page_bytes - stats.used_bytes;
   stats.pages_mapped_total = pages_mapped_total_;
   stats.pages_unmapped_total = pages_unmapped_total_;
@@ -43,6 +52,7 @@ ManagerStats PageManager::stats() const {
     }
   }
   stats.pages_evicted_total = pages_evicted_total_;
+  stats.window_pages_unmapped_total = window_pages_unmapped_total_;
   stats.map_seconds = std::chrono::duration<double>(map_time_).count();
   stats.unmap_seconds = std::chrono::duration<double>(unmap_time_).count();
   stats.poisoned = !poisoned_.empty();

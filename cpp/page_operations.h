@@ -21,6 +21,7 @@ auto PageManager::transaction(Body&& body) -> decltype(body()) {
   evicted_log_.clear();
   forked_log_.clear();
   written_log_.clear();
+  window_log_.clear();
   pool_.begin_log();
   try {
     if constexpr (std::is_void_v<decltype(body())>) {

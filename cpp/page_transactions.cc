@@ -14,6 +14,7 @@
 // pool with its last mapping if it is a forked page), and an eviction the
 // operation made is undone by taking the page back from the pool.
 #include <algorithm>
+#include <iterator>
 #include <string>
 
 #include "errors.h"
@@ -36,12 +37,15 @@ PageManager::Checkpoint PageManager::checkpoint() const {
   checkpoint.pages_mapped_total = pages_mapped_total_;
   checkpoint.pages_unmapped_total = pages_unmapped_total_;
   checkpoint.pages_evicted_total = pages_evicted_total_;
+  checkpoint.window_pages_unmapped_total = window_pages_unmapped_total_;
   return checkpoint;
 }
 
 void PageManager::commit() {
   for (const UnmappedPage& page : unmapped_log_) undiscarded_.emplace(page.slot, page.page);
+  for (const UnmappedPage& page : window_log_) undiscarded_window_pages_.emplace(page.slot, page.page);
   unmapped_log_.clear();
+  window_log_.clear();
   evicted_log_.clear();
   forked_log_.clear();
   written_log_.clear();
@@ -49,12 +53,20 @@ void PageManager::commit() {
 }
 
 void PageManager::give_back(PhysicalHandle handle) {
-  if (!prefix_.holds(handle)) pool_.put({handle});
+  if (handle != kNoPage && !prefix_.holds(handle)) pool_.put({handle});
 }
 
 std::size_t PageManager::mappings_of(const std::vector<PhysicalHandle>& handles, std::size_t page) const {
   std::size_t count = 0;
-  for (const Slot& slot : slots_) count += slot.pages.size() > page && slot.pages[page] == handles;
+  for (const Slot& slot : slots_) {
+    if (slot.pages.size() <= page || mapped_in(slot.pages[page]) == 0) continue;
+    // A slot maps the page where its handles are the page's, but in buffers unmapped behind a window.
+    bool maps = true;
+    for (std::size_t b = 0; b < handles.size() && maps; ++b) {
+      maps = slot.pages[page][b] == kNoPage || slot.pages[page][b] == handles[b];
+    }
+    count += maps;
+  }
   for (const StrayMapping& stray : strays_) {
     count += std::find(handles.begin(), handles.end(), stray.handle) != handles.end();
   }
@@ -62,8 +74,8 @@ std::size_t PageManager::mappings_of(const std::vector<PhysicalHandle>& handles,
 }
 
 void PageManager::drop_if_unmapped(const std::vector<PhysicalHandle>& handles, std::size_t page) {
-  const std::optional<EntryId> id = prefix_.entry_of(handles.front());
-  if (!id || prefix_.at(*id).key || mappings_of(handles, page) > 0) return;
+  const std::optional<EntryId> id = prefix_.entry_of(page_handle(handles));
+  if (!id || prefix_.at(*id).key || mappings_of(prefix_.at(*id).handles, page) > 0) return;
   PrefixCache::Entry entry = prefix_.erase(*id);
   pool_.put(entry.handles);
   evicted_log_.emplace_back(*id, std::move(entry));
@@ -104,23 +116,41 @@ void PageManager::map_pages(std::size_t slot, const std::vector<std::vector<Phys
   std::vector<PhysicalHandle> mapped_handles;
   std::vector<bool> accessible;
   try {
-    // Buffer by buffer, so that one set_access per buffer covers the whole run there.
+    // Buffer by buffer, so that one set_access per buffer covers the whole run there (a run for each
+    // stretch of pages mapped in the buffer: a page unmapped behind a window, kNoPage, is skipped).
     for (std::size_t b = 0; b < buffers; ++b) {
+      const std::size_t before = mapped.size();
       for (std::size_t i = 0; i < count; ++i) {
+        if (pages[i][b] == kNoPage) continue;
         const DevicePtr address = page_address(b, slot, first + i);
         driver_->map(address, geometry_.page_bytes, pages[i][b]);
         mapped.push_back(address);
         mapped_handles.push_back(pages[i][b]);
         accessible.push_back(false);
       }
-      driver_->set_access(page_address(b, slot, first), count * geometry_.page_bytes);
-      std::fill(accessible.end() - count, accessible.end(), true);
+      for (std::size_t i = 0, done = before; i < count;) {
+        if (pages[i][b] == kNoPage) {
+          ++i;
+          continue;
+        }
+        std::size_t end = i;
+        while (end < count && pages[end][b] != kNoPage) ++end;
+        driver_->set_access(page_address(b, slot, first + i), (end - i) * geometry_.page_bytes);
+        std::fill(accessible.begin() + done, accessible.begin() + done + (end - i), true);
+        done += end - i;
+        i = end;
+      }
     }
   } catch (...) {
     const std::exception_ptr error = std::current_exception();
     const std::string undo = unmap_or_stray(mapped, mapped_handles, accessible);
     // The handles the loop did not reach go back where they belong too (the pool, or the prefix cache).
-    for (std::size_t next = mapped.size(); next < count * buffers; ++next) give_back(pages[next % count][next / count]);
+    for (std::size_t b = 0; b < buffers; ++b) {
+      for (std::size_t i = 0; i < count; ++i) {
+        const PhysicalHandle handle = pages[i][b];
+        if (std::find(mapped_handles.begin(), mapped_handles.end(), handle) == mapped_handles.end()) give_back(handle);
+      }
+    }
     if (!undo.empty()) {
       poison("mapping pages " + std::to_string(first) + ".." + std::to_string(first + count - 1) + " of slot " +
              std::to_string(slot) + " failed (" + error_message(error) +
@@ -131,6 +161,7 @@ void PageManager::map_pages(std::size_t slot, const std::vector<std::vector<Phys
   for (std::size_t i = 0; i < count; ++i) {
     state.pages.push_back(pages[i]);
     undiscarded_.erase({slot, first + i});  // mapped again: it holds the new request's tokens now
+    undiscarded_window_pages_.erase({slot, first + i});
   }
   pages_mapped_total_ += count * buffers;
   map_time_ += Clock::now() - start;
@@ -154,7 +185,9 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
   const std::vector<PhysicalHandle> handles = state.pages.back();
   std::size_t b = 0;
   try {
-    for (; b < geometry_.num_buffers; ++b) driver_->unmap(page_address(b, slot, page), geometry_.page_bytes);
+    for (; b < geometry_.num_buffers; ++b) {
+      if (handles[b] != kNoPage) driver_->unmap(page_address(b, slot, page), geometry_.page_bytes);
+    }
   } catch (...) {
     // Buffers [0, b) are unmapped, [b, num_buffers) are not: map the first ones back so that the
     // page is whole again, as the manager lists it.
@@ -162,7 +195,11 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
     std::string undo;
     std::vector<bool> mapped(geometry_.num_buffers, true);
     std::vector<bool> accessible(geometry_.num_buffers, true);
+    for (std::size_t i = 0; i < geometry_.num_buffers; ++i) {
+      if (handles[i] == kNoPage) mapped[i] = accessible[i] = false;
+    }
     for (std::size_t i = 0; i < b; ++i) {
+      if (handles[i] == kNoPage) continue;
       const DevicePtr address = page_address(i, slot, page);
       try {
         driver_->map(address, geometry_.page_bytes, handles[i]);
@@ -196,7 +233,7 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
   for (PhysicalHandle handle : handles) give_back(handle);
   state.pages.pop_back();
   drop_if_unmapped(handles, page);
-  pages_unmapped_total_ += geometry_.num_buffers;
+  pages_unmapped_total_ += mapped_in(handles);
   if (log) unmapped_log_.push_back(UnmappedPage{slot, page, handles});
 }
 
@@ -259,11 +296,16 @@ void PageManager::rollback(const Checkpoint& before, const std::string& failure)
   // pooled (or cached: it was spare), and the pages above it too.
   for (auto it = unmapped_log_.rbegin(); it != unmapped_log_.rend(); ++it) {
     if (slots_[it->slot].pages.size() != it->page) continue;
-    if (!is_cached(it->handles) && !pool_.remove(it->handles)) continue;
+    std::vector<PhysicalHandle> pooled;  // the page's handles, but in buffers unmapped behind a window
+    std::copy_if(it->handles.begin(), it->handles.end(), std::back_inserter(pooled),
+                 [](PhysicalHandle handle) { return handle != kNoPage; });
+    if (!is_cached(it->handles) && !pool_.remove(pooled)) continue;
     std::string ignored;
     map_back(it->slot, it->handles, ignored);
   }
   unmapped_log_.clear();
+  // Pages unmapped behind windows: mapped back (one that cannot stays unmapped and listed so).
+  const std::size_t behind_windows = restore_window_pages();
   // A forked page that no slot maps again (its mapping back failed) goes to the pool, as it would
   // have with its last mapping.
   for (const PrefixCache::Entry& entry : restored_forked) drop_if_unmapped(entry.handles, entry.page);
@@ -281,8 +323,9 @@ void PageManager::rollback(const Checkpoint& before, const std::string& failure)
     slots_[s].reserved = before.slots[s].reserved;
   }
   pages_mapped_total_ = before.pages_mapped_total + kept * geometry_.num_buffers;
-  pages_unmapped_total_ = before.pages_unmapped_total + lost * geometry_.num_buffers;
+  pages_unmapped_total_ = before.pages_unmapped_total + lost * geometry_.num_buffers + behind_windows;
   pages_evicted_total_ = before.pages_evicted_total;
+  window_pages_unmapped_total_ = before.window_pages_unmapped_total + behind_windows;
   undoing_.clear();
 }
 
@@ -290,6 +333,7 @@ void PageManager::release() {
   std::lock_guard<std::mutex> lock(mutex_);
   released_ = true;
   undiscarded_.clear();  // the buffers may be gone: nothing may be discarded any more
+  undiscarded_window_pages_.clear();
   std::string first_error;
   auto note = [&first_error](const std::exception& error) {
     if (first_error.empty()) first_error = error.what();
@@ -298,6 +342,7 @@ void PageManager::release() {
   for (std::size_t s = 0; s < slots_.size(); ++s) {
     for (std::size_t p = 0; p < slots_[s].pages.size(); ++p) {
       for (std::size_t b = 0; b < geometry_.num_buffers; ++b) {
+        if (slots_[s].pages[p][b] == kNoPage) continue;
         strays_.push_back(StrayMapping{page_address(b, s, p), geometry_.page_bytes, slots_[s].pages[p][b], true});
       }
     }

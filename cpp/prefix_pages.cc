@@ -35,6 +35,9 @@ std::size_t PageManager::cached_run(const std::vector<PrefixKey>& keys) const {
 std::size_t PageManager::reusable_pages(std::size_t slot, const std::vector<PrefixKey>& keys,
                                         std::size_t shared) const {
   const auto& pages = slots_[slot].pages;
+  if (!pages.empty() && mapped_in(pages.front()) < geometry_.num_buffers) {
+    return 0;  // unmapped behind a window (holes are leading pages): the next request starts at page 0
+  }
   std::size_t p = 0;
   for (; p < pages.size(); ++p) {
     const std::optional<EntryId> id = prefix_.entry_of(pages[p].front());
@@ -50,7 +53,7 @@ std::unordered_map<EntryId, std::size_t> PageManager::cache_mappings() const {
   const std::size_t depth = prefix_.depth();
   for (const Slot& slot : slots_) {
     for (std::size_t p = 0; p < std::min(depth, slot.pages.size()); ++p) {
-      if (auto id = prefix_.entry_of(slot.pages[p].front())) ++counts[*id];
+      if (auto id = prefix_.entry_of(page_handle(slot.pages[p]))) ++counts[*id];
     }
   }
   return counts;
@@ -89,6 +92,8 @@ std::size_t PageManager::publish(int slot, const std::vector<PrefixKey>& keys) {
                                 " needs " + std::to_string(keys.size() * tokens) + " written tokens but it holds " +
                                 std::to_string(state.length) + ": publish only full pages");
   }
+  // Pages unmapped behind a window cannot be shared (a request maps a prefix from page 0).
+  if (state.pages.empty() || mapped_in(state.pages.front()) < geometry_.num_buffers) return 0;
   // Checked first, so that a refusal changes nothing.
   for (std::size_t p = 0; p < keys.size(); ++p) {
     const std::optional<EntryId> id = prefix_.entry_of(state.pages[p].front());

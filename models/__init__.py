@@ -1,4 +1,5 @@
-"""Llama-family decoders that read and write a :class:`~jax_vattention.cache.KVCache`.
+"""Decoders of the Llama family (Llama, Mistral, Qwen 2 and 3, Gemma 2 and 3: one architecture whose
+differences are config fields) that read and write a :class:`~jax_vattention.cache.KVCache`.
 
 This folder is the backend's first user: it imports ``jax_vattention`` the way any model code
 would, and nothing in the backend imports it. The wheel installs it as ``jax_vattention.models``

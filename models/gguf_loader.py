@@ -1,16 +1,20 @@
-"""Loading a llama.cpp GGUF file (llama family) into :class:`Llama`, with numpy and ``gguf`` only.
+"""Loading a llama.cpp GGUF file into :class:`Llama`, with numpy and ``gguf`` only: the
+architectures llama, qwen2 (q/k/v biases), qwen3 (q/k norms), gemma2 and gemma3 (sandwich norms,
+sliding windows, soft-caps; llama.cpp's own rules for what their files leave out: the logit
+scale, the sliding layers, Gemma 3's local rotary base).
 
 A GGUF file holds the architecture as metadata (``llama.block_count``, ...), the
 tokenizer (see :mod:`.gguf_tokenizer`) and the tensors, possibly quantized in
 blocks. Each tensor is dequantized to float32 by the ``gguf`` library
 (:func:`dequantize`), then cast to the model's dtype.
 
-Two conventions differ from a Hugging Face checkpoint. Tensor names are
+Three conventions differ from a Hugging Face checkpoint. Tensor names are
 llama.cpp's (``blk.3.attn_q.weight`` is ``model.layers.3.self_attn.q_proj.weight``).
-And llama.cpp's converter permutes the rows of ``attn_q`` and ``attn_k`` so that
-rotary pairs are adjacent (GPT-J style); our rotation pairs dimension ``i`` with
-``i + head_dim / 2`` (Hugging Face's layout), so :func:`unpermute_rows` undoes it,
-as transformers' GGUF loading does. After both, the tensors go through the same
+For the llama architecture, llama.cpp's converter permutes the rows of ``attn_q`` and
+``attn_k`` so that rotary pairs are adjacent (GPT-J style); our rotation pairs dimension
+``i`` with ``i + head_dim / 2`` (Hugging Face's layout), so :func:`unpermute_rows` undoes
+it, as transformers' GGUF loading does (the other architectures rotate in Hugging Face's
+layout already). And Gemma's norms are stored as ``1 + weight``. After both, the tensors go through the same
 placement as a safetensors checkpoint (:mod:`.hf_loader`).
 
 Anything the model cannot reproduce is a ``ValueError`` naming it: another
@@ -33,7 +37,9 @@ import numpy as np
 from .configs import LlamaConfig, RopeScaling
 from .gguf_validation import check_blocks, check_metadata, check_tensors
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
+# llama.cpp stores Gemma's norms as 1 + weight (its converter adds the 1); the model keeps the weight.
+NORM_SHIFTED = ("gemma2", "gemma3")
 # GGML tensor types we dequantize (and test against the block layout): name -> GGMLQuantizationType value
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
 
@@ -44,16 +50,24 @@ _LAYER_TENSORS = {
     "attn_k": "self_attn.k_proj",
     "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma's norms around both sublayers: llama.cpp's ffn_norm is the one before the MLP.
+_SANDWICH_TENSORS = {
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _GLOBAL_TENSORS = {
     "token_embd.weight": "model.embed_tokens.weight",
     "output_norm.weight": "model.norm.weight",
     "output.weight": "lm_head.weight",
 }
-_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_LAYER_NAME = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 
 
 def _require_gguf():
@@ -116,14 +130,16 @@ def metadata(reader) -> dict[str, Any]:
     return {name: field.contents() for name, field in reader.fields.items()}
 
 
-def hf_tensor_name(gguf_name: str) -> str:
-    """The Hugging Face name of a llama.cpp tensor name; ``ValueError`` for one the model has no
-    place for (``rope_freqs.weight``, biases, ...)."""
+def hf_tensor_name(gguf_name: str, sandwich_norms: bool = False) -> str:
+    """The Hugging Face name of a llama.cpp tensor name (``sandwich_norms``: of a Gemma file, whose
+    ``ffn_norm`` is the norm before the MLP); ``ValueError`` for one the model has no place for
+    (``rope_freqs.weight``, ...)."""
     if gguf_name in _GLOBAL_TENSORS:
         return _GLOBAL_TENSORS[gguf_name]
     match = _LAYER_NAME.fullmatch(gguf_name)
-    if match and match.group(2) in _LAYER_TENSORS:
-        return f"model.layers.{match.group(1)}.{_LAYER_TENSORS[match.group(2)]}.weight"
+    names = {**_LAYER_TENSORS, **_SANDWICH_TENSORS} if sandwich_norms else _LAYER_TENSORS
+    if match and match.group(2) in names:
+        return f"model.layers.{match.group(1)}.{names[match.group(2)]}.{match.group(3)}"
     if gguf_name == "rope_freqs.weight":
         raise ValueError("the GGUF file has rope_freqs.weight (per-frequency rope scaling factors, as "
                          "llama.cpp stores Llama 3.1's scaling): not supported; use the safetensors "
@@ -155,6 +171,7 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], dtype: str = 
         raise ValueError(f"the GGUF file's architecture is {architecture!r}; supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}")
     a = architecture + "."
+    gemma = architecture in NORM_SHIFTED
     num_heads = _field(meta, a + "attention.head_count")
     num_kv_heads = _field(meta, a + "attention.head_count_kv", num_heads)
     for key, value in (("attention.head_count", num_heads), ("attention.head_count_kv", num_kv_heads)):
@@ -176,16 +193,43 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], dtype: str = 
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab_size = _field(meta, a + "vocab_size", len(tokens) if tokens is not None else ...)
     eos = [meta[key] for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if key in meta]
-    return LlamaConfig(
+    layers = int(_field(meta, a + "block_count"))
+    family = {}
+    if architecture == "qwen2":
+        family = dict(qkv_bias=True)
+    elif architecture == "qwen3":
+        family = dict(qk_norm=True)
+    elif gemma:
+        # llama.cpp's rules where the file holds no field: the logit scale is 1 / sqrt(head_dim), but
+        # 1 / sqrt(hidden / heads) for the 27B models (46 blocks of Gemma 2, 62 of Gemma 3); Gemma 2
+        # slides in every other layer, Gemma 3 in five of six, with a rotary base of 10,000 there.
+        big = layers == (46 if architecture == "gemma2" else 62)
+        pattern = 2 if architecture == "gemma2" else 6
+        family = dict(norm_offset=1.0, sandwich_norms=True, activation="gelu_tanh", scale_embeddings=True,
+                      query_scale=(hidden // num_heads if big else head_dim) ** -0.5,
+                      sliding_window=int(_field(meta, a + "attention.sliding_window")),
+                      sliding_layers=tuple(i for i in range(layers) if (i + 1) % pattern))
+        if architecture == "gemma2":
+            family.update(attn_softcap=_optional_real(meta, a + "attn_logit_softcapping"),
+                          final_softcap=_optional_real(meta, a + "final_logit_softcapping"))
+        else:
+            family.update(qk_norm=True, sliding_rope_theta=10000.0,
+                          final_softcap=_optional_real(meta, a + "final_logit_softcapping"))
+    return LlamaConfig(**family,
         vocab_size=int(vocab_size), hidden_size=int(hidden),
         intermediate_size=int(_field(meta, a + "feed_forward_length")),
-        num_layers=int(_field(meta, a + "block_count")), num_heads=int(num_heads),
+        num_layers=layers, num_heads=int(num_heads),
         num_kv_heads=int(num_kv_heads), head_dim=int(head_dim),
         rope_theta=float(_field(meta, a + "rope.freq_base", 10000.0)), rope_scaling=scaling,
         rms_norm_eps=float(_field(meta, a + "attention.layer_norm_rms_epsilon")),
         tie_embeddings="output.weight" not in tensor_names,
         max_position_embeddings=int(_field(meta, a + "context_length")),
         dtype=dtype, eos_token_ids=tuple(dict.fromkeys(int(t) for t in eos)))
+
+
+def _optional_real(meta: dict[str, Any], key: str) -> float | None:
+    value = meta.get(key)
+    return None if value is None else float(value)
 
 
 def dequantize(data: np.ndarray, type_name: str) -> np.ndarray:
@@ -212,22 +256,25 @@ def unpermute_rows(weight: np.ndarray, heads: int) -> np.ndarray:
     return weight.reshape(heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def read_tensors(reader, config: LlamaConfig) -> dict[str, np.ndarray]:
+def read_tensors(reader, config: LlamaConfig, architecture: str = "llama") -> dict[str, np.ndarray]:
     """Every tensor of the file under its Hugging Face name, float32 ``[out, in]`` (norms ``[D]``),
-    with ``attn_q`` / ``attn_k`` rows in Hugging Face order."""
+    with ``attn_q`` / ``attn_k`` rows in Hugging Face order (only the llama architecture's converter
+    permutes them) and Gemma's norms without llama.cpp's added 1."""
     tensors = {}
     for tensor in reader.tensors:
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, config.sandwich_norms)
         if tensor.tensor_type.name not in SUPPORTED_TYPES:
             raise ValueError(f"the GGUF tensor {tensor.name} has the type {tensor.tensor_type.name}, which "
                              f"we do not dequantize; supported: {', '.join(SUPPORTED_TYPES)}")
         value = dequantize(tensor.data, tensor.tensor_type.name)
         shape = tuple(int(n) for n in reversed(tensor.shape))  # ggml lists the fastest axis first
         value = value.reshape(shape)
-        if name.endswith("q_proj.weight"):
+        if architecture == "llama" and name.endswith("q_proj.weight"):
             value = unpermute_rows(value, config.num_heads)
-        elif name.endswith("k_proj.weight"):
+        elif architecture == "llama" and name.endswith("k_proj.weight"):
             value = unpermute_rows(value, config.num_kv_heads)
+        elif architecture in NORM_SHIFTED and name.endswith("norm.weight"):
+            value = value - np.float32(1.0)
         tensors[name] = value
     return tensors
 
@@ -264,7 +311,7 @@ def load(path: str, *, dtype: str | None = None):
     reader, meta, config = _checked(path, dtype)
     with _about(path):
         tokenizer = tokenizer_from_gguf(meta)
-        tensors = read_tensors(reader, config)
+        tensors = read_tensors(reader, config, meta["general.architecture"])
     return load_tensors(config, tensors, source=path), tokenizer
 
 
@@ -272,7 +319,7 @@ def load_model(path: str, *, dtype: str | None = None):
     """The :class:`Llama` of a GGUF file, without its tokenizer (see :func:`load`)."""
     from .hf_loader import load_tensors
 
-    reader, _, config = _checked(path, dtype)
+    reader, meta, config = _checked(path, dtype)
     with _about(path):
-        tensors = read_tensors(reader, config)
+        tensors = read_tensors(reader, config, meta["general.architecture"])
     return load_tensors(config, tensors, source=path)

@@ -73,6 +73,9 @@ def check_metadata(meta: dict[str, Any]) -> None:
         raise ValueError(f"the GGUF field {a}attention.head_count is {heads}: without "
                          f"{a}attention.key_length it must divide {a}embedding_length ({hidden})")
     _real(meta, a + "attention.layer_norm_rms_epsilon", 0.0, 1.0)
+    _integer(meta, a + "attention.sliding_window", 1, required=architecture in ("gemma2", "gemma3"))
+    _real(meta, a + "attn_logit_softcapping", 0.0)
+    _real(meta, a + "final_logit_softcapping", 0.0)
     _real(meta, a + "rope.freq_base", 0.0)
     _real(meta, a + "rope.scaling.factor", 0.0)
     tokens = meta.get("tokenizer.ggml.tokens")
@@ -106,12 +109,19 @@ def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     shapes = {"token_embd.weight": (v, d), "output_norm.weight": (d,)}
     if not config.tie_embeddings:
         shapes["output.weight"] = (v, d)
+    h = config.head_dim
     for i in range(config.num_layers):
         shapes.update({f"blk.{i}.attn_norm.weight": (d,), f"blk.{i}.ffn_norm.weight": (d,),
                        f"blk.{i}.attn_q.weight": (q, d), f"blk.{i}.attn_k.weight": (kv, d),
                        f"blk.{i}.attn_v.weight": (kv, d), f"blk.{i}.attn_output.weight": (d, q),
                        f"blk.{i}.ffn_gate.weight": (f, d), f"blk.{i}.ffn_up.weight": (f, d),
                        f"blk.{i}.ffn_down.weight": (d, f)})
+        if config.qkv_bias:  # Qwen 2
+            shapes.update({f"blk.{i}.attn_q.bias": (q,), f"blk.{i}.attn_k.bias": (kv,), f"blk.{i}.attn_v.bias": (kv,)})
+        if config.qk_norm:  # Qwen 3, Gemma 3
+            shapes.update({f"blk.{i}.attn_q_norm.weight": (h,), f"blk.{i}.attn_k_norm.weight": (h,)})
+        if config.sandwich_norms:  # Gemma
+            shapes.update({f"blk.{i}.post_attention_norm.weight": (d,), f"blk.{i}.post_ffw_norm.weight": (d,)})
     return shapes
 
 

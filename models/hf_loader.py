@@ -1,4 +1,5 @@
-"""Loading a Hugging Face Llama-family checkpoint directory into :class:`Llama`.
+"""Loading a Hugging Face checkpoint directory of the Llama family (Llama, Mistral, Qwen 2 and 3,
+Gemma 2 and 3; :mod:`.hf_config`) into :class:`Llama`.
 
 A directory holds ``config.json``, the weights as ``model.safetensors`` or as
 shards listed in ``model.safetensors.index.json`` (bfloat16, float16 or
@@ -6,11 +7,11 @@ float32), and optionally ``tokenizer.json``. Hugging Face stores each linear
 layer as ``[out_features, in_features]``; the model keeps einsum layouts, so
 each weight is transposed and split into heads on the way in, and ``q_proj``,
 ``k_proj``, ``v_proj`` go into the one ``w_qkv``, ``gate_proj`` and ``up_proj``
-into the one ``w_gate_up`` (see :mod:`.placement`). Every tensor is
-checked against the shape the config implies, and anything the model cannot
-reproduce exactly (biases, other activations, other rope types) is refused with
-a ``ValueError`` naming the field or tensor. A sliding window is kept in the
-config, and the model refuses a cache longer than it. A tied checkpoint that
+into the one ``w_gate_up`` (see :mod:`.placement`); the q/k/v biases go into
+``b_qkv`` the same way. Every tensor is checked against the shape the config
+implies, and anything the model cannot reproduce exactly (MLP biases, other
+activations, other rope types) is refused with a ``ValueError`` naming the field
+or tensor. A tied checkpoint that
 stores its own ``lm_head.weight``, different from the embedding, gets that head,
 as in transformers 5.
 
@@ -33,96 +34,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from .configs import LlamaConfig, RopeScaling
+from .configs import LlamaConfig
+from .hf_config import (HF_DEFAULTS, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES,  # noqa: F401 (re-exported)
+                        config_from_hf, token_ids)
 from .llama import Llama
-from .placement import OutIn, Part, Same, check_parts, weight_block
+from .placement import Flat, OutIn, Part, Same, check_parts, weight_block
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # Buffers some older checkpoints store that the model recomputes.
 IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-def _rope_scaling(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
-    """``(rope_theta, scaling)`` from either transformers 4 (``rope_theta``, ``rope_scaling``) or
-    transformers 5 (``rope_parameters``) fields."""
-    parameters = dict(hf.get("rope_parameters") or {})
-    scaling = hf.get("rope_scaling") or parameters
-    theta = float(parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return theta, None
-    if kind == "llama3":
-        return theta, RopeScaling(
-            kind="llama3", factor=float(scaling["factor"]),
-            low_freq_factor=float(scaling["low_freq_factor"]),
-            high_freq_factor=float(scaling["high_freq_factor"]),
-            original_max_position_embeddings=int(scaling["original_max_position_embeddings"]))
-    if kind == "linear":
-        return theta, RopeScaling(kind="linear", factor=float(scaling["factor"]))
-    raise ValueError(f"config.json: rope type {kind!r} (rope_scaling / rope_parameters) is not "
-                     f"supported; supported: default, llama3, linear")
-
-
-# transformers 5's defaults for every config.json field we read, per model_type (the defaults
-# of LlamaConfig and MistralConfig): a field a checkpoint leaves out means what it means there.
-HF_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {
-        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": None, "head_dim": None, "hidden_act": "silu",
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-6, "eos_token_id": 2,
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "sliding_window": None,
-    },
-    "mistral": {
-        "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": None, "hidden_act": "silu",
-        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "eos_token_id": 2,
-        "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "sliding_window": 4096,
-    },
-}
-
-
-def config_from_hf(hf: dict[str, Any], dtype: str | None = None) -> LlamaConfig:
-    """A :class:`LlamaConfig` from the fields of a Hugging Face ``config.json``.
-
-    A missing field takes transformers' default for the ``model_type`` (:data:`HF_DEFAULTS`):
-    a Mistral checkpoint without ``sliding_window`` has a window of 4096 there, and so here.
-    ``dtype`` overrides the checkpoint's ``torch_dtype`` / ``dtype`` (default float32 if absent).
-    Raises ``ValueError`` naming the field for any architecture or feature we do not support.
-    """
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"config.json: model_type {model_type!r} is not supported; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    for architecture in hf.get("architectures") or ():
-        if architecture not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"config.json: architectures has {architecture!r}; "
-                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    hf = {**HF_DEFAULTS[model_type], **hf}
-    refusals = {
-        "hidden_act": hf["hidden_act"] != "silu",
-        "attention_bias": bool(hf["attention_bias"]),
-        "mlp_bias": bool(hf["mlp_bias"]),
-        "quantization_config": hf.get("quantization_config") is not None,
-    }
-    for field, refused in refusals.items():
-        if refused:
-            raise ValueError(f"config.json: {field}={hf[field]!r} is not supported")
-    num_heads = int(hf["num_attention_heads"])
-    theta, scaling = _rope_scaling(hf)
-    eos = hf["eos_token_id"]
-    eos = () if eos is None else _token_ids(eos)
-    dtype = dtype or hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    window = hf["sliding_window"]
-    return LlamaConfig(
-        vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-        intermediate_size=int(hf["intermediate_size"]), num_layers=int(hf["num_hidden_layers"]),
-        num_heads=num_heads, num_kv_heads=int(hf["num_key_value_heads"] or num_heads),
-        head_dim=int(hf["head_dim"] or int(hf["hidden_size"]) // num_heads),
-        rope_theta=theta, rope_scaling=scaling, rms_norm_eps=float(hf["rms_norm_eps"]),
-        tie_embeddings=bool(hf["tie_word_embeddings"]),
-        max_position_embeddings=int(hf["max_position_embeddings"]),
-        dtype=str(dtype), eos_token_ids=eos, sliding_window=None if window is None else int(window))
 
 
 def _tensor_files(directory: str) -> dict[str, str]:
@@ -145,8 +64,11 @@ def _placements(config: LlamaConfig) -> dict[tuple, tuple[Part, ...]]:
     their shapes are checked.
 
     ``w_qkv [D, K, G + 2, H]`` is ``q_proj`` (rows ``[K * G * H]``: query head ``n = k * G + g``
-    at ``w_qkv[:, k, g]``), ``k_proj`` at ``[:, :, G]`` and ``v_proj`` at ``[:, :, G + 1]``;
-    ``w_gate_up [D, 2, F]`` is ``gate_proj`` at ``[:, 0]`` and ``up_proj`` at ``[:, 1]``.
+    at ``w_qkv[:, k, g]``), ``k_proj`` at ``[:, :, G]`` and ``v_proj`` at ``[:, :, G + 1]``, and
+    ``b_qkv [K, G + 2, H]`` their biases alike; ``w_gate_up [D, 2, F]`` is ``gate_proj`` at
+    ``[:, 0]`` and ``up_proj`` at ``[:, 1]``. Llama's ``post_attention_layernorm`` is the norm
+    before the MLP; with sandwich norms (Gemma) it norms the attention's output, and
+    ``pre_feedforward_layernorm`` is the one before the MLP.
     """
     d, n, k, h = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
     f, groups = config.intermediate_size, config.num_heads // config.num_kv_heads
@@ -157,19 +79,36 @@ def _placements(config: LlamaConfig) -> dict[tuple, tuple[Part, ...]]:
     for i in range(config.num_layers):
         prefix = f"model.layers.{i}."
         layer = ("layers", i)
+        attention = prefix + "self_attn."
+        mlp_norm = "pre_feedforward_layernorm" if config.sandwich_norms else "post_attention_layernorm"
         placements.update({
             layer + ("attention_norm", "weight"): (Part(prefix + "input_layernorm.weight", Same((d,))),),
-            layer + ("mlp_norm", "weight"): (Part(prefix + "post_attention_layernorm.weight", Same((d,))),),
+            layer + ("mlp_norm", "weight"): (Part(prefix + mlp_norm + ".weight", Same((d,))),),
             layer + ("attention", "w_qkv"): (
-                Part(prefix + "self_attn.q_proj.weight", OutIn((d,), (k, groups, h)), axis=2, at=slice(0, groups)),
-                Part(prefix + "self_attn.k_proj.weight", OutIn((d,), (k, h)), axis=2, at=groups),
-                Part(prefix + "self_attn.v_proj.weight", OutIn((d,), (k, h)), axis=2, at=groups + 1)),
-            layer + ("attention", "wo"): (Part(prefix + "self_attn.o_proj.weight", OutIn((n, h), (d,))),),
+                Part(attention + "q_proj.weight", OutIn((d,), (k, groups, h)), axis=2, at=slice(0, groups)),
+                Part(attention + "k_proj.weight", OutIn((d,), (k, h)), axis=2, at=groups),
+                Part(attention + "v_proj.weight", OutIn((d,), (k, h)), axis=2, at=groups + 1)),
+            layer + ("attention", "wo"): (Part(attention + "o_proj.weight", OutIn((n, h), (d,))),),
             layer + ("mlp", "w_gate_up"): (
                 Part(prefix + "mlp.gate_proj.weight", OutIn((d,), (f,)), axis=1, at=0),
                 Part(prefix + "mlp.up_proj.weight", OutIn((d,), (f,)), axis=1, at=1)),
             layer + ("mlp", "w_down"): (Part(prefix + "mlp.down_proj.weight", OutIn((f,), (d,))),),
         })
+        if config.qkv_bias:
+            placements[layer + ("attention", "b_qkv")] = (
+                Part(attention + "q_proj.bias", Flat((k, groups, h)), axis=1, at=slice(0, groups)),
+                Part(attention + "k_proj.bias", Flat((k, h)), axis=1, at=groups),
+                Part(attention + "v_proj.bias", Flat((k, h)), axis=1, at=groups + 1))
+        if config.o_bias:
+            placements[layer + ("b_o",)] = (Part(attention + "o_proj.bias", Same((d,))),)
+        if config.qk_norm:
+            placements[layer + ("attention", "q_norm", "weight")] = (Part(attention + "q_norm.weight", Same((h,))),)
+            placements[layer + ("attention", "k_norm", "weight")] = (Part(attention + "k_norm.weight", Same((h,))),)
+        if config.sandwich_norms:
+            placements[layer + ("post_attention_norm", "weight")] = (
+                Part(prefix + "post_attention_layernorm.weight", Same((d,))),)
+            placements[layer + ("post_mlp_norm", "weight")] = (
+                Part(prefix + "post_feedforward_layernorm.weight", Same((d,))),)
     if not config.tie_embeddings:
         placements[("lm_head",)] = (Part("lm_head.weight", OutIn((d,), (config.vocab_size,))),)
     return placements
@@ -276,7 +215,7 @@ def _empty_model(config: LlamaConfig, names: set[str], source: str):
     unexpected = sorted(names - needed)
     if unexpected:
         raise ValueError(f"{source} has the tensor {unexpected[0]}, which a "
-                         f"{config.num_layers}-layer Llama does not use")
+                         f"{config.num_layers}-layer model of this config does not use")
     for path, parts in placements.items():
         check_parts(parts, _param(model, path).shape, ".".join(str(step) for step in path))
     return model, placements
@@ -379,10 +318,7 @@ def eos_token_ids(directory: str, config: LlamaConfig) -> tuple[int, ...]:
         with open(path) as f:
             eos = json.load(f).get("eos_token_id")
         if eos is not None:
-            return _token_ids(eos)
+            return token_ids(eos)
     return config.eos_token_ids
 
 
-def _token_ids(value) -> tuple[int, ...]:
-    """An ``eos_token_id`` field, one id or a list of them, as a tuple of ids."""
-    return tuple(int(t) for t in (value if isinstance(value, list) else [value]))

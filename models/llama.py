@@ -1,4 +1,10 @@
-"""A Llama-family decoder in Flax NNX that reads and writes a :class:`KVCache`.
+"""A decoder of the Llama family in Flax NNX that reads and writes a :class:`KVCache`.
+
+One architecture serves Llama, Mistral, Qwen 2 and 3 and Gemma 2 and 3: what differs between
+them (biases, q/k norms, norm offsets and sandwich norms, the activation, embedding scaling, the
+logit scale, soft-caps, sliding windows and which layers use them, rotary scaling) are fields of
+:class:`~.configs.LlamaConfig`, read by the blocks below. A sliding layer attends within its window
+through the kernels' ``window`` (they read nothing behind it).
 
 One forward pass serves prefill and decode alike: the new tokens' keys and
 values go into the cache through :func:`~jax_vattention.cache.writes.write_kv` (only
@@ -19,8 +25,11 @@ docs/benchmarks.md).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
 
@@ -31,7 +40,7 @@ from jax_vattention.cache.writes import write_kv
 
 from . import sharding
 from .configs import LlamaConfig
-from .rope import apply_rope, inverse_frequencies
+from .rope import RotaryTable, apply_rope, rotary_table
 
 
 def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> nnx.Param:
@@ -40,16 +49,33 @@ def _normal(rngs: nnx.Rngs, shape: tuple[int, ...], fan_in: int, dtype) -> nnx.P
 
 
 class RMSNorm(nnx.Module):
-    """Root-mean-square norm computed in float32, scaled by a learned weight ``[D]``."""
+    """Root-mean-square norm computed in float32, scaled by a learned weight ``[D]``.
 
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+    ``offset`` 0 (Llama, Qwen): ``weight * normed``, the product in the input's dtype. ``offset``
+    1 (Gemma, whose weights store the scale minus one): ``(1 + weight) * normed`` in float32,
+    then cast; each family's order, so that a bfloat16 model rounds as its checkpoint's does.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype, offset: float = 0.0):
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)  # [..., D]
         normed = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)  # [..., D]
+        if self.offset:
+            return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
         return self.weight[...] * normed.astype(x.dtype)
+
+
+def _norm(config: LlamaConfig, dim: int) -> RMSNorm:
+    return RMSNorm(dim, config.rms_norm_eps, config.jnp_dtype, config.norm_offset)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """``cap * tanh(x / cap)``, or ``x`` for no cap (Gemma 2's logit soft-capping)."""
+    return x if cap is None else jnp.tanh(x / jnp.float32(cap)) * jnp.float32(cap)
 
 
 class Attention(nnx.Module):
@@ -63,45 +89,64 @@ class Attention(nnx.Module):
         ``k``'s key and ``w_qkv[:, k, G + 1]`` its value. One matmul reads all three at once (a
         decode step is bound by reading the weights), and splitting ``K`` over devices keeps each
         KV head with its query heads.
-    wo : [N, H, D], the output projection.
+    b_qkv : [K, G + 2, H] or None, their biases (``qkv_bias``), laid out as ``w_qkv``'s columns.
+    wo : [N, H, D], the output projection; its bias ``b_o [D]`` (``o_bias``) is added by the
+        :class:`DecoderLayer`, after the tensor-parallel sum.
+    q_norm, k_norm : RMSNorm over ``H`` of each query and key head (``qk_norm``), or None.
+
+    ``window`` (static) is the layer's attention window (None: full), ``scale`` its logit scale and
+    ``softcap`` its logit cap (None: none).
     """
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, layer: int = 0, *, rngs: nnx.Rngs):
         d, n, k, h, dtype = (config.hidden_size, config.num_heads, config.num_kv_heads,
                              config.head_dim, config.jnp_dtype)
         groups = n // k
         self.w_qkv = _normal(rngs, (d, k, groups + 2, h), d, dtype)  # [D, K, G + 2, H]
+        self.b_qkv = nnx.Param(jnp.zeros((k, groups + 2, h), dtype)) if config.qkv_bias else None
         self.wo = _normal(rngs, (n, h, d), n * h, dtype)  # [N, H, D]
+        self.q_norm = _norm(config, h) if config.qk_norm else None
+        self.k_norm = _norm(config, h) if config.qk_norm else None
+        self.window = config.layer_window(layer)
+        self.scale = config.query_scale
+        self.softcap = config.attn_softcap
 
-    def __call__(self, x, positions, cache: KVCache, layer: int, *, inv_freq, start, count, slots,
+    def __call__(self, x, positions, cache: KVCache, layer: int, *, rope, start, count, slots,
                  backend: str, step: StepBatch | None = None):
         qkv = jnp.einsum('BTD,DKGH->BTKGH', x, self.w_qkv[...])  # [B, T, K, G + 2, H]
+        if self.b_qkv is not None:
+            qkv = qkv + self.b_qkv[...]  # [B, T, K, G + 2, H]
         batch, tokens, kv_heads, per_kv_head, head_dim = qkv.shape
         groups = per_kv_head - 2  # each KV head's query heads, then its key and its value
         q = qkv[..., :groups, :].reshape(batch, tokens, kv_heads * groups, head_dim)  # [B, T, N, H]
         k = qkv[..., groups, :]  # [B, T, K, H]
         v = qkv[..., groups + 1, :]  # [B, T, K, H]
-        q = apply_rope(q, positions, inv_freq)  # [B, T, N, H]
-        k = apply_rope(k, positions, inv_freq)  # [B, T, K, H]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # [B, T, N, H], [B, T, K, H]
+        inv_freq, attention_scaling = rope
+        q = apply_rope(q, positions, inv_freq, attention_scaling)  # [B, T, N, H]
+        k = apply_rope(k, positions, inv_freq, attention_scaling)  # [B, T, K, H]
         dtype = cache.k[0].dtype
+        mask = dict(scale=self.scale, window=self.window, softcap=self.softcap)
         if step is not None:
-            out, cache = step.write_and_attend(cache, layer, q, k.astype(dtype), v.astype(dtype), backend)
+            out, cache = step.write_and_attend(cache, layer, q, k.astype(dtype), v.astype(dtype), backend, **mask)
             return jnp.einsum('BTNH,NHD->BTD', out.astype(x.dtype), self.wo[...]), cache  # [1, T, D]
         cache = write_kv(cache, layer, k.astype(dtype), v.astype(dtype), start, count, slots)
         k_cache, v_cache, index = cache.layer(layer)
-        if q.shape[1] > 1 and prefill_attends_prompt(backend, interleaved=index is not None):
+        if q.shape[1] > 1 and prefill_attends_prompt(backend, interleaved=index is not None, softcap=self.softcap):
             # Prefill (from position 0): the prompt's own keys and values are all it attends to,
             # for a cache the kernel cannot read in place.
-            out = attend_prompt(q, k.astype(dtype), v.astype(dtype), count, backend=backend)  # [B, T, N, H]
+            out = attend_prompt(q, k.astype(dtype), v.astype(dtype), count, backend=backend, scale=self.scale,
+                                window=self.window)  # [B, T, N, H]
         else:
             out = attend(q, k_cache, v_cache, q_positions=positions, kv_lengths=start + count,
-                         backend=backend, slots=slots, layer=index)  # [B, T, N, H]
+                         backend=backend, slots=slots, layer=index, **mask)  # [B, T, N, H]
         y = jnp.einsum('BTNH,NHD->BTD', out.astype(x.dtype), self.wo[...])  # [B, T, D]
         return y, cache
 
 
 class MLP(nnx.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``.
+    """Gated feed-forward: ``down(act(gate(x)) * up(x))``, SwiGLU (``silu``) or GeGLU (``gelu_tanh``).
 
     Weights
     -------
@@ -114,33 +159,50 @@ class MLP(nnx.Module):
         d, f, dtype = config.hidden_size, config.intermediate_size, config.jnp_dtype
         self.w_gate_up = _normal(rngs, (d, 2, f), d, dtype)  # [D, 2, F]
         self.w_down = _normal(rngs, (f, d), f, dtype)  # [F, D]
+        self.activation = config.activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate_up = jnp.einsum('BTD,DCF->BTCF', x, self.w_gate_up[...])  # [B, T, 2, F]
         gate, up = gate_up[:, :, 0], gate_up[:, :, 1]  # [B, T, F] each
-        return jnp.einsum('BTF,FD->BTD', jax.nn.silu(gate) * up, self.w_down[...])  # [B, T, D]
+        act = jax.nn.silu(gate) if self.activation == "silu" else jax.nn.gelu(gate, approximate=True)  # [B, T, F]
+        return jnp.einsum('BTF,FD->BTD', act * up, self.w_down[...])  # [B, T, D]
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm residual block: attention, then the MLP."""
+    """Pre-norm residual block: attention, then the MLP; with ``sandwich_norms`` (Gemma) each
+    output is normed again before it joins the residual stream."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-        dtype = config.jnp_dtype
-        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
-        self.attention = Attention(config, rngs=rngs)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+    def __init__(self, config: LlamaConfig, layer: int = 0, *, rngs: nnx.Rngs):
+        d = config.hidden_size
+        self.attention_norm = _norm(config, d)
+        self.attention = Attention(config, layer, rngs=rngs)
+        self.b_o = nnx.Param(jnp.zeros((d,), config.jnp_dtype)) if config.o_bias else None  # [D]
+        self.post_attention_norm = _norm(config, d) if config.sandwich_norms else None
+        self.mlp_norm = _norm(config, d)
         self.mlp = MLP(config, rngs=rngs)
+        self.post_mlp_norm = _norm(config, d) if config.sandwich_norms else None
 
     def __call__(self, x, positions, cache, layer, *, tp_axis: str | None = None, **kwargs):
         attended, cache = self.attention(self.attention_norm(x), positions, cache, layer, **kwargs)
         if tp_axis is not None:
             attended = lax.psum(attended, tp_axis)  # [B, T, D]: the sum over every device's heads
+        if self.b_o is not None:
+            attended = attended + self.b_o[...]  # [B, T, D]
+        if self.post_attention_norm is not None:
+            attended = self.post_attention_norm(attended)  # [B, T, D]
         x = x + attended  # [B, T, D]
         update = self.mlp(self.mlp_norm(x))  # [B, T, D]
         if tp_axis is not None:
             update = lax.psum(update, tp_axis)  # [B, T, D]: the sum over every device's MLP columns
+        if self.post_mlp_norm is not None:
+            update = self.post_mlp_norm(update)  # [B, T, D]
         x = x + update  # [B, T, D]
         return x, cache
+
+
+@functools.lru_cache(maxsize=64)
+def _rotary_table(config: LlamaConfig, sliding: bool, capacity: int) -> RotaryTable:
+    return rotary_table(config, sliding=sliding, capacity=capacity)
 
 
 class Llama(nnx.Module):
@@ -166,8 +228,8 @@ class Llama(nnx.Module):
         self.config = config
         dtype = config.jnp_dtype
         self.embed = _normal(rngs, (config.vocab_size, config.hidden_size), 1, dtype)  # [V, D]
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.layers = nnx.List([DecoderLayer(config, layer, rngs=rngs) for layer in range(config.num_layers)])
+        self.norm = _norm(config, config.hidden_size)
         self.tp_axis: str | None = None
         self.lm_head = (None if config.tie_embeddings else
                         _normal(rngs, (config.hidden_size, config.vocab_size), config.hidden_size,
@@ -199,17 +261,14 @@ class Llama(nnx.Module):
         logits : float32 [batch, tokens, vocab], or [batch, vocab] with ``logit_index``
         cache : the updated cache
         """
-        window = self.config.sliding_window
-        if window is not None and cache.capacity > window:
-            raise ValueError(
-                f"the checkpoint attends within a sliding window of {window} tokens, which this model "
-                f"does not implement (its attention is full), and the cache holds {cache.capacity}: "
-                f"tokens past position {window} would get other logits than the checkpoint's; use a "
-                f"cache of at most {window} tokens (--max-len {window})")
-        inv_freq = inverse_frequencies(self.config)
+        config = self.config
+        ropes = self._ropes(cache.capacity, positions, start, count, step)
         x = jnp.take(self.embed[...], tokens, axis=0)  # [B, T, D]
+        if config.scale_embeddings:
+            x = x * jnp.asarray(np.float32(config.hidden_size ** 0.5)).astype(x.dtype)  # [B, T, D]
         for layer, block in enumerate(self.layers):
-            x, cache = block(x, positions, cache, layer, inv_freq=inv_freq, start=start,
+            rope = ropes[config.layer_window(layer) is not None and config.sliding_rope_theta is not None]
+            x, cache = block(x, positions, cache, layer, rope=rope, start=start,
                              count=count, slots=slots, backend=backend, step=step, tp_axis=self.tp_axis)
         if logit_index is not None and logit_index.ndim == 2:  # several tokens of each row
             x = jnp.take_along_axis(x, logit_index[:, :, None], axis=1)  # [B, J, D]
@@ -222,7 +281,25 @@ class Llama(nnx.Module):
         else:
             logits = jnp.einsum('...D,DV->...V', x, self.lm_head[...],
                                 preferred_element_type=jnp.float32)  # [B, (T,) V]
-        return logits, cache
+        return softcap(logits, config.final_softcap), cache
+
+    def _ropes(self, capacity: int, positions, start, count, step: StepBatch | None):
+        """``(frequencies, attention scaling)`` of the full layers and, where they rotate otherwise
+        (Gemma 3), of the sliding layers (index 0 and 1): frequencies ``[H/2]``, or ``[B, T, H/2]``
+        where they depend on each row's length (dynamic NTK, LongRoPE), the length a row reaches in
+        this pass."""
+        ropes = []
+        for sliding in (False, True) if self.config.sliding_rope_theta is not None else (False,):
+            table = _rotary_table(self.config, sliding, capacity)
+            seq_lens = None
+            if len(table.sets) > 1:
+                if step is None:
+                    seq_lens = jnp.broadcast_to((start + count)[:, None], positions.shape)  # [B, T]
+                else:
+                    chunk = jnp.repeat(step.chunk_start + step.chunk_count, step.chunk_width)  # [R*C]
+                    seq_lens = jnp.concatenate([step.decode_positions + 1, chunk])[None]  # [1, D + R*C]
+            ropes.append((table.frequencies(seq_lens), table.attention_scaling))
+        return ropes
 
     def partition_specs(self, axis: str, count: int):
         """How the weights split over ``count`` devices of mesh axis ``axis``

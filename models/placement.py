@@ -101,7 +101,25 @@ class OutIn:
         return stored.T.reshape(shape)
 
 
-Layout = Union[Same, OutIn]
+@dataclasses.dataclass(frozen=True)
+class Flat:
+    """A vector stored flat, ``[prod(shape)]``, kept as ``shape`` (a bias split into heads)."""
+
+    shape: tuple[int, ...]
+
+    @property
+    def source_shape(self) -> tuple[int]:
+        return (math.prod(self.shape),)
+
+    def source_index(self, index: Index) -> tuple[slice]:
+        """The stored range that holds the model block ``index``; ``ValueError`` if it is not one range."""
+        return (flat_range(index, self.shape),)
+
+    def block(self, stored: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        return stored.reshape(shape)
+
+
+Layout = Union[Same, OutIn, Flat]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,10 +1,11 @@
 """How the Llama family splits over a tensor-parallel mesh (Megatron-style).
 
-Every device holds ``1/N`` of the query and KV heads (``w_qkv`` split on its KV-heads axis, each
-KV head with its query heads; ``wo`` on its rows), of the MLP's columns (``w_gate_up``) and of
-``w_down``'s rows; the model sums each block's attention output and MLP output over the mesh
-axis. Embeddings, norms and ``lm_head`` are replicated: every device computes the same logits and
-samples the same token with no gather.
+Every device holds ``1/N`` of the query and KV heads (``w_qkv`` and its bias ``b_qkv`` split on
+their KV-heads axis, each KV head with its query heads; ``wo`` on its rows), of the MLP's columns
+(``w_gate_up``) and of ``w_down``'s rows; the model sums each block's attention output and MLP
+output over the mesh axis. Embeddings, norms (the per-head q/k norms too: one weight for every
+head), the output projection's bias ``b_o`` (added once, after the sum) and ``lm_head`` are
+replicated: every device computes the same logits and samples the same token with no gather.
 
 The backend knows none of these names: it asks a model for its
 :meth:`~jax_vattention.models.llama.Llama.partition_specs`
@@ -18,7 +19,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 # The split axis of each weight, by its name: which axis holds heads or MLP columns.
-_SPLIT_AXIS = {"w_qkv": 1, "wo": 0, "w_gate_up": 2, "w_down": 0}
+_SPLIT_AXIS = {"w_qkv": 1, "b_qkv": 0, "wo": 0, "w_gate_up": 2, "w_down": 0}
 
 
 def check_divisible(config, count: int) -> None:

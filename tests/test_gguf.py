@@ -96,7 +96,7 @@ def tiny_metadata(**changes):
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"general.architecture": "gemma2"}, "architecture is 'gemma2'"),
+    ({"general.architecture": "phi3"}, "architecture is 'phi3'"),
     ({"llama.feed_forward_length": None}, "lacks the metadata field 'llama.feed_forward_length'"),
     ({"llama.attention.head_count_kv": [2, 1]}, "per-layer head counts"),
     ({"llama.rope.scaling.type": "yarn"}, "rope scaling 'yarn'"),

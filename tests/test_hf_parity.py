@@ -84,9 +84,14 @@ def _edit_config(directory, **changes):
 
 @pytest.mark.parametrize("changes,message", [
     ({"model_type": "gpt2"}, "model_type 'gpt2'"),
-    ({"attention_bias": True}, "attention_bias"),
+    ({"attention_bias": True}, "lacks the tensor model.layers.0.self_attn.k_proj.bias"),
+    ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}}, "rope type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "proportional", "factor": 4.0, "rope_theta": 10000.0}},
+     "rope type 'proportional'"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor"),
+    ({"model_type": "gemma3"}, "image-and-text"),
     ({"num_key_value_heads": 3}, "k_proj"),
     ({"intermediate_size": 81}, "gate_proj.weight has shape"),
 ])
@@ -218,12 +223,7 @@ def test_mistral_without_sliding_window_gets_transformers_default_window(tmp_pat
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert transformers.AutoConfig.from_pretrained(tmp_path).sliding_window == 4096
     model = load_model(str(tmp_path))
-    assert model.config.sliding_window == 4096
-    too_long = KVCache.dense(num_layers=2, max_batch=1, capacity=4104, kv_heads=2, head_dim=8,
-                             dtype=jnp.float32)
-    with pytest.raises(ValueError, match="sliding window of 4096 tokens.*--max-len 4096"):
-        model(jnp.zeros((1, 4), jnp.int32), jnp.arange(4, dtype=jnp.int32)[None], too_long,
-              start=jnp.zeros(1, jnp.int32), count=jnp.full(1, 4, jnp.int32))
+    assert model.config.sliding_window == 4096 and model.config.window_layers == (0, 1)
     tokens = [5, 17, 3, 88, 41, 9]
     cache = KVCache.dense(num_layers=2, max_batch=1, capacity=4096, kv_heads=2, head_dim=8, dtype=jnp.float32)
     logits, _ = model(jnp.asarray([tokens], jnp.int32), jnp.arange(6, dtype=jnp.int32)[None], cache,

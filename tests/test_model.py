@@ -156,7 +156,16 @@ def test_bad_configs_are_value_errors():
         tiny.replace(num_heads=3)
     with pytest.raises(ValueError, match="dtype"):
         tiny.replace(dtype="int8")
-    with pytest.raises(ValueError, match="rope scaling kind 'yarn'"):
-        RopeScaling(kind="yarn")
+    with pytest.raises(ValueError, match="rope scaling kind 'ntk'"):
+        RopeScaling(kind="ntk")
+    with pytest.raises(ValueError, match="longrope short_factor and long_factor need head_dim / 2 = 8"):
+        tiny.replace(rope_scaling=RopeScaling(kind="longrope", factor=None, short_factor=(1.0,) * 4,
+                                              long_factor=(2.0,) * 4))
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        tiny.replace(activation="relu")
+    with pytest.raises(ValueError, match="sliding_layers needs a sliding_window"):
+        tiny.replace(sliding_layers=(0,))
+    with pytest.raises(ValueError, match="sliding_layers"):
+        tiny.replace(sliding_window=8, sliding_layers=(5,))
     with pytest.raises(ValueError, match="unknown config 'gpt2'"):
         get_config("gpt2")

@@ -93,9 +93,9 @@ def test_prefill_goes_to_attend_prompt_for_mosaic_on_either_layout():
     model = llama.Llama(config, rngs=nnx.Rngs(0))
     seen = []
 
-    def stand_in(q, k, v, lengths, *, backend):
+    def stand_in(q, k, v, lengths, *, backend, scale=None, window=None):
         seen.append(backend)
-        return attention.attend_prompt(q, k, v, lengths, backend="blocked")
+        return attention.attend_prompt(q, k, v, lengths, backend="blocked", scale=scale, window=window)
 
     cache = jv.KVCache.dense(num_layers=config.num_layers, max_batch=2, capacity=16, kv_heads=config.num_kv_heads,
                              head_dim=config.head_dim, dtype=jnp.float32)

@@ -130,6 +130,42 @@ def release_forked_setup(m):
     m.free(parent)
 
 
+# Sliding windows (window_pages.cc): layer 0's K and V (buffers 0 and 2) keep only a window of 40
+# tokens; each growth first unmaps their pages wholly behind every active slot's window.
+LAYER_0 = [True, False, True, False]
+
+
+def windowed(flags=LAYER_0, window=40):
+    def setup(m):
+        m.set_window(window, flags)
+    return setup
+
+
+def behind_window_setup(m, flags=LAYER_0):
+    windowed(flags)(m)
+    m.alloc(64)                 # slot 0: 2 pages; nothing behind its window yet
+    m.alloc(96)                 # slot 1: 3 pages; page 0 lies wholly behind the window of token 96
+
+
+def holes_setup(m):
+    behind_window_setup(m)
+    m.grow(1)                   # slot 1's page 0 is unmapped in buffers 0 and 2
+    m.free(1)                   # a free slot with holes, its other pages deferred
+
+
+def shared_behind_window_setup(m):
+    windowed()(m)
+    slot = published(m)         # slot 0: its 2 full pages cached under keys 1, 2
+    m.free(m.alloc_shared(80, 0, [1, 2])[0])
+    m.grow_slots([30, 0, 0])    # slot 0 at 100 tokens: cached page 0 is behind its window
+
+
+def forked_behind_window_setup(m):
+    windowed([True] * BUFFERS)(m)
+    m.fork(m.alloc(70))         # slots 0 and 1 share pages 0 and 1 (forked pages)
+    m.grow_slots([40, 40, 0])   # both at 110 tokens: the next growth unmaps pages 0 and 1 in both
+
+
 SCENARIOS = [
     Scenario("alloc", lambda m: m.alloc(40), lambda m: m.alloc(100)),
     Scenario("alloc_reclaiming", alloc_reclaiming_setup, lambda m: m.alloc(96), max_batch=4, budget_pages=6 * BUFFERS),
@@ -165,6 +201,17 @@ SCENARIOS = [
     Scenario("grow_forked", lambda m: m.fork(m.alloc(64)), lambda m: m.grow(1)),
     Scenario("reclaim_forked", reclaim_forked_setup, lambda m: m.reclaim()),
     Scenario("release_forked", release_forked_setup, lambda m: m.release(), atomic=False),
+    Scenario("grow_behind_window", behind_window_setup, lambda m: m.grow(1)),
+    Scenario("grow_behind_full_window", lambda m: behind_window_setup(m, [True] * BUFFERS), lambda m: m.grow(1)),
+    Scenario("grow_slots_behind_window", behind_window_setup, lambda m: m.grow_slots([30, 1, 0])),
+    # The budget is spent: slot 1's next page is the one its window gives back.
+    Scenario("grow_slots_behind_full_window_spent", lambda m: behind_window_setup(m, [True] * BUFFERS),
+             lambda m: m.grow_slots([0, 1, 0]), budget_pages=5 * BUFFERS),
+    Scenario("alloc_over_window_holes", holes_setup, lambda m: m.alloc(20), max_batch=2),
+    Scenario("reclaim_window_holes", holes_setup, lambda m: m.reclaim()),
+    Scenario("release_window_holes", holes_setup, lambda m: m.release(), atomic=False),
+    Scenario("grow_behind_window_shared", shared_behind_window_setup, lambda m: m.grow_slots([40, 0, 0])),
+    Scenario("grow_behind_window_forked", forked_behind_window_setup, lambda m: m.grow(1)),
 ]
 
 

@@ -18,7 +18,7 @@ CASES = ["tokens_tp2_per_layer", "tokens_tp4_interleaved", "random_weights_strai
 ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_tp2_samples_as_tp1_with_every_knob",
                 "engine_shares_prefixes_at_tp2",
                 "engine_refuses_a_mismatched_model",
-                "checkpoint_straight_into_shards", "fused_checkpoint_weights_per_device",
+                "checkpoint_straight_into_shards", "families_tp2_give_tp1_tokens", "fused_checkpoint_weights_per_device",
                 "bad_tp_degrees_are_refused_in_one_line"]
 SLOW_CASES = ["serve_bench_tp2", "bench_decode_tp2", "serve_tp2"]
 

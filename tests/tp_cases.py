@@ -512,6 +512,39 @@ def checkpoint_straight_into_shards() -> None:
         assert run("--tp", "2") == (0, one)
 
 
+def families_tp2_give_tp1_tokens() -> None:
+    """Qwen 2 (q/k/v biases split with their heads, a window in its top layer) and Gemma 3 (q/k
+    norms, sandwich norms, GeGLU, windows) loaded straight into shards: TP 2 generates TP 1's tokens
+    through the virtual cache."""
+    import tempfile
+
+    from jax_vattention.models.hf_loader import load_model
+    from random_checkpoints import write_random_checkpoint
+
+    shape = dict(vocab_size=MODEL.vocab_size, hidden_size=MODEL.hidden_size, intermediate_size=MODEL.intermediate_size,
+                 num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4, head_dim=MODEL.head_dim,
+                 max_position_embeddings=512, torch_dtype="float32")
+    families = [dict(model_type="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=1,
+                     attention_bias=True),
+                dict(model_type="gemma3_text", sliding_window=8, sliding_window_pattern=2)]
+    for family in families:
+        with tempfile.TemporaryDirectory() as directory:
+            write_random_checkpoint(directory, {**shape, **family})
+            whole = load_model(directory)
+            sharded = load_model(directory, mesh=tp_mesh(2))
+            for (path, a), (_, b) in zip(jax.tree_util.tree_leaves_with_path(nnx.state(whole)),
+                                         jax.tree_util.tree_leaves_with_path(nnx.state(sharded))):
+                assert np.array_equal(np.asarray(a), np.asarray(b)), path
+            if whole.config.qkv_bias:
+                b_qkv = sharded.layers[0].attention.b_qkv[...]
+                assert [s.data.shape for s in b_qkv.addressable_shards] == [(2, 4, MODEL.head_dim)] * 2
+            with jv.CacheManager(cache_config()) as manager:
+                want = generate_in_manager(whole, manager, PROMPTS, max_new_tokens=12).tokens
+            with jv.ShardedCacheManager(cache_config(), tp_mesh(2)) as manager:
+                got = generate_in_manager(sharded, manager, PROMPTS, max_new_tokens=12).tokens
+            assert got == want, (family["model_type"], got, want)
+
+
 def fused_checkpoint_weights_per_device() -> None:
     """Over a mesh, each device's blocks of ``w_qkv`` and ``w_gate_up`` equal the whole load's and
     are read from the checkpoint's rows of that device's KV heads and MLP columns only: no read of
@@ -679,7 +712,7 @@ def serve_tp2() -> None:
 ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_tp2_samples_as_tp1_with_every_knob",
                 "engine_shares_prefixes_at_tp2",
                 "engine_refuses_a_mismatched_model",
-                "checkpoint_straight_into_shards", "fused_checkpoint_weights_per_device",
+                "checkpoint_straight_into_shards", "families_tp2_give_tp1_tokens", "fused_checkpoint_weights_per_device",
                 "bad_tp_degrees_are_refused_in_one_line"]
 SLOW_CASES = ["serve_bench_tp2", "bench_decode_tp2", "serve_tp2"]
 if __name__ == "__main__":

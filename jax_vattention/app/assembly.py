@@ -50,11 +50,12 @@ def mesh_for(tp: int) -> jax.sharding.Mesh | None:
 
 def cache_config_for(model_config, *, max_batch: int, max_len: int, layout: str, budget_bytes: int | None = None,
                      page_bytes: int | None = None) -> CacheConfig:
-    """The cache a model of ``model_config`` writes: its layers, KV heads, head_dim and dtype."""
+    """The cache a model of ``model_config`` writes: its layers, KV heads, head_dim and dtype, and its
+    sliding windows, behind which the cache unmaps pages."""
     return CacheConfig(num_layers=model_config.num_layers, max_batch=max_batch, max_len=max_len,
                        kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim,
                        dtype=model_config.jnp_dtype, layout=layout, budget_bytes=budget_bytes,
-                       page_bytes=page_bytes)
+                       page_bytes=page_bytes, **model_config.cache_windows())
 
 
 def check_memory(model_config, name: str, cache_config: CacheConfig, mesh=None) -> None:

@@ -1,7 +1,10 @@
 """Adapters from the one attention signature to kernels: cuDNN, our Pallas kernels, JAX's Mosaic GPU one.
 
 Each adapter takes ``(q [B, T, N, H], k_cache, v_cache, q_positions [B, T], kv_lengths [B],
-layer=None)`` and reads the cache in place, only below each row's length.
+layer=None, *, scale=None, window=None, softcap=None)`` and reads the cache in place, only below
+each row's length and, with a ``window``, only within it (see :mod:`.reference` for the knobs).
+cuDNN takes a window for prefill from position 0 (a top-left window, as its causal mask) but not
+for decode, and no soft-capping: those calls run our Pallas kernels instead.
 """
 
 from __future__ import annotations
@@ -18,14 +21,16 @@ from jax_vattention.attention.reference import blocked_attention, check_shapes
 CUDNN_DTYPES = frozenset({jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)})
 
 
-def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, layer=None, backend=None):
+def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, layer=None, backend=None, scale=None,
+                    window=None, softcap=None):
     """Attention of prefill chunks (several query tokens per row) over their slots' caches, in place.
 
     Row ``b`` is a chunk of slot ``slots[b]`` already written into the cache; its query ``t`` at
     position ``q_positions[b, t]`` sees keys ``s <= q_positions[b, t]`` and ``s < kv_lengths[b]``
     (the cached prefix plus the chunk's own keys, causal within the chunk: a bottom-right causal
-    mask). Nothing at or past ``kv_lengths[b]`` is read, so it is safe on a virtual cache mapped
-    up to the lengths. Rows of one slot may follow each other in one call (consecutive chunks of a
+    mask), and with a ``window`` only keys ``s > q_positions[b, t] - window``. Nothing at or past
+    ``kv_lengths[b]`` is read, nor behind the window of the chunk's first query, so it is safe on
+    a virtual cache mapped up to the lengths and unmapped behind the windows. Rows of one slot may follow each other in one call (consecutive chunks of a
     long prompt), since every chunk is written before any is attended.
 
     Shapes: q [R, T, N, H]; caches [M, S, K, H] (or [M, S, layers, K, H] with ``layer``);
@@ -35,7 +40,8 @@ def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, laye
     On a GPU, with a bfloat16, float16 or float32 cache and a power-of-two ``head_dim`` in [16, 256],
     our Pallas chunk kernel runs it, its loop over key tiles on the device: the Mosaic GPU one
     (:mod:`~jax_vattention.attention.kernels.mosaic_chunk_attention`) where ``backend`` resolves to
-    it (:func:`~jax_vattention.attention.backends.pallas_implementation`), the Triton one
+    it (:func:`~jax_vattention.attention.backends.pallas_implementation`) and no ``scale``,
+    ``window`` or ``softcap`` is given (it takes none), the Triton one
     (:mod:`~jax_vattention.attention.kernels.chunk_attention`) otherwise; elsewhere
     :func:`blocked_attention`, whose loop bound XLA on a GPU would read on the host at every block.
 
@@ -52,70 +58,95 @@ def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, laye
         rows = jnp.arange(q.shape[0], dtype=jnp.int32) if slots is None else slots.astype(jnp.int32)
         implementation = pallas_implementation(backend, k_cache.dtype, k_cache.shape[-1],
                                                q.shape[2] // k_cache.shape[-2], k_cache.shape[1])
-        if implementation == "mosaic_gpu":
+        if implementation == "mosaic_gpu" and scale is None and window is None and softcap is None:
             from jax_vattention.attention.kernels.mosaic_chunk_attention import mosaic_chunk_attention
             out = mosaic_chunk_attention(q.astype(k_cache.dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
                                          layer=layer)
             return out.astype(q.dtype)  # [R, T, N, H]
         if supported(k_cache.dtype, k_cache.shape[-1]):
             out = chunk_kernel(q.astype(k_cache.dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
-                               layer=layer, interpret=False)
+                               layer=layer, scale=scale, window=window, softcap=softcap, interpret=False)
             return out.astype(q.dtype)  # [R, T, N, H]
-    return blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, slots=slots)
+    return blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, slots=slots, scale=scale,
+                             window=window, softcap=softcap)
 
 
 def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *,
-                          implementation="cudnn"):
+                          implementation="cudnn", scale=None, window=None, softcap=None):
     """``jax.nn.dot_product_attention`` over the cache, bounded by ``kv_lengths``.
 
     Decode (``T == 1``) attends the first ``kv_lengths[b]`` keys; prefill (``T > 1``)
-    is causal from position 0. ``implementation=None`` runs JAX's own XLA version of the
-    same call, which is how the argument mapping is tested on CPU.
+    is causal from position 0, and a ``window`` is its ``local_window_size`` (``window - 1``
+    keys to the left). ``implementation=None`` runs JAX's own XLA version of the same call,
+    which is how the argument mapping is tested on CPU. It has no soft-capping, nor a window
+    for decode (its window is top-left aligned): ``ValueError`` for those.
     """
     del q_positions  # decode: the query sees all kv_lengths keys; prefill: top-left causal from 0
     if layer is not None:
         raise ValueError("cuDNN cannot read one layer of an interleaved cache in place (it would copy the "
                          "whole cache): use backend='pallas' with the interleaved layout")
     q_len = q.shape[1]
+    if softcap is not None or (window is not None and q_len == 1):
+        raise ValueError("jax.nn.dot_product_attention has no soft-capping and no decode window: use "
+                         "cudnn_attention, which runs the Pallas kernels for those")
     q = q.astype(k_cache.dtype)  # [B, T, N, H]
     if q_len == 1:
         return jax.nn.dot_product_attention(
-            q, k_cache, v_cache, key_value_seq_lengths=kv_lengths,
+            q, k_cache, v_cache, key_value_seq_lengths=kv_lengths, scale=scale,
             implementation=implementation)  # [B, 1, N, H]
     return jax.nn.dot_product_attention(
         q, k_cache, v_cache, is_causal=True, key_value_seq_lengths=kv_lengths,
-        query_seq_lengths=jnp.minimum(kv_lengths, q_len),
+        query_seq_lengths=jnp.minimum(kv_lengths, q_len), scale=scale,
+        local_window_size=None if window is None else (window - 1, 0),
         implementation=implementation)  # [B, T, N, H]
 
 
-def cudnn_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
-    """cuDNN flash attention; see :func:`dot_product_attention`."""
-    return dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, implementation="cudnn")
+def cudnn_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, scale=None, window=None,
+                    softcap=None):
+    """cuDNN flash attention (see :func:`dot_product_attention`); a decode window or soft-capping,
+    which cuDNN lacks, runs the Pallas kernels (:func:`pallas_attention`)."""
+    if softcap is not None or (window is not None and q.shape[1] == 1):
+        return pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, scale=scale, window=window,
+                                softcap=softcap)
+    return dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, implementation="cudnn",
+                                 scale=scale, window=window)
 
 
-def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, backend="pallas"):
+def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, backend="pallas", scale=None,
+                     window=None, softcap=None):
     """The project's Pallas decode kernel, on the implementation ``backend`` names (``"pallas"``: the
-    platform's, :func:`~jax_vattention.attention.backends.pallas_implementation`); prefill falls back to
-    cuDNN (a 16-bit cache on a GPU) or the blocked kernel."""
+    platform's, :func:`~jax_vattention.attention.backends.pallas_implementation`; a ``scale``, a
+    ``window`` or a ``softcap``, which only the Triton kernels take, runs those); prefill falls back to
+    cuDNN (a 16-bit cache on a GPU, no soft-capping), else to :func:`chunk_attention` (our chunk
+    kernel on a GPU, the blocked kernel elsewhere)."""
+    mask = dict(scale=scale, window=window, softcap=softcap)
     if q.shape[1] > 1:
-        use_cudnn = jax.default_backend() == "gpu" and jnp.dtype(k_cache.dtype) in CUDNN_DTYPES
-        fallback = cudnn_attention if use_cudnn else blocked_attention
-        return fallback(q, k_cache, v_cache, q_positions, kv_lengths, layer)
+        on_gpu = jax.default_backend() == "gpu"
+        if on_gpu and jnp.dtype(k_cache.dtype) in CUDNN_DTYPES and softcap is None and layer is None:
+            return dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, scale=scale,
+                                         window=window)
+        if on_gpu:
+            return chunk_attention(q, k_cache, v_cache, slots=None, q_positions=q_positions, kv_lengths=kv_lengths,
+                                   layer=layer, backend=backend, **mask)
+        return blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, **mask)
     from jax_vattention.attention.backends import pallas_implementation
     implementation = pallas_implementation(backend, k_cache.dtype, k_cache.shape[-1],
                                            q.shape[2] // k_cache.shape[-2], k_cache.shape[1])
-    if implementation == "mosaic_gpu":
+    if implementation == "mosaic_gpu" and all(value is None for value in mask.values()):
         if jax.default_backend() != "gpu":
             raise ValueError(f"backend {backend!r} runs our Mosaic GPU kernels, which need a Hopper GPU; JAX runs "
                              f"on {jax.default_backend()} here: use 'blocked' or 'pallas_triton'")
-        from jax_vattention.attention.kernels.mosaic_decode_attention import mosaic_decode_attention as kernel
-    else:
-        try:
-            from jax_vattention.attention.kernels.decode_attention import decode_attention as kernel
-        except ModuleNotFoundError as error:
-            raise ValueError(f"backend {backend!r} needs jax_vattention.attention.kernels.decode_attention, "
-                             f"which cannot be imported ({error})") from error
-    out = kernel(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths, layer=layer)  # [B, N, H]
+        from jax_vattention.attention.kernels.mosaic_decode_attention import mosaic_decode_attention
+        out = mosaic_decode_attention(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths,
+                                      layer=layer)  # [B, N, H]
+        return out[:, None]  # [B, 1, N, H]
+    try:
+        from jax_vattention.attention.kernels.decode_attention import decode_attention
+    except ModuleNotFoundError as error:
+        raise ValueError(f"backend {backend!r} needs jax_vattention.attention.kernels.decode_attention, "
+                         f"which cannot be imported ({error})") from error
+    out = decode_attention(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths, layer=layer,
+                           **mask)  # [B, N, H]
     return out[:, None]  # [B, 1, N, H]
 
 
@@ -134,7 +165,8 @@ def check_mosaic_shapes(dtype, head_dim: int | None) -> None:
                          f"{head_dim}: use 'cudnn' or 'pallas'")
 
 
-def mosaic_prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: Callable | None = None) -> jax.Array:
+def mosaic_prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: Callable | None = None,
+                            scale: float | None = None) -> jax.Array:
     """Causal attention of prompts from position 0 over their own keys, by Mosaic GPU flash attention.
 
     The kernel has no lengths and no scale, needs sequences in whole tiles and (jax 0.10–0.11)
@@ -157,19 +189,23 @@ def mosaic_prompt_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel:
                                              causal=True)
         kernel = functools.partial(attention_mgpu.attention, config=config)
     pad = ((0, 0), (0, padded - tokens), (0, 0), (0, 0))
-    scaled = q.astype(jnp.float32) * jnp.float32(head_dim ** -0.5)  # [B, T, N, H]
+    scaled = q.astype(jnp.float32) * jnp.float32(head_dim ** -0.5 if scale is None else scale)  # [B, T, N, H]
     q16, k16, v16 = (jnp.pad(x.astype(jnp.float16), pad) for x in (scaled, k, v))  # [B, T', ., H]
     return kernel(q16, k16, v16)[:, :tokens].astype(q.dtype)  # [B, T, N, H]
 
 
-def mosaic_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
+def mosaic_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, scale=None, window=None,
+                     softcap=None):
     """The ``mosaic`` backend over a cache: decode only (cuDNN per-layer, the Pallas kernel interleaved).
 
     The Mosaic kernel cannot read a cache in place (it has no lengths: it would read past them),
-    so prefill goes through :func:`attend_prompt` (see :func:`prefill_attends_prompt`)."""
-    if q.shape[1] > 1:
+    so prefill goes through :func:`attend_prompt` (see :func:`prefill_attends_prompt`); a
+    soft-capped prefill, which neither it nor cuDNN computes, reads the cache with the Pallas
+    chunk kernel (:func:`pallas_attention`)."""
+    mask = dict(scale=scale, window=window, softcap=softcap)
+    if q.shape[1] > 1 and softcap is None:
         raise ValueError("backend 'mosaic' prefills through attend_prompt (from position 0, over the prompt's "
                          "own keys): its kernel takes no lengths, so it cannot read a cache in place")
     decode = cudnn_attention if layer is None else pallas_attention
-    return decode(q, k_cache, v_cache, q_positions, kv_lengths, layer)
+    return decode(q, k_cache, v_cache, q_positions, kv_lengths, layer, **mask)
 

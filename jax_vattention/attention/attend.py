@@ -13,7 +13,8 @@ from jax_vattention.attention.backends import BACKENDS, PALLAS_BACKENDS, check_b
 from jax_vattention.attention.reference import check_shapes
 
 
-def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, backend: str) -> jax.Array:
+def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, backend: str,
+                  scale: float | None = None, window: int | None = None) -> jax.Array:
     """Causal attention of a prompt over its own keys and values, starting at position 0.
 
     Prefill needs nothing from the cache when every row starts at position 0, so it can run on
@@ -26,28 +27,33 @@ def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
     lengths : int32 [batch], the real tokens of each row (the rest is padding)
     backend : ``"cudnn"`` or a Pallas backend (``"pallas"``, ``"pallas_triton"``, ``"pallas_mgpu"``) use
         cuDNN on a GPU; elsewhere JAX's XLA version;
-        ``"mosaic"`` JAX's Mosaic GPU flash attention (:func:`mosaic_prompt_attention`)
+        ``"mosaic"`` JAX's Mosaic GPU flash attention (:func:`mosaic_prompt_attention`), or cuDNN
+        with a ``window``, which the Mosaic kernel lacks
+    scale : the logits' scale (default ``head_dim ** -0.5``)
+    window : a query at position ``p`` sees keys ``s > p - window`` only (default: all ``s <= p``)
 
     Returns
     -------
     [batch, tokens, q_heads, head_dim]; rows past their length hold zeros or garbage that is never read.
     """
     check_backend(backend)
-    if backend == "mosaic":
-        if jax.default_backend() != "gpu":
-            raise ValueError("backend 'mosaic' needs a Hopper GPU; use 'blocked' here")
-        return mosaic_prompt_attention(q, k.astype(q.dtype), v.astype(q.dtype))  # [B, T, N, H]
-    cudnn = (jax.default_backend() == "gpu" and backend in ("cudnn", *PALLAS_BACKENDS)
+    if backend == "mosaic" and jax.default_backend() != "gpu":
+        raise ValueError("backend 'mosaic' needs a Hopper GPU; use 'blocked' here")
+    if backend == "mosaic" and window is None:
+        return mosaic_prompt_attention(q, k.astype(q.dtype), v.astype(q.dtype), scale=scale)  # [B, T, N, H]
+    cudnn = (jax.default_backend() == "gpu" and backend in ("cudnn", "mosaic", *PALLAS_BACKENDS)
              and jnp.dtype(q.dtype) in CUDNN_DTYPES)
     implementation = "cudnn" if cudnn else None
     return jax.nn.dot_product_attention(
         q, k.astype(q.dtype), v.astype(q.dtype), is_causal=True, query_seq_lengths=lengths,
-        key_value_seq_lengths=lengths, implementation=implementation)  # [B, T, N, H]
+        key_value_seq_lengths=lengths, scale=scale, local_window_size=None if window is None else (window - 1, 0),
+        implementation=implementation)  # [B, T, N, H]
 
 
 def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions: jax.Array,
            kv_lengths: jax.Array, backend: str | None = None, slots: jax.Array | None = None,
-           layer: int | None = None) -> jax.Array:
+           layer: int | None = None, scale: float | None = None, window: int | None = None,
+           softcap: float | None = None) -> jax.Array:
     """Attention of new queries over one layer's cache, read in place.
 
     Parameters
@@ -66,6 +72,10 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
         rows whose slot is ``>= max_batch`` are padding and get zeros
     layer : int or None, static: with an interleaved cache ``[max_batch, capacity, layers,
         kv_heads, head_dim]``, the layer to read (see :meth:`KVCache.layer`)
+    scale, window, softcap : static; the logits' scale (default ``head_dim ** -0.5``), a sliding
+        window (a query at position ``p`` sees keys ``s > p - window``; the kernels read nothing
+        behind it) and a logit soft-cap (``softcap * tanh(logits / softcap)``); see
+        :mod:`~jax_vattention.attention.reference`
 
     Returns
     -------
@@ -80,7 +90,9 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
         backend = default_backend("per_layer" if layer is None else "interleaved", jax.default_backend())
     check_backend(backend)
     check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer)
-    kernel = functools.partial(BACKENDS[backend], layer=layer)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be a positive number of positions or None; got {window}")
+    kernel = functools.partial(BACKENDS[backend], layer=layer, scale=scale, window=window, softcap=softcap)
     batch, q_len = q.shape[:2]
     max_batch = k_cache.shape[0]
     kv_lengths = kv_lengths.astype(jnp.int32)

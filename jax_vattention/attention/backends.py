@@ -219,11 +219,14 @@ def resolve_backend(backend: str | None, cache) -> str:
     return backend
 
 
-def prefill_attends_prompt(backend: str, interleaved: bool) -> bool:
+def prefill_attends_prompt(backend: str, interleaved: bool, softcap: float | None = None) -> bool:
     """Whether a prefill from position 0 attends over the prompt's own keys and values
     (:func:`attend_prompt`) instead of reading the cache: for every backend but the ``xla``
     reference on an interleaved cache (cuDNN cannot read one layer of it in place), and for
-    backends whose prefill kernel takes no lengths (:data:`PROMPT_KERNELS`)."""
+    backends whose prefill kernel takes no lengths (:data:`PROMPT_KERNELS`); never with a logit
+    ``softcap``, which neither cuDNN nor Mosaic computes (the cache is read by a kernel that does)."""
+    if softcap is not None:
+        return False
     return backend in PROMPT_KERNELS or (interleaved and backend != "xla")
 
 

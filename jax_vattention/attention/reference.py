@@ -3,7 +3,13 @@
 Both read per-layer caches ``[max_batch, capacity, kv_heads, head_dim]`` or one layer of an
 interleaved cache ``[max_batch, capacity, layers, kv_heads, head_dim]``; :func:`xla_attention`
 reads the whole capacity and masks (dense caches and tests), :func:`blocked_attention` only each
-row's first ``kv_lengths[b]`` positions (safe on a partly mapped cache).
+row's first ``kv_lengths[b]`` positions, and with a ``window`` only the last ``window`` of them
+its queries see (safe on a partly mapped cache, and on one whose pages behind the window are gone).
+
+Every kernel of the package takes the same three optional knobs of the attention itself:
+``scale`` (the logits' scale, ``head_dim ** -0.5`` when None), ``window`` (a query at position
+``p`` sees only keys ``s > p - window``: a sliding window of ``window`` positions, its own
+included) and ``softcap`` (logits become ``softcap * tanh(logits / softcap)``, after the scale).
 """
 
 from __future__ import annotations
@@ -41,9 +47,32 @@ def check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer):
         raise ValueError(f"slots must have shape {(batch,)}; got {slots.shape}")
 
 
-def xla_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
+def logit_scale(scale: float | None, head_dim: int) -> float:
+    """``scale``, or ``head_dim ** -0.5`` for None."""
+    return head_dim ** -0.5 if scale is None else scale
+
+
+def scaled_logits(dot: jax.Array, scale: float, softcap: float | None) -> jax.Array:
+    """Float32 logits from float32 dot products: scaled, then soft-capped (``softcap`` None: not)."""
+    logits = dot * jnp.float32(scale)
+    if softcap is None:
+        return logits
+    return jnp.tanh(logits / jnp.float32(softcap)) * jnp.float32(softcap)
+
+
+def window_start(q_positions: jax.Array, window: int | None) -> jax.Array:
+    """int32 [B]: the first key position any query of each row sees, ``min_t q_positions[b, t] -
+    window + 1`` (at least 0); 0 without a window."""
+    if window is None:
+        return jnp.zeros(q_positions.shape[:1], jnp.int32)
+    return jnp.maximum(jnp.min(q_positions, axis=1) - (window - 1), 0).astype(jnp.int32)
+
+
+def xla_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, scale=None, window=None,
+                  softcap=None):
     """Reference attention: key ``s`` is visible to query ``t`` of row ``b`` when
-    ``s < kv_lengths[b]`` and ``s <= q_positions[b, t]``. Rows with no visible key give zeros.
+    ``s < kv_lengths[b]``, ``s <= q_positions[b, t]`` and, with a ``window``,
+    ``s > q_positions[b, t] - window``. Rows with no visible key give zeros.
 
     Shapes: q [B, T, N, H], caches [B, S, K, H], q_positions [B, T], kv_lengths [B] -> [B, T, N, H].
     With ``layer``, the caches are interleaved [B, S, layers, K, H] and that layer is sliced out
@@ -57,10 +86,12 @@ def xla_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None):
     q = q.astype(k_cache.dtype).reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, K, G, H]
     logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k_cache,
                         preferred_element_type=jnp.float32)  # [B, K, G, T, S]
-    logits = logits * jnp.float32(head_dim ** -0.5)  # [B, K, G, T, S]
+    logits = scaled_logits(logits, logit_scale(scale, head_dim), softcap)  # [B, K, G, T, S]
     key_positions = jnp.arange(capacity, dtype=jnp.int32)  # [S]
     visible = ((key_positions[None, None, :] < kv_lengths[:, None, None])
                & (key_positions[None, None, :] <= q_positions[:, :, None]))  # [B, T, S]
+    if window is not None:
+        visible &= key_positions[None, None, :] > q_positions[:, :, None] - window  # [B, T, S]
     visible = visible[:, None, None]  # [B, 1, 1, T, S]
     logits = jnp.where(visible, logits, jnp.float32(-1e30))  # [B, K, G, T, S]
     probs = jax.nn.softmax(logits, axis=-1)  # [B, K, G, T, S]
@@ -98,16 +129,19 @@ def _gather_block(cache: jax.Array, index: tuple) -> jax.Array:
     return lax.platform_dependent(cache, *index, cpu=read, default=gather)
 
 
-def blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, slots=None):
-    """:func:`xla_attention`'s result, reading each row's cache only below its length.
+def blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, slots=None, scale=None,
+                      window=None, softcap=None):
+    """:func:`xla_attention`'s result, reading each row's cache only below its length (and, with a
+    ``window``, only from the first position its queries see).
 
     A ``lax.fori_loop`` walks blocks of ``BLOCK_TOKENS`` key positions up to the longest row and
     keeps an online softmax in float32. Each row gathers its block's positions clamped to its own
-    ``length - 1``, and a row of length 0 reads the longest row instead (its logits are all masked):
-    no byte at or past a row's length is loaded, so pages the OS never committed stay so, and a
-    partly mapped GPU cache is never read where it has no page (a block that starts below a row's
-    length is clamped inside it, whatever the page size). An interleaved cache is read one layer at
-    a time in place.
+    ``[start, length - 1]`` (``start`` from :func:`window_start`, 0 without a window), and a row of
+    length 0 reads the longest row instead (its logits are all masked): no byte at or past a row's
+    length, nor behind its window, is loaded, so pages the OS never committed stay so, and a partly
+    mapped GPU cache is never read where it has no page (a block that starts outside a row's range
+    is clamped inside it, whatever the page size). The loop starts at the block of the lowest
+    ``start``. An interleaved cache is read one layer at a time in place.
 
     Several query tokens per row with their own positions make it the chunk kernel of chunked
     prefill: a chunk written at ``start`` attends with ``q_positions = start + t`` and
@@ -129,22 +163,30 @@ def blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, 
     source = jnp.where(lengths > 0, rows, rows[longest])  # [B]; empty rows read the longest row
     last = jnp.maximum(jnp.where(lengths > 0, lengths, lengths[longest]) - 1, 0)  # [B], last readable
     source = jnp.clip(source, 0, max_batch - 1)  # [B]; all rows empty: no block is read at all
+    first = jnp.minimum(window_start(q_positions, window), last)  # [B], first readable
+    first = jnp.where(lengths > 0, first, first[longest])  # [B]; empty rows: the longest row's
     blocks = (jnp.max(lengths) + block - 1) // block  # []; stop: past the longest row
+    start = 0
+    if window is not None:  # from the block of the lowest window start
+        start = jnp.minimum(jnp.min(jnp.where(lengths > 0, first, capacity)) // block, blocks)  # []
     offsets = jnp.arange(block, dtype=jnp.int32)  # [S']
-    scale = jnp.float32(head_dim ** -0.5)
+    scale = logit_scale(scale, head_dim)
     layer_index = () if layer is None else (layer,)
 
     def body(i, carry):
         top, total, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
         positions = i * block + offsets  # [S']
-        read_at = jnp.minimum(positions[None, :], last[:, None])  # [B, S']
+        read_at = jnp.clip(positions[None, :], first[:, None], last[:, None])  # [B, S']
         index = (source[:, None], read_at, *layer_index)
         keys = _gather_block(k_cache, index)  # [B, S', K, H]
         values = _gather_block(v_cache, index)  # [B, S', K, H]
-        logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, keys,
-                            preferred_element_type=jnp.float32) * scale  # [B, K, G, T, S']
+        logits = scaled_logits(jnp.einsum('BTKGH,BSKH->BKGTS', q, keys, preferred_element_type=jnp.float32),
+                               scale, softcap)  # [B, K, G, T, S']
         visible = ((positions[None, None, :] < lengths[:, None, None])
-                   & (positions[None, None, :] <= q_positions[:, :, None]))[:, None, None]  # [B, 1, 1, T, S']
+                   & (positions[None, None, :] <= q_positions[:, :, None]))  # [B, T, S']
+        if window is not None:
+            visible &= positions[None, None, :] > q_positions[:, :, None] - window  # [B, T, S']
+        visible = visible[:, None, None]  # [B, 1, 1, T, S']
         logits = jnp.where(visible, logits, jnp.float32(-1e30))  # [B, K, G, T, S']
         new_top = jnp.maximum(top, jnp.max(logits, axis=-1))  # [B, K, G, T]
         probs = jnp.where(visible, jnp.exp(logits - new_top[..., None]), 0.0)  # [B, K, G, T, S']
@@ -158,7 +200,7 @@ def blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, 
     stats_shape = (batch, kv_heads, groups, q_len)
     carry = (jnp.full(stats_shape, -1e30, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
              jnp.zeros((*stats_shape, head_dim), jnp.float32))
-    _, total, acc = lax.fori_loop(0, blocks, body, carry)
+    _, total, acc = lax.fori_loop(start, blocks, body, carry)
     out = acc / jnp.where(total > 0, total, 1.0)[..., None]  # [B, K, G, T, H]; no visible key: zeros
     out = jnp.transpose(out, (0, 3, 1, 2, 4))  # [B, T, K, G, H]
     return out.reshape(batch, q_len, q_heads, head_dim).astype(q.dtype)  # [B, T, N, H]

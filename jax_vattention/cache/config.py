@@ -57,6 +57,15 @@ class CacheConfig:
     budget_fraction : float
     layout : str
         ``"per_layer"`` or ``"interleaved"`` (see ``LAYOUTS`` in this module).
+    window : int or None
+        The model's sliding window, in tokens: the layers in ``window_layers`` (every layer when
+        None) attend only to the last ``window`` positions, a query's own included. Their pages
+        wholly behind every query's window are unmapped as a request advances (the reserved range
+        stays; the physical pages go back to the pool), so their memory stops growing with the
+        conversation. Per-layer layout: the K and V buffers of each window layer. Interleaved
+        layout: a page holds a token range of every layer, so a page can go only when every layer
+        has a window (Mistral); with full layers among them (Gemma) nothing is unmapped.
+    window_layers : tuple of int or None
 
     Example::
 
@@ -75,6 +84,8 @@ class CacheConfig:
     budget_bytes: int | None = None
     budget_fraction: float = 0.9
     layout: str = "per_layer"
+    window: int | None = None
+    window_layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         for name in ("num_layers", "max_batch", "max_len", "kv_heads", "head_dim"):
@@ -99,6 +110,16 @@ class CacheConfig:
             raise ValueError(f"CacheConfig.budget_fraction must be in (0, 1], got {self.budget_fraction!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"CacheConfig.layout {self.layout!r} is not supported; choose one of {LAYOUTS}")
+        if self.window is not None and (isinstance(self.window, bool) or not isinstance(self.window, (int, np.integer))
+                                        or not 0 < self.window < COUNT_LIMIT):
+            raise ValueError(f"CacheConfig.window must be a positive number of tokens or None, got {self.window!r}")
+        if self.window_layers is not None:
+            if self.window is None:
+                raise ValueError("CacheConfig.window_layers needs a window")
+            if any(isinstance(layer, bool) or not isinstance(layer, (int, np.integer))
+                   or not 0 <= layer < self.num_layers for layer in self.window_layers):
+                raise ValueError(f"CacheConfig.window_layers must be layers 0..{self.num_layers - 1}, "
+                                 f"got {self.window_layers!r}")
         self.check_buffer_bytes(self.capacity(self.page_bytes or 1))
 
     def check_buffer_bytes(self, capacity: int) -> None:
@@ -112,6 +133,21 @@ class CacheConfig:
     @property
     def interleaved(self) -> bool:
         return self.layout == "interleaved"
+
+    def layer_window(self, layer: int) -> int | None:
+        """The window behind which ``layer``'s pages are unmapped (None: the layer keeps every page)."""
+        if self.window is None or (self.window_layers is not None and layer not in self.window_layers):
+            return None
+        return self.window
+
+    @property
+    def windowed_buffers(self) -> tuple[bool, ...]:
+        """One flag per buffer (K then V): whether pages behind the window are unmapped in it. An
+        interleaved buffer holds every layer, so it is windowed only when every layer is."""
+        windowed = [self.layer_window(layer) is not None for layer in range(self.num_layers)]
+        if self.interleaved:
+            return (all(windowed),) * 2
+        return tuple(windowed) * 2
 
     @property
     def num_buffers(self) -> int:

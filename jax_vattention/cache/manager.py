@@ -123,6 +123,8 @@ class CacheManager(PrefixSharing, Forks):
         self._core = _core.PageManager(config.num_buffers, config.max_batch, self.capacity,
                                        config.token_bytes, self.page_bytes, self.driver, self._budget)
         try:
+            if config.window is not None:
+                self._core.set_window(config.window, list(config.windowed_buffers))
             if self.device.platform == "gpu":
                 self._core.reserve_buffers()
                 buffers = self._gpu_views()
@@ -305,7 +307,9 @@ class CacheManager(PrefixSharing, Forks):
     def grow(self, tokens: int) -> None:
         """Host-side growth, outside a compiled program: what :func:`jax_vattention.grow` does in one."""
         self._check_usable()
-        self._core.grow(_count("tokens", tokens))
+        tokens = _count("tokens", tokens)
+        self._wait_for_window_reads()
+        self._core.grow(tokens)
         self._discard_unmapped()
 
     def grow_slots(self, counts) -> None:
@@ -320,8 +324,21 @@ class CacheManager(PrefixSharing, Forks):
         counts = [_count("a slot's count", c) for c in np.asarray(counts).reshape(-1).tolist()]
         if len(counts) != self.config.max_batch:
             raise ValueError(f"grow_slots takes one count per slot ({self.config.max_batch}), got {len(counts)}")
+        self._wait_for_window_reads()
         self._core.grow_slots(counts)
         self._discard_unmapped()
+
+    def _wait_for_window_reads(self) -> None:
+        """Before a growth that unmaps pages behind the windows, on the CPU backend: waits for the
+        steps in flight (the cache's arrays), which may still read them.
+
+        A growth unmaps a window's dead pages only after the device is done with them. The CUDA
+        driver waits for the device itself; the CPU backend's drivers cannot (the steps are JAX's
+        asynchronous dispatches), and there an unmapped page is discarded (zeroed) or, on the fake
+        driver, poisoned. Inside a compiled program (the mapping op) the previous step has ended.
+        """
+        if self._discards and self.config.window is not None and self._core.window_pages_due():
+            jax.block_until_ready((self._cache.k, self._cache.v))
 
     def reclaim(self) -> int:
         """Unmaps the pages of free slots, after the device finished with them; returns the page count."""
@@ -386,7 +403,9 @@ class CacheManager(PrefixSharing, Forks):
         ``shared_pages`` physical pages mapped in more than one slot;
         ``bytes_saved`` every mapping of a page beyond its first;
         ``pages_evicted_total``. Pages count once per buffer, as
-        ``mapped_pages`` does (which counts every mapping).
+        ``mapped_pages`` does (which counts every mapping). Sliding windows:
+        ``window_unmapped_pages`` unmapped behind the windows now (within the
+        slots' ranges), ``window_pages_unmapped_total`` ever.
         """
         stats = self._core.stats()
         stats["mapped_bytes"] = stats["mapped_pages"] * self.page_bytes

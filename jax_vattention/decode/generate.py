@@ -42,6 +42,7 @@ from jax_vattention.cache.host import host_for
 from jax_vattention.cache.guards import check_slots, mapping_failures
 from jax_vattention.cache.prefix import page_keys
 from jax_vattention.decode.mesh import CACHE, place
+from jax_vattention.decode.model import check_windows
 from jax_vattention.decode.prompt_sampling import adjusts, prompt_sampling
 from jax_vattention.decode.sampling import Logprobs, SamplingParams, choose_tokens
 from jax_vattention.decode.step_batch import StepBatch, decode_batch, model_step
@@ -132,13 +133,15 @@ def _generate(graphdef, backend: str, return_logits: bool, adjust: bool, top_log
         cache = grow(cache, tokens=1)
         active = ~done  # [B]
         count = active.astype(jnp.int32)  # [B]; a finished row writes nothing
+        # ... and reads nothing: its host length goes on growing, and a window's pages behind it go.
+        reading = jnp.where(active, slots, cache.max_batch)  # [B]
         key, step_key = jax.random.split(key)
         row_counts = None
         if counts is not None:  # the token this step feeds, as the engine's step counts it
             counts = counts.add(rows, last, lengths, params.prompt_len, active)
             row_counts = (counts.output, counts.prompt)
         token, logprobs, logits, cache = model_step(
-            model, cache, decode_batch(last, slots, lengths, count), params, step_key, backend=backend,
+            model, cache, decode_batch(last, reading, lengths, count), params, step_key, backend=backend,
             counts=row_counts, top_logprobs=top_logprobs)  # [B], [B, V]
         column = jnp.where(active, generated, capacity)  # [B]; out of bounds for finished rows
         out_tokens = out_tokens.at[rows, column].set(token, mode="drop")  # [B, L]
@@ -416,6 +419,7 @@ def generate(model, cache: KVCache, prompts: Sequence[Sequence[int]], *,
     model, specs = place(model, manager)
     if manager is not None:
         manager.check_cache(cache)
+        check_windows(model, manager.config)
         check_slots(manager, request.slots, request.lengths)
         if starts is not None:
             for slot, start in zip(request.slots.tolist(), starts):

@@ -34,6 +34,9 @@ class ModelShape(Protocol):
     head_dim: int
     vocab_size: int
 
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window ``layer`` attends within (None: the whole sequence)."""
+
 
 @runtime_checkable
 class DecoderModel(Protocol):
@@ -64,3 +67,19 @@ def check_model_fits(model: DecoderModel, config) -> None:
     have = (config.num_layers, config.kv_heads, config.head_dim)
     if have != expected:
         raise ValueError(f"the cache has (layers, kv_heads, head_dim) = {have}; the model needs {expected}")
+    check_windows(model, config)
+
+
+def check_windows(model: DecoderModel, config) -> None:
+    """``ValueError`` unless every layer whose pages a cache of ``config`` unmaps behind a window of
+    ``config.window`` tokens attends within at most that window: a layer that attends further back
+    would read unmapped pages."""
+    for layer in range(config.num_layers):
+        window = config.layer_window(layer)
+        if window is None:
+            continue
+        attends = model.config.layer_window(layer)
+        if attends is None or attends > window:
+            raise ValueError(f"the cache unmaps layer {layer}'s pages behind a window of {window} tokens, but the "
+                             f"model attends within {'the whole sequence' if attends is None else attends} there: "
+                             f"give the cache the model's windows (CacheConfig(window=..., window_layers=...))")

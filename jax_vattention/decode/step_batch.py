@@ -102,15 +102,21 @@ class StepBatch:
         return x[0, :rows, None], x[0, rows:].reshape(self.chunk_rows, self.chunk_width, *x.shape[2:])
 
     def write_and_attend(self, cache: KVCache, layer: int, q: jax.Array, k: jax.Array, v: jax.Array,
-                         backend: str) -> tuple[jax.Array, KVCache]:
+                         backend: str, *, scale: float | None = None, window: int | None = None,
+                         softcap: float | None = None) -> tuple[jax.Array, KVCache]:
         """Writes one layer's new keys and values, then attends each part over the cache.
 
-        q [1, D + R*C, N, H]; k, v [1, D + R*C, K, H] in the cache's dtype.
+        q [1, D + R*C, N, H]; k, v [1, D + R*C, K, H] in the cache's dtype; ``scale``, ``window``
+        and ``softcap`` as :func:`~jax_vattention.attention.attend` takes them.
         Returns the attention output [1, D + R*C, N, H] and the cache.
         """
+        mask = dict(scale=scale, window=window, softcap=softcap)
         if not isinstance(cache, KVCache):
             # A cache with a layout of its own (the paged baseline, jax_vattention.bench.paged_cache)
-            # writes and attends the step through its own kernels.
+            # writes and attends the step through its own kernels, which know none of these knobs.
+            if any(value is not None for value in mask.values()):
+                raise ValueError(f"the {type(cache).__name__} baseline attends with the default scale, no window "
+                                 "and no soft-capping: use a KVCache for this model")
             return cache.write_and_attend(self, layer, q, k, v, backend)
         check_backend(backend)
         rows, chunks = self.decode_rows, self.chunk_rows
@@ -121,7 +127,7 @@ class StepBatch:
         k_cache, v_cache, index = cache.layer(layer)
         out = [attend(q_d, k_cache, v_cache, q_positions=self.decode_positions[:, None],
                       kv_lengths=self.decode_positions + self.decode_count, backend=backend,
-                      slots=self.decode_slots, layer=index).reshape(rows, *q.shape[2:])]  # [D, N, H]
+                      slots=self.decode_slots, layer=index, **mask).reshape(rows, *q.shape[2:])]  # [D, N, H]
         if chunks:
             positions = self.positions()[0, rows:].reshape(chunks, self.chunk_width)  # [R, C]
             lengths = self.chunk_start + self.chunk_count  # [R]
@@ -129,11 +135,11 @@ class StepBatch:
                 gathered = (k_cache[jnp.minimum(self.chunk_slots, k_cache.shape[0] - 1)],
                             v_cache[jnp.minimum(self.chunk_slots, v_cache.shape[0] - 1)])
                 chunk_out = xla_attention(q_c, *gathered, positions, jnp.where(
-                    self.chunk_slots < k_cache.shape[0], lengths, 0), layer=index)
+                    self.chunk_slots < k_cache.shape[0], lengths, 0), layer=index, **mask)
             else:
                 chunk_out = chunk_attention(q_c, k_cache, v_cache, slots=self.chunk_slots,
                                             q_positions=positions, kv_lengths=lengths, layer=index,
-                                            backend=backend)
+                                            backend=backend, **mask)
             out.append(chunk_out.reshape(chunks * self.chunk_width, *q.shape[2:]))  # [R*C, N, H]
         return jnp.concatenate(out)[None], cache  # [1, D + R*C, N, H]
 

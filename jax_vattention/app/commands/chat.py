@@ -42,7 +42,7 @@ def stream_chat(model, tokenizer, question: str, *, stop_tokens: tuple[int, ...]
                          f"it needs --max-len of at least {len(prompt) + max_new_tokens}")
     cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=1, max_len=max_len,
                                   kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                                  dtype=config.jnp_dtype, layout=layout)
+                                  dtype=config.jnp_dtype, layout=layout, **config.cache_windows())
     # Each engine step decodes one token, so the printed answer grows token by token.
     engine_config = EngineConfig(backend=backend, max_stop_tokens=max(1, len(stop_tokens)), seed=seed)
     answer: list[int] = []

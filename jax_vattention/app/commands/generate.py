@@ -155,6 +155,10 @@ def memory_report(manager, prompts: list[list[int]], outputs: list[list[int]]) -
                      f"{-(-least // (len(prompts) * config.num_buffers)) * per_page:,} tokens a slot (larger "
                      f"models fill pages sooner: an interleaved Llama-3-8B page holds 32 tokens)")
         lines.append(line)
+    if stats.get("window_pages_unmapped_total"):
+        unmapped = stats["window_pages_unmapped_total"]
+        lines.append(f"sliding window of {config.window} tokens: {unmapped} pages ({_mib(unmapped * page)}) "
+                     f"unmapped behind it as the requests advanced")
     return lines
 
 

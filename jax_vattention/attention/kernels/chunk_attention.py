@@ -14,6 +14,11 @@ context::
     query block j of row r (block_q tokens x group heads) streams tiles 0 .. n-1, where
         n = cdiv(min(length, highest position in the block + 1), block_k)
 
+With a sliding ``window`` a query at position ``p`` sees keys ``s > p - window`` only, and the
+block's tiles start at the one that holds its lowest query's first key, that tile's lanes below it
+masked: nothing behind the block's window is loaded, so pages behind every slot's window may be
+unmapped.
+
 Why a kernel: the XLA version (:func:`jax_vattention.attention.blocked_attention`) loops over key
 blocks with a trip count read from the data, which XLA on a GPU fetches to the host at every
 iteration. Here one program per (row, kv head, block of query tokens) runs that loop itself, so a
@@ -85,6 +90,8 @@ def _chunk_kernel(
     scale: float,
     block_k: int,
     exact_dots: bool,
+    window: int | None,
+    softcap: float | None,
 ):
     """One program: one block of query tokens (all heads of one GQA group) of one chunk row.
 
@@ -103,9 +110,15 @@ def _chunk_kernel(
     length = length_ref[()]
     position = position_ref[...]  # [rows]
     q = q_ref[...]  # [rows, head_dim]
-    # Keys any row of this block may see: below the length and at most the highest position.
+    # Keys any row of this block may see: below the length and at most the highest position; with a
+    # window, from the lowest real row's first key on.
     seen = jnp.maximum(jnp.minimum(length, position.max() + 1), 0)
     num_tiles = pl.cdiv(seen, block_k)
+    if window is None:
+        lower = 0
+    else:
+        lowest = jnp.min(jnp.where(position >= 0, position, jnp.iinfo(jnp.int32).max))
+        lower = jnp.maximum(lowest - (window - 1), 0)
     precision = jax.lax.Precision.HIGHEST if exact_dots else None
     # Logits in base 2: exp2 is the native instruction, and the scale absorbs log2(e).
     scale_log2 = scale * _LOG2_E
@@ -113,11 +126,17 @@ def _chunk_kernel(
     def attend_tile(tile, carry):
         acc, row_max, row_sum = carry  # [rows, head_dim], [rows], [rows]
         token = tile * block_k + jnp.arange(block_k)  # [block_k]
-        token_valid = token < length
+        token_valid = (token < length) & (token >= lower)
         tokens = pl.ds(tile * block_k, block_k)
         k = plgpu.load(k_ref.at[slot, tokens, :], mask=token_valid[:, None], other=0)  # [block_k, head_dim]
-        logits = plgpu.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [rows, block_k]
+        dots = plgpu.dot(q, k, trans_b=True, precision=precision)  # [rows, block_k]
+        if softcap is None:
+            logits = dots * scale_log2
+        else:
+            logits = jnp.tanh(dots * (scale / softcap)) * (softcap * _LOG2_E)
         visible = token_valid[None, :] & (token[None, :] <= position[:, None])  # [rows, block_k]
+        if window is not None:
+            visible &= token[None, :] > position[:, None] - window
         logits = jnp.where(visible, logits, -jnp.inf)
         new_max = jnp.maximum(row_max, logits.max(axis=1))  # [rows]; -inf while a row has seen nothing
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
@@ -131,7 +150,8 @@ def _chunk_kernel(
     acc = jnp.zeros((rows, head_dim), jnp.float32)
     row_max = jnp.full((rows,), -jnp.inf, jnp.float32)
     row_sum = jnp.zeros((rows,), jnp.float32)
-    acc, row_max, row_sum = jax.lax.fori_loop(0, num_tiles, attend_tile, (acc, row_max, row_sum))
+    first_tile = lower // block_k
+    acc, row_max, row_sum = jax.lax.fori_loop(first_tile, num_tiles, attend_tile, (acc, row_max, row_sum))
     # A row that saw no key has row_sum == 0 and acc == 0: its output is 0.
     out = acc / jnp.where(row_sum == 0, 1.0, row_sum)[:, None]
     plgpu.store(out_ref.at[pl.ds(0, rows), :], out.astype(out_ref.dtype))
@@ -154,7 +174,8 @@ def _check_inputs(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("layer", "scale", "block_q", "block_k", "num_warps", "num_stages", "interpret"),
+    static_argnames=("layer", "scale", "window", "softcap", "block_q", "block_k", "num_warps", "num_stages",
+                     "interpret"),
 )
 def chunk_attention(
     q: jax.Array,
@@ -166,6 +187,8 @@ def chunk_attention(
     *,
     layer: int | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     block_q: int | None = None,
     block_k: int | None = None,
     num_warps: int | None = None,
@@ -175,7 +198,8 @@ def chunk_attention(
     """Grouped-query attention of prefill chunks over their slots' caches, reading the cache in place.
 
     Row ``r`` reads cache row ``slots[r]``; its query ``t`` at position ``q_positions[r, t]`` sees keys
-    ``s <= q_positions[r, t]`` with ``s < kv_lengths[r]``. Query head ``i`` attends to kv head
+    ``s <= q_positions[r, t]`` with ``s < kv_lengths[r]`` (and ``s > q_positions[r, t] - window`` with a
+    ``window``). Query head ``i`` attends to kv head
     ``i // (q_heads // kv_heads)``. Rows of one slot may follow each other (consecutive chunks).
 
     Parameters
@@ -196,6 +220,11 @@ def chunk_attention(
       The layer to read from a 5-D cache (static).
     scale : float, optional
       Logit scale; ``1 / sqrt(head_dim)`` by default.
+    window : int, optional
+      A sliding window of ``window`` positions, a query's own included; nothing behind the window of a
+      block's lowest query is read.
+    softcap : float, optional
+      Logits become ``softcap * tanh(logits / softcap)`` (after the scale).
     block_q : int, optional
       Query tokens per program, a power of two with ``block_q * G' >= 16`` (``G'``: the group size rounded
       up to a power of two); :func:`default_block_q` by default.
@@ -242,6 +271,8 @@ def chunk_attention(
         num_warps = default_num_warps(head_dim)
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be positive or None, got {window}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
     if rows == 0 or q_len == 0:
@@ -269,7 +300,8 @@ def chunk_attention(
     else:
         cache_spec = pl.BlockSpec((max_batch, max_len, None, None, head_dim), lambda r, h, j: (0, 0, layer, h, 0))
     kernel = functools.partial(
-        _chunk_kernel, scale=scale, block_k=block_k, exact_dots=q.dtype == jnp.float32
+        _chunk_kernel, scale=scale, block_k=block_k, exact_dots=q.dtype == jnp.float32, window=window,
+        softcap=softcap,
     )
     out = pl.pallas_call(
         kernel,

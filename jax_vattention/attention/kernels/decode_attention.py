@@ -9,6 +9,14 @@ context::
     slot b, kv head h:  | tile 0 | tile 1 | ... | tile n-1 |###### unmapped ######|
                         ^ token 0          length ^  (last tile masked; no tile past it)
 
+With a sliding ``window`` the query (at position ``length - 1``) sees only the last ``window``
+tokens, and nothing behind them is loaded either: the tiles start at the one that holds
+``length - window`` and that tile's lanes below it are masked, so pages wholly behind every
+slot's window may be unmapped while the slot goes on::
+
+    slot b, kv head h:  |## unmapped ##| tile i | ... | tile n-1 |###### unmapped ######|
+                          length - window ^              length ^
+
 Why split-K: one decode step has a single query token per slot, so a kernel with one program per
 (slot, kv head) pair leaves most of the GPU idle when ``batch * kv_heads`` is small against the SM count.
 Each slot's context is cut into ``num_splits`` contiguous runs of ``block_k``-token tiles; one program
@@ -82,6 +90,8 @@ def _decode_split_kernel(
     num_splits: int,
     group_size: int,
     exact_dots: bool,
+    window: int | None,
+    softcap: float | None,
 ):
     """One program: one GQA group of one slot against one split of that slot's context.
 
@@ -98,9 +108,11 @@ def _decode_split_kernel(
     split = pl.program_id(2)
 
     length = length_ref[()]
+    lower = 0 if window is None else jnp.maximum(length - window, 0)  # the first token the query sees
     num_tiles = pl.cdiv(length, block_k)
-    tiles_per_split = pl.cdiv(num_tiles, num_splits)
-    first_tile = split * tiles_per_split
+    window_tile = lower // block_k
+    tiles_per_split = pl.cdiv(num_tiles - window_tile, num_splits)
+    first_tile = window_tile + split * tiles_per_split
     end_tile = jnp.minimum(first_tile + tiles_per_split, num_tiles)
 
     head_valid = jnp.arange(block_h) < group_size  # [block_h]
@@ -112,10 +124,14 @@ def _decode_split_kernel(
     def attend_tile(tile, carry):
         acc, row_max, row_sum = carry  # [block_h, head_dim], [block_h], [block_h]
         token = tile * block_k + jnp.arange(block_k)  # [block_k]
-        token_valid = token < length
+        token_valid = (token < length) & (token >= lower)
         tokens = pl.ds(tile * block_k, block_k)
         k = plgpu.load(k_ref.at[tokens, :], mask=token_valid[:, None], other=0)  # [block_k, head_dim]
-        logits = plgpu.dot(q, k, trans_b=True, precision=precision) * scale_log2  # [block_h, block_k]
+        dots = plgpu.dot(q, k, trans_b=True, precision=precision)  # [block_h, block_k]
+        if softcap is None:
+            logits = dots * scale_log2
+        else:
+            logits = jnp.tanh(dots * (scale / softcap)) * (softcap * _LOG2_E)
         logits = jnp.where(token_valid[None, :], logits, -jnp.inf)
         # Every tile holds at least one valid token, so the new maximum is finite.
         new_max = jnp.maximum(row_max, logits.max(axis=1))
@@ -166,7 +182,8 @@ def _check_inputs(q, k_cache, v_cache, lengths, layer):
 
 @functools.partial(
     jax.jit,
-    static_argnames=("layer", "scale", "block_k", "num_splits", "num_warps", "num_stages", "interpret"),
+    static_argnames=("layer", "scale", "window", "softcap", "block_k", "num_splits", "num_warps", "num_stages",
+                     "interpret"),
 )
 def decode_attention(
     q: jax.Array,
@@ -176,6 +193,8 @@ def decode_attention(
     *,
     layer: int | None = None,
     scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
     block_k: int | None = None,
     num_splits: int | None = None,
     num_warps: int = 4,
@@ -185,7 +204,8 @@ def decode_attention(
     """One decode step of grouped-query attention, reading the KV cache in place.
 
     Query head ``i`` attends to kv head ``i // (q_heads // kv_heads)`` over the first ``lengths[b]``
-    tokens of cache slot ``b``; slot ``b`` of ``q`` is slot ``b`` of the cache.
+    tokens of cache slot ``b`` (with a ``window``, over tokens ``[lengths[b] - window, lengths[b])``
+    only); slot ``b`` of ``q`` is slot ``b`` of the cache.
 
     Parameters
     ----------
@@ -194,13 +214,18 @@ def decode_attention(
     k_cache, v_cache : jax.Array
       ``[max_batch, max_len, kv_heads, head_dim]`` with ``batch <= max_batch``, or a layer-interleaved
       ``[max_batch, max_len, layers, kv_heads, head_dim]`` read at ``layer``. Same dtype as ``q``.
-      Only tokens ``[0, lengths[b])`` of slots ``[0, batch)`` are read.
+      Only tokens ``[0, lengths[b])`` of slots ``[0, batch)`` are read (with a ``window``, only
+      ``[max(lengths[b] - window, 0), lengths[b])``).
     lengths : jax.Array
       int32 ``[batch]``, each in ``[0, max_len]``. A slot of length 0 gets zeros.
     layer : int, optional
       The layer to read from a 5-D cache (static).
     scale : float, optional
       Logit scale; ``1 / sqrt(head_dim)`` by default.
+    window : int, optional
+      A sliding window: the query sees the last ``window`` tokens of its slot, its own included.
+    softcap : float, optional
+      Logits become ``softcap * tanh(logits / softcap)`` (after the scale).
     block_k : int, optional
       Tokens per K/V tile, a power of two >= 16; :func:`default_block_k` by default.
     num_splits : int, optional
@@ -233,11 +258,14 @@ def decode_attention(
     if block_k < 16 or block_k & (block_k - 1):
         raise ValueError(f"block_k must be a power of two >= 16, got {block_k}")
     if num_splits is None:
-        num_splits = default_num_splits(batch, kv_heads, max_len, block_k)
+        seen = max_len if window is None else min(max_len, window + block_k)  # tokens a slot's tiles span
+        num_splits = default_num_splits(batch, kv_heads, seen, block_k)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    if window is not None and window < 1:
+        raise ValueError(f"window must be positive or None, got {window}")
     if interpret is None:
         interpret = jax.default_backend() != "gpu"
 
@@ -253,6 +281,8 @@ def decode_attention(
         num_splits=num_splits,
         group_size=group_size,
         exact_dots=q.dtype == jnp.float32,
+        window=window,
+        softcap=softcap,
     )
     q_grouped = q.reshape(batch, kv_heads, group_size, head_dim)
     partial_out, partial_lse = pl.pallas_call(
