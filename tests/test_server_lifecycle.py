@@ -22,11 +22,11 @@ pytest.importorskip("fastapi")
 
 from server_harness import start_server  # noqa: E402
 
+import jax_vattention  # noqa: E402
 from jax_vattention.app.cli import build_parser, main  # noqa: E402
 from jax_vattention.app.commands import serve  # noqa: E402
 from jax_vattention.app.server.lifecycle import close_engine  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def slow_steps(server, seconds):
@@ -170,12 +170,16 @@ def test_served_names(argv, own, names):
 
 @pytest.mark.slow   # two servers start in their own processes (compiling the tiny model's programs)
 def test_ctrl_c_in_a_real_process_ends_quietly(tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache")}
+    # The child imports the package this process imported (installed or built in place), from a
+    # directory where no source tree shadows it.
+    package_parent = os.path.dirname(os.path.dirname(os.path.realpath(jax_vattention.__file__)))
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax-cache"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
 
     def start():
         process = subprocess.Popen([sys.executable, "-m", "jax_vattention.app.cli", "serve", "--port", "0",
                                     "--max-len", "512", "--max-batch", "2", "--shutdown-timeout", "1"],
-                                   cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = process.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
         assert match, (line, process.stderr.read() if process.poll() is not None else "")
