@@ -36,6 +36,7 @@ from jax import lax
 from jax_vattention.attention import attend, attend_prompt, prefill_attends_prompt
 from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.decode.step_batch import StepBatch
+from jax_vattention.cache.quantization import write_dtype
 from jax_vattention.cache.writes import write_kv
 
 from . import sharding
@@ -126,7 +127,7 @@ class Attention(nnx.Module):
         inv_freq, attention_scaling = rope
         q = apply_rope(q, positions, inv_freq, attention_scaling)  # [B, T, N, H]
         k = apply_rope(k, positions, inv_freq, attention_scaling)  # [B, T, K, H]
-        dtype = cache.k[0].dtype
+        dtype = write_dtype(cache.k[0].dtype, x.dtype)  # the cache's, or ours for an FP8 cache (write_kv quantizes)
         mask = dict(scale=self.scale, window=self.window, softcap=self.softcap)
         if step is not None:
             out, cache = step.write_and_attend(cache, layer, q, k.astype(dtype), v.astype(dtype), backend, **mask)
@@ -135,12 +136,12 @@ class Attention(nnx.Module):
         k_cache, v_cache, index = cache.layer(layer)
         if q.shape[1] > 1 and prefill_attends_prompt(backend, interleaved=index is not None, softcap=self.softcap):
             # Prefill (from position 0): the prompt's own keys and values are all it attends to,
-            # for a cache the kernel cannot read in place.
-            out = attend_prompt(q, k.astype(dtype), v.astype(dtype), count, backend=backend, scale=self.scale,
+            # for a cache the kernel cannot read in place; as the cache holds them (FP8: its codes).
+            out = attend_prompt(q, *cache.as_stored(k, v), count, backend=backend, scale=self.scale,
                                 window=self.window)  # [B, T, N, H]
         else:
             out = attend(q, k_cache, v_cache, q_positions=positions, kv_lengths=start + count,
-                         backend=backend, slots=slots, layer=index, **mask)  # [B, T, N, H]
+                         backend=backend, slots=slots, layer=index, **mask, **cache.kv_scales)  # [B, T, N, H]
         y = jnp.einsum('BTNH,NHD->BTD', out.astype(x.dtype), self.wo[...])  # [B, T, D]
         return y, cache
 

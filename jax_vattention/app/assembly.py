@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 
 from jax_vattention.attention.backends import backend_for, default_layout
 from jax_vattention.cache.config import CacheConfig
@@ -49,13 +50,19 @@ def mesh_for(tp: int) -> jax.sharding.Mesh | None:
 
 
 def cache_config_for(model_config, *, max_batch: int, max_len: int, layout: str, budget_bytes: int | None = None,
-                     page_bytes: int | None = None) -> CacheConfig:
-    """The cache a model of ``model_config`` writes: its layers, KV heads, head_dim and dtype, and its
-    sliding windows, behind which the cache unmaps pages."""
+                     page_bytes: int | None = None, kv_dtype: str | None = None) -> CacheConfig:
+    """The cache a model of ``model_config`` writes: its layers, KV heads, head_dim and dtype (or
+    ``kv_dtype``: ``--kv-dtype``, e.g. ``float8_e4m3fn`` for an FP8 cache with vLLM's default scales
+    of 1.0), and its sliding windows, behind which the cache unmaps pages."""
     return CacheConfig(num_layers=model_config.num_layers, max_batch=max_batch, max_len=max_len,
                        kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim,
-                       dtype=model_config.jnp_dtype, layout=layout, budget_bytes=budget_bytes,
+                       dtype=cache_dtype(model_config, kv_dtype), layout=layout, budget_bytes=budget_bytes,
                        page_bytes=page_bytes, **model_config.cache_windows())
+
+
+def cache_dtype(model_config, kv_dtype: str | None = None):
+    """What the cache holds: ``kv_dtype`` (``--kv-dtype``), or the model's dtype for None."""
+    return jnp.dtype(kv_dtype) if kv_dtype else model_config.jnp_dtype
 
 
 def check_memory(model_config, name: str, cache_config: CacheConfig, mesh=None) -> None:
@@ -113,7 +120,7 @@ class Assembly:
 
 def assemble(args: argparse.Namespace, *, max_batch: int, max_len: int, budget_bytes: int | None = None) -> Assembly:
     """The model, cache configuration, kernel and mesh of a command's options (``--model`` /
-    ``--config``, ``--dtype``, ``--seed``, ``--backend``, ``--layout``, ``--tp``), checked in that
+    ``--config``, ``--dtype``, ``--kv-dtype``, ``--seed``, ``--backend``, ``--layout``, ``--tp``), checked in that
     order and the memory checked before the model is built. ``ValueError`` for any option that
     cannot run, with nothing built."""
     from jax_vattention.app.commands.model_source import check_model_arguments, load_model, model_config_of
@@ -122,10 +129,12 @@ def assemble(args: argparse.Namespace, *, max_batch: int, max_len: int, budget_b
     check_model_arguments(args)
     model_config = model_config_of(args)
     device = jax.devices()[0]
-    backend, layout = choose_kernel(args.backend, args.layout, device, model_config.jnp_dtype)
+    kv_dtype = getattr(args, "kv_dtype", None)
+    backend, layout = choose_kernel(args.backend, args.layout, device, cache_dtype(model_config, kv_dtype))
     cache_config = cache_config_for(model_config, max_batch=max_batch, max_len=max_len, layout=layout,
-                                    budget_bytes=budget_bytes)
+                                    budget_bytes=budget_bytes, kv_dtype=kv_dtype)
     check_memory(model_config, args.model or args.config, cache_config, mesh)
     loaded = load_model(args, mesh)  # over a mesh: every weight made or read in its shards
     return Assembly(loaded, cache_config_for(loaded.model.config, max_batch=max_batch, max_len=max_len,
-                                             layout=layout, budget_bytes=budget_bytes), backend, layout, mesh)
+                                             layout=layout, budget_bytes=budget_bytes, kv_dtype=kv_dtype),
+                    backend, layout, mesh)

@@ -4,7 +4,9 @@ Each adapter takes ``(q [B, T, N, H], k_cache, v_cache, q_positions [B, T], kv_l
 layer=None, *, scale=None, window=None, softcap=None)`` and reads the cache in place, only below
 each row's length and, with a ``window``, only within it (see :mod:`.reference` for the knobs).
 cuDNN takes a window for prefill from position 0 (a top-left window, as its causal mask) but not
-for decode, and no soft-capping: those calls run our Pallas kernels instead.
+for decode, and no soft-capping: those calls run our Pallas kernels instead. An FP8 cache is read by
+our Triton kernels (and the blocked one), which convert its codes as they load them; cuDNN and the
+Mosaic GPU kernels refuse it (see :func:`~jax_vattention.attention.backends.check_backend_on`).
 """
 
 from __future__ import annotations
@@ -15,14 +17,21 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jax_vattention.attention.reference import blocked_attention, check_shapes
+from jax_vattention.attention.reference import (blocked_attention, check_shapes, compute_dtype, fold_kv_scales,
+                                                scale_values)
+from jax_vattention.cache.quantization import is_quantized
 
 # The dtypes cuDNN's fused attention takes.
 CUDNN_DTYPES = frozenset({jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)})
+# Why cuDNN does not read an FP8 cache: JAX's cuDNN FP8 attention takes no sequence lengths (nor a
+# padding mask), so it would read every position of the capacity, unmapped pages included.
+CUDNN_FP8_REFUSAL = ("cuDNN cannot read an FP8 cache: JAX's cuDNN FP8 attention takes no sequence lengths, so it "
+                     "would read the whole capacity (unmapped pages included); use backend 'pallas' (our Triton "
+                     "kernels dequantize it) or 'blocked'")
 
 
 def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, layer=None, backend=None, scale=None,
-                    window=None, softcap=None):
+                    window=None, softcap=None, k_scale=1.0, v_scale=1.0):
     """Attention of prefill chunks (several query tokens per row) over their slots' caches, in place.
 
     Row ``b`` is a chunk of slot ``slots[b]`` already written into the cache; its query ``t`` at
@@ -35,9 +44,10 @@ def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, laye
 
     Shapes: q [R, T, N, H]; caches [M, S, K, H] (or [M, S, layers, K, H] with ``layer``);
     slots int32 [R] (``>= M``: padding, with length 0); q_positions int32 [R, T]; kv_lengths
-    int32 [R] -> [R, T, N, H] (zeros where a query sees no key).
+    int32 [R] -> [R, T, N, H] (zeros where a query sees no key). ``k_scale``, ``v_scale``: an FP8
+    cache's scales (:class:`~jax_vattention.cache.kv_cache.KVCache` ``.kv_scales``).
 
-    On a GPU, with a bfloat16, float16 or float32 cache and a power-of-two ``head_dim`` in [16, 256],
+    On a GPU, with a bfloat16, float16, float32 or FP8 cache and a power-of-two ``head_dim`` in [16, 256],
     our Pallas chunk kernel runs it, its loop over key tiles on the device: the Mosaic GPU one
     (:mod:`~jax_vattention.attention.kernels.mosaic_chunk_attention`) where ``backend`` resolves to
     it (:func:`~jax_vattention.attention.backends.pallas_implementation`) and no ``scale``,
@@ -51,7 +61,15 @@ def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, laye
                               q_positions=jnp.arange(40, 48)[None], kv_lengths=jnp.array([48]))
     """
     check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer)
-    q_positions, kv_lengths = q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32)
+    scale = fold_kv_scales(scale, q.shape[-1], k_scale)
+    out = _chunk_attention(q, k_cache, v_cache, slots, q_positions.astype(jnp.int32), kv_lengths.astype(jnp.int32),
+                           layer=layer, backend=backend, scale=scale, window=window, softcap=softcap)
+    return scale_values(out, v_scale)
+
+
+def _chunk_attention(q, k_cache, v_cache, slots, q_positions, kv_lengths, *, layer, backend, scale, window, softcap):
+    """:func:`chunk_attention` with the scales folded in."""
+    dtype = compute_dtype(q.dtype, k_cache.dtype)
     if jax.default_backend() == "gpu":
         from jax_vattention.attention.backends import pallas_implementation
         from jax_vattention.attention.kernels.chunk_attention import chunk_attention as chunk_kernel, supported
@@ -60,11 +78,11 @@ def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, laye
                                                q.shape[2] // k_cache.shape[-2], k_cache.shape[1])
         if implementation == "mosaic_gpu" and scale is None and window is None and softcap is None:
             from jax_vattention.attention.kernels.mosaic_chunk_attention import mosaic_chunk_attention
-            out = mosaic_chunk_attention(q.astype(k_cache.dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
+            out = mosaic_chunk_attention(q.astype(dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
                                          layer=layer)
             return out.astype(q.dtype)  # [R, T, N, H]
         if supported(k_cache.dtype, k_cache.shape[-1]):
-            out = chunk_kernel(q.astype(k_cache.dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
+            out = chunk_kernel(q.astype(dtype), k_cache, v_cache, rows, q_positions, kv_lengths,
                                layer=layer, scale=scale, window=window, softcap=softcap, interpret=False)
             return out.astype(q.dtype)  # [R, T, N, H]
     return blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, slots=slots, scale=scale,
@@ -85,6 +103,8 @@ def dot_product_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=No
     if layer is not None:
         raise ValueError("cuDNN cannot read one layer of an interleaved cache in place (it would copy the "
                          "whole cache): use backend='pallas' with the interleaved layout")
+    if is_quantized(k_cache.dtype):
+        raise ValueError(CUDNN_FP8_REFUSAL)
     q_len = q.shape[1]
     if softcap is not None or (window is not None and q_len == 1):
         raise ValueError("jax.nn.dot_product_attention has no soft-capping and no decode window: use "
@@ -137,16 +157,16 @@ def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *
             raise ValueError(f"backend {backend!r} runs our Mosaic GPU kernels, which need a Hopper GPU; JAX runs "
                              f"on {jax.default_backend()} here: use 'blocked' or 'pallas_triton'")
         from jax_vattention.attention.kernels.mosaic_decode_attention import mosaic_decode_attention
-        out = mosaic_decode_attention(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths,
-                                      layer=layer)  # [B, N, H]
+        out = mosaic_decode_attention(q[:, 0].astype(compute_dtype(q.dtype, k_cache.dtype)), k_cache, v_cache,
+                                      kv_lengths, layer=layer)  # [B, N, H]
         return out[:, None]  # [B, 1, N, H]
     try:
         from jax_vattention.attention.kernels.decode_attention import decode_attention
     except ModuleNotFoundError as error:
         raise ValueError(f"backend {backend!r} needs jax_vattention.attention.kernels.decode_attention, "
                          f"which cannot be imported ({error})") from error
-    out = decode_attention(q[:, 0].astype(k_cache.dtype), k_cache, v_cache, kv_lengths, layer=layer,
-                           **mask)  # [B, N, H]
+    out = decode_attention(q[:, 0].astype(compute_dtype(q.dtype, k_cache.dtype)), k_cache, v_cache, kv_lengths,
+                           layer=layer, **mask)  # [B, N, H]
     return out[:, None]  # [B, 1, N, H]
 
 

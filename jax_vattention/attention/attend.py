@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from jax_vattention.attention.adapters import CUDNN_DTYPES, mosaic_prompt_attention
 from jax_vattention.attention.backends import BACKENDS, PALLAS_BACKENDS, check_backend, default_backend
-from jax_vattention.attention.reference import check_shapes
+from jax_vattention.attention.reference import check_shapes, fold_kv_scales, scale_values
 
 
 def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, *, backend: str,
@@ -23,7 +23,9 @@ def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
 
     Parameters
     ----------
-    q : [batch, tokens, q_heads, head_dim]; k, v : [batch, tokens, kv_heads, head_dim]
+    q : [batch, tokens, q_heads, head_dim]; k, v : [batch, tokens, kv_heads, head_dim], as a read of
+        the cache would see them (:meth:`~jax_vattention.cache.kv_cache.KVCache.as_stored`: for an
+        FP8 cache, quantized and dequantized), so that prefill attends what later steps read
     lengths : int32 [batch], the real tokens of each row (the rest is padding)
     backend : ``"cudnn"`` or a Pallas backend (``"pallas"``, ``"pallas_triton"``, ``"pallas_mgpu"``) use
         cuDNN on a GPU; elsewhere JAX's XLA version;
@@ -53,7 +55,7 @@ def attend_prompt(q: jax.Array, k: jax.Array, v: jax.Array, lengths: jax.Array, 
 def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions: jax.Array,
            kv_lengths: jax.Array, backend: str | None = None, slots: jax.Array | None = None,
            layer: int | None = None, scale: float | None = None, window: int | None = None,
-           softcap: float | None = None) -> jax.Array:
+           softcap: float | None = None, k_scale: float = 1.0, v_scale: float = 1.0) -> jax.Array:
     """Attention of new queries over one layer's cache, read in place.
 
     Parameters
@@ -76,6 +78,8 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
         window (a query at position ``p`` sees keys ``s > p - window``; the kernels read nothing
         behind it) and a logit soft-cap (``softcap * tanh(logits / softcap)``); see
         :mod:`~jax_vattention.attention.reference`
+    k_scale, v_scale : static; an FP8 cache's per-tensor scales (``KVCache.kv_scales``), folded into
+        the logit scale and the output (:func:`~jax_vattention.attention.reference.fold_kv_scales`)
 
     Returns
     -------
@@ -87,12 +91,18 @@ def attend(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *, q_positions:
                      kv_lengths=lengths + 1, backend="cudnn")
     """
     if backend is None:
-        backend = default_backend("per_layer" if layer is None else "interleaved", jax.default_backend())
+        backend = default_backend("per_layer" if layer is None else "interleaved", jax.default_backend(),
+                                  k_cache.dtype)
     check_backend(backend)
     check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer)
     if window is not None and window < 1:
         raise ValueError(f"window must be a positive number of positions or None; got {window}")
-    kernel = functools.partial(BACKENDS[backend], layer=layer, scale=scale, window=window, softcap=softcap)
+    scale = fold_kv_scales(scale, q.shape[-1], k_scale)
+    attention = functools.partial(BACKENDS[backend], layer=layer, scale=scale, window=window, softcap=softcap)
+
+    def kernel(*operands):
+        return scale_values(attention(*operands), v_scale)
+
     batch, q_len = q.shape[:2]
     max_batch = k_cache.shape[0]
     kv_lengths = kv_lengths.astype(jnp.int32)

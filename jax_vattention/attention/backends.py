@@ -47,6 +47,12 @@ Backends
     only, 16-bit caches, ``head_dim`` a multiple of 64. Decode runs cuDNN on a
     per-layer cache and the Pallas decode kernel on an interleaved one.
 
+An FP8 cache (``float8_e4m3fn`` codes with per-tensor scales, :mod:`jax_vattention.cache.quantization`)
+is read by ``pallas`` (our Triton kernels, which convert the codes tile by tile), ``pallas_triton``,
+``blocked`` and ``xla``, and is refused by ``cudnn`` (JAX's cuDNN FP8 attention takes no lengths: it
+would read the whole capacity), ``pallas_mgpu`` and ``mosaic`` (16-bit kernels); on a GPU its default
+is ``pallas`` in both layouts (:func:`check_cache_dtype`).
+
 Which backend may run is one rule, :func:`resolve_backend`, used by
 :func:`attend`, :func:`jax_vattention.decode.generate.generate` and the engine: no
 backend is given, the device and layout pick one (:func:`default_backend`);
@@ -66,9 +72,10 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from jax_vattention.attention.adapters import (CUDNN_DTYPES, check_mosaic_shapes, cudnn_attention,
-                                               mosaic_attention, pallas_attention)
+from jax_vattention.attention.adapters import (CUDNN_DTYPES, CUDNN_FP8_REFUSAL, check_mosaic_shapes,
+                                               cudnn_attention, mosaic_attention, pallas_attention)
 from jax_vattention.attention.reference import blocked_attention, xla_attention
+from jax_vattention.cache.quantization import is_quantized
 
 # Our Pallas kernels' backend names and the implementation each pins (None: the device's, see
 # pallas_implementation).
@@ -145,12 +152,30 @@ def check_pallas_mgpu_shapes(dtype, head_dim: int | None, capacity: int | None =
 
 def default_backend(layout: str, platform: str, dtype=None) -> str:
     """The kernel a device runs when none is named: on a GPU cuDNN for per-layer caches and the
-    Pallas kernel for interleaved ones; ``blocked`` elsewhere, and for a float32 cache (``dtype``)
-    on a GPU, which cuDNN (and so Pallas' prefill) cannot take. ``platform`` is
-    ``jax.Device.platform``."""
-    if platform != "gpu" or (dtype is not None and jnp.dtype(dtype) not in CUDNN_DTYPES):
+    Pallas kernel for interleaved ones, and the Pallas kernels for an FP8 cache (``dtype``) in both
+    layouts (cuDNN cannot read one); ``blocked`` elsewhere, and for a float32 cache on a GPU, which
+    cuDNN (and so Pallas' prefill) cannot take. ``platform`` is ``jax.Device.platform``."""
+    if platform != "gpu":
+        return "blocked"
+    if dtype is not None and is_quantized(dtype):
+        return "pallas"
+    if dtype is not None and jnp.dtype(dtype) not in CUDNN_DTYPES:
         return "blocked"
     return "pallas" if layout == "interleaved" else "cudnn"
+
+
+def check_cache_dtype(backend: str, dtype) -> None:
+    """``ValueError`` unless ``backend`` reads a cache of ``dtype``: an FP8 cache only through the
+    kernels that dequantize it (our Triton kernels, ``blocked``, ``xla``)."""
+    if not is_quantized(dtype):
+        return
+    if backend == "cudnn":
+        raise ValueError(f"backend 'cudnn': {CUDNN_FP8_REFUSAL}")
+    if backend in ("pallas_mgpu", "mosaic"):
+        kernels = "our Mosaic GPU kernels" if backend == "pallas_mgpu" else "JAX's Mosaic GPU flash attention"
+        raise ValueError(f"backend {backend!r} cannot read an FP8 ({jnp.dtype(dtype)}) cache: {kernels} take "
+                         "16-bit K/V only; use 'pallas' or 'pallas_triton' (our Triton kernels dequantize it), "
+                         "or 'blocked'")
 
 
 def check_backend_on(backend: str, layout: str, platform: str, virtual: bool = True, *,
@@ -198,6 +223,8 @@ def backend_for(backend: str | None, layout: str, device, dtype=None, *, virtual
         return default_backend(layout, device.platform, dtype)
     check_backend_on(backend, layout, device.platform, virtual=virtual,
                      compute_capability=getattr(device, "compute_capability", None))
+    if dtype is not None:
+        check_cache_dtype(backend, dtype)
     if backend == "mosaic" and dtype is not None:
         check_mosaic_shapes(dtype, None)
     if backend == "pallas_mgpu" and dtype is not None:

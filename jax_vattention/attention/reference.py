@@ -10,6 +10,11 @@ Every kernel of the package takes the same three optional knobs of the attention
 ``scale`` (the logits' scale, ``head_dim ** -0.5`` when None), ``window`` (a query at position
 ``p`` sees only keys ``s > p - window``: a sliding window of ``window`` positions, its own
 included) and ``softcap`` (logits become ``softcap * tanh(logits / softcap)``, after the scale).
+
+An FP8 cache (:mod:`jax_vattention.cache.quantization`) is read the same way: every kernel converts
+the codes it loads to the query's dtype (exactly) and computes as for a 16-bit cache; the per-tensor
+scales are folded in by the caller (:func:`fold_kv_scales`): the key scale into the logit scale, the
+value scale into the output.
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental.buffer_callback import buffer_callback
+
+from jax_vattention.cache.config import CPU_HOST_INDEXED_DTYPES
+from jax_vattention.cache.quantization import is_quantized
 
 
 def check_shapes(q, k_cache, v_cache, q_positions, kv_lengths, slots, layer):
@@ -52,6 +60,29 @@ def logit_scale(scale: float | None, head_dim: int) -> float:
     return head_dim ** -0.5 if scale is None else scale
 
 
+def compute_dtype(q_dtype, cache_dtype):
+    """The dtype a kernel computes its products in: the cache's, or the query's for an FP8 cache
+    (whose codes it converts to that dtype, exactly, as it loads them)."""
+    return jnp.dtype(q_dtype) if is_quantized(cache_dtype) else jnp.dtype(cache_dtype)
+
+
+def fold_kv_scales(scale: float | None, head_dim: int, k_scale: float = 1.0) -> float | None:
+    """The logit scale of a kernel that reads FP8 codes: ``scale`` (``head_dim ** -0.5`` for None)
+    times ``k_scale``, since ``q . (k_scale * codes) = k_scale * (q . codes)``; ``scale`` itself for
+    a ``k_scale`` of 1 (None stays None: the kernels' default)."""
+    if k_scale == 1.0:
+        return scale
+    return logit_scale(scale, head_dim) * k_scale
+
+
+def scale_values(out: jax.Array, v_scale: float = 1.0) -> jax.Array:
+    """A kernel's output over FP8 value codes times ``v_scale``: the weighted sum of the codes is
+    ``1 / v_scale`` times that of the values (unchanged for 1)."""
+    if v_scale == 1.0:
+        return out
+    return (out.astype(jnp.float32) * jnp.float32(v_scale)).astype(out.dtype)
+
+
 def scaled_logits(dot: jax.Array, scale: float, softcap: float | None) -> jax.Array:
     """Float32 logits from float32 dot products: scaled, then soft-capped (``softcap`` None: not)."""
     logits = dot * jnp.float32(scale)
@@ -83,7 +114,9 @@ def xla_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, s
     batch, q_len, q_heads, head_dim = q.shape
     capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
     groups = q_heads // kv_heads
-    q = q.astype(k_cache.dtype).reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, K, G, H]
+    dtype = compute_dtype(q.dtype, k_cache.dtype)
+    k_cache, v_cache = k_cache.astype(dtype), v_cache.astype(dtype)  # an FP8 cache's codes, converted
+    q = q.astype(dtype).reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, K, G, H]
     logits = jnp.einsum('BTKGH,BSKH->BKGTS', q, k_cache,
                         preferred_element_type=jnp.float32)  # [B, K, G, T, S]
     logits = scaled_logits(logits, logit_scale(scale, head_dim), softcap)  # [B, K, G, T, S]
@@ -114,14 +147,14 @@ def _read_on_host(context, out, cache, *index) -> None:
 def _gather_block(cache: jax.Array, index: tuple) -> jax.Array:
     """``cache[index]`` for in-bounds ``index``: ``(rows [B, 1], positions [B, S'](, layer))``.
 
-    A bfloat16 cache on the CPU backend is read by a host callback: XLA's CPU compiler has no
-    bfloat16 gather, converts the gathered operand to float32, and in a loop hoists that
-    conversion of the whole cache out of it, which reads every page.
+    A bfloat16 or FP8 cache on the CPU backend is read by a host callback: XLA's CPU compiler has
+    no gather of those types, converts the gathered operand to a wider type, and in a loop hoists
+    that conversion of the whole cache out of it, which reads every page.
     """
     def gather(cache, *index):
         return cache.at[index].get(mode="promise_in_bounds")
 
-    if jnp.dtype(cache.dtype) != jnp.dtype(jnp.bfloat16):
+    if jnp.dtype(cache.dtype) not in CPU_HOST_INDEXED_DTYPES:
         return gather(cache, *index)
     shape = jnp.broadcast_shapes(*(jnp.shape(i) for i in index)) + cache.shape[len(index):]
     read = buffer_callback(_read_on_host, jax.ShapeDtypeStruct(shape, cache.dtype))
@@ -156,7 +189,8 @@ def blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, 
     max_batch, capacity, kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[-2]
     groups = q_heads // kv_heads
     block = min(BLOCK_TOKENS, capacity)
-    q = q.astype(k_cache.dtype).reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, K, G, H]
+    dtype = compute_dtype(q.dtype, k_cache.dtype)
+    q = q.astype(dtype).reshape(batch, q_len, kv_heads, groups, head_dim)  # [B, T, K, G, H]
     rows = jnp.arange(batch, dtype=jnp.int32) if slots is None else slots.astype(jnp.int32)  # [B]
     lengths = jnp.where(rows < max_batch, jnp.clip(kv_lengths, 0, capacity), 0)  # [B]
     longest = jnp.argmax(lengths)  # []
@@ -178,8 +212,8 @@ def blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, 
         positions = i * block + offsets  # [S']
         read_at = jnp.clip(positions[None, :], first[:, None], last[:, None])  # [B, S']
         index = (source[:, None], read_at, *layer_index)
-        keys = _gather_block(k_cache, index)  # [B, S', K, H]
-        values = _gather_block(v_cache, index)  # [B, S', K, H]
+        keys = _gather_block(k_cache, index).astype(dtype)  # [B, S', K, H]; FP8 codes converted
+        values = _gather_block(v_cache, index).astype(dtype)  # [B, S', K, H]
         logits = scaled_logits(jnp.einsum('BTKGH,BSKH->BKGTS', q, keys, preferred_element_type=jnp.float32),
                                scale, softcap)  # [B, K, G, T, S']
         visible = ((positions[None, None, :] < lengths[:, None, None])

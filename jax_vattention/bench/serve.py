@@ -39,7 +39,8 @@ from tqdm import tqdm
 from jax_vattention.bench.profile import KINDS, breakdown, traced_kernels
 from jax_vattention.app.cli import standalone
 from jax_vattention.cache.config import LAYOUTS
-from jax_vattention.app.assembly import cache_config_for, choose_kernel, mesh_for
+from jax_vattention.app.assembly import cache_config_for, cache_dtype, choose_kernel, mesh_for
+from jax_vattention.app.commands.model_source import add_kv_dtype_argument
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.app.memory_fit import check_fits
 from jax_vattention.bench.device_memory import device_lines
@@ -89,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"trace {PROFILE_STEPS} engine steps from step {PROFILE_FIRST_STEP} of the timed run "
                              "with the JAX profiler and print the device's busy and idle time per step by kernel "
                              "kind (see vattention bench profile); the figures outside those steps stay untraced")
+    add_kv_dtype_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel degree: the model (random weights made in their shards) and the cache "
@@ -150,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
     validate(args)
     device = jax.devices()[0]
     model_config = config_for_device(args.config, device)
-    backend, _ = choose_kernel(args.backend, args.layout, device, model_config.jnp_dtype)
+    backend, _ = choose_kernel(args.backend, args.layout, device, cache_dtype(model_config, args.kv_dtype))
     mesh = mesh_for(args.tp)
     devices = list(mesh.devices.flat) if mesh is not None else [device]
     if mesh is not None:
@@ -162,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         model = init_sharded(Llama, model_config, mesh, seed=args.seed)
     cache_config = cache_config_for(model_config, max_batch=args.max_batch, max_len=args.max_len, layout=args.layout,
                                     budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None,
-                                    page_bytes=args.page_kib * 1024 if args.page_kib else None)
+                                    page_bytes=args.page_kib * 1024 if args.page_kib else None, kv_dtype=args.kv_dtype)
     manager = CacheManager(cache_config, device) if mesh is None else ShardedCacheManager(cache_config, mesh)
     engine_config = EngineConfig(token_budget=args.token_budget, chunk_tokens=args.chunk_tokens,
                                  prefetch_tokens=args.prefetch_tokens, backend=backend,
@@ -270,7 +272,8 @@ def run(args: argparse.Namespace) -> int:
         ("prefix_sharing", engine.prefixes.active)))
     print(f"\nvattention serve-bench on {device.device_kind} ({device.platform}), {datetime.date.today()}"
           + (f", tensor parallel over {args.tp} devices" if mesh is not None else ""))
-    print(f"model {args.config} (random weights), {args.layout} cache, backend {engine_config.backend}, "
+    print(f"model {args.config} (random weights), {args.layout} cache of {np.dtype(cache_config.dtype).name}, "
+          f"backend {engine_config.backend}, "
           f"token budget {args.token_budget}, chunk rows of {args.chunk_tokens}, "
           f"{args.max_batch} slots x {manager.capacity} tokens, page {manager.page_bytes >> 10} KiB, "
           f"budget {stats['budget_pages'] * manager.page_bytes >> 20} MiB"
@@ -299,6 +302,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"steps {seconds[~mapping].mean() * 1e3:.2f} ms when no page was mapped, "
               f"{seconds[mapping].mean() * 1e3:.2f} ms when pages were mapped (before or during them): "
               f"{mapping.sum()} of {len(seconds)} steps")
+    decodes = np.array([r.decodes for r in records])
+    decodes = decodes[decodes > 0]
+    if decodes.size:   # the batch a budget sustains: what --kv-dtype float8_e4m3fn should double
+        print(f"decode batch: mean {decodes.mean():.1f}, p50 {np.percentile(decodes, 50):.0f}, peak {decodes.max()} "
+              "requests a step (over the steps that decoded any)")
     print(f"preemptions {engine.stats.preemptions}, prefills {engine.stats.prefills}")
     print(_prefix_report(engine, manager, stats))
     held = engine.stats.memory_bound_total

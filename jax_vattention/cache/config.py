@@ -9,6 +9,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jax_vattention.cache.quantization import check_scales, is_quantized
+
 # How a cache lays its layers out in virtual memory:
 #   "per_layer":   one K and one V buffer per layer, [max_batch, capacity, kv_heads, head_dim].
 #                  Any unpaged kernel (cuDNN too) reads a layer in place. A request holds at least
@@ -17,7 +19,12 @@ import numpy as np
 #                  holds a few tokens of every layer, so a request wastes at most one page per
 #                  buffer. Decode reads a layer in place with the Pallas kernel (backend "pallas").
 LAYOUTS = ("per_layer", "interleaved")
-DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+# float8_e4m3fn: an FP8 cache of codes and per-tensor scales (see jax_vattention.cache.quantization).
+DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32, jnp.float8_e4m3fn)
+# The dtypes XLA's CPU compiler has no native scatter or gather for: around one it converts the whole
+# operand to a wider type and back, which reads every page of a cache. On the CPU backend the writes
+# and the blocked kernel's reads of these go through host callbacks that touch only the live tokens.
+CPU_HOST_INDEXED_DTYPES = frozenset({jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float8_e4m3fn)})
 # The largest buffer (one layer's K or V, or all layers' in the interleaved layout): beyond any
 # device's virtual address space, and small enough that no size derived from it overflows.
 MAX_BUFFER_BYTES = 2**48
@@ -46,7 +53,13 @@ class CacheConfig:
         The cache holds ``max_batch`` slots of up to ``max_len`` tokens for
         each of ``num_layers`` layers; a token of one layer is
         ``kv_heads * head_dim`` values in K and as many in V.
-    dtype : bfloat16, float16 or float32
+    dtype : bfloat16, float16, float32 or float8_e4m3fn
+        What the buffers hold. ``float8_e4m3fn``: an FP8 cache, K and V stored as codes with the
+        per-tensor scales below (:mod:`jax_vattention.cache.quantization`): a token is half the
+        bytes of a 16-bit one, so a page holds twice the tokens. The model computes in its own
+        dtype; :func:`~jax_vattention.cache.writes.write_kv` quantizes and the attention kernels
+        dequantize. (One ``dtype``, not a second ``kv_dtype``: a cache has one dtype, the one its
+        buffers hold and every size here follows; what the model computes in is the model's.)
     page_bytes : int or None
         Size of one physical page; a multiple of the driver's granularity
         (2 MiB on the CUDA driver; 64 KiB on the CPU backend). None: the
@@ -66,6 +79,10 @@ class CacheConfig:
         layout: a page holds a token range of every layer, so a page can go only when every layer
         has a window (Mistral); with full layers among them (Gemma) nothing is unmapped.
     window_layers : tuple of int or None
+    k_scale, v_scale : float
+        An FP8 cache's static per-tensor scales (vLLM's ``k_scale`` / ``v_scale``): a key ``x``
+        is stored as ``x / k_scale`` rounded to e4m3. 1.0 (the default, as vLLM's uncalibrated
+        one) for any other dtype.
 
     Example::
 
@@ -86,6 +103,8 @@ class CacheConfig:
     layout: str = "per_layer"
     window: int | None = None
     window_layers: tuple[int, ...] | None = None
+    k_scale: float = 1.0
+    v_scale: float = 1.0
 
     def __post_init__(self):
         for name in ("num_layers", "max_batch", "max_len", "kv_heads", "head_dim"):
@@ -95,7 +114,9 @@ class CacheConfig:
             if value > MAX_BUFFER_BYTES:
                 raise ValueError(f"CacheConfig.{name}={value} is larger than 2**48: no cache can be that large")
         if jnp.dtype(self.dtype) not in [jnp.dtype(d) for d in DTYPES]:
-            raise ValueError(f"CacheConfig.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+            raise ValueError(f"CacheConfig.dtype must be bfloat16, float16, float32 or float8_e4m3fn, "
+                             f"got {self.dtype!r}")
+        check_scales(self.dtype, self.k_scale, self.v_scale, "CacheConfig")
         if self.page_bytes is not None and (not isinstance(self.page_bytes, (int, np.integer))
                                             or isinstance(self.page_bytes, bool) or not
                                             0 < self.page_bytes <= MAX_BUFFER_BYTES):
@@ -129,6 +150,11 @@ class CacheConfig:
             raise ValueError(f"a cache buffer of {self.max_batch} slots x {capacity} tokens x {self.token_bytes} "
                              f"bytes is {buffer_bytes} bytes, more than 2**48: lower max_batch, max_len or "
                              f"page_bytes")
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the buffers hold FP8 codes (see ``dtype``)."""
+        return is_quantized(self.dtype)
 
     @property
     def interleaved(self) -> bool:

@@ -14,6 +14,9 @@ updates them in place.
 static (part of the tree structure), so changing managers retraces. A dense
 cache (``manager_id == 0``) is an ordinary zero-filled cache with the same
 interface: the reference that tests compare against.
+
+An FP8 cache (``float8_e4m3fn`` arrays) holds codes; ``k_scale`` and ``v_scale`` (static, like
+``manager_id``) turn them back into keys and values (:mod:`jax_vattention.cache.quantization`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from jax_vattention.cache.quantization import as_stored, check_scales, is_quantized
 
 
 @jax.tree_util.register_dataclass
@@ -40,6 +45,25 @@ class KVCache:
     v: tuple[jax.Array, ...]
     manager_id: int = dataclasses.field(default=0, metadata=dict(static=True))
     interleaved: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    k_scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+    v_scale: float = dataclasses.field(default=1.0, metadata=dict(static=True))
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the arrays hold FP8 codes, read back with ``k_scale`` and ``v_scale``."""
+        return is_quantized(self.k[0].dtype)
+
+    @property
+    def kv_scales(self) -> dict[str, float]:
+        """``dict(k_scale=..., v_scale=...)``: what :func:`~jax_vattention.attention.attend` takes to
+        read this cache."""
+        return dict(k_scale=self.k_scale, v_scale=self.v_scale)
+
+    def as_stored(self, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """New keys and values as a kernel reading this cache sees them once written: cast to its
+        dtype, or for an FP8 cache quantized and dequantized back to their own dtype."""
+        dtype = self.k[0].dtype
+        return as_stored(k, dtype, self.k_scale), as_stored(v, dtype, self.v_scale)
 
     @property
     def num_layers(self) -> int:
@@ -73,8 +97,11 @@ class KVCache:
 
     @staticmethod
     def dense(*, num_layers: int, max_batch: int, capacity: int, kv_heads: int,
-              head_dim: int, dtype=jnp.bfloat16, device=None, interleaved: bool = False) -> "KVCache":
-        """A plain contiguous cache of zeros: the reference for the virtual one."""
+              head_dim: int, dtype=jnp.bfloat16, device=None, interleaved: bool = False,
+              k_scale: float = 1.0, v_scale: float = 1.0) -> "KVCache":
+        """A plain contiguous cache of zeros: the reference for the virtual one (an FP8 one with
+        ``k_scale`` and ``v_scale``)."""
+        k_scale, v_scale = check_scales(dtype, k_scale, v_scale, "KVCache")
         layers = (num_layers,) if interleaved else ()
         shape = (max_batch, capacity, *layers, kv_heads, head_dim)
         def zeros():
@@ -82,4 +109,5 @@ class KVCache:
             return jax.device_put(array, device) if device is not None else array
         buffers = 1 if interleaved else num_layers
         return KVCache(k=tuple(zeros() for _ in range(buffers)),
-                       v=tuple(zeros() for _ in range(buffers)), interleaved=interleaved)
+                       v=tuple(zeros() for _ in range(buffers)), interleaved=interleaved, k_scale=k_scale,
+                       v_scale=v_scale)

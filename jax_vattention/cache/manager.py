@@ -44,6 +44,7 @@ _DLPACK_DTYPES = {  # dtype -> (DLPack type code, bits)
     jnp.dtype(jnp.float32): (2, 32),
     jnp.dtype(jnp.float16): (2, 16),
     jnp.dtype(jnp.bfloat16): (4, 16),
+    jnp.dtype(jnp.float8_e4m3fn): (10, 8),  # kDLFloat8_e4m3fn (DLPack 1.1); JAX imports it without a copy
 }
 
 
@@ -141,7 +142,7 @@ class CacheManager(PrefixSharing, Forks):
     def _wrap(self, buffers: list[jax.Array]) -> KVCache:
         half = self.config.num_buffers // 2
         return KVCache(k=tuple(buffers[:half]), v=tuple(buffers[half:]), manager_id=self._id,
-                       interleaved=self.config.interleaved)
+                       interleaved=self.config.interleaved, k_scale=self.config.k_scale, v_scale=self.config.v_scale)
 
     @property
     def cache(self) -> KVCache:
@@ -178,6 +179,10 @@ class CacheManager(PrefixSharing, Forks):
                 or any(b.shape != self._shape or b.dtype != jnp.dtype(self.config.dtype) for b in buffers)):
             raise ValueError(f"the cache's buffers do not match manager {self._id}'s: expected {half} K and "
                              f"{half} V arrays of shape {self._shape} and dtype {jnp.dtype(self.config.dtype)}")
+        if (cache.k_scale, cache.v_scale) != (self.config.k_scale, self.config.v_scale):
+            raise ValueError(f"the cache's scales (k_scale={cache.k_scale}, v_scale={cache.v_scale}) are not "
+                             f"manager {self._id}'s ({self.config.k_scale}, {self.config.v_scale}): its codes "
+                             "would be read back wrong")
 
     def _check_usable(self) -> None:
         if self._closed:

@@ -149,7 +149,7 @@ class ShardedCacheManager:
                    for per_buffer in zip(*shards)]
         half = len(buffers) // 2
         return KVCache(k=tuple(buffers[:half]), v=tuple(buffers[half:]), manager_id=self._id,
-                       interleaved=self.config.interleaved)
+                       interleaved=self.config.interleaved, k_scale=self.config.k_scale, v_scale=self.config.v_scale)
 
     @property
     def manager_id(self) -> int:
@@ -180,7 +180,7 @@ class ShardedCacheManager:
             buffers = [_shard_on(array, self.devices[index]) for array in (*cache.k, *cache.v)]
             half = len(buffers) // 2
             manager.cache = KVCache(k=tuple(buffers[:half]), v=tuple(buffers[half:]), manager_id=manager.manager_id,
-                                    interleaved=cache.interleaved)
+                                    interleaved=cache.interleaved, k_scale=cache.k_scale, v_scale=cache.v_scale)
 
     @property
     def lost(self) -> bool:
@@ -199,6 +199,10 @@ class ShardedCacheManager:
                 or any(b.shape != self._shape or b.dtype != jnp.dtype(self.config.dtype) for b in buffers)):
             raise ValueError(f"the cache's buffers do not match manager {self._id}'s: expected {half} K and "
                              f"{half} V arrays of shape {self._shape} and dtype {jnp.dtype(self.config.dtype)}")
+        if (cache.k_scale, cache.v_scale) != (self.config.k_scale, self.config.v_scale):
+            raise ValueError(f"the cache's scales (k_scale={cache.k_scale}, v_scale={cache.v_scale}) are not "
+                             f"manager {self._id}'s ({self.config.k_scale}, {self.config.v_scale}): its codes "
+                             "would be read back wrong")
         if any(not b.sharding.is_equivalent_to(self._sharding, b.ndim) for b in buffers):
             raise ValueError(f"the cache's buffers are not sharded on the KV-heads axis over the mesh "
                              f"({self.spec}): keep the sharding the manager's cache has")

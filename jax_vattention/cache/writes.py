@@ -6,11 +6,16 @@ write here is therefore a scatter whose every dropped token gets an
 out-of-bounds index, which XLA skips entirely, instead of a masked
 ``dynamic_update_slice`` that would still store the whole window.
 
-On the CPU backend a bfloat16 cache is written by a host callback that stores
-the tokens in place: XLA's CPU compiler has no bfloat16 scatter (nor
-dynamic-update-slice) and converts the whole buffer to float32 and back around
-one, which reads and writes every page of the cache, so the OS commits them
-all; a bit-cast to ``uint16`` is a whole-buffer copy there too.
+On the CPU backend a bfloat16 or FP8 cache is written by a host callback that
+stores the tokens in place: XLA's CPU compiler has no bfloat16 (or float8)
+scatter (nor dynamic-update-slice) and converts the whole buffer to a wider
+type and back around one, which reads and writes every page of the cache, so
+the OS commits them all; a bit-cast to an integer type is a whole-buffer copy
+there too.
+
+An FP8 cache (:mod:`jax_vattention.cache.quantization`) takes keys and values
+in the model's dtype and stores their codes: quantizing is part of the write,
+so nothing else ever puts unscaled values into it.
 """
 
 from __future__ import annotations
@@ -22,11 +27,13 @@ from jax import lax
 
 from jax.experimental.buffer_callback import buffer_callback
 
+from jax_vattention.cache.config import CPU_HOST_INDEXED_DTYPES
 from jax_vattention.cache.kv_cache import KVCache
+from jax_vattention.cache.quantization import quantize
 
 
 def _store_on_host(context, out, buffer, indices, updates) -> None:
-    """The CPU bfloat16 scatter: ``out`` is ``buffer`` (aliased); rows of ``indices`` that are out of
+    """The CPU bfloat16 / FP8 scatter: ``out`` is ``buffer`` (aliased); rows of ``indices`` that are out of
     bounds are dropped, as ``FILL_OR_DROP`` does. Only the pages of the kept tokens are touched."""
     del context, buffer  # the same memory as out
     target = np.asarray(out)
@@ -84,7 +91,7 @@ def scatter_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array,
                            indices_are_sorted=False, unique_indices=True,
                            mode=lax.GatherScatterMode.FILL_OR_DROP)
 
-    if jnp.dtype(buffer.dtype) != jnp.dtype(jnp.bfloat16):
+    if jnp.dtype(buffer.dtype) not in CPU_HOST_INDEXED_DTYPES:
         return scatter(buffer, indices, updates)
     return lax.platform_dependent(buffer, indices, updates, cpu=_scatter_in_place_on_host, default=scatter)
 
@@ -92,6 +99,10 @@ def scatter_tokens(buffer: jax.Array, new: jax.Array, start: jax.Array,
 def write_kv(cache: KVCache, layer: int, k: jax.Array, v: jax.Array, start: jax.Array,
              count: jax.Array, slots: jax.Array | None = None) -> KVCache:
     """Write one layer's new keys and values; see :func:`scatter_tokens` for the shapes.
+
+    ``k`` and ``v`` are in the cache's dtype, or for an FP8 cache in any 16- or 32-bit float dtype
+    (the model's): their codes are stored, ``k / cache.k_scale`` and ``v / cache.v_scale`` rounded
+    to e4m3 and saturated at +-448 (:func:`~jax_vattention.cache.quantization.quantize`).
 
     Example::
 
@@ -102,7 +113,11 @@ def write_kv(cache: KVCache, layer: int, k: jax.Array, v: jax.Array, start: jax.
         if new.ndim != 4 or new.shape[2:] != buffer.shape[-2:]:
             raise ValueError(f"{name} has shape {new.shape}; expected [batch, tokens, "
                              f"{buffer.shape[-2]}, {buffer.shape[-1]}] for this cache")
-        if new.dtype != buffer.dtype:
+        if cache.quantized:
+            if not jnp.issubdtype(new.dtype, jnp.floating) or jnp.dtype(new.dtype).itemsize < 2:
+                raise ValueError(f"{name} has dtype {new.dtype}; an FP8 cache takes keys and values in the "
+                                 "model's 16- or 32-bit float dtype and quantizes them itself")
+        elif new.dtype != buffer.dtype:
             raise ValueError(f"{name} has dtype {new.dtype}; the cache holds {buffer.dtype}: cast it first")
     if start.shape != (k.shape[0],) or count.shape != (k.shape[0],):
         raise ValueError(f"start and count must have shape [batch] = ({k.shape[0]},); "
@@ -110,6 +125,8 @@ def write_kv(cache: KVCache, layer: int, k: jax.Array, v: jax.Array, start: jax.
     position = 0 if cache.interleaved else layer
     new_k = list(cache.k)
     new_v = list(cache.v)
+    if cache.quantized:
+        k, v = quantize(k, cache.k_scale, k_buffer.dtype), quantize(v, cache.v_scale, v_buffer.dtype)
     new_k[position] = scatter_tokens(k_buffer, k, start, count, slots, index)
     new_v[position] = scatter_tokens(v_buffer, v, start, count, slots, index)
     return cache.replace(k=tuple(new_k), v=tuple(new_v))

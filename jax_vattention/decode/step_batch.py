@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_vattention.attention import attend, check_backend, chunk_attention, xla_attention
+from jax_vattention.attention.reference import fold_kv_scales, scale_values
 from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.decode.sampling import SamplingParams, choose_tokens
 from jax_vattention.cache.writes import write_kv
@@ -106,7 +107,8 @@ class StepBatch:
                          softcap: float | None = None) -> tuple[jax.Array, KVCache]:
         """Writes one layer's new keys and values, then attends each part over the cache.
 
-        q [1, D + R*C, N, H]; k, v [1, D + R*C, K, H] in the cache's dtype; ``scale``, ``window``
+        q [1, D + R*C, N, H]; k, v [1, D + R*C, K, H] in the cache's dtype (for an FP8 cache the
+        model's: :func:`~jax_vattention.cache.writes.write_kv` quantizes them); ``scale``, ``window``
         and ``softcap`` as :func:`~jax_vattention.attention.attend` takes them.
         Returns the attention output [1, D + R*C, N, H] and the cache.
         """
@@ -125,6 +127,7 @@ class StepBatch:
         if chunks:
             cache = write_kv(cache, layer, k_c, v_c, self.chunk_start, self.chunk_count, self.chunk_slots)
         k_cache, v_cache, index = cache.layer(layer)
+        mask.update(cache.kv_scales)  # an FP8 cache's scales (1.0 otherwise)
         out = [attend(q_d, k_cache, v_cache, q_positions=self.decode_positions[:, None],
                       kv_lengths=self.decode_positions + self.decode_count, backend=backend,
                       slots=self.decode_slots, layer=index, **mask).reshape(rows, *q.shape[2:])]  # [D, N, H]
@@ -134,8 +137,10 @@ class StepBatch:
             if backend == "xla":  # the reference reads whole rows: dense caches and tests only
                 gathered = (k_cache[jnp.minimum(self.chunk_slots, k_cache.shape[0] - 1)],
                             v_cache[jnp.minimum(self.chunk_slots, v_cache.shape[0] - 1)])
-                chunk_out = xla_attention(q_c, *gathered, positions, jnp.where(
-                    self.chunk_slots < k_cache.shape[0], lengths, 0), layer=index, **mask)
+                chunk_out = scale_values(xla_attention(
+                    q_c, *gathered, positions, jnp.where(self.chunk_slots < k_cache.shape[0], lengths, 0),
+                    layer=index, scale=fold_kv_scales(scale, q.shape[-1], cache.k_scale), window=window,
+                    softcap=softcap), cache.v_scale)
             else:
                 chunk_out = chunk_attention(q_c, k_cache, v_cache, slots=self.chunk_slots,
                                             q_positions=positions, kv_lengths=lengths, layer=index,

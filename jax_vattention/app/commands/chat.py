@@ -25,14 +25,16 @@ def chat_prompt(tokenizer, question: str) -> list[int]:
 
 def stream_chat(model, tokenizer, question: str, *, stop_tokens: tuple[int, ...], max_new_tokens: int,
                 max_len: int, layout: str, backend: str, temperature: float, top_k: int, top_p: float,
-                seed: int, out: TextIO | None = None) -> list[int]:
+                seed: int, out: TextIO | None = None, kv_dtype: str | None = None) -> list[int]:
     """Generate the answer to ``question``, printing its text to ``out`` (default: standard
     output) as tokens arrive; a line on standard error then gives the counts and the time.
+    ``kv_dtype``: what the cache holds (``--kv-dtype``; None: the model's dtype).
 
     Returns the answer's token ids (with the stop token that ended it, if any).
     """
     out = sys.stdout if out is None else out
     import jax_vattention as jv
+    from jax_vattention.app.assembly import cache_config_for
     from jax_vattention.engine import Engine, EngineConfig, Request
 
     config = model.config
@@ -40,9 +42,7 @@ def stream_chat(model, tokenizer, question: str, *, stop_tokens: tuple[int, ...]
     if len(prompt) + max_new_tokens > max_len:
         raise ValueError(f"the chat prompt has {len(prompt)} tokens; with --max-new-tokens {max_new_tokens} "
                          f"it needs --max-len of at least {len(prompt) + max_new_tokens}")
-    cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=1, max_len=max_len,
-                                  kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                                  dtype=config.jnp_dtype, layout=layout, **config.cache_windows())
+    cache_config = cache_config_for(config, max_batch=1, max_len=max_len, layout=layout, kv_dtype=kv_dtype)
     # Each engine step decodes one token, so the printed answer grows token by token.
     engine_config = EngineConfig(backend=backend, max_stop_tokens=max(1, len(stop_tokens)), seed=seed)
     answer: list[int] = []

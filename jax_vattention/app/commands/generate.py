@@ -173,7 +173,8 @@ def _chat(args: argparse.Namespace, loaded, backend: str, layout: str, max_len: 
           f"{layout} cache, backend: {backend}", file=sys.stderr)
     stream_chat(loaded.model, loaded.tokenizer, args.chat, stop_tokens=loaded.stop_tokens,
                 max_new_tokens=args.max_new_tokens, max_len=max_len, layout=layout, backend=backend,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                kv_dtype=args.kv_dtype)
     return 0
 
 
@@ -196,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
         options = dict(max_new_tokens=args.max_new_tokens, stop_tokens=loaded.stop_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, backend=backend)
         print(f"model: {loaded.source}; {config.num_layers} layers, {config.dtype}; device: {jax.devices()[0]}; "
-              f"{layout} cache, backend: {backend}")
+              f"{layout} cache of {np.dtype(built.cache_config.dtype).name}, backend: {backend}")
         model, generate = loaded.model, generate_in_manager
         if mesh is not None:
             print(f"tensor parallel over {args.tp} devices: {', '.join(map(str, mesh.devices.flat))}")

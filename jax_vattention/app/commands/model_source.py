@@ -11,6 +11,8 @@ import os
 import jax
 
 DTYPES = ("float32", "bfloat16", "float16")
+# What --kv-dtype may name: the model's dtypes, or an FP8 cache (jax_vattention.cache.quantization).
+KV_DTYPES = (*DTYPES, "float8_e4m3fn")
 
 
 class ByteTokenizer:
@@ -60,7 +62,7 @@ class LoadedModel:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model DIR`` | ``--config NAME``, ``--dtype``, ``--seed``."""
+    """``--model DIR`` | ``--config NAME``, ``--dtype``, ``--kv-dtype``, ``--seed``."""
     from jax_vattention.models.configs import CONFIGS
 
     source = parser.add_mutually_exclusive_group()
@@ -72,7 +74,16 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES,
                         help="weights, activations and cache; default: the model's (bfloat16 on GPU "
                              "for a float32 model)")
+    add_kv_dtype_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
+
+
+def add_kv_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    """``--kv-dtype``: what the KV cache holds, when it is not the model's dtype."""
+    parser.add_argument("--kv-dtype", choices=KV_DTYPES, default=None,
+                        help="what the KV cache stores, default the model's dtype; float8_e4m3fn: an FP8 cache "
+                             "(e4m3 codes, per-tensor scales of 1.0 as vLLM's default): twice the tokens per page "
+                             "and budget, read by the Pallas kernels (not cuDNN)")
 
 
 def check_model_arguments(args: argparse.Namespace) -> None:

@@ -129,6 +129,7 @@ def _chunk_kernel(
         token_valid = (token < length) & (token >= lower)
         tokens = pl.ds(tile * block_k, block_k)
         k = plgpu.load(k_ref.at[slot, tokens, :], mask=token_valid[:, None], other=0)  # [block_k, head_dim]
+        k = k.astype(q.dtype)  # FP8 codes to the query's dtype (exact); else a no-op
         dots = plgpu.dot(q, k, trans_b=True, precision=precision)  # [rows, block_k]
         if softcap is None:
             logits = dots * scale_log2
@@ -143,6 +144,7 @@ def _chunk_kernel(
         rescale = jnp.exp2(row_max - safe_max)  # [rows]
         probs = jnp.exp2(logits - safe_max[:, None])  # [rows, block_k]; 0 where not visible
         v = plgpu.load(v_ref.at[slot, tokens, :], mask=token_valid[:, None], other=0)  # [block_k, head_dim]
+        v = v.astype(q.dtype)  # FP8 codes to the query's dtype (exact); else a no-op
         acc = acc * rescale[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=precision)
         row_sum = row_sum * rescale + probs.sum(axis=1)
         return acc, new_max, row_sum
@@ -208,7 +210,9 @@ def chunk_attention(
       ``[rows, q_len, q_heads, head_dim]``, bfloat16, float16 or float32.
     k_cache, v_cache : jax.Array
       ``[max_batch, max_len, kv_heads, head_dim]``, or a layer-interleaved ``[max_batch, max_len, layers,
-      kv_heads, head_dim]`` read at ``layer``. Same dtype as ``q``. Only tokens ``[0, kv_lengths[r])`` of
+      kv_heads, head_dim]`` read at ``layer``. Same dtype as ``q``, or FP8 codes (``float8_e4m3fn``,
+      converted to ``q``'s dtype as loaded; their scales are the caller's: see
+      :func:`~jax_vattention.attention.reference.fold_kv_scales`). Only tokens ``[0, kv_lengths[r])`` of
       cache row ``slots[r]`` are read.
     slots : jax.Array
       int32 ``[rows]``. A slot outside ``[0, max_batch)`` is padding: its row reads nothing and gets zeros.

@@ -127,6 +127,7 @@ def _decode_split_kernel(
         token_valid = (token < length) & (token >= lower)
         tokens = pl.ds(tile * block_k, block_k)
         k = plgpu.load(k_ref.at[tokens, :], mask=token_valid[:, None], other=0)  # [block_k, head_dim]
+        k = k.astype(q.dtype)  # FP8 codes to the query's dtype (exact); else a no-op
         dots = plgpu.dot(q, k, trans_b=True, precision=precision)  # [block_h, block_k]
         if softcap is None:
             logits = dots * scale_log2
@@ -138,6 +139,7 @@ def _decode_split_kernel(
         rescale = jnp.exp2(row_max - new_max)  # [block_h]
         probs = jnp.exp2(logits - new_max[:, None])  # [block_h, block_k]
         v = plgpu.load(v_ref.at[tokens, :], mask=token_valid[:, None], other=0)  # [block_k, head_dim]
+        v = v.astype(q.dtype)  # FP8 codes to the query's dtype (exact); else a no-op
         acc = acc * rescale[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=precision)
         row_sum = row_sum * rescale + probs.sum(axis=1)
         return acc, new_max, row_sum
@@ -213,8 +215,9 @@ def decode_attention(
       ``[batch, q_heads, head_dim]``, bfloat16, float16 or float32.
     k_cache, v_cache : jax.Array
       ``[max_batch, max_len, kv_heads, head_dim]`` with ``batch <= max_batch``, or a layer-interleaved
-      ``[max_batch, max_len, layers, kv_heads, head_dim]`` read at ``layer``. Same dtype as ``q``.
-      Only tokens ``[0, lengths[b])`` of slots ``[0, batch)`` are read (with a ``window``, only
+      ``[max_batch, max_len, layers, kv_heads, head_dim]`` read at ``layer``. Same dtype as ``q``, or
+      FP8 codes (``float8_e4m3fn``, converted to ``q``'s dtype as loaded; their scales are the
+      caller's: see :func:`~jax_vattention.attention.reference.fold_kv_scales`). Only tokens ``[0, lengths[b])`` of slots ``[0, batch)`` are read (with a ``window``, only
       ``[max(lengths[b] - window, 0), lengths[b])``).
     lengths : jax.Array
       int32 ``[batch]``, each in ``[0, max_len]``. A slot of length 0 gets zeros.

@@ -89,7 +89,7 @@ def check_inputs(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer) -> 
         raise ValueError(f"q must be [rows, q_len, q_heads, head_dim], got shape {q.shape}")
     rows, q_len, q_heads, head_dim = q.shape
     check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
-    check_supported(q.dtype, head_dim, q_heads // k_cache.shape[-2], k_cache.shape[1])
+    check_supported(k_cache.dtype, head_dim, q_heads // k_cache.shape[-2], k_cache.shape[1])
     keys.check_tma_extent(k_cache.shape)
     if slots.shape != (rows,) or slots.dtype != jnp.int32:
         raise ValueError(f"slots must be int32 [rows={rows}], got {slots.dtype} {slots.shape}")

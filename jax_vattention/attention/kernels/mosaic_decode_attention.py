@@ -137,7 +137,7 @@ def check_inputs(q, k_cache, v_cache, lengths, layer) -> None:
         raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
     batch, q_heads, head_dim = q.shape
     check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
-    check_supported(q.dtype, head_dim, q_heads // k_cache.shape[-2], k_cache.shape[1])
+    check_supported(k_cache.dtype, head_dim, q_heads // k_cache.shape[-2], k_cache.shape[1])
     keys.check_tma_extent(k_cache.shape)
     if batch > k_cache.shape[0]:
         raise ValueError(f"batch ({batch}) exceeds the cache's max_batch ({k_cache.shape[0]})")

@@ -4,23 +4,30 @@ A kernel reads ``[max_batch, max_len, kv_heads, head_dim]`` caches, or one ``lay
 layer-interleaved ``[max_batch, max_len, layers, kv_heads, head_dim]`` ones, in place: the
 shapes, dtypes and the layer are checked before anything is traced, so a mistake is a
 ``ValueError`` that names it rather than an error from inside a compiled kernel.
+
+A cache is the query's dtype, or an FP8 cache (``float8_e4m3fn`` codes) under a 16- or 32-bit
+query: the kernels convert its tiles to the query's dtype as they load them.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 
+from jax_vattention.cache.quantization import is_quantized
+
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def supported(dtype, head_dim: int) -> bool:
-    """Whether the kernels take a cache of ``dtype`` with ``head_dim`` (a power of two in [16, 256])."""
-    return (jnp.dtype(dtype) in tuple(map(jnp.dtype, SUPPORTED_DTYPES))
+    """Whether the kernels take a cache of ``dtype`` (16- or 32-bit, or FP8) with ``head_dim`` (a power
+    of two in [16, 256])."""
+    return ((jnp.dtype(dtype) in tuple(map(jnp.dtype, SUPPORTED_DTYPES)) or is_quantized(dtype))
             and 16 <= head_dim <= 256 and not head_dim & (head_dim - 1))
 
 
 def check_cache_operands(q_dtype, q_heads: int, head_dim: int, k_cache, v_cache, layer) -> None:
-    """``ValueError`` unless ``k_cache`` and ``v_cache`` are caches of one shape and the query's dtype,
+    """``ValueError`` unless ``k_cache`` and ``v_cache`` are caches of one shape and the query's dtype
+    (or both FP8),
     ``layer`` is given exactly for an interleaved one and in range, ``head_dim`` is the cache's and
     supported, and ``q_heads`` is a multiple of the cache's KV heads (GQA)."""
     if k_cache.ndim not in (4, 5):
@@ -40,8 +47,10 @@ def check_cache_operands(q_dtype, q_heads: int, head_dim: int, k_cache, v_cache,
         )
     if layer is not None and not 0 <= layer < k_cache.shape[2]:
         raise ValueError(f"layer {layer} out of range for {k_cache.shape[2]} layers")
-    if not q_dtype == k_cache.dtype == v_cache.dtype:
-        raise ValueError(f"q, k_cache and v_cache dtypes differ: {q_dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    cache_dtype = q_dtype if is_quantized(k_cache.dtype) else k_cache.dtype
+    if not (q_dtype == cache_dtype and k_cache.dtype == v_cache.dtype):
+        raise ValueError(f"q, k_cache and v_cache dtypes differ: {q_dtype}, {k_cache.dtype}, {v_cache.dtype} "
+                         "(a cache is the query's dtype, or float8_e4m3fn for both K and V)")
     if q_dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"dtype {q_dtype} not supported; use bfloat16, float16 or float32")
     kv_heads, cache_head_dim = k_cache.shape[-2], k_cache.shape[-1]
