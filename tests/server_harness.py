@@ -17,6 +17,7 @@ import threading
 import time
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import uvicorn
 from flax import nnx
@@ -50,17 +51,23 @@ def tiny_model() -> Llama:
 @contextlib.contextmanager
 def compile_cache():
     """JAX's persistent compilation cache in a folder shared by the session's servers, then the
-    settings as they were."""
+    settings as they were.
+
+    JAX decides once per process whether the cache is used and keeps writing every later compile to
+    it; ``reset_cache`` makes it decide again, on entry and on exit, so the rest of the suite runs
+    without it."""
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     before = {name: getattr(jax.config, name) for name in names}
     for name, value in zip(names, (_CACHE_DIR, 0, 0)):
         jax.config.update(name, value)
+    compilation_cache.reset_cache()
     try:
         yield
     finally:
         for name, value in before.items():
             jax.config.update(name, value)
+        compilation_cache.reset_cache()
 
 
 def free_port() -> int:
