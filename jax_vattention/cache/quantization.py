@@ -54,12 +54,17 @@ def is_quantized(dtype) -> bool:
 def quantize(x: jax.Array, scale: float, dtype=FP8) -> jax.Array:
     """The codes of ``x``: ``x / scale`` rounded to ``dtype``, saturating at its largest finite value.
 
+    ``x / scale`` is computed as ``x * float32(1 / scale)``, as vLLM's kernels do with an inverted scale:
+    compilers turn a division by a constant into that product anyway (XLA's CPU compiler does), and
+    writing it out makes every backend round the same way (a reference computes it in numpy alike).
+    Infinities saturate too; NaN stays NaN.
+
     Example::
 
         quantize(jnp.array([1.0, 1000.0, 0.3]), 2.0)  # codes 0.5, 448 (saturated), 0.15625
     """
     largest = float(jnp.finfo(dtype).max)
-    scaled = x.astype(jnp.float32) / jnp.float32(scale)
+    scaled = x.astype(jnp.float32) * jnp.float32(1.0 / scale)  # one rounding of 1 / scale, then one per value
     return jnp.clip(scaled, -largest, largest).astype(dtype)
 
 
