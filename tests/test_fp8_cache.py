@@ -407,7 +407,7 @@ def test_vattention_generate_runs_on_an_fp8_cache_and_says_so(capsys):
     from jax_vattention.app.cli import main
 
     assert main(["generate", "--kv-dtype", "float8_e4m3fn", "--batch", "2", "--prompt-len", "8",
-                 "--max-new-tokens", "4", "--max-len", "64"]) == 0
+                 "--max-new-tokens", "4", "--max-len", "64", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "interleaved cache of float8_e4m3fn, backend: blocked" in out
     assert "-> 4 new" in out
@@ -421,3 +421,19 @@ def test_the_commands_refuse_cudnn_for_an_fp8_cache_with_what_to_pass():
     with pytest.raises(ValueError, match="backend 'cudnn': cuDNN cannot read an FP8 cache.*use backend 'pallas'"):
         choose_kernel("cudnn", "auto", HOPPER, dtype)
     assert choose_kernel("auto", "auto", HOPPER, dtype) == ("pallas", "interleaved")
+
+
+@pytest.mark.slow
+def test_bench_decode_times_each_cache_dtype_and_compares_them(tmp_path, capsys):
+    from jax_vattention.app.cli import main
+
+    assert main(["bench", "decode", "--batch", "2", "--context", "16", "--steps", "2", "--repeats", "1",
+                 "--modes", "virtual_interleaved", "paged_cudnn", "--kv-dtype", "float32", "float8_e4m3fn",
+                 "--out", str(tmp_path)]) == 0
+    report = capsys.readouterr().out
+    header, *rows = [row.split(",") for row in (tmp_path / "decode.csv").read_text().splitlines()]
+    rows = [dict(zip(header, row)) for row in rows]
+    assert [(r["mode"], r["kv_dtype"]) for r in rows] == [("virtual_interleaved", "float32"), ("paged_cudnn", "float32"),
+                                                          ("virtual_interleaved", "float8_e4m3fn")]
+    assert all(float(r["step_ms"]) > 0 for r in rows) and rows[2]["backend"] == "blocked"
+    assert "float8_e4m3fn / float32, tp 1 batch 2 context 16 virtual_interleaved: " in report

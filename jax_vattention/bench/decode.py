@@ -20,6 +20,11 @@ fast as the best paged cache or faster). A point that does not fit in memory is 
 note ``out of memory`` and no time. Off a GPU the grid is tiny and the numbers say nothing about a
 GPU (the report says so).
 
+``--kv-dtype bfloat16 float8_e4m3fn`` times the static and virtual modes of every point with each cache
+dtype (an FP8 cache: :mod:`~jax_vattention.cache.quantization`; the paged kernels take 16-bit caches, so
+their rows are timed with the model's dtype only) and prints each dtype's step time against the first's:
+what an FP8 cache saves in the step, where the roofline's KV bytes halve too.
+
 ``--tp 1 2`` times every point at each tensor-parallel degree (the model made in its shards and a
 :class:`~jax_vattention.ShardedCacheManager` over the first N devices; virtual caches only above
 TP 1) and prints each degree's step time against TP 1's.
@@ -46,6 +51,8 @@ from jax_vattention.bench.attention import copy_ceiling
 from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.app.cli import standalone
 from jax_vattention.cache.config import CacheConfig
+from jax_vattention.cache.quantization import is_quantized
+from jax_vattention.app.commands.model_source import KV_DTYPES
 from jax_vattention.bench.decode_chunk import decode_chunk_fn
 from jax_vattention.app.memory_fit import weight_bytes_per_device
 from jax_vattention.cache.manager import CacheManager
@@ -62,7 +69,7 @@ BLOCK_SIZES = {"paged_cudnn": 64, "paged_pallas": 128}
 GPU_GRID = {"config": "llama-3-8b", "batch": (1, 16, 64), "context": (2048, 8192)}
 CPU_GRID = {"config": "tiny", "batch": (1, 4), "context": (64,)}
 FIELDS = ("card", "date", "config", "batch", "context", "mode", "backend", "step_ms", "tokens_per_s",
-          "roofline_ms", "vs_roofline", "vs_best_paged", "block_size", "note", "tp")
+          "roofline_ms", "vs_roofline", "vs_best_paged", "block_size", "note", "tp", "kv_dtype")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -78,16 +85,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("out") / "bench-decode")
     parser.add_argument("--tp", type=int, nargs="+", default=[1],
                         help="tensor-parallel degrees to time (default 1); above 1: virtual caches only")
+    parser.add_argument("--kv-dtype", nargs="+", choices=KV_DTYPES, default=None,
+                        help="what the cache stores (default the model's dtype); several: each point is timed with "
+                             "each, e.g. bfloat16 float8_e4m3fn (the paged modes: the model's dtype only)")
 
 
 def make_cache(mode: str, model_config, batch: int, capacity: int, context: int, device,
-               block_size: int | None = None, mesh=None):
+               block_size: int | None = None, mesh=None, kv_dtype=None):
     """The cache of ``mode`` with ``context`` tokens in each of ``batch`` slots; (cache, manager or None).
 
     The static and paged caches hold zeros (the step's work does not depend on the values); a
     paged cache gets ``block_size`` tokens per block (default :data:`BLOCK_SIZES`). Over a
-    ``mesh``: a :class:`ShardedCacheManager`'s (virtual modes only)."""
-    dtype = model_config.jnp_dtype
+    ``mesh``: a :class:`ShardedCacheManager`'s (virtual modes only). ``kv_dtype``: what the cache
+    holds (None: the model's dtype)."""
+    dtype = jnp.dtype(kv_dtype) if kv_dtype else model_config.jnp_dtype
     shape = dict(num_layers=model_config.num_layers, max_batch=batch, capacity=capacity,
                  kv_heads=model_config.num_kv_heads, head_dim=model_config.head_dim, dtype=dtype, device=device)
     if mode == "static":
@@ -104,22 +115,22 @@ def make_cache(mode: str, model_config, batch: int, capacity: int, context: int,
     return manager.cache, manager
 
 
-def mode_backend(mode: str, platform: str) -> str:
+def mode_backend(mode: str, platform: str, kv_dtype=None) -> str:
     """The attention backend a mode runs: the paged kernel it names on a GPU (the paged reference
-    elsewhere), else the device's default for the layout."""
+    elsewhere), else the device's default for the layout and the cache's dtype (``kv_dtype``)."""
     if mode in PAGED_MODES:
         return mode.removeprefix("paged_") if platform == "gpu" else "xla"
-    return default_backend("interleaved" if mode == "virtual_interleaved" else "per_layer", platform)
+    return default_backend("interleaved" if mode == "virtual_interleaved" else "per_layer", platform, kv_dtype)
 
 
 def time_step(model, mode: str, batch: int, context: int, steps: int, repeats: int, device,
-              block_size: int | None = None, mesh=None):
+              block_size: int | None = None, mesh=None, kv_dtype=None):
     """Median seconds per decode step, and the backend that ran it (over ``mesh``: the model must
-    be split over it)."""
+    be split over it; ``kv_dtype``: the cache's, None for the model's)."""
     config = model.config
     capacity = context + (repeats + 2) * steps
-    cache, manager = make_cache(mode, config, batch, capacity, context, device, block_size, mesh)
-    backend = mode_backend(mode, device.platform)
+    cache, manager = make_cache(mode, config, batch, capacity, context, device, block_size, mesh, kv_dtype)
+    backend = mode_backend(mode, device.platform, kv_dtype)
     model, specs = place(model, manager)
     graphdef, state = nnx.split(model)
     decode = decode_chunk_fn(graphdef, backend, steps, sampling=False, specs=specs)
@@ -151,15 +162,17 @@ def out_of_memory(error: Exception) -> bool:
     return isinstance(error, (MemoryError, OutOfPagesError)) or jax_internals.out_of_memory(error)
 
 
-def roofline_seconds(model, batch: int, context: int, bandwidth: float | None, tp: int = 1) -> float | None:
+def roofline_seconds(model, batch: int, context: int, bandwidth: float | None, tp: int = 1,
+                     kv_dtype=None) -> float | None:
     """(weights + live KV bytes) / copy bandwidth, or None without a measured bandwidth; at ``tp``
-    devices, one device's share of them (the devices read theirs at once)."""
+    devices, one device's share of them (the devices read theirs at once). ``kv_dtype``: the cache's
+    (None: the model's)."""
     if not bandwidth:
         return None
     config = model.config
     weights = weight_bytes_per_device(config, tp)
     kv = 2 * config.num_layers * batch * context * config.num_kv_heads * config.head_dim * \
-        jnp.dtype(config.jnp_dtype).itemsize // tp
+        jnp.dtype(kv_dtype or config.jnp_dtype).itemsize // tp
     # The bandwidth counts the copy's bytes read plus written, as the design's roofline does.
     return (weights + kv) / bandwidth
 
@@ -186,6 +199,7 @@ def run(args: argparse.Namespace) -> int:
     if bandwidth:
         print(f"device copy: {bandwidth / 1e12:.2f} TB/s (read + written)")
     args.out.mkdir(parents=True, exist_ok=True)
+    kv_dtypes = list(dict.fromkeys(args.kv_dtype or [None]))
     rows = []
     for degree in degrees:
         mesh = tp_mesh(degree) if degree > 1 else None
@@ -196,15 +210,19 @@ def run(args: argparse.Namespace) -> int:
                  else init_sharded(Llama, model_config, mesh, seed=0))
         for batch in batches:
             for context in contexts:
-                roof = roofline_seconds(model, batch, context, bandwidth, degree)
-                point = [measure(model, mode, batch, context, roof, args, device, mesh,
-                                 dict(card=card, date=today, config=config_name, tp=degree)) for mode in modes]
+                point = []
+                for kv_dtype in kv_dtypes:
+                    roof = roofline_seconds(model, batch, context, bandwidth, degree, kv_dtype)
+                    fields = dict(card=card, date=today, config=config_name, tp=degree,
+                                  kv_dtype=np.dtype(kv_dtype or model_config.jnp_dtype).name)
+                    point += [measure(model, mode, batch, context, roof, args, device, mesh, fields, kv_dtype)
+                              for mode in modes if not (mode in PAGED_MODES and kv_dtype and is_quantized(kv_dtype))]
                 add_paged_ratio(point)
                 rows.extend(point)
                 write_csv(rows, args.out / "decode.csv")  # after every point: a run cut short keeps what it measured
         del model
     print(paged_summary(rows))
-    for line in tp_ratios(rows):
+    for line in tp_ratios(rows) + kv_dtype_ratios(rows):
         print(line)
     print(f"CSV: {args.out / 'decode.csv'}" + _plot(rows, args.out / "decode.png", card))
     return 0
@@ -218,16 +236,17 @@ def write_csv(rows: list[dict], path: pathlib.Path) -> None:
 
 
 def measure(model, mode: str, batch: int, context: int, roof: float | None, args, device, mesh,
-            fields: dict) -> dict:
+            fields: dict, kv_dtype=None) -> dict:
     """One CSV row: ``mode``'s decode step at (``batch``, ``context``), or the note ``out of memory``."""
     block_size = (args.block_size or BLOCK_SIZES[mode]) if mode in PAGED_MODES else ""
-    row = dict(fields, batch=batch, context=context, mode=mode, backend=mode_backend(mode, device.platform),
+    row = dict(fields, batch=batch, context=context, mode=mode, backend=mode_backend(mode, device.platform, kv_dtype),
                step_ms="", tokens_per_s="", roofline_ms=f"{roof * 1e3:.3f}" if roof else "", vs_roofline="",
                vs_best_paged="", block_size=block_size, note="")
-    label = (f"tp {mesh.size} " if mesh is not None else "") + f"batch {batch:4d} context {context:6d} {mode:20s}"
+    label = ((f"tp {mesh.size} " if mesh is not None else "") + f"batch {batch:4d} context {context:6d} {mode:20s}"
+             + (f" {fields['kv_dtype']:14s}" if args.kv_dtype else ""))
     try:
         step, row["backend"] = time_step(model, mode, batch, context, args.steps, args.repeats, device,
-                                         args.block_size, mesh)
+                                         args.block_size, mesh, kv_dtype)
     except Exception as error:  # a point that does not fit in memory is a result, not a crash
         if not out_of_memory(error):
             raise
@@ -251,10 +270,13 @@ def add_paged_ratio(point: list[dict]) -> None:
 
 
 def paged_summary(rows: list[dict]) -> str:
-    """One line per grid point: the faster virtual layout against the faster paged kernel."""
+    """One line per grid point: the faster virtual layout against the faster paged kernel (caches of
+    one dtype: the paged ones')."""
     lines = ["virtual / best paged (the best paged step time over the best virtual one; >= 1: virtual is faster):"]
+    paged_dtypes = {r["kv_dtype"] for r in rows if r["mode"] in PAGED_MODES}
     for batch, context in sorted({(r["batch"], r["context"]) for r in rows}):
-        here = [r for r in rows if (r["batch"], r["context"]) == (batch, context) and r["step_ms"] and r["tp"] == 1]
+        here = [r for r in rows if (r["batch"], r["context"]) == (batch, context) and r["step_ms"] and r["tp"] == 1
+                and r["kv_dtype"] in paged_dtypes]
         virtual = min((r for r in here if r["mode"].startswith("virtual_")), default=None,
                       key=lambda r: float(r["step_ms"]))
         paged = min((r for r in here if r["mode"] in PAGED_MODES), default=None, key=lambda r: float(r["step_ms"]))
@@ -270,13 +292,29 @@ def paged_summary(rows: list[dict]) -> str:
 def tp_ratios(rows: list[dict]) -> list[str]:
     """Each TP degree's step time over TP 1's at the same point and mode (the issue's target: TP 2
     at most 0.60x TP 1 for Llama-3-8B, batch 32, context 4K)."""
-    one = {(r["batch"], r["context"], r["mode"]): float(r["step_ms"]) for r in rows if r["tp"] == 1 and r["step_ms"]}
+    one = {(r["batch"], r["context"], r["mode"], r["kv_dtype"]): float(r["step_ms"]) for r in rows
+           if r["tp"] == 1 and r["step_ms"]}
     lines = []
     for r in rows:
-        base = one.get((r["batch"], r["context"], r["mode"]))
+        base = one.get((r["batch"], r["context"], r["mode"], r["kv_dtype"]))
         if r["tp"] > 1 and base and r["step_ms"]:
             lines.append(f"TP {r['tp']} / TP 1, batch {r['batch']} context {r['context']} {r['mode']}: "
                          f"{float(r['step_ms']):.3f} / {base:.3f} ms = {float(r['step_ms']) / base:.3f}x")
+    return lines
+
+
+def kv_dtype_ratios(rows: list[dict]) -> list[str]:
+    """Each cache dtype's step time over the first dtype's at the same point, mode and degree (the
+    issue's FP8 targets are read beside them: attention alone by ``bench attention``)."""
+    dtypes = list(dict.fromkeys(r["kv_dtype"] for r in rows))
+    first = {(r["tp"], r["batch"], r["context"], r["mode"]): r for r in rows if r["kv_dtype"] == dtypes[0] and r["step_ms"]}
+    lines = []
+    for r in rows:
+        base = first.get((r["tp"], r["batch"], r["context"], r["mode"]))
+        if r["kv_dtype"] != dtypes[0] and base and r["step_ms"]:
+            lines.append(f"{r['kv_dtype']} / {dtypes[0]}, tp {r['tp']} batch {r['batch']} context {r['context']} "
+                         f"{r['mode']}: {float(r['step_ms']):.3f} / {float(base['step_ms']):.3f} ms = "
+                         f"{float(r['step_ms']) / float(base['step_ms']):.3f}x")
     return lines
 
 
@@ -291,14 +329,17 @@ def _plot(rows, path: pathlib.Path, card: str) -> str:
     points = sorted({(r["batch"], r["context"]) for r in rows})
     labels = [f"{b}x{c}" for b, c in points]
     degrees = sorted({r["tp"] for r in rows})
+    dtypes = list(dict.fromkeys(r["kv_dtype"] for r in rows))
     for degree in degrees:
         suffix = f" TP {degree}" if degrees != [1] else ""
         for mode in MODES:
-            values = {(r["batch"], r["context"]): float(r["step_ms"]) for r in rows
-                      if r["mode"] == mode and r["tp"] == degree and r["step_ms"]}
-            if values:
-                axis.plot(labels, [values.get(p, np.nan) for p in points], marker="o", label=mode + suffix,
-                          linestyle=":" if mode in PAGED_MODES else "-")
+            for dtype in dtypes:
+                values = {(r["batch"], r["context"]): float(r["step_ms"]) for r in rows
+                          if r["mode"] == mode and r["tp"] == degree and r["kv_dtype"] == dtype and r["step_ms"]}
+                if values:
+                    axis.plot(labels, [values.get(p, np.nan) for p in points], marker="o",
+                              label=mode + suffix + (f" {dtype}" if len(dtypes) > 1 else ""),
+                              linestyle=":" if mode in PAGED_MODES else "-")
         roof = {(r["batch"], r["context"]): float(r["roofline_ms"]) for r in rows
                 if r["roofline_ms"] and r["tp"] == degree}
         if roof:
