@@ -4,7 +4,10 @@ For every (batch, context) point of the grid the same random K/V data is laid ou
 
 * contiguous ``[batch, context, kv_heads, head_dim]``, read by our split-K decode kernel in both its
   implementations, Triton (``ours_triton``) and Mosaic GPU (``ours_mgpu``, Hopper only), and by cuDNN
-  (``jax.nn.dot_product_attention(implementation="cudnn", key_value_seq_lengths=...)``);
+  (``jax.nn.dot_product_attention(implementation="cudnn", key_value_seq_lengths=...)``); and as an FP8
+  cache (the same values as e4m3 codes, scale 1: :mod:`~jax_vattention.cache.quantization`) read by
+  our Triton kernel (``ours_triton_fp8``), whose bandwidth counts the one-byte codes it reads and whose
+  check is against the reference over the codes' values;
 * a shuffled page pool ``[num_pages, page_size, kv_heads, head_dim]`` with a block table, read by
   cuDNN's paged attention;
 * a shuffled page pool ``[kv_heads, num_pages, page_size, head_dim]``, read by Pallas's
@@ -38,7 +41,9 @@ from tqdm import tqdm
 
 from jax_vattention.app.cli import standalone
 from jax_vattention.attention.kernels.reference import decode_attention_reference
-from jax_vattention.bench.attention_kernels import (CHUNK_MGPU, CHUNK_TRITON, CUDNN, IMPLEMENTATIONS, OURS, OURS_MGPU,
+from jax_vattention.cache.quantization import dequantize, quantize
+from jax_vattention.bench.attention_kernels import (CHUNK_MGPU, CHUNK_TRITON, CUDNN, IMPLEMENTATIONS, OURS, OURS_FP8,
+                                                    OURS_MGPU,
                                                     PAGED_CUDNN, PAGED_PALLAS, chunk_kernels, cudnn_attention,
                                                     mgpu_available, mgpu_sweep_configs, ours_attention,
                                                     ours_mgpu_attention, paged_cudnn_attention,
@@ -263,14 +268,21 @@ def run_point(recorder, args, batch, context, key, dtype):
             best[name] = min(best.get(name, math.inf), seconds)
 
     contiguous_check = ((k_cache, v_cache, ragged), queries[0], expected)
+    config = dict(
+        block_k=args.block_k,
+        num_splits=args.num_splits,
+        num_warps=args.num_warps,
+        num_stages=args.num_stages,
+    )
+    config_text = ",".join(f"{k}={v}" for k, v in config.items() if v is not None)
+    if OURS_FP8 in args.impls:
+        codes = (quantize(k_cache, 1.0), quantize(v_cache, 1.0))  # [B, S, K, H] e4m3 each
+        values = [dequantize(c, 1.0, jnp.float32) for c in codes]
+        keep(OURS_FP8, measure(recorder, OURS_FP8, ours_attention(**config), (*codes, full), queries, kv_bytes // 2,
+                               ((*codes, ragged), queries[0], decode_attention_reference(queries[0], *values, ragged)),
+                               config=",".join(filter(None, [config_text, "e4m3 codes, scale 1"])), **point))
+        del codes, values
     if OURS in args.impls:
-        config = dict(
-            block_k=args.block_k,
-            num_splits=args.num_splits,
-            num_warps=args.num_warps,
-            num_stages=args.num_stages,
-        )
-        config_text = ",".join(f"{k}={v}" for k, v in config.items() if v is not None)
         keep(
             OURS,
             measure(
@@ -384,20 +396,22 @@ def run_point(recorder, args, batch, context, key, dtype):
 def summary_table(results, ceiling, card) -> str:
     """A Markdown table: µs per implementation, each one's bandwidth as % of the copy ceiling, and the
     ratios that pick the default (Mosaic GPU against Triton, ours against cuDNN and the best paged)."""
-    names = (OURS, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS, CHUNK_TRITON, CHUNK_MGPU)
+    names = (OURS, OURS_FP8, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS, CHUNK_TRITON, CHUNK_MGPU)
     lines = [
         f"card: {card}; copy ceiling: " + (f"{ceiling / 1e12:.3f} TB/s" if ceiling else "not measured"),
         "",
         "| batch | context | KV MiB | " + " | ".join(f"{name} µs (% copy)" for name in names)
-        + " | mgpu / triton time | chunk mgpu / triton time | best ours vs cuDNN | best ours vs best paged |",
-        "|---:|---:|---:|" + "---:|" * (len(names) + 4),
+        + " | mgpu / triton time | chunk mgpu / triton time | fp8 / 16-bit time | best ours vs cuDNN "
+        "| best ours vs best paged |",
+        "|---:|---:|---:|" + "---:|" * (len(names) + 5),
     ]
     for (batch, context, kv_bytes), best in results:
 
         def cell(name):
             if name not in best:
                 return "—"
-            share = f" ({100 * kv_bytes / best[name] / ceiling:.0f}%)" if ceiling else ""
+            read = kv_bytes // 2 if name == OURS_FP8 else kv_bytes  # FP8: one-byte codes
+            share = f" ({100 * read / best[name] / ceiling:.0f}%)" if ceiling else ""
             return f"{best[name] * 1e6:.1f}{share}"
 
         ours = min((best[n] for n in (OURS, OURS_MGPU) if n in best), default=None)
@@ -407,7 +421,7 @@ def summary_table(results, ceiling, card) -> str:
 
         lines.append(
             f"| {batch} | {context} | {kv_bytes / 2**20:.0f} | " + " | ".join(cell(name) for name in names)
-            + f" | {ratio(OURS_MGPU, OURS)} | {ratio(CHUNK_MGPU, CHUNK_TRITON)} | "
+            + f" | {ratio(OURS_MGPU, OURS)} | {ratio(CHUNK_MGPU, CHUNK_TRITON)} | {ratio(OURS_FP8, OURS)} | "
             f"{f'{best[CUDNN] / ours:.2f}×' if ours and CUDNN in best else '—'} | "
             f"{f'{paged / ours:.2f}×' if ours and paged else '—'} |"
         )
@@ -428,7 +442,8 @@ def plot(results, ceiling, card, path: pathlib.Path) -> None:
     for name in (*IMPLEMENTATIONS, CHUNK_TRITON, CHUNK_MGPU):
         axes.plot(
             labels,
-            [kv / best[name] / 1e12 if name in best else float("nan") for (_, _, kv), best in results],
+            [kv / (2 if name == OURS_FP8 else 1) / best[name] / 1e12 if name in best else float("nan")
+             for (_, _, kv), best in results],
             marker="o",
             label=name,
         )

@@ -13,7 +13,9 @@ from jax_vattention.attention.kernels import decode_attention
 from jax_vattention.attention.kernels.decode_attention import default_block_k, default_num_splits
 
 OURS, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS = "ours_triton", "ours_mgpu", "cudnn", "paged_cudnn", "paged_pallas"
-IMPLEMENTATIONS = (OURS, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS)
+# Our Triton decode kernel over an FP8 cache (the same K/V as e4m3 codes, scale 1): half the bytes read.
+OURS_FP8 = "ours_triton_fp8"
+IMPLEMENTATIONS = (OURS, OURS_FP8, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS)
 # Our chunk kernels, timed with --chunk-tokens.
 CHUNK_TRITON, CHUNK_MGPU = "chunk_triton", "chunk_mgpu"
 
