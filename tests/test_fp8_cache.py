@@ -437,3 +437,21 @@ def test_bench_decode_times_each_cache_dtype_and_compares_them(tmp_path, capsys)
                                                           ("virtual_interleaved", "float8_e4m3fn")]
     assert all(float(r["step_ms"]) > 0 for r in rows) and rows[2]["backend"] == "blocked"
     assert "float8_e4m3fn / float32, tp 1 batch 2 context 16 virtual_interleaved: " in report
+
+
+@pytest.mark.parametrize("layers", [None, 3])
+def test_the_triton_kernels_lower_for_cuda_over_fp8_codes(layers):
+    """Pallas' Triton lowering, run here for a CUDA target: a kernel whose masked loads it cannot cast
+    to float8 fails at this step on a GPU, before anything runs."""
+    from jax_vattention.attention.kernels.decode_attention import decode_attention
+
+    cache = jax.ShapeDtypeStruct((2, 256, *((layers,) if layers else ()), 2, 128), FP8)
+    lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
+    layer = dict(layer=1) if layers else {}
+    decode = jax.jit(functools.partial(decode_attention, interpret=False, **layer)).trace(
+        jax.ShapeDtypeStruct((2, 8, 128), jnp.bfloat16), cache, cache, lengths)
+    chunks = jax.jit(functools.partial(chunk_kernel, interpret=False, **layer)).trace(
+        jax.ShapeDtypeStruct((2, 16, 8, 128), jnp.bfloat16), cache, cache, lengths,
+        jax.ShapeDtypeStruct((2, 16), jnp.int32), lengths)
+    for traced in (decode, chunks):
+        assert "triton" in traced.lower(lowering_platforms=("cuda",)).as_text()

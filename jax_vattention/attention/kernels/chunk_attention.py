@@ -128,7 +128,8 @@ def _chunk_kernel(
         token = tile * block_k + jnp.arange(block_k)  # [block_k]
         token_valid = (token < length) & (token >= lower)
         tokens = pl.ds(tile * block_k, block_k)
-        k = plgpu.load(k_ref.at[slot, tokens, :], mask=token_valid[:, None], other=0)  # [block_k, head_dim]
+        # other=0.0, a float: Pallas' Triton lowering casts it to any cache dtype (an int, not to FP8).
+        k = plgpu.load(k_ref.at[slot, tokens, :], mask=token_valid[:, None], other=0.0)  # [block_k, head_dim]
         k = k.astype(q.dtype)  # FP8 codes to the query's dtype (exact); else a no-op
         dots = plgpu.dot(q, k, trans_b=True, precision=precision)  # [rows, block_k]
         if softcap is None:
@@ -143,7 +144,7 @@ def _chunk_kernel(
         safe_max = jnp.where(new_max == -jnp.inf, 0.0, new_max)
         rescale = jnp.exp2(row_max - safe_max)  # [rows]
         probs = jnp.exp2(logits - safe_max[:, None])  # [rows, block_k]; 0 where not visible
-        v = plgpu.load(v_ref.at[slot, tokens, :], mask=token_valid[:, None], other=0)  # [block_k, head_dim]
+        v = plgpu.load(v_ref.at[slot, tokens, :], mask=token_valid[:, None], other=0.0)  # [block_k, head_dim]
         v = v.astype(q.dtype)  # FP8 codes to the query's dtype (exact); else a no-op
         acc = acc * rescale[:, None] + plgpu.dot(probs.astype(v.dtype), v, precision=precision)
         row_sum = row_sum * rescale + probs.sum(axis=1)
