@@ -22,7 +22,7 @@ from jax_vattention.attention import attend, backend_for
 from jax_vattention.attention.kernels.chunk_attention import chunk_attention as chunk_kernel
 from jax_vattention.attention.reference import fold_kv_scales, scale_values
 from jax_vattention.cache.kv_cache import KVCache
-from jax_vattention.cache.quantization import FP8_MAX, dequantize, quantize
+from jax_vattention.cache.quantization import FP8_MAX, RELATIVE_ERROR, SUBNORMAL_ERROR, dequantize, quantize
 from jax_vattention.decode.generate import generate, generate_in_manager
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.models.configs import get_config
@@ -76,7 +76,7 @@ def test_the_round_trip_error_is_within_half_a_step(scale):
     back = np.asarray(dequantize(quantize(jnp.asarray(x, jnp.float32), scale), scale, jnp.float32), np.float64)
     error = np.abs(back - x)
     # 3 mantissa bits: half a step is 2**-4 of |x|, and 2**-10 in the subnormals (spaced 2**-9).
-    assert np.all(error <= np.maximum(np.abs(x) * 2.0 ** -4, scale * 2.0 ** -10) * (1 + 1e-6))
+    assert np.all(error <= np.maximum(np.abs(x) * RELATIVE_ERROR, scale * SUBNORMAL_ERROR) * (1 + 1e-6))
     assert error.max() > 0.5 * (448 * scale) * 2.0 ** -5            # the bound is near tight: steps of 32 at 448
 
 
