@@ -19,7 +19,8 @@ sampled ones, is what keeps the counts right without the host's help:
 * after a preemption the request's context (prompt and generated tokens) is prefilled again
   into a fresh slot, and the prefill's chunks count it all again, each token as what it is.
 
-A slot's row is reset when a new request enters it (the step that admits it). What no step
+A slot's row is reset when a new request enters it (the step that admits it), or copied from
+another slot's when a sample forked from it enters (its first step). What no step
 feeds cannot be counted: a request whose prompt starts with a shared prefix (pages mapped,
 never prefilled) would miss those tokens, so requests with penalties do not take shared
 prefixes.
@@ -62,6 +63,15 @@ class TokenCounts:
     def reset(self, fresh: jax.Array) -> "TokenCounts":
         """Zeroes the rows where ``fresh`` (bool [sequences]) is set: a new request's."""
         return TokenCounts(jnp.where(fresh[:, None], 0, self.output), self.prompt & ~fresh[:, None])
+
+    def enter(self, fresh: jax.Array) -> "TokenCounts":
+        """The rows where requests enter (``fresh`` int32 [sequences]): 0 keeps a row, 1 zeroes it
+        (:meth:`reset`), ``2 + s`` copies row ``s`` (a forked sample starts with its parent's
+        counts, :mod:`~jax_vattention.engine.groups`)."""
+        rows = jnp.arange(self.sequences, dtype=jnp.int32)  # [sequences]
+        source = jnp.where(fresh >= 2, fresh - 2, rows)  # [sequences]
+        copied = TokenCounts(self.output[source], self.prompt[source])  # [sequences, V] each
+        return copied.reset(fresh == 1)
 
     def add(self, slots: jax.Array, tokens: jax.Array, positions: jax.Array, prompt_len: jax.Array,
             valid: jax.Array) -> "TokenCounts":

@@ -40,6 +40,7 @@ from jax_vattention.decode.mesh import place
 from jax_vattention.decode.model import check_model_fits
 from jax_vattention.engine.memory import CacheMemory, MemoryPolicy
 from jax_vattention.engine.failures import ADMISSION_ATTEMPTS, FailedRequests, grow_each
+from jax_vattention.engine.groups import SampleGroups, sample_requests
 from jax_vattention.engine.logprobs import on_host, record_prompt_logprobs, sampled_logprob, take_prompt_logprobs
 from jax_vattention.engine.request_rows import request_row
 from jax_vattention.engine.requests import Request, RequestState, TokenEvent, TokenLogprob
@@ -170,6 +171,7 @@ class Engine:
                                  top_logprobs=min(config.max_logprobs, model.config.vocab_size))
         self.memory = CacheMemory(manager, config.memory_policy, self.stats)
         self.prefixes = self.memory.prefixes
+        self.groups = SampleGroups(self.memory, self.scheduler)
         self._next_id = 0
         device = next(iter(manager.cache.k[0].devices()))
         self._sampler = self.runner.first_state(config.seed, device)   # each step returns the next one's
@@ -199,15 +201,47 @@ class Engine:
         type or range of any field, a token id outside the vocabulary, a length past ``max_len`` or
         more pages than the whole budget. The engine keeps its own checked copy.
         """
-        request = checked_request(request, vocab=self.model.config.vocab_size, max_len=self.manager.config.max_len,
-                                  max_stop_tokens=self.config.max_stop_tokens,
-                                  max_logit_bias=self.config.max_logit_bias,
-                                  max_logprobs=self.runner.top_logprobs)
+        request = self._checked(request)
         self.memory.check_fits(request)
+        return self._queue(request).request_id
+
+    def submit_samples(self, request: Request, samples: int) -> list[int]:
+        """Queues ``samples`` samples of one request (``n`` / ``best_of``); returns their ids.
+
+        The prompt is prefilled once and forked into a slot per sample
+        (:mod:`~jax_vattention.engine.groups`); with a ``seed``, sample ``i`` draws with ``seed + i``.
+        Each sample streams its own events. Raises ``ValueError`` as :meth:`submit` does, and (where
+        the samples fork) for more samples than slots or than the whole page budget holds, with
+        nothing queued.
+        """
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be a positive integer, got {samples!r}")
+        if samples == 1:
+            return [self.submit(request)]
+        request = self._checked(request)
+        requests = sample_requests(request, samples)
+        if not self.groups.forks:   # each sample is a request of its own
+            self.memory.check_fits(request)
+            return [self._queue(one).request_id for one in requests]
+        self.memory.check_fits(request, samples)
+        prefill = self._queue(request)
+        members = []
+        for one in requests:
+            members.append(RequestState(self._next_id, one, prefill.arrival))
+            self._next_id += 1
+        self.groups.add(prefill, members)
+        return [member.request_id for member in members]
+
+    def _checked(self, request: Request) -> Request:
+        return checked_request(request, vocab=self.model.config.vocab_size, max_len=self.manager.config.max_len,
+                               max_stop_tokens=self.config.max_stop_tokens, max_logit_bias=self.config.max_logit_bias,
+                               max_logprobs=self.runner.top_logprobs)
+
+    def _queue(self, request: Request) -> RequestState:
         state = RequestState(self._next_id, request, time.perf_counter())
         self._next_id += 1
         self.scheduler.add(state)
-        return state.request_id
+        return state
 
     def cancel(self, request_id: int) -> bool:
         """Drops a submitted request that has not finished; returns whether there was one.
@@ -216,14 +250,23 @@ class Engine:
         the same path a finished request takes. Its tokens already streamed stay streamed; it
         yields no more. For a client that went away.
         """
+        if self.groups.is_prefill(request_id):
+            return False                 # not a request of the caller's (Engine.submit_samples)
+        waiting_sample, prefill = self.groups.cancel(request_id)
+        if prefill is not None:          # its group has no sample left
+            self._drop(prefill)
+        return waiting_sample or self._drop(request_id)
+
+    def _drop(self, target: int | RequestState) -> bool:
+        """Takes a request (by id, or its state) out of the queue or off its slot; whether it was there."""
         for state in self.scheduler.waiting:
-            if state.request_id == request_id:
+            if state is target or state.request_id == target:
                 self.scheduler.waiting.remove(state)
                 state.done = True
                 self.prefixes.leave(state, publish=False, done=True)
                 return True
         for state in list(self.scheduler.running.values()):
-            if state.request_id == request_id:
+            if state is target or state.request_id == target:
                 self._retire(state, publish=True)   # what it wrote is valid: other prompts may share it
                 return True
         return False
@@ -314,17 +357,21 @@ class Engine:
         """The next step's plan with its growth mapped; preempts (or fails a lone request) when the
         budget cannot cover it. Failure events go to ``events``."""
         admit = self._admit
+        for prefill, error in self.groups.fork_ready():
+            log.warning("forking the samples of request %d failed in the driver (%s): they fail",
+                        prefill.request_id, error)
+            events.extend(self._fail(prefill, error))
         while True:
             self.memory.blocked = False
             plan = self.scheduler.schedule(admit)
             if plan.empty and self.scheduler.waiting and not self.scheduler.running and self.memory.blocked:
                 # Nothing runs that could free pages for the first waiting request: fail it alone.
                 state = self.scheduler.waiting.popleft()
-                events.append(self._fail(state, self.memory.admit_error))
+                events.extend(self._fail(state, self.memory.admit_error))
                 continue
             waiting = self.scheduler.waiting
             if waiting and waiting[0].admission_failures >= ADMISSION_ATTEMPTS:
-                events.append(self._fail(waiting.popleft(), self.memory.admit_error))   # tried enough
+                events.extend(self._fail(waiting.popleft(), self.memory.admit_error))   # tried enough
                 continue
             if plan.empty:
                 return plan
@@ -336,7 +383,7 @@ class Engine:
             except OutOfPagesError as error:
                 victim = self.scheduler.youngest()
                 if len(self.scheduler.running) <= 1:
-                    events.append(self._fail(victim, error))
+                    events.extend(self._fail(victim, error))
                 else:
                     self._preempt(victim)
                 admit = lambda state: None  # noqa: E731  (no admission into a step that preempted)
@@ -344,7 +391,7 @@ class Engine:
     def _admit(self, state: RequestState) -> int | None:
         """The scheduler's admission callback: :meth:`CacheMemory.admit`, recording the batch an
         ideal allocator would run when the budget stops it."""
-        slot = self.memory.admit(state, self.scheduler.waiting)
+        slot = self.groups.admit(state, lambda forks: self.memory.admit(state, self.scheduler.waiting, forks))
         if slot is None and self.memory.blocked:
             self.memory.record_memory_bound(list(self.scheduler.running.values()), self.scheduler.waiting)
         return slot
@@ -356,7 +403,7 @@ class Engine:
         failed = grow_each(self.manager, plan.growth(self.manager.config.max_batch))
         for slot, error in failed.items():
             log.warning("mapping slot %d's growth failed in the driver (%s): its request fails", slot, error)
-            events.append(self._fail(self.scheduler.running[slot], error))
+            events.extend(self._fail(self.scheduler.running[slot], error))
         if not failed:
             return plan
         return StepPlan(tuple(s for s in plan.decodes if not s.done), tuple(c for c in plan.chunks if not c.state.done),
@@ -376,7 +423,7 @@ class Engine:
                                             stop_width=self.config.max_stop_tokens)
                 knobs[state.request_id] = state.row
             except (TypeError, ValueError, OverflowError) as error:
-                events.append(self._fail(state, error))
+                events.extend(self._fail(state, error))
         if not knobs:
             return None
         if len(knobs) < len({*(s.request_id for s in plan.decodes), *(c.state.request_id for c in plan.chunks)}):
@@ -389,7 +436,7 @@ class Engine:
             if self._can_free():   # else nothing can be served: the engine's caller sees the manager
                 for state in {id(s): s for s in (*plan.decodes, *(c.state for c in plan.chunks))}.values():
                     if not state.done:
-                        self._undelivered.append(self._fail(state, error))
+                        self._undelivered.extend(self._fail(state, error))
             raise
 
     def _run_plan(self, plan: StepPlan, knobs: dict, mapped_before: int) -> _InFlight:
@@ -430,7 +477,7 @@ class Engine:
             for state, _ in step.rows:
                 state.in_flight -= 1
                 if not state.done and self._can_free():
-                    self._undelivered.append(self._fail(state, error))
+                    self._undelivered.extend(self._fail(state, error))
             raise
         self._last_read = time.perf_counter()
         self.stats.record(StepRecord(
@@ -456,14 +503,20 @@ class Engine:
         its manager poisoned)."""
         return not self.manager.lost and not self.manager.stats()["poisoned"]
 
-    def _fail(self, state: RequestState, error: Exception) -> TokenEvent:
-        """Ends one request with ``error``: it leaves its slot, and its stream's last event carries it."""
+    def _fail(self, state: RequestState, error: Exception) -> list[TokenEvent]:
+        """Ends one request with ``error`` (a sample group's prefill: its samples): it leaves its slot,
+        and its stream's last event carries the error."""
         if state.slot is not None:
             self._retire(state, publish=False)
         else:
+            state.done = True
             self.prefixes.leave(state, publish=False, done=True)
-        self.failed[state.request_id] = error
-        return TokenEvent(state.request_id, -1, True, error=f"{type(error).__name__}: {error}")
+        events = []
+        for ended in self.groups.ended(state):
+            ended.done = True
+            self.failed[ended.request_id] = error
+            events.append(TokenEvent(ended.request_id, -1, True, error=f"{type(error).__name__}: {error}"))
+        return events
 
     def _emit(self, state: RequestState, token: int, logprob: TokenLogprob | None = None) -> TokenEvent:
         """Records a generated token; on the request's last one, retires it from its slot (or from
@@ -490,6 +543,7 @@ class Engine:
         self.prefixes.leave(state, publish=True, done=False)
         self.scheduler.preempt(state)
         self.memory.release(slot)
+        self.memory.release_held(state)
         self.stats.preemptions += 1
 
     def _retire(self, state: RequestState, *, publish: bool) -> None:
@@ -501,3 +555,4 @@ class Engine:
         self.scheduler.finish(state)
         if slot is not None:
             self.memory.release(slot)
+        self.memory.release_held(state)

@@ -99,19 +99,40 @@ class CacheMemory:
         self.blocked = False
         self.admit_error: Exception | None = None
 
-    def check_fits(self, request: Request) -> None:
-        """``ValueError`` for a request whose pages at its longest exceed the whole budget."""
+    def check_fits(self, request: Request, samples: int = 1) -> None:
+        """``ValueError`` for a request whose pages at its longest exceed the whole budget; with
+        ``samples`` forked after its prompt (:mod:`~jax_vattention.engine.groups`), also for more
+        samples than slots, or samples whose admission cannot fit: the prompt's pages once and
+        each other sample's own (its copy of the last page and its first decode pages). After the
+        fork each sample is a request of its own, preempted under pressure as any other."""
         needed = self.host.pages_for(len(request.prompt) + request.max_new_tokens + self.policy.prefetch_horizon)
         budget = self.host.stats()["budget_pages"]
         if needed > budget:
             raise ValueError(f"the request needs {needed} pages at most but the whole budget is {budget} pages")
+        if samples == 1:
+            return
+        slots = self.host.config.max_batch
+        if samples > slots:
+            raise ValueError(f"{samples} samples of one prompt need {samples} slots but the cache has {slots} "
+                             f"(max_batch)")
+        eager = min(self.policy.prefetch_horizon, request.max_new_tokens) if self.policy.eager_allocation else 0
+        tail = (len(request.prompt) - 1) % self.host.tokens_per_page
+        start = self.host.pages_for(len(request.prompt) + eager) + (samples - 1) * self.host.pages_for(tail + eager)
+        if start > budget:
+            raise ValueError(f"{samples} samples of the request need {start} pages to start (the prompt's once, "
+                             f"and each sample's own last page and first decode pages) but the whole budget is "
+                             f"{budget} pages")
 
-    def admit(self, state: RequestState, waiting) -> int | None:
+    def admit(self, state: RequestState, waiting, forks: int = 0) -> int | None:
         """A slot with ``state``'s whole context mapped (and its first decode pages, with eager
         allocation); with prefix sharing its cached prefix is shared and ``state.computed`` set to
         its end. None on back-pressure (``waiting``, the queue, sizes the ideal batch recorded
         then), or while a running request computes the request's next prefix page, or while an
-        admission the driver failed waits to be tried again."""
+        admission the driver failed waits to be tried again.
+
+        With ``forks`` (a sample group's prefill), that many more slots are held too, each with the
+        pages a fork of the prompt will need (its partly filled last page and the first decode
+        pages), in ``state.held_slots``: all or nothing (:meth:`fork` uses them)."""
         if state.retry_at > time.perf_counter():
             return None
         # Penalties count, and prompt_logprobs score, every prompt token the prefill feeds: a shared
@@ -123,6 +144,8 @@ class CacheMemory:
         eager = min(self.policy.prefetch_horizon, state.remaining) if self.policy.eager_allocation else 0
         try:
             placed = prefixes.admit(state, eager)
+            if forks:
+                state.held_slots = self._hold(state, prefixes, placed.slot, forks, eager)
         except OutOfPagesError as error:
             self.blocked = True
             self.admit_error = error
@@ -146,6 +169,44 @@ class CacheMemory:
         self.stats.admissions += 1
         self.stats.prompt_tokens += context
         return placed.slot
+
+    def _hold(self, state: RequestState, prefixes, slot: int, forks: int, eager: int) -> list[int]:
+        """``forks`` free slots, each mapping what a fork of ``state`` after its prefill maps: the
+        tokens of its partly filled last page and ``eager`` more. On any error, the held slots and
+        ``state``'s own ``slot`` are given back and the error raised."""
+        tail = (len(state.context) - state.holds_back) % self.host.tokens_per_page
+        held: list[int] = []
+        try:
+            for _ in range(forks):
+                held.append(self.host.alloc(0, tail + eager))
+        except BaseException:
+            prefixes.leave(state, publish=False, done=False)
+            for taken in (*held, slot):
+                self.release(taken)
+            raise
+        return held
+
+    def fork(self, state: RequestState, count: int) -> list[int]:
+        """``count`` forks of ``state``'s slot (:meth:`CacheHost.fork`), each with its first decode
+        pages mapped, in the slots and pages held for them at admission (given back first). On an
+        error the forks made are given back and the error raised."""
+        self.release_held(state)
+        eager = min(self.policy.prefetch_horizon, state.remaining) if self.policy.eager_allocation else 0
+        forks: list[int] = []
+        try:
+            for _ in range(count):
+                forks.append(self.host.fork(state.slot, eager))
+        except BaseException:
+            for slot in forks:
+                self.release(slot)
+            raise
+        return forks
+
+    def release_held(self, state: RequestState) -> None:
+        """Gives back the slots held for ``state``'s forks (it leaves its slot, or forks now)."""
+        held, state.held_slots = state.held_slots, []
+        for slot in held:
+            self.release(slot)
 
     def record_memory_bound(self, holding: list[RequestState], waiting) -> None:
         """Records, when admission stopped at the budget, the requests running and those an ideal

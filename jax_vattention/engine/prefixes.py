@@ -116,6 +116,24 @@ class PrefixSharer:
             if self._computing.get(key) == state.request_id:
                 del self._computing[key]
 
+    def hand_over(self, old: RequestState, new: RequestState) -> None:
+        """``new`` takes over ``old``'s slot and what it wrote there (a sample group's prefill hands
+        its slot to the first sample, :mod:`~jax_vattention.engine.groups`)."""
+        for table in (self._keys, self._published, self._written):
+            if old.request_id in table:
+                table[new.request_id] = table.pop(old.request_id)
+        self._computing = {key: new.request_id if owner == old.request_id else owner
+                           for key, owner in self._computing.items()}
+
+    def forked(self, parent: RequestState, child: RequestState) -> None:
+        """``child``'s slot is a fork of ``parent``'s: it holds what ``parent`` wrote, and publishes its
+        own pages from there on."""
+        if parent.request_id in self._keys:
+            self._keys[child.request_id] = list(self._keys[parent.request_id])
+        for table in (self._published, self._written):
+            if parent.request_id in table:
+                table[child.request_id] = table[parent.request_id]
+
     def leave(self, state: RequestState, *, publish: bool, done: bool) -> None:
         """``state`` leaves its slot, before the slot is freed: with ``publish`` its written pages go
         to the cache first. It computes nothing any more; ``done``: it will not come back (a
@@ -151,6 +169,12 @@ class NoPrefixSharing:
         return ()
 
     def read(self, written: tuple) -> None:
+        pass
+
+    def hand_over(self, old: RequestState, new: RequestState) -> None:
+        pass
+
+    def forked(self, parent: RequestState, child: RequestState) -> None:
         pass
 
     def leave(self, state: RequestState, *, publish: bool, done: bool) -> None:

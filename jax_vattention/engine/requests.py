@@ -112,11 +112,22 @@ class RequestState:
     cumulative_logprob: float = 0.0
     # With prompt_logprobs, until its first token is streamed: prompt position -> TokenLogprob.
     prompt_logprobs: dict[int, TokenLogprob] = dataclasses.field(default_factory=dict)
+    # Samples of one prompt (engine.groups): the group's prefill leaves its last prompt token to the
+    # samples (holds_back 1) and holds a slot for each other sample (held_slots); a sample's first
+    # step starts its slot's token counts afresh (enters_from -1) or from another slot's (its index).
+    holds_back: int = 0
+    held_slots: list[int] = dataclasses.field(default_factory=list)
+    enters_from: int | None = None
 
     @property
     def remaining(self) -> int:
         """Tokens still to generate, counting a token in flight as generated."""
         return self.request.max_new_tokens - len(self.generated) - self.in_flight
+
+    @property
+    def prefill_end(self) -> int:
+        """Where its prefill stops: the end of its context, less what it holds back."""
+        return len(self.request.prompt) + len(self.generated) - self.holds_back
 
     @property
     def context(self) -> list[int]:

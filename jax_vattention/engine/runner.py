@@ -107,7 +107,8 @@ class StepInputs:
 
     ``token_rows[s]`` is the row of the previous step's tokens that holds slot ``s``'s input
     token, or -1 where the host gives it in ``decode_tokens`` (see the module docstring).
-    ``fresh[s]`` is 1 where a request enters slot ``s`` (its token counts start again).
+    ``fresh[s]`` is 1 where a request enters slot ``s`` (its token counts start again), ``2 + p``
+    where a sample forked from slot ``p`` takes its first step (its counts start as ``p``'s).
     ``chunk_next[r]`` is the context token after chunk ``r``'s last, or -1 (the one it samples).
     """
 
@@ -217,7 +218,7 @@ class StepRunner:
         key, step_key = jax.random.split(sampler.key)
         counts, row_counts = sampler.counts, None
         if variant.adjust:
-            counts = count_step(counts.reset(fresh > 0), batch, params.prompt_len)
+            counts = count_step(counts.enter(fresh), batch, params.prompt_len)
             row_counts = counts.step_rows(batch.chunk_slots)  # [S+R, V] each (decode row s is slot s)
         tokens, logprobs, logits, cache = model_step(
             model, cache, batch, params, step_key, backend=backend, sampling=variant.sampling, counts=row_counts,
@@ -286,13 +287,15 @@ class StepRunner:
         sampling = adjust = logprobs = prompt_logprobs = False
         for state in plan.decodes:
             slot, row = state.slot, knobs[state.request_id]
-            if state.pending_row is None:
-                decode_tokens[slot] = state.generated[-1]
+            if state.pending_row is None:   # a forked sample's first step feeds the last prompt token
+                decode_tokens[slot] = state.generated[-1] if state.generated else state.request.prompt[-1]
             else:
                 token_rows[slot] = state.pending_row
             positions[slot] = state.computed
             count[slot] = 1
             row_ints[slot], row_floats[slot] = row.ints, row.floats
+            if state.enters_from is not None:
+                fresh[slot] = 1 if state.enters_from < 0 else 2 + state.enters_from
             sampling, logprobs = sampling or row.samples, logprobs or row.logprobs
             adjust = adjust or row.adjusts(generated_before(state))
         for state in plan.admitted:

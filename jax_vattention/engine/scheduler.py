@@ -10,7 +10,9 @@ first one decode token for every running request whose prompt is done, then chun
 of prompts still prefilling (oldest admission first), then chunks of newly
 admitted requests, each cut into rows of at most ``chunk_tokens`` and at most
 ``chunk_rows`` rows in all. A prompt may start at an offset (``RequestState.computed``
-at admission: tokens already in the slot's cache, e.g. a shared prefix).
+at admission: tokens already in the slot's cache, e.g. a shared prefix), and end short of
+its context (``RequestState.holds_back``: a sample group's prefill leaves the last prompt
+token to its samples, :mod:`~jax_vattention.engine.groups`).
 """
 
 from __future__ import annotations
@@ -119,9 +121,10 @@ class Scheduler:
         def take(state: RequestState) -> None:
             nonlocal room, rows
             start = state.computed + sum(c.count for c in chunks if c.state is state)
-            while room > 0 and rows > 0 and start < len(state.context):
-                count = min(self.chunk_tokens, room, len(state.context) - start)
-                chunks.append(Chunk(state, start, count, start + count == len(state.context)))
+            end, context = state.prefill_end, len(state.context)
+            while room > 0 and rows > 0 and start < end:
+                count = min(self.chunk_tokens, room, end - start)
+                chunks.append(Chunk(state, start, count, start + count == context))
                 start, room, rows = start + count, room - count, rows - 1
 
         for state in self.running.values():
@@ -153,6 +156,7 @@ class Scheduler:
         state.slot = None
         state.computed = 0
         state.prefilled = False
+        state.enters_from = None
         state.preemptions += 1
         self.waiting.appendleft(state)
 
@@ -166,6 +170,7 @@ class Scheduler:
         """Advances the requests' cache lengths by what ``plan`` wrote."""
         for state in plan.decodes:
             state.computed += 1
+            state.enters_from = None   # its slot's counts were started by the step (StepInputs.fresh)
         for chunk in plan.chunks:
             chunk.state.computed = chunk.start + chunk.count
             chunk.state.prefilled = chunk.state.prefilled or chunk.last
