@@ -116,7 +116,7 @@ def test_concurrent_requests_each_get_their_own_answer(client, server):
     (dict(model="tiny", prompt="hi", max_tokens=MAX_LEN + 1), 400, f"max_len={MAX_LEN}"),
     (dict(model="tiny", prompt="hi", temperature=3.0), 400, "temperature"),
     (dict(model="tiny", prompt="hi", top_p=0.0), 400, "top_p"),
-    (dict(model="tiny", prompt="hi", stop=["\n"]), 400, "stop sequences are not supported"),
+    (dict(model="tiny", prompt="hi", suffix="!"), 400, "no text after the completion (suffix)"),
 ])
 def test_bad_requests_are_refused_with_a_message(client, kwargs, status, message):
     with pytest.raises(openai.APIStatusError) as refusal:

@@ -216,13 +216,13 @@ def test_one_json_log_line_per_request(server, client, caplog):
     caplog.set_level(logging.INFO, logger=REQUEST_LOG.name)
     answer = client.completions.create(model="tiny", prompt="Hi", max_tokens=3, temperature=0, user="u-1")
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="tiny", prompt="Hi", max_tokens=3, seed=3)
+        client.completions.create(model="tiny", prompt="Hi", max_tokens=3, suffix="!")
     lines = [json.loads(record.getMessage()) for record in caplog.records if record.name == REQUEST_LOG.name]
     served, refused = lines[-2], lines[-1]
     assert served["id"] == answer.id and served["user"] == "u-1" and served["finish_reason"] == "length"
     assert (served["prompt_tokens"], served["completion_tokens"]) == (2, 3)
     assert 0 < served["ttft_s"] <= served["duration_s"] and served["error"] is None
-    assert refused["finish_reason"] == "rejected" and "seed" in refused["error"]
+    assert refused["finish_reason"] == "rejected" and "suffix" in refused["error"]
 
 
 def test_a_poisoned_manager_makes_health_503_with_the_reason_and_refuses_requests():

@@ -1,10 +1,12 @@
 """The FastAPI application: ``/v1/completions``, ``/v1/chat/completions``, ``/v1/models`` (and
-``/v1/models/{id}``), ``/health`` and ``/metrics``.
+``/v1/models/{id}``), vLLM's ``/tokenize``, ``/detokenize`` and ``/version``, ``/health`` and
+``/metrics``.
 
 Each request is read and checked by the :class:`~jax_vattention.app.server.service.Service`
 before it reaches the engine; a refusal is a 4xx with OpenAI's error JSON (every other error
 path too: :mod:`~jax_vattention.app.server.errors`). Tokens are turned into text as they arrive
-and sent as server-sent events when ``stream`` is set; a request that fails mid-stream ends
+(:mod:`~jax_vattention.app.server.choices`) and sent as server-sent events when ``stream`` is set,
+a chunk per choice (:mod:`~jax_vattention.app.server.answers`); a request that fails mid-stream ends
 with an ``error`` event, which OpenAI's client raises. A client that goes away mid-answer,
 streaming or not, has its request cancelled in the engine, which frees its slot and pages.
 """
@@ -21,7 +23,9 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.requests import Request as HttpRequest
 
+from jax_vattention import __version__
 from jax_vattention.app.server import protocol
+from jax_vattention.app.server.answers import Answer
 from jax_vattention.app.server.errors import ApiError, error_body, install_error_handlers
 from jax_vattention.app.server.metrics import RequestRecord
 from jax_vattention.app.server.service import RequestFailed, Service  # noqa: F401 (Service: re-exported)
@@ -67,22 +71,29 @@ def create_app(service: Service) -> FastAPI:
         try:
             body = await service.parse(request, protocol.CompletionRequest)
             record.stream, record.user = bool(body.stream), body.user
-            prompt = await service.completion_prompt(body)
-            max_tokens = service.max_tokens(body.max_tokens, "max_tokens", prompt, "prompt", default=16)
-            stream = await service.submit(body, prompt, max_tokens, "max_tokens", record)
+            prompts = await service.completion_prompts(body)
+            limits = [service.max_tokens(body.max_tokens, "max_tokens", prompt, "prompt", default=16)
+                      for prompt in prompts]
+            ranked = body.candidates > body.samples
+            # best_of ranks by cumulative log-probability: its samples compute them (0 top ones).
+            logprobs = body.logprobs if body.logprobs is not None else (0 if ranked else None)
+            prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+            streams = await service.submit(body, prompts, limits, "max_tokens", record, samples=body.candidates,
+                                           logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ApiError as error:
             service.refused(record, error)
             raise
+        answer = Answer(prompts, body.candidates, body.samples, service.token_text, chat=False,
+                        logprobs=body.logprobs, echo=bool(body.echo), decode=service.loaded.decode)
+        texts = service.choice_texts(body, len(streams))
         name = service.name
 
-        def chunk(text, finish):
-            return protocol.completion_chunk(record.request_id, name, text, finish)
+        def chunk(choices, use=None):
+            return protocol.completion_object(record.request_id, name, choices, use)
 
         if body.stream:
-            return _event_stream(service, stream, record, body.include_usage, chat=False,
-                                 chunks=lambda text, finish: [chunk(text, finish)])
-        return await _whole(request, service, stream, record, lambda text, finish, use: {
-            **chunk(text, finish), "usage": use})
+            return _event_stream(service, streams, texts, answer, record, body.include_usage, chunk=chunk)
+        return await _whole(request, service, streams, texts, answer, record, chunk)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
@@ -93,31 +104,48 @@ def create_app(service: Service) -> FastAPI:
             prompt = await service.chat_prompt(body)
             wanted, field = body.answer_limit
             max_tokens = service.max_tokens(wanted, field, prompt, "messages", default=None)
-            stream = await service.submit(body, prompt, max_tokens, field, record)
+            top = (body.top_logprobs or 0) if body.logprobs else None
+            streams = await service.submit(body, [prompt], [max_tokens], field, record, samples=body.samples,
+                                           logprobs=top)
         except ApiError as error:
             service.refused(record, error)
             raise
+        answer = Answer([prompt], body.samples, body.samples, service.token_text, chat=True, logprobs=top)
+        texts = service.choice_texts(body, len(streams))
         name = service.name
 
-        def chunks(text, finish):
-            if finish is None:
-                return [protocol.chat_chunk(record.request_id, name, {"content": text}, None)]
-            return [protocol.chat_chunk(record.request_id, name, {}, finish)]
-
         if body.stream:
-            first = protocol.chat_chunk(record.request_id, name, {"role": "assistant", "content": ""}, None)
-            return _event_stream(service, stream, record, body.include_usage, chat=True, chunks=chunks,
-                                 first=first)
-        return await _whole(request, service, stream, record, lambda text, finish, use: protocol.chat_completion(
-            record.request_id, name, text, finish, use))
+            return _event_stream(service, streams, texts, answer, record, body.include_usage,
+                                 chunk=lambda choices, use=None: protocol.chat_chunk(record.request_id, name, choices))
+        return await _whole(request, service, streams, texts, answer, record,
+                            lambda choices, use: protocol.chat_completion(record.request_id, name, choices, use))
+
+    @app.post("/tokenize")
+    async def tokenize(request: HttpRequest):
+        data = await service.parse_plain(request, protocol.TokenizeRequest)
+        if data.messages is not None:
+            tokens = await service.chat_prompt(data)
+        else:
+            tokens = await service.off_loop(service.tokenize, data.prompt, data.add_special_tokens, "prompt")
+        return {"count": len(tokens), "max_model_len": service.max_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(request: HttpRequest):
+        data = await service.parse_plain(request, protocol.DetokenizeRequest)
+        return {"prompt": await service.off_loop(service.detokenize, data.tokens)}
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     return app
 
 
-def _event_stream(service: Service, stream, record: RequestRecord, include_usage: bool, *, chat: bool,
-                  chunks: Callable[[str, str | None], list[dict]], first: dict | None = None) -> StreamingResponse:
-    """The server-sent events of a streamed answer; with ``include_usage`` every chunk carries
-    ``"usage": null`` and a last chunk without choices carries the usage."""
+def _event_stream(service: Service, streams, texts, answer: Answer, record: RequestRecord, include_usage: bool, *,
+                  chunk: Callable[..., dict]) -> StreamingResponse:
+    """The server-sent events of a streamed answer: a chunk per choice's new text; with
+    ``include_usage`` every chunk carries ``"usage": null`` and a last chunk without choices carries
+    the usage."""
 
     def sent(payload: dict) -> str:
         if include_usage:
@@ -125,51 +153,49 @@ def _event_stream(service: Service, stream, record: RequestRecord, include_usage
         return _sse(payload)
 
     async def events() -> AsyncIterator[str]:
-        if first is not None:
-            yield sent(first)
+        for choice in answer.first_chunks():
+            yield sent(chunk([choice]))
         try:
-            async with contextlib.aclosing(service.pieces(stream, record)) as pieces:
-                async for text, finish in pieces:
-                    for payload in chunks(text, finish):
-                        yield sent(payload)
+            async with contextlib.aclosing(service.deltas(streams, texts, record)) as deltas:
+                async for delta in deltas:
+                    choice = answer.stream_choice(delta)
+                    if choice is not None:
+                        yield sent(chunk([choice]))
         except RequestFailed as failure:
             yield _sse(error_body(str(failure), "server_error", None, "engine_error"))
         else:
             if include_usage:
                 use = protocol.usage(record.prompt_tokens, record.completion_tokens)
-                yield _sse(protocol.usage_chunk(record.request_id, service.name, chat, use))
+                yield _sse(protocol.usage_chunk(record.request_id, service.name, answer.chat, use))
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
-async def _whole(request: HttpRequest, service: Service, stream, record: RequestRecord, build) -> Response:
-    """Collects a whole answer (non-streaming) and builds its JSON with ``build(text, finish, usage)``.
+async def _whole(request: HttpRequest, service: Service, streams, texts, answer: Answer, record: RequestRecord,
+                 build) -> Response:
+    """Collects a whole answer (non-streaming) and builds its JSON with ``build(choices, usage)``.
 
     Waits for the client's disconnection meanwhile: a client that gives up (a timeout) has its
     request cancelled in the engine, as a stream's is, instead of running to the end unread.
     """
 
     async def collect() -> dict:
-        parts, finish = [], "length"
-        async with contextlib.aclosing(service.pieces(stream, record)) as pieces:
-            async for piece, reason in pieces:
-                if reason is None:
-                    parts.append(piece)
-                else:
-                    finish = reason
-        return build("".join(parts), finish, protocol.usage(record.prompt_tokens, record.completion_tokens))
+        async with contextlib.aclosing(service.deltas(streams, texts, record)) as deltas:
+            async for delta in deltas:
+                answer.add(delta)
+        return build(answer.whole_choices(), protocol.usage(record.prompt_tokens, answer.completion_tokens()))
 
-    answer = asyncio.ensure_future(collect())
+    answer_task = asyncio.ensure_future(collect())
     gone = asyncio.ensure_future(_disconnected(request))
     try:
-        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({answer_task, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if not answer.done():
-            answer.cancel()            # the client left (or the handler was cancelled): pieces cancels it
+        if not answer_task.done():
+            answer_task.cancel()       # the client left (or the handler was cancelled): deltas cancels it
         gone.cancel()
     try:
-        return JSONResponse(await answer)
+        return JSONResponse(await answer_task)
     except asyncio.CancelledError:
         return Response(status_code=499)   # nobody reads it: the client closed the connection
     except RequestFailed as failure:

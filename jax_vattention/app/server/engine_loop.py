@@ -128,6 +128,11 @@ class EngineLoop:
         """Queues ``request`` in the engine; raises ``ValueError`` for one it refuses,
         :class:`QueueFull` when ``max_waiting`` requests wait, :class:`EngineUnusable` when the
         engine cannot serve."""
+        return (await self.submit_samples(request, 1))[0]
+
+    async def submit_samples(self, request: Request, samples: int) -> list[Stream]:
+        """Queues ``samples`` samples of ``request`` (:meth:`Engine.submit_samples`), a stream each;
+        raises as :meth:`submit` does."""
         reason = self.health
         if reason is not None:
             raise EngineUnusable(reason)
@@ -136,10 +141,8 @@ class EngineLoop:
                 raise QueueFull(f"{self.max_waiting} requests already wait for a slot")
             self._queued += 1
         future: concurrent.futures.Future = concurrent.futures.Future()
-        tokens: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("submit", (request, asyncio.get_running_loop(), tokens), future))
-        request_id = await asyncio.wrap_future(future)
-        return Stream(request_id, tokens)
+        self._commands.put(("submit", (request, samples, asyncio.get_running_loop()), future))
+        return await asyncio.wrap_future(future)
 
     def cancel(self, request_id: int) -> None:
         """Drops a request whose client went away; its slot and pages are freed in the engine thread."""
@@ -232,19 +235,21 @@ class EngineLoop:
 
     def _handle(self, kind: str, payload, future: concurrent.futures.Future | None) -> None:
         if kind == "submit":
-            request, loop, tokens = payload
+            request, samples, loop = payload
             try:
                 if self.unusable is not None:
                     raise EngineUnusable(self.unusable)
-                request_id = self.engine.submit(request)
+                request_ids = self.engine.submit_samples(request, samples)
             except Exception as error:    # noqa: BLE001  (ValueError: refused; the handler says why)
                 future.set_exception(error)
                 return
             finally:
                 with self._queued_lock:
                     self._queued -= 1
-            self._streams[request_id] = (loop, tokens)
-            future.set_result(request_id)
+            streams = [Stream(request_id, asyncio.Queue()) for request_id in request_ids]
+            for stream in streams:
+                self._streams[stream.request_id] = (loop, stream.tokens)
+            future.set_result(streams)
         elif kind == "cancel":
             if self._streams.pop(payload, None) is not None:
                 self._cancel_in_engine(payload)

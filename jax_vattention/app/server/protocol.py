@@ -4,13 +4,17 @@ Every field of a request is either honoured as OpenAI (and vLLM, for its extra s
 defines it, or refused with a 400 that names it; none is accepted and ignored:
 
 * the fields of :class:`CompletionRequest` and :class:`ChatCompletionRequest` are honoured:
-  ``model``, ``prompt`` / ``messages``, ``max_tokens`` (and chat's ``max_completion_tokens``),
-  ``temperature``, ``top_p``, vLLM's ``top_k``, ``stream``, ``stream_options.include_usage``,
-  and ``user`` (an end-user id, which the request's log line carries);
+  ``model``, ``prompt`` (text or token ids, one or a list) / ``messages`` (content as a string or
+  text parts), ``max_tokens`` (and chat's ``max_completion_tokens``), ``n``, completions'
+  ``best_of`` and ``echo``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``presence_penalty``,
+  ``frequency_penalty``, ``logit_bias``, ``logprobs`` (and chat's ``top_logprobs``), ``stream``,
+  ``stream_options.include_usage``, ``user`` (an end-user id, which the request's log line
+  carries), and vLLM's ``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_ids``,
+  ``include_stop_str_in_output``, ``ignore_eos`` and ``min_tokens``;
 * the fields of :data:`REFUSED` are accepted only with a value that asks for nothing
-  (``n=1``, ``presence_penalty=0``, ``logit_bias={}``...); any other value is a 400 naming the
-  field and saying why. The table is the one place to switch a field on: delete its row and
-  declare it in the request model once the engine honours it;
+  (``suffix=""``, ``tools=[]``...); any other value is a 400 naming the field and saying why.
+  The table is the one place to switch a field on: delete its row and declare it in the request
+  model once the engine honours it;
 * any other field is a 400 naming it (OpenAI's own "unrecognized request argument").
 """
 
@@ -43,27 +47,9 @@ class Refused:
     endpoints: frozenset = BOTH
 
 
-_SAMPLING = "the engine samples with temperature, top_p and top_k only"
-
 # field -> why it is refused (with the values that are accepted because they ask for nothing)
 REFUSED: dict[str, Refused] = {
-    "n": Refused((1, None), "one choice per request (n=1)"),
-    "best_of": Refused((1, None), "one candidate per request (best_of=1)", frozenset({COMPLETIONS})),
-    "logprobs": Refused((None, False), "log probabilities are not returned"),
-    "top_logprobs": Refused((None, 0), "log probabilities are not returned", frozenset({CHAT})),
-    "echo": Refused((None, False), "the prompt is not echoed", frozenset({COMPLETIONS})),
     "suffix": Refused((None, ""), "no text after the completion (suffix)", frozenset({COMPLETIONS})),
-    "stop": Refused((None, [], ""), "stop sequences are not supported; generation ends at the model's "
-                                    "end-of-sequence tokens or max_tokens"),
-    "stop_token_ids": Refused((None, []), "generation stops at the model's own end-of-sequence tokens only"),
-    "seed": Refused((None,), "per-request seeds are not supported (the server samples from its own seed)"),
-    "presence_penalty": Refused((None, 0), _SAMPLING),
-    "frequency_penalty": Refused((None, 0), _SAMPLING),
-    "repetition_penalty": Refused((None, 1), _SAMPLING),
-    "min_p": Refused((None, 0), _SAMPLING),
-    "logit_bias": Refused((None, {}), _SAMPLING),
-    "min_tokens": Refused((None, 0), "generation may stop at an end-of-sequence token at any length"),
-    "ignore_eos": Refused((None, False), "generation always stops at an end-of-sequence token"),
     "response_format": Refused((None, {"type": "text"}), "only free text (no JSON mode or schema)"),
     "tools": Refused((None, []), "tools and function calling are not supported", frozenset({CHAT})),
     "tool_choice": Refused((None, "none"), "tools and function calling are not supported", frozenset({CHAT})),
@@ -102,9 +88,21 @@ class SamplingFields(_Strict):
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)   # None: 1, as OpenAI's default
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     top_k: int | None = Field(default=None, ge=-1)                     # vLLM's: -1 or 0 for every token
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(default=None, gt=0.0)
+    logit_bias: dict[str, float] | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = False
+    ignore_eos: bool | None = False
+    min_tokens: int | None = Field(default=None, ge=0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -127,27 +125,69 @@ class SamplingFields(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def samples(self) -> int:
+        """Answers per prompt (``n``)."""
+        return self.n or 1
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        """The stop strings (``stop``: one string or a list)."""
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
     def sampling(self) -> dict:
-        """The engine's sampling fields: ``temperature``, ``top_p``, ``top_k`` (0: every token)."""
+        """The engine's sampling fields (:class:`~jax_vattention.engine.Request`'s), vLLM's defaults
+        for those not given; ``logit_bias``'s keys as token ids (a 400 for a key that is not one)."""
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit():
+                raise ApiError(400, f"logit_bias keys must be token ids (integers as strings), got {key!r}",
+                               "logit_bias")
+            bias[int(key)] = value
         return dict(temperature=1.0 if self.temperature is None else self.temperature,
                     top_p=1.0 if self.top_p is None else self.top_p,
-                    top_k=max(self.top_k or 0, 0))
+                    top_k=max(self.top_k or 0, 0), min_p=self.min_p or 0.0,
+                    presence_penalty=self.presence_penalty or 0.0, frequency_penalty=self.frequency_penalty or 0.0,
+                    repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+                    logit_bias=bias, seed=self.seed, stop_token_ids=tuple(self.stop_token_ids or ()),
+                    ignore_eos=bool(self.ignore_eos), min_tokens=self.min_tokens or 0)
 
 
 class CompletionRequest(SamplingFields):
-    """``POST /v1/completions``: ``prompt`` is a string or token ids (or a list holding one of them)."""
+    """``POST /v1/completions``: ``prompt`` is a string or token ids, or a list of either (a batch:
+    ``n`` choices each, indexed prompt by prompt). ``logprobs=N``: the sampled tokens' and the ``N``
+    most likely; ``echo``: the prompt comes first in each choice's text (and its tokens'
+    log-probabilities, with ``logprobs``); ``best_of``: that many samples of each prompt, the ``n``
+    most likely returned (not with ``stream``)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0)
+    echo: bool | None = False
+    best_of: int | None = Field(default=None, ge=1)
 
-    def prompt_input(self) -> str | list[int]:
-        """The one prompt: its text, or its token ids; a 400 for several prompts."""
+    def check_fields(self) -> None:
+        super().check_fields()
+        if self.best_of is not None and self.best_of < self.samples:
+            raise ApiError(400, f"best_of={self.best_of} must be at least n={self.samples}", "best_of")
+        if self.best_of is not None and self.best_of > self.samples and self.stream:
+            raise ApiError(400, f"best_of={self.best_of} with n={self.samples} cannot stream: the best answers "
+                                f"are known only at the end", "best_of")
+
+    @property
+    def candidates(self) -> int:
+        """Samples per prompt (``best_of``, else ``n``)."""
+        return self.best_of or self.samples
+
+    def prompt_inputs(self) -> list[str | list[int]]:
+        """The prompts: texts or token-id lists; a 400 for an empty list."""
         prompt = self.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-            if len(prompt) != 1:
-                raise ApiError(400, f"one prompt per request; got a list of {len(prompt)}", "prompt")
-            prompt = prompt[0]
-        return prompt
-
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            return [prompt]
+        if not prompt:
+            raise ApiError(400, "the prompt is empty", "prompt")
+        return list(prompt)
 
 class TextPart(_Strict):
     """A part of a message's content: only text (the model reads nothing else)."""
@@ -174,12 +214,20 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(SamplingFields):
     """``POST /v1/chat/completions``: ``max_completion_tokens`` is the current name of ``max_tokens``
-    (taken first when both are given)."""
+    (taken first when both are given); ``logprobs=true`` returns the sampled tokens'
+    log-probabilities, with the ``top_logprobs`` most likely tokens each."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(default=None, ge=0)
 
     endpoint: ClassVar[str] = CHAT
+
+    def check_fields(self) -> None:
+        super().check_fields()
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
 
     @property
     def answer_limit(self) -> tuple[int | None, str]:
@@ -187,6 +235,30 @@ class ChatCompletionRequest(SamplingFields):
         if self.max_completion_tokens is not None:
             return self.max_completion_tokens, "max_completion_tokens"
         return self.max_tokens, "max_tokens"
+
+
+class TokenizeRequest(_Strict):
+    """vLLM's ``POST /tokenize``: a ``prompt`` (with the tokenizer's special tokens unless
+    ``add_special_tokens`` is false) or chat ``messages`` (rendered as for a chat completion)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+    def check_fields(self) -> None:
+        if (self.prompt is None) == (self.messages is None):
+            raise ApiError(400, "give either prompt or messages", "prompt")
+
+
+class DetokenizeRequest(_Strict):
+    """vLLM's ``POST /detokenize``: the text of ``tokens``."""
+
+    model: str | None = None
+    tokens: list[int]
+
+    def check_fields(self) -> None:
+        pass
 
 
 def _same(value, neutral) -> bool:
@@ -209,23 +281,25 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_chunk(request_id: str, model: str, text: str, finish_reason: str | None) -> dict:
-    """One ``text_completion`` object (a whole answer, or one server-sent event of a stream)."""
-    return {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}]}
+def completion_object(request_id: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict:
+    """One ``text_completion`` object (a whole answer, with its usage, or one server-sent event of a
+    stream)."""
+    body = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": choices}
+    if usage_ is not None:
+        body["usage"] = usage_
+    return body
 
 
-def chat_completion(request_id: str, model: str, text: str, finish_reason: str, usage_: dict) -> dict:
+def chat_completion(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage_}
+            "choices": choices, "usage": usage_}
 
 
-def chat_chunk(request_id: str, model: str, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(request_id: str, model: str, choices: list[dict]) -> dict:
     """One ``chat.completion.chunk`` server-sent event."""
     return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+            "choices": choices}
 
 
 def usage_chunk(request_id: str, model: str, chat: bool, usage_: dict) -> dict:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 from typing import AsyncIterator, Iterable
 
@@ -21,12 +22,16 @@ from starlette.requests import Request as HttpRequest
 from jax_vattention.app.server import protocol
 from jax_vattention.app.server.body import read_json_object
 from jax_vattention.app.server.chat import ChatFormat
+from jax_vattention.app.server.choices import ChoiceFailed, ChoiceSpec, ChoiceText, Delta, deltas
 from jax_vattention.app.server.engine_loop import EngineLoop, EngineUnusable, QueueFull
 from jax_vattention.app.server.errors import ApiError, validation_error
 from jax_vattention.app.server.limits import ServerLimits
 from jax_vattention.app.server.metrics import RequestRecord, ServerMetrics
-from jax_vattention.app.server.text import TextStream
 from jax_vattention.engine import Request
+
+# The request fields the engine's checks name (engine.validation), as the server's clients call them.
+_ENGINE_FIELDS = ("logit_bias", "stop_token_ids", "stop tokens", "min_tokens", "seed", "prompt_logprobs", "logprobs",
+                  "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
 class RequestFailed(Exception):
@@ -99,6 +104,20 @@ class Service:
                                 f"{' or '.join(map(repr, self.names))}", "model", "model_not_found")
         return body
 
+    async def parse_plain(self, request: HttpRequest, model: type) -> object:
+        """The body of a request that does not generate (``/tokenize``, ``/detokenize``) as ``model``;
+        its ``model`` field, when given, must name the served model."""
+        data = await read_json_object(request, self.limits.max_body_bytes)
+        try:
+            body = model.model_validate(data)
+        except ValidationError as error:
+            raise validation_error(error.errors()) from None
+        body.check_fields()
+        if body.model is not None and body.model not in self.names:
+            raise ApiError(404, f"the model {body.model!r} does not exist; this server serves "
+                                f"{' or '.join(map(repr, self.names))}", "model", "model_not_found")
+        return body
+
     def check_serving(self) -> None:
         if self.shutting_down:
             raise ApiError(503, "the server is shutting down", None, "shutting_down")
@@ -110,14 +129,17 @@ class Service:
         """``function(*args)`` in the tokenizer threads: the event loop keeps answering meanwhile."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
 
-    async def completion_prompt(self, body: protocol.CompletionRequest) -> list[int]:
-        """The prompt's token ids (given, or its text tokenized off the event loop)."""
-        prompt = body.prompt_input()
-        if isinstance(prompt, list):
-            return self._checked_prompt(prompt, "prompt")
-        if not prompt:
-            raise ApiError(400, "the prompt is empty", "prompt")
-        return self._checked_prompt(await self.off_loop(self._encode, prompt, True, "prompt"), "prompt")
+    async def completion_prompts(self, body: protocol.CompletionRequest) -> list[list[int]]:
+        """The prompts' token ids (given, or their text tokenized off the event loop)."""
+        prompts = []
+        for prompt in body.prompt_inputs():
+            if isinstance(prompt, list):
+                prompts.append(self._checked_prompt(prompt, "prompt"))
+                continue
+            if not prompt:
+                raise ApiError(400, "the prompt is empty", "prompt")
+            prompts.append(self._checked_prompt(await self.off_loop(self._encode, prompt, True, "prompt"), "prompt"))
+        return prompts
 
     async def chat_prompt(self, body: protocol.ChatCompletionRequest) -> list[int]:
         """The messages rendered and tokenized, off the event loop."""
@@ -168,60 +190,102 @@ class Service:
         return wanted
 
     # ------------------------------------------------------------- the engine
-    async def submit(self, body: protocol.SamplingFields, prompt: list[int], max_tokens: int, field: str,
-                     record: RequestRecord):
-        """Hands the request to the engine; a 400 for one that can never fit (the whole page budget),
-        a 429 when too many wait, a 503 when the engine cannot serve."""
-        request = Request(prompt=prompt, max_new_tokens=max_tokens, stop_tokens=self.loaded.stop_tokens,
-                          **body.sampling())
+    async def submit(self, body: protocol.SamplingFields, prompts: list[list[int]], limits: list[int], field: str,
+                     record: RequestRecord, *, samples: int = 1, logprobs: int | None = None,
+                     prompt_logprobs: int | None = None) -> list:
+        """Hands ``samples`` samples of each prompt (at most ``limits[i]`` tokens for prompt ``i``) to
+        the engine, one stream each, in order; all or none (a refusal cancels those submitted).
+        Raises a 400 for a request the engine refuses (naming the field) or one that can never fit
+        (the whole page budget), a 429 when too many wait, a 503 when the engine cannot serve."""
+        streams = []
         try:
-            stream = await self.engine_loop.submit(request)
+            for prompt, limit in zip(prompts, limits):
+                streams += await self._submit_one(body, prompt, limit, field, record, samples, logprobs,
+                                                  prompt_logprobs)
+        except ApiError:
+            for stream in streams:
+                self.engine_loop.cancel(stream.request_id)
+            raise
+        return streams
+
+    async def _submit_one(self, body, prompt, max_tokens, field, record, samples, logprobs, prompt_logprobs) -> list:
+        request = Request(prompt=prompt, max_new_tokens=max_tokens, stop_tokens=self.loaded.stop_tokens,
+                          logprobs=logprobs, prompt_logprobs=prompt_logprobs, **body.sampling())
+        try:
+            streams = await self.engine_loop.submit_samples(request, samples)
         except ValueError as error:
-            raise ApiError(400, f"this request can never be served here: {error}", field,
-                           "request_too_large") from None
+            message = str(error)
+            named = next((name for name in _ENGINE_FIELDS if name in message), None)
+            if named is None:
+                raise ApiError(400, f"this request can never be served here: {message}", field,
+                               "request_too_large") from None
+            param = {"stop tokens": "stop_token_ids", "prompt_logprobs": "logprobs"}.get(named, named)
+            if param == "logprobs" and body.endpoint == protocol.CHAT:
+                param = "top_logprobs"
+            raise ApiError(400, message, param) from None
         except QueueFull as error:
             raise ApiError(429, f"the server is busy: {error}; retry later", None, "queue_full",
                            {"Retry-After": "1"}) from None
         except EngineUnusable as error:
             raise ApiError(503, f"the engine cannot serve: {error}", None, "engine_unavailable") from None
-        record.engine_id = stream.request_id
-        record.prompt_tokens = len(prompt)
-        return stream
+        if record.engine_id is None:
+            record.engine_id = streams[0].request_id
+        record.prompt_tokens += len(prompt)
+        return streams
 
-    async def pieces(self, stream, record: RequestRecord) -> AsyncIterator[tuple[str, str | None]]:
-        """``(text, None)`` as tokens arrive, then ``("", finish_reason)``; raises
-        :class:`RequestFailed` when the engine ends the request with an error. If the consumer stops
-        early (the client went away), the request is cancelled in the engine."""
-        text = TextStream(self.loaded, self.loaded.stop_tokens)
+    def choice_texts(self, body: protocol.SamplingFields, count: int, first: int = 0) -> list[ChoiceText]:
+        """How each of ``count`` choices (indexed from ``first``) turns its tokens into text."""
+        spec = ChoiceSpec(eos=self.loaded.stop_tokens, ignore_eos=bool(body.ignore_eos),
+                          stop_token_ids=tuple(body.stop_token_ids or ()), stops=body.stops,
+                          include_stop=bool(body.include_stop_str_in_output))
+        return [ChoiceText(first + i, self.loaded, spec) for i in range(count)]
+
+    async def deltas(self, streams, texts: list[ChoiceText], record: RequestRecord) -> AsyncIterator[Delta]:
+        """The choices' :class:`~.choices.Delta`\\ s as tokens arrive; raises :class:`RequestFailed`
+        when the engine ends one with an error. Choices not finished when the consumer stops (the
+        client went away) are cancelled in the engine."""
         finished = False
+
+        def counted():
+            gap = record.token(time.perf_counter())
+            if gap is not None:
+                self.metrics.token_gap(gap)
+
+        reasons = []
         try:
-            while True:
-                event = await stream.tokens.get()
-                if isinstance(event, BaseException):
-                    status = 503 if isinstance(event, EngineUnusable) else 500
-                    finished, record.finish_reason, record.error = True, "error", str(event)
-                    raise RequestFailed(str(event), status)
-                if event.error is not None:   # the engine failed it: its token is no token (-1)
-                    finished, record.finish_reason, record.error = True, "error", event.error
-                    raise RequestFailed(f"the request failed in the engine: {event.error}", 500)
-                gap = record.token(time.perf_counter())
-                if gap is not None:
-                    self.metrics.token_gap(gap)
-                piece = text.push(event.token, final=event.finished)
-                if event.finished:
-                    finished = True
-                    record.finish_reason = "stop" if event.token in self.loaded.stop_tokens else "length"
-                    if piece:
-                        yield piece, None
-                    yield "", record.finish_reason
-                    return
-                if piece:
-                    yield piece, None
+            async with contextlib.aclosing(deltas(streams, texts, self.engine_loop.cancel, counted)) as merged:
+                async for delta in merged:
+                    if delta.finish_reason is not None:
+                        reasons.append(delta.finish_reason)
+                    yield delta
+            finished = True
+            record.finish_reason = "stop" if "stop" in reasons else "length"
+        except ChoiceFailed as failure:
+            finished, record.finish_reason, record.error = True, "error", str(failure)
+            if isinstance(failure.error, BaseException):
+                status = 503 if isinstance(failure.error, EngineUnusable) else 500
+                raise RequestFailed(str(failure), status) from None
+            raise RequestFailed(f"the request failed in the engine: {failure}", 500) from None
         finally:
             if not finished:
-                self.engine_loop.cancel(stream.request_id)
                 record.finish_reason = "cancelled"
             self.metrics.finished(record)
+
+    def tokenize(self, text: str, add_special_tokens: bool, param: str) -> list[int]:
+        """Token ids of ``text`` (a 400 naming ``param`` where the model has no tokenizer)."""
+        return self._encode(text, add_special_tokens, param)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """The text of ``tokens``; a 400 for an id outside the vocabulary."""
+        vocab = self.loaded.model.config.vocab_size
+        bad = next((token for token in tokens if not 0 <= token < vocab), None)
+        if bad is not None:
+            raise ApiError(400, f"the token id {bad} is outside the vocabulary [0, {vocab})", "tokens")
+        return self.loaded.decode(tokens)
+
+    def token_text(self, token: int) -> str:
+        """One token's own text (log-probabilities name tokens by it)."""
+        return self.loaded.decode([token])
 
     def refused(self, record: RequestRecord, error: ApiError) -> None:
         """A request refused before it reached the engine: its figures and log line."""
