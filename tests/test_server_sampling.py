@@ -234,3 +234,39 @@ def test_a_bad_sampling_value_is_a_400_naming_its_field(server):
     response = httpx.post(server.url + "/chat/completions", json={
         "model": "tiny", "messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, timeout=30)
     assert response.status_code == 400 and response.json()["error"]["param"] == "top_logprobs"
+
+
+@pytest.mark.parametrize("pieces, stops, include, sent, stopped", [
+    (["a\n", "\nb"], ["\n\n"], False, ["a", ""], "\n\n"),         # split across pieces: "\n" waits
+    (["a\n", "\nb"], ["\n\n"], True, ["a", "\n\n"], "\n\n"),
+    (["xEN", "D tail", "more"], ["END", "ta"], False, ["x", "", ""], "END"),   # the earliest stop wins
+    (["abc", "def"], ["cd", "bcdx"], False, ["", "ab"], "cd"),
+    (["abc", "de", ""], ["zzz"], False, ["a", "bc", "", "de"], None),     # held back, then flushed
+    (["ab"], [""], False, ["ab", ""], None),                              # an empty stop stops nothing
+])
+def test_stop_strings_hold_back_what_may_begin_a_stop_and_cut_at_the_first(pieces, stops, include, sent, stopped):
+    from jax_vattention.app.server.stop_strings import StopStrings
+
+    matcher = StopStrings(stops, include)
+    assert [matcher.push(piece) for piece in pieces] + [matcher.flush()] == sent + [""] * (
+        len(pieces) + 1 - len(sent))
+    assert matcher.stopped == stopped
+
+
+def test_echo_streams_the_prompt_first_and_n_chat_choices_stream_by_index(client):
+    knobs = dict(model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, echo=True, logprobs=1)
+    whole = client.completions.create(**knobs).choices[0]
+    chunks = list(client.completions.create(stream=True, **knobs))
+    assert chunks[0].choices[0].text.startswith(PROMPT)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text
+    tokens = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == whole.logprobs.tokens
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], n=3, seed=4, max_tokens=5,
+                temperature=1.0)
+    answers = [c.message.content for c in client.chat.completions.create(**chat).choices]
+    texts, roles = {}, {}
+    for chunk in client.chat.completions.create(stream=True, **chat):
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
+            roles[choice.index] = roles.get(choice.index) or choice.delta.role
+    assert [texts[i] for i in range(3)] == answers and set(roles.values()) == {"assistant"}
