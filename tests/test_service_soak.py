@@ -31,8 +31,8 @@ from jax_vattention.app.server.limits import ServerLimits  # noqa: E402
 SYSTEM = "You are a terse assistant. Answer in one line, no more. "   # a shared prefix (prefix-cache hits)
 MALFORMED = [
     (b'{"model": "tiny", "prompt": ', 400), (b'{"model": "tiny", "prompt": "\xff"}', 400),
-    (b'{"model": "tiny", "prompt": "a\\ud800"}', 400), (b'{"model": "tiny", "prompt": "a", "seed": 4}', 400),
-    (b'{"model": "tiny", "prompt": "a", "n": 3}', 400), (b'{"model": "nope", "prompt": "a"}', 404),
+    (b'{"model": "tiny", "prompt": "a\\ud800"}', 400), (b'{"model": "tiny", "prompt": "a", "suffix": "!"}', 400),
+    (b'{"model": "tiny", "prompt": "a", "n": 0}', 400), (b'{"model": "nope", "prompt": "a"}', 404),
     (b'{"model": "tiny", "prompt": "a", "max_tokens": 100000}', 400), (b'[]', 400),
 ]
 OUTCOMES = ("whole", "streamed", "left_streaming", "left_waiting", "refused", "failed", "busy")
