@@ -4,6 +4,11 @@ transformers renders ``chat_template`` in a sandboxed Jinja environment with
 ``trim_blocks`` and ``lstrip_blocks``, a ``raise_exception`` function and a
 ``tojson`` filter that keeps non-ASCII text; templates rely on those, so we set
 up the same environment.
+
+A GGUF file converted from a base (pretrained) checkpoint may carry no template. For the Gemma
+family every instruction-tuned checkpoint uses one turn format (``<start_of_turn>user ...
+<end_of_turn>``, the assistant called ``model``, a system message folded into the first user
+turn), so a Gemma file without a template gets :data:`GEMMA_TURNS` (:func:`default_chat_template`).
 """
 
 from __future__ import annotations
@@ -11,6 +16,46 @@ from __future__ import annotations
 import dataclasses
 import json
 from typing import Any
+
+
+# Gemma 2 and 3's turn format, as their instruction-tuned checkpoints' tokenizer_config.json writes
+# it (text content; a list of parts contributes its text parts).
+GEMMA_TURNS = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}"
+    "{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endfor -%}"
+    "{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+_DEFAULT_TEMPLATES = {"gemma": GEMMA_TURNS, "gemma2": GEMMA_TURNS, "gemma3": GEMMA_TURNS}
+
+
+def default_chat_template(architecture: str | None) -> str | None:
+    """The chat template of a GGUF file's ``general.architecture`` that carries none: Gemma's
+    turn format for the Gemma family, else None (a template cannot be guessed)."""
+    return _DEFAULT_TEMPLATES.get(architecture)
 
 
 def _raise_exception(message: str):

@@ -41,7 +41,10 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3")
 # llama.cpp stores Gemma's norms as 1 + weight (its converter adds the 1); the model keeps the weight.
 NORM_SHIFTED = ("gemma2", "gemma3")
 # GGML tensor types we dequantize (and test against the block layout): name -> GGMLQuantizationType value
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1")
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+
+# Gemma's chat turns end with this control token; its files name only <eos> as the end of text.
+_END_OF_TURN = "<end_of_turn>"
 
 _LAYER_TENSORS = {
     "attn_norm": "input_layernorm",
@@ -193,6 +196,8 @@ def config_from_gguf(meta: dict[str, Any], tensor_names: set[str], dtype: str = 
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab_size = _field(meta, a + "vocab_size", len(tokens) if tokens is not None else ...)
     eos = [meta[key] for key in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if key in meta]
+    if architecture in NORM_SHIFTED and tokens is not None and _END_OF_TURN in tokens:
+        eos.append(tokens.index(_END_OF_TURN))     # llama.cpp ends generation there too (an end-of-turn token)
     layers = int(_field(meta, a + "block_count"))
     family = {}
     if architecture == "qwen2":
