@@ -73,11 +73,6 @@ def _sentencepiece(meta: dict[str, Any], tokens: list[str]):
     (``<0xF0>`` tokens for bytes no token covers), spaces written as ``▁`` and no prefix space."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    architecture = meta.get("general.architecture")
-    if architecture not in SENTENCEPIECE_ARCHITECTURES:
-        raise ValueError(f"the GGUF file's tokenizer.ggml.model is 'llama' (SentencePiece) in a file of the "
-                         f"architecture {architecture!r}; supported: 'gpt2' (byte-level BPE), and 'llama' in "
-                         f"the files of {', '.join(SENTENCEPIECE_ARCHITECTURES)}")
     if meta.get("tokenizer.ggml.add_space_prefix", False):
         raise ValueError("the GGUF file sets tokenizer.ggml.add_space_prefix: a SentencePiece vocabulary with a "
                          "prefix space is not supported")
@@ -133,6 +128,11 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> TemplatedTokenizer:
     if kind not in ("gpt2", "llama"):
         raise ValueError(f"the GGUF file's tokenizer.ggml.model is {kind!r}; supported: 'gpt2' "
                          f"(byte-level BPE), 'llama' (SentencePiece, in Gemma files)")
+    architecture = meta.get("general.architecture")
+    if kind == "llama" and architecture not in SENTENCEPIECE_ARCHITECTURES:
+        raise ValueError(f"the GGUF file's tokenizer.ggml.model is 'llama' (SentencePiece) in a file of the "
+                         f"architecture {architecture!r}; supported: 'gpt2' (byte-level BPE), and 'llama' in "
+                         f"the files of {', '.join(SENTENCEPIECE_ARCHITECTURES)}")
     if "tokenizer.ggml.tokens" not in meta:
         raise ValueError("the GGUF file lacks the metadata field 'tokenizer.ggml.tokens'")
     stored = list(meta["tokenizer.ggml.tokens"])
@@ -154,4 +154,4 @@ def tokenizer_from_gguf(meta: dict[str, Any]) -> TemplatedTokenizer:
             single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
     return TemplatedTokenizer(tokenizer=tokenizer, bos_token=bos, eos_token=_token(meta, "eos_token_id", stored),
                               chat_template=meta.get("tokenizer.chat_template")
-                              or default_chat_template(meta.get("general.architecture")))
+                              or default_chat_template(architecture))

@@ -381,7 +381,7 @@ def test_generate_command_names_a_model_it_cannot_find(capsys):
     command.add_arguments(parser)
     assert command.run(parser.parse_args(["--model", "smollm2", "--chat", "hi"])) == 2
     assert ("--model smollm2: no such directory (a checkpoint), and not a .gguf file or a bundled model "
-            "(smollm2-135m)") in capsys.readouterr().err
+            "(smollm2-135m, gemma3-270m)") in capsys.readouterr().err
 
 
 def test_bos_is_added_once_and_a_chat_template_writes_its_own():

