@@ -71,7 +71,7 @@ def sentencepiece_merges(tokens: list[str]) -> list[tuple[str, str]]:
 def _sentencepiece(meta: dict[str, Any], tokens: list[str]):
     """A ``tokenizers.Tokenizer`` of a Gemma SentencePiece vocabulary: BPE with byte fallback
     (``<0xF0>`` tokens for bytes no token covers), spaces written as ``▁`` and no prefix space."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, normalizers
 
     if meta.get("tokenizer.ggml.add_space_prefix", False):
         raise ValueError("the GGUF file sets tokenizer.ggml.add_space_prefix: a SentencePiece vocabulary with a "
@@ -79,13 +79,12 @@ def _sentencepiece(meta: dict[str, Any], tokens: list[str]):
     unknown = _token(meta, "unknown_token_id", tokens)
     if unknown is None:
         raise ValueError("the GGUF file lacks the metadata field 'tokenizer.ggml.unknown_token_id'")
-    # Runs of two or more spaces are stored as spaces but looked up after the normalizer, as ▁▁...
-    tokens = [SPACE * len(t) if " " in t and not t.strip() else t for t in tokens]
+    # Runs of spaces are stored as spaces but looked up after the normalizer, as ▁▁...
+    tokens = [SPACE * len(t) if t and not t.strip(" ") else t for t in tokens]
     vocab = {token: i for i, token in enumerate(tokens)}
     tokenizer = Tokenizer(models.BPE(vocab, sentencepiece_merges(tokens), unk_token=unknown, fuse_unk=True,
                                      byte_fallback=True))
-    tokenizer.normalizer = normalizers.Replace(" ", SPACE)
-    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tokenizer.normalizer = normalizers.Replace(" ", SPACE)     # and no pre-tokenizer: one word, as SentencePiece
     tokenizer.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     return tokenizer, tokens
 
