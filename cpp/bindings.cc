@@ -221,6 +221,8 @@ NB_MODULE(_core, m) {
            "Pages (over all buffers) the next growth unmaps behind the windows.")
       .def("prefetch", &PageManager::prefetch, "tokens"_a, "max_pages"_a = SIZE_MAX, Release())
       .def("free", &PageManager::free, "slot"_a, Release())
+      .def("rewind", &PageManager::rewind, "slot"_a, "length"_a, Release(),
+           "Lowers the slot's length to `length` tokens (rejected speculative tokens); its pages stay mapped.")
       .def("grow", [](PageManager& manager, std::size_t tokens) { manager.grow(tokens, nullptr); }, "tokens"_a,
            Release())
       .def("grow_slots", &PageManager::grow_slots, "counts"_a, Release())

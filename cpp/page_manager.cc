@@ -313,6 +313,39 @@ void PageManager::free(int slot) {
   slots_[slot].reserved = 0;
 }
 
+void PageManager::rewind(int slot, std::size_t length) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_open();
+  check_slot(slot);
+  Slot& state = slots_[slot];
+  const std::string name = "slot " + std::to_string(slot);
+  if (!state.active) throw std::invalid_argument("rewind: " + name + " is not allocated");
+  if (length > state.length) {
+    throw std::invalid_argument("rewind: " + name + " holds " + std::to_string(state.length) +
+                                " tokens; a rewind only lowers the length, not to " + std::to_string(length));
+  }
+  const std::size_t writable = writable_from_locked(static_cast<std::size_t>(slot));
+  if (length < writable) {
+    throw std::invalid_argument("rewind: " + name + " cannot go back to " + std::to_string(length) +
+                                " tokens: tokens 0.." + std::to_string(writable - 1) +
+                                " lie in shared pages, which the next write would overwrite");
+  }
+  if (window_ != 0) {
+    // The page of the first key the next step's first query sees: only leading pages are ever
+    // unmapped behind a window, so it is enough that this one is mapped in every buffer.
+    const std::size_t first_read = length >= window_ ? length - window_ + 1 : 0;
+    const std::size_t page = first_read * geometry_.token_bytes / geometry_.page_bytes;
+    const bool unmapped = page < state.pages.size() &&
+                          std::find(state.pages[page].begin(), state.pages[page].end(), kNoPage) != state.pages[page].end();
+    if (unmapped) {
+      throw std::invalid_argument("rewind: " + name + " cannot go back to " + std::to_string(length) +
+                                  " tokens: the window of its next query reaches pages already unmapped "
+                                  "behind the window");
+    }
+  }
+  state.length = length;
+}
+
 void PageManager::grow(std::size_t tokens, void* stream, bool buffers_live) {
   locked(stream, [&] {
     check_open();

@@ -196,6 +196,12 @@ class PageManager {
 
   // Ends the request in `slot`; its pages stay mapped for the next one.
   void free(int slot);
+  // Lowers the active `slot`'s length to `length` tokens (at most its length): the tokens past it are
+  // dropped, e.g. a step's rejected speculative tokens. No driver call: the pages stay mapped for the
+  // next growth, which writes over what was dropped. Refused (std::invalid_argument, nothing changed)
+  // where the next write would start inside a cached or forked page (below writable_from), or where
+  // the next step's queries would read a page already unmapped behind a sliding window.
+  void rewind(int slot, std::size_t length);
   // Adds `tokens` to every active slot (up to the capacity) and maps the
   // pages that takes. `stream` is XLA's when called from the mapping op,
   // which passes `buffers_live` after checking that its operands are the
@@ -361,6 +367,8 @@ class PageManager {
   // Waits for the device's work (`stream`'s, or all of it if null) before pages are unmapped.
   void wait_for_device(void* stream);
   void add_lengths(const std::vector<std::size_t>& counts);
+  // writable_from() under the lock.
+  std::size_t writable_from_locked(std::size_t slot) const;
   void discard_pending() noexcept;
 
   // Sliding windows (window_pages.cc).

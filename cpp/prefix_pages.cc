@@ -122,6 +122,10 @@ std::size_t PageManager::writable_from(int slot) const {
   std::lock_guard<std::mutex> lock(mutex_);
   check_open();
   check_slot(slot);
+  return writable_from_locked(static_cast<std::size_t>(slot));
+}
+
+std::size_t PageManager::writable_from_locked(std::size_t slot) const {
   const auto& pages = slots_[slot].pages;
   for (std::size_t p = pages.size(); p-- > 0;) {
     // The first token that lies wholly after the page (a page may end inside a token).

@@ -166,6 +166,22 @@ def forked_behind_window_setup(m):
     m.grow_slots([40, 40, 0])   # both at 110 tokens: the next growth unmaps pages 0 and 1 in both
 
 
+def rewound_setup(m):
+    """Slot 0 took a speculative step of 40 tokens (70 -> 110: 4 pages) and kept 5 of them: 75 tokens
+    on 4 pages, the last one spare (beyond its promised 70 and its length); slot 1: 32 tokens."""
+    m.alloc(70)
+    m.alloc(32)
+    m.grow_slots([40, 0, 0])
+    m.rewind(0, 75)
+
+
+def rewound_behind_window_setup(m):
+    windowed()(m)
+    m.alloc(64)
+    m.grow_slots([40, 0, 0])
+    m.rewind(0, 80)             # the next growth unmaps page 0, wholly behind token 80's window
+
+
 SCENARIOS = [
     Scenario("alloc", lambda m: m.alloc(40), lambda m: m.alloc(100)),
     Scenario("alloc_reclaiming", alloc_reclaiming_setup, lambda m: m.alloc(96), max_batch=4, budget_pages=6 * BUFFERS),
@@ -212,6 +228,12 @@ SCENARIOS = [
     Scenario("release_window_holes", holes_setup, lambda m: m.release(), atomic=False),
     Scenario("grow_behind_window_shared", shared_behind_window_setup, lambda m: m.grow_slots([40, 0, 0])),
     Scenario("grow_behind_window_forked", forked_behind_window_setup, lambda m: m.grow(1)),
+    # Rewound slots (speculative tokens dropped): their pages stay, the next growth reuses them.
+    Scenario("grow_slots_after_rewind", rewound_setup, lambda m: m.grow_slots([20, 40, 0])),
+    # The budget is spent: slot 1's next page is slot 0's spare last page.
+    Scenario("grow_slots_reclaiming_a_rewound_tail", rewound_setup, lambda m: m.grow_slots([0, 1, 0]),
+             budget_pages=5 * BUFFERS),
+    Scenario("grow_slots_behind_window_after_rewind", rewound_behind_window_setup, lambda m: m.grow_slots([10, 0, 0])),
 ]
 
 

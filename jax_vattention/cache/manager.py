@@ -266,6 +266,18 @@ class CacheManager(PrefixSharing, Forks):
         self._check_usable()
         self._core.free(_count("slot", slot))
 
+    def rewind(self, slot: int, length: int) -> None:
+        """Lowers ``slot``'s length to ``length`` tokens: what lies past it is dropped (a step's
+        rejected speculative tokens); its pages stay mapped for the next growth, which writes over it.
+
+        No driver call, so nothing can fail half-way. ``ValueError`` (nothing changed) for a free
+        slot, a length above the slot's, one inside its shared prefix pages (the next write would
+        overwrite them), or one whose next query's window reaches pages unmapped behind a sliding
+        window.
+        """
+        self._check_usable()
+        self._core.rewind(_count("slot", slot), _count("length", length))
+
     def reserve_growth(self, tokens: int) -> None:
         """Creates now the pages that growing every active slot by ``tokens`` needs.
 

@@ -244,6 +244,10 @@ class ShardedCacheManager:
     def free(self, slot: int) -> None:
         self._on_all("free", lambda m: m.free(slot))
 
+    def rewind(self, slot: int, length: int) -> None:
+        """Lowers ``slot``'s length on every device; see :meth:`CacheManager.rewind`."""
+        self._on_all("rewind", lambda m: m.rewind(slot, length))
+
     def reserve_growth(self, tokens: int) -> None:
         self._on_all("reserve_growth", lambda m: m.reserve_growth(tokens))
 
