@@ -297,8 +297,7 @@ class Llama(nnx.Module):
                 if step is None:
                     seq_lens = jnp.broadcast_to((start + count)[:, None], positions.shape)  # [B, T]
                 else:
-                    chunk = jnp.repeat(step.chunk_start + step.chunk_count, step.chunk_width)  # [R*C]
-                    seq_lens = jnp.concatenate([step.decode_positions + 1, chunk])[None]  # [1, D + R*C]
+                    seq_lens = step.sequence_lengths()  # [1, D + R*C + V*W]
             ropes.append((table.frequencies(seq_lens), table.attention_scaling))
         return ropes
 
@@ -312,9 +311,9 @@ class Llama(nnx.Module):
     def run_step(self, step: StepBatch, cache: KVCache, *, backend: str):
         """One engine step: the decode rows and prefill chunks of ``step`` in one pass.
 
-        Returns float32 logits ``[D + R, vocab]`` (each decode row's, then each chunk's last real
-        token's) and the cache.
+        Returns float32 logits ``[len(step.logit_index()), vocab]`` (each decode row's, then each
+        chunk's last real token's, then every verification token's) and the cache.
         """
         logits, cache = self(step.tokens(), step.positions(), cache, start=None, count=None,
-                             backend=backend, logit_index=step.logit_index()[None], step=step)  # [1, D + R, V]
+                             backend=backend, logit_index=step.logit_index()[None], step=step)  # [1, D + R + V*W, V]
         return logits[0], cache

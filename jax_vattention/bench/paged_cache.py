@@ -220,6 +220,9 @@ class PagedKVCache:
 
         q [1, D + R*C, N, H]; k, v [1, D + R*C, K, H] in the pools' dtype -> ([1, D + R*C, N, H], cache).
         """
+        if step.verify_rows:
+            raise ValueError("the paged baseline runs no verification rows (speculative decoding): "
+                             "use a KVCache")
         (q_d, q_c), (k_d, k_c), (v_d, v_c) = step.split_rows(q), step.split_rows(k), step.split_rows(v)
         cache = self.write(layer, k_d, v_d, step.decode_positions, step.decode_count, step.decode_slots)
         if step.chunk_rows:

@@ -208,20 +208,7 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams, *,
     rows_sampling = params.temperature >= GREEDY_BELOW  # [B]
 
     def draw(_):
-        vocab = logits.shape[-1]
-        scaled = logits / jnp.where(rows_sampling, params.temperature, 1.0)[:, None]  # [B, V]
-        order = jnp.argsort(-scaled, axis=-1).astype(jnp.int32)  # [B, V], most likely first
-        ranked = jnp.take_along_axis(scaled, order, axis=-1)  # [B, V]
-        rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]  # [1, V]
-        # min_p: p_i / p_max = exp(s_i - s_max); the most likely token always stays.
-        relative = jnp.exp(ranked - ranked[:, :1])  # [B, V]
-        ranked = jnp.where((relative >= params.min_p[:, None]) | (rank == 0), ranked, -jnp.inf)  # [B, V]
-        in_top_k = (params.top_k[:, None] <= 0) | (rank < params.top_k[:, None])  # [B, V]
-        ranked = jnp.where(in_top_k, ranked, -jnp.inf)  # [B, V]
-        probs = jax.nn.softmax(ranked, axis=-1)  # [B, V]
-        mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V], probability of more likely tokens
-        in_top_p = (mass_before < params.top_p[:, None]) | (rank == 0)  # [B, V]
-        ranked = jnp.where(in_top_p, ranked, -jnp.inf)  # [B, V]
+        order, ranked = _ranked_logits(logits, params)  # [B, V] each
         choice = jax.vmap(jax.random.categorical)(keys, ranked)  # [B]
         return jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0]  # [B]
 
@@ -232,6 +219,37 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, params: SamplingParams, *,
     else:
         sampled = lax.cond(jnp.any(rows_sampling), draw, lambda _: greedy, None)  # [B]
     return jnp.where(rows_sampling, sampled, greedy)
+
+
+def _ranked_logits(logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array]:
+    """Step 4's filters: ``(order, ranked)``, int32 and float32 [B, V]: the tokens most likely first
+    and their logits divided by the temperature (greedy rows: by 1), -inf where min_p, top_k or top_p
+    drop them. Drawing from ``ranked`` draws from the distribution a row samples."""
+    vocab = logits.shape[-1]
+    rows_sampling = params.temperature >= GREEDY_BELOW  # [B]
+    scaled = logits / jnp.where(rows_sampling, params.temperature, 1.0)[:, None]  # [B, V]
+    order = jnp.argsort(-scaled, axis=-1).astype(jnp.int32)  # [B, V], most likely first
+    ranked = jnp.take_along_axis(scaled, order, axis=-1)  # [B, V]
+    rank = jnp.arange(vocab, dtype=jnp.int32)[None, :]  # [1, V]
+    # min_p: p_i / p_max = exp(s_i - s_max); the most likely token always stays.
+    relative = jnp.exp(ranked - ranked[:, :1])  # [B, V]
+    ranked = jnp.where((relative >= params.min_p[:, None]) | (rank == 0), ranked, -jnp.inf)  # [B, V]
+    in_top_k = (params.top_k[:, None] <= 0) | (rank < params.top_k[:, None])  # [B, V]
+    ranked = jnp.where(in_top_k, ranked, -jnp.inf)  # [B, V]
+    probs = jax.nn.softmax(ranked, axis=-1)  # [B, V]
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V], probability of more likely tokens
+    in_top_p = (mass_before < params.top_p[:, None]) | (rank == 0)  # [B, V]
+    return order, jnp.where(in_top_p, ranked, -jnp.inf)  # [B, V] each
+
+
+def sampled_distribution(logits: jax.Array, params: SamplingParams) -> jax.Array:
+    """The distribution a sampling row draws from (step 4 of the module docstring): float32 [B, V]
+    probabilities in vocabulary order, 0 where min_p, top_k or top_p drop a token. ``logits``
+    float32 [B, V] (after :func:`adjust_logits` where that applies); a greedy row's is meaningless."""
+    order, ranked = _ranked_logits(logits.astype(jnp.float32), params)  # [B, V] each
+    rows = jnp.arange(logits.shape[0], dtype=jnp.int32)[:, None]  # [B, 1]
+    filtered = jnp.full(logits.shape, -jnp.inf, jnp.float32).at[rows, order].set(ranked)  # [B, V]
+    return jax.nn.softmax(filtered, axis=-1)  # [B, V]
 
 
 @jax.tree_util.register_dataclass

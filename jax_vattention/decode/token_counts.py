@@ -100,7 +100,8 @@ class TokenCounts:
 
 
 def count_step(counts: TokenCounts, batch: StepBatch, prompt_len: jax.Array) -> TokenCounts:
-    """Adds the tokens a :class:`StepBatch` feeds (its decode rows' and its chunks' real tokens);
+    """Adds the tokens a :class:`StepBatch` feeds (its decode rows' and its chunks' real tokens; its
+    verification rows' are counted once verified, :func:`~jax_vattention.decode.verification.count_accepted`);
     ``prompt_len`` int32 [D + R] is each row's request's prompt length."""
     width = batch.chunk_width
     slots = jnp.concatenate([batch.decode_slots, jnp.repeat(batch.chunk_slots, width)])  # [D + R*C]
@@ -108,4 +109,5 @@ def count_step(counts: TokenCounts, batch: StepBatch, prompt_len: jax.Array) -> 
                               jnp.repeat(prompt_len[batch.decode_rows:], width)])  # [D + R*C]
     in_chunk = jnp.arange(width, dtype=jnp.int32)[None, :] < batch.chunk_count[:, None]  # [R, C]
     valid = jnp.concatenate([batch.decode_count > 0, in_chunk.reshape(-1)])  # [D + R*C]
-    return counts.add(slots, batch.tokens()[0], batch.positions()[0], prompt, valid)
+    fed = batch.decode_rows + batch.chunk_rows * width
+    return counts.add(slots, batch.tokens()[0, :fed], batch.positions()[0, :fed], prompt, valid)

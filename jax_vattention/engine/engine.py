@@ -46,6 +46,7 @@ from jax_vattention.engine.request_rows import request_row
 from jax_vattention.engine.requests import Request, RequestState, TokenEvent, TokenLogprob
 from jax_vattention.engine.runner import StepRunner
 from jax_vattention.engine.scheduler import Scheduler, StepPlan
+from jax_vattention.engine.speculation import METHODS as SPECULATION_METHODS, speculator_for
 from jax_vattention.engine.stats import EngineStats, StepRecord
 from jax_vattention.engine.validation import checked_request
 
@@ -78,6 +79,10 @@ class EngineConfig:
         scheduling): the host plans, maps and streams while the device computes. A request that
         stops on a stop token has already been given one more step, whose token is dropped. On by
         default (faster on every workload measured: docs/benchmarks.md); the same tokens either way
+    speculate : speculative decoding: ``"ngram"`` proposes tokens by prompt lookup
+        (:mod:`~jax_vattention.engine.speculation`) and each step verifies them; None: off. Greedy
+        requests yield the same tokens either way, sampling ones the same distribution
+    num_speculative_tokens : the most tokens a request proposes a step (adapted per request below it)
     """
 
     token_budget: int = 512
@@ -93,6 +98,8 @@ class EngineConfig:
     max_logprobs: int = 20
     seed: int = 0
     pipeline: bool = True
+    speculate: str | None = None
+    num_speculative_tokens: int = 4
 
     @property
     def memory_policy(self) -> MemoryPolicy:
@@ -122,6 +129,10 @@ class EngineConfig:
         if self.max_logit_bias < 0 or self.max_logprobs < 0:
             raise ValueError(f"max_logit_bias and max_logprobs must be at least 0, got {self.max_logit_bias} "
                              f"and {self.max_logprobs}")
+        if self.speculate is not None and self.speculate not in SPECULATION_METHODS:
+            raise ValueError(f"speculate must be one of {SPECULATION_METHODS} or None, got {self.speculate!r}")
+        if not 1 <= self.num_speculative_tokens <= 16:
+            raise ValueError(f"num_speculative_tokens must be between 1 and 16, got {self.num_speculative_tokens}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +149,8 @@ class _InFlight:
     blocked: bool            # admission stopped at the page budget
     written: tuple = ()      # with prefix sharing: what it writes, per request (PrefixSharer.dispatched)
     outputs: dict = dataclasses.field(default_factory=dict)   # its log-probabilities on the device, if any
+    verifies: tuple = ()     # the requests whose proposals it verifies (their tokens: outputs["verify_tokens"])
+    synchronous: bool = False   # read at once, not pipelined (a request in it speculates)
 
 
 class Engine:
@@ -165,10 +178,16 @@ class Engine:
         self.failed: dict[int, Exception] = FailedRequests()   # requests ended by an error, by id (the last ones)
         self.scheduler = Scheduler(max_batch=cache_config.max_batch, token_budget=config.token_budget,
                                    chunk_tokens=config.chunk_tokens, chunk_rows=config.chunk_rows)
+        if config.speculate is not None and cache_config.window is not None:
+            raise ValueError("speculative decoding needs a cache without a sliding window (rejected tokens are "
+                             "undone by lowering the length, and pages behind the window may be gone): "
+                             "leave out speculate")
+        self.speculator = speculator_for(config.speculate, config.num_speculative_tokens, cache_config.max_len)
         self.runner = StepRunner(model, max_batch=cache_config.max_batch, chunk_rows=config.chunk_rows,
                                  chunk_tokens=config.chunk_tokens, backend=self.backend, tp=tp,
                                  bias_width=config.max_logit_bias, stop_width=config.max_stop_tokens,
-                                 top_logprobs=min(config.max_logprobs, model.config.vocab_size))
+                                 top_logprobs=min(config.max_logprobs, model.config.vocab_size),
+                                 verify_width=config.num_speculative_tokens + 1 if self.speculator else 0)
         self.memory = CacheMemory(manager, config.memory_policy, self.stats)
         self.prefixes = self.memory.prefixes
         self.groups = SampleGroups(self.memory, self.scheduler)
@@ -318,14 +337,14 @@ class Engine:
     def _step(self, events: list[TokenEvent]) -> list[TokenEvent]:
         mapped_before = self.manager.stats()["pages_mapped_total"]
         plan = self._plan(events)
-        previous = self._in_flight
+        reads = [self._in_flight] if self._in_flight is not None else []
         if not plan.empty:
             dispatched = self._dispatch(plan, events, mapped_before)
             if dispatched is not None:
                 self._in_flight = dispatched
-                if not self.config.pipeline:
-                    previous = dispatched
-        if previous is not None:
+                if not self.config.pipeline or dispatched.synchronous:
+                    reads.append(dispatched)
+        for previous in reads:
             if previous is self._in_flight:
                 self._in_flight = None
             events += self._read(previous)
@@ -376,8 +395,7 @@ class Engine:
             if plan.empty:
                 return plan
             try:
-                self.memory.grow(plan)
-                return plan
+                return self._grow(plan)
             except DriverError:
                 return self._grow_each(plan, events)
             except OutOfPagesError as error:
@@ -387,6 +405,22 @@ class Engine:
                 else:
                     self._preempt(victim)
                 admit = lambda state: None  # noqa: E731  (no admission into a step that preempted)
+
+    def _grow(self, plan: StepPlan) -> StepPlan:
+        """Maps the plan's growth, with proposals for the requests that speculate; where the budget
+        cannot cover the proposals, the plan runs without them (raises as :meth:`CacheMemory.grow`)."""
+        if self.speculator is None:
+            self.memory.grow(plan)
+            return plan
+        proposed = self.speculator.propose(plan)
+        try:
+            self.memory.grow(proposed)
+            return proposed
+        except OutOfPagesError:
+            if not proposed.proposals:
+                raise
+        self.memory.grow(plan)
+        return plan
 
     def _admit(self, state: RequestState) -> int | None:
         """The scheduler's admission callback: :meth:`CacheMemory.admit`, recording the batch an
@@ -406,8 +440,9 @@ class Engine:
             events.extend(self._fail(self.scheduler.running[slot], error))
         if not failed:
             return plan
-        return StepPlan(tuple(s for s in plan.decodes if not s.done), tuple(c for c in plan.chunks if not c.state.done),
-                        tuple(s for s in plan.admitted if not s.done))
+        return dataclasses.replace(plan, decodes=tuple(s for s in plan.decodes if not s.done),
+                                   chunks=tuple(c for c in plan.chunks if not c.state.done),
+                                   admitted=tuple(s for s in plan.admitted if not s.done))
 
     def _dispatch(self, plan: StepPlan, events: list[TokenEvent], mapped_before: int) -> _InFlight | None:
         """Dispatches a planned (and mapped) step; a request whose row cannot be built fails alone.
@@ -428,8 +463,8 @@ class Engine:
             return None
         if len(knobs) < len({*(s.request_id for s in plan.decodes), *(c.state.request_id for c in plan.chunks)}):
             # Failed requests left their slots: their growth stays mapped, unused, with the slot.
-            plan = StepPlan(tuple(s for s in plan.decodes if s.request_id in knobs),
-                            tuple(c for c in plan.chunks if c.state.request_id in knobs), plan.admitted)
+            plan = dataclasses.replace(plan, decodes=tuple(s for s in plan.decodes if s.request_id in knobs),
+                                       chunks=tuple(c for c in plan.chunks if c.state.request_id in knobs))
         try:
             return self._run_plan(plan, knobs, mapped_before)
         except Exception as error:
@@ -450,18 +485,22 @@ class Engine:
         tokens, outputs, self._sampler, self.manager.cache = self.runner.run(cache, inputs, previous,
                                                                              self._sampler)
         dispatched = time.perf_counter()
-        # The rows of the step's outputs that carry a token: each decode row's and each last chunk's.
-        rows = [(state, state.slot) for state in plan.decodes]
+        # The rows of the step's outputs that carry a token: each decode row's and each last chunk's;
+        # a request that verifies proposals has its tokens in its verification row.
+        verifies = tuple((state, state.slot) for state in plan.decodes if state.request_id in plan.proposals)
+        rows = [(state, state.slot) for state in plan.decodes if state.request_id not in plan.proposals]
         rows += [(chunk.state, self.runner.max_batch + row) for row, chunk in enumerate(plan.chunks) if chunk.last]
         for state, row in rows:
             state.pending_row = row
+            state.in_flight += 1
+        for state, _ in verifies:
             state.in_flight += 1
         written = self.prefixes.dispatched(plan)
         self.scheduler.completed(plan)
         self.stats.prefill_tokens += sum(chunk.count for chunk in plan.chunks)
         return _InFlight(plan, tokens, tuple(rows), dispatched, dispatched - calling,
                          self.manager.stats()["pages_mapped_total"] - mapped_before, self.memory.blocked, written,
-                         outputs)
+                         outputs, verifies, self.speculator is not None and self.speculator.synchronous(plan))
 
     def _read(self, step: _InFlight) -> list[TokenEvent]:
         """Waits for a dispatched step's tokens (mapping ahead meanwhile, with overlap) and streams
@@ -474,7 +513,7 @@ class Engine:
             outputs = on_host(step.outputs)
         except Exception as error:
             # The step's requests end with the error, delivered by the next step; the error goes up.
-            for state, _ in step.rows:
+            for state, _ in (*step.rows, *step.verifies):
                 state.in_flight -= 1
                 if not state.done and self._can_free():
                     self._undelivered.extend(self._fail(state, error))
@@ -496,6 +535,36 @@ class Engine:
                     self.stats.prefills += 1
                 token = int(tokens[row])
                 events.append(self._emit(state, token, sampled_logprob(outputs, state, row, token)))
+        if self.speculator is not None:
+            events += self._read_verified(step, outputs)
+        return events
+
+    def _read_verified(self, step: _InFlight, outputs: dict) -> list[TokenEvent]:
+        """Streams each verification's accepted proposals and the target's own token after them
+        (up to a stop token), lowers the slot's length past the rejected ones and publishes what
+        the accepted ones completed; tells the speculator what each request gained."""
+        events: list[TokenEvent] = []
+        streamed, accepted = {}, {}
+        for state, slot in step.verifies:
+            state.in_flight -= 1
+            if state.done:
+                continue
+            proposed = len(step.plan.proposals[state.request_id])
+            kept = int(outputs["accepted"][slot])
+            accepted[state.request_id] = kept
+            self.stats.verified(proposed, kept)
+            streamed[state.request_id] = 0
+            for token in outputs["verify_tokens"][slot, :kept + 1].tolist():
+                events.append(self._emit(state, token))
+                streamed[state.request_id] += 1
+                if state.done:    # a stop token, or its last token: the rest of the run is dropped
+                    break
+            if not state.done:
+                state.computed += kept      # its last token and the accepted proposals are in the cache
+                if kept < proposed:
+                    self.manager.rewind(slot, state.computed)
+                self.prefixes.read(((state, slot, state.preemptions, state.computed),))
+        self.speculator.observe(step.plan, streamed, accepted)
         return events
 
     def _can_free(self) -> bool:
@@ -551,6 +620,8 @@ class Engine:
         cache (not for a failed request: its last step may not have run)."""
         state.done = True
         slot = state.slot
+        if self.speculator is not None:
+            self.speculator.forget(state)
         self.prefixes.leave(state, publish=publish, done=True)
         self.scheduler.finish(state)
         if slot is not None:

@@ -241,7 +241,8 @@ class CacheMemory:
     def check_plan(self, plan: StepPlan) -> None:
         """The last line of defence before dispatch: every slot the plan writes holds its tokens
         mapped, and no chunk starts inside a shared page. ``RuntimeError`` otherwise (a bug)."""
-        ends = [(s.slot, s.computed + 1) for s in plan.decodes] + [(c.slot, c.start + c.count) for c in plan.chunks]
+        ends = [(s.slot, s.computed + 1 + len(plan.proposals.get(s.request_id, ()))) for s in plan.decodes]
+        ends += [(c.slot, c.start + c.count) for c in plan.chunks]
         check_slots(self.host, [slot for slot, _ in ends], [end for _, end in ends], error=RuntimeError)
         if self.prefixes.tokens_per_page:
             for chunk in plan.chunks:

@@ -29,9 +29,10 @@ host time that the device may wait for.
 Besides greedy or sampling, the host chooses what else a step computes from its requests
 (:class:`StepVariant`): penalties, ``logit_bias`` and ``min_tokens`` (``adjust``), the
 log-probabilities of the sampled tokens and the most likely ones (``logprobs``), those of the
-prompt chunks' tokens (``prompt_logprobs``, mixed steps only). Each variant is one program per
-shape, compiled when first needed: at most 8 decode-only and 12 mixed programs,
-:data:`MAX_PROGRAMS` in all, whatever the requests.
+prompt chunks' tokens (``prompt_logprobs``, mixed steps only), and the verification of proposed
+tokens (``verify``: speculative decoding, :mod:`~jax_vattention.decode.verification`). Each variant
+is one program per shape, compiled when first needed: at most 16 decode-only and 24 mixed programs,
+:data:`MAX_PROGRAMS` in all, whatever the requests (half of them only where the engine speculates).
 """
 
 from __future__ import annotations
@@ -54,9 +55,11 @@ from jax_vattention.decode.sampling import Logprobs, SamplingParams, row_width, 
 from jax_vattention.decode.step_batch import StepBatch, model_step
 from jax_vattention.decode.mesh import CACHE
 from jax_vattention.decode.token_counts import TokenCounts, count_step
+from jax_vattention.decode.verification import count_accepted, verify_tokens
 
-# Programs at most: decode-only (2 x 2 x 2 variants) and mixed (2 x 2 x 3).
-MAX_PROGRAMS = 20
+# Programs at most: decode-only (2 x 2 x 2 variants) and mixed (2 x 2 x 3), each with and without
+# verification rows.
+MAX_PROGRAMS = 40
 
 
 class StepVariant(NamedTuple):
@@ -66,20 +69,24 @@ class StepVariant(NamedTuple):
     adjust : a row has penalties, ``logit_bias`` or stop tokens it may not yet sample
     logprobs : a row asks for log-probabilities (the sampled token's and the top ``N``)
     prompt_logprobs : a chunk row asks for its prompt tokens' (implies ``logprobs``; mixed steps)
+    verify : a request verifies proposed tokens (the step has verification rows)
     """
 
     sampling: bool = False
     adjust: bool = False
     logprobs: bool = False
     prompt_logprobs: bool = False
+    verify: bool = False
 
     @staticmethod
-    def all(rows: int) -> list["StepVariant"]:
-        """Every variant of a step with ``rows`` chunk rows."""
+    def all(rows: int, verify: bool = False) -> list["StepVariant"]:
+        """Every variant of a step with ``rows`` chunk rows (with ``verify``: those with verification
+        rows too)."""
         prompts = (False, True) if rows else (False,)
-        return [StepVariant(sampling, adjust, logprobs or prompt, prompt)
+        return [StepVariant(sampling, adjust, logprobs or prompt, prompt, verifies)
                 for sampling in (False, True) for adjust in (False, True)
-                for logprobs in (False, True) for prompt in prompts if logprobs or not prompt]
+                for logprobs in (False, True) for prompt in prompts if logprobs or not prompt
+                for verifies in ((False, True) if verify else (False,))]
 
 
 @jax.tree_util.register_dataclass
@@ -97,13 +104,19 @@ class StepInputs:
     """One step's host inputs, packed: ``ints`` int32 and ``floats`` float32 vectors, and the
     :class:`StepVariant` that runs them.
 
-    With ``S`` slots, ``R`` chunk rows of ``C`` tokens, packed sampling rows of ``Ki`` ints and
-    ``Kf`` floats (:func:`~jax_vattention.decode.sampling.sampling_row`)::
+    With ``S`` slots, ``R`` chunk rows of ``C`` tokens, verification rows of ``W`` tokens (only in
+    a ``verify`` variant), packed sampling rows of ``Ki`` ints and ``Kf`` floats
+    (:func:`~jax_vattention.decode.sampling.sampling_row`)::
 
         ints   | decode_tokens S | decode_positions S | decode_count S | token_rows S | fresh S |
                | chunk_slots R | chunk_start R | chunk_count R | chunk_next R | chunk_tokens R*C |
+               | verify_count S | verify_tokens S*W |         (verify variants only)
                | sampling rows (S+R) x Ki |
         floats | sampling rows (S+R) x Kf |
+
+    Verification row ``s`` is slot ``s``'s: ``verify_count[s]`` tokens (its last token and the
+    proposals after it) from ``decode_positions[s]``, its length; its decode row is then empty
+    (``decode_count[s]`` 0) and its sampling row is the slot's.
 
     ``token_rows[s]`` is the row of the previous step's tokens that holds slot ``s``'s input
     token, or -1 where the host gives it in ``decode_tokens`` (see the module docstring).
@@ -122,17 +135,24 @@ class StepInputs:
         return self.variant.sampling
 
     @staticmethod
-    def unpack(ints: jax.Array, floats: jax.Array, slots: int, width: int, int_width: int):
+    def unpack(ints: jax.Array, floats: jax.Array, slots: int, width: int, int_width: int, verify_width: int = 0):
         """In the traced step: ``(StepBatch, token_rows [S], fresh [S], chunk_next [R],
-        SamplingParams [S+R])``."""
-        rows = (ints.shape[0] - (5 + int_width) * slots) // (4 + width + int_width)
-        sizes = (slots,) * 5 + (rows,) * 4 + (rows * width, (slots + rows) * int_width)
+        SamplingParams [S+R])``; ``verify_width`` (static): ``W`` of a verify variant, else 0."""
+        verify = slots * (1 + verify_width) if verify_width else 0
+        rows = (ints.shape[0] - (5 + int_width) * slots - verify) // (4 + width + int_width)
+        sizes = (slots,) * 5 + (rows,) * 4 + (rows * width, verify, (slots + rows) * int_width)
         offsets = np.cumsum((0,) + sizes)
         parts = [ints[begin:end] for begin, end in zip(offsets[:-1], offsets[1:])]
         (decode_tokens, positions, count, token_rows, fresh, chunk_slots, chunk_start, chunk_count, chunk_next,
-         chunk, sampling_ints) = parts
+         chunk, verify_part, sampling_ints) = parts
         batch = StepBatch(decode_tokens, jnp.arange(slots, dtype=jnp.int32), positions, count,
                           chunk.reshape(rows, width), chunk_slots, chunk_start, chunk_count)
+        if verify_width:
+            verify_count = verify_part[:slots]  # [S]
+            batch = dataclasses.replace(
+                batch, verify_tokens=verify_part[slots:].reshape(slots, verify_width),
+                verify_slots=jnp.where(verify_count > 0, jnp.arange(slots, dtype=jnp.int32), slots),
+                verify_start=positions, verify_count=verify_count)
         params = SamplingParams.unpack(sampling_ints.reshape(slots + rows, int_width),
                                        floats.reshape(slots + rows, -1))
         return batch, token_rows, fresh, chunk_next, params
@@ -151,10 +171,12 @@ class StepRunner:
         its cache (:func:`~jax_vattention.decode.mesh.place`), or None for one device
     bias_width, stop_width : the most ``logit_bias`` entries and stop tokens of a request
     top_logprobs : how many of the most likely tokens' log-probabilities a step returns
+    verify_width : the width ``W`` of a verification row (1 + the most tokens a request proposes),
+        0 where no request speculates
     """
 
     def __init__(self, model, *, max_batch: int, chunk_rows: int, chunk_tokens: int, backend: str, tp=None,
-                 bias_width: int = 0, stop_width: int = 0, top_logprobs: int = 0):
+                 bias_width: int = 0, stop_width: int = 0, top_logprobs: int = 0, verify_width: int = 0):
         self.graphdef, state = nnx.split(model)
         # The state's arrays as one flat tuple: jit flattens a tuple of arrays in C++, an nnx State
         # through Python callbacks, ~600 of them a step for a 32-layer model.
@@ -169,6 +191,7 @@ class StepRunner:
         self.int_width, self.float_width = row_width(bias_width, stop_width)
         self._padding_row = sampling_row(bias_width=bias_width, stop_width=stop_width)
         self.top_logprobs = top_logprobs
+        self.verify_width = verify_width
         self.traces = 0
         self.tp = tp
         self._checked: set = set()    # (variant, the packed inputs' shape) of programs whose donation is checked
@@ -211,8 +234,8 @@ class StepRunner:
     def _traced(self, graphdef, backend, variant: StepVariant, leaves, cache, ints, floats, previous, sampler):
         self.traces += 1  # runs once per compilation
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(self.state_def, leaves))
-        batch, token_rows, fresh, chunk_next, params = StepInputs.unpack(ints, floats, self.max_batch,
-                                                                         self.chunk_tokens, self.int_width)
+        batch, token_rows, fresh, chunk_next, params = StepInputs.unpack(
+            ints, floats, self.max_batch, self.chunk_tokens, self.int_width, self.verify_width if variant.verify else 0)
         fed = jnp.where(token_rows >= 0, previous[jnp.maximum(token_rows, 0)], batch.decode_tokens)  # [S]
         batch = dataclasses.replace(batch, decode_tokens=fed, every_token=variant.prompt_logprobs)
         key, step_key = jax.random.split(sampler.key)
@@ -226,8 +249,24 @@ class StepRunner:
         outputs = {} if logprobs is None else {"logprobs": logprobs}
         if variant.prompt_logprobs:
             outputs["prompt_logprobs"] = self._chunk_logprobs(batch, logits, chunk_next)
+        if variant.verify:
+            counts = self._verify(batch, logits, params, step_key, counts, variant, outputs)
         padding = self.output_rows - tokens.shape[0]
         return jnp.pad(tokens, (0, padding)), outputs, SamplerState(key, counts), cache  # [output_rows], ...
+
+    def _verify(self, batch: StepBatch, logits: jax.Array, params: SamplingParams, step_key: jax.Array,
+                counts: TokenCounts, variant: StepVariant, outputs: dict) -> TokenCounts:
+        """The verification rows' tokens and accepted proposals (``outputs["verify_tokens"]`` int32
+        [S, W], ``outputs["accepted"]`` int32 [S]); returns the counts with the kept fed tokens added."""
+        slots = self.max_batch
+        row_params = jax.tree_util.tree_map(lambda x: x[:slots], params)  # [S]: verification row s is slot s's
+        # A key of its own: the decode and chunk rows draw from step_key folded with their row index.
+        verify_key = jax.random.fold_in(step_key, 0x7FFFFFFF)
+        row_counts = counts.rows(batch.verify_slots) if variant.adjust else None  # [S, V] each
+        tokens, accepted, _ = verify_tokens(logits[-slots * self.verify_width:], batch, row_params, verify_key,
+                                            row_counts, sampling=variant.sampling)
+        outputs["verify_tokens"], outputs["accepted"] = tokens, accepted
+        return count_accepted(counts, batch, accepted, row_params.prompt_len) if variant.adjust else counts
 
     def _chunk_logprobs(self, batch: StepBatch, logits: jax.Array, chunk_next: jax.Array) -> Logprobs:
         """Each chunk token's logits scored against the token after it: [R, C] (and [R, C, N])."""
@@ -241,20 +280,22 @@ class StepRunner:
     def compile(self, cache, previous: jax.Array, sampler: SamplerState, *, sampling: bool = True,
                 adjust: bool = False, logprobs: bool = False) -> None:
         """Compiles the decode-only and the mixed step at once, before the first request: greedy,
-        and with ``sampling``, ``adjust``, ``logprobs`` the variants that compute those too.
+        and with ``sampling``, ``adjust``, ``logprobs`` the variants that compute those too (with
+        verification rows too where requests speculate: ``verify_width``).
 
         XLA compiles with the GIL released, so in threads the programs take about as long as the
         longest one; the steps dispatched later find them compiled. ``cache``, ``previous`` and
         ``sampler`` are what the engine's first step will pass (nothing runs, nothing is donated).
         """
-        allowed = StepVariant(sampling, adjust, logprobs, logprobs)
+        allowed = StepVariant(sampling, adjust, logprobs, logprobs, self.verify_width > 0)
 
         def compile_with(version: tuple[int, StepVariant]) -> None:
             rows, variant = version
-            inputs = self._inputs(StepPlan((), (), ()), {}, rows)
+            inputs = self._inputs(StepPlan((), (), ()), {}, rows, variant.verify)
             self.step_for(variant).lower(*self._arguments(cache, inputs, previous, sampler)).compile()
 
-        versions = [(rows, variant) for rows in (0, self.chunk_rows) for variant in StepVariant.all(rows)
+        versions = [(rows, variant) for rows in (0, self.chunk_rows)
+                    for variant in StepVariant.all(rows, self.verify_width > 0)
                     if all(allowed[i] or not flag for i, flag in enumerate(variant))]
         for _, variant in versions:
             self.step_for(variant)
@@ -267,17 +308,23 @@ class StepRunner:
         ``knobs[request_id]`` is the :class:`~jax_vattention.engine.request_rows.RequestRow` of each
         request in the plan.
         """
-        return self._inputs(plan, knobs, self.chunk_rows if plan.chunks else 0)
+        if plan.proposals and not self.verify_width:
+            raise ValueError("a plan proposes tokens but the runner verifies none: give it a verify_width")
+        return self._inputs(plan, knobs, self.chunk_rows if plan.chunks else 0, bool(plan.proposals))
 
-    def _inputs(self, plan: StepPlan, knobs: dict, rows: int) -> StepInputs:
+    def _inputs(self, plan: StepPlan, knobs: dict, rows: int, verify: bool = False) -> StepInputs:
         slots, width, int_width = self.max_batch, self.chunk_tokens, self.int_width
-        head = 5 * slots + rows * (4 + width)
+        verify_width = self.verify_width if verify else 0
+        chunks_end = 5 * slots + rows * (4 + width)
+        head = chunks_end + (slots * (1 + verify_width) if verify else 0)
         ints = np.zeros(head + (slots + rows) * int_width, np.int32)
         floats = np.zeros((slots + rows) * self.float_width, np.float32)
         decode_tokens, positions, count, token_rows, fresh = (ints[i * slots:(i + 1) * slots] for i in range(5))
         chunk_slots, chunk_start, chunk_count, chunk_next = (ints[5 * slots + rows * i:5 * slots + rows * (i + 1)]
                                                              for i in range(4))
-        chunk_tokens = ints[5 * slots + 4 * rows:head].reshape(rows, width)
+        chunk_tokens = ints[5 * slots + 4 * rows:chunks_end].reshape(rows, width)
+        verify_count = ints[chunks_end:chunks_end + slots] if verify else None
+        verify_tokens = ints[chunks_end + slots:head].reshape(slots, verify_width) if verify else None
         row_ints = ints[head:].reshape(slots + rows, int_width)
         row_floats = floats.reshape(slots + rows, self.float_width)
         token_rows[:] = -1
@@ -287,12 +334,19 @@ class StepRunner:
         sampling = adjust = logprobs = prompt_logprobs = False
         for state in plan.decodes:
             slot, row = state.slot, knobs[state.request_id]
-            if state.pending_row is None:   # a forked sample's first step feeds the last prompt token
-                decode_tokens[slot] = state.generated[-1] if state.generated else state.request.prompt[-1]
+            last = state.generated[-1] if state.generated else state.request.prompt[-1]
+            proposed = plan.proposals.get(state.request_id)
+            if proposed:   # its last token is on the host: a request with one in flight proposes nothing
+                fed = (last, *proposed)
+                verify_tokens[slot, :len(fed)] = fed
+                verify_count[slot] = len(fed)
+            elif state.pending_row is None:   # a forked sample's first step feeds the last prompt token
+                decode_tokens[slot] = last
+                count[slot] = 1
             else:
                 token_rows[slot] = state.pending_row
+                count[slot] = 1
             positions[slot] = state.computed
-            count[slot] = 1
             row_ints[slot], row_floats[slot] = row.ints, row.floats
             if state.enters_from is not None:
                 fresh[slot] = 1 if state.enters_from < 0 else 2 + state.enters_from
@@ -313,7 +367,7 @@ class StepRunner:
             adjust = adjust or row.penalized      # every token it feeds is counted
             if row.prompt_logprobs and chunk.start + 1 < len(chunk.state.request.prompt):
                 prompt_logprobs = logprobs = True
-        return StepInputs(ints, floats, StepVariant(sampling, adjust, logprobs, prompt_logprobs))
+        return StepInputs(ints, floats, StepVariant(sampling, adjust, logprobs, prompt_logprobs, verify))
 
     def run(self, cache, inputs: StepInputs, previous: jax.Array, sampler: SamplerState):
         """Dispatches the step after ``previous`` (the tokens the last step returned, or

@@ -46,11 +46,17 @@ class Chunk:
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
-    """One step: the requests that decode (one token each) and the prefill chunks, in row order."""
+    """One step: the requests that decode (one token each) and the prefill chunks, in row order.
+
+    ``proposals``: request id -> the tokens proposed after a decoding request's last token
+    (speculative decoding, :mod:`~jax_vattention.engine.speculation`); the step feeds them after
+    it and verifies them.
+    """
 
     decodes: tuple[RequestState, ...]
     chunks: tuple[Chunk, ...]
     admitted: tuple[RequestState, ...]
+    proposals: dict = dataclasses.field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
@@ -64,7 +70,7 @@ class StepPlan:
         """Tokens each slot gains in the step (``[slots]``): the host maps them before dispatch."""
         counts = [0] * slots
         for state in self.decodes:
-            counts[state.slot] += 1
+            counts[state.slot] += 1 + len(self.proposals.get(state.request_id, ()))
         for chunk in self.chunks:
             counts[chunk.slot] += chunk.count
         return counts

@@ -72,6 +72,10 @@ class EngineStats:
     shared_pages: int = 0         # the same in pages (counted in every buffer, as the manager counts)
     prefix_waits: int = 0         # steps whose admission waited for a running request to publish a prefix
     peak_bytes_saved: int = 0     # the most memory the shared pages saved at once (manager's bytes_saved)
+    # Speculative decoding: verifications, the tokens they proposed and the proposals accepted.
+    verifications: int = 0
+    proposed_tokens: int = 0
+    accepted_tokens: int = 0
 
     def __post_init__(self):
         if self.window < 1:
@@ -84,6 +88,23 @@ class EngineStats:
         """Adds a step's record (the oldest leaves the window)."""
         self.records.append(record)
         self.records_total += 1
+
+    def verified(self, proposed: int, accepted: int) -> None:
+        """A verification of ``proposed`` tokens that accepted the first ``accepted``."""
+        self.verifications += 1
+        self.proposed_tokens += proposed
+        self.accepted_tokens += accepted
+
+    @property
+    def acceptance_rate(self) -> float:
+        """The share of proposed tokens accepted (0 before any verification)."""
+        return self.accepted_tokens / self.proposed_tokens if self.proposed_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verification streams on average: its accepted proposals and the target's own
+        token after them (vLLM's mean acceptance length; 0 before any verification)."""
+        return 1 + self.accepted_tokens / self.verifications if self.verifications else 0.0
 
     def memory_bound(self, running: int, ideal: int) -> None:
         """An admission the page budget stopped, with ``running`` requests where an ideal allocator
