@@ -206,7 +206,7 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
 
 
 def test_a_request_that_gains_too_little_stops_speculating_then_retries():
-    class Never:
+    class Never(NgramProposer):
         def propose(self, context, k):
             return ()
 
@@ -232,3 +232,128 @@ def test_bad_speculation_settings_are_refused(model):
         EngineConfig(speculate="medusa")
     with pytest.raises(ValueError, match="num_speculative_tokens"):
         EngineConfig(speculate="ngram", num_speculative_tokens=0)
+
+
+def test_metrics_report_the_acceptance(model):
+    from types import SimpleNamespace
+
+    from jax_vattention.app.server.metrics import ServerMetrics
+    from jax_vattention.engine.stats import EngineStats
+
+    stats = EngineStats()
+    stats.verified(4, 3)
+    stats.verified(4, 0)
+    assert stats.acceptance_rate == 3 / 8 and stats.mean_accepted_length == 2.5
+    engine = SimpleNamespace(running=1, stats=stats)
+    loop = SimpleNamespace(engine=engine, waiting=0, health=None, failed_steps=0,
+                           stats=lambda: dict(budget_pages=10, mapped_pages=2, mapped_bytes=8192, page_bytes=4096,
+                                              static_bytes=1 << 20))
+    text = ServerMetrics().render(loop)
+    assert "vattention:spec_decode_num_drafts_total 2" in text
+    assert "vattention:spec_decode_num_accepted_tokens_total 3" in text
+    assert "vattention:spec_decode_acceptance_rate 0.375" in text
+    assert "vattention:spec_decode_mean_accepted_length 2.5" in text
+
+
+def test_generate_with_speculation_prints_plain_generations_tokens(capsys, tmp_path):
+    from random_checkpoints import write_random_checkpoint
+
+    from jax_vattention.app.cli import main
+
+    # A draft checkpoint of another shape that shares the tiny model's 256-token vocabulary.
+    write_random_checkpoint(str(tmp_path), dict(
+        model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+        rms_norm_eps=1e-6, torch_dtype="float32"))
+    lines = {}
+    for options in ((), ("--speculate", "ngram", "--num-speculative-tokens", "3"),
+                    ("--speculate", f"draft:{tmp_path}", "--num-speculative-tokens", "2")):
+        assert main(["generate", "--batch", "2", "--prompt-len", "24", "--max-new-tokens", "16", "--rounds", "1",
+                     "--max-len", "128", *options]) == 0
+        out = capsys.readouterr().out
+        lines[options] = [line for line in out.splitlines() if line.startswith("[")]
+        assert ("speculation (" in out) == bool(options), out
+    plain, *speculative = lines.values()
+    assert len(plain) == 2 and speculative == [plain, plain]
+    for options, message in ((("--num-speculative-tokens", "0"), "--num-speculative-tokens must be between 1 and 16"),
+                             (("--speculate", "medusa"), "--speculate takes ngram or draft:PATH")):
+        assert main(["generate", *options]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_verification_variants_have_no_control_flow_and_only_sampling_ones_sort(model):
+    """On a GPU the host would wait for a conditional's predicate every step."""
+    from jax_vattention.engine.runner import StepVariant
+
+    manager, _ = make_manager(model, layout="per_layer")
+    engine = Engine(model, manager, EngineConfig(token_budget=16, chunk_tokens=8, speculate="ngram"))
+    runner = engine.runner
+    for rows in (0, runner.chunk_rows):
+        inputs = runner._inputs(StepPlan((), (), ()), {}, rows, verify=True)
+        arguments = runner._arguments(manager.cache, inputs, engine._no_tokens, engine._sampler)
+        for variant in (StepVariant(verify=True), StepVariant(sampling=True, adjust=True, verify=True)):
+            program = runner.step_for(variant).lower(*arguments).as_text()
+            assert "stablehlo.case" not in program and "stablehlo.if" not in program, variant
+            assert ("stablehlo.sort" in program) == variant.sampling, variant
+    manager.close()
+
+
+@pytest.mark.parametrize("draft_seed", [0, 1])
+def test_a_draft_model_proposes_from_its_own_cache_and_greedy_tokens_stay_plain(model, draft_seed):
+    """Seed 0: the draft is the target itself (nearly every proposal is accepted); seed 1: other random
+    weights (few are). Either way the tokens are plain decoding's, and both caches give every page back."""
+    from flax import nnx
+
+    from jax_vattention.engine.draft import DraftProposer
+    from jax_vattention.models import Llama, get_config
+
+    draft_model = model if draft_seed == 0 else Llama(get_config("tiny"), rngs=nnx.Rngs(draft_seed))
+    requests = copying_requests(seed=4, count=3)
+    manager, driver = make_manager(model, layout="per_layer")
+    draft_manager, draft_driver = make_manager(draft_model, layout="per_layer")
+    engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="draft",
+                                                 num_speculative_tokens=3),
+                    draft=DraftProposer(draft_model, draft_manager))
+    ids = [engine.submit(request) for request in requests]
+    outputs = engine.run()
+    assert [outputs[i] for i in ids] == plain_tokens(model, requests)
+    stats = engine.stats
+    assert stats.verifications > 0
+    if draft_seed == 0:
+        assert stats.acceptance_rate > 0.9, stats.acceptance_rate
+    check_no_page_leaked(manager, driver)
+    check_no_page_leaked(draft_manager, draft_driver)
+    with pytest.raises(ValueError, match="needs a draft model"):
+        Engine(model, manager, EngineConfig(speculate="draft"))
+    manager.close()
+    draft_manager.close()
+
+
+def test_bench_speculate_compares_the_engines_on_cpu(tmp_path, capsys):
+    import csv
+
+    from jax_vattention.app.cli import main
+
+    out = tmp_path / "rows.csv"
+    assert main(["bench", "speculate", "--batches", "2", "--max-new-tokens", "12", "--repeats", "1",
+                 "--workloads", "grounded", "--out", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert [row["speculate"] for row in rows] == ["off", "ngram"]
+    assert all(row["same_tokens"] == "True" for row in rows)
+    assert float(rows[1]["tokens_per_s"]) > 0 and "mean accepted length" in capsys.readouterr().out
+
+
+def test_a_seeded_sampling_request_speculates_to_the_same_tokens_in_any_batch(model):
+    requests = copying_requests(seed=5, count=2)
+    sampled = dataclasses.replace(requests[1], temperature=0.7, top_k=20, seed=1234)
+    manager, driver = make_manager(model, layout="per_layer")
+    engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram"))
+    greedy_id, sampled_id = engine.submit(requests[0]), engine.submit(sampled)
+    together = engine.run()
+    alone_id = engine.submit(sampled)
+    alone = engine.run()[alone_id]
+    assert together[greedy_id] == plain_tokens(model, requests[:1])[0]
+    assert together[sampled_id] == alone and len(alone) == sampled.max_new_tokens
+    assert engine.stats.verifications > 0
+    check_no_page_leaked(manager, driver)
+    manager.close()

@@ -362,6 +362,21 @@ def engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages() -> None:
                     assert np.array_equal(device_manager.lengths(), single.lengths())
 
 
+def engine_tp2_speculates_to_tp1_plain_tokens() -> None:
+    """At TP 2 the verification rows run inside shard_map like the rest of the step: prompt lookup's
+    greedy tokens are TP 1's plain ones, with proposals accepted and rejected."""
+    from jax_vattention.engine import Engine, EngineConfig, Request
+
+    with jv.ShardedCacheManager(cache_config(), tp_mesh(2)) as manager:
+        engine = Engine(model(), manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram"))
+        ids = [engine.submit(Request(prompt=p, max_new_tokens=n)) for p, n in ENGINE_PROMPTS]
+        outputs = engine.run()
+        assert [outputs[i] for i in ids] == engine_reference(), ([outputs[i] for i in ids], engine_reference())
+        stats = engine.stats
+        assert 0 < stats.accepted_tokens < stats.proposed_tokens, (stats.accepted_tokens, stats.proposed_tokens)
+        assert manager.stats()["active_slots"] == 0
+
+
 def engine_tp2_samples_as_tp1_with_every_knob() -> None:
     """Seeded sampling, penalties, logit_bias, min_tokens and log-probabilities through the sharded
     step (the sampler's state whole on every device): TP 2 streams TP 1's tokens and log-probabilities."""

@@ -9,7 +9,9 @@ Every entry point (``vattention generate``, ``chat``, ``serve``, ``serve-bench``
    (:func:`~jax_vattention.app.memory_fit.check_fits`);
 3. the model (``--model`` / ``--config``: :mod:`~jax_vattention.app.commands.model_source`);
 4. the cache's configuration and its host (:func:`open_host`: a ``CacheManager``, or a
-   ``ShardedCacheManager`` over the mesh).
+   ``ShardedCacheManager`` over the mesh);
+5. for the commands that run the engine, its speculative decoding (:func:`add_speculation_arguments`,
+   :func:`speculation_options`).
 
 :func:`assemble` does all four for the commands that take the model options; the benchmarks,
 whose models are named shapes, call the steps themselves.
@@ -100,6 +102,59 @@ def open_host(cache_config: CacheConfig, mesh=None, device: jax.Device | None = 
         raise ValueError(f"the device cannot hold a cache of {cache_config.max_batch} slots x "
                          f"{cache_config.max_len} tokens ({cache_config.static_bytes() / 2**30:,.1f} GiB): "
                          f"lower the slots (--batch, --max-batch) or --max-len ({first_line(error)})") from None
+
+
+def add_speculation_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--speculate`` and ``--num-speculative-tokens``, for the commands that run the engine."""
+    parser.add_argument("--speculate", default=None, metavar="ngram|draft:PATH",
+                        help="speculative decoding: ngram proposes tokens by prompt lookup (no extra model), "
+                             "draft:PATH by a draft model that shares the model's tokenizer (PATH as --model "
+                             "takes it); each step verifies them and greedy output is unchanged (default: off)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=4, metavar="K",
+                        help="the most tokens a request proposes a step, adapted per request below it "
+                             "(default 4; with --speculate)")
+
+
+def speculation_options(args: argparse.Namespace) -> dict:
+    """The :class:`~jax_vattention.engine.EngineConfig` fields of ``--speculate`` and
+    ``--num-speculative-tokens``; ``ValueError`` for an unknown method or a K outside [1, 16]."""
+    tokens = args.num_speculative_tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or not 1 <= tokens <= 16:
+        raise ValueError(f"--num-speculative-tokens must be between 1 and 16; got {tokens}")
+    method = args.speculate
+    if method is not None and method != "ngram" and not (method.startswith("draft:") and len(method) > 6):
+        raise ValueError(f"--speculate takes ngram or draft:PATH; got {method!r}")
+    return dict(speculate=None if method is None else method.split(":", 1)[0], num_speculative_tokens=tokens)
+
+
+def open_draft(args: argparse.Namespace, built: "Assembly"):
+    """With ``--speculate draft:PATH``: the draft model (loaded as ``--model PATH`` would be, in the
+    run's dtype) and its own cache host of the target's slots and length, as a
+    :class:`~jax_vattention.engine.draft.DraftProposer`, and the host (the caller closes it); else
+    ``(None, None)``. ``ValueError`` for a draft that cannot run beside the model."""
+    if not (args.speculate or "").startswith("draft:"):
+        return None, None
+    if built.mesh is not None:
+        raise ValueError("a draft model runs on one device: leave out --tp, or use --speculate ngram")
+    from jax_vattention.app.commands.model_source import check_model_arguments, load_model
+    from jax_vattention.engine.draft import DraftProposer
+
+    draft_args = argparse.Namespace(**{**vars(args), "model": args.speculate.split(":", 1)[1]})
+    check_model_arguments(draft_args)
+    draft = load_model(draft_args).model
+    config = built.cache_config
+    # Per-layer: the draft's prefill from a slot's length (generate's starts) took a copy of an
+    # interleaved cache where measured (CPU), which the mapping op refuses.
+    backend, layout = choose_kernel(None, "per_layer", jax.devices()[0], draft.config.jnp_dtype)
+    host = open_host(cache_config_for(draft.config, max_batch=config.max_batch, max_len=config.max_len,
+                                      layout=layout, budget_bytes=config.budget_bytes))
+    proposer = DraftProposer(draft, host, backend=backend)
+    try:
+        proposer.check_target(built.loaded.model, config)
+    except ValueError:
+        host.close()
+        raise
+    return proposer, host
 
 
 @dataclasses.dataclass

@@ -1,5 +1,5 @@
 """The ``vattention`` command: ``generate``, ``serve``,
-``bench {alloc,attention,crossing,decode,profile,pages,load,sampling}`` and ``serve-bench``."""
+``bench {alloc,attention,crossing,decode,profile,pages,load,sampling,speculate}`` and ``serve-bench``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ COMMANDS = [
     (("bench", "profile"), "jax_vattention.bench.profile", "where a decode step's time goes, by kernel kind (profiler)"),
     (("bench", "pages"), "jax_vattention.bench.page_table", "tokens per page and worst-case waste by model, TP, page size"),
     (("bench", "sampling"), "jax_vattention.bench.sampling", "what penalties, logit_bias and logprobs cost the step"),
+    (("bench", "speculate"), "jax_vattention.bench.speculation",
+     "speculative decoding (prompt lookup) against none: tokens/s, acceptance, same greedy tokens"),
     (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),
     (("bench", "load"), "jax_vattention.bench.serve_load",
      "concurrent openai clients against a running server: first-token and per-token latency"),

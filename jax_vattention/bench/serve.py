@@ -39,7 +39,8 @@ from tqdm import tqdm
 from jax_vattention.bench.profile import KINDS, breakdown, traced_kernels
 from jax_vattention.app.cli import standalone
 from jax_vattention.cache.config import LAYOUTS
-from jax_vattention.app.assembly import cache_config_for, cache_dtype, choose_kernel, mesh_for
+from jax_vattention.app.assembly import (add_speculation_arguments, cache_config_for, cache_dtype, choose_kernel,
+                                         mesh_for, speculation_options)
 from jax_vattention.app.commands.model_source import add_kv_dtype_argument
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.app.memory_fit import check_fits
@@ -92,6 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "kind (see vattention bench profile); the figures outside those steps stay untraced")
     add_kv_dtype_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
+    add_speculation_arguments(parser)
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel degree: the model (random weights made in their shards) and the cache "
                              "split over the first TP devices (default 1)")
@@ -121,6 +123,8 @@ def validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
     if args.tp < 1 or args.tp > len(jax.devices()):
         raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {args.tp}")
+    if speculation_options(args)["speculate"] == "draft":
+        raise ValueError("serve-bench's models are random weights: it takes --speculate ngram")
     check_writable(args.out)
 
 
@@ -171,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                                  overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation,
                                  prefix_sharing=not args.no_prefix_sharing, seed=args.seed,
-                                 pipeline=not args.no_pipeline)
+                                 pipeline=not args.no_pipeline, **speculation_options(args))
     engine = Engine(model, manager, engine_config)
     # The longest request the workload can draw, through the engine's own check (budget, max_len),
     # before anything compiles; it is withdrawn at once.
@@ -308,6 +312,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"decode batch: mean {decodes.mean():.1f}, p50 {np.percentile(decodes, 50):.0f}, peak {decodes.max()} "
               "requests a step (over the steps that decoded any)")
     print(f"preemptions {engine.stats.preemptions}, prefills {engine.stats.prefills}")
+    if engine.config.speculate:
+        print(f"speculation ({engine.config.speculate}, k <= {engine.config.num_speculative_tokens}): "
+              f"{engine.stats.verifications} verifications, acceptance rate {engine.stats.acceptance_rate:.1%}, "
+              f"mean accepted length {engine.stats.mean_accepted_length:.2f} tokens")
     print(_prefix_report(engine, manager, stats))
     held = engine.stats.memory_bound_total
     if held:

@@ -79,9 +79,10 @@ class EngineConfig:
         scheduling): the host plans, maps and streams while the device computes. A request that
         stops on a stop token has already been given one more step, whose token is dropped. On by
         default (faster on every workload measured: docs/benchmarks.md); the same tokens either way
-    speculate : speculative decoding: ``"ngram"`` proposes tokens by prompt lookup
-        (:mod:`~jax_vattention.engine.speculation`) and each step verifies them; None: off. Greedy
-        requests yield the same tokens either way, sampling ones the same distribution
+    speculate : speculative decoding: ``"ngram"`` proposes tokens by prompt lookup, ``"draft"`` by
+        the engine's draft model (:mod:`~jax_vattention.engine.speculation`), and each step verifies
+        them; None: off. Greedy requests yield the same tokens either way, sampling ones the same
+        distribution
     num_speculative_tokens : the most tokens a request proposes a step (adapted per request below it)
     """
 
@@ -166,7 +167,7 @@ class Engine:
             print(event.request_id, event.token, event.finished)
     """
 
-    def __init__(self, model, manager: CacheHost, config: EngineConfig = EngineConfig()):
+    def __init__(self, model, manager: CacheHost, config: EngineConfig = EngineConfig(), *, draft=None):
         cache_config = manager.config
         check_model_fits(model, cache_config)
         self.backend = resolve_backend(config.backend, manager.cache)
@@ -182,7 +183,11 @@ class Engine:
             raise ValueError("speculative decoding needs a cache without a sliding window (rejected tokens are "
                              "undone by lowering the length, and pages behind the window may be gone): "
                              "leave out speculate")
-        self.speculator = speculator_for(config.speculate, config.num_speculative_tokens, cache_config.max_len)
+        # draft: with speculate="draft", its proposer (a jax_vattention.engine.draft.DraftProposer)
+        self.speculator = speculator_for(config.speculate, config.num_speculative_tokens, cache_config.max_len,
+                                         draft)
+        if draft is not None:
+            draft.check_target(model, cache_config)
         self.runner = StepRunner(model, max_batch=cache_config.max_batch, chunk_rows=config.chunk_rows,
                                  chunk_tokens=config.chunk_tokens, backend=self.backend, tp=tp,
                                  bias_width=config.max_logit_bias, stop_width=config.max_stop_tokens,
@@ -383,6 +388,8 @@ class Engine:
         while True:
             self.memory.blocked = False
             plan = self.scheduler.schedule(admit)
+            if self.speculator is not None:
+                plan = self.speculator.without_unverified(plan)
             if plan.empty and self.scheduler.waiting and not self.scheduler.running and self.memory.blocked:
                 # Nothing runs that could free pages for the first waiting request: fail it alone.
                 state = self.scheduler.waiting.popleft()

@@ -1,4 +1,5 @@
-"""Proposing the tokens a request is likely to generate next, for the step to verify.
+"""Proposing the tokens a request is likely to generate next, for the step to verify: the proposer
+protocol, and prompt lookup (a draft model: :mod:`~jax_vattention.engine.draft`).
 
 Prompt lookup (n-gram speculation; Saxena's "prompt lookup decoding", vLLM's ``ngram``): where a
 request's output copies its input (repeat, correct, reformat, quote, edit code), the tokens after
@@ -19,12 +20,19 @@ from typing import Protocol, Sequence
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
+from jax_vattention.engine.requests import RequestState
+
 
 class Proposer(Protocol):
-    """What the engine's speculation asks of a proposer: up to ``k`` tokens likely to follow
-    ``context`` (a request's prompt and generated tokens, its last token last), or none."""
+    """What the engine's speculation asks of a proposer: for each ``(state, k)`` of a step, up to
+    ``k`` tokens likely to follow the request's context (its prompt and generated tokens, its last
+    token last), by request id; then what the target kept of them, and when a request leaves."""
 
-    def propose(self, context: Sequence[int], k: int) -> tuple[int, ...]: ...
+    def propose_many(self, wanted: list[tuple[RequestState, int]]) -> dict[int, tuple[int, ...]]: ...
+
+    def verified(self, state: RequestState) -> None: ...
+
+    def forget(self, state: RequestState) -> None: ...
 
 
 class NgramProposer:
@@ -64,3 +72,14 @@ class NgramProposer:
                 start = int(matches[-1]) + n
                 return tuple(int(t) for t in tokens[start:start + k])
         return ()
+
+    def propose_many(self, wanted: list[tuple[RequestState, int]]) -> dict[int, tuple[int, ...]]:
+        """:meth:`propose` for each ``(state, k)`` over its context, by request id (where it finds one)."""
+        proposals = {state.request_id: self.propose(state.context, k) for state, k in wanted}
+        return {request_id: tokens for request_id, tokens in proposals.items() if tokens}
+
+    def verified(self, state: RequestState) -> None:
+        """Nothing to do: a lookup keeps no state."""
+
+    def forget(self, state: RequestState) -> None:
+        """Nothing to do: a lookup keeps no state."""

@@ -31,8 +31,9 @@ Besides greedy or sampling, the host chooses what else a step computes from its 
 log-probabilities of the sampled tokens and the most likely ones (``logprobs``), those of the
 prompt chunks' tokens (``prompt_logprobs``, mixed steps only), and the verification of proposed
 tokens (``verify``: speculative decoding, :mod:`~jax_vattention.decode.verification`). Each variant
-is one program per shape, compiled when first needed: at most 16 decode-only and 24 mixed programs,
-:data:`MAX_PROGRAMS` in all, whatever the requests (half of them only where the engine speculates).
+is one program per shape, compiled when first needed: at most 8 decode-only and 12 mixed programs,
+:data:`MAX_PROGRAMS` in all, whatever the requests; twice as many where the engine speculates (each
+with and without verification rows).
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ from jax_vattention.decode.mesh import CACHE
 from jax_vattention.decode.token_counts import TokenCounts, count_step
 from jax_vattention.decode.verification import count_accepted, verify_tokens
 
-# Programs at most: decode-only (2 x 2 x 2 variants) and mixed (2 x 2 x 3), each with and without
-# verification rows.
-MAX_PROGRAMS = 40
+# Programs at most: decode-only (2 x 2 x 2 variants) and mixed (2 x 2 x 3); where the engine
+# speculates, each with and without verification rows.
+MAX_PROGRAMS = 20
 
 
 class StepVariant(NamedTuple):
@@ -375,7 +376,9 @@ class StepRunner:
         ``s`` for slot ``s``'s decode, ``max_batch + r`` for chunk row ``r``), the step's other
         outputs (a dict, empty unless the variant computes log-probabilities: ``logprobs``, a
         :class:`~jax_vattention.decode.sampling.Logprobs` of [S+R] rows, and ``prompt_logprobs``,
-        of [R, C] chunk tokens), the next step's :class:`SamplerState` (``sampler`` is donated) and
+        of [R, C] chunk tokens; a verify variant's ``verify_tokens`` int32 [S, W], the target's token at
+        every position of slot ``s``'s verification row, and ``accepted`` int32 [S], the proposals it
+        accepted), the next step's :class:`SamplerState` (``sampler`` is donated) and
         the cache."""
         arguments = self._arguments(cache, inputs, previous, sampler)
         step = self.step_for(inputs.variant)

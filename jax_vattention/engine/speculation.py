@@ -17,8 +17,11 @@ and watches what each request gains by them:
   It tries again after :data:`RETRY_AFTER` steps, twice as long after each failure.
 
 Why the engine reads a speculating request's step at once: the next proposal starts after the
-target's own token and the accepted run, which only the step's output says. vLLM's v1 engine
-made the same choice before its asynchronous scheduler learned speculation.
+target's own token and the accepted run, which only the step's output says.
+
+Proposers (:class:`~jax_vattention.engine.proposers.Proposer`): prompt lookup
+(:class:`~jax_vattention.engine.proposers.NgramProposer`, ``speculate="ngram"``) or a draft model
+with its own cache (:class:`~jax_vattention.engine.draft.DraftProposer`, ``speculate="draft"``).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ WINDOW = 16
 OFF_BELOW = 1.2
 # Steps a request that stopped speculating waits before it tries again (doubled after each stop).
 RETRY_AFTER = 32
-METHODS = ("ngram",)
+METHODS = ("ngram", "draft")
 
 
 @dataclasses.dataclass
@@ -60,7 +63,7 @@ class Speculator:
 
     Example::
 
-        speculator = Speculator(NgramProposer(), num_tokens=4, max_len=2048)
+        speculator = Speculator(NgramProposer(), num_tokens=4, max_len=2048)   # or a DraftProposer
         plan = speculator.propose(plan)        # plan.proposals: request id -> tokens
         ...                                    # the step runs; the engine reads its tokens
         speculator.observe(plan, {request_id: tokens_streamed})
@@ -91,15 +94,23 @@ class Speculator:
     def propose(self, plan: StepPlan) -> StepPlan:
         """``plan`` with proposals for its decoding requests that speculate and whose last token is on
         the host (none in flight)."""
-        proposals = {}
-        for state in plan.decodes:
-            if state.in_flight or not self.active(state):
-                continue
-            k = self.tokens_for(state)
-            proposed = self.proposer.propose(state.context, k) if k else ()
-            if proposed:
-                proposals[state.request_id] = tuple(proposed[:k])
+        wanted = [(state, self.tokens_for(state)) for state in plan.decodes
+                  if not state.in_flight and self.active(state)]
+        wanted = [(state, k) for state, k in wanted if k]
+        if not wanted:
+            return plan
+        most = dict((state.request_id, k) for state, k in wanted)
+        proposals = {request_id: tuple(tokens[:most[request_id]])
+                     for request_id, tokens in self.proposer.propose_many(wanted).items() if tokens}
         return dataclasses.replace(plan, proposals=proposals) if proposals else plan
+
+    @staticmethod
+    def without_unverified(plan: StepPlan) -> StepPlan:
+        """``plan`` without the decoding requests whose verification is still in flight (its tokens
+        say where they go on). A verifying step is read at once, so one is left unread only after
+        reading the step before it raised."""
+        ready = tuple(state for state in plan.decodes if not (state.in_flight and state.pending_row is None))
+        return plan if len(ready) == len(plan.decodes) else dataclasses.replace(plan, decodes=ready)
 
     def synchronous(self, plan: StepPlan) -> bool:
         """Whether ``plan``'s step must be read at once: a request in it speculates (its next
@@ -119,6 +130,7 @@ class Speculator:
                 continue
             if state.request_id in accepted:
                 record.accepted.append(accepted[state.request_id])
+                self.proposer.verified(state)
             record.gains.append(streamed.get(state.request_id, 1))
             if len(record.gains) == WINDOW and sum(record.gains) < OFF_BELOW * WINDOW:
                 record.off_for = RETRY_AFTER << record.stops
@@ -129,12 +141,19 @@ class Speculator:
     def forget(self, state: RequestState) -> None:
         """``state`` left for good: its record goes."""
         self._records.pop(state.request_id, None)
+        self.proposer.forget(state)
 
 
-def speculator_for(method: str | None, num_tokens: int, max_len: int) -> Speculator | None:
-    """The engine's :class:`Speculator` for ``EngineConfig.speculate`` (None: no speculation)."""
+def speculator_for(method: str | None, num_tokens: int, max_len: int, draft: Proposer | None = None) -> Speculator | None:
+    """The engine's :class:`Speculator` for ``EngineConfig.speculate`` (None: no speculation);
+    ``"draft"`` proposes with ``draft`` (a :class:`~jax_vattention.engine.draft.DraftProposer`)."""
     if method is None:
+        if draft is not None:
+            raise ValueError("a draft model was given but speculation is off: set speculate='draft'")
         return None
     if method not in METHODS:
         raise ValueError(f"speculate must be one of {METHODS} or None; got {method!r}")
-    return Speculator(NgramProposer(), num_tokens=num_tokens, max_len=max_len)
+    if (method == "draft") != (draft is not None):
+        raise ValueError("speculate='draft' needs a draft model (Engine(..., draft=DraftProposer(...))), "
+                         "and only it takes one")
+    return Speculator(draft if draft is not None else NgramProposer(), num_tokens=num_tokens, max_len=max_len)

@@ -18,13 +18,14 @@ status 2 and a one-line message.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
 import jax
 import numpy as np
 
-from jax_vattention.app.assembly import assemble
+from jax_vattention.app.assembly import add_speculation_arguments, assemble, open_draft, speculation_options
 from jax_vattention.app.commands.model_source import ByteTokenizer, add_model_arguments, check_model_arguments
 from jax_vattention.attention import BACKENDS
 from jax_vattention.cache.config import LAYOUTS
@@ -62,6 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel degree: the model and the cache split over the first TP devices "
                              "(default 1)")
+    add_speculation_arguments(parser)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -78,6 +80,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--prompt-len must be at least 1; got {args.prompt_len}")
     if args.tp > 1 and args.chat is not None:
         raise ValueError("--chat runs on one device: leave out --tp")
+    speculation_options(args)
+    if args.speculate and args.chat is not None:
+        raise ValueError("--chat decodes one token a step: leave out --speculate")
     if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature and --top-k must be at least 0 and --top-p in (0, 1]")
     check_model_arguments(args)
@@ -178,6 +183,36 @@ def _chat(args: argparse.Namespace, loaded, backend: str, layout: str, max_len: 
     return 0
 
 
+class EngineGeneration:
+    """``generate_in_manager``'s call over the engine, for ``--speculate`` (speculative decoding is
+    the engine's): each call submits the prompts as requests to one engine over ``manager`` and
+    runs them; the result's ``tokens`` are theirs, in order."""
+
+    def __init__(self, model, manager, *, backend: str, stop_tokens, speculation: dict, draft=None):
+        from jax_vattention.engine import Engine, EngineConfig
+
+        self.engine = Engine(model, manager, EngineConfig(backend=backend, max_stop_tokens=max(8, len(stop_tokens)),
+                                                          **speculation), draft=draft)
+
+    def __call__(self, model, manager, prompts, *, seed: int, max_new_tokens: int, stop_tokens, temperature: float,
+                 top_k: int, top_p: float, backend: str):
+        from types import SimpleNamespace
+
+        from jax_vattention.engine import Request
+
+        ids = [self.engine.submit(Request(prompt=list(prompt), max_new_tokens=max_new_tokens,
+                                          stop_tokens=tuple(stop_tokens), temperature=temperature, top_k=top_k,
+                                          top_p=top_p, seed=seed + i if temperature > 0 else None))
+               for i, prompt in enumerate(prompts)]
+        outputs = self.engine.run()
+        return SimpleNamespace(tokens=[outputs[request_id] for request_id in ids])
+
+    def report(self) -> str:
+        stats = self.engine.stats
+        return (f"speculation ({self.engine.config.speculate}): {stats.verifications} verifications, acceptance "
+                f"rate {stats.acceptance_rate:.1%}, mean accepted length {stats.mean_accepted_length:.2f} tokens")
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -201,8 +236,14 @@ def run(args: argparse.Namespace) -> int:
         model, generate = loaded.model, generate_in_manager
         if mesh is not None:
             print(f"tensor parallel over {args.tp} devices: {', '.join(map(str, mesh.devices.flat))}")
-        with built.open() as manager:
+        with built.open() as manager, contextlib.ExitStack() as closing:
             _check_budget(manager, prompts, args.max_new_tokens)
+            draft, draft_host = open_draft(args, built)   # after the model's cache: it takes what is left
+            if draft_host is not None:
+                closing.enter_context(draft_host)
+            if args.speculate:
+                generate = EngineGeneration(model, manager, backend=backend, stop_tokens=loaded.stop_tokens,
+                                            speculation=speculation_options(args), draft=draft)
             started = time.perf_counter()
             first = generate(model, manager, prompts, seed=args.seed, **options)
             compile_seconds = time.perf_counter() - started
@@ -226,6 +267,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"throughput: {tokens / seconds:,.1f} tokens/s ({tokens} tokens in {seconds:.3f} s, "
               f"batch {len(prompts)}, prefill included)")
         print("\n".join(memory))
+        if args.speculate:
+            print(generate.report())
         return 0
     except (ValueError, jv.OutOfPagesError, jv.NoFreeSlotError) as error:
         print(f"vattention generate: error: {error}", file=sys.stderr)

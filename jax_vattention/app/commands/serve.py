@@ -20,7 +20,7 @@ import sys
 import jax
 
 from jax_vattention.attention import BACKENDS
-from jax_vattention.app.assembly import assemble
+from jax_vattention.app.assembly import add_speculation_arguments, assemble, open_draft, speculation_options
 from jax_vattention.app.commands.model_source import add_model_arguments
 from jax_vattention.cache.config import LAYOUTS
 from jax_vattention.engine import EngineConfig
@@ -58,6 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the longest prompt in tokens (default: --max-len)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds requests in flight get to finish after Ctrl-C (default 30)")
+    add_speculation_arguments(parser)
 
 
 def check_serve_extra() -> None:
@@ -87,6 +88,7 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-prompt-tokens must be at least 1; got {args.max_prompt_tokens}")
     if not args.shutdown_timeout >= 0:
         raise ValueError(f"--shutdown-timeout must be at least 0; got {args.shutdown_timeout}")
+    speculation_options(args)
 
 
 def build_service(args: argparse.Namespace):
@@ -106,9 +108,10 @@ def build_service(args: argparse.Namespace):
         raise ValueError(f"{loaded.source} has no tokenizer (a vocabulary under 256 has no byte tokens): "
                          f"serve a checkpoint with a tokenizer.json")
     manager = built.open()
+    draft, _ = open_draft(args, built)   # after the model's cache: it takes what is left; it lives with the server
     engine = Engine(loaded.model, manager, EngineConfig(
         token_budget=args.token_budget, chunk_tokens=args.chunk_tokens, backend=built.backend, seed=args.seed,
-        max_stop_tokens=max(4, len(loaded.stop_tokens))))
+        max_stop_tokens=max(4, len(loaded.stop_tokens)), **speculation_options(args)), draft=draft)
     engine.compile()
     engine.submit(Request(prompt=[0] * min(args.chunk_tokens + 1, args.max_len - 1), max_new_tokens=2))
     engine.run()

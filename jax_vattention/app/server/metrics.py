@@ -171,6 +171,15 @@ class ServerMetrics:
              [("", engine_loop.failed_steps)]),
             ("engine_driver_failures_total", "counter", "Driver failures the engine absorbed (retried or "
              "failing only the requests they touched).", [("", run.step_failures + run.map_ahead_failures)]),
+            ("spec_decode_num_drafts_total", "counter", "Speculative verifications (a request's proposals checked "
+             "in a step).", [("", run.verifications)]),
+            ("spec_decode_num_draft_tokens_total", "counter", "Tokens proposed.", [("", run.proposed_tokens)]),
+            ("spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens accepted.",
+             [("", run.accepted_tokens)]),
+            ("spec_decode_acceptance_rate", "gauge", "Accepted over proposed tokens (0 before any).",
+             [("", run.acceptance_rate)]),
+            ("spec_decode_mean_accepted_length", "gauge", "Tokens a verification streams on average, the "
+             "target's own included (0 before any).", [("", run.mean_accepted_length)]),
         ]
         with self._lock:
             samples += [
