@@ -103,7 +103,7 @@ def test_verification_rows_give_the_logits_of_decoding_one_token_at_a_time(model
         np.testing.assert_allclose(verified[i], np.asarray(single[1]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
+@pytest.mark.parametrize("layout", ["per_layer", pytest.param("interleaved", marks=pytest.mark.slow)])
 def test_greedy_tokens_are_plain_decodings_with_sharing_preemption_and_stops(model, layout):
     requests = copying_requests(seed=0, count=6, penalized=True)
     reference = plain_tokens(model, requests)
@@ -124,6 +124,7 @@ def test_greedy_tokens_are_plain_decodings_with_sharing_preemption_and_stops(mod
     manager.close()
 
 
+@pytest.mark.slow
 def test_an_engine_that_does_not_pipeline_speculates_to_the_same_tokens(model):
     requests = copying_requests(seed=2, count=4)
     manager, driver = make_manager(model, layout="per_layer")
@@ -298,7 +299,7 @@ def test_verification_variants_have_no_control_flow_and_only_sampling_ones_sort(
     manager.close()
 
 
-@pytest.mark.parametrize("draft_seed", [0, 1])
+@pytest.mark.parametrize("draft_seed", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_a_draft_model_proposes_from_its_own_cache_and_greedy_tokens_stay_plain(model, draft_seed):
     """Seed 0: the draft is the target itself (nearly every proposal is accepted); seed 1: other random
     weights (few are). Either way the tokens are plain decoding's, and both caches give every page back."""
@@ -329,6 +330,7 @@ def test_a_draft_model_proposes_from_its_own_cache_and_greedy_tokens_stay_plain(
     draft_manager.close()
 
 
+@pytest.mark.slow
 def test_bench_speculate_compares_the_engines_on_cpu(tmp_path, capsys):
     import csv
 
