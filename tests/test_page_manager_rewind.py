@@ -9,7 +9,7 @@ what a sliding window already unmapped (the next query would read an unmapped pa
 
 import pytest
 
-from fake_checks import BUFFERS, CAPACITY, check_released, check_view, make, state
+from fake_checks import BUFFERS, check_released, check_view, make, state
 from jax_vattention._core import CacheManagerPoisonedError, DriverError
 
 LAYER_0 = [True, False, True, False]   # layer 0's K and V keep a window

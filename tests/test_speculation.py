@@ -81,7 +81,6 @@ def test_verification_rows_give_the_logits_of_decoding_one_token_at_a_time(model
     rng = np.random.default_rng(0)
     prompt = jnp.asarray(rng.integers(2, 256, 20), jnp.int32)
     fed = [int(t) for t in rng.integers(2, 256, 5)]        # the last token and four proposals
-    no_chunk = jnp.zeros((0,), jnp.int32)
     prefill = StepBatch(jnp.zeros(2, jnp.int32), jnp.arange(2, dtype=jnp.int32), jnp.zeros(2, jnp.int32),
                         jnp.zeros(2, jnp.int32), prompt[None], jnp.array([1], jnp.int32), jnp.array([0], jnp.int32),
                         jnp.array([20], jnp.int32))
