@@ -1,3 +1,4 @@
+import gc
 import sys
 from pathlib import Path
 
@@ -46,6 +47,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _compiled_programs_freed_after_each_file():
+    """Drops JAX's compiled programs after each test file. XLA's CPU backend keeps every program it
+    compiled loaded, with its own memory mappings (three or so per kernel); the whole suite compiles
+    thousands, and a process holding them all reaches the kernel's limit of memory mappings
+    (``vm.max_map_count``, 65,530 by default), where XLA's compiler crashes."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture(scope="session")
