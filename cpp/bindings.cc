@@ -272,6 +272,8 @@ NB_MODULE(_core, m) {
         "(resident OS pages, OS pages) of the host range, from mincore.");
   m.def("discard_pages", &discard_pages, "address"_a, "bytes"_a,
         "Returns the whole OS pages of the host range to the OS (madvise MADV_DONTNEED).");
+  m.def("clear_pages", &clear_pages, "address"_a, "bytes"_a,
+        "Zeros the host range: its whole OS pages discarded, the partial ones at its edges written.");
   m.def("os_page_bytes", &os_page_bytes);
 
   nb::dict cpu_targets;

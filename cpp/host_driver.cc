@@ -3,6 +3,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <string>
@@ -70,6 +71,15 @@ void discard_pages(DevicePtr address, std::size_t bytes) {
   if (madvise(reinterpret_cast<void*>(begin), end - begin, MADV_DONTNEED) != 0) {
     throw DriverError(errno_message("madvise(MADV_DONTNEED)"));
   }
+}
+
+void clear_pages(DevicePtr address, std::size_t bytes) {
+  const std::size_t page = os_page_bytes();
+  const DevicePtr begin = std::min((address + page - 1) / page * page, address + bytes);
+  const DevicePtr end = std::max((address + bytes) / page * page, begin);
+  std::memset(reinterpret_cast<void*>(address), 0, begin - address);
+  std::memset(reinterpret_cast<void*>(end), 0, address + bytes - end);
+  discard_pages(address, bytes);
 }
 
 std::size_t os_page_bytes() { return static_cast<std::size_t>(sysconf(_SC_PAGESIZE)); }

@@ -23,6 +23,11 @@ std::vector<bool> resident_pages(DevicePtr address, std::size_t bytes);
 // (madvise(MADV_DONTNEED)); partial pages at the ends are left alone.
 void discard_pages(DevicePtr address, std::size_t bytes);
 
+// Zeros the host range: its whole OS pages are discarded (they read as zeros
+// and hold no memory until touched), the partial OS pages at its edges, which
+// other memory shares, are written with zeros.
+void clear_pages(DevicePtr address, std::size_t bytes);
+
 // The operating system's page size.
 std::size_t os_page_bytes();
 

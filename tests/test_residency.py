@@ -101,3 +101,25 @@ def check_generate_and_engine():
         engine.submit(Request(prompt=[3, 4, 5], max_new_tokens=9))
         assert len(next(iter(engine.run().values()))) == 9
         assert_resident_within_mapped(manager, manager.cache)
+
+
+@pytest.mark.parametrize("offset, count", [(0, 3 * 1024), (100, 5000), (4000, 20)])
+def test_clear_pages_zeros_an_unaligned_range_and_nothing_around_it(offset, count):
+    """A fresh CPU cache buffer is XLA's memory, maybe recycled and holding anything (NaN a reference
+    attention would multiply by a zero weight into NaN): the manager clears it, edges included."""
+    memory = np.full(16 * 1024, np.nan, np.float32)
+    base = memory.ctypes.data + offset * 4
+    _core.clear_pages(base, count * 4)
+    np.testing.assert_array_equal(memory[offset:offset + count], 0)
+    assert np.isnan(memory[:offset]).all() and np.isnan(memory[offset + count:]).all()
+
+
+def test_a_fresh_cache_reads_as_zeros_over_recycled_memory():
+    config = jv.CacheConfig(num_layers=1, max_batch=2, max_len=64, kv_heads=1, head_dim=24, dtype=jnp.float32)
+    for _ in range(3):   # buffers of the cache's size, filled with NaN and freed: XLA may hand them out again
+        poison = [jnp.full(config.buffer_shape(config.capacity(64 * KiB)), jnp.nan) for _ in range(2)]
+        jax.block_until_ready(poison)
+        del poison
+        with jv.CacheManager(config, CPU) as manager:
+            assert not np.isnan(np.asarray(manager.cache.k[0])).any()
+            assert not np.isnan(np.asarray(manager.cache.v[0])).any()

@@ -218,8 +218,9 @@ class CacheManager(PrefixSharing, Forks):
         bases = [buffer.unsafe_buffer_pointer() for buffer in buffers]
         buffer_bytes = int(np.prod(self._shape)) * jnp.dtype(self.config.dtype).itemsize
         for base in bases:
-            # XLA may hand out recycled memory: make sure none of it is resident.
-            _core.discard_pages(base, buffer_bytes)
+            # XLA may hand out recycled memory, which may hold anything (NaN included): zeros, and none
+            # of it resident (but the OS pages the buffer shares at its edges).
+            _core.clear_pages(base, buffer_bytes)
         self._core.adopt_buffers(bases)
         return buffers
 
