@@ -45,6 +45,9 @@ def mesh_for(tp: int) -> jax.sharding.Mesh | None:
     count = len(jax.devices())
     if isinstance(tp, bool) or not isinstance(tp, int) or not 1 <= tp <= count:
         raise ValueError(f"--tp must be between 1 and the {count} devices JAX sees; got {tp}")
+    if jax.process_count() > 1 and tp != count:
+        raise ValueError(f"over {jax.process_count()} processes, the model splits over every process's devices: "
+                         f"--tp must be {count}; got {tp}")
     if tp == 1:
         return None
     from jax_vattention.decode.mesh import tp_mesh

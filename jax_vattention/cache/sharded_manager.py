@@ -87,7 +87,9 @@ class ShardedCacheManager:
     cache : KVCache
         Arrays ``config.buffer_shape(capacity)``, each sharded on the heads axis.
     managers : list[CacheManager]
-        One per device, in mesh order, each with ``kv_heads / N`` heads.
+        One per device of this process, in mesh order, each with ``kv_heads / N`` heads.
+    devices : list[jax.Device]
+        This process's devices of the mesh (all of them in a single process).
 
     Example::
 
@@ -104,18 +106,23 @@ class ShardedCacheManager:
             raise TypeError(f"config must be a CacheConfig, got {type(config).__name__}")
         self.axis = mesh_axis(mesh, axis)
         self.mesh = mesh
-        self.devices = list(mesh.devices.flat)
-        count = len(self.devices)
+        count = mesh.size
         if config.kv_heads % count:
             raise ValueError(f"kv_heads={config.kv_heads} does not divide by the {count} devices of the mesh: "
                              f"each device must hold the same number of KV heads")
+        # This process's devices of the mesh (all of them, unless jax.distributed spans processes).
+        self.devices = [device for device in mesh.devices.flat if device.process_index == jax.process_index()]
+        if not self.devices:
+            raise ValueError(f"the mesh has none of process {jax.process_index()}'s devices: every process "
+                             "of a multi-process mesh holds the pages of its own devices")
         drivers = [(driver_factory or default_driver)(device) for device in self.devices]
         budget = config.budget_bytes
         if budget is None:
-            budget = int(config.budget_fraction * min(driver.memory_info()[0] for driver in drivers))
+            budget = _agreed_minimum(min(driver.memory_info()[0] for driver in drivers), mesh)
+            budget = int(config.budget_fraction * budget)
         self.config = config
         self.shard_config = dataclasses.replace(config, kv_heads=config.kv_heads // count, budget_bytes=budget)
-        self._drivers = drivers if driver_factory is not None else [None] * count
+        self._drivers = drivers if driver_factory is not None else [None] * len(self.devices)
         self.spec = head_spec(config, self.axis)
         self._sharding = NamedSharding(mesh, self.spec)
         self._id = 0
@@ -162,8 +169,15 @@ class ShardedCacheManager:
         return self.managers
 
     def pages_for(self, tokens: int) -> int:
-        """Pages one slot of ``tokens`` tokens holds over every buffer of every device."""
+        """Pages one slot of ``tokens`` tokens holds over every buffer of this process's devices (as
+        :meth:`stats` counts them)."""
         return sum(manager.pages_for(tokens) for manager in self.managers)
+
+    @property
+    def multiprocess(self) -> bool:
+        """True when the mesh spans processes (``jax.distributed``): this process holds only its own
+        devices' managers, and every process must run the same plan."""
+        return len(self.devices) < self.mesh.size
 
     @property
     def cache(self) -> KVCache:
@@ -324,7 +338,7 @@ class ShardedCacheManager:
         return self.managers[0].mapped_pages()
 
     def stats(self) -> dict:
-        """Totals over the devices, and ``per_device``: each manager's stats.
+        """Totals over this process's devices, and ``per_device``: each manager's stats.
 
         Pages, bytes, page counters and seconds add up over the devices; what every device shares
         (``page_bytes``, ``active_slots``, ``used_tokens``, ``grow_calls``) is device 0's;
@@ -414,3 +428,13 @@ def _shard_on(array: jax.Array, device: jax.Device) -> jax.Array:
         if shard.device == device:
             return shard.data
     raise ValueError(f"the cache array has no shard on {device}")
+
+
+def _agreed_minimum(value: int, mesh: jax.sharding.Mesh) -> int:
+    """The smallest ``value`` over the processes that hold devices of ``mesh`` (``value`` itself in a
+    single process): every process of a multi-process mesh must budget the same pages."""
+    if all(device.process_index == jax.process_index() for device in mesh.devices.flat):
+        return value
+    from jax.experimental import multihost_utils
+    kib = np.array([min(value >> 10, np.iinfo(np.int32).max)], np.int32)   # JAX gathers 32-bit integers
+    return int(np.min(multihost_utils.process_allgather(kib))) << 10

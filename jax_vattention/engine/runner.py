@@ -219,13 +219,18 @@ class StepRunner:
 
         Placed as every step's tokens are (on ``device``, or whole on every device of the mesh), so
         that a step compiled after none is the one every later step reuses."""
-        return jax.device_put(jnp.zeros(self.output_rows, jnp.int32), self._placement(device))
+        return self._created(lambda: jnp.zeros(self.output_rows, jnp.int32), device)
 
     def first_state(self, seed: int, device) -> SamplerState:
         """The first step's :class:`SamplerState` (the stream's key from ``seed``, no counts), placed
         as every later step's (see :meth:`no_tokens`)."""
-        state = SamplerState(jax.random.key(seed), TokenCounts.zeros(self.max_batch, self.vocab))
-        return jax.device_put(state, self._placement(device))
+        return self._created(lambda: SamplerState(jax.random.key(seed), TokenCounts.zeros(self.max_batch, self.vocab)),
+                             device)
+
+    def _created(self, make, device):
+        """``make()``'s arrays created in place (compiled with their placement as outputs): a mesh
+        that spans processes has devices no ``device_put`` of this process can reach."""
+        return jax.jit(make, out_shardings=self._placement(device))()
 
     def _placement(self, device):
         if self.tp is not None:

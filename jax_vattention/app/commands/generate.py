@@ -13,6 +13,10 @@ fewest pages; decode reads it with the Pallas kernel on a GPU and the XLA
 reference on a CPU. ``--backend cudnn`` takes the per-layer layout.
 Every option is checked before anything is compiled; a bad one exits with
 status 2 and a one-line message.
+
+Over several processes (``--coordinator``, ``--num-processes``, ``--process-id``, and ``--tp`` over
+all their devices: :mod:`~jax_vattention.app.processes`), every process runs the same generation
+on its own devices' shards, and each prints the same tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 
 from jax_vattention.app.assembly import add_speculation_arguments, assemble, open_draft, speculation_options
 from jax_vattention.app.commands.model_source import ByteTokenizer, add_model_arguments, check_model_arguments
+from jax_vattention.app.processes import add_process_arguments, initialize
 from jax_vattention.attention import BACKENDS
 from jax_vattention.cache.config import LAYOUTS
 
@@ -64,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="tensor-parallel degree: the model and the cache split over the first TP devices "
                              "(default 1)")
     add_speculation_arguments(parser)
+    add_process_arguments(parser)
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
@@ -188,11 +194,12 @@ class EngineGeneration:
     the engine's): each call submits the prompts as requests to one engine over ``manager`` and
     runs them; the result's ``tokens`` are theirs, in order."""
 
-    def __init__(self, model, manager, *, backend: str, stop_tokens, speculation: dict, draft=None):
+    def __init__(self, model, manager, *, backend: str, stop_tokens, speculation: dict, draft=None,
+                 overlap: bool = True):
         from jax_vattention.engine import Engine, EngineConfig
 
         self.engine = Engine(model, manager, EngineConfig(backend=backend, max_stop_tokens=max(8, len(stop_tokens)),
-                                                          **speculation), draft=draft)
+                                                          overlap=overlap, **speculation), draft=draft)
 
     def __call__(self, model, manager, prompts, *, seed: int, max_new_tokens: int, stop_tokens, temperature: float,
                  top_k: int, top_p: float, backend: str):
@@ -221,6 +228,9 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         _check_arguments(args)
+        processes = initialize(args)
+        if processes.count > 1 and args.chat is not None:
+            raise ValueError("--chat reads the terminal of one process: run it without --coordinator")
         max_len = _max_len(args)
         batch = 1 if args.chat is not None else max(args.batch, len(args.prompt or ()))
         built = assemble(args, max_batch=batch, max_len=max_len)
@@ -243,7 +253,8 @@ def run(args: argparse.Namespace) -> int:
                 closing.enter_context(draft_host)
             if args.speculate:
                 generate = EngineGeneration(model, manager, backend=backend, stop_tokens=loaded.stop_tokens,
-                                            speculation=speculation_options(args), draft=draft)
+                                            speculation=speculation_options(args), draft=draft,
+                                            overlap=processes.count == 1)   # map-ahead depends on timing
             started = time.perf_counter()
             first = generate(model, manager, prompts, seed=args.seed, **options)
             compile_seconds = time.perf_counter() - started

@@ -9,12 +9,18 @@ before the model is built. It answers to the model's own name and to the name gi
 ``--model`` (or to ``--served-model-name``). Ctrl-C stops it gracefully (requests in flight get
 ``--shutdown-timeout`` seconds to finish), a second Ctrl-C at once. Each request leaves one JSON
 line in the log. Needs the ``serve`` extra: ``pip install ".[serve]"``.
+
+Over several processes (``--coordinator``, ``--num-processes``, ``--process-id``: see
+:mod:`~jax_vattention.app.processes`), every process builds the same model and engine over a
+``--tp`` mesh of all their devices; process 0 serves HTTP, the others replay its engine's calls
+(:mod:`~jax_vattention.engine.lockstep`) until it stops, and exit with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import jax
@@ -22,6 +28,7 @@ import jax
 from jax_vattention.attention import BACKENDS
 from jax_vattention.app.assembly import add_speculation_arguments, assemble, open_draft, speculation_options
 from jax_vattention.app.commands.model_source import add_model_arguments
+from jax_vattention.app.processes import Processes, add_process_arguments, initialize
 from jax_vattention.cache.config import LAYOUTS
 from jax_vattention.engine import EngineConfig
 from jax_vattention.app.server.limits import ServerLimits
@@ -59,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shutdown-timeout", type=float, default=30.0,
                         help="seconds requests in flight get to finish after Ctrl-C (default 30)")
     add_speculation_arguments(parser)
+    add_process_arguments(parser)
 
 
 def check_serve_extra() -> None:
@@ -91,14 +99,10 @@ def check_arguments(args: argparse.Namespace) -> None:
     speculation_options(args)
 
 
-def build_service(args: argparse.Namespace):
-    """The model, cache, engine and its running thread, as a :class:`~jax_vattention.app.server.app.Service`.
-
-    Compiles the engine's step programs first, so the first client does not wait for it.
-    """
+def build_engine(args: argparse.Namespace, processes: Processes = Processes()):
+    """``(loaded, engine)``: the model with its tokenizer and the engine over its cache, compiled and
+    warmed up (so the first client does not wait for it). Every process of a job builds the same."""
     from jax_vattention.engine import Engine, Request
-    from jax_vattention.app.server.engine_loop import EngineLoop
-    from jax_vattention.app.server.service import Service
 
     check_arguments(args)
     built = assemble(args, max_batch=args.max_batch, max_len=args.max_len,
@@ -111,11 +115,26 @@ def build_service(args: argparse.Namespace):
     draft, _ = open_draft(args, built)   # after the model's cache: it takes what is left; it lives with the server
     engine = Engine(loaded.model, manager, EngineConfig(
         token_budget=args.token_budget, chunk_tokens=args.chunk_tokens, backend=built.backend, seed=args.seed,
-        max_stop_tokens=max(4, len(loaded.stop_tokens)), **speculation_options(args)), draft=draft)
+        max_stop_tokens=max(4, len(loaded.stop_tokens)), **speculation_options(args),
+        overlap=processes.count == 1), draft=draft)   # map-ahead depends on timing: one plan needs none
     engine.compile()
     engine.submit(Request(prompt=[0] * min(args.chunk_tokens + 1, args.max_len - 1), max_new_tokens=2))
     engine.run()
-    loop = EngineLoop(engine)
+    return loaded, engine
+
+
+def build_service(args: argparse.Namespace, processes: Processes = Processes()):
+    """The model, cache, engine and its running thread, as a :class:`~jax_vattention.app.server.app.Service`
+    (on process 0 of several, with the lockstep that the others follow)."""
+    from jax_vattention.app.server.engine_loop import EngineLoop
+    from jax_vattention.app.server.service import Service
+    from jax_vattention.engine.lockstep import KeyValueChannel, LockstepLeader
+
+    loaded, engine = build_engine(args, processes)
+    lockstep = None
+    if processes.count > 1:
+        lockstep = LockstepLeader(KeyValueChannel(), processes.followers, processes.timeout, on_stall=_abandon)
+    loop = EngineLoop(engine, lockstep=lockstep)
     loop.start()
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                           max_waiting=args.max_waiting)
@@ -144,10 +163,21 @@ def _chat_format(loaded, model: str | None):
     return ChatFormat.from_checkpoint(model)
 
 
+def _abandon(error: Exception) -> None:
+    """Process 0's end when another process stalled inside a step: the engine thread waits in that
+    step's collectives for good, so nothing but the process's exit can stop it (and free its pages)."""
+    print(f"vattention serve: error: {error}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Serves until Ctrl-C; 0 after a shutdown, 130 after an interrupt, 2 when it cannot start."""
+    """Serves until Ctrl-C; 0 after a shutdown, 130 after an interrupt, 2 when it cannot start, 1
+    when another process of the job stalled or diverged."""
     try:
         check_serve_extra()
+        processes = initialize(args)
+        if not processes.leader:
+            return _follow(args, processes)
         from jax_vattention.app.server.lifecycle import bind
         listening = bind(args.host, args.port)       # before the model: a port in use is found at once
     except ValueError as error:
@@ -155,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         try:
-            service = build_service(args)
+            service = build_service(args, processes)
         except ValueError as error:
             print(f"vattention serve: error: {error}", file=sys.stderr)
             return 2
@@ -165,6 +195,24 @@ def run(args: argparse.Namespace) -> int:
         return _serve(service, listening, args)
     finally:
         listening.close()
+
+
+def _follow(args: argparse.Namespace, processes: Processes) -> int:
+    """A process other than 0: builds the same engine and replays process 0's calls on it until
+    process 0 stops (0) or stalls or diverges (1)."""
+    from jax_vattention.engine.lockstep import KeyValueChannel, ProcessGroupError, follow
+
+    _, engine = build_engine(args, processes)
+    print(f"process {processes.process_id} of {processes.count}: following process 0's engine", flush=True)
+    try:
+        steps = follow(engine, KeyValueChannel(), processes.process_id, processes.timeout)
+    except ProcessGroupError as error:
+        print(f"vattention serve: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        engine.manager.close()
+    print(f"process {processes.process_id}: process 0 stopped after {steps} steps", flush=True)
+    return 0
 
 
 def _serve(service, listening, args: argparse.Namespace) -> int:

@@ -19,6 +19,12 @@ failure it could not undo, its cache lost or closed) stops the serving: every re
 open ends with the reason, later ones are refused, and :attr:`EngineLoop.unusable` says why
 (``/health`` answers 503 with it). Steps that fail many times in a row without one that
 succeeds end every open request, so a persistent error cannot hold clients forever.
+
+Over several processes (``jax.distributed``), the loop runs on process 0 with a
+:class:`~jax_vattention.engine.lockstep.LockstepLeader`: every ``submit`` and ``cancel`` it makes
+is journaled, and each step (or, while idle, a keep-alive) publishes them to the other processes,
+which replay them (:func:`~jax_vattention.engine.lockstep.follow`). A process that stalls or
+diverges makes the engine unusable with an error naming it.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import queue
 import threading
 
 from jax_vattention.engine import Engine, Request, TokenEvent
+from jax_vattention.engine.lockstep import LockstepLeader, ProcessGroupError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,7 @@ class EngineLoop:
     engine : the engine, owned by the thread from :meth:`start` on
     max_waiting : requests that may wait for a slot (submitted, not yet admitted); :meth:`submit`
         raises :class:`QueueFull` beyond it. None: no bound
+    lockstep : over several processes, process 0's journal of the engine's calls; None: one process
 
     Example::
 
@@ -77,10 +85,11 @@ class EngineLoop:
         loop.stop()
     """
 
-    def __init__(self, engine: Engine, *, max_waiting: int | None = None):
+    def __init__(self, engine: Engine, *, max_waiting: int | None = None, lockstep: LockstepLeader | None = None):
         if max_waiting is not None and max_waiting < 1:
             raise ValueError(f"max_waiting must be at least 1 (or None), got {max_waiting}")
         self.engine = engine
+        self.lockstep = lockstep
         self.max_waiting = max_waiting
         self._commands: queue.Queue = queue.Queue()
         self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
@@ -168,13 +177,24 @@ class EngineLoop:
                 self._after_failure(error)
         self._end_all("the server is shutting down")
         self._fail_commands("the server is shutting down")
+        if self.lockstep is not None and self.unusable is None:
+            try:
+                self.lockstep.stop(self.engine)
+            except ProcessGroupError as error:
+                log.error("the other processes could not be told to stop: %s", error)
 
     def _turn(self) -> None:
         """Runs the queued commands, then one engine step (waiting for a command when there is none
         to run)."""
         serving = self.unusable is None and not self.engine.idle
         self._handle_commands(wait=None if serving else 0.5)
-        if self._stopping.is_set() or self.unusable is not None or self.engine.idle:
+        if self._stopping.is_set() or self.unusable is not None:
+            return
+        if self.engine.idle:
+            if self.lockstep is not None:
+                self._in_lockstep(self.lockstep.keep_alive)
+            return
+        if self.lockstep is not None and not self._in_lockstep(self.lockstep.before_step):
             return
         try:
             events = self.engine.step()
@@ -189,6 +209,18 @@ class EngineLoop:
         if not events and not self.engine.running:
             # Nothing ran (an admission waits to be retried): do not spin.
             self._handle_commands(wait=0.005)
+
+    def _in_lockstep(self, publish) -> bool:
+        """Publishes the journal (:meth:`LockstepLeader.before_step` or ``keep_alive``); a process
+        that stalled makes the engine unusable. Returns whether the group can go on."""
+        try:
+            publish(self.engine)
+            return True
+        except ProcessGroupError as error:
+            self.unusable = str(error)
+            log.error("the engine cannot serve any more: %s", error)
+            self._end_all(f"the engine cannot serve: {error}")
+            return False
 
     def _after_failure(self, error: Exception) -> None:
         """After a step or a turn raised: stop serving if the manager cannot serve, end every open
@@ -240,6 +272,8 @@ class EngineLoop:
                 if self.unusable is not None:
                     raise EngineUnusable(self.unusable)
                 request_ids = self.engine.submit_samples(request, samples)
+                if self.lockstep is not None:
+                    self.lockstep.record_submit(request, samples, request_ids)
             except Exception as error:    # noqa: BLE001  (ValueError: refused; the handler says why)
                 future.set_exception(error)
                 return
@@ -261,6 +295,8 @@ class EngineLoop:
             return
         try:
             self.engine.cancel(request_id)
+            if self.lockstep is not None:
+                self.lockstep.record_cancel(request_id)
         except Exception:                 # noqa: BLE001  (freeing its slot failed: the manager says more)
             log.exception("cancelling request %d failed", request_id)
 
