@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import pathlib
+import sys
 import tempfile
 import time
 
@@ -42,7 +43,9 @@ from jax_vattention.cache.config import LAYOUTS
 from jax_vattention.app.assembly import (add_speculation_arguments, cache_config_for, cache_dtype, choose_kernel,
                                          mesh_for, speculation_options)
 from jax_vattention.app.commands.model_source import add_kv_dtype_argument
+from jax_vattention.app.processes import add_process_arguments, initialize
 from jax_vattention.engine import Engine, EngineConfig, Request
+from jax_vattention.engine.lockstep import KeyValueChannel, LockstepLeader, ProcessGroupError, follow
 from jax_vattention.app.memory_fit import check_fits
 from jax_vattention.bench.device_memory import device_lines
 from jax_vattention.cache.manager import CacheManager
@@ -94,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_kv_dtype_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     add_speculation_arguments(parser)
+    add_process_arguments(parser)
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel degree: the model (random weights made in their shards) and the cache "
                              "split over the first TP devices (default 1)")
@@ -153,6 +157,7 @@ def _workload(args, vocab: int) -> list[tuple[float, Request]]:
 
 
 def run(args: argparse.Namespace) -> int:
+    processes = initialize(args)   # before anything asks JAX for its devices
     validate(args)
     device = jax.devices()[0]
     model_config = config_for_device(args.config, device)
@@ -172,7 +177,9 @@ def run(args: argparse.Namespace) -> int:
     manager = CacheManager(cache_config, device) if mesh is None else ShardedCacheManager(cache_config, mesh)
     engine_config = EngineConfig(token_budget=args.token_budget, chunk_tokens=args.chunk_tokens,
                                  prefetch_tokens=args.prefetch_tokens, backend=backend,
-                                 overlap=not args.no_overlap, deferred_reclamation=not args.no_deferred_reclamation,
+                                 # over several processes, no map-ahead: its timing would differ between them
+                                 overlap=not args.no_overlap and processes.count == 1,
+                                 deferred_reclamation=not args.no_deferred_reclamation,
                                  eager_allocation=not args.no_eager_allocation,
                                  prefix_sharing=not args.no_prefix_sharing, seed=args.seed,
                                  pipeline=not args.no_pipeline, **speculation_options(args))
@@ -201,6 +208,11 @@ def run(args: argparse.Namespace) -> int:
           f"{reuse}", flush=True)
     warm_stats = manager.stats()
     engine.reset_stats()
+    if not processes.leader:   # the workload's arrivals are timed on process 0: the others replay its calls
+        return _follow(engine, processes)
+    lockstep = None
+    if processes.count > 1:
+        lockstep = LockstepLeader(KeyValueChannel(), processes.followers, processes.timeout)
 
     # The engine keeps only a window of its per-step records (it serves for days); the report wants
     # every step of this finite run, so the bench copies them (and the memory after each step).
@@ -220,10 +232,14 @@ def run(args: argparse.Namespace) -> int:
             while pending and pending[0][0] <= now:
                 arrival, request = pending.pop(0)
                 request_id = engine.submit(request)
+                if lockstep is not None:
+                    lockstep.record_submit(request, 1, [request_id])
                 arrival_of[request_id] = start + arrival
                 token_times[request_id] = []
                 outputs[request_id] = []
             if engine.idle:
+                if lockstep is not None:
+                    lockstep.keep_alive(engine)
                 time.sleep(max(0.0, min(pending[0][0] - now, 0.05)))
                 continue
             if trace_folder and engine.stats.steps in (PROFILE_FIRST_STEP, PROFILE_FIRST_STEP + PROFILE_STEPS):
@@ -233,6 +249,8 @@ def run(args: argparse.Namespace) -> int:
                     jax.profiler.start_trace(trace_folder, create_perfetto_trace=True)
                 traced_window.append(time.perf_counter())
             seen = engine.stats.records_total
+            if lockstep is not None:
+                lockstep.before_step(engine)
             events = engine.step()
             stamp = time.perf_counter()
             records += engine.stats.since(seen)
@@ -243,6 +261,8 @@ def run(args: argparse.Namespace) -> int:
                     outputs[event.request_id].append(event.token)
                 progress.update(int(event.finished))
     elapsed = time.perf_counter() - start
+    if lockstep is not None:
+        lockstep.stop(engine)
     if len(traced_window) == 1:   # the run ended inside the window
         jax.profiler.stop_trace()
         traced_window.append(time.perf_counter())
@@ -334,6 +354,20 @@ def run(args: argparse.Namespace) -> int:
     elif trace_folder:
         print(f"profile: the run ended before step {PROFILE_FIRST_STEP}, where the traced steps begin")
     manager.close()
+    return 0
+
+
+def _follow(engine: Engine, processes) -> int:
+    """A process other than 0: replays process 0's engine calls until it stops; 0, or 1 when process
+    0 stalled or the plans diverged."""
+    try:
+        steps = follow(engine, KeyValueChannel(), processes.process_id, processes.timeout)
+    except ProcessGroupError as error:
+        print(f"vattention serve-bench: error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        engine.manager.close()
+    print(f"process {processes.process_id} of {processes.count}: followed process 0 for {steps} steps")
     return 0
 
 
