@@ -228,9 +228,13 @@ class StepRunner:
                              device)
 
     def _created(self, make, device):
-        """``make()``'s arrays created in place (compiled with their placement as outputs): a mesh
-        that spans processes has devices no ``device_put`` of this process can reach."""
-        return jax.jit(make, out_shardings=self._placement(device))()
+        """``make()``'s arrays, placed as every step's. Over a mesh that spans processes, they are
+        created in place by a compiled function (whose outputs have the placement): no ``device_put``
+        of this process reaches the other processes' devices."""
+        placement = self._placement(device)
+        if placement.is_fully_addressable:
+            return jax.device_put(make(), placement)
+        return jax.jit(make, out_shardings=placement)()
 
     def _placement(self, device):
         if self.tp is not None:
