@@ -100,7 +100,7 @@ def test_a_follower_replays_the_leaders_calls_into_the_same_plan_and_tokens(mode
     assert np.array_equal(follower.manager.mapped_pages(), leader.manager.mapped_pages())
     assert follower.manager.stats()["pages_mapped_total"] == leader.manager.stats()["pages_mapped_total"]
     assert store.most_keys <= 2               # one entry and its ack at a time: the journal stays bounded
-    assert len(outputs) == len(ids) - 1
+    assert set(outputs) >= set(ids[1:])       # every request but the cancelled one streamed its tokens
     for manager in (leader.manager, follower.manager):
         manager.close()
 
@@ -147,7 +147,7 @@ def test_a_silent_leader_stops_a_follower_within_the_timeout(model):
 def test_a_follower_whose_plan_differs_stops(model):
     leader, follower = engine(model), engine(model, token_budget=8)   # another budget: another plan
     store = SharedStore()
-    lockstep = LockstepLeader(store, [1], timeout=10)
+    lockstep = LockstepLeader(store, [1], timeout=5)
     errors = []
 
     def run():
@@ -159,10 +159,11 @@ def test_a_follower_whose_plan_differs_stops(model):
     thread.start()
     request = Request(prompt=list(range(2, 30)), max_new_tokens=3)
     lockstep.record_submit(request, 1, leader.submit_samples(request, 1))
-    for _ in range(3):
-        lockstep.before_step(leader)
-        leader.step()
+    with pytest.raises(ProcessGroupError, match="process 1 did not finish entry"):   # the follower left
+        for _ in range(3):
+            lockstep.before_step(leader)
+            leader.step()
     thread.join(10)
-    assert errors and "process 1's plan differs from process 0's" in str(errors[0])
+    assert errors and "process 1's plan differs from process 0's before entry" in str(errors[0])
     for manager in (leader.manager, follower.manager):
         manager.close()
