@@ -1,8 +1,8 @@
 """A stateful property test of the page manager on the fake driver, against a model of its slots.
 
 Hypothesis drives random sequences of alloc / free / grow / reserve_growth /
-prefetch / reclaim / trim, of prefix sharing (alloc_shared / publish / evict)
-and of forks, with driver failures injected among them. After every
+prefetch / reclaim / trim, of prefix sharing (alloc_shared / publish / evict),
+of forks and of rewinds (speculation's rejected tokens), with driver failures injected among them. After every
 step the fake driver's table must equal the manager's view, and the slots,
 lengths and reservations must equal the model's: a failed call changes nothing
 (but a cached page that a fork's failed copy may have written, which stays
@@ -109,6 +109,25 @@ class PageManagerMachine(RuleBasedStateMachine):
             full = self.lengths[parent] // PER_PAGE
             assert view["slots"][child][:full] == view["slots"][parent][:full]
             assert self.manager.writable_from(child) == self.manager.writable_from(parent) == full * PER_PAGE
+
+    @precondition(lambda self: self.lengths)
+    @rule(data=st.data())
+    def rewind(self, data):
+        """A speculative step's rejected tokens: the length goes back, never into read-only pages."""
+        slot = data.draw(st.sampled_from(sorted(self.lengths)))
+        length = data.draw(st.integers(0, self.lengths[slot]))
+        readonly = self.manager.writable_from(slot)
+        before = state(self.manager)
+        try:
+            self.manager.rewind(slot, length)
+        except ValueError as error:
+            assert length < readonly, error          # refused only inside its shared pages
+            assert state(self.manager) == before
+        except CacheManagerPoisonedError:
+            assert self.poisoned
+        else:
+            assert length >= readonly and not self.poisoned
+            self.lengths[slot] = length
 
     @rule()
     def evict(self):
