@@ -133,3 +133,27 @@ def map_while_busy(map_one_page: Callable[[], int], pending: jax.Array, deadline
         page_seconds = time.perf_counter() - begin
         mapped += pages
     return mapped
+
+
+def check_own_cache(cache: "KVCache", manager_id: int, config, shape: tuple) -> None:
+    """``ValueError`` unless ``cache`` is the cache of the manager (or group) ``manager_id``, whose
+    :class:`~jax_vattention.cache.config.CacheConfig` is ``config`` and whose buffers have ``shape``:
+    its id, layout, buffer count, shapes, dtype and FP8 scales."""
+    from jax_vattention.cache.kv_cache import KVCache
+
+    if not isinstance(cache, KVCache):
+        raise ValueError(f"expected a KVCache, got {type(cache).__name__}")
+    if cache.manager_id != manager_id:
+        owner = "a dense cache" if cache.is_dense else f"the cache of manager {cache.manager_id}"
+        raise ValueError(f"{owner} was given to manager {manager_id}: a manager accepts only its own "
+                         "cache (the one its .cache returned, or a jitted step returned for it)")
+    half = config.num_buffers // 2
+    dtype = np.dtype(config.dtype)
+    if (cache.interleaved != config.interleaved or len(cache.k) != half or len(cache.v) != half
+            or any(b.shape != shape or b.dtype != dtype for b in (*cache.k, *cache.v))):
+        raise ValueError(f"the cache's buffers do not match manager {manager_id}'s: expected {half} K and "
+                         f"{half} V arrays of shape {shape} and dtype {dtype}")
+    if (cache.k_scale, cache.v_scale) != (config.k_scale, config.v_scale):
+        raise ValueError(f"the cache's scales (k_scale={cache.k_scale}, v_scale={cache.v_scale}) are not "
+                         f"manager {manager_id}'s ({config.k_scale}, {config.v_scale}): its codes "
+                         "would be read back wrong")

@@ -35,7 +35,7 @@ from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.cache.config import CacheConfig
 from jax_vattention.cache.config import count as _count
 from jax_vattention.cache.forks import Forks
-from jax_vattention.cache.host import forget_live, map_while_busy, register_live
+from jax_vattention.cache.host import check_own_cache, forget_live, map_while_busy, register_live
 from jax_vattention.cache.prefix import PrefixSharing
 
 _DLPACK_DEVICE_CUDA = 2
@@ -167,22 +167,7 @@ class CacheManager(PrefixSharing, Forks):
     def check_cache(self, cache: KVCache) -> None:
         """Raises ``ValueError`` unless ``cache`` is a cache this manager made (its id, layout,
         buffer count, shapes and dtype)."""
-        if not isinstance(cache, KVCache):
-            raise ValueError(f"expected a KVCache, got {type(cache).__name__}")
-        if cache.manager_id != self._id:
-            owner = "a dense cache" if cache.is_dense else f"the cache of manager {cache.manager_id}"
-            raise ValueError(f"{owner} was given to manager {self._id}: a manager accepts only its own "
-                             "cache (the one its .cache returned, or a jitted step returned for it)")
-        half = self.config.num_buffers // 2
-        buffers = (*cache.k, *cache.v)
-        if (cache.interleaved != self.config.interleaved or len(cache.k) != half or len(cache.v) != half
-                or any(b.shape != self._shape or b.dtype != jnp.dtype(self.config.dtype) for b in buffers)):
-            raise ValueError(f"the cache's buffers do not match manager {self._id}'s: expected {half} K and "
-                             f"{half} V arrays of shape {self._shape} and dtype {jnp.dtype(self.config.dtype)}")
-        if (cache.k_scale, cache.v_scale) != (self.config.k_scale, self.config.v_scale):
-            raise ValueError(f"the cache's scales (k_scale={cache.k_scale}, v_scale={cache.v_scale}) are not "
-                             f"manager {self._id}'s ({self.config.k_scale}, {self.config.v_scale}): its codes "
-                             "would be read back wrong")
+        check_own_cache(cache, self._id, self.config, self._shape)
 
     def _check_usable(self) -> None:
         if self._closed:

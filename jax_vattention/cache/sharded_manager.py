@@ -27,7 +27,6 @@ import atexit
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -35,7 +34,7 @@ import jax_vattention._core as _core
 from jax_vattention._core import CacheManagerPoisonedError
 from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.cache.config import CacheConfig
-from jax_vattention.cache.host import forget_live, map_while_busy, register_live
+from jax_vattention.cache.host import check_own_cache, forget_live, map_while_busy, register_live
 from jax_vattention.cache.manager import CacheManager, default_driver
 
 
@@ -202,21 +201,8 @@ class ShardedCacheManager:
 
     def check_cache(self, cache: KVCache) -> None:
         """Raises ``ValueError`` unless ``cache`` is this group's: id, layout, shapes, dtype, sharding."""
-        if not isinstance(cache, KVCache):
-            raise ValueError(f"expected a KVCache, got {type(cache).__name__}")
-        if cache.manager_id != self._id:
-            raise ValueError(f"the cache of manager {cache.manager_id} was given to the tensor-parallel manager "
-                             f"{self._id}: a manager accepts only its own cache")
-        half = self.config.num_buffers // 2
+        check_own_cache(cache, self._id, self.config, self._shape)
         buffers = (*cache.k, *cache.v)
-        if (cache.interleaved != self.config.interleaved or len(cache.k) != half or len(cache.v) != half
-                or any(b.shape != self._shape or b.dtype != jnp.dtype(self.config.dtype) for b in buffers)):
-            raise ValueError(f"the cache's buffers do not match manager {self._id}'s: expected {half} K and "
-                             f"{half} V arrays of shape {self._shape} and dtype {jnp.dtype(self.config.dtype)}")
-        if (cache.k_scale, cache.v_scale) != (self.config.k_scale, self.config.v_scale):
-            raise ValueError(f"the cache's scales (k_scale={cache.k_scale}, v_scale={cache.v_scale}) are not "
-                             f"manager {self._id}'s ({self.config.k_scale}, {self.config.v_scale}): its codes "
-                             "would be read back wrong")
         if any(not b.sharding.is_equivalent_to(self._sharding, b.ndim) for b in buffers):
             raise ValueError(f"the cache's buffers are not sharded on the KV-heads axis over the mesh "
                              f"({self.spec}): keep the sharding the manager's cache has")
