@@ -5,24 +5,16 @@ The model is the tiny one with 8 KV heads of 128 (float32, matmuls at full preci
 verified token and a decoded one do not differ by TF32 rounding). Each case runs in its own process.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
+from own_process import run_function
+
 pytestmark = pytest.mark.gpu
-HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
 
 
 def run_case(name: str, *args) -> None:
-    script = (f"import sys; sys.path.insert(0, {str(HERE)!r}); import test_gpu_speculation as t; "
-              f"t.{name}(*{args!r})")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ))
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    run_function("test_gpu_speculation", name, *args)
 
 
 def speculative_tokens_are_plain(layout: str) -> None:

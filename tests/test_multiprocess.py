@@ -4,7 +4,6 @@ sharing, preemption, sampling) and ``vattention serve``; a process that dies or 
 other within the timeout. Every process runs with a timeout, so a failure cannot hang the suite."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -12,23 +11,22 @@ import time
 from pathlib import Path
 
 
+from own_process import environment
 from server_harness import free_port
 
 HERE = Path(__file__).resolve().parent
 CASES = HERE / "multiprocess_cases.py"
-ROOT = HERE.parent
 
 
-def environment() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+def start(*args: str, forced_devices: int | None = None) -> subprocess.Popen:
+    """``python *args`` with the package under test (from the tests' folder: ``python -m`` must not
+    find the source tree first)."""
+    env = environment()
     env.pop("XLA_FLAGS", None)
-    return env
-
-
-def start(*args: str) -> subprocess.Popen:
+    if forced_devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={forced_devices}"
     return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=environment(), cwd=ROOT)
+                            env=env, cwd=HERE)
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str]:
@@ -82,10 +80,7 @@ def serve(port: int, http: int, process_id: int | None) -> subprocess.Popen:
     if process_id is not None:
         args += ["--coordinator", f"localhost:{port}", "--num-processes", "2", "--process-id", str(process_id)]
         return start(*args)
-    env = environment()
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-    return subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=ROOT)
+    return start(*args, forced_devices=2)
 
 
 def answers(http: int, process: subprocess.Popen) -> list[str]:
