@@ -18,6 +18,7 @@ COMMANDS = [
     (("bench", "profile"), "jax_vattention.bench.profile", "where a decode step's time goes, by kernel kind (profiler)"),
     (("bench", "pages"), "jax_vattention.bench.page_table", "tokens per page and worst-case waste by model, TP, page size"),
     (("bench", "sampling"), "jax_vattention.bench.sampling", "what penalties, logit_bias and logprobs cost the step"),
+    (("bench", "samples"), "jax_vattention.bench.samples", "n samples of one prompt: forked vs n=1 and n independent"),
     (("bench", "speculate"), "jax_vattention.bench.speculation",
      "speculative decoding (prompt lookup) against none: tokens/s, acceptance, same greedy tokens"),
     (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),

@@ -128,6 +128,7 @@ class SampleGroups:
                 failures.append((prefill, error))
                 continue
             del self._groups[prefill.request_id]
+            self.memory.stats.prefills += 1   # its last chunk, which streams no token, was the prompt's
             self._place(prefill, group.samples, forks)
         return failures
 

@@ -46,7 +46,7 @@ class EngineStats:
 
     window: int = WINDOW
     steps: int = 0
-    prefills: int = 0          # prompts whose last chunk ran
+    prefills: int = 0          # prompts whose last chunk ran (a sample group's once, at its fork)
     preemptions: int = 0
     tokens: int = 0
     prefetch_seconds: float = 0.0     # time spent mapping on the host while the device computed
