@@ -60,6 +60,7 @@ from jax_vattention.app.assembly import cache_config_for, cache_dtype, check_mem
 from jax_vattention.app.cli import standalone
 from jax_vattention.attention import BACKENDS
 from jax_vattention.cache.config import LAYOUTS
+from jax_vattention.decode.mesh import init_sharded
 from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.engine.groups import sample_requests
 from jax_vattention.models import Llama, config_for_device
@@ -207,14 +208,16 @@ def rows_of(results: dict[str, SampleRun], pages: dict, page_bytes: int, samples
     return rows
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, model: Llama | None = None) -> int:
+    """The benchmark of ``args``; ``model``: one built already, of the shape ``--config`` names (the
+    tests pass their session's tiny model instead of building its random weights again)."""
     validate(args)
     device = jax.devices()[0]
     if args.fake_driver and device.platform != "cpu":
         raise ValueError(f"--fake-driver is for a CPU (its pages are host memory); this device is a "
                          f"{device.platform}: run without it")
     name = args.config or ("tiny" if device.platform == "cpu" else "llama-3-8b")
-    model_config = config_for_device(name, device)
+    model_config = config_for_device(name, device) if model is None else model.config
     backend, layout = choose_kernel(None if args.backend == "auto" else args.backend, args.layout, device,
                                     cache_dtype(model_config))
     mesh = mesh_for(args.tp)
@@ -223,11 +226,11 @@ def run(args: argparse.Namespace) -> int:
                                     max_len=args.prompt_len + args.max_new_tokens, layout=layout,
                                     page_bytes=page_kib * 1024 if page_kib else None)
     check_memory(model_config, name, cache_config, mesh)
-    if mesh is None:
-        model = Llama(model_config, rngs=nnx.Rngs(args.seed))
-    else:
-        from jax_vattention.decode.mesh import init_sharded
-        model = init_sharded(Llama, model_config, mesh, seed=args.seed)
+    if model is None:   # over a mesh, each device makes only its share of the weights
+        model = (Llama(model_config, rngs=nnx.Rngs(args.seed)) if mesh is None
+                 else init_sharded(Llama, model_config, mesh, seed=args.seed))
+    elif mesh is not None:
+        raise ValueError("a model built already runs on one device: --tp 1")
     factory = None
     if args.fake_driver:
         from jax_vattention._core import FakeDriver
