@@ -203,7 +203,8 @@ def rows_of(results: dict[str, SampleRun], pages: dict, page_bytes: int, samples
             memory_vs_target=round(run.peak_physical_bytes / target_bytes, 4),
             memory_vs_n1=round(run.peak_physical_bytes / single.peak_physical_bytes, 4),
             ttft_all_vs_n1=round(run.ttft_all / single.ttft_all, 4),
-            same_tokens_as_independent=run.outputs == independent.outputs[:run.requests],
+            same_tokens_as_independent=(run.outputs == independent.outputs[:run.requests]
+                                        if run is not independent else ""),
             page_bytes=page_bytes, samples=samples, **pages))
     return rows
 
