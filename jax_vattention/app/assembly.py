@@ -54,6 +54,34 @@ def mesh_for(tp: int) -> jax.sharding.Mesh | None:
     return tp_mesh(tp)
 
 
+def replica_devices(dp: int, tp: int) -> list[list[jax.Device]]:
+    """The device groups of ``--dp`` data-parallel replicas of ``--tp`` devices each, in JAX's order
+    (replica ``r``: devices ``r * tp`` to ``(r + 1) * tp - 1``; the first group is :func:`mesh_for`'s).
+    ``ValueError`` naming both numbers when JAX sees fewer than ``dp * tp`` devices."""
+    if isinstance(dp, bool) or not isinstance(dp, int) or dp < 1:
+        raise ValueError(f"--dp must be at least 1; got {dp}")
+    if dp > 1 and jax.process_count() > 1:
+        raise ValueError(f"--dp runs replicas on one process's devices; over {jax.process_count()} processes the "
+                         f"job is one replica: leave out --dp and start one job per replica")
+    devices = jax.devices()
+    if dp * tp > len(devices):
+        raise ValueError(f"--dp {dp} replicas of --tp {tp} devices each need {dp * tp} devices; JAX sees "
+                         f"{len(devices)} ({devices[0].platform})")
+    return [list(devices[r * tp:(r + 1) * tp]) for r in range(dp)]
+
+
+def model_on(model, devices: list[jax.Device]):
+    """A copy of ``model`` (as loaded onto the first replica's devices) on another replica's
+    ``devices``: split over their mesh for more than one, else on the one device."""
+    if len(devices) > 1:
+        from jax_vattention.decode.mesh import shard_model, tp_mesh
+        return shard_model(model, tp_mesh(len(devices), devices), model.tp_axis)
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, devices[0]))
+
+
 def cache_config_for(model_config, *, max_batch: int, max_len: int, layout: str, budget_bytes: int | None = None,
                      page_bytes: int | None = None, kv_dtype: str | None = None) -> CacheConfig:
     """The cache a model of ``model_config`` writes: its layers, KV heads, head_dim and dtype (or
@@ -172,8 +200,16 @@ class Assembly:
     layout: str
     mesh: jax.sharding.Mesh | None
 
-    def open(self) -> CacheHost:
-        return open_host(self.cache_config, self.mesh)
+    def open(self, devices: list[jax.Device] | None = None) -> CacheHost:
+        """The cache host on the first ``--tp`` devices, or on ``devices`` (a replica's group,
+        :func:`replica_devices`)."""
+        first = list(self.mesh.devices.flat) if self.mesh is not None else [jax.devices()[0]]
+        if devices is None or list(devices) == first:
+            return open_host(self.cache_config, self.mesh)
+        if len(devices) > 1:
+            from jax_vattention.decode.mesh import tp_mesh
+            return open_host(self.cache_config, tp_mesh(len(devices), devices))
+        return open_host(self.cache_config, device=devices[0])
 
 
 def assemble(args: argparse.Namespace, *, max_batch: int, max_len: int, budget_bytes: int | None = None) -> Assembly:

@@ -26,7 +26,8 @@ import sys
 import jax
 
 from jax_vattention.attention import BACKENDS
-from jax_vattention.app.assembly import add_speculation_arguments, assemble, open_draft, speculation_options
+from jax_vattention.app.assembly import (add_speculation_arguments, assemble, model_on, open_draft, replica_devices,
+                                         speculation_options)
 from jax_vattention.app.commands.model_source import add_model_arguments
 from jax_vattention.app.processes import Processes, add_process_arguments, initialize
 from jax_vattention.cache.config import LAYOUTS
@@ -53,6 +54,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tp", type=int, default=1,
                         help="tensor-parallel degree: the model and the cache split over the first TP devices "
                              "(default 1)")
+    parser.add_argument("--dp", type=int, default=1,
+                        help="data-parallel replicas: engines on disjoint groups of --tp devices each, behind one "
+                             "HTTP front; a request goes to the replica with the longest cached prefix of its "
+                             "prompt, else the most free pages (default 1). --budget-mib and --max-waiting "
+                             "are per replica")
     parser.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
                         help="the names clients use for the model, the first one reported (default: the "
                              "name given to --model, and the model's own)")
@@ -94,51 +100,67 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise ValueError(f"--port must be in [0, 65536); got {args.port}")
     if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
         raise ValueError(f"--max-prompt-tokens must be at least 1; got {args.max_prompt_tokens}")
+    if isinstance(args.dp, bool) or not isinstance(args.dp, int) or args.dp < 1:
+        raise ValueError(f"--dp must be at least 1; got {args.dp}")
+    if args.dp > 1 and (args.speculate or "").startswith("draft:"):
+        raise ValueError("a draft model runs on one device beside one engine: with --dp, use --speculate ngram")
     if not args.shutdown_timeout >= 0:
         raise ValueError(f"--shutdown-timeout must be at least 0; got {args.shutdown_timeout}")
     speculation_options(args)
 
 
-def build_engine(args: argparse.Namespace, processes: Processes = Processes()):
-    """``(loaded, engine)``: the model with its tokenizer and the engine over its cache, compiled and
-    warmed up (so the first client does not wait for it). Every process of a job builds the same."""
-    from jax_vattention.engine import Engine, Request
-
+def build_engines(args: argparse.Namespace, processes: Processes = Processes()):
+    """``(loaded, engines)``: the model with its tokenizer and one engine per ``--dp`` replica, each
+    over its own cache on its own ``--tp`` devices, compiled and warmed up (so the first client does
+    not wait for it). Every process of a job builds the same (one replica over several processes)."""
     check_arguments(args)
+    groups = replica_devices(args.dp, args.tp)
     built = assemble(args, max_batch=args.max_batch, max_len=args.max_len,
                      budget_bytes=args.budget_mib << 20 if args.budget_mib is not None else None)
     loaded = built.loaded
     if loaded.tokenizer is None:
         raise ValueError(f"{loaded.source} has no tokenizer (a vocabulary under 256 has no byte tokens): "
                          f"serve a checkpoint with a tokenizer.json")
-    manager = built.open()
+    return loaded, [_replica_engine(args, built, devices, processes, first=index == 0)
+                    for index, devices in enumerate(groups)]
+
+
+def _replica_engine(args: argparse.Namespace, built, devices, processes: Processes, *, first: bool):
+    """One replica's engine on ``devices`` (its model, its own cache host), compiled and warmed up."""
+    from jax_vattention.engine import Engine, Request
+
+    loaded = built.loaded
+    model = loaded.model if first else model_on(loaded.model, devices)
+    manager = built.open(devices)
     draft, _ = open_draft(args, built)   # after the model's cache: it takes what is left; it lives with the server
-    engine = Engine(loaded.model, manager, EngineConfig(
+    engine = Engine(model, manager, EngineConfig(
         token_budget=args.token_budget, chunk_tokens=args.chunk_tokens, backend=built.backend, seed=args.seed,
         max_stop_tokens=max(4, len(loaded.stop_tokens)), **speculation_options(args),
         overlap=processes.count == 1), draft=draft)   # map-ahead depends on timing: one plan needs none
     engine.compile()
     engine.submit(Request(prompt=[0] * min(args.chunk_tokens + 1, args.max_len - 1), max_new_tokens=2))
     engine.run()
-    return loaded, engine
+    return engine
 
 
 def build_service(args: argparse.Namespace, processes: Processes = Processes()):
-    """The model, cache, engine and its running thread, as a :class:`~jax_vattention.app.server.app.Service`
-    (on process 0 of several, with the lockstep that the others follow)."""
+    """The model, caches, engines and their running threads (``--dp`` replicas, one by default), as a
+    :class:`~jax_vattention.app.server.app.Service` (on process 0 of several, with the lockstep that
+    the others follow)."""
     from jax_vattention.app.server.engine_loop import EngineLoop
+    from jax_vattention.app.server.replicas import Replicas
     from jax_vattention.app.server.service import Service
     from jax_vattention.engine.lockstep import KeyValueChannel, LockstepLeader
 
-    loaded, engine = build_engine(args, processes)
+    loaded, engines = build_engines(args, processes)
     lockstep = None
     if processes.count > 1:
         lockstep = LockstepLeader(KeyValueChannel(), processes.followers, processes.timeout, on_stall=_abandon)
-    loop = EngineLoop(engine, lockstep=lockstep)
-    loop.start()
+    replicas = Replicas([EngineLoop(engine, lockstep=lockstep) for engine in engines])
+    replicas.start()
     limits = ServerLimits(max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
                           max_waiting=args.max_waiting)
-    return Service(loop, loaded, _chat_format(loaded, args.model), names=served_names(args, loaded),
+    return Service(replicas, loaded, _chat_format(loaded, args.model), names=served_names(args, loaded),
                    limits=limits)
 
 
@@ -202,7 +224,7 @@ def _follow(args: argparse.Namespace, processes: Processes) -> int:
     process 0 stops (0) or stalls or diverges (1)."""
     from jax_vattention.engine.lockstep import KeyValueChannel, ProcessGroupError, follow
 
-    _, engine = build_engine(args, processes)
+    _, (engine,) = build_engines(args, processes)
     print(f"process {processes.process_id} of {processes.count}: following process 0's engine", flush=True)
     try:
         steps = follow(engine, KeyValueChannel(), processes.process_id, processes.timeout)
@@ -222,10 +244,12 @@ def _serve(service, listening, args: argparse.Namespace) -> int:
     from jax_vattention.app.server.lifecycle import GracefulServer, close_engine
 
     host, port = listening.getsockname()[:2]
-    cache = service.engine_loop.engine.manager.config
+    engine = service.replicas.engine
+    cache = engine.manager.config
+    where = str(jax.devices()[0]) if args.dp == 1 else f"{args.dp} replicas of {args.tp} devices"
     print(f"serving {service.loaded.source} as model {' / '.join(map(repr, service.names))} on "
-          f"http://{host}:{port}/v1 ({jax.devices()[0]}, {cache.layout} cache, {cache.max_batch} slots x "
-          f"{cache.max_len} tokens, backend {service.engine_loop.engine.config.backend}); chat prompts: "
+          f"http://{host}:{port}/v1 ({where}, {cache.layout} cache, {cache.max_batch} slots x "
+          f"{cache.max_len} tokens{' each' if args.dp > 1 else ''}, backend {engine.config.backend}); chat prompts: "
           f"{service.chat_format.description}", flush=True)
     _log_requests()
     # No lifespan events: the app has none, and a forced exit would cancel uvicorn's wait for them.

@@ -45,14 +45,15 @@ def create_app(service: Service) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        reason = "the server is shutting down" if service.shutting_down else service.engine_loop.health
+        reason = "the server is shutting down" if service.shutting_down else service.replicas.health
         body = {"status": "ok" if reason is None else "unavailable", "reason": reason,
-                **service.engine_loop.stats()}
+                "unusable_replicas": {str(index): why for index, why in service.replicas.unusable().items()},
+                **service.replicas.stats()}
         return JSONResponse(body, 200 if reason is None else 503)
 
     @app.get("/metrics")
     async def metrics():
-        return PlainTextResponse(service.metrics.render(service.engine_loop), media_type=METRICS_CONTENT_TYPE)
+        return PlainTextResponse(service.metrics.render(service.replicas), media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/models")
     async def models():

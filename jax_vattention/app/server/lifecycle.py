@@ -75,7 +75,7 @@ class GracefulServer(uvicorn.Server):
         if captured is not None:
             captured.clear()       # not raised again when the server returns: the caller ends quietly
         if self.force_exit:
-            self.service.engine_loop.cancel_all("the server was stopped")
+            self.service.replicas.cancel_all("the server was stopped")
 
     async def shutdown(self, sockets=None) -> None:
         self.service.shutting_down = True
@@ -91,20 +91,25 @@ class GracefulServer(uvicorn.Server):
 
     def _end_requests(self) -> None:
         log.warning("requests still open after %.0f s of shutdown: ending them", self.grace_seconds)
-        self.service.engine_loop.cancel_all(f"the server is shutting down (requests still open after "
+        self.service.replicas.cancel_all(f"the server is shutting down (requests still open after "
                                             f"{self.grace_seconds:g} s were ended)")
 
 
 def close_engine(service, timeout: float = 10.0) -> bool:
-    """Stops the engine thread, then closes the cache manager, only if the thread stopped (a step
-    may still be using the cache otherwise; the manager is then left to the process's exit, and
-    its exit-time close is withdrawn). Returns whether the manager was closed."""
+    """Stops the engine threads (every replica's), then closes each replica's cache manager, only
+    where its thread stopped (a step may still be using the cache otherwise; the manager is then
+    left to the process's exit, and its exit-time close is withdrawn). Returns whether every
+    manager was closed."""
     service.close()
-    manager = service.engine_loop.engine.manager
-    if service.engine_loop.stop(timeout):
-        manager.close()
-        return True
-    log.error("the engine thread did not stop within %.0f s: the cache manager is left open", timeout)
-    for host in {id(m): m for m in (manager, *manager.shards)}.values():
-        atexit.unregister(host.close)
-    return False
+    replicas = service.replicas
+    replicas.stop(timeout)
+    closed = True
+    for loop, manager in zip(replicas.loops, replicas.hosts()):
+        if loop.stop(0):
+            manager.close()
+            continue
+        closed = False
+        log.error("the engine thread did not stop within %.0f s: the cache manager is left open", timeout)
+        for host in {id(m): m for m in (manager, *manager.shards)}.values():
+            atexit.unregister(host.close)
+    return closed

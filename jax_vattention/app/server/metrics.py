@@ -142,45 +142,55 @@ class ServerMetrics:
         REQUEST_LOG.info(record.log_line(now))
 
     def render(self, engine_loop) -> str:
-        """Every metric in Prometheus' text format."""
-        engine, stats = engine_loop.engine, engine_loop.stats()
-        budget = max(stats["budget_pages"], 1)
-        run = engine.stats
-        samples = [
-            ("num_requests_running", "gauge", "Requests holding a slot.", [("", engine.running)]),
-            ("num_requests_waiting", "gauge", "Requests waiting for a slot.", [("", engine_loop.waiting)]),
+        """Every metric in Prometheus' text format. ``engine_loop``: the engine loop, or the
+        :class:`~jax_vattention.app.server.replicas.Replicas` of ``serve --dp``: each engine's
+        figure is their sum (a ratio: of the sums; ``engine_healthy``: 1 while any replica can
+        serve), and with more than one replica also each replica's, labelled ``replica="i"`` (so
+        ``sum(metric{replica!=""})`` adds the replicas and ``metric{replica=""}`` is the total)."""
+        replicas = [_engine_figures(loop) for loop in getattr(engine_loop, "loops", [engine_loop])]
+        total = {key: sum(figures[key] for figures in replicas) for key in replicas[0]}
+        total["page_bytes"] = replicas[0]["page_bytes"]
+        total["healthy"] = int(any(figures["healthy"] for figures in replicas))
+        rows = [("", total)]
+        if len(replicas) > 1:
+            rows += [(f'{{replica="{index}"}}', figures) for index, figures in enumerate(replicas)]
+        engine_metrics = [
+            ("num_requests_running", "gauge", "Requests holding a slot.", lambda f: f["running"]),
+            ("num_requests_waiting", "gauge", "Requests waiting for a slot.", lambda f: f["waiting"]),
             ("kv_cache_usage_perc", "gauge", "Physical KV pages mapped, as a fraction of the page budget.",
-             [("", stats["mapped_pages"] / budget)]),
-            ("kv_cache_mapped_bytes", "gauge", "Bytes of physical KV pages mapped.", [("", stats["mapped_bytes"])]),
+             lambda f: f["mapped_pages"] / max(f["budget_pages"], 1)),
+            ("kv_cache_mapped_bytes", "gauge", "Bytes of physical KV pages mapped.", lambda f: f["mapped_bytes"]),
             ("kv_cache_budget_bytes", "gauge", "The KV cache's page budget in bytes.",
-             [("", stats["budget_pages"] * stats["page_bytes"])]),
-            ("kv_cache_pages_mapped", "gauge", "Physical KV pages mapped (every buffer).",
-             [("", stats["mapped_pages"])]),
-            ("kv_cache_pages_budget", "gauge", "The page budget (every buffer).", [("", stats["budget_pages"])]),
+             lambda f: f["budget_pages"] * f["page_bytes"]),
+            ("kv_cache_pages_mapped", "gauge", "Physical KV pages mapped (every buffer).", lambda f: f["mapped_pages"]),
+            ("kv_cache_pages_budget", "gauge", "The page budget (every buffer).", lambda f: f["budget_pages"]),
             ("kv_cache_static_bytes", "gauge", "What a static cache of max_batch x max_len would hold.",
-             [("", stats["static_bytes"])]),
-            ("engine_healthy", "gauge", "1 while the engine can serve.", [("", int(engine_loop.health is None))]),
+             lambda f: f["static_bytes"]),
+            ("engine_healthy", "gauge", "1 while the engine can serve.", lambda f: f["healthy"]),
             ("num_preemptions_total", "counter", "Requests preempted (requeued, recomputed later).",
-             [("", run.preemptions)]),
+             lambda f: f["preemptions"]),
             ("prefix_cache_queries_total", "counter", "Context tokens of admitted requests.",
-             [("", run.prompt_tokens)]),
+             lambda f: f["prompt_tokens"]),
             ("prefix_cache_hits_total", "counter", "Of them, tokens mapped from the prefix cache.",
-             [("", run.shared_tokens)]),
-            ("engine_steps_total", "counter", "Engine steps.", [("", run.steps)]),
+             lambda f: f["shared_tokens"]),
+            ("engine_steps_total", "counter", "Engine steps.", lambda f: f["steps"]),
             ("engine_step_failures_total", "counter", "Engine steps that raised (their requests failed).",
-             [("", engine_loop.failed_steps)]),
+             lambda f: f["failed_steps"]),
             ("engine_driver_failures_total", "counter", "Driver failures the engine absorbed (retried or "
-             "failing only the requests they touched).", [("", run.step_failures + run.map_ahead_failures)]),
+             "failing only the requests they touched).", lambda f: f["driver_failures"]),
             ("spec_decode_num_drafts_total", "counter", "Speculative verifications (a request's proposals checked "
-             "in a step).", [("", run.verifications)]),
-            ("spec_decode_num_draft_tokens_total", "counter", "Tokens proposed.", [("", run.proposed_tokens)]),
+             "in a step).", lambda f: f["verifications"]),
+            ("spec_decode_num_draft_tokens_total", "counter", "Tokens proposed.", lambda f: f["proposed_tokens"]),
             ("spec_decode_num_accepted_tokens_total", "counter", "Proposed tokens accepted.",
-             [("", run.accepted_tokens)]),
+             lambda f: f["accepted_tokens"]),
             ("spec_decode_acceptance_rate", "gauge", "Accepted over proposed tokens (0 before any).",
-             [("", run.acceptance_rate)]),
+             lambda f: f["accepted_tokens"] / f["proposed_tokens"] if f["proposed_tokens"] else 0.0),
             ("spec_decode_mean_accepted_length", "gauge", "Tokens a verification streams on average, the "
-             "target's own included (0 before any).", [("", run.mean_accepted_length)]),
+             "target's own included (0 before any).",
+             lambda f: 1 + f["accepted_tokens"] / f["verifications"] if f["verifications"] else 0.0),
         ]
+        samples = [(name, kind, help_text, [(labels, value(figures)) for labels, figures in rows])
+                   for name, kind, help_text, value in engine_metrics]
         with self._lock:
             samples += [
                 ("prompt_tokens_total", "counter", "Prompt tokens of ended requests.", [("", self.prompt_tokens)]),
@@ -203,6 +213,19 @@ class ServerMetrics:
                 lines += [f"# HELP {PREFIX}{name} {help_text}", f"# TYPE {PREFIX}{name} histogram"]
                 lines += histogram.lines(PREFIX + name)
         return "\n".join(lines) + "\n"
+
+
+def _engine_figures(loop) -> dict:
+    """One engine loop's figures that ``/metrics`` reports (read when scraped)."""
+    engine, stats = loop.engine, loop.stats()
+    run = engine.stats
+    return dict(running=engine.running, waiting=loop.waiting, mapped_pages=stats["mapped_pages"],
+                budget_pages=stats["budget_pages"], mapped_bytes=stats["mapped_bytes"], page_bytes=stats["page_bytes"],
+                static_bytes=stats["static_bytes"], healthy=int(loop.health is None), preemptions=run.preemptions,
+                prompt_tokens=run.prompt_tokens, shared_tokens=run.shared_tokens, steps=run.steps,
+                failed_steps=loop.failed_steps, driver_failures=run.step_failures + run.map_ahead_failures,
+                verifications=run.verifications, proposed_tokens=run.proposed_tokens,
+                accepted_tokens=run.accepted_tokens)
 
 
 def _number(value: float) -> str:

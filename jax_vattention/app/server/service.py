@@ -27,6 +27,7 @@ from jax_vattention.app.server.engine_loop import EngineLoop, EngineUnusable, Qu
 from jax_vattention.app.server.errors import ApiError, validation_error
 from jax_vattention.app.server.limits import ServerLimits
 from jax_vattention.app.server.metrics import RequestRecord, ServerMetrics
+from jax_vattention.app.server.replicas import Replicas
 from jax_vattention.engine import Request
 
 # The request fields the engine's checks name (engine.validation), as the server's clients call them.
@@ -47,25 +48,32 @@ class Service:
 
     Parameters
     ----------
-    engine_loop : the running engine loop (its ``max_waiting`` is set from ``limits``)
+    engine_loop : the running engine loop, or the :class:`~jax_vattention.app.server.replicas.Replicas`
+        of ``serve --dp`` (one loop is one replica); ``max_waiting`` is set from ``limits``, per replica
     loaded : the model with its tokenizer (:class:`~jax_vattention.app.commands.model_source.LoadedModel`)
     chat_format : how chat messages become a prompt
     names : the model names clients may use, the one reported first; default the model's own name
     limits : :class:`ServerLimits`
     """
 
-    def __init__(self, engine_loop: EngineLoop, loaded, chat_format: ChatFormat,
+    def __init__(self, engine_loop: EngineLoop | Replicas, loaded, chat_format: ChatFormat,
                  names: Iterable[str] | None = None, limits: ServerLimits = ServerLimits()):
-        self.engine_loop = engine_loop
+        self.replicas = engine_loop if isinstance(engine_loop, Replicas) else Replicas([engine_loop])
         self.loaded = loaded
         self.chat_format = chat_format
         self.names = list(dict.fromkeys(names or [loaded.name]))
         self.limits = limits
-        self.max_len = engine_loop.engine.manager.config.max_len
+        self.max_len = self.replicas.engine.manager.config.max_len
         self.metrics = ServerMetrics()
         self.started = int(time.time())
         self.shutting_down = False
         self._pool = concurrent.futures.ThreadPoolExecutor(limits.tokenizer_threads, thread_name_prefix="tokenizer")
+
+    @property
+    def engine_loop(self) -> Replicas:
+        """The replicas, under the name of the one engine loop they stand for (a single replica's
+        server is the engine loop's, exactly)."""
+        return self.replicas
 
     @property
     def name(self) -> str:
@@ -80,7 +88,7 @@ class Service:
     def limits(self, limits: ServerLimits) -> None:
         """New limits take effect with the next request (the engine loop's queue bound too)."""
         self._limits = limits
-        self.engine_loop.max_waiting = limits.max_waiting
+        self.replicas.max_waiting = limits.max_waiting
 
     @property
     def max_prompt_tokens(self) -> int:
@@ -121,7 +129,7 @@ class Service:
     def check_serving(self) -> None:
         if self.shutting_down:
             raise ApiError(503, "the server is shutting down", None, "shutting_down")
-        reason = self.engine_loop.health
+        reason = self.replicas.health
         if reason is not None:
             raise ApiError(503, f"the engine cannot serve: {reason}", None, "engine_unavailable")
 
@@ -204,7 +212,7 @@ class Service:
                                                   prompt_logprobs)
         except ApiError:
             for stream in streams:
-                self.engine_loop.cancel(stream.request_id)
+                self.replicas.cancel(stream.request_id)
             raise
         return streams
 
@@ -212,7 +220,7 @@ class Service:
         request = Request(prompt=prompt, max_new_tokens=max_tokens, stop_tokens=self.loaded.stop_tokens,
                           logprobs=logprobs, prompt_logprobs=prompt_logprobs, **body.sampling())
         try:
-            streams = await self.engine_loop.submit_samples(request, samples)
+            streams = await self.replicas.submit_samples(request, samples)
         except ValueError as error:
             message = str(error)
             named = next((name for name in _ENGINE_FIELDS if name in message), None)
@@ -253,7 +261,7 @@ class Service:
 
         reasons = []
         try:
-            async with contextlib.aclosing(deltas(streams, texts, self.engine_loop.cancel, counted)) as merged:
+            async with contextlib.aclosing(deltas(streams, texts, self.replicas.cancel, counted)) as merged:
                 async for delta in merged:
                     if delta.finish_reason is not None:
                         reasons.append(delta.finish_reason)

@@ -1,0 +1,135 @@
+"""``vattention serve --dp 2`` on 2 forced CPU devices, driven by the official ``openai`` client, in
+its own process.
+
+``python tests/dp_server_case.py`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=2``
+before JAX is imported, serves the tiny model with one replica and then with two (each over
+``build_service``, the path ``vattention serve`` takes, and uvicorn on a free port), and prints
+``dp_server OK`` or ``dp_server FAILED`` with the traceback; ``tests/test_replicas.py`` runs it.
+
+What it checks: the two-replica server's greedy answers are the one-replica server's, a burst of
+requests is spread over both replicas (each replica's engine on its own device), ``/metrics``
+parses and adds the replicas up, and ``/health`` names a replica that cannot serve while the other
+still serves. The CPU backend's own driver does not alias pages (its ``tokens_per_page`` is 0), so
+prefix affinity is checked in ``tests/test_replicas.py`` over fake-driver managers instead.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                 "--xla_force_host_platform_device_count=2"]))
+
+import concurrent.futures  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import httpx  # noqa: E402
+import jax  # noqa: E402
+import openai  # noqa: E402
+import uvicorn  # noqa: E402
+
+PROMPTS = ["Hello, world", "The quick brown fox", "Once upon a time", "abc" * 9, "Data parallel", "0123456789",
+           "What is the capital", "zz"]
+ARGS = ["serve", "--config", "tiny", "--max-len", "128", "--max-batch", "2", "--token-budget", "16",
+        "--chunk-tokens", "8"]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def serving(dp: int):
+    """``(service, uvicorn server, thread, base url)`` of ``vattention serve --dp dp``, started."""
+    from jax_vattention.app.cli import build_parser
+    from jax_vattention.app.commands.serve import build_service
+    from jax_vattention.app.server.app import create_app
+
+    service = build_service(build_parser().parse_args([*ARGS, "--dp", str(dp)]))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning",
+                                           log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.02)
+    return service, server, thread, f"http://127.0.0.1:{port}"
+
+
+def stop(service, server, thread) -> None:
+    from jax_vattention.app.server.lifecycle import close_engine
+
+    server.should_exit = True
+    thread.join(30)
+    assert close_engine(service)
+
+
+def answers(base: str) -> list[str]:
+    """Greedy completions of every prompt, sent at once (8 requests, 2 slots a replica)."""
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def one(prompt):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+        return list(pool.map(one, PROMPTS))
+
+
+def dp_server() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert len(jax.devices()) == 2, jax.devices()
+    service, server, thread, base = serving(1)
+    try:
+        reference = answers(base)
+    finally:
+        stop(service, server, thread)
+
+    service, server, thread, base = serving(2)
+    try:
+        replicas = service.replicas
+        devices = [next(iter(loop.engine.manager.cache.k[0].devices())) for loop in replicas.loops]
+        assert devices == jax.devices(), devices                       # one replica a device, disjoint
+        got = answers(base)
+        assert got == reference, (got, reference)
+        assert all(count > 0 for count in replicas.routed), replicas.routed   # spread over both
+        assert sum(replicas.routed) == len(PROMPTS)
+        steps = [loop.engine.stats.steps for loop in replicas.loops]
+        assert all(count > 1 for count in steps), steps                 # both engines computed
+
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(base + "/metrics").text)}
+        samples = {(s.name, s.labels.get("replica")): s.value for s in families["vattention:engine_steps"].samples}
+        assert samples[("vattention:engine_steps_total", None)] == sum(steps), samples
+        assert [samples[("vattention:engine_steps_total", str(i))] for i in range(2)] == steps, samples
+        budget = {s.labels.get("replica"): s.value for s in families["vattention:kv_cache_pages_budget"].samples}
+        assert budget[None] == budget["0"] + budget["1"], budget
+
+        health = httpx.get(base + "/health").json()
+        assert health["status"] == "ok" and len(health["replicas"]) == 2, health
+        replicas.loops[1].unusable = "a test stopped replica 1"
+        health = httpx.get(base + "/health")
+        assert health.status_code == 200, health.text                  # replica 0 still serves
+        assert "replica 1" not in health.json()["unusable_replicas"].get("0", "")
+        assert health.json()["unusable_replicas"] == {"1": "a test stopped replica 1"}, health.json()
+        routed = list(replicas.routed)
+        assert answers(base) == reference
+        assert replicas.routed[1] == routed[1] and replicas.routed[0] == routed[0] + len(PROMPTS)
+        replicas.loops[0].unusable = "a test stopped replica 0"
+        assert httpx.get(base + "/health").status_code == 503
+        replicas.loops[0].unusable = replicas.loops[1].unusable = None
+    finally:
+        stop(service, server, thread)
+
+
+if __name__ == "__main__":
+    try:
+        dp_server()
+        print("dp_server OK", flush=True)
+    except Exception:
+        print(f"dp_server FAILED\n{traceback.format_exc()}", flush=True)
