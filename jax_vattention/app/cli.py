@@ -1,5 +1,5 @@
 """The ``vattention`` command: ``generate``, ``serve``,
-``bench {alloc,attention,crossing,decode,profile,pages,load,sampling,speculate}`` and ``serve-bench``."""
+``bench {alloc,attention,crossing,decode,profile,pages,load,router,sampling,speculate}`` and ``serve-bench``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ COMMANDS = [
     (("serve-bench",), "jax_vattention.bench.serve", "the engine under a synthetic serving workload"),
     (("bench", "load"), "jax_vattention.bench.serve_load",
      "concurrent openai clients against a running server: first-token and per-token latency"),
+    (("bench", "router"), "jax_vattention.bench.router_sim",
+     "a simulation of routing a trace over data-parallel replicas: prefix hit rate and load balance by policy"),
 ]
 
 
