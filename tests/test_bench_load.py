@@ -19,11 +19,18 @@ def test_load_reports_latency_percentiles_of_every_request(capsys):
         args = build_parser().parse_args(["bench", "load", "--url", server.url, "--clients", "3", "--requests", "7",
                                           "--max-tokens", "5", "--wait", "10"])
         assert serve_load.run(args) == 0
+        chat = capsys.readouterr().out
+        # serve-bench's workload over HTTP: token-id prompts of U(LO, HI), every answer to --max-tokens.
+        args = build_parser().parse_args(["bench", "load", "--url", server.url, "--clients", "2", "--requests", "4",
+                                          "--max-tokens", "6", "--prompt-tokens", "10", "30", "--wait", "10"])
+        assert serve_load.run(args) == 0
+        tokens = capsys.readouterr().out
     finally:
         server.stop()
-    out = capsys.readouterr().out
-    assert "3 concurrent clients, 7 streamed chat requests of at most 5 tokens, model 'tiny'" in out
-    assert "finished 7, failed 0; 35 tokens" in out
+    assert "3 concurrent clients, 7 streamed chat requests of at most 5 tokens, model 'tiny'" in chat
+    assert "finished 7, failed 0; 35 tokens" in chat
     for line in ("time to first token:   p50", "time per output token: p50", "end-to-end latency:    p50"):
-        assert line in out
-    assert "engine steps" in out and "MiB mapped" in out
+        assert line in chat
+    assert "engine steps" in chat and "MiB mapped" in chat
+    assert "2 concurrent clients, 4 streamed completions of U(10, 30) prompt tokens and 6 tokens" in tokens
+    assert "finished 4, failed 0; 24 tokens" in tokens

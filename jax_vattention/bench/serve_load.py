@@ -43,6 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--wait", type=float, default=600.0,
                         help="seconds to wait for the server's /health before starting (default 600)")
+    parser.add_argument("--prompt-tokens", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="instead of chat questions: streamed completions of random token ids, U(LO, HI) "
+                             "of them (below 256: a byte of any vocabulary), each running to --max-tokens "
+                             "(ignore_eos), as serve-bench's workload does")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -91,19 +95,25 @@ def scrape(base: str) -> dict[str, float]:
     return samples
 
 
-async def one_request(client, model: str, question: str, max_tokens: int, temperature: float) -> Sample:
+async def one_request(client, model: str, question: str | list[int], max_tokens: int, temperature: float) -> Sample:
+    """One streamed request: a chat question, or a completion of token ids run to ``max_tokens``."""
     import openai
 
     sample = Sample()
     start = time.perf_counter()
     first = last = None
     try:
-        stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": question}], max_completion_tokens=max_tokens,
-            temperature=temperature, stream=True, stream_options={"include_usage": True})
+        if isinstance(question, list):
+            stream = await client.completions.create(
+                model=model, prompt=question, max_tokens=max_tokens, temperature=temperature, stream=True,
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        else:
+            stream = await client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": question}], max_completion_tokens=max_tokens,
+                temperature=temperature, stream=True, stream_options={"include_usage": True})
         async for chunk in stream:
             now = time.perf_counter()
-            if chunk.choices and chunk.choices[0].delta.content:
+            if chunk.choices and _text(chunk.choices[0]):
                 first = first if first is not None else now
                 last = now
             if chunk.usage is not None:
@@ -119,12 +129,21 @@ async def one_request(client, model: str, question: str, max_tokens: int, temper
     return sample
 
 
+def _text(choice) -> str | None:
+    delta = getattr(choice, "delta", None)
+    return delta.content if delta is not None else choice.text
+
+
 async def run_clients(args, model: str) -> tuple[list[Sample], float]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=args.url, api_key="unused", max_retries=0, timeout=600)
     rng = random.Random(args.seed)
-    questions = [rng.choice(QUESTIONS) for _ in range(args.requests)]
+    if args.prompt_tokens:
+        low, high = args.prompt_tokens
+        questions = [[rng.randrange(256) for _ in range(rng.randint(low, high))] for _ in range(args.requests)]
+    else:
+        questions = [rng.choice(QUESTIONS) for _ in range(args.requests)]
     queue: asyncio.Queue = asyncio.Queue()
     for question in questions:
         queue.put_nowait(question)
@@ -157,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("clients", "requests", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
+    if args.prompt_tokens and not 1 <= args.prompt_tokens[0] <= args.prompt_tokens[1]:
+        raise ValueError(f"--prompt-tokens takes LO <= HI, both at least 1; got {args.prompt_tokens}")
     base = args.url.rstrip("/").removesuffix("/v1")
     wait_for_health(base, args.wait)
     model = args.model
@@ -174,8 +195,10 @@ def run(args: argparse.Namespace) -> int:
     def delta(name):
         return after.get(name, 0.0) - before.get(name, 0.0)
 
+    kind = (f"completions of U({args.prompt_tokens[0]}, {args.prompt_tokens[1]}) prompt tokens and "
+            f"{args.max_tokens} tokens" if args.prompt_tokens else f"chat requests of at most {args.max_tokens} tokens")
     print(f"vattention bench load, {datetime.date.today()}: {args.clients} concurrent clients, {args.requests} "
-          f"streamed chat requests of at most {args.max_tokens} tokens, model {model!r} at {args.url}")
+          f"streamed {kind}, model {model!r} at {args.url}")
     print(f"finished {len(done)}, failed {len(errors)}; {tokens} tokens in {elapsed:.1f} s: "
           f"{tokens / elapsed:.1f} tokens/s, {len(done) / elapsed:.2f} requests/s")
     print(f"time to first token:   {_percentiles([s.ttft for s in done if s.ttft is not None])}")
