@@ -8,12 +8,15 @@ random weights (UTF-8 bytes as tokens). Endpoints: ``/v1/completions``, ``/v1/ch
 before the model is built. It answers to the model's own name and to the name given to
 ``--model`` (or to ``--served-model-name``). Ctrl-C stops it gracefully (requests in flight get
 ``--shutdown-timeout`` seconds to finish), a second Ctrl-C at once. Each request leaves one JSON
-line in the log. Needs the ``serve`` extra: ``pip install ".[serve]"``.
+line in the log. ``--dp N`` serves N replicas of the engine, each on its own ``--tp`` devices, behind
+the one front (:mod:`~jax_vattention.app.server.replicas`). Needs the ``serve`` extra:
+``pip install ".[serve]"``.
 
 Over several processes (``--coordinator``, ``--num-processes``, ``--process-id``: see
 :mod:`~jax_vattention.app.processes`), every process builds the same model and engine over a
 ``--tp`` mesh of all their devices; process 0 serves HTTP, the others replay its engine's calls
-(:mod:`~jax_vattention.engine.lockstep`) until it stops, and exit with it.
+(:mod:`~jax_vattention.engine.lockstep`) until it stops, and exit with it. Such a job is one
+replica (``--dp`` is refused there).
 """
 
 from __future__ import annotations
