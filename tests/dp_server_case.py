@@ -1,15 +1,16 @@
 """``vattention serve --dp 2`` on 2 forced CPU devices, driven by the official ``openai`` client, in
 its own process.
 
-``python tests/dp_server_case.py`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=2``
+``python tests/dp_server_case.py`` sets ``XLA_FLAGS=--xla_force_host_platform_device_count=4``
 before JAX is imported, serves the tiny model with one replica and then with two (each over
-``build_service``, the path ``vattention serve`` takes, and uvicorn on a free port), and prints
-``dp_server OK`` or ``dp_server FAILED`` with the traceback; ``tests/test_replicas.py`` runs it.
+``build_service``, the path ``vattention serve`` takes, and uvicorn on a free port), then builds
+``--dp 2 --tp 2`` (two tensor-parallel replicas over the 4 devices), and prints ``CASE OK`` or
+``CASE FAILED`` with the traceback for each case; ``tests/test_replicas.py`` runs it.
 
 What it checks: the two-replica server's greedy answers are the one-replica server's, a burst of
 requests is spread over both replicas (each replica's engine on its own device), ``/metrics``
 parses and adds the replicas up, and ``/health`` names a replica that cannot serve while the other
-still serves. The CPU backend's own driver does not alias pages (its ``tokens_per_page`` is 0), so
+still serves; ``--dp 2 --tp 2`` answers as ``--dp 1``. The CPU backend's own driver does not alias pages (its ``tokens_per_page`` is 0), so
 prefix affinity is checked in ``tests/test_replicas.py`` over fake-driver managers instead.
 """
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import os
 
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
-                                                 "--xla_force_host_platform_device_count=2"]))
+                                                 "--xla_force_host_platform_device_count=4"]))
 
 import concurrent.futures  # noqa: E402
 import socket  # noqa: E402
@@ -43,13 +44,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serving(dp: int):
-    """``(service, uvicorn server, thread, base url)`` of ``vattention serve --dp dp``, started."""
+def serving(dp: int, *more: str):
+    """``(service, uvicorn server, thread, base url)`` of ``vattention serve --dp dp`` (and ``more``
+    options), started."""
     from jax_vattention.app.cli import build_parser
     from jax_vattention.app.commands.serve import build_service
     from jax_vattention.app.server.app import create_app
 
-    service = build_service(build_parser().parse_args([*ARGS, "--dp", str(dp)]))
+    service = build_service(build_parser().parse_args([*ARGS, "--dp", str(dp), *more]))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning",
                                            log_config=None))
@@ -81,13 +83,16 @@ def answers(base: str) -> list[str]:
         return list(pool.map(one, PROMPTS))
 
 
+REFERENCE: list[str] = []
+
+
 def dp_server() -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    assert len(jax.devices()) == 2, jax.devices()
     service, server, thread, base = serving(1)
     try:
         reference = answers(base)
+        REFERENCE[:] = reference
     finally:
         stop(service, server, thread)
 
@@ -95,7 +100,10 @@ def dp_server() -> None:
     try:
         replicas = service.replicas
         devices = [next(iter(loop.engine.manager.cache.k[0].devices())) for loop in replicas.loops]
-        assert devices == jax.devices(), devices                       # one replica a device, disjoint
+        assert devices == jax.devices()[:2], devices                   # one replica a device, disjoint
+        for loop, device in zip(replicas.loops, devices):              # each replica's weights on its device
+            weights = jax.tree_util.tree_leaves(nnx_state(loop.engine.model))
+            assert all(leaf.devices() == {device} for leaf in weights), device
         got = answers(base)
         assert got == reference, (got, reference)
         assert all(count > 0 for count in replicas.routed), replicas.routed   # spread over both
@@ -127,9 +135,39 @@ def dp_server() -> None:
         stop(service, server, thread)
 
 
-if __name__ == "__main__":
+def nnx_state(model):
+    from flax import nnx
+
+    return nnx.split(model)[1]
+
+
+def dp2_tp2() -> None:
+    """``--dp 2 --tp 2``: two replicas, each a ShardedCacheManager and a split model over its own 2
+    devices, answering as ``--dp 1`` did."""
+    import jax_vattention as jv
+
+    service, server, thread, base = serving(2, "--tp", "2")
     try:
-        dp_server()
-        print("dp_server OK", flush=True)
-    except Exception:
-        print(f"dp_server FAILED\n{traceback.format_exc()}", flush=True)
+        groups = []
+        for loop in service.replicas.loops:
+            assert isinstance(loop.engine.manager, jv.ShardedCacheManager)
+            group = list(loop.engine.manager.mesh.devices.flat)
+            weights = jax.tree_util.tree_leaves(nnx_state(loop.engine.model))
+            assert all(leaf.devices() == set(group) for leaf in weights), group
+            groups.append(group)
+        assert groups == [jax.devices()[:2], jax.devices()[2:]], groups
+        got = answers(base)
+        assert not REFERENCE or got == REFERENCE, (got, REFERENCE)
+        assert all(count > 0 for count in service.replicas.routed), service.replicas.routed
+    finally:
+        stop(service, server, thread)
+
+
+if __name__ == "__main__":
+    assert len(jax.devices()) == 4, jax.devices()
+    for case in (dp_server, dp2_tp2):
+        try:
+            case()
+            print(f"{case.__name__} OK", flush=True)
+        except Exception:
+            print(f"{case.__name__} FAILED\n{traceback.format_exc()}", flush=True)

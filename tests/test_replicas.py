@@ -5,8 +5,8 @@ engine, engine thread and cache manager, over fake drivers whose pages alias hos
 prefix sharing works on the CPU) serve through the HTTP app and the official ``openai`` client,
 against a one-replica server of the same engine options. They share one CPU device here: what
 ``--dp 2`` adds on disjoint devices (the devices of ``serve``'s path, one compile each) runs in
-``tests/dp_server_case.py``, in its own process with 2 forced CPU devices (slow: two engines'
-programs compiled for two devices).
+``tests/dp_server_case.py``, in its own process with 4 forced CPU devices (slow: each replica's
+programs compiled for its own devices), ``--dp 2 --tp 2`` included.
 """
 
 import asyncio
@@ -240,14 +240,15 @@ def test_unusable_replicas_are_skipped_and_health_and_metrics_cover_both(pair):
 
 # ------------------------------------------------------------------ serve --dp 2 on two devices
 @pytest.mark.slow
-def test_serve_dp2_on_two_cpu_devices_answers_as_one_replica():
-    """``tests/dp_server_case.py`` in its own process (2 forced CPU devices)."""
+def test_serve_dp2_on_forced_cpu_devices_answers_as_one_replica():
+    """``tests/dp_server_case.py`` in its own process (4 forced CPU devices): ``--dp 2``, ``--dp 2 --tp 2``."""
     script = Path(__file__).with_name("dp_server_case.py")
     package_parent = str(Path(jv.__file__).resolve().parent.parent)
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
-    assert "dp_server OK" in done.stdout, done.stdout[-4000:] + done.stderr[-4000:]
+    for case in ("dp_server", "dp2_tp2"):
+        assert f"{case} OK" in done.stdout, done.stdout[-4000:] + done.stderr[-4000:]
 
 
 def test_too_few_devices_for_dp_times_tp_is_refused_naming_both():
