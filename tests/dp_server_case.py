@@ -10,8 +10,9 @@ before JAX is imported, serves the tiny model with one replica and then with two
 What it checks: the two-replica server's greedy answers are the one-replica server's, a burst of
 requests is spread over both replicas (each replica's engine on its own device), ``/metrics``
 parses and adds the replicas up, and ``/health`` names a replica that cannot serve while the other
-still serves; ``--dp 2 --tp 2`` answers as ``--dp 1``. The CPU backend's own driver does not alias pages (its ``tokens_per_page`` is 0), so
-prefix affinity is checked in ``tests/test_replicas.py`` over fake-driver managers instead.
+still serves; ``--dp 2 --tp 2`` answers as ``--dp 1``. The CPU backend's own driver does not alias
+pages (its ``tokens_per_page`` is 0), so prefix affinity is checked in ``tests/test_replicas.py``
+over fake-driver managers instead.
 """
 
 from __future__ import annotations

@@ -298,8 +298,8 @@ def run(args: argparse.Namespace) -> int:
     for policy in args.policies:
         row = simulate(trace, policy, args)
         print(f"| {policy} | {row['hit_rate']:.1%} | {row['computed_tokens']:,} | {row['tokens_imbalance']:.2f} | "
-              f"{row['occupancy_imbalance']:.2f} | {row['ttft_p50'] * 1000:,.0f} ms | {row['ttft_p99'] * 1000:,.0f} ms | "
-              f"{row['makespan']:.1f} s |", flush=True)
+              f"{row['occupancy_imbalance']:.2f} | {row['ttft_p50'] * 1000:,.0f} ms | "
+              f"{row['ttft_p99'] * 1000:,.0f} ms | {row['makespan']:.1f} s |", flush=True)
     return 0
 
 
