@@ -155,15 +155,18 @@ class Replicas:
             views.append(ReplicaView(cached, free, loop.waiting, running=loop.engine.running, needed_pages=needed))
         return views
 
-    async def _order(self, prompt: Sequence[int], tokens: int) -> list[int]:
-        """The replicas in the order of preference for ``prompt``. The waiting counts are read again
+    async def _order(self, prompt: Sequence[int], tokens: int, samples: int) -> list[int]:
+        """The replicas in the order of preference for ``samples`` samples of ``prompt`` (``tokens``
+        with an answer; each sample's pages counted whole, an upper bound where they share the
+        prompt's). The waiting counts are read again
         on the event loop after the views come back: requests routed meanwhile (a burst, whose views
         were all taken before any was submitted) count, and the order is decided and the request
         queued on its replica without an await between them."""
         if len(self.loops) == 1:
             return [0]
         views = await asyncio.get_running_loop().run_in_executor(None, self.views, prompt, tokens)
-        views = [dataclasses.replace(view, waiting=loop.waiting, running=loop.engine.running)
+        views = [dataclasses.replace(view, waiting=loop.waiting, running=loop.engine.running,
+                                     needed_pages=view.needed_pages * samples)
                  for view, loop in zip(views, self.loops)]
         return preference(views)
 
@@ -177,7 +180,7 @@ class Replicas:
         the next where it refuses for its queue or its health. Raises ``ValueError`` for a request
         the engine refuses, :class:`QueueFull` when every usable replica's queue is full,
         :class:`EngineUnusable` when none can serve."""
-        order = await self._order(request.prompt, len(request.prompt) + request.max_new_tokens)
+        order = await self._order(request.prompt, len(request.prompt) + request.max_new_tokens, samples)
         refusal: Exception | None = None
         for index in order:
             try:
