@@ -151,6 +151,9 @@ def test_serve_bench_out_is_a_file(capsys, tmp_path):
     (["--budget-mib", "0"], "--budget-mib must be at least 1"),
     (["--port", "70000"], "--port must be in [0, 65536)"),
     (["--config", "gpt-5"], "unknown config 'gpt-5'"),
+    (["--dp", "0"], "--dp must be at least 1"),
+    (["--dp", "64", "--tp", "1"], "--dp 64 replicas of --tp 1 devices each need 64 devices; JAX sees"),
+    (["--dp", "2", "--speculate", "draft:smollm2-135m"], "with --dp, use --speculate ngram"),
 ])
 def test_serve_bad_options(capsys, argv, message):
     assert message in run_cli(capsys, "serve", *argv)
