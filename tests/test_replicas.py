@@ -261,3 +261,12 @@ def test_too_few_devices_for_dp_times_tp_is_refused_naming_both():
     with pytest.raises(ValueError, match=f"--dp {count} replicas of --tp 2 devices each need {2 * count} devices"):
         replica_devices(count, 2)
     assert replica_devices(1, 1) == [[jax.devices()[0]]]
+
+
+def test_dp_over_several_processes_is_refused(monkeypatch):
+    from jax_vattention.app.assembly import replica_devices
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match="--dp runs replicas on one process's devices; over 2 processes"):
+        replica_devices(2, 1)
+    assert replica_devices(1, 1) == [[jax.devices()[0]]]
