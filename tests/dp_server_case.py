@@ -5,7 +5,7 @@ its own process.
 before JAX is imported, serves the tiny model with one replica and then with two (each over
 ``build_service``, the path ``vattention serve`` takes, and uvicorn on a free port), then builds
 ``--dp 2 --tp 2`` (two tensor-parallel replicas over the 4 devices), and prints ``CASE OK`` or
-``CASE FAILED`` with the traceback for each case; ``tests/test_replicas.py`` runs it.
+``CASE FAILED`` with the traceback; ``tests/test_replicas.py`` runs it (``own_process.run_case``).
 
 What it checks: the two-replica server's greedy answers are the one-replica server's, a burst of
 requests is spread over both replicas (each replica's engine on its own device), ``/metrics``
@@ -21,9 +21,11 @@ import os
 
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
                                                  "--xla_force_host_platform_device_count=4"]))
+os.environ["JAX_PLATFORMS"] = "cpu"
 
 import concurrent.futures  # noqa: E402
 import socket  # noqa: E402
+import sys  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -158,17 +160,25 @@ def dp2_tp2() -> None:
             groups.append(group)
         assert groups == [jax.devices()[:2], jax.devices()[2:]], groups
         got = answers(base)
-        assert not REFERENCE or got == REFERENCE, (got, REFERENCE)
+        assert REFERENCE and got == REFERENCE, (got, REFERENCE)
         assert all(count > 0 for count in service.replicas.routed), service.replicas.routed
     finally:
         stop(service, server, thread)
 
 
+def data_parallel_serving() -> None:
+    """Both cases in one process: ``--dp 2 --tp 2`` is checked against ``--dp 1``'s answers."""
+    dp_server()
+    dp2_tp2()
+
+
+CASES = ["data_parallel_serving"]
+
 if __name__ == "__main__":
     assert len(jax.devices()) == 4, jax.devices()
-    for case in (dp_server, dp2_tp2):
+    for name in sys.argv[1:] or CASES:
         try:
-            case()
-            print(f"{case.__name__} OK", flush=True)
+            globals()[name]()
+            print(f"{name} OK", flush=True)
         except Exception:
-            print(f"{case.__name__} FAILED\n{traceback.format_exc()}", flush=True)
+            print(f"{name} FAILED\n{traceback.format_exc()}", flush=True)

@@ -11,9 +11,6 @@ programs compiled for its own devices), ``--dp 2 --tp 2`` included.
 
 import asyncio
 import concurrent.futures
-import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -35,6 +32,7 @@ from jax_vattention.app.server.replicas import Replicas
 from jax_vattention.app.server.routing import ReplicaView, choose_replica, preference
 from jax_vattention.app.server.service import Service
 from jax_vattention.engine import Engine, EngineConfig, Request
+from own_process import run_case
 from server_harness import PAGE, compile_cache, free_port, start_server, tiny_model
 
 BUDGET_PAGES = 4000
@@ -242,13 +240,7 @@ def test_unusable_replicas_are_skipped_and_health_and_metrics_cover_both(pair):
 @pytest.mark.slow
 def test_serve_dp2_on_forced_cpu_devices_answers_as_one_replica():
     """``tests/dp_server_case.py`` in its own process (4 forced CPU devices): ``--dp 2``, ``--dp 2 --tp 2``."""
-    script = Path(__file__).with_name("dp_server_case.py")
-    package_parent = str(Path(jv.__file__).resolve().parent.parent)
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(filter(None, [package_parent, os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env)
-    for case in ("dp_server", "dp2_tp2"):
-        assert f"{case} OK" in done.stdout, done.stdout[-4000:] + done.stderr[-4000:]
+    run_case(Path(__file__).with_name("dp_server_case.py"), "data_parallel_serving")
 
 
 def test_too_few_devices_for_dp_times_tp_is_refused_naming_both():
