@@ -1,5 +1,5 @@
 """The ``vattention`` command: ``generate``, ``serve``,
-``bench {alloc,attention,crossing,decode,profile,pages,load,router,sampling,speculate}`` and ``serve-bench``."""
+``bench {alloc,attention,crossing,decode,profile,pages,load,router,sampling,samples,speculate}`` and ``serve-bench``."""
 
 from __future__ import annotations
 
