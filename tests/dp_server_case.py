@@ -24,16 +24,13 @@ os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import concurrent.futures  # noqa: E402
-import socket  # noqa: E402
 import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
 import traceback  # noqa: E402
 
 import httpx  # noqa: E402
 import jax  # noqa: E402
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
+from server_harness import serve_in_thread  # noqa: E402
 
 PROMPTS = ["Hello, world", "The quick brown fox", "Once upon a time", "abc" * 9, "Data parallel", "0123456789",
            "What is the capital", "zz"]
@@ -41,30 +38,14 @@ ARGS = ["serve", "--config", "tiny", "--max-len", "128", "--max-batch", "2", "--
         "--chunk-tokens", "8"]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def serving(dp: int, *more: str):
     """``(service, uvicorn server, thread, base url)`` of ``vattention serve --dp dp`` (and ``more``
     options), started."""
     from jax_vattention.app.cli import build_parser
     from jax_vattention.app.commands.serve import build_service
-    from jax_vattention.app.server.app import create_app
 
     service = build_service(build_parser().parse_args([*ARGS, "--dp", str(dp), *more]))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning",
-                                           log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    return service, server, thread, f"http://127.0.0.1:{port}"
+    return (service, *serve_in_thread(service))
 
 
 def stop(service, server, thread) -> None:

@@ -138,6 +138,13 @@ def start_server(*, fake_driver: bool = True, host_pages: bool = False, max_batc
     loop.start()
     loaded = LoadedModel(model, ByteTokenizer(), tuple(stop_tokens), "tiny", "config tiny (random weights)")
     service = Service(loop, loaded, ChatFormat(), names=names, limits=limits)
+    server, thread, url = serve_in_thread(service, grace_seconds)
+    return RunningServer(service, driver, server, thread, url)
+
+
+def serve_in_thread(service: Service, grace_seconds: float | None = None):
+    """``(uvicorn server, thread, base url)``: ``service``'s app on a free port, served by a thread,
+    started (a :class:`GracefulServer` with ``grace_seconds``)."""
     port = free_port()
     # log_config=None: uvicorn leaves logging alone (its handlers would hold the test's captured stderr).
     config = uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning", log_config=None)
@@ -148,4 +155,4 @@ def start_server(*, fake_driver: bool = True, host_pages: bool = False, max_batc
     while not server.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
-    return RunningServer(service, driver, server, thread, f"http://127.0.0.1:{port}")
+    return server, thread, f"http://127.0.0.1:{port}"

@@ -11,7 +11,6 @@ programs compiled for its own devices), ``--dp 2 --tp 2`` included.
 
 import asyncio
 import concurrent.futures
-import threading
 import time
 from pathlib import Path
 
@@ -20,12 +19,10 @@ import jax
 import jax.numpy as jnp
 import openai
 import pytest
-import uvicorn
 
 import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.app.commands.model_source import ByteTokenizer, LoadedModel
-from jax_vattention.app.server.app import create_app
 from jax_vattention.app.server.chat import ChatFormat
 from jax_vattention.app.server.engine_loop import EngineLoop, EngineUnusable
 from jax_vattention.app.server.replicas import Replicas
@@ -33,7 +30,7 @@ from jax_vattention.app.server.routing import ReplicaView, choose_replica, prefe
 from jax_vattention.app.server.service import Service
 from jax_vattention.engine import Engine, EngineConfig, Request
 from own_process import run_case
-from server_harness import PAGE, compile_cache, free_port, start_server, tiny_model
+from server_harness import PAGE, compile_cache, serve_in_thread, start_server, tiny_model
 
 BUDGET_PAGES = 4000
 SYSTEM = "You are a careful assistant who answers in one short sentence. " * 2   # 4 pages of 32 tokens
@@ -90,16 +87,7 @@ def pair():
     replicas.start()
     loaded = LoadedModel(tiny_model(), ByteTokenizer(), (), "tiny", "config tiny (random weights)")
     service = Service(replicas, loaded, ChatFormat())
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning",
-                                           log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.02)
-    base = f"http://127.0.0.1:{port}"
+    server, thread, base = serve_in_thread(service)
     yield replicas, base, openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
     server.should_exit = True
     thread.join(30)
