@@ -40,7 +40,7 @@ from tqdm import tqdm
 from jax_vattention.app.cli import standalone
 from jax_vattention.cache.config import LAYOUTS, CacheConfig
 from jax_vattention.attention.backends import backend_for
-from jax_vattention.engine.engine import EngineConfig
+from jax_vattention.engine.config import EngineConfig
 from jax_vattention.engine.memory import expected_end
 from jax_vattention.bench.decode_chunk import decode_chunk_fn
 from jax_vattention.cache.manager import CacheManager, default_driver
