@@ -198,7 +198,7 @@ def soak(steps: int, clients: int = 8):
 
 
 def run_soak(server, steps: int, clients: int):
-    engine, loop, metrics = server.engine, server.service.engine_loop, server.service.metrics
+    engine, loop, metrics = server.engine, server.service.replicas.loops[0], server.service.metrics
     quiet = logging.getLogger("jax_vattention")
     level = quiet.level
     quiet.setLevel(logging.ERROR)       # injected failures log warnings: not kept during the soak
