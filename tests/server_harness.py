@@ -92,7 +92,7 @@ class RunningServer:
 
     @property
     def engine(self) -> Engine:
-        return self.service.engine_loop.engine
+        return self.service.replicas.engine
 
     @property
     def manager(self):
@@ -102,7 +102,7 @@ class RunningServer:
         """The engine loop's stats once no request holds a slot or waits (fails after ``timeout``)."""
         deadline = time.monotonic() + timeout
         while True:
-            stats = self.service.engine_loop.stats()
+            stats = self.service.replicas.stats()
             if stats["running"] == 0 and stats["waiting"] == 0 and stats["active_slots"] == 0:
                 return stats
             assert time.monotonic() < deadline, f"requests still hold slots: {stats}"
@@ -112,7 +112,7 @@ class RunningServer:
         self.uvicorn_server.should_exit = True
         self.thread.join(30)
         self.service.close()
-        if self.service.engine_loop.stop(30):
+        if self.service.replicas.stop(30):
             self.manager.close()
 
 

@@ -45,8 +45,8 @@ def server():
     yield service, f"http://127.0.0.1:{port}/v1"
     uvicorn_server.should_exit = True
     thread.join(30)
-    service.engine_loop.stop()
-    service.engine_loop.engine.manager.close()
+    service.replicas.stop()
+    service.replicas.engine.manager.close()
 
 
 @pytest.fixture
@@ -58,7 +58,7 @@ def wait_idle(service, timeout=30.0) -> dict:
     """The engine's stats once no request holds a slot (fails after ``timeout``)."""
     deadline = time.monotonic() + timeout
     while True:
-        stats = service.engine_loop.stats()
+        stats = service.replicas.stats()
         if stats["running"] == 0 and stats["waiting"] == 0 and stats["active_slots"] == 0:
             return stats
         assert time.monotonic() < deadline, f"requests still hold slots: {stats}"
@@ -133,17 +133,17 @@ def test_chat_without_messages_is_refused(client):
 
 def test_a_client_that_disconnects_frees_its_slot_and_pages(client, server):
     service = server[0]
-    tokens_before = service.engine_loop.engine.stats.tokens
+    tokens_before = service.replicas.engine.stats.tokens
     max_tokens = MAX_LEN - 8
     stream = client.completions.create(model="tiny", prompt="Go on", max_tokens=max_tokens, stream=True)
     first = next(iter(stream))
     assert first.choices[0].finish_reason is None
     stream.close()                                   # the client goes away mid-answer
     stats = wait_idle(service)
-    assert service.engine_loop.engine.stats.tokens - tokens_before < max_tokens, "it ran to the end"
+    assert service.replicas.engine.stats.tokens - tokens_before < max_tokens, "it ran to the end"
     assert stats["used_tokens"] == 0
-    service.engine_loop.engine.manager.reclaim()     # nothing holds a page: all of them go back
-    assert service.engine_loop.stats()["mapped_pages"] == 0
+    service.replicas.engine.manager.reclaim()     # nothing holds a page: all of them go back
+    assert service.replicas.stats()["mapped_pages"] == 0
 
 
 def test_chat_format_template_or_plain_lines():

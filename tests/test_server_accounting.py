@@ -79,7 +79,7 @@ def test_admission_beyond_the_queue_bound_is_429_with_retry_after(server, client
                 model="tiny", prompt="a", max_tokens=2, temperature=0)))
             first.start()
             deadline = time.monotonic() + 10
-            while server.service.engine_loop.waiting < 1:          # it waits for a slot
+            while server.service.replicas.waiting < 1:          # it waits for a slot
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
             response = httpx.post(server.url + "/completions", timeout=10,
@@ -170,11 +170,11 @@ def test_the_loop_outlives_a_step_that_raises(server, client):
             failures.append(1)
             raise RuntimeError("a step failed (test)")
 
-    failed_before = server.service.engine_loop.failed_steps
+    failed_before = server.service.replicas.failed_steps
     with engine_steps(server, fail_once):
         answer = client.completions.create(model="tiny", prompt="Hi", max_tokens=4, temperature=0)
     assert answer.usage.completion_tokens == 4 and failures == [1]
-    assert server.service.engine_loop.failed_steps == failed_before + 1
+    assert server.service.replicas.failed_steps == failed_before + 1
     health = httpx.get(server.base + "/health", timeout=10)
     assert health.status_code == 200 and health.json()["status"] == "ok"
 

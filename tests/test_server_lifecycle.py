@@ -73,7 +73,7 @@ def graceful():
     yield make
     for server in servers:
         server.thread.join(10)
-        server.service.engine_loop.stop(10)
+        server.service.replicas.stop(10)
         server.manager.close()
 
 

@@ -248,7 +248,7 @@ def test_metrics_report_the_acceptance(model):
     loop = SimpleNamespace(engine=engine, waiting=0, health=None, failed_steps=0,
                            stats=lambda: dict(budget_pages=10, mapped_pages=2, mapped_bytes=8192, page_bytes=4096,
                                               static_bytes=1 << 20))
-    text = ServerMetrics().render(loop)
+    text = ServerMetrics().render(SimpleNamespace(loops=[loop]))
     assert "vattention:spec_decode_num_drafts_total 2" in text
     assert "vattention:spec_decode_num_accepted_tokens_total 3" in text
     assert "vattention:spec_decode_acceptance_rate 0.375" in text

@@ -713,8 +713,8 @@ def serve_tp2() -> None:
         service = build_service(build_parser().parse_args(["serve", "--max-len", "128", "--max-batch", "4",
                                                            "--token-budget", "16", "--chunk-tokens", "8",
                                                            "--tp", degree]))
-        service.engine_loop.stop()
-        engine = service.engine_loop.engine
+        service.replicas.stop()
+        engine = service.replicas.engine
         assert isinstance(engine.manager, jv.ShardedCacheManager) == (degree == "2")
         ids = [engine.submit(Request(prompt=list(b"Hello, world"), max_new_tokens=8)),
                engine.submit(Request(prompt=list(range(40, 90)), max_new_tokens=5))]

@@ -104,7 +104,7 @@ class ServerMetrics:
         record = RequestRecord("cmpl-1", "completions", time.perf_counter())
         ...
         metrics.finished(record)
-        text = metrics.render(engine_loop)
+        text = metrics.render(replicas)
     """
 
     def __init__(self):
@@ -141,19 +141,19 @@ class ServerMetrics:
             self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         REQUEST_LOG.info(record.log_line(now))
 
-    def render(self, engine_loop) -> str:
-        """Every metric in Prometheus' text format. ``engine_loop``: the engine loop, or the
-        :class:`~jax_vattention.app.server.replicas.Replicas` of ``serve --dp``: each engine's
+    def render(self, replicas) -> str:
+        """Every metric in Prometheus' text format over the server's
+        :class:`~jax_vattention.app.server.replicas.Replicas` (one, or ``serve --dp``'s): each engine's
         figure is their sum (a ratio: of the sums; ``engine_healthy``: 1 while any replica can
         serve), and with more than one replica also each replica's, labelled ``replica="i"`` (so
         ``sum(metric{replica!=""})`` adds the replicas and ``metric{replica=""}`` is the total)."""
-        replicas = [_engine_figures(loop) for loop in getattr(engine_loop, "loops", [engine_loop])]
-        total = {key: sum(figures[key] for figures in replicas) for key in replicas[0]}
-        total["page_bytes"] = replicas[0]["page_bytes"]
-        total["healthy"] = int(any(figures["healthy"] for figures in replicas))
+        each = [_engine_figures(loop) for loop in replicas.loops]
+        total = {key: sum(figures[key] for figures in each) for key in each[0]}
+        total["page_bytes"] = each[0]["page_bytes"]
+        total["healthy"] = int(any(figures["healthy"] for figures in each))
         rows = [("", total)]
-        if len(replicas) > 1:
-            rows += [(f'{{replica="{index}"}}', figures) for index, figures in enumerate(replicas)]
+        if len(each) > 1:
+            rows += [(f'{{replica="{index}"}}', figures) for index, figures in enumerate(each)]
         engine_metrics = [
             ("num_requests_running", "gauge", "Requests holding a slot.", lambda f: f["running"]),
             ("num_requests_waiting", "gauge", "Requests waiting for a slot.", lambda f: f["waiting"]),

@@ -48,17 +48,17 @@ class Service:
 
     Parameters
     ----------
-    engine_loop : the running engine loop, or the :class:`~jax_vattention.app.server.replicas.Replicas`
-        of ``serve --dp`` (one loop is one replica); ``max_waiting`` is set from ``limits``, per replica
+    replicas : the running :class:`~jax_vattention.app.server.replicas.Replicas` of ``serve --dp``, or
+        one running engine loop (one replica); ``max_waiting`` is set from ``limits``, per replica
     loaded : the model with its tokenizer (:class:`~jax_vattention.app.commands.model_source.LoadedModel`)
     chat_format : how chat messages become a prompt
     names : the model names clients may use, the one reported first; default the model's own name
     limits : :class:`ServerLimits`
     """
 
-    def __init__(self, engine_loop: EngineLoop | Replicas, loaded, chat_format: ChatFormat,
+    def __init__(self, replicas: Replicas | EngineLoop, loaded, chat_format: ChatFormat,
                  names: Iterable[str] | None = None, limits: ServerLimits = ServerLimits()):
-        self.replicas = engine_loop if isinstance(engine_loop, Replicas) else Replicas([engine_loop])
+        self.replicas = replicas if isinstance(replicas, Replicas) else Replicas([replicas])
         self.loaded = loaded
         self.chat_format = chat_format
         self.names = list(dict.fromkeys(names or [loaded.name]))
@@ -68,12 +68,6 @@ class Service:
         self.started = int(time.time())
         self.shutting_down = False
         self._pool = concurrent.futures.ThreadPoolExecutor(limits.tokenizer_threads, thread_name_prefix="tokenizer")
-
-    @property
-    def engine_loop(self) -> Replicas:
-        """The replicas, under the name of the one engine loop they stand for (a single replica's
-        server is the engine loop's, exactly)."""
-        return self.replicas
 
     @property
     def name(self) -> str:
