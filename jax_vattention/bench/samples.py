@@ -45,7 +45,6 @@ about the target's.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import os
@@ -58,6 +57,7 @@ from flax import nnx
 
 from jax_vattention.app.assembly import cache_config_for, cache_dtype, check_memory, choose_kernel, mesh_for, open_host
 from jax_vattention.app.cli import standalone
+from jax_vattention.bench.rows_csv import write_rows
 from jax_vattention.attention import BACKENDS
 from jax_vattention.cache.config import LAYOUTS
 from jax_vattention.decode.mesh import init_sharded
@@ -260,14 +260,7 @@ def run(args: argparse.Namespace, model: Llama | None = None) -> int:
               f"{row['peak_physical_mib']:9.1f} {row['distinct_outputs']:8d}")
     print("(pages: the peak over the steps, every mapping counted / each physical page once)")
     print(verdict(rows, fake_driver=args.fake_driver))
-    folder = os.path.dirname(args.out)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(args.out, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"rows: {args.out}")
+    write_rows(args.out, rows)
     return 0
 
 

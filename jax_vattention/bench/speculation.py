@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import datetime
 import os
 import time
@@ -39,6 +38,7 @@ import numpy as np
 
 from jax_vattention.app.assembly import assemble, open_draft
 from jax_vattention.app.cli import standalone
+from jax_vattention.bench.rows_csv import write_rows
 from jax_vattention.app.commands.model_source import add_model_arguments
 from jax_vattention.attention import BACKENDS
 from jax_vattention.cache.config import LAYOUTS
@@ -183,14 +183,7 @@ def run(args: argparse.Namespace) -> int:
                           f"{row['acceptance_rate']:.1%}  mean accepted length {row['mean_accepted_length']:.2f}  "
                           f"same tokens: {row['same_tokens']}  step {row['verify_ms_per_step']:.3f} ms"
                           + (f"  draft {row['draft_ms_per_step']:.3f} ms" if mode == "draft" else ""), flush=True)
-    folder = os.path.dirname(args.out)
-    if folder:
-        os.makedirs(folder, exist_ok=True)
-    with open(args.out, "w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"rows: {args.out}")
+    write_rows(args.out, rows)
     return 0
 
 
