@@ -22,6 +22,7 @@ gguf = pytest.importorskip("gguf", reason="the GGUF loader needs the gguf packag
 
 from jax_vattention.models import bundled, gguf_loader  # noqa: E402
 from jax_vattention.models.gguf_tokenizer import sentencepiece_merges, tokenizer_from_gguf  # noqa: E402
+from transformers_gguf import load_with_transformers  # noqa: E402
 
 SPACE = "\u2581"
 TEXTS = ["Hello world", "the  theater", "   indented\n\nand", "é ü 日本語 🦙", "tab\there", "", "a", "xyz!?",
@@ -240,14 +241,7 @@ def gemma3():
 @pytest.fixture(scope="module")
 def transformers_gemma3(gemma3):
     """transformers' own loading of the same file: (model, tokenizer), float32."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate")
-    path = gemma3[0]
-    kwargs = dict(gguf_file=os.path.basename(path))
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32,
-                                                              **kwargs).eval()
-    return model, transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
+    return load_with_transformers(gemma3[0])
 
 
 def long_prompt(tokenizer, length: int) -> list[int]:

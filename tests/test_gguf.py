@@ -1,6 +1,5 @@
 """The GGUF loader: block formats against the GGML layout, and SmolLM2 against transformers."""
 
-import os
 import zipfile
 
 import numpy as np
@@ -13,6 +12,7 @@ import jax.numpy as jnp  # noqa: E402
 from jax_vattention.models import gguf_loader  # noqa: E402
 from jax_vattention.app.commands.chat import chat_prompt  # noqa: E402
 from jax_vattention.models.gguf_tokenizer import tokenizer_from_gguf  # noqa: E402
+from transformers_gguf import load_with_transformers  # noqa: E402
 
 BLOCK = 32  # values per block in Q8_0, Q4_0 and Q4_1
 # the types written here; the 5-bit and k-quant ones are checked in test_gguf_quants
@@ -196,15 +196,7 @@ def smollm2():
 @pytest.fixture(scope="module")
 def transformers_smollm2(smollm2):
     """transformers' own loading of the same file: (model, tokenizer), float32."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("accelerate", reason="transformers loads GGUF files only with accelerate")
-    path = smollm2[0]
-    kwargs = dict(gguf_file=os.path.basename(path))
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), dtype=torch.float32,
-                                                              **kwargs).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path), **kwargs)
-    return model, tokenizer
+    return load_with_transformers(smollm2[0])
 
 
 @pytest.mark.slow  # transformers' GGUF loading takes a minute on two CPU cores
