@@ -26,7 +26,7 @@ from jax_vattention.app.commands.model_source import ByteTokenizer, LoadedModel
 from jax_vattention.app.server.chat import ChatFormat
 from jax_vattention.app.server.engine_loop import EngineLoop, EngineUnusable
 from jax_vattention.app.server.replicas import Replicas
-from jax_vattention.app.server.routing import ReplicaView, choose_replica, preference
+from jax_vattention.app.server.routing import LOAD_BOUND, ReplicaView, choose_replica, load_bound, preference
 from jax_vattention.app.server.service import Service
 from jax_vattention.engine import Engine, EngineConfig, Request
 from own_process import run_case
@@ -38,12 +38,47 @@ OPTIONS = dict(token_budget=16, chunk_tokens=4)
 
 
 # ------------------------------------------------------------------ the rule
-def test_the_longest_cached_prefix_wins_over_room_and_load():
-    views = [ReplicaView(cached_pages=1, free_pages=900, waiting=0),
-             ReplicaView(cached_pages=4, free_pages=3, waiting=5, running=8, needed_pages=10),
-             ReplicaView(cached_pages=2, free_pages=900, waiting=0)]
+def test_the_longest_cached_prefix_wins_over_room_and_load_within_the_load_bound():
+    views = [ReplicaView(cached_pages=1, free_pages=900, waiting=3, running=3),
+             ReplicaView(cached_pages=4, free_pages=3, waiting=5, running=3, needed_pages=10),
+             ReplicaView(cached_pages=2, free_pages=900, waiting=2, running=4)]
+    assert load_bound(views) == 9    # 1.25 x (21 + 1) / 3, rounded up: 8 requests are within it
     assert choose_replica(views) == 1
     assert preference(views) == [1, 2, 0]
+
+
+def test_a_replica_at_the_load_bound_loses_its_prefix_credit():
+    views = [ReplicaView(cached_pages=0, free_pages=900, waiting=0),
+             ReplicaView(cached_pages=4, free_pages=900, waiting=2, running=1),
+             ReplicaView(cached_pages=2, free_pages=900, waiting=0)]
+    assert load_bound(views) == 2    # 1.25 x (3 + 1) / 3, rounded up
+    # Replica 1 is over it: the next longest prefix, on a replica under it, wins.
+    assert preference(views) == [2, 0, 1]
+    # A replica with nothing waiting keeps its credit however busy (it starts the request at once);
+    # unusable replicas count for nothing.
+    assert choose_replica([ReplicaView(0, 900, 0), ReplicaView(4, 900, 0, running=30)]) == 1
+    assert load_bound([ReplicaView(4, 900, 0), ReplicaView(0, 900, 0)]) == 1
+    assert preference([ReplicaView(4, 900, 1), ReplicaView(0, 900, 9, usable=False), ReplicaView(0, 900, 0)]) == [0, 2]
+
+
+def test_one_hot_prompt_spreads_within_the_bound_and_stays_cached_where_it_went():
+    """Requests of one system prompt arrive faster than they finish: each routed one joins its
+    replica's queue, and the replica it lands on caches the prompt. A plain prefix-first rule would
+    send all of them to one replica; bounded loads keep every replica within the bound, while most
+    requests still find the prompt cached."""
+    replicas, requests = 4, 200
+    waiting, cached = [0] * replicas, [False] * replicas
+    hits = 0
+    for _ in range(requests):
+        views = [ReplicaView(8 if cached[i] else 0, 900, waiting[i]) for i in range(replicas)]
+        bound = load_bound(views)
+        chosen = choose_replica(views)
+        hits += cached[chosen]
+        cached[chosen] = True
+        waiting[chosen] += 1
+        assert waiting[chosen] <= bound
+    assert max(waiting) - min(waiting) <= 2 * LOAD_BOUND * requests / replicas - requests / replicas
+    assert hits >= requests - replicas   # each replica computes the prompt once at most
 
 
 def test_without_a_cached_prefix_room_then_waiting_then_running_then_free_pages():
@@ -57,7 +92,7 @@ def test_without_a_cached_prefix_room_then_waiting_then_running_then_free_pages(
     assert choose_replica([ReplicaView(0, 20, 1), ReplicaView(0, 21, 1)]) == 1
     assert choose_replica([ReplicaView(0, 20, 1), ReplicaView(0, 20, 1)]) == 0
     # A tie of cached prefixes is settled the same way, among the tied only.
-    assert preference([ReplicaView(2, 20, 5), ReplicaView(2, 20, 0), ReplicaView(0, 900, 0)]) == [1, 0, 2]
+    assert preference([ReplicaView(2, 20, 2), ReplicaView(2, 20, 1), ReplicaView(0, 900, 2, running=2)]) == [1, 0, 2]
 
 
 def test_unusable_replicas_get_nothing():

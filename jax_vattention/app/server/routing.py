@@ -2,7 +2,15 @@
 
 A replica that already holds the first pages of a prompt in its prefix cache maps them instead of
 computing them (:mod:`jax_vattention.engine.prefixes`), so a request should go where its prefix
-is. Where no replica holds any of it, or several hold the same amount, the request goes where it
+is, within a bound on its load: a replica that queues requests (some wait for a slot or for
+memory) and whose requests (waiting and running) reach :data:`LOAD_BOUND` times the mean over the
+replicas (counting the new one) gets no credit for its cached prefix. One hot prompt (a system
+prompt every request shares) then spreads over more replicas instead of queueing on the one that
+cached it first; the replica it goes to computes the prefix once and caches it too. This is
+consistent hashing's "bounded loads" (Mirrokni, Thorup and Zadimoghaddam, 2018) applied to prefix
+affinity; a replica with nothing waiting starts the request at once, so it always keeps its credit.
+
+Where no replica holds any of the prompt, or several hold the same amount, the request goes where it
 waits least for memory and for a slot: a replica with free pages (its page budget less its mapped
 pages) for the whole request before one without, then the fewest requests waiting, then the fewest
 running, then the most free pages. Free pages beyond what the request needs do not make it start
@@ -16,8 +24,11 @@ The rule is a pure function of what each replica reports, so the server
 Example::
 
     >>> choose_replica([ReplicaView(cached_pages=0, free_pages=90, waiting=0),
-    ...                 ReplicaView(cached_pages=3, free_pages=10, waiting=2)])
+    ...                 ReplicaView(cached_pages=3, free_pages=10, waiting=1)])
     1
+    >>> choose_replica([ReplicaView(cached_pages=0, free_pages=90, waiting=0),
+    ...                 ReplicaView(cached_pages=3, free_pages=10, waiting=4)])   # over the load bound
+    0
     >>> choose_replica([ReplicaView(0, 90, 0), ReplicaView(0, 90, 0, usable=False)])
     0
     >>> choose_replica([ReplicaView(0, 90, 1), ReplicaView(0, 20, 0, needed_pages=8)])
@@ -27,7 +38,11 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
+
+# A replica at this many times the mean load loses its prefix affinity (the c of bounded loads).
+LOAD_BOUND = 1.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,16 +71,30 @@ def preference(views: Sequence[ReplicaView]) -> list[int]:
     """The usable replicas' indices, the one :func:`choose_replica` picks first, then the next best
     (where the first refuses: its queue is full, or it stopped serving meanwhile).
 
-    Order: most cached pages of the prompt; among equals, room for the whole request before no room;
-    then fewest waiting, fewest running, most free pages; then the lower index (so equal replicas are
-    taken in a fixed order, and a test can name one).
+    Order: most cached pages of the prompt, counted only on a replica with nothing waiting or under
+    the load bound (:func:`load_bound`); among equals, room for the whole request before no room; then fewest
+    waiting, fewest running, most free pages; then the lower index (so equal replicas are taken in a
+    fixed order, and a test can name one).
     """
+    usable = [index for index, view in enumerate(views) if view.usable]
+    bound = load_bound([views[index] for index in usable])
+
     def key(index: int):
         view = views[index]
-        return (-view.cached_pages, view.free_pages < view.needed_pages, view.waiting, view.running,
-                -view.free_pages, index)
+        cached = view.cached_pages if view.waiting == 0 or view.waiting + view.running < bound else 0
+        return (-cached, view.free_pages < view.needed_pages, view.waiting, view.running, -view.free_pages, index)
 
-    return sorted((index for index, view in enumerate(views) if view.usable), key=key)
+    return sorted(usable, key=key)
+
+
+def load_bound(views: Sequence[ReplicaView]) -> int:
+    """The load (requests waiting and running) at which a replica that queues requests loses the
+    credit of its cached prefix: :data:`LOAD_BOUND` times the mean load once the new request is
+    counted, rounded up (at least 1)."""
+    if not views:
+        return 1
+    total = sum(view.waiting + view.running for view in views) + 1
+    return max(1, math.ceil(LOAD_BOUND * total / len(views)))
 
 
 def choose_replica(views: Sequence[ReplicaView]) -> int | None:
