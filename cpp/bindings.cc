@@ -22,32 +22,59 @@ using namespace nb::literals;
 namespace vattention {
 namespace {
 
-nb::dict stats_dict(const ManagerStats& stats) {
+// A Python callable as the page manager's host wait. The callable is held, and let go, with the GIL:
+// the manager may drop it on a thread that does not hold it.
+void set_host_wait(PageManager& manager, nb::object wait) {
+  if (wait.is_none()) {
+    manager.set_host_wait({});
+    return;
+  }
+  std::shared_ptr<nb::object> held(new nb::object(std::move(wait)), [](nb::object* object) {
+    nb::gil_scoped_acquire gil;
+    delete object;
+  });
+  manager.set_host_wait([held] {
+    nb::gil_scoped_acquire gil;
+    try {
+      (*held)();
+    } catch (nb::python_error&) {
+      // The wait is over either way: a step that failed has no work left in flight.
+    }
+  });
+}
+
+// The counters of a ManagerStats (PageManager::counters fills only these).
+nb::dict counters_dict(const ManagerStats& stats) {
   nb::dict out;
   out["page_bytes"] = stats.page_bytes;
   out["budget_pages"] = stats.budget_pages;
   out["created_pages"] = stats.created_pages;
   out["pooled_pages"] = stats.pooled_pages;
-  out["reserved_pages"] = stats.reserved_pages;
   out["mapped_pages"] = stats.mapped_pages;
+  out["pages_mapped_total"] = stats.pages_mapped_total;
+  out["pages_unmapped_total"] = stats.pages_unmapped_total;
+  out["grow_calls"] = stats.grow_calls;
+  out["pages_evicted_total"] = stats.pages_evicted_total;
+  out["window_pages_unmapped_total"] = stats.window_pages_unmapped_total;
+  out["map_seconds"] = stats.map_seconds;
+  out["unmap_seconds"] = stats.unmap_seconds;
+  out["poisoned"] = stats.poisoned;
+  return out;
+}
+
+nb::dict stats_dict(const ManagerStats& stats) {
+  nb::dict out = counters_dict(stats);
+  out["reserved_pages"] = stats.reserved_pages;
   out["deferred_pages"] = stats.deferred_pages;
   out["active_slots"] = stats.active_slots;
   out["used_tokens"] = stats.used_tokens;
   out["used_bytes"] = stats.used_bytes;
   out["waste_bytes"] = stats.waste_bytes;
-  out["pages_mapped_total"] = stats.pages_mapped_total;
-  out["pages_unmapped_total"] = stats.pages_unmapped_total;
-  out["grow_calls"] = stats.grow_calls;
   out["cached_pages"] = stats.cached_pages;
   out["forked_pages"] = stats.forked_pages;
   out["shared_pages"] = stats.shared_pages;
   out["bytes_saved"] = stats.bytes_saved;
-  out["pages_evicted_total"] = stats.pages_evicted_total;
   out["window_unmapped_pages"] = stats.window_unmapped_pages;
-  out["window_pages_unmapped_total"] = stats.window_pages_unmapped_total;
-  out["map_seconds"] = stats.map_seconds;
-  out["unmap_seconds"] = stats.unmap_seconds;
-  out["poisoned"] = stats.poisoned;
   return out;
 }
 
@@ -217,6 +244,10 @@ NB_MODULE(_core, m) {
            "A sliding window of `window` tokens in the buffers flagged in `windowed` (one flag per buffer):\n"
            "each growth unmaps their pages behind every active slot's window. Before the first alloc.")
       .def_prop_ro("window", &PageManager::window, "The sliding window in tokens; 0: none.")
+      .def("set_host_wait", &set_host_wait, "wait"_a.none(),
+           "`wait()` (or None): how a call from the host waits for the device's work in flight before it\n"
+           "unmaps a page, where the driver cannot (the CPU backend, whose steps XLA runs asynchronously).\n"
+           "Called with the GIL, without the manager's lock; an exception it raises is ignored.")
       .def("window_pages_due", &PageManager::window_pages_due, Release(),
            "Pages (over all buffers) the next growth unmaps behind the windows.")
       .def("prefetch", &PageManager::prefetch, "tokens"_a, "max_pages"_a = SIZE_MAX, Release())
@@ -243,6 +274,14 @@ NB_MODULE(_core, m) {
         }
         return stats_dict(stats);
       })
+      .def("counters", [](const PageManager& manager) {
+        ManagerStats counters;
+        {
+          nb::gil_scoped_release release;
+          counters = manager.counters();
+        }
+        return counters_dict(counters);
+      }, "The counters of stats() that cost nothing to read: for a caller that reads them every step.")
       .def("view", [](const PageManager& manager) {
         ManagerView view;
         {

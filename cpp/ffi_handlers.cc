@@ -87,7 +87,7 @@ ffi::Error GrowImpl(void* stream, std::uint64_t manager_id, std::int64_t tokens,
   }
   try {
     // The operands are the buffers, in place: the cache is provably alive, so unmapped pages may be discarded.
-    manager->grow(static_cast<std::size_t>(tokens), stream, /*buffers_live=*/true);
+    manager->grow(static_cast<std::size_t>(tokens), stream, /*in_program=*/true);
   } catch (const OutOfPages& error) {
     return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string("vattention_grow: ") + error.what());
   } catch (const std::exception& error) {

@@ -222,6 +222,11 @@ void PageManager::reclaim_for(std::size_t needed, std::optional<std::size_t> kee
   if (!evicted) evict_unmapped(needed, kept);
 }
 
+void PageManager::set_host_wait(std::function<void()> wait) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  host_wait_ = std::move(wait);
+}
+
 void PageManager::wait_for_device(void* stream) {
   if (!waited_) throw WaitOutsideTheLock{};
   if (synchronized_) return;
@@ -346,7 +351,7 @@ void PageManager::rewind(int slot, std::size_t length) {
   state.length = length;
 }
 
-void PageManager::grow(std::size_t tokens, void* stream, bool buffers_live) {
+void PageManager::grow(std::size_t tokens, void* stream, bool in_program) {
   locked(stream, [&] {
     check_open();
     const std::vector<std::size_t> counts = every_active(tokens);
@@ -356,8 +361,8 @@ void PageManager::grow(std::size_t tokens, void* stream, bool buffers_live) {
     });
     add_lengths(counts);
     ++grow_calls_;
-    if (buffers_live) discard_pending();
-  });
+    if (in_program) discard_pending();
+  }, in_program);
 }
 
 void PageManager::grow_slots(const std::vector<std::size_t>& counts) {

@@ -23,6 +23,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -204,11 +205,13 @@ class PageManager {
   void rewind(int slot, std::size_t length);
   // Adds `tokens` to every active slot (up to the capacity) and maps the
   // pages that takes. `stream` is XLA's when called from the mapping op,
-  // which passes `buffers_live` after checking that its operands are the
-  // buffers: only then may unmapped pages be discarded (see discard_unmapped).
+  // which passes `in_program` after checking that its operands are the
+  // buffers: only then may unmapped pages be discarded (see discard_unmapped),
+  // and there the host's wait (set_host_wait) is not needed: XLA runs the op
+  // after the program's earlier work.
   // A growth within every active slot's reservation (alloc's lookahead,
   // reserve_growth) never runs out of pages: only a driver failure fails it.
-  void grow(std::size_t tokens, void* stream, bool buffers_live = false);
+  void grow(std::size_t tokens, void* stream, bool in_program = false);
   // Adds `counts[s]` tokens to slot `s` (one count per slot, zero for a free
   // slot) and maps the pages that takes, all or nothing: the host's growth
   // for a step whose slots gain different counts (a prefill chunk, a decode).
@@ -253,12 +256,21 @@ class PageManager {
   // device is done with it; the slot keeps its reserved range, and the other buffers keep their
   // pages. Only while no page is mapped (before the first alloc); window 0 turns it off.
   void set_window(std::size_t window, const std::vector<bool>& windowed);
+  // How a call from the host waits for the device's work before it unmaps a page, where the
+  // driver's synchronize() cannot: the CPU backend, whose steps XLA runs asynchronously, and
+  // whose drivers know nothing of them. Called without the lock, after synchronize(); an empty
+  // function (the default) waits for nothing more.
+  void set_host_wait(std::function<void()> wait);
   std::size_t window() const;
-  // Pages (over all buffers) that the next growth will unmap behind the windows: a caller whose
-  // driver cannot wait for the device (the CPU backend's) waits for the steps in flight first.
+  // Pages (over all buffers) that the next growth will unmap behind the windows.
   std::size_t window_pages_due() const;
 
   ManagerStats stats() const;
+  // The counters of stats() that cost nothing to read, for a caller that reads them every step:
+  // page_bytes, budget_pages, created_pages, pooled_pages, mapped_pages, the running totals,
+  // the seconds and poisoned (stats() also walks the slots and the prefix cache). Its other
+  // fields stay 0.
+  ManagerStats counters() const;
   std::vector<std::size_t> lengths() const;
   std::vector<bool> active() const;
   std::vector<std::size_t> mapped_pages() const;
@@ -362,11 +374,14 @@ class PageManager {
   void share_full_pages(std::size_t parent, std::size_t full);
   // Runs `operation` under the lock. Where it must wait for the device (wait_for_device), it
   // is run again after a wait without the lock: see page_operations.h.
+  // `in_program`: called by the mapping op, inside the program whose earlier work it follows.
   template <class Operation>
-  auto locked(void* stream, Operation&& operation) -> decltype(operation());
+  auto locked(void* stream, Operation&& operation, bool in_program = false) -> decltype(operation());
   // Waits for the device's work (`stream`'s, or all of it if null) before pages are unmapped.
   void wait_for_device(void* stream);
   void add_lengths(const std::vector<std::size_t>& counts);
+  // counters() under the lock.
+  ManagerStats counters_locked() const;
   // writable_from() under the lock.
   std::size_t writable_from_locked(std::size_t slot) const;
   void discard_pending() noexcept;
@@ -443,6 +458,8 @@ class PageManager {
   std::string poisoned_;
   bool waited_ = false;  // whether the operation in progress waited for the device without the lock
   bool synchronized_ = false;  // whether it waited under the lock: once is enough
+  std::function<void()> host_wait_;  // see set_host_wait
+  std::size_t listed_handles_ = 0;  // handles the slots' page tables list (stats' mapped_pages)
   std::string undoing_;  // the failure being undone, while rollback() runs
   std::vector<DevicePtr> unfreed_reservations_;  // left by a failed reserve_buffers or release
   std::vector<Slot> slots_;

@@ -9,20 +9,40 @@
 
 namespace vattention {
 
-ManagerStats PageManager::stats() const {
+ManagerStats PageManager::counters() const {
   std::lock_guard<std::mutex> lock(mutex_);
+  return counters_locked();
+}
+
+ManagerStats PageManager::counters_locked() const {
   ManagerStats stats;
   stats.page_bytes = geometry_.page_bytes;
   stats.budget_pages = pool_.budget_pages();
   stats.created_pages = pool_.created_pages();
   stats.pooled_pages = pool_.pooled_pages();
+  stats.mapped_pages = listed_handles_;
+  stats.pages_mapped_total = pages_mapped_total_;
+  stats.pages_unmapped_total = pages_unmapped_total_;
+  stats.grow_calls = grow_calls_;
+  stats.pages_evicted_total = pages_evicted_total_;
+  stats.window_pages_unmapped_total = window_pages_unmapped_total_;
+  stats.map_seconds = std::chrono::duration<double>(map_time_).count();
+  stats.unmap_seconds = std::chrono::duration<double>(unmap_time_).count();
+  stats.poisoned = !poisoned_.empty();
+  return stats;
+}
+
+ManagerStats PageManager::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  ManagerStats stats = counters_locked();
   stats.reserved_pages = owed_pages();
+  std::size_t mapped = 0;
   std::size_t active_mapped = 0;
   for (std::size_t s = 0; s < slots_.size(); ++s) {
     const Slot& slot = slots_[s];
     std::size_t pages = 0;
     for (const auto& page : slot.pages) pages += mapped_in(page);
-    stats.mapped_pages += pages;
+    mapped += pages;
     stats.window_unmapped_pages += slot.pages.size() * geometry_.num_buffers - pages;
     if (slot.active) {
       ++stats.active_slots;
@@ -39,10 +59,8 @@ ManagerStats PageManager::stats() const {
       stats.deferred_pages += pages;
     }
   }
+  stats.mapped_pages = mapped;  // counted here; counters() keeps the same number as the tables change
   stats.waste_bytes = active_mapped * geometry_.page_bytes - stats.used_bytes;
-  stats.pages_mapped_total = pages_mapped_total_;
-  stats.pages_unmapped_total = pages_unmapped_total_;
-  stats.grow_calls = grow_calls_;
   stats.cached_pages = (prefix_.size() - prefix_.forked()) * geometry_.num_buffers;
   stats.forked_pages = prefix_.forked() * geometry_.num_buffers;
   for (const auto& [id, mappings] : cache_mappings()) {
@@ -51,11 +69,6 @@ ManagerStats PageManager::stats() const {
       stats.bytes_saved += (mappings - 1) * geometry_.num_buffers * geometry_.page_bytes;
     }
   }
-  stats.pages_evicted_total = pages_evicted_total_;
-  stats.window_pages_unmapped_total = window_pages_unmapped_total_;
-  stats.map_seconds = std::chrono::duration<double>(map_time_).count();
-  stats.unmap_seconds = std::chrono::duration<double>(unmap_time_).count();
-  stats.poisoned = !poisoned_.empty();
   return stats;
 }
 

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <exception>
+#include <functional>
 #include <mutex>
 #include <type_traits>
 
@@ -42,8 +43,9 @@ auto PageManager::transaction(Body&& body) -> decltype(body()) {
 }
 
 template <class Operation>
-auto PageManager::locked(void* stream, Operation&& operation) -> decltype(operation()) {
+auto PageManager::locked(void* stream, Operation&& operation, bool in_program) -> decltype(operation()) {
   for (bool waited = false;; waited = true) {
+    std::function<void()> host_wait;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       waited_ = waited;
@@ -52,12 +54,14 @@ auto PageManager::locked(void* stream, Operation&& operation) -> decltype(operat
         return operation();
       } catch (const WaitOutsideTheLock&) {
         // Nothing was changed yet: the wait is the first thing an operation does with the driver.
+        if (!in_program) host_wait = host_wait_;
       }
     }
     // The long wait, for all the work in flight, happens without the lock so that other callers
     // (the mapping op of the next step, Python threads) go on meanwhile. The operation then runs
     // again and waits once more under the lock, which finds little or nothing left to wait for.
     driver_->synchronize(stream);
+    if (host_wait) host_wait();
   }
 }
 

@@ -160,6 +160,7 @@ void PageManager::map_pages(std::size_t slot, const std::vector<std::vector<Phys
   }
   for (std::size_t i = 0; i < count; ++i) {
     state.pages.push_back(pages[i]);
+    listed_handles_ += mapped_in(pages[i]);
     undiscarded_.erase({slot, first + i});  // mapped again: it holds the new request's tokens now
     undiscarded_window_pages_.erase({slot, first + i});
   }
@@ -225,6 +226,7 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
         }
       }
       state.pages.pop_back();
+      listed_handles_ -= mapped_in(handles);
       poison("unmapping page " + std::to_string(page) + " of slot " + std::to_string(slot) + " failed (" +
              error_message(error) + ") and mapping it back failed too (" + undo + ")");
     }
@@ -232,6 +234,7 @@ void PageManager::unmap_top(std::size_t slot, bool log) {
   }
   for (PhysicalHandle handle : handles) give_back(handle);
   state.pages.pop_back();
+  listed_handles_ -= mapped_in(handles);
   drop_if_unmapped(handles, page);
   pages_unmapped_total_ += mapped_in(handles);
   if (log) unmapped_log_.push_back(UnmappedPage{slot, page, handles});
@@ -348,6 +351,7 @@ void PageManager::release() {
     }
     slots_[s] = Slot{};
   }
+  listed_handles_ = 0;
   if (!strays_.empty()) {
     try {
       driver_->synchronize(nullptr);

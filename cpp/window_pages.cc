@@ -116,6 +116,7 @@ void PageManager::unmap_window_page(std::size_t slot, std::size_t page) {
         if (unmapped[i] == kNoPage) continue;
         if (map_window_back(slot, page, i, unmapped[i])) {
           handles[i] = unmapped[i];
+          ++listed_handles_;
         } else {
           stuck[i] = unmapped[i];
         }
@@ -126,6 +127,7 @@ void PageManager::unmap_window_page(std::size_t slot, std::size_t page) {
     unmapped[b] = handles[b];
     give_back(handles[b]);
     handles[b] = kNoPage;
+    --listed_handles_;
   }
   const std::size_t count = mapped_in(unmapped);
   pages_unmapped_total_ += count;
@@ -174,6 +176,7 @@ std::size_t PageManager::restore_window_pages() noexcept {
       std::vector<PhysicalHandle>& page = slots_[entry->slot].pages[entry->page];
       if (page[b] == kNoPage && map_window_back(entry->slot, entry->page, b, handle)) {
         page[b] = handle;
+        ++listed_handles_;
       } else {
         ++unmapped;
       }

@@ -68,6 +68,8 @@ def check_view(manager, driver):
     assert stats["mapped_pages"] == len(mapped)
     assert stats["poisoned"] == (view["poisoned"] is not None)
     if view["poisoned"] is None:
+        counters = manager.counters()   # the cheap part of the stats, kept as running totals
+        assert counters == {key: stats[key] for key in counters}, (counters, stats)
         # Pages owed to reservations are always there to take.
         headroom = stats["pooled_pages"] + stats["budget_pages"] - stats["created_pages"]
         assert headroom >= stats["reserved_pages"]

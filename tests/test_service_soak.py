@@ -5,8 +5,8 @@ not), malformed requests and overload mixed in.
 It asserts that no request is lost (each ends with all its tokens, a clear error, or cancelled with its
 client), that no page or slot is left once the clients are done, that the same fixed work costs the engine
 no more host time after the soak than before it (a probe of identical requests run before the clients
-start and after they end, the engine thread's CPU time per step within 1.2x), and that the
-resident memory stays flat. ``test_service_soak`` runs 10,000 engine steps (slow); the short one runs
+start and after they end, the engine thread's CPU time per step within 1.2x, the best of up to three
+probes after), and that the resident memory stays flat. ``test_service_soak`` runs 10,000 engine steps (slow); the short one runs
 4,000 in about 20 s for CI.
 """
 
@@ -274,7 +274,12 @@ def run_soak(server, steps: int, clients: int):
     assert server.driver.live_handles == 0 and server.driver.mapped_bytes == 0
     # The same work costs no more host time after the soak, and resident memory stays flat.
     requests = engine._next_id - first_id
+    # Another process on a small machine can slow one probe: a structure that grew slows every one.
     after_soak = probe(server, counted, host)
+    for _ in range(2):
+        if after_soak <= 1.2 * before:
+            break
+        after_soak = min(after_soak, probe(server, counted, host))
     report = (f"{counted['steps']} steps, {requests} requests {counts}, {server.driver.failures_thrown} driver "
               f"failures, host time a probe step {before * 1e3:.3f} -> {after_soak * 1e3:.3f} ms, resident "
               f"{resident[0] >> 20} -> {resident[1] >> 20} MiB")

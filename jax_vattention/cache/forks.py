@@ -33,8 +33,6 @@ class Forks:
 
         def _discard_unmapped(self) -> None: ...
 
-        def _wait_for_writes(self) -> None: ...
-
     def fork(self, slot: int, lookahead: int = 0) -> int:
         """Places a copy of the request in ``slot`` in a free slot; returns the new slot.
 
@@ -60,7 +58,6 @@ class Forks:
         self._check_usable()
         slot = _count("slot", slot)
         lookahead = _count("lookahead", lookahead)
-        self._wait_for_writes()
         child = self._core.fork(slot, lookahead)
         self._discard_unmapped()
         return child

@@ -24,6 +24,8 @@ the first failure, and :meth:`close` still frees what it can.
 from __future__ import annotations
 
 import atexit
+import weakref
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +115,7 @@ class CacheManager(PrefixSharing, Forks):
         self._id = 0
         self._lost: str | None = None
         self._closed = False
+        self._steps_owner = self   # whose cache the steps in flight produce (wait_for_steps)
         self._open()
         # Released by close() or at exit, never by garbage collection: the
         # cache's arrays may outlive this object, and must not outlive its memory.
@@ -123,6 +126,8 @@ class CacheManager(PrefixSharing, Forks):
         config = self.config
         self._core = _core.PageManager(config.num_buffers, config.max_batch, self.capacity,
                                        config.token_bytes, self.page_bytes, self.driver, self._budget)
+        if self.device.platform != "gpu":
+            self._core.set_host_wait(_waiter(weakref.ref(self)))
         try:
             if config.window is not None:
                 self._core.set_window(config.window, list(config.windowed_buffers))
@@ -311,7 +316,6 @@ class CacheManager(PrefixSharing, Forks):
         """Host-side growth, outside a compiled program: what :func:`jax_vattention.grow` does in one."""
         self._check_usable()
         tokens = _count("tokens", tokens)
-        self._wait_for_window_reads()
         self._core.grow(tokens)
         self._discard_unmapped()
 
@@ -327,21 +331,8 @@ class CacheManager(PrefixSharing, Forks):
         counts = [_count("a slot's count", c) for c in np.asarray(counts).reshape(-1).tolist()]
         if len(counts) != self.config.max_batch:
             raise ValueError(f"grow_slots takes one count per slot ({self.config.max_batch}), got {len(counts)}")
-        self._wait_for_window_reads()
         self._core.grow_slots(counts)
         self._discard_unmapped()
-
-    def _wait_for_window_reads(self) -> None:
-        """Before a growth that unmaps pages behind the windows, on the CPU backend: waits for the
-        steps in flight (the cache's arrays), which may still read them.
-
-        A growth unmaps a window's dead pages only after the device is done with them. The CUDA
-        driver waits for the device itself; the CPU backend's drivers cannot (the steps are JAX's
-        asynchronous dispatches), and there an unmapped page is discarded (zeroed) or, on the fake
-        driver, poisoned. Inside a compiled program (the mapping op) the previous step has ended.
-        """
-        if self._discards and self.config.window is not None and self._core.window_pages_due():
-            jax.block_until_ready((self._cache.k, self._cache.v))
 
     def reclaim(self) -> int:
         """Unmaps the pages of free slots, after the device finished with them; returns the page count."""
@@ -366,12 +357,19 @@ class CacheManager(PrefixSharing, Forks):
         if self._discards and not self._closed and self._lost is None:
             self._core.discard_unmapped([*self._cache.k, *self._cache.v])
 
-    def _wait_for_writes(self) -> None:
-        """Waits until the steps that produced :attr:`cache` have written it, where the page manager
-        cannot wait for them itself: on the CPU backend, whose steps XLA runs asynchronously (on a
-        GPU the page manager waits for the device before a fork copies a page)."""
-        if self.device.platform == "cpu" and not self._closed and self._lost is None:
-            jax.block_until_ready(self._cache)
+    def wait_for_steps(self) -> None:
+        """Waits until the steps in flight have ended: those that produced :attr:`cache` (or, for a
+        device of a :class:`ShardedCacheManager`, the group's cache).
+
+        The page manager calls it on the CPU backend before it unmaps a page or copies one for a
+        fork (on a GPU it waits for the device itself): XLA runs the CPU backend's steps
+        asynchronously, and a step in flight may still read a page that a host-side call (a
+        growth that reclaims a preempted request's pages, a window's dead pages, an admission)
+        is about to unmap. Inside a compiled program (the mapping op) the earlier steps have ended.
+        """
+        owner = self._steps_owner
+        if not owner._closed and owner._lost is None and hasattr(owner, "_cache"):
+            jax.block_until_ready(owner._cache)
 
     def trim(self) -> int:
         """Releases pooled (created, unmapped) pages back to the device; returns the page count.
@@ -416,6 +414,17 @@ class CacheManager(PrefixSharing, Forks):
         stats["static_bytes"] = self.config.static_bytes()
         return stats
 
+    def counters(self) -> dict:
+        """The part of :meth:`stats` that costs nothing to read, for a caller that reads it every
+        step (:meth:`stats` walks every slot's pages and the prefix cache's): ``page_bytes``,
+        ``budget_pages``, ``created_pages``, ``pooled_pages``, ``mapped_pages`` and
+        ``mapped_bytes``, the running totals (``pages_mapped_total``, ``pages_unmapped_total``,
+        ``grow_calls``, ``pages_evicted_total``, ``window_pages_unmapped_total``),
+        ``map_seconds``, ``unmap_seconds`` and ``poisoned``; each equal to :meth:`stats`'."""
+        counters = self._core.counters()
+        counters["mapped_bytes"] = counters["mapped_pages"] * self.page_bytes
+        return counters
+
     def close(self) -> None:
         """Unmaps and releases all memory. The cache's arrays must not be used afterwards.
 
@@ -438,6 +447,7 @@ class CacheManager(PrefixSharing, Forks):
         """
         forget_live(self._id)
         _core.unregister_manager(self._id)
+        self._core.set_host_wait(None)
         self._core.release()
 
     def reset(self) -> None:
@@ -491,3 +501,13 @@ def default_driver(device: jax.Device):
     Its ``granularity`` is the default page size.
     """
     return _core.cuda_driver(device.local_hardware_id) if device.platform == "gpu" else _core.host_driver()
+
+
+def _waiter(manager: weakref.ref) -> Callable[[], None]:
+    """The page manager's host wait: :meth:`CacheManager.wait_for_steps` while the manager lives
+    (a weak reference: the page manager must not keep its owner alive)."""
+    def wait() -> None:
+        owner = manager()
+        if owner is not None:
+            owner.wait_for_steps()
+    return wait

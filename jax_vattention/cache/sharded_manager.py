@@ -137,6 +137,7 @@ class ShardedCacheManager:
         try:
             for device, driver in zip(self.devices, self._drivers):
                 self.managers.append(CacheManager(self.shard_config, device, driver=driver))
+                self.managers[-1]._steps_owner = self   # the steps write the group's cache
             self._id = _core.register_group([m.page_manager for m in self.managers])
         except BaseException:
             self._close_managers()
@@ -330,9 +331,18 @@ class ShardedCacheManager:
         (``page_bytes``, ``active_slots``, ``used_tokens``, ``grow_calls``) is device 0's;
         ``poisoned`` is the group's reason or the first device's.
         """
-        if not self.managers:
+        total = self._total([m.stats() for m in self.managers])
+        total["static_bytes"] = self.config.static_bytes()
+        return total
+
+    def counters(self) -> dict:
+        """:meth:`CacheManager.counters` over this process's devices, added up as :meth:`stats`."""
+        return self._total([m.counters() for m in self.managers])
+
+    def _total(self, per_device: list[dict]) -> dict:
+        """One dict of the devices' ``per_device`` stats or counters (see :meth:`stats`)."""
+        if not per_device:
             raise RuntimeError(f"manager {self._id} is closed: it has no stats")
-        per_device = [m.stats() for m in self.managers]
         total = {}
         for key, value in per_device[0].items():
             if key in _SHARED_STATS or isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -341,7 +351,6 @@ class ShardedCacheManager:
                 total[key] = sum(s[key] for s in per_device)
         total["poisoned"] = self._poisoned or next((s["poisoned"] for s in per_device if s["poisoned"]),
                                                    per_device[0]["poisoned"])
-        total["static_bytes"] = self.config.static_bytes()
         total["per_device"] = per_device
         return total
 

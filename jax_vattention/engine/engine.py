@@ -259,7 +259,7 @@ class Engine:
             raise
 
     def _step(self, events: list[TokenEvent]) -> list[TokenEvent]:
-        mapped_before = self.manager.stats()["pages_mapped_total"]
+        mapped_before = self.manager.counters()["pages_mapped_total"]
         plan = self._plan(events)
         reads = [self._in_flight] if self._in_flight is not None else []
         if not plan.empty:
@@ -273,9 +273,10 @@ class Engine:
                 self._in_flight = None
             events += self._read(previous)
         self.stats.steps += 1
-        stats = self.manager.stats()
-        self.stats.sample_memory(time.perf_counter(), stats["mapped_bytes"])
-        self.stats.peak_bytes_saved = max(self.stats.peak_bytes_saved, stats["bytes_saved"])
+        self.stats.sample_memory(time.perf_counter(), self.manager.counters()["mapped_bytes"])
+        if self.memory.sharing_grew:   # only a shared admission or a fork maps a page twice
+            self.memory.sharing_grew = False
+            self.stats.peak_bytes_saved = max(self.stats.peak_bytes_saved, self.manager.stats()["bytes_saved"])
         return events
 
     def stream(self) -> Iterator[TokenEvent]:
@@ -425,7 +426,7 @@ class Engine:
         self.scheduler.completed(plan)
         self.stats.prefill_tokens += sum(chunk.count for chunk in plan.chunks)
         return _InFlight(plan, tokens, tuple(rows), dispatched, dispatched - calling,
-                         self.manager.stats()["pages_mapped_total"] - mapped_before, self.memory.blocked, written,
+                         self.manager.counters()["pages_mapped_total"] - mapped_before, self.memory.blocked, written,
                          outputs, verifies, self.speculator is not None and self.speculator.synchronous(plan))
 
     def _read(self, step: _InFlight) -> list[TokenEvent]:
@@ -496,7 +497,7 @@ class Engine:
     def _can_free(self) -> bool:
         """Whether failed requests can still give their slots back (the cache is neither lost nor
         its manager poisoned)."""
-        return not self.manager.lost and not self.manager.stats()["poisoned"]
+        return not self.manager.lost and not self.manager.counters()["poisoned"]
 
     def _fail(self, state: RequestState, error: Exception) -> list[TokenEvent]:
         """Ends one request with ``error`` (a sample group's prefill: its samples): it leaves its slot,

@@ -98,6 +98,7 @@ class CacheMemory:
         self.unshared = NoPrefixSharing(host)   # for requests that must prefill their whole prompt
         self.blocked = False
         self.admit_error: Exception | None = None
+        self.sharing_grew = False   # since the engine last read bytes_saved: a shared admission or a fork
 
     def check_fits(self, request: Request, samples: int = 1) -> None:
         """``ValueError`` for a request whose pages at its longest exceed the whole budget; with
@@ -106,7 +107,7 @@ class CacheMemory:
         each other sample's own (its copy of the last page and its first decode pages). After the
         fork each sample is a request of its own, preempted under pressure as any other."""
         needed = self.host.pages_for(len(request.prompt) + request.max_new_tokens + self.policy.prefetch_horizon)
-        budget = self.host.stats()["budget_pages"]
+        budget = self.host.counters()["budget_pages"]
         if needed > budget:
             raise ValueError(f"the request needs {needed} pages at most but the whole budget is {budget} pages")
         if samples == 1:
@@ -163,6 +164,7 @@ class CacheMemory:
         context = len(state.context)
         self.stats.shared_tokens += placed.shared_tokens
         self.stats.shared_admissions += placed.shared_tokens > 0
+        self.sharing_grew |= placed.shared_tokens > 0
         if self.prefixes.tokens_per_page:
             self.stats.shared_pages += (placed.shared_tokens // self.prefixes.tokens_per_page
                                         * self.host.config.num_buffers)
@@ -200,6 +202,7 @@ class CacheMemory:
             for slot in forks:
                 self.release(slot)
             raise
+        self.sharing_grew = True
         return forks
 
     def release_held(self, state: RequestState) -> None:
@@ -221,7 +224,7 @@ class CacheMemory:
         admits the ``waiting`` requests in order while they fit in the rest of the budget and
         slots are free.
         """
-        config, stats = self.host.config, self.host.stats()
+        config, stats = self.host.config, self.host.counters()
         budget_tokens = stats["budget_pages"] * stats["page_bytes"] // (config.token_bytes * config.num_buffers)
         free_tokens = budget_tokens - sum(len(s.context) + 1 for s in holding)
         ideal = len(holding)
@@ -261,12 +264,12 @@ class CacheMemory:
         if not self.policy.overlap:
             return
         tokens = 1 if self.blocked else self.policy.prefetch_horizon
-        before = self.host.stats()["map_seconds"]
+        before = self.host.counters()["map_seconds"]
         try:
             self.host.prefetch_while_busy(pending, tokens, expected_end(begin, recent_seconds))
         except DriverError:
             self.stats.map_ahead_failures += 1
-        self.stats.prefetch_seconds += self.host.stats()["map_seconds"] - before
+        self.stats.prefetch_seconds += self.host.counters()["map_seconds"] - before
 
     def release(self, slot: int) -> None:
         """Gives ``slot`` back; without deferred reclamation its pages are unmapped at once."""

@@ -241,10 +241,10 @@ class EngineLoop:
     def _manager_unusable(self) -> str | None:
         manager = self.engine.manager
         try:
-            stats = manager.stats()
+            counters = manager.counters()
         except Exception as error:      # noqa: BLE001
             return f"the cache manager cannot report its state ({type(error).__name__}: {error})"
-        if stats.get("poisoned"):
+        if counters.get("poisoned"):
             return "the cache manager is poisoned: a driver failure could not be undone"
         if getattr(manager, "lost", False):
             return "the cache was lost in a failed step"

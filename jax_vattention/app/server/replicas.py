@@ -146,8 +146,8 @@ class Replicas:
                         # The engine shares at most the pages before the prompt's last token.
                         keys_by_page[per_page] = page_keys(list(prompt[:-1]), per_page)
                     cached = shard.cached_pages(keys_by_page[per_page])
-                stats = host.stats()
-                free = stats["budget_pages"] - stats["mapped_pages"]
+                counters = host.counters()
+                free = counters["budget_pages"] - counters["mapped_pages"]
                 needed = host.pages_for(min(tokens or len(prompt), host.config.max_len))
             except Exception:            # noqa: BLE001  (closed or failed meanwhile: its health says more)
                 views.append(ReplicaView(0, 0, 0, usable=False))
