@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jax_vattention.attention.kernels.operands import check_cache_operands, supported
+from jax_vattention.attention.kernels.operands import check_chunk_operands, supported
 
 __all__ = ["chunk_attention", "default_block_k", "default_block_q", "default_num_warps", "supported"]
 
@@ -160,21 +160,6 @@ def _chunk_kernel(
     plgpu.store(out_ref.at[pl.ds(0, rows), :], out.astype(out_ref.dtype))
 
 
-def _check_inputs(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer):
-    if q.ndim != 4:
-        raise ValueError(f"q must be [rows, q_len, q_heads, head_dim], got shape {q.shape}")
-    rows, q_len, q_heads, head_dim = q.shape
-    check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
-    if slots.shape != (rows,) or slots.dtype != jnp.int32:
-        raise ValueError(f"slots must be int32 [rows={rows}], got {slots.dtype} {slots.shape}")
-    if q_positions.shape != (rows, q_len) or q_positions.dtype != jnp.int32:
-        raise ValueError(
-            f"q_positions must be int32 [rows={rows}, q_len={q_len}], got {q_positions.dtype} {q_positions.shape}"
-        )
-    if kv_lengths.shape != (rows,) or kv_lengths.dtype != jnp.int32:
-        raise ValueError(f"kv_lengths must be int32 [rows={rows}], got {kv_lengths.dtype} {kv_lengths.shape}")
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("layer", "scale", "window", "softcap", "block_q", "block_k", "num_warps", "num_stages",
@@ -257,7 +242,7 @@ def chunk_attention(
     >>> out.shape, round(float(out[0, 0, 0, 0]), 4), float(out[1, 0, 0, 0])
     ((2, 4, 8, 64), 1.0, 0.0)
     """
-    _check_inputs(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer)
+    check_chunk_operands(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer)
     rows, q_len, q_heads, head_dim = q.shape
     max_batch, max_len, kv_heads = k_cache.shape[0], k_cache.shape[1], k_cache.shape[-2]
     group = q_heads // kv_heads

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jax_vattention.attention.kernels.operands import check_cache_operands
+from jax_vattention.attention.kernels.operands import check_decode_operands
 
 __all__ = ["decode_attention", "default_block_k", "default_num_splits"]
 
@@ -171,18 +171,6 @@ def _combine_splits(partial_out: jax.Array, partial_lse: jax.Array) -> jax.Array
     return out / jnp.where(total == 0, 1.0, total)[..., None]
 
 
-def _check_inputs(q, k_cache, v_cache, lengths, layer):
-    if q.ndim != 3:
-        raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
-    batch, q_heads, head_dim = q.shape
-    check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
-    max_batch = k_cache.shape[0]
-    if batch > max_batch:
-        raise ValueError(f"batch ({batch}) exceeds the cache's max_batch ({max_batch})")
-    if lengths.shape != (batch,) or lengths.dtype != jnp.int32:
-        raise ValueError(f"lengths must be int32 [batch={batch}], got {lengths.dtype} {lengths.shape}")
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("layer", "scale", "window", "softcap", "block_k", "num_splits", "num_warps", "num_stages",
@@ -252,7 +240,7 @@ def decode_attention(
     >>> out.shape, float(out[0, 0, 0]), float(out[1, 0, 0])
     ((2, 8, 64), 1.0, 0.0)
     """
-    _check_inputs(q, k_cache, v_cache, lengths, layer)
+    check_decode_operands(q, k_cache, v_cache, lengths, layer)
     batch, q_heads, head_dim = q.shape
     max_len, kv_heads = k_cache.shape[1], k_cache.shape[-2]
     group_size = q_heads // kv_heads

@@ -27,7 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_vattention.attention.kernels import mosaic_keys as keys
 from jax_vattention.attention.kernels.mosaic_decode_attention import check_supported
-from jax_vattention.attention.kernels.operands import check_cache_operands
+from jax_vattention.attention.kernels.operands import check_chunk_operands
 
 __all__ = ["default_block_k", "mosaic_chunk_attention"]
 
@@ -85,19 +85,9 @@ def _chunk_kernel(slots_ref, ends_ref, positions_ref, q_ref, k_ref, v_ref, out_r
 
 def check_inputs(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer) -> None:
     """``ValueError`` unless the Mosaic GPU chunk kernel takes these operands."""
-    if q.ndim != 4:
-        raise ValueError(f"q must be [rows, q_len, q_heads, head_dim], got shape {q.shape}")
-    rows, q_len, q_heads, head_dim = q.shape
-    check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
-    check_supported(k_cache.dtype, head_dim, q_heads // k_cache.shape[-2], k_cache.shape[1])
+    check_chunk_operands(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer)
+    check_supported(k_cache.dtype, q.shape[-1], q.shape[2] // k_cache.shape[-2], k_cache.shape[1])
     keys.check_tma_extent(k_cache.shape)
-    if slots.shape != (rows,) or slots.dtype != jnp.int32:
-        raise ValueError(f"slots must be int32 [rows={rows}], got {slots.dtype} {slots.shape}")
-    if q_positions.shape != (rows, q_len) or q_positions.dtype != jnp.int32:
-        raise ValueError(
-            f"q_positions must be int32 [rows={rows}, q_len={q_len}], got {q_positions.dtype} {q_positions.shape}")
-    if kv_lengths.shape != (rows,) or kv_lengths.dtype != jnp.int32:
-        raise ValueError(f"kv_lengths must be int32 [rows={rows}], got {kv_lengths.dtype} {kv_lengths.shape}")
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "scale", "block_k", "stages", "interpret"))

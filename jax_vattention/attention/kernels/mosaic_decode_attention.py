@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jax_vattention.attention.kernels import mosaic_keys as keys
-from jax_vattention.attention.kernels.operands import check_cache_operands
+from jax_vattention.attention.kernels.operands import check_decode_operands
 
 __all__ = ["check_supported", "default_block_k", "default_num_splits", "mosaic_decode_attention", "supported"]
 
@@ -133,16 +133,9 @@ def check_supported(dtype, head_dim: int, group: int, max_len: int) -> None:
 
 def check_inputs(q, k_cache, v_cache, lengths, layer) -> None:
     """``ValueError`` unless the Mosaic GPU decode kernel takes these operands."""
-    if q.ndim != 3:
-        raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
-    batch, q_heads, head_dim = q.shape
-    check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
-    check_supported(k_cache.dtype, head_dim, q_heads // k_cache.shape[-2], k_cache.shape[1])
+    check_decode_operands(q, k_cache, v_cache, lengths, layer)
+    check_supported(k_cache.dtype, q.shape[-1], q.shape[1] // k_cache.shape[-2], k_cache.shape[1])
     keys.check_tma_extent(k_cache.shape)
-    if batch > k_cache.shape[0]:
-        raise ValueError(f"batch ({batch}) exceeds the cache's max_batch ({k_cache.shape[0]})")
-    if lengths.shape != (batch,) or lengths.dtype != jnp.int32:
-        raise ValueError(f"lengths must be int32 [batch={batch}], got {lengths.dtype} {lengths.shape}")
 
 
 @functools.partial(jax.jit, static_argnames=("layer", "scale", "block_k", "num_splits", "stages", "interpret"))

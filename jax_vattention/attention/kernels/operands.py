@@ -60,3 +60,33 @@ def check_cache_operands(q_dtype, q_heads: int, head_dim: int, k_cache, v_cache,
         raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
     if q_heads % kv_heads:
         raise ValueError(f"q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+
+
+def check_decode_operands(q, k_cache, v_cache, lengths, layer) -> None:
+    """``ValueError`` unless a decode kernel takes these operands: ``q [batch, q_heads, head_dim]``
+    over caches of at least ``batch`` slots (:func:`check_cache_operands`), ``lengths`` int32 ``[batch]``."""
+    if q.ndim != 3:
+        raise ValueError(f"q must be [batch, q_heads, head_dim], got shape {q.shape}")
+    batch, q_heads, head_dim = q.shape
+    check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
+    if batch > k_cache.shape[0]:
+        raise ValueError(f"batch ({batch}) exceeds the cache's max_batch ({k_cache.shape[0]})")
+    if lengths.shape != (batch,) or lengths.dtype != jnp.int32:
+        raise ValueError(f"lengths must be int32 [batch={batch}], got {lengths.dtype} {lengths.shape}")
+
+
+def check_chunk_operands(q, k_cache, v_cache, slots, q_positions, kv_lengths, layer) -> None:
+    """``ValueError`` unless a chunk kernel takes these operands: ``q [rows, q_len, q_heads, head_dim]``
+    over caches (:func:`check_cache_operands`), ``slots`` and ``kv_lengths`` int32 ``[rows]``,
+    ``q_positions`` int32 ``[rows, q_len]``."""
+    if q.ndim != 4:
+        raise ValueError(f"q must be [rows, q_len, q_heads, head_dim], got shape {q.shape}")
+    rows, q_len, q_heads, head_dim = q.shape
+    check_cache_operands(q.dtype, q_heads, head_dim, k_cache, v_cache, layer)
+    if slots.shape != (rows,) or slots.dtype != jnp.int32:
+        raise ValueError(f"slots must be int32 [rows={rows}], got {slots.dtype} {slots.shape}")
+    if q_positions.shape != (rows, q_len) or q_positions.dtype != jnp.int32:
+        raise ValueError(
+            f"q_positions must be int32 [rows={rows}, q_len={q_len}], got {q_positions.dtype} {q_positions.shape}")
+    if kv_lengths.shape != (rows,) or kv_lengths.dtype != jnp.int32:
+        raise ValueError(f"kv_lengths must be int32 [rows={rows}], got {kv_lengths.dtype} {kv_lengths.shape}")
