@@ -136,6 +136,19 @@ def map_while_busy(map_one_page: Callable[[], int], pending: jax.Array, deadline
     return mapped
 
 
+def add_up(parts: list[dict], shared: tuple[str, ...]) -> dict:
+    """One dict of several parts' stats (devices of a mesh, replicas of a server): each number
+    summed over the parts, but the ``shared`` keys, flags and anything not a number, which are
+    the first part's. ``parts``: at least one dict, each with the first one's keys."""
+    total = {}
+    for key, value in parts[0].items():
+        if key in shared or isinstance(value, bool) or not isinstance(value, (int, float)):
+            total[key] = value
+        else:
+            total[key] = sum(part.get(key, 0) for part in parts)
+    return total
+
+
 def check_own_cache(cache: "KVCache", manager_id: int, config, shape: tuple) -> None:
     """``ValueError`` unless ``cache`` is the cache of the manager (or group) ``manager_id``, whose
     :class:`~jax_vattention.cache.config.CacheConfig` is ``config`` and whose buffers have ``shape``:

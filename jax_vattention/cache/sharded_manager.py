@@ -34,7 +34,7 @@ import jax_vattention._core as _core
 from jax_vattention._core import CacheManagerPoisonedError
 from jax_vattention.cache.kv_cache import KVCache
 from jax_vattention.cache.config import CacheConfig
-from jax_vattention.cache.host import check_own_cache, forget_live, map_while_busy, register_live
+from jax_vattention.cache.host import add_up, check_own_cache, forget_live, map_while_busy, register_live
 from jax_vattention.cache.manager import CacheManager, default_driver
 
 
@@ -343,12 +343,7 @@ class ShardedCacheManager:
         """One dict of the devices' ``per_device`` stats or counters (see :meth:`stats`)."""
         if not per_device:
             raise RuntimeError(f"manager {self._id} is closed: it has no stats")
-        total = {}
-        for key, value in per_device[0].items():
-            if key in _SHARED_STATS or isinstance(value, bool) or not isinstance(value, (int, float)):
-                total[key] = value
-            else:
-                total[key] = sum(s[key] for s in per_device)
+        total = add_up(per_device, _SHARED_STATS)
         total["poisoned"] = self._poisoned or next((s["poisoned"] for s in per_device if s["poisoned"]),
                                                    per_device[0]["poisoned"])
         total["per_device"] = per_device

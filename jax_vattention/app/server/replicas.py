@@ -34,6 +34,7 @@ from typing import Sequence
 
 from jax_vattention.app.server.engine_loop import EngineLoop, EngineUnusable, QueueFull, Stream
 from jax_vattention.app.server.routing import ReplicaView, preference
+from jax_vattention.cache.host import add_up
 from jax_vattention.cache.prefix import page_keys
 from jax_vattention.engine import Request
 
@@ -113,12 +114,7 @@ class Replicas:
         ``replicas``: each one's own, with its ``health`` (None while it can serve) and the requests
         routed to it."""
         per_replica = [loop.stats() for loop in self.loops]
-        total = {}
-        for key, value in per_replica[0].items():
-            if key in _SHARED_STATS or isinstance(value, bool) or not isinstance(value, (int, float)):
-                total[key] = value
-            else:
-                total[key] = sum(stats.get(key, 0) for stats in per_replica)
+        total = add_up(per_replica, _SHARED_STATS)
         if any(stats.get("poisoned") for stats in per_replica):
             total["poisoned"] = next(stats["poisoned"] for stats in per_replica if stats.get("poisoned"))
         total["replicas"] = [dict(stats, replica=index, health=loop.health, routed=self.routed[index])
