@@ -219,7 +219,7 @@ def test_one_rule_picks_and_refuses_backends():
 def test_pallas_names_pick_an_implementation(monkeypatch):
     """``pallas`` runs Triton until PALLAS_ON_HOPPER says Mosaic GPU, then Mosaic GPU on Hopper only and
     only for shapes its kernels take; the pinned names run theirs."""
-    from jax_vattention.attention import backends
+    from jax_vattention.attention import kernel_implementation as backends
     bf16 = jnp.bfloat16
     assert backends.pallas_implementation("pallas", bf16, 128, 4, compute_capability="9.0") == "triton"
     assert backends.pallas_implementation("pallas_triton", bf16, 128, 4) == "triton"

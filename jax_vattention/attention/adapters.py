@@ -17,6 +17,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from jax_vattention.attention.kernel_implementation import pallas_implementation
 from jax_vattention.attention.reference import (blocked_attention, check_shapes, compute_dtype, fold_kv_scales,
                                                 scale_values)
 from jax_vattention.cache.quantization import is_quantized
@@ -50,7 +51,7 @@ def chunk_attention(q, k_cache, v_cache, *, slots, q_positions, kv_lengths, laye
     On a GPU, with a bfloat16, float16, float32 or FP8 cache and a power-of-two ``head_dim`` in [16, 256],
     our Pallas chunk kernel runs it, its loop over key tiles on the device: the Mosaic GPU one
     (:mod:`~jax_vattention.attention.kernels.mosaic_chunk_attention`) where ``backend`` resolves to
-    it (:func:`~jax_vattention.attention.backends.pallas_implementation`) and no ``scale``,
+    it (:func:`~jax_vattention.attention.kernel_implementation.pallas_implementation`) and no ``scale``,
     ``window`` or ``softcap`` is given (it takes none), the Triton one
     (:mod:`~jax_vattention.attention.kernels.chunk_attention`) otherwise; elsewhere
     :func:`blocked_attention`, whose loop bound XLA on a GPU would read on the host at every block.
@@ -71,7 +72,6 @@ def _chunk_attention(q, k_cache, v_cache, slots, q_positions, kv_lengths, *, lay
     """:func:`chunk_attention` with the scales folded in."""
     dtype = compute_dtype(q.dtype, k_cache.dtype)
     if jax.default_backend() == "gpu":
-        from jax_vattention.attention.backends import pallas_implementation
         from jax_vattention.attention.kernels.chunk_attention import chunk_attention as chunk_kernel, supported
         rows = jnp.arange(q.shape[0], dtype=jnp.int32) if slots is None else slots.astype(jnp.int32)
         implementation = pallas_implementation(backend, k_cache.dtype, k_cache.shape[-1],
@@ -135,7 +135,7 @@ def cudnn_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *,
 def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *, backend="pallas", scale=None,
                      window=None, softcap=None):
     """The project's Pallas decode kernel, on the implementation ``backend`` names (``"pallas"``: the
-    platform's, :func:`~jax_vattention.attention.backends.pallas_implementation`; a ``scale``, a
+    platform's, :func:`~jax_vattention.attention.kernel_implementation.pallas_implementation`; a ``scale``, a
     ``window`` or a ``softcap``, which only the Triton kernels take, runs those); prefill falls back to
     cuDNN (a 16-bit cache on a GPU, no soft-capping), else to :func:`chunk_attention` (our chunk
     kernel on a GPU, the blocked kernel elsewhere)."""
@@ -149,7 +149,6 @@ def pallas_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer=None, *
             return chunk_attention(q, k_cache, v_cache, slots=None, q_positions=q_positions, kv_lengths=kv_lengths,
                                    layer=layer, backend=backend, **mask)
         return blocked_attention(q, k_cache, v_cache, q_positions, kv_lengths, layer, **mask)
-    from jax_vattention.attention.backends import pallas_implementation
     implementation = pallas_implementation(backend, k_cache.dtype, k_cache.shape[-1],
                                            q.shape[2] // k_cache.shape[-2], k_cache.shape[1])
     if implementation == "mosaic_gpu" and all(value is None for value in mask.values()):

@@ -29,8 +29,9 @@ Backends
     decode kernel and the engine's prefill chunks our chunk kernel; other prefill falls back to
     ``cudnn`` on GPU and ``blocked`` elsewhere. Each kernel has two implementations of one
     algorithm, Triton and Mosaic GPU (TMA and wgmma, Hopper only), and ``pallas`` runs the one
-    :func:`pallas_implementation` picks for the device: Triton, or Mosaic GPU on Hopper once
-    :data:`PALLAS_ON_HOPPER` says so.
+    :func:`~jax_vattention.attention.kernel_implementation.pallas_implementation` picks for the
+    device: Triton, or Mosaic GPU on Hopper once
+    :data:`~jax_vattention.attention.kernel_implementation.PALLAS_ON_HOPPER` says so.
 ``pallas_triton``, ``pallas_mgpu``
     ``pallas`` pinned to one implementation, for benchmarks, tests and for a deployment that must
     not change kernels when JAX does. Why names of their own rather than an option: a backend is
@@ -69,21 +70,13 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-import jax
 import jax.numpy as jnp
 
 from jax_vattention.attention.adapters import (CUDNN_DTYPES, CUDNN_FP8_REFUSAL, check_mosaic_shapes,
                                                cudnn_attention, mosaic_attention, pallas_attention)
+from jax_vattention.attention.kernel_implementation import PALLAS_BACKENDS, is_hopper
 from jax_vattention.attention.reference import blocked_attention, xla_attention
 from jax_vattention.cache.quantization import is_quantized
-
-# Our Pallas kernels' backend names and the implementation each pins (None: the device's, see
-# pallas_implementation).
-PALLAS_BACKENDS: dict[str, str | None] = {"pallas": None, "pallas_triton": "triton", "pallas_mgpu": "mosaic_gpu"}
-
-# The implementation backend "pallas" runs on a Hopper GPU: "triton" until `vattention bench
-# attention` measures Mosaic GPU faster on the same card (docs/benchmarks.md), then "mosaic_gpu".
-PALLAS_ON_HOPPER = "triton"
 
 BACKENDS: dict[str, Callable] = {
     "xla": xla_attention,
@@ -107,33 +100,6 @@ def check_backend(backend: str) -> None:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-
-
-def _is_hopper(compute_capability) -> bool:
-    return compute_capability is not None and str(compute_capability).split(".")[0] == "9"
-
-
-def pallas_implementation(backend: str | None, dtype, head_dim: int, group: int, max_len: int = 0,
-                          compute_capability=None) -> str:
-    """``"triton"`` or ``"mosaic_gpu"``: which implementation of our kernels ``backend`` runs for a cache
-    of ``dtype``, ``head_dim`` and ``max_len`` tokens per slot with ``group`` query heads per kv head.
-
-    ``pallas_triton`` and ``pallas_mgpu`` pin theirs; ``pallas`` (or None) takes :data:`PALLAS_ON_HOPPER`
-    on a Hopper GPU (``compute_capability``, by default the first device's) where the Mosaic GPU kernels
-    take the shapes (16-bit, ``head_dim`` a multiple of 64 up to 256, ``max_len`` a multiple of 8), and
-    Triton everywhere else.
-    """
-    pinned = PALLAS_BACKENDS.get(backend or "pallas")
-    if pinned is not None:
-        return pinned
-    if PALLAS_ON_HOPPER != "mosaic_gpu":
-        return "triton"
-    from jax_vattention.attention.kernels.mosaic_decode_attention import supported
-    if compute_capability is None:
-        device = jax.devices()[0]
-        compute_capability = getattr(device, "compute_capability", None) if device.platform == "gpu" else None
-    mosaic = _is_hopper(compute_capability) and supported(dtype, head_dim, group, max_len)
-    return "mosaic_gpu" if mosaic else "triton"
 
 
 def check_pallas_mgpu_shapes(dtype, head_dim: int | None, capacity: int | None = None) -> None:
@@ -194,13 +160,13 @@ def check_backend_on(backend: str, layout: str, platform: str, virtual: bool = T
     if backend == "pallas_mgpu" and platform != "gpu":
         raise ValueError(f"backend 'pallas_mgpu' (our Mosaic GPU kernels) needs an NVIDIA Hopper GPU; JAX runs on "
                          f"{platform} here: use 'blocked' (or 'pallas_triton', interpreted)")
-    if backend == "pallas_mgpu" and compute_capability is not None and not _is_hopper(compute_capability):
+    if backend == "pallas_mgpu" and compute_capability is not None and not is_hopper(compute_capability):
         raise ValueError(f"backend 'pallas_mgpu' needs a Hopper GPU (compute capability 9.x: its kernels use TMA "
                          f"and wgmma); this GPU's is {compute_capability}: use 'pallas' or 'pallas_triton'")
     if backend == "mosaic" and platform != "gpu":
         raise ValueError(f"backend 'mosaic' (JAX's Mosaic GPU flash attention) needs an NVIDIA Hopper GPU; JAX "
                          f"runs on {platform} here: use 'blocked'")
-    if backend == "mosaic" and compute_capability is not None and str(compute_capability).split(".")[0] != "9":
+    if backend == "mosaic" and compute_capability is not None and not is_hopper(compute_capability):
         raise ValueError(f"backend 'mosaic' needs a Hopper GPU (compute capability 9.x: its kernel uses wgmma); "
                          f"this GPU's is {compute_capability}: use 'cudnn' or 'pallas'")
     if backend == "cudnn" and platform != "gpu":

@@ -3,7 +3,7 @@
 Each kernel has two implementations of one algorithm: Pallas on Triton (``decode_attention``,
 ``chunk_attention``; JAX 0.11 deprecated that backend) and Pallas on Mosaic GPU for Hopper
 (``mosaic_decode_attention``, ``mosaic_chunk_attention``, sharing the bounded key loop of
-``mosaic_keys``). :func:`jax_vattention.attention.backends.pallas_implementation` picks one.
+``mosaic_keys``). :func:`jax_vattention.attention.kernel_implementation.pallas_implementation` picks one.
 """
 
 from jax_vattention.attention.kernels.chunk_attention import chunk_attention
