@@ -6,6 +6,7 @@ The references are independent of the package: codes are ``ml_dtypes.float8_e4m3
 float64 numpy softmax over the keys a query sees.
 """
 
+import contextlib
 import dataclasses
 import functools
 from types import SimpleNamespace
@@ -448,10 +449,20 @@ def test_the_triton_kernels_lower_for_cuda_over_fp8_codes(layers):
     cache = jax.ShapeDtypeStruct((2, 256, *((layers,) if layers else ()), 2, 128), FP8)
     lengths = jax.ShapeDtypeStruct((2,), jnp.int32)
     layer = dict(layer=1) if layers else {}
-    decode = jax.jit(functools.partial(decode_attention, interpret=False, **layer)).trace(
-        jax.ShapeDtypeStruct((2, 8, 128), jnp.bfloat16), cache, cache, lengths)
-    chunks = jax.jit(functools.partial(chunk_kernel, interpret=False, **layer)).trace(
-        jax.ShapeDtypeStruct((2, 16, 8, 128), jnp.bfloat16), cache, cache, lengths,
-        jax.ShapeDtypeStruct((2, 16), jnp.int32), lengths)
-    for traced in (decode, chunks):
-        assert "triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+    with a_cuda_target():
+        decode = jax.jit(functools.partial(decode_attention, interpret=False, **layer)).trace(
+            jax.ShapeDtypeStruct((2, 8, 128), jnp.bfloat16), cache, cache, lengths)
+        chunks = jax.jit(functools.partial(chunk_kernel, interpret=False, **layer)).trace(
+            jax.ShapeDtypeStruct((2, 16, 8, 128), jnp.bfloat16), cache, cache, lengths,
+            jax.ShapeDtypeStruct((2, 16), jnp.int32), lengths)
+        for traced in (decode, chunks):
+            assert "triton" in traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def a_cuda_target():
+    """Where no GPU is attached, an abstract H100 to lower for: jax 0.12's Triton lowering asks the
+    device for its compute capability (jax 0.10 and 0.11 lower without one)."""
+    if jax.default_backend() == "gpu" or not hasattr(jax.sharding, "AbstractDevice"):
+        return contextlib.nullcontext()
+    h100 = jax.sharding.AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=h100))

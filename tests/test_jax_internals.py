@@ -40,6 +40,32 @@ def test_aliased_outputs_skip_pruned_arguments():
     assert jax_internals.aliased_outputs(lowered, 3) == [None, None, 1]
 
 
+def test_aliased_outputs_skip_hoisted_constants():
+    """A closed-over array is a constant of the program (jax 0.12 passes large ones as leading
+    parameters): the arguments keep their places, the pruned one included."""
+    table = jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64)
+    other = jnp.ones((64, 64), jnp.float32)
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def step(unused, buffer, scale):
+        return scale * 2, buffer + table * other
+
+    lowered = step.lower(jnp.zeros(3), jnp.zeros((64, 64), jnp.float32), jnp.float32(2))
+    assert jax_internals.aliased_outputs(lowered, 3) == [None, 1, None]
+
+
+def test_aliased_outputs_of_a_sharded_program_with_constants():
+    """The compiled program's parameter numbers count the hoisted constants too."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tp",))
+    spec = jax.sharding.PartitionSpec(None, "tp")
+    table = jnp.arange(64 * 64, dtype=jnp.float32).reshape(64, 64)
+    body = jax.shard_map(lambda x, y: (y[:2] + 1, x * 2 + table), mesh=mesh, in_specs=(spec, spec),
+                         out_specs=(spec, spec))
+    jitted = jax.jit(body, donate_argnums=0)
+    lowered = jitted.lower(jnp.zeros((64, 64)), jnp.zeros((64, 64)))  # only output 1 has argument 0's shape
+    assert jax_internals.aliased_outputs(lowered, 2) == [1, None]
+
+
 def test_aliased_outputs_of_a_sharded_program():
     """shard_map leaves the aliasing of a donated argument to XLA: read from the compiled program."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("tp",))

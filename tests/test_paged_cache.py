@@ -1,6 +1,6 @@
 """The paged baseline on the CPU: writes and attention through the block table against the dense cache,
-Pallas' paged kernel (interpreted) against the reference, and the model's decode through a paged cache
-against the virtual one."""
+Pallas' paged kernel (interpreted; JAX before 0.12 ships it) against the reference, and the model's
+decode through a paged cache against the virtual one."""
 
 import jax
 import jax.numpy as jnp
@@ -12,10 +12,13 @@ import jax_vattention as jv
 from jax_vattention import _core
 from jax_vattention.attention import xla_attention
 from jax_vattention.bench.decode_chunk import decode_chunk_fn
-from jax_vattention.bench.paged_cache import PagedKVCache, paged_pallas_attention, paged_reference
+from jax_vattention.bench.paged_cache import (PagedKVCache, paged_pallas_attention, paged_reference,
+                                              pallas_paged_shipped)
 from jax_vattention.decode.step_batch import StepBatch
 
 CPU = jax.devices("cpu")[0]
+needs_pallas_paged = pytest.mark.skipif(not pallas_paged_shipped(),
+                                        reason=f"jax {jax.__version__} ships no Pallas paged kernel (tokamax has it)")
 
 
 def random_dense(rng, batch=3, capacity=40, kv_heads=2, head_dim=16, layers=1):
@@ -64,6 +67,7 @@ def test_writes_through_the_block_table_equal_the_dense_writes_and_drop_padding(
     np.testing.assert_array_equal(np.asarray(v), np.asarray(expected.v[0]))
 
 
+@needs_pallas_paged
 def test_pallas_paged_interpreted_equals_the_reference():
     rng = np.random.default_rng(2)
     dense = random_dense(rng, batch=4, capacity=64)
@@ -75,6 +79,19 @@ def test_pallas_paged_interpreted_equals_the_reference():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
+def test_a_jax_without_pallas_paged_kernel_gets_a_clear_refusal():
+    """JAX 0.12 moved Pallas' paged kernel out (to tokamax): the baseline says so by name, before tracing."""
+    heads_first = PagedKVCache.allocate(num_layers=1, max_batch=2, capacity=32, kv_heads=2, head_dim=16,
+                                        block_size=8, dtype=jnp.float32, heads_first=True)
+    arguments = dict(q_positions=jnp.zeros((2, 1), jnp.int32), kv_lengths=jnp.ones(2, jnp.int32),
+                     slots=jnp.arange(2))
+    if pallas_paged_shipped():
+        assert heads_first.attend(0, jnp.zeros((2, 1, 4, 16)), backend="pallas", **arguments).shape == (2, 1, 4, 16)
+    else:
+        with pytest.raises(ValueError, match=f"not in jax {jax.__version__}.*tokamax"):
+            heads_first.attend(0, jnp.zeros((2, 1, 4, 16)), backend="pallas", **arguments)
+
+
 def test_backends_a_paged_cache_refuses_say_what_to_use():
     blocks_first = PagedKVCache.allocate(num_layers=1, max_batch=2, capacity=32, kv_heads=2, head_dim=16,
                                          block_size=8, dtype=jnp.float32)
@@ -84,7 +101,7 @@ def test_backends_a_paged_cache_refuses_say_what_to_use():
     arguments = dict(q_positions=jnp.zeros((2, 1), jnp.int32), kv_lengths=jnp.ones(2, jnp.int32),
                      slots=jnp.arange(2))
     for cache, backend, message in ((blocks_first, "blocked", "runs the backends xla, cudnn, pallas"),
-                                    (blocks_first, "pallas", "heads_first=True"),
+                                    *([(blocks_first, "pallas", "heads_first=True")] if pallas_paged_shipped() else []),
                                     (heads_first, "cudnn", "heads_first=False"),
                                     (blocks_first, "cudnn", "bfloat16 or float16")):
         with pytest.raises(ValueError, match=message):
@@ -112,7 +129,8 @@ def test_a_mixed_step_through_a_paged_cache_gives_the_dense_caches_logits(model)
     np.testing.assert_allclose(np.asarray(got[np.array([0, 2, 3])]), np.asarray(want[np.array([0, 2, 3])]),
                                atol=1e-5, rtol=1e-5)
     k, _ = paged.gather(1, jnp.arange(3))
-    np.testing.assert_array_equal(np.asarray(k), np.asarray(dense.k[1]))
+    # The keys come from two programs (dense and paged writes), which XLA may fuse differently.
+    np.testing.assert_allclose(np.asarray(k), np.asarray(dense.k[1]), rtol=1e-6, atol=1e-6)
 
 
 def fill(cache, values, context):
@@ -138,7 +156,8 @@ def decode(model, cache, backend, batch, context, steps):
     return outputs[0], np.asarray(outputs[5])
 
 
-def test_the_models_decode_through_a_paged_cache_gives_the_virtual_caches_tokens(model):
+@pytest.mark.parametrize("heads_first, backend", [(False, "xla"), pytest.param(True, "pallas", marks=needs_pallas_paged)])
+def test_the_models_decode_through_a_paged_cache_gives_the_virtual_caches_tokens(model, heads_first, backend):
     config = model.config
     batch, context, steps, capacity = 3, 21, 6, 64
     rng = np.random.default_rng(4)
@@ -155,13 +174,12 @@ def test_the_models_decode_through_a_paged_cache_gives_the_virtual_caches_tokens
         manager.cache = jv.cache_jit(lambda cache: fill(cache, values, context))(manager.cache)
         manager.reserve_growth(steps)
         manager.cache, virtual = decode(model, manager.cache, "blocked", batch, context, steps)
-    for heads_first, backend in ((False, "xla"), (True, "pallas")):
-        paged = PagedKVCache.allocate(num_layers=config.num_layers, max_batch=batch, capacity=capacity,
-                                      kv_heads=config.num_kv_heads, head_dim=config.head_dim, block_size=16,
-                                      dtype=jnp.float32, heads_first=heads_first)
-        paged = jax.jit(lambda cache: fill(cache, values, context))(paged)
-        _, tokens = decode(model, paged, backend, batch, context, steps)
-        np.testing.assert_array_equal(tokens, virtual, err_msg=backend)
+    paged = PagedKVCache.allocate(num_layers=config.num_layers, max_batch=batch, capacity=capacity,
+                                  kv_heads=config.num_kv_heads, head_dim=config.head_dim, block_size=16,
+                                  dtype=jnp.float32, heads_first=heads_first)
+    paged = jax.jit(lambda cache: fill(cache, values, context))(paged)
+    _, tokens = decode(model, paged, backend, batch, context, steps)
+    np.testing.assert_array_equal(tokens, virtual)
     assert (virtual >= 0).all()
 
 
@@ -182,6 +200,7 @@ def test_bench_decode_runs_the_paged_rows_through_the_reference_off_a_gpu(tmp_pa
     assert "virtual / best paged" in report and "batch    2 context     16: virtual_per_layer" in report
 
 
+@needs_pallas_paged
 def test_the_kernels_take_rows_in_any_slots_and_padding_rows():
     rng = np.random.default_rng(5)
     dense = random_dense(rng, batch=3, capacity=32)

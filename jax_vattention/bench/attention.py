@@ -48,6 +48,7 @@ from jax_vattention.bench.attention_kernels import (CHUNK_MGPU, CHUNK_TRITON, CU
                                                     mgpu_available, mgpu_sweep_configs, ours_attention,
                                                     ours_mgpu_attention, paged_cudnn_attention,
                                                     paged_pallas_attention, shuffled_page_pool, sweep_configs)
+from jax_vattention.bench.paged_cache import pallas_paged_shipped
 CSV_FIELDS = (
     "card",
     "batch",
@@ -479,6 +480,10 @@ def run(args: argparse.Namespace) -> int:
     if jax.default_backend() != "gpu":
         args.impls = [name for name in args.impls if name not in (CUDNN, PAGED_CUDNN)]
         print("not a GPU: cuDNN baselines skipped, Pallas kernels interpreted", file=sys.stderr)
+    if PAGED_PALLAS in args.impls and not pallas_paged_shipped():
+        args.impls = [name for name in args.impls if name != PAGED_PALLAS]
+        print(f"jax {jax.__version__} ships no Pallas paged kernel (moved to tokamax in 0.12): {PAGED_PALLAS} "
+              "skipped", file=sys.stderr)
     if not mgpu_available():
         print("not a Hopper GPU: our Mosaic GPU kernels (ours_mgpu, chunk_mgpu) skipped", file=sys.stderr)
     results = []

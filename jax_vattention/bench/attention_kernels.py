@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from jax_vattention.attention.kernels import decode_attention
 from jax_vattention.attention.kernels.decode_attention import default_block_k, default_num_splits
+from jax_vattention.bench.paged_cache import pallas_paged_kernel
 
 OURS, OURS_MGPU, CUDNN, PAGED_CUDNN, PAGED_PALLAS = "ours_triton", "ours_mgpu", "cudnn", "paged_cudnn", "paged_pallas"
 # Our Triton decode kernel over an FP8 cache (the same K/V as e4m3 codes, scale 1): half the bytes read.
@@ -60,8 +61,7 @@ def paged_cudnn_attention(scale: float):
 
 
 def paged_pallas_attention(page_size: int, pages_per_slot: int):
-    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
-
+    paged_attention = pallas_paged_kernel()
     k_splits = math.gcd(16, pages_per_slot)
     pages_per_block = math.gcd(max(1, 128 // page_size), pages_per_slot // k_splits)
 

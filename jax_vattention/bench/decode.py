@@ -56,7 +56,7 @@ from jax_vattention.app.commands.model_source import KV_DTYPES
 from jax_vattention.bench.decode_chunk import decode_chunk_fn
 from jax_vattention.app.memory_fit import weight_bytes_per_device
 from jax_vattention.cache.manager import CacheManager
-from jax_vattention.bench.paged_cache import PagedKVCache
+from jax_vattention.bench.paged_cache import PagedKVCache, pallas_paged_shipped
 from jax_vattention.cache.sharded_manager import ShardedCacheManager
 from jax_vattention.decode.mesh import init_sharded, place, tp_mesh
 from jax_vattention.models.sharding import check_divisible
@@ -193,6 +193,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--tp must be between 1 and the {len(jax.devices())} devices JAX sees; got {degree}")
         check_divisible(model_config, degree)
     print(f"vattention bench decode on {card} ({device.platform}), jax {jax.__version__}, {today}")
+    if on_gpu and "paged_pallas" in args.modes and not pallas_paged_shipped():
+        args.modes = [mode for mode in args.modes if mode != "paged_pallas"]
+        print(f"jax {jax.__version__} ships no Pallas paged kernel (moved to tokamax in 0.12): paged_pallas skipped")
     if not on_gpu:
         print("NOT A GPU: a tiny grid on the CPU backend; the numbers say nothing about a GPU")
     bandwidth = copy_ceiling(args.copy_gib) if on_gpu else None

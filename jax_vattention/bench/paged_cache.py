@@ -246,6 +246,8 @@ def check_paged_backend(backend: str, cache: PagedKVCache, q_len: int = 1) -> No
     if backend != "xla" and q_len != 1:
         raise ValueError(f"the paged {backend!r} kernel here is a decode kernel (one query token per row); "
                          "prefill chunks on a paged cache run with backend 'xla'")
+    if backend == "pallas":
+        pallas_paged_kernel()
     if backend == "pallas" and not cache.heads_first:
         raise ValueError("Pallas' paged kernel reads pools [kv_heads, num_blocks, block_size, head_dim]: "
                          "allocate the cache with heads_first=True")
@@ -292,12 +294,32 @@ def pallas_paged_config(max_blocks: int, block_size: int) -> dict:
                 table_blocks=-(-max_blocks // multiple) * multiple)
 
 
+def pallas_paged_kernel():
+    """Pallas' paged decode kernel (``jax.experimental.pallas.ops.gpu.paged_attention``), or a
+    ``ValueError`` where the installed JAX no longer ships it."""
+    try:
+        from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
+    except ModuleNotFoundError:
+        raise ValueError(f"Pallas' paged attention kernel is not in jax {jax.__version__}: JAX 0.12 moved its Pallas "
+                         "GPU ops out to the tokamax package. The Pallas paged baseline needs jax<0.12; the cuDNN "
+                         "paged baseline and the reference ('xla') run on every JAX") from None
+    return paged_attention
+
+
+def pallas_paged_shipped() -> bool:
+    """Whether the installed JAX still ships Pallas' paged decode kernel (:func:`pallas_paged_kernel`)."""
+    try:
+        pallas_paged_kernel()
+    except ValueError:
+        return False
+    return True
+
+
 def paged_pallas_attention(q, k_pool, v_pool, block_table, lengths):
     """Pallas' paged decode attention (interpreted off a GPU): ``q`` ``[batch, q_heads, head_dim]``,
     pools ``[kv_heads, num_blocks, block_size, head_dim]``, ``block_table`` int32 ``[batch,
     max_blocks]``, ``lengths`` int32 ``[batch]`` -> ``[batch, q_heads, head_dim]``."""
-    from jax.experimental.pallas.ops.gpu.paged_attention import paged_attention
-
+    paged_attention = pallas_paged_kernel()
     head_dim = q.shape[-1]
     config = pallas_paged_config(block_table.shape[1], k_pool.shape[2])
     table = jnp.pad(block_table, ((0, 0), (0, config.pop("table_blocks") - block_table.shape[1])))  # [B, M']

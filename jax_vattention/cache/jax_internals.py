@@ -22,27 +22,40 @@ import jax
 
 
 def aliased_outputs(lowered: jax.stages.Lowered, arguments: int) -> list[int | None]:
-    """For each of the ``arguments`` flat arguments of ``lowered``: the flat output it aliases, or None."""
+    """For each of the ``arguments`` flat arguments of ``lowered``: the flat output it aliases, or None.
+
+    The lowered program's parameters are the constants JAX hoisted out of the function (jax 0.12
+    passes closed-over arrays as leading parameters marked ``jax.const``), then the arguments XLA did
+    not prune; both are counted in ``kept_var_idx``, the constants first.
+    """
     signature = re.search(r"func\.func public @main\((.*?)\)\s*->", lowered.as_text(), re.S)
     if signature is None:
         raise RuntimeError("cannot find the lowered program's main function")
-    kept = lowered._lowering.compile_args.get("kept_var_idx")  # arguments XLA did not prune
-    kept = sorted(kept) if kept is not None else list(range(arguments))
+    constants = len(getattr(lowered._lowering, "const_args", None) or ())
+    kept = lowered._lowering.compile_args.get("kept_var_idx")  # constants and arguments XLA did not prune
+    kept = sorted(kept) if kept is not None else list(range(constants + arguments))
+
+    def argument_of(parameter: int) -> int | None:
+        """The flat argument behind the lowered program's ``parameter``; None for a constant."""
+        if parameter >= len(kept) or kept[parameter] < constants:
+            return None
+        return kept[parameter] - constants
+
     aliased: list[int | None] = [None] * arguments
     donors = False
     for text in signature.group(1).split("%arg")[1:]:  # "<n>: tensor<...> {attributes}, "
         parameter = int(re.match(r"\d+", text).group(0))
         output = re.search(r"tf\.aliasing_output = (\d+) : i32", text)
         donors = donors or "jax.buffer_donor = true" in text
-        if parameter < len(kept) and output is not None:
-            aliased[kept[parameter]] = int(output.group(1))
+        if output is not None and argument_of(parameter) is not None:
+            aliased[argument_of(parameter)] = int(output.group(1))
     if donors:
         # A sharded program (e.g. shard_map over a mesh) marks donated parameters as buffer donors
         # and leaves the aliasing to XLA: read what the compiled program aliases.
         compiled = lowered.compile().as_text()
         for output, parameter in re.findall(r"\{(\d+)\}: \((\d+), \{\}, (?:may|must)-alias\)", compiled):
-            if int(parameter) < len(kept):
-                aliased[kept[int(parameter)]] = int(output)
+            if argument_of(int(parameter)) is not None:
+                aliased[argument_of(int(parameter))] = int(output)
     return aliased
 
 
