@@ -200,7 +200,7 @@ class CacheManager(PrefixSharing, Forks):
         return buffers
 
     def _cpu_buffers(self) -> list[jax.Array]:
-        sharding = jax.sharding.SingleDeviceSharding(self.device)
+        sharding = jax.sharding.make_single_device_sharding(self.device)
         make = jax.jit(lambda: jax.ffi.ffi_call(
             _ffi.UNINITIALIZED_TARGET, jax.ShapeDtypeStruct(self._shape, self.config.dtype),
             has_side_effect=True)(), out_shardings=sharding)

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+from jax.sharding import NamedSharding, PartitionSpec, make_single_device_sharding
 
 from jax_vattention.cache.donation import cache_jit
 from jax_vattention.engine.request_rows import RequestRow, generated_before
@@ -239,7 +239,7 @@ class StepRunner:
     def _placement(self, device):
         if self.tp is not None:
             return NamedSharding(self.tp.mesh, PartitionSpec())
-        return SingleDeviceSharding(device)
+        return make_single_device_sharding(device)
 
     def _traced(self, graphdef, backend, variant: StepVariant, leaves, cache, ints, floats, previous, sampler):
         self.traces += 1  # runs once per compilation
