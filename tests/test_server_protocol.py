@@ -26,7 +26,8 @@ ASKING = {
     "tool_choice": "auto", "functions": [{"name": "f", "parameters": {}}], "function_call": "auto",
     "parallel_tool_calls": "yes", "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low", "web_search_options": {},
-    "store": True, "metadata": {"a": "b"}, "service_tier": "flex",
+    "store": True, "metadata": {"a": "b"}, "service_tier": "flex", "verbosity": "low",
+    "moderation": {"model": "omni-moderation-latest"},
 }
 # A value that asks for nothing, where it differs from leaving the field out.
 NEUTRAL = {"suffix": "", "response_format": {"type": "text"}, "tools": [], "tool_choice": "none",
@@ -149,9 +150,9 @@ def test_unknown_fields_and_the_other_endpoints_fields_are_refused(server, path,
     (b'{"model": "tiny", "prompt": []}', "prompt", "the prompt is empty"),
     (b'{"model": "tiny", "prompt": [1, 99999]}', "prompt", "outside the vocabulary"),
     (b'{"model": "tiny", "messages": []}', "messages", "at least 1 item"),
-    (b'{"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}', "messages.0.role", "Input should be"),
+    (b'{"model": "tiny", "messages": [{"role": "tool", "content": "x"}]}', "messages.0.role", "not supported"),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": "x", "tool_calls": []}]}',
-     "messages.0.tool_calls", "unrecognized"),
+     "messages.0.tool_calls", "only for assistant messages"),
     (b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
      "messages.0.content", ""),
 ], ids=lambda value: value if isinstance(value, str) else None)
@@ -233,3 +234,105 @@ def test_top_k_is_honoured(client):
     top1 = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=1.5,
                                      extra_body={"top_k": 1})
     assert top1.choices[0].text == greedy.choices[0].text
+
+
+# ---------------------------------------------------------------- the audit against the openai client
+def test_a_field_of_several_shapes_is_named_itself_with_what_is_wrong_inside(server):
+    """A mixed prompt list, a non-text content part: the param is the field (no pydantic shape tag
+    such as ``prompt.str``), and the message says what inside it is wrong."""
+    mixed = error_of(post(server, "/v1/completions", json.dumps({"model": "tiny", "prompt": ["a", [1]]})), 400)
+    assert mixed["param"] == "prompt" and "all of one kind" in mixed["message"], mixed
+    image = {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}
+    part = error_of(post(server, "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "a"}, image]}]})), 400)
+    assert part["param"] == "messages.0.content.1" and "image_url" in part["message"], part
+    number = error_of(post(server, "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": [{"role": "user", "content": 5}]})), 400)
+    assert number["param"] == "messages.0.content", number
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"logit_bias": {"\u0663": 5}}, "logit_bias"),       # an Arabic-Indic digit: str.isdigit, not a token id
+    ({"stop": ""}, "stop"), ({"stop": ["x", ""]}, "stop"),  # vLLM: an empty stop string would end at once
+])
+def test_values_openai_and_vllm_refuse(server, body, param):
+    error = error_of(post(server, "/v1/completions", json.dumps({"model": "tiny", "prompt": "a", **body})), 400)
+    assert error["param"] == param, error
+
+
+def test_openais_cache_and_safety_hints_change_nothing_and_the_others_are_refused(client):
+    plain = client.chat.completions.create(model="tiny", messages=chat(), max_tokens=6, temperature=0)
+    parts = [{"type": "text", "text": "Hi", "prompt_cache_breakpoint": {"mode": "explicit", "ttl": "30m"}}]
+    hinted = client.chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=6, temperature=0,
+        prompt_cache_key="k", prompt_cache_retention="24h", prompt_cache_options={"mode": "implicit", "ttl": "30m"},
+        safety_identifier="someone")
+    assert hinted.choices[0].message.content == plain.choices[0].message.content
+    for options, accepted in [({"include_obfuscation": False}, True), ({"include_obfuscation": True}, False),
+                              ({"include_usage": True, "continuous_usage_stats": False}, True)]:
+        request = dict(model="tiny", messages=chat(), max_tokens=2, stream=True, stream_options=options)
+        if accepted:
+            assert list(client.chat.completions.create(**request))
+            continue
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(**request)
+        assert refused.value.body["param"] == "stream_options.include_obfuscation"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="tiny", messages=chat(), prompt_cache_retention="forever")
+    assert refused.value.body["param"] == "prompt_cache_retention"
+
+
+def test_an_assistant_message_as_openai_answers_it_is_history(client, server):
+    """The client sends an answer's message back as it came (``refusal``, ``tool_calls``... null);
+    a refusal is what the assistant said; tool calls, tool messages and audio are refused by name."""
+    first = client.chat.completions.create(model="tiny", messages=chat(), max_tokens=4, temperature=0)
+    said = first.choices[0].message.content
+    as_answered = {"role": "assistant", "content": said, "refusal": None, "tool_calls": None,
+                   "function_call": None, "audio": None}
+    follow = chat() + [as_answered, {"role": "user", "content": "More"}]
+    plain = chat() + [{"role": "assistant", "content": said}, {"role": "user", "content": "More"}]
+    knobs = dict(model="tiny", max_tokens=5, temperature=0)
+    again = client.chat.completions.create(messages=follow, **knobs).choices[0].message.content
+    assert again == client.chat.completions.create(messages=plain, **knobs).choices[0].message.content
+    resent = chat() + [first.choices[0].message, {"role": "user", "content": "More"}]
+    assert client.chat.completions.create(messages=resent, **knobs).choices[0].message.content == again
+    refusal = [{"role": "assistant", "content": None, "refusal": "No."}, {"role": "user", "content": "x"}]
+    as_part = [{"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}, {"role": "user", "content": "x"}]
+    as_text = [{"role": "assistant", "content": "No."}, {"role": "user", "content": "x"}]
+    answers = {client.chat.completions.create(messages=m, **knobs).choices[0].message.content
+               for m in (refusal, as_part, as_text)}
+    assert len(answers) == 1
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    for messages, param in [
+            ([{"role": "assistant", "content": None, "tool_calls": [call]}], "messages.0.tool_calls"),
+            ([{"role": "tool", "content": "x", "tool_call_id": "c"}], "messages.0.role"),
+            ([{"role": "assistant", "content": "x", "audio": {"id": "a"}}], "messages.0.audio"),
+            ([{"role": "user", "content": [{"type": "refusal", "refusal": "x"}]}], "messages.0.content"),
+            ([{"role": "assistant", "content": None}], "messages.0")]:
+        error = error_of(post(server, "/v1/chat/completions", json.dumps({"model": "tiny", "messages": messages})),
+                         400)
+        assert error["param"] == param, (messages, error)
+
+
+def test_every_chunk_of_a_stream_has_the_requests_created_time(client, monkeypatch):
+    """OpenAI's chunks share ``created``: a clock that ticks a second per reading must not show."""
+    import itertools
+    import time
+
+    real, ticks = time.time, itertools.count()
+    monkeypatch.setattr(time, "time", lambda: real() + next(ticks))
+    chunks = list(client.completions.create(model="tiny", prompt="Hi", max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    chat_chunks = list(client.chat.completions.create(model="tiny", messages=chat(), max_tokens=6, stream=True))
+    monkeypatch.undo()
+    assert len(chunks) > 2 and len({c.created for c in chunks}) == 1
+    assert len({c.created for c in chat_chunks}) == 1
+
+
+def test_continuous_usage_stats_give_every_chunk_the_usage_so_far(client):
+    chunks = list(client.completions.create(
+        model="tiny", prompt="Hello", max_tokens=5, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    counts = [c.usage.completion_tokens for c in chunks]      # a chunk may carry several tokens (held text)
+    assert counts == sorted(counts) and 1 <= counts[0] and counts[-2:] == [5, 5] and chunks[-1].choices == []
+    assert all(c.usage.prompt_tokens == 5 and c.usage.total_tokens == 5 + c.usage.completion_tokens for c in chunks)

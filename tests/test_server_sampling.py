@@ -270,3 +270,12 @@ def test_echo_streams_the_prompt_first_and_n_chat_choices_stream_by_index(client
             texts[choice.index] = texts.get(choice.index, "") + (choice.delta.content or "")
             roles[choice.index] = roles.get(choice.index) or choice.delta.role
     assert [texts[i] for i in range(3)] == answers and set(roles.values()) == {"assistant"}
+
+
+@pytest.mark.parametrize("body, param", [({"n": 5}, "n"), ({"n": 2, "best_of": 5}, "best_of")])
+def test_more_samples_than_slots_names_n_or_best_of(server, body, param):
+    """Forked samples need a slot each at once: more than ``max_batch`` can never be served."""
+    response = httpx.post(server.url + "/completions", json={"model": "tiny", "prompt": "a", **body}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "5 slots" in error["message"], error

@@ -69,9 +69,10 @@ def create_app(service: Service) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):
         record = RequestRecord(protocol.new_id("cmpl"), "completions", time.perf_counter())
+        created = int(time.time())
         try:
             body = await service.parse(request, protocol.CompletionRequest)
-            record.stream, record.user = bool(body.stream), body.user
+            record.stream, record.user = bool(body.stream), body.end_user
             prompts = await service.completion_prompts(body)
             limits = [service.max_tokens(body.max_tokens, "max_tokens", prompt, "prompt", default=16)
                       for prompt in prompts]
@@ -90,18 +91,19 @@ def create_app(service: Service) -> FastAPI:
         name = service.name
 
         def chunk(choices, use=None):
-            return protocol.completion_object(record.request_id, name, choices, use)
+            return protocol.completion_object(record.request_id, name, created, choices, use)
 
         if body.stream:
-            return _event_stream(service, streams, texts, answer, record, body.include_usage, chunk=chunk)
+            return _event_stream(service, streams, texts, answer, record, body, created, chunk=chunk)
         return await _whole(request, service, streams, texts, answer, record, chunk)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HttpRequest):
         record = RequestRecord(protocol.new_id("chatcmpl"), "chat", time.perf_counter())
+        created = int(time.time())
         try:
             body = await service.parse(request, protocol.ChatCompletionRequest)
-            record.stream, record.user = bool(body.stream), body.user
+            record.stream, record.user = bool(body.stream), body.end_user
             prompt = await service.chat_prompt(body)
             wanted, field = body.answer_limit
             max_tokens = service.max_tokens(wanted, field, prompt, "messages", default=None)
@@ -116,10 +118,11 @@ def create_app(service: Service) -> FastAPI:
         name = service.name
 
         if body.stream:
-            return _event_stream(service, streams, texts, answer, record, body.include_usage,
-                                 chunk=lambda choices, use=None: protocol.chat_chunk(record.request_id, name, choices))
+            return _event_stream(service, streams, texts, answer, record, body, created,
+                                 chunk=lambda choices: protocol.chat_chunk(record.request_id, name, created, choices))
         return await _whole(request, service, streams, texts, answer, record,
-                            lambda choices, use: protocol.chat_completion(record.request_id, name, choices, use))
+                            lambda choices, use: protocol.chat_completion(record.request_id, name, created, choices,
+                                                                          use))
 
     @app.post("/tokenize")
     async def tokenize(request: HttpRequest):
@@ -142,15 +145,17 @@ def create_app(service: Service) -> FastAPI:
     return app
 
 
-def _event_stream(service: Service, streams, texts, answer: Answer, record: RequestRecord, include_usage: bool, *,
-                  chunk: Callable[..., dict]) -> StreamingResponse:
+def _event_stream(service: Service, streams, texts, answer: Answer, record: RequestRecord,
+                  body: protocol.SamplingFields, created: int, *, chunk: Callable[..., dict]) -> StreamingResponse:
     """The server-sent events of a streamed answer: a chunk per choice's new text; with
-    ``include_usage`` every chunk carries ``"usage": null`` and a last chunk without choices carries
-    the usage."""
+    ``include_usage`` every chunk carries ``"usage": null`` (the usage so far, with
+    ``continuous_usage_stats``) and a last chunk without choices carries the usage."""
+    include_usage = body.include_usage
 
     def sent(payload: dict) -> str:
         if include_usage:
-            payload = {**payload, "usage": None}
+            so_far = protocol.usage(record.prompt_tokens, record.completion_tokens) if body.continuous_usage else None
+            payload = {**payload, "usage": so_far}
         return _sse(payload)
 
     async def events() -> AsyncIterator[str]:
@@ -167,7 +172,7 @@ def _event_stream(service: Service, streams, texts, answer: Answer, record: Requ
         else:
             if include_usage:
                 use = protocol.usage(record.prompt_tokens, record.completion_tokens)
-                yield _sse(protocol.usage_chunk(record.request_id, service.name, answer.chat, use))
+                yield _sse(protocol.usage_chunk(record.request_id, service.name, created, answer.chat, use))
         yield _sse("[DONE]")
 
     return StreamingResponse(events(), media_type="text/event-stream")

@@ -59,17 +59,46 @@ def error_body(message: str, kind: str = "invalid_request_error", param: str | N
 
 def validation_error(errors: list[dict]) -> ApiError:
     """The 400 for a pydantic validation failure: the first error, with the field it names as
-    ``param`` (``messages.0.content``)."""
+    ``param`` (``messages.0.content``).
+
+    A field of several shapes (``prompt``: a string, token ids, or a list of either) fails once per
+    shape, each error's location naming the shape (``prompt.str``, ``prompt.list[int].0``): the
+    param is the field itself, and of its errors the deepest one is reported (the list's, for a
+    list), which says what inside it is wrong.
+    """
+    where = _field_path(errors[0])
     first = errors[0]
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    where = ".".join(location) or None
+    for error in errors[1:]:
+        path = _field_path(error)
+        if where is not None and path is not None and path.startswith(where + ".") and \
+                path.count(".") > _field_path(first).count("."):
+            first = error
+    where = _field_path(first)
+    message = str(first.get("msg"))
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
     if first.get("type") == "extra_forbidden":
         message = f"unrecognized request argument supplied: {where}"
     elif first.get("type") == "missing":
         message = f"the field {where} is required"
     else:
-        message = f"{where or 'the body'}: {first.get('msg')}"
+        message = f"{where or 'the body'}: {message}"
     return ApiError(400, message, where, first.get("type"))
+
+
+# Location parts that name a shape of a field, not a field: pydantic's tags of a union's members.
+_SHAPES = frozenset({"str", "int", "float", "bool", "dict", "list"})
+
+
+def _field_path(error: dict) -> str | None:
+    """The dotted path of the request field an error is about, without the shapes' tags."""
+    parts = []
+    for part in error.get("loc", ()):
+        if part == "body":
+            continue
+        if isinstance(part, int) or (part.isidentifier() and part.islower() and part not in _SHAPES):
+            parts.append(str(part))
+    return ".".join(parts) or None
 
 
 def install_error_handlers(app: FastAPI) -> None:

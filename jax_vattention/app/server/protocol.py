@@ -21,15 +21,17 @@ defines it, or refused with a 400 that names it; none is accepted and ignored:
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 import uuid
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from jax_vattention.app.server.errors import ApiError
 
 COMPLETIONS, CHAT = "completions", "chat"
+_TOKEN_ID = re.compile(r"-?[0-9]+")          # a logit_bias key: ASCII digits (str.isdigit takes "٣")
 BOTH = frozenset({COMPLETIONS, CHAT})
 
 
@@ -60,6 +62,9 @@ REFUSED: dict[str, Refused] = {
     "modalities": Refused((None, ["text"]), "text only", frozenset({CHAT})),
     "prediction": Refused((None,), "predicted outputs are not supported", frozenset({CHAT})),
     "reasoning_effort": Refused((None,), "not a reasoning model", frozenset({CHAT})),
+    "verbosity": Refused((None,), "no verbosity control (the model's own length, bounded by max_tokens)",
+                         frozenset({CHAT})),
+    "moderation": Refused((None,), "no moderation model runs here", frozenset({CHAT})),
     "web_search_options": Refused((None,), "no web search", frozenset({CHAT})),
     "store": Refused((None, False), "completions are not stored", frozenset({CHAT})),
     "metadata": Refused((None, {}), "completions are not stored (metadata goes with store)", frozenset({CHAT})),
@@ -75,10 +80,13 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     """``stream_options``: ``include_usage`` adds a last chunk with the usage (and ``"usage": null``
-    in the others). vLLM's ``continuous_usage_stats`` is refused unless false."""
+    in the others); with vLLM's ``continuous_usage_stats`` too, every chunk carries the usage so
+    far. OpenAI's ``include_obfuscation`` (random padding against size side channels) is refused
+    unless false."""
 
     include_usage: bool | None = False
-    continuous_usage_stats: Literal[False] | None = None
+    continuous_usage_stats: bool | None = False
+    include_obfuscation: Literal[False] | None = None
 
 
 class SamplingFields(_Strict):
@@ -120,10 +128,22 @@ class SamplingFields(_Strict):
                                "unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
+        if any(not stop for stop in self.stops):
+            raise ApiError(400, "stop cannot contain an empty string (it would end every answer at once)", "stop")
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """Every chunk carries the usage so far (vLLM: with ``include_usage`` only)."""
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
+    @property
+    def end_user(self) -> str | None:
+        """The end user the request's log line names (``user``, or chat's ``safety_identifier``)."""
+        return self.user
 
     @property
     def samples(self) -> int:
@@ -142,7 +162,7 @@ class SamplingFields(_Strict):
         for those not given; ``logit_bias``'s keys as token ids (a 400 for a key that is not one)."""
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit():
+            if not _TOKEN_ID.fullmatch(key):
                 raise ApiError(400, f"logit_bias keys must be token ids (integers as strings), got {key!r}",
                                "logit_bias")
             bias[int(key)] = value
@@ -167,6 +187,20 @@ class CompletionRequest(SamplingFields):
     echo: bool | None = False
     best_of: int | None = Field(default=None, ge=1)
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_kind(cls, prompt):
+        """A list of prompts is of one kind: a 400 saying so, rather than each shape's complaint."""
+        def token_ids(value):
+            return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+        if isinstance(prompt, str) or token_ids(prompt):
+            return prompt
+        if isinstance(prompt, list) and (all(isinstance(p, str) for p in prompt) or all(map(token_ids, prompt))):
+            return prompt
+        raise ValueError("the prompt must be a string, a list of token ids (integers), or a list of either, all of "
+                         "one kind")
+
     def check_fields(self) -> None:
         super().check_fields()
         if self.best_of is not None and self.best_of < self.samples:
@@ -189,27 +223,101 @@ class CompletionRequest(SamplingFields):
             raise ApiError(400, "the prompt is empty", "prompt")
         return list(prompt)
 
+class CacheBreakpoint(_Strict):
+    """OpenAI's ``prompt_cache_breakpoint`` of a text part: a hint for its prompt cache, which
+    changes no answer; this server's prefix cache finds shared prefixes by itself."""
+
+    mode: Literal["explicit"]
+    ttl: Literal["30m", "12h"] | None = None
+
+
 class TextPart(_Strict):
-    """A part of a message's content: only text (the model reads nothing else)."""
+    """A part of a message's content: text (the model reads nothing else)."""
 
     type: Literal["text"]
     text: str
+    prompt_cache_breakpoint: CacheBreakpoint | None = None
+
+
+class RefusalPart(_Strict):
+    """An assistant message's earlier refusal, given as a content part: read as its text (as vLLM)."""
+
+    type: Literal["refusal"]
+    refusal: str
 
 
 class ChatMessage(_Strict):
-    """A message: its role, its content (a string or text parts) and an optional participant name."""
+    """A message: its role, its content (a string or text parts) and an optional participant name.
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    An assistant message as OpenAI answers it (and its client sends back) may carry ``refusal``
+    (its text stands for the content when there is none), ``refusal`` parts, and ``tool_calls``,
+    ``function_call`` and ``audio`` that ask for nothing (``null``, or ``[]`` for ``tool_calls``);
+    tool and function messages, tool calls and audio are refused by name.
+    """
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[Annotated[TextPart | RefusalPart, Field(discriminator="type")]] | None = None
     name: str | None = None
+    refusal: str | None = None
+    tool_calls: list | None = None
+    function_call: dict | None = None
+    audio: dict | None = None
+
+    @field_validator("role")
+    @classmethod
+    def _no_tools(cls, role: str) -> str:
+        if role in ("tool", "function"):
+            raise ValueError(f"{role} messages are not supported: tools and function calling are not supported")
+        return role
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, content, info: ValidationInfo):
+        role = info.data.get("role")
+        if isinstance(content, list) and role != "assistant":
+            if any(isinstance(part, RefusalPart) for part in content):
+                raise ValueError("refusal parts are only for assistant messages")
+        return content
+
+    @field_validator("refusal", "tool_calls", "function_call", "audio")
+    @classmethod
+    def _assistant_only(cls, value, info: ValidationInfo):
+        if info.data.get("role") != "assistant":
+            raise ValueError(f"{info.field_name} is only for assistant messages")
+        if not value:
+            return value
+        if info.field_name in ("tool_calls", "function_call"):
+            raise ValueError(f"{info.field_name} is not supported: tools and function calling are not supported")
+        if info.field_name == "audio":
+            raise ValueError("audio is not supported: text only")
+        return value
+
+    @model_validator(mode="after")
+    def _something_said(self):
+        if self.content is None and self.refusal is None:
+            raise ValueError(f"the {self.role} message has no content" +
+                             (" (nor a refusal)" if self.role == "assistant" else ""))
+        return self
 
     def for_template(self) -> dict:
         """``{"role", "content"[, "name"]}`` with the content as one string."""
-        content = self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+        if self.content is None:
+            content = self.refusal
+        elif isinstance(self.content, str):
+            content = self.content
+        else:
+            content = "".join(part.text if isinstance(part, TextPart) else part.refusal for part in self.content)
         message = {"role": self.role, "content": content}
         if self.name is not None:
             message["name"] = self.name
         return message
+
+
+class PromptCacheOptions(_Strict):
+    """OpenAI's ``prompt_cache_options``: how long its prompt cache keeps a prefix; no answer changes."""
+
+    mode: Literal["implicit", "explicit"] | None = None
+    ttl: Literal["30m"] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -221,8 +329,17 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0)
+    # Hints for OpenAI's prompt cache and abuse detection: no answer changes (accepted, not used).
+    prompt_cache_key: str | None = None
+    prompt_cache_retention: Literal["in_memory", "24h"] | None = None
+    prompt_cache_options: PromptCacheOptions | None = None
+    safety_identifier: str | None = None
 
     endpoint: ClassVar[str] = CHAT
+
+    @property
+    def end_user(self) -> str | None:
+        return self.user if self.user is not None else self.safety_identifier
 
     def check_fields(self) -> None:
         super().check_fields()
@@ -281,32 +398,31 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_object(request_id: str, model: str, choices: list[dict], usage_: dict | None = None) -> dict:
+def completion_object(request_id: str, model: str, created: int, choices: list[dict],
+                      usage_: dict | None = None) -> dict:
     """One ``text_completion`` object (a whole answer, with its usage, or one server-sent event of a
-    stream)."""
-    body = {"id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": choices}
+    stream). ``created`` (Unix seconds) is the request's: every chunk of a stream carries the same."""
+    body = {"id": request_id, "object": "text_completion", "created": created, "model": model, "choices": choices}
     if usage_ is not None:
         body["usage"] = usage_
     return body
 
 
-def chat_completion(request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
+def chat_completion(request_id: str, model: str, created: int, choices: list[dict], usage_: dict) -> dict:
+    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": usage_}
 
 
-def chat_chunk(request_id: str, model: str, choices: list[dict]) -> dict:
+def chat_chunk(request_id: str, model: str, created: int, choices: list[dict]) -> dict:
     """One ``chat.completion.chunk`` server-sent event."""
-    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+    return {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": choices}
 
 
-def usage_chunk(request_id: str, model: str, chat: bool, usage_: dict) -> dict:
+def usage_chunk(request_id: str, model: str, created: int, chat: bool, usage_: dict) -> dict:
     """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
     kind = "chat.completion.chunk" if chat else "text_completion"
-    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [],
-            "usage": usage_}
+    return {"id": request_id, "object": kind, "created": created, "model": model, "choices": [], "usage": usage_}
 
 
 def model_card(name: str, created: int) -> dict[str, Any]:

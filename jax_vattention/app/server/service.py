@@ -219,6 +219,8 @@ class Service:
             message = str(error)
             named = next((name for name in _ENGINE_FIELDS if name in message), None)
             if named is None:
+                if "samples" in message:     # more samples than slots, or than the budget holds
+                    field = "best_of" if getattr(body, "best_of", None) and body.best_of > body.samples else "n"
                 raise ApiError(400, f"this request can never be served here: {message}", field,
                                "request_too_large") from None
             param = {"stop tokens": "stop_token_ids", "prompt_logprobs": "logprobs"}.get(named, named)
