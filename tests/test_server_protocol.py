@@ -195,6 +195,23 @@ def test_a_request_too_long_for_the_cache_names_its_field(server, path, body, pa
     assert error["param"] == param and f"max_len={MAX_LEN}" in error["message"]
 
 
+@pytest.mark.parametrize("body, param", [({"n": 5}, "n"), ({"prompt": ["a"] * 3, "n": 2}, "n"),
+                                         ({"prompt": ["a"] * 5}, "prompt")])
+def test_one_request_may_not_ask_for_more_answers_than_the_queue_holds(server, body, param):
+    """Without forks each sample is an engine request: ``n`` or a batch beyond ``--max-waiting`` is
+    refused whole, rather than filling the queue alone (and turning every other client away)."""
+    service = server.service
+    before = service.limits
+    service.limits = ServerLimits(max_waiting=4)
+    try:
+        error = error_of(post(server, "/v1/completions", json.dumps(
+            {"model": "tiny", "prompt": "a", "max_tokens": 2, **body})), 400)
+        assert error["param"] == param and "--max-waiting" in error["message"], error
+        assert server.engine.idle
+    finally:
+        service.limits = before
+
+
 def test_a_prompt_limit_below_max_len(server):
     service = server.service
     before = service.limits

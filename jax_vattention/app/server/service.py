@@ -35,6 +35,12 @@ _ENGINE_FIELDS = ("logit_bias", "stop_token_ids", "stop tokens", "min_tokens", "
                   "top_k", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
 
 
+def _samples_field(body: protocol.SamplingFields) -> str:
+    """The field that asked for a request's samples: completions' ``best_of`` where it exceeds ``n``."""
+    best_of = getattr(body, "best_of", None)
+    return "best_of" if best_of is not None and best_of > body.samples else "n"
+
+
 class RequestFailed(Exception):
     """A request the engine ended with an error (status 500), or could not finish (503)."""
 
@@ -199,6 +205,12 @@ class Service:
         the engine, one stream each, in order; all or none (a refusal cancels those submitted).
         Raises a 400 for a request the engine refuses (naming the field) or one that can never fit
         (the whole page budget), a 429 when too many wait, a 503 when the engine cannot serve."""
+        answers = len(prompts) * samples
+        if answers > self.limits.max_waiting:       # one request must not fill the admission queue alone
+            param = _samples_field(body) if samples > 1 else "prompt"
+            raise ApiError(400, f"this request asks for {answers} answers ({len(prompts)} prompt(s), {samples} "
+                                f"sample(s) each); this server queues at most {self.limits.max_waiting} "
+                                f"(--max-waiting)", param, "request_too_large")
         streams = []
         try:
             for prompt, limit in zip(prompts, limits):
@@ -220,7 +232,7 @@ class Service:
             named = next((name for name in _ENGINE_FIELDS if name in message), None)
             if named is None:
                 if "samples" in message:     # more samples than slots, or than the budget holds
-                    field = "best_of" if getattr(body, "best_of", None) and body.best_of > body.samples else "n"
+                    field = _samples_field(body)
                 raise ApiError(400, f"this request can never be served here: {message}", field,
                                "request_too_large") from None
             param = {"stop tokens": "stop_token_ids", "prompt_logprobs": "logprobs"}.get(named, named)
