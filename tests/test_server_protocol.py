@@ -26,7 +26,7 @@ ASKING = {
     "tool_choice": "auto", "functions": [{"name": "f", "parameters": {}}], "function_call": "auto",
     "parallel_tool_calls": "yes", "audio": {"voice": "alloy", "format": "wav"}, "modalities": ["text", "audio"],
     "prediction": {"type": "content", "content": "x"}, "reasoning_effort": "low", "web_search_options": {},
-    "store": True, "metadata": {"a": "b"}, "service_tier": "flex", "verbosity": "low",
+    "store": True, "service_tier": "flex", "verbosity": "low",
     "moderation": {"model": "omni-moderation-latest"},
 }
 # A value that asks for nothing, where it differs from leaving the field out.
@@ -283,7 +283,7 @@ def test_openais_cache_and_safety_hints_change_nothing_and_the_others_are_refuse
     hinted = client.chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=6, temperature=0,
         prompt_cache_key="k", prompt_cache_retention="24h", prompt_cache_options={"mode": "implicit", "ttl": "30m"},
-        safety_identifier="someone")
+        safety_identifier="someone", metadata={"team": "a", "run": "7"})
     assert hinted.choices[0].message.content == plain.choices[0].message.content
     for options, accepted in [({"include_obfuscation": False}, True), ({"include_obfuscation": True}, False),
                               ({"include_usage": True, "continuous_usage_stats": False}, True)]:
@@ -294,9 +294,12 @@ def test_openais_cache_and_safety_hints_change_nothing_and_the_others_are_refuse
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(**request)
         assert refused.value.body["param"] == "stream_options.include_obfuscation"
-    with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="tiny", messages=chat(), prompt_cache_retention="forever")
-    assert refused.value.body["param"] == "prompt_cache_retention"
+    for wrong, param in [({"prompt_cache_retention": "forever"}, "prompt_cache_retention"),
+                         ({"metadata": {str(i): "x" for i in range(17)}}, "metadata"),
+                         ({"metadata": {"a": 1}}, "metadata")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="tiny", messages=chat(), **wrong)
+        assert refused.value.body["param"].split(".")[0] == param, refused.value.body
 
 
 def test_an_assistant_message_as_openai_answers_it_is_history(client, server):

@@ -67,7 +67,6 @@ REFUSED: dict[str, Refused] = {
     "moderation": Refused((None,), "no moderation model runs here", frozenset({CHAT})),
     "web_search_options": Refused((None,), "no web search", frozenset({CHAT})),
     "store": Refused((None, False), "completions are not stored", frozenset({CHAT})),
-    "metadata": Refused((None, {}), "completions are not stored (metadata goes with store)", frozenset({CHAT})),
     "service_tier": Refused((None, "auto", "default"), "one service tier"),
 }
 
@@ -329,7 +328,10 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0)
-    # Hints for OpenAI's prompt cache and abuse detection: no answer changes (accepted, not used).
+    # Hints for OpenAI's prompt cache and abuse detection, and tags for its dashboard (OpenAI's
+    # limits: 16 pairs, keys of 64 characters, values of 512): no answer changes (accepted, not used).
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = \
+        Field(default=None, max_length=16)
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     prompt_cache_options: PromptCacheOptions | None = None
