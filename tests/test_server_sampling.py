@@ -279,3 +279,33 @@ def test_more_samples_than_slots_names_n_or_best_of(server, body, param):
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == param and "5 slots" in error["message"], error
+
+
+def test_prompt_logprobs_are_the_models_in_vllms_shape(server):
+    """vLLM's ``prompt_logprobs``: prompt token k's log-probability after the tokens before it (the
+    prefill's), which the numpy reference computes from the logits that chose those tokens when
+    they were generated; the greedy tokens rank first."""
+    want = reference([PROMPT], max_new_tokens=4)
+    prompt = list(PROMPT.encode()) + want.tokens[0]
+    response = httpx.post(server.url + "/completions", timeout=60, json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 1, "temperature": 0, "prompt_logprobs": 2})
+    choice = response.json()["choices"][0]
+    entries = choice["prompt_logprobs"]
+    assert len(entries) == len(prompt) and entries[0] is None and "logprobs" in choice
+    for n, token in enumerate(want.tokens[0]):
+        entry = entries[len(PROMPT) + n]
+        expected = log_softmax(want.logits[0][n])
+        assert abs(entry[str(token)]["logprob"] - expected[token]) < 1e-4
+        assert entry[str(token)]["rank"] == 1 and entry[str(token)]["decoded_token"] == text_of([token])
+        top = np.argsort(-expected, kind="stable")[:2]
+        assert {k for k, v in entry.items() if v["rank"] is not None} == {str(t) for t in top}
+    assert all(len(e) <= 3 for e in entries[1:])
+    chat = httpx.post(server.url + "/chat/completions", timeout=60, json={
+        "model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "prompt_logprobs": 0})
+    body = chat.json()
+    assert len(body["prompt_logprobs"]) == body["usage"]["prompt_tokens"] and body["prompt_logprobs"][0] is None
+    assert all(len(e) == 1 for e in body["prompt_logprobs"][1:])
+    for wrong in ({"stream": True}, {"prompt_logprobs": 21}):
+        refused = httpx.post(server.url + "/completions", timeout=60, json={
+            "model": "tiny", "prompt": "a", "prompt_logprobs": 1, **wrong})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs", refused.text

@@ -18,7 +18,8 @@ import dataclasses
 from typing import Callable
 
 from jax_vattention.app.server.choices import Delta
-from jax_vattention.app.server.logprob_json import chat_logprobs, completion_logprobs, merge_completion_logprobs
+from jax_vattention.app.server.logprob_json import (chat_logprobs, completion_logprobs, merge_completion_logprobs,
+                                                    prompt_logprobs)
 from jax_vattention.engine.groups import best_samples
 
 
@@ -46,10 +47,13 @@ class Answer:
     chat : OpenAI's chat shapes, else completions'
     logprobs : how many top log-probabilities the client asked for (None: none)
     echo : completions' ``echo``
+    with_prompt_logprobs : vLLM's ``prompt_logprobs`` was asked: each completions choice (the chat
+        answer, :meth:`prompt_logprobs`) carries its prompt's
     """
 
     def __init__(self, prompts: list[list[int]], candidates: int, n: int, token_text: Callable[[int], str], *,
-                 chat: bool, logprobs: int | None, echo: bool = False, decode: Callable | None = None):
+                 chat: bool, logprobs: int | None, echo: bool = False, decode: Callable | None = None,
+                 with_prompt_logprobs: bool = False):
         self.prompts = prompts
         self.candidates = candidates
         self.n = n
@@ -58,6 +62,7 @@ class Answer:
         self.top = logprobs
         self.echo = echo
         self.decode = decode
+        self.with_prompt_logprobs = with_prompt_logprobs
         self.choices = [_Choice() for _ in range(len(prompts) * candidates)]
 
     # ------------------------------------------------------------ whole answers
@@ -110,7 +115,17 @@ class Answer:
             out.append({"index": index, "text": "".join(head) + choice.text,
                         "logprobs": merge_completion_logprobs(parts) if self.top is not None else None,
                         "finish_reason": choice.finish_reason or "length", "stop_reason": choice.stop_reason})
+            if self.with_prompt_logprobs:
+                out[-1]["prompt_logprobs"] = self.prompt_logprobs(position)
         return out
+
+    def prompt_logprobs(self, position: int = 0) -> list | None:
+        """vLLM's ``prompt_logprobs`` of the prompt of the sample at ``position``, when asked."""
+        if not self.with_prompt_logprobs:
+            return None
+        prompt = self.prompts[position // self.candidates]
+        entries = self.choices[position].prompt_logprobs or (None,) * len(prompt)
+        return prompt_logprobs(prompt, entries, self.token_text)
 
     def _echo(self, position: int, prompt_logprobs) -> tuple[list[str], list[dict]]:
         """With ``echo``: the prompt's text and (with ``logprobs``) its tokens' entries."""

@@ -79,14 +79,17 @@ def create_app(service: Service) -> FastAPI:
             ranked = body.candidates > body.samples
             # best_of ranks by cumulative log-probability: its samples compute them (0 top ones).
             logprobs = body.logprobs if body.logprobs is not None else (0 if ranked else None)
-            prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+            # vLLM's prompt_logprobs, else echo's with logprobs (vLLM: prompt_logprobs wins where both).
+            prompt_logprobs = body.prompt_logprobs if body.prompt_logprobs is not None else \
+                body.logprobs if body.echo and body.logprobs is not None else None
             streams = await service.submit(body, prompts, limits, "max_tokens", record, samples=body.candidates,
                                            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
         except ApiError as error:
             service.refused(record, error)
             raise
         answer = Answer(prompts, body.candidates, body.samples, service.token_text, chat=False,
-                        logprobs=body.logprobs, echo=bool(body.echo), decode=service.loaded.decode)
+                        logprobs=body.logprobs, echo=bool(body.echo), decode=service.loaded.decode,
+                        with_prompt_logprobs=body.prompt_logprobs is not None)
         texts = service.choice_texts(body, len(streams))
         name = service.name
 
@@ -109,11 +112,12 @@ def create_app(service: Service) -> FastAPI:
             max_tokens = service.max_tokens(wanted, field, prompt, "messages", default=None)
             top = (body.top_logprobs or 0) if body.logprobs else None
             streams = await service.submit(body, [prompt], [max_tokens], field, record, samples=body.samples,
-                                           logprobs=top)
+                                           logprobs=top, prompt_logprobs=body.prompt_logprobs)
         except ApiError as error:
             service.refused(record, error)
             raise
-        answer = Answer([prompt], body.samples, body.samples, service.token_text, chat=True, logprobs=top)
+        answer = Answer([prompt], body.samples, body.samples, service.token_text, chat=True, logprobs=top,
+                        with_prompt_logprobs=body.prompt_logprobs is not None)
         texts = service.choice_texts(body, len(streams))
         name = service.name
 
@@ -122,7 +126,7 @@ def create_app(service: Service) -> FastAPI:
                                  chunk=lambda choices: protocol.chat_chunk(record.request_id, name, created, choices))
         return await _whole(request, service, streams, texts, answer, record,
                             lambda choices, use: protocol.chat_completion(record.request_id, name, created, choices,
-                                                                          use))
+                                                                          use, answer.prompt_logprobs()))
 
     @app.post("/tokenize")
     async def tokenize(request: HttpRequest):

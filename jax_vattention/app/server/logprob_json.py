@@ -13,6 +13,13 @@ Chat, for ``logprobs=true`` and ``top_logprobs=N``: one entry a token, with its 
     {"content": [{"token": "He", "logprob": -0.2, "bytes": [72, 101],
                   "top_logprobs": [{"token": "He", "logprob": -0.2, "bytes": [72, 101]}, ...]}]}
 
+vLLM's ``prompt_logprobs=N``: per prompt token (None for the first) a dict from token id to its
+log-probability, rank (1: the most likely) and text, for the ``N`` most likely tokens and the
+prompt's own; the own token's rank is null where it is not among the ``N`` (the engine ranks only
+those)::
+
+    [None, {"72": {"logprob": -0.2, "rank": 1, "decoded_token": "H"}}, ...]
+
 A token's text is its own decoding (a byte of a longer character decodes to U+FFFD, as in vLLM).
 """
 
@@ -67,3 +74,17 @@ def chat_logprobs(entries: Sequence[TokenLogprob], token_text: TokenText, top: i
                         "top_logprobs": [{"token": token_text(t), "logprob": logprob, "bytes": _bytes(token_text(t))}
                                          for t, logprob in entry.top[:top]]})
     return content
+
+
+def prompt_logprobs(prompt: Sequence[int], entries: Sequence[TokenLogprob | None], token_text: TokenText) -> list:
+    """vLLM's ``prompt_logprobs`` of a prompt's tokens and their entries (None for the first)."""
+    out = []
+    for token, entry in zip(prompt, entries):
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = {str(alternative): {"logprob": logprob, "rank": rank, "decoded_token": token_text(alternative)}
+                  for rank, (alternative, logprob) in enumerate(entry.top, 1)}
+        ranked.setdefault(str(token), {"logprob": entry.logprob, "rank": None, "decoded_token": token_text(token)})
+        out.append(ranked)
+    return out

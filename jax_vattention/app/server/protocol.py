@@ -10,7 +10,11 @@ defines it, or refused with a 400 that names it; none is accepted and ignored:
   ``frequency_penalty``, ``logit_bias``, ``logprobs`` (and chat's ``top_logprobs``), ``stream``,
   ``stream_options.include_usage``, ``user`` (an end-user id, which the request's log line
   carries), and vLLM's ``top_k``, ``min_p``, ``repetition_penalty``, ``stop_token_ids``,
-  ``include_stop_str_in_output``, ``ignore_eos`` and ``min_tokens``;
+  ``include_stop_str_in_output``, ``ignore_eos``, ``min_tokens``, ``prompt_logprobs`` and
+  ``stream_options.continuous_usage_stats``; chat's hints for OpenAI's prompt cache, abuse
+  detection and dashboard (``prompt_cache_key``, ``prompt_cache_retention``,
+  ``prompt_cache_options``, ``safety_identifier``, ``metadata``) are accepted and change nothing,
+  as they change no answer there;
 * the fields of :data:`REFUSED` are accepted only with a value that asks for nothing
   (``suffix=""``, ``tools=[]``...); any other value is a 400 naming the field and saying why.
   The table is the one place to switch a field on: delete its row and declare it in the request
@@ -110,6 +114,7 @@ class SamplingFields(_Strict):
     include_stop_str_in_output: bool | None = False
     ignore_eos: bool | None = False
     min_tokens: int | None = Field(default=None, ge=0)
+    prompt_logprobs: int | None = Field(default=None, ge=0)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -127,6 +132,9 @@ class SamplingFields(_Strict):
                                "unsupported_parameter")
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options is only allowed when stream is true", "stream_options")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ApiError(400, "prompt_logprobs are not available when stream is true (as in vLLM)",
+                           "prompt_logprobs")
         if any(not stop for stop in self.stops):
             raise ApiError(400, "stop cannot contain an empty string (it would end every answer at once)", "stop")
 
@@ -410,9 +418,14 @@ def completion_object(request_id: str, model: str, created: int, choices: list[d
     return body
 
 
-def chat_completion(request_id: str, model: str, created: int, choices: list[dict], usage_: dict) -> dict:
-    return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+def chat_completion(request_id: str, model: str, created: int, choices: list[dict], usage_: dict,
+                    prompt_logprobs: list | None = None) -> dict:
+    """A whole ``chat.completion``; vLLM's ``prompt_logprobs`` where asked."""
+    body = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
             "choices": choices, "usage": usage_}
+    if prompt_logprobs is not None:
+        body["prompt_logprobs"] = prompt_logprobs
+    return body
 
 
 def chat_chunk(request_id: str, model: str, created: int, choices: list[dict]) -> dict:

@@ -235,7 +235,9 @@ class Service:
                     field = _samples_field(body)
                 raise ApiError(400, f"this request can never be served here: {message}", field,
                                "request_too_large") from None
-            param = {"stop tokens": "stop_token_ids", "prompt_logprobs": "logprobs"}.get(named, named)
+            asked_prompt_logprobs = body.prompt_logprobs is not None
+            param = {"stop tokens": "stop_token_ids",
+                     "prompt_logprobs": "prompt_logprobs" if asked_prompt_logprobs else "logprobs"}.get(named, named)
             if param == "logprobs" and body.endpoint == protocol.CHAT:
                 param = "top_logprobs"
             raise ApiError(400, message, param) from None
