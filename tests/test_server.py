@@ -155,6 +155,13 @@ def test_chat_format_template_or_plain_lines():
     chat = ChatFormat(template, {"bos_token": "<s>", "eos_token": "</s>"})
     assert chat.description == "the checkpoint's chat template"
     assert chat.render(messages) == "<s><|system|>Be brief.<|user|>Hi<|assistant|>"
+    ended = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+             "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    begun = messages + [{"role": "assistant", "content": "Hello "}]
+    assert ChatFormat(ended).render(begun, add_generation_prompt=False, continue_final=True) == \
+        "<|system|>Be brief.<|end|><|user|>Hi<|end|><|assistant|>Hello"          # open: no end of turn
+    with pytest.raises(ValueError, match="continue_final_message"):
+        ChatFormat("{% for m in messages %}{{ m['role'] }}{% endfor %}").render(begun, False, continue_final=True)
 
 
 def test_text_stream_holds_a_split_character_and_drops_stop_tokens():

@@ -356,3 +356,34 @@ def test_continuous_usage_stats_give_every_chunk_the_usage_so_far(client):
     counts = [c.usage.completion_tokens for c in chunks]      # a chunk may carry several tokens (held text)
     assert counts == sorted(counts) and 1 <= counts[0] and counts[-2:] == [5, 5] and chunks[-1].choices == []
     assert all(c.usage.prompt_tokens == 5 and c.usage.total_tokens == 5 + c.usage.completion_tokens for c in chunks)
+
+
+def test_vllms_chat_rendering_fields_and_add_special_tokens(client, server, monkeypatch):
+    """``continue_final_message`` ends the prompt inside the last message (the answer continues it),
+    ``add_generation_prompt=false`` leaves the answer unopened, ``add_special_tokens`` reaches the
+    tokenizer (one whose BOS is 255, here), for chat, completions and ``/tokenize`` alike."""
+    knobs = dict(model="tiny", max_tokens=6, temperature=0)
+    begun = chat() + [{"role": "assistant", "content": "He"}]
+    rendering = {"continue_final_message": True, "add_generation_prompt": False}
+    continued = client.chat.completions.create(messages=begun, extra_body=rendering, **knobs)
+    text = "user: Hi\nassistant: He"
+    assert continued.choices[0].message.content == client.completions.create(prompt=text, **knobs).choices[0].text
+    assert continued.usage.prompt_tokens == len(text)
+    tokens = httpx.post(server.base + "/tokenize", json={"messages": begun, **rendering}, timeout=30).json()["tokens"]
+    assert tokens == list(text.encode())
+    unopened = client.chat.completions.create(messages=chat(), extra_body={"add_generation_prompt": False}, **knobs)
+    assert unopened.usage.prompt_tokens == len("user: Hi")
+    both = error_of(post(server, "/v1/chat/completions", json.dumps(
+        {"model": "tiny", "messages": begun, "continue_final_message": True})), 400)
+    assert both["param"] == "continue_final_message"
+    loaded = server.service.loaded
+    encode = loaded.encode
+    monkeypatch.setattr(loaded, "encode", lambda text, add_special_tokens=True: [255] * add_special_tokens +
+                        encode(text, add_special_tokens))
+    one = dict(model="tiny", max_tokens=1)
+    assert client.completions.create(prompt="Hi", **one).usage.prompt_tokens == 3
+    assert client.completions.create(prompt="Hi", extra_body={"add_special_tokens": False}, **one).usage.prompt_tokens == 2
+    plain = len("user: Hi\nassistant:")        # no chat template: the tokenizer's BOS by default
+    assert client.chat.completions.create(messages=chat(), **one).usage.prompt_tokens == plain + 1
+    assert client.chat.completions.create(messages=chat(), extra_body={"add_special_tokens": False},
+                                          **one).usage.prompt_tokens == plain

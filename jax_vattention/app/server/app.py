@@ -134,7 +134,8 @@ def create_app(service: Service) -> FastAPI:
         if data.messages is not None:
             tokens = await service.chat_prompt(data)
         else:
-            tokens = await service.off_loop(service.tokenize, data.prompt, data.add_special_tokens, "prompt")
+            tokens = await service.off_loop(service.tokenize, data.prompt, data.add_special_tokens is not False,
+                                            "prompt")
         return {"count": len(tokens), "max_model_len": service.max_len, "tokens": tokens}
 
     @app.post("/detokenize")

@@ -50,17 +50,31 @@ class ChatFormat:
         special = {key: _token_text(config.get(key)) for key in ("bos_token", "eos_token")}
         return cls(template if isinstance(template, str) else None, special)
 
-    def render(self, messages: list[dict]) -> str:
-        """The prompt for ``messages``; ``ValueError`` when the template refuses them."""
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, continue_final: bool = False) -> str:
+        """The prompt for ``messages``; ``ValueError`` when the template refuses them.
+
+        ``add_generation_prompt``: the prompt ends by opening the assistant's answer;
+        ``continue_final``: it ends inside the last message, right after its content (no end-of-turn
+        mark), for the model to continue it (as transformers' ``continue_final_message``).
+        """
         if self._template is None:
             lines = [f"{message['role']}: {message['content']}" for message in messages]
-            return "\n".join(lines + ["assistant:"])
+            return "\n".join(lines + (["assistant:"] if add_generation_prompt else []))
         import jinja2
 
         try:
-            return self._template.render(messages=messages, add_generation_prompt=True, **self._special)
+            text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                         **self._special)
         except jinja2.exceptions.TemplateError as error:
             raise ValueError(f"the chat template refused these messages: {error}") from None
+        if not continue_final:
+            return text
+        final = messages[-1]["content"].strip()
+        at = text.rfind(final) if final else -1
+        if at < 0:
+            raise ValueError("continue_final_message: the chat template does not show the last message's content, "
+                             "so the prompt cannot end inside it")
+        return text[:at + len(final)]
 
 
 def _token_text(value) -> str:

@@ -193,6 +193,7 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(default=None, ge=0)
     echo: bool | None = False
     best_of: int | None = Field(default=None, ge=1)
+    add_special_tokens: bool = True          # vLLM's: the tokenizer's special tokens (a BOS) on a text prompt
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -327,7 +328,27 @@ class PromptCacheOptions(_Strict):
     ttl: Literal["30m"] | None = None
 
 
-class ChatCompletionRequest(SamplingFields):
+class ChatRendering(BaseModel):
+    """vLLM's fields for how chat messages become a prompt (chat completions and ``/tokenize``).
+
+    add_generation_prompt : the prompt ends by opening the assistant's answer (the default)
+    continue_final_message : the prompt ends inside the last message, for the model to continue it
+        (an answer's beginning given by the client); not with ``add_generation_prompt``
+    add_special_tokens : the tokenizer's special tokens (a BOS) on top of the template's; default:
+        only where no chat template marks the text up
+    """
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool | None = None
+
+    def check_rendering(self) -> None:
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ApiError(400, "continue_final_message needs add_generation_prompt=false: the prompt either opens "
+                                "a new answer or continues the last message", "continue_final_message")
+
+
+class ChatCompletionRequest(SamplingFields, ChatRendering):
     """``POST /v1/chat/completions``: ``max_completion_tokens`` is the current name of ``max_tokens``
     (taken first when both are given); ``logprobs=true`` returns the sampled tokens'
     log-probabilities, with the ``top_logprobs`` most likely tokens each."""
@@ -353,6 +374,7 @@ class ChatCompletionRequest(SamplingFields):
 
     def check_fields(self) -> None:
         super().check_fields()
+        self.check_rendering()
         if self.top_logprobs and not self.logprobs:
             raise ApiError(400, "top_logprobs needs logprobs=true", "top_logprobs")
 
@@ -364,18 +386,19 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_tokens, "max_tokens"
 
 
-class TokenizeRequest(_Strict):
+class TokenizeRequest(_Strict, ChatRendering):
     """vLLM's ``POST /tokenize``: a ``prompt`` (with the tokenizer's special tokens unless
-    ``add_special_tokens`` is false) or chat ``messages`` (rendered as for a chat completion)."""
+    ``add_special_tokens`` is false) or chat ``messages`` (rendered as for a chat completion, with
+    the same fields)."""
 
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
 
     def check_fields(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ApiError(400, "give either prompt or messages", "prompt")
+        self.check_rendering()
 
 
 class DetokenizeRequest(_Strict):

@@ -146,20 +146,23 @@ class Service:
                 continue
             if not prompt:
                 raise ApiError(400, "the prompt is empty", "prompt")
-            prompts.append(self._checked_prompt(await self.off_loop(self._encode, prompt, True, "prompt"), "prompt"))
+            encoded = await self.off_loop(self._encode, prompt, body.add_special_tokens, "prompt")
+            prompts.append(self._checked_prompt(encoded, "prompt"))
         return prompts
 
-    async def chat_prompt(self, body: protocol.ChatCompletionRequest) -> list[int]:
-        """The messages rendered and tokenized, off the event loop."""
+    async def chat_prompt(self, body: protocol.ChatCompletionRequest | protocol.TokenizeRequest) -> list[int]:
+        """The messages rendered (as ``body``'s :class:`~.protocol.ChatRendering` fields say) and
+        tokenized, off the event loop."""
         messages = [message.for_template() for message in body.messages]
         templated = self.chat_format.description.startswith("the checkpoint's")
+        special = body.add_special_tokens if body.add_special_tokens is not None else not templated
 
         def render_and_encode():
             try:
-                text = self.chat_format.render(messages)
+                text = self.chat_format.render(messages, body.add_generation_prompt, body.continue_final_message)
             except ValueError as error:
                 raise ApiError(400, str(error), "messages") from None
-            return self._encode(text, not templated, "messages")
+            return self._encode(text, special, "messages")
 
         return self._checked_prompt(await self.off_loop(render_and_encode), "messages")
 
