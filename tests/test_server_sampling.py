@@ -309,3 +309,21 @@ def test_prompt_logprobs_are_the_models_in_vllms_shape(server):
         refused = httpx.post(server.url + "/completions", timeout=60, json={
             "model": "tiny", "prompt": "a", "prompt_logprobs": 1, **wrong})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "prompt_logprobs", refused.text
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, server):
+    """OpenAI's legacy scoring call (and vLLM's): ``echo`` with ``max_tokens=0`` answers the prompt
+    with its log-probabilities and nothing generated, whole or streamed."""
+    knobs = dict(model="tiny", prompt=PROMPT, temperature=0, echo=True, logprobs=1)
+    scored = client.completions.create(max_tokens=0, **knobs)
+    choice = scored.choices[0]
+    with_answer = client.completions.create(max_tokens=3, **knobs).choices[0]
+    assert choice.text == PROMPT and choice.finish_reason == "length" and scored.usage.completion_tokens == 0
+    assert choice.logprobs.tokens == list(PROMPT)
+    assert choice.logprobs.token_logprobs == with_answer.logprobs.token_logprobs[:len(PROMPT)]
+    chunks = list(client.completions.create(max_tokens=0, stream=True, stream_options={"include_usage": True},
+                                            **knobs))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT
+    assert chunks[-1].usage.completion_tokens == 0
+    refused = httpx.post(server.url + "/completions", timeout=30, json={"model": "tiny", "prompt": "a", "max_tokens": 0})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"

@@ -49,11 +49,13 @@ class Answer:
     echo : completions' ``echo``
     with_prompt_logprobs : vLLM's ``prompt_logprobs`` was asked: each completions choice (the chat
         answer, :meth:`prompt_logprobs`) carries its prompt's
+    generated : False for ``echo`` with ``max_tokens=0``: the one token generated to prefill the
+        prompt is dropped, and each choice is its prompt alone, ended by ``length``
     """
 
     def __init__(self, prompts: list[list[int]], candidates: int, n: int, token_text: Callable[[int], str], *,
                  chat: bool, logprobs: int | None, echo: bool = False, decode: Callable | None = None,
-                 with_prompt_logprobs: bool = False):
+                 with_prompt_logprobs: bool = False, generated: bool = True):
         self.prompts = prompts
         self.candidates = candidates
         self.n = n
@@ -63,11 +65,20 @@ class Answer:
         self.echo = echo
         self.decode = decode
         self.with_prompt_logprobs = with_prompt_logprobs
+        self.generated = generated
         self.choices = [_Choice() for _ in range(len(prompts) * candidates)]
 
     # ------------------------------------------------------------ whole answers
+    def _kept(self, delta: Delta) -> Delta:
+        """``delta`` as the answer shows it (without its generated part, where nothing is asked)."""
+        if self.generated:
+            return delta
+        return dataclasses.replace(delta, text="", logprobs=[], tokens=0, stop_reason=None,
+                                   finish_reason=None if delta.finish_reason is None else "length")
+
     def add(self, delta: Delta) -> None:
         """Gathers a delta of a whole answer."""
+        delta = self._kept(delta)
         choice = self.choices[delta.index]
         choice.text += delta.text
         choice.logprobs += delta.logprobs
@@ -148,7 +159,9 @@ class Answer:
 
     def stream_choice(self, delta: Delta) -> dict | None:
         """The choice of one streamed chunk for ``delta``, or None when it has nothing to send yet."""
+        delta = self._kept(delta)
         choice = self.choices[delta.index]
+        choice.tokens += delta.tokens
         choice.pending += delta.logprobs
         head, parts = ([], [])
         if not choice.started and not self.chat:

@@ -74,8 +74,8 @@ def create_app(service: Service) -> FastAPI:
             body = await service.parse(request, protocol.CompletionRequest)
             record.stream, record.user = bool(body.stream), body.end_user
             prompts = await service.completion_prompts(body)
-            limits = [service.max_tokens(body.max_tokens, "max_tokens", prompt, "prompt", default=16)
-                      for prompt in prompts]
+            wanted = 1 if body.echo_only else body.max_tokens    # one token prefills the prompt, then is dropped
+            limits = [service.max_tokens(wanted, "max_tokens", prompt, "prompt", default=16) for prompt in prompts]
             ranked = body.candidates > body.samples
             # best_of ranks by cumulative log-probability: its samples compute them (0 top ones).
             logprobs = body.logprobs if body.logprobs is not None else (0 if ranked else None)
@@ -89,7 +89,7 @@ def create_app(service: Service) -> FastAPI:
             raise
         answer = Answer(prompts, body.candidates, body.samples, service.token_text, chat=False,
                         logprobs=body.logprobs, echo=bool(body.echo), decode=service.loaded.decode,
-                        with_prompt_logprobs=body.prompt_logprobs is not None)
+                        with_prompt_logprobs=body.prompt_logprobs is not None, generated=not body.echo_only)
         texts = service.choice_texts(body, len(streams))
         name = service.name
 
@@ -159,7 +159,7 @@ def _event_stream(service: Service, streams, texts, answer: Answer, record: Requ
 
     def sent(payload: dict) -> str:
         if include_usage:
-            so_far = protocol.usage(record.prompt_tokens, record.completion_tokens) if body.continuous_usage else None
+            so_far = protocol.usage(record.prompt_tokens, answer.completion_tokens()) if body.continuous_usage else None
             payload = {**payload, "usage": so_far}
         return _sse(payload)
 
@@ -176,7 +176,7 @@ def _event_stream(service: Service, streams, texts, answer: Answer, record: Requ
             yield _sse(error_body(str(failure), "server_error", None, "engine_error"))
         else:
             if include_usage:
-                use = protocol.usage(record.prompt_tokens, record.completion_tokens)
+                use = protocol.usage(record.prompt_tokens, answer.completion_tokens())
                 yield _sse(protocol.usage_chunk(record.request_id, service.name, created, answer.chat, use))
         yield _sse("[DONE]")
 

@@ -186,10 +186,11 @@ class CompletionRequest(SamplingFields):
     """``POST /v1/completions``: ``prompt`` is a string or token ids, or a list of either (a batch:
     ``n`` choices each, indexed prompt by prompt). ``logprobs=N``: the sampled tokens' and the ``N``
     most likely; ``echo``: the prompt comes first in each choice's text (and its tokens'
-    log-probabilities, with ``logprobs``); ``best_of``: that many samples of each prompt, the ``n``
+    log-probabilities, with ``logprobs``), alone with ``max_tokens=0``; ``best_of``: that many samples of each prompt, the ``n``
     most likely returned (not with ``stream``)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(default=None, ge=0)      # 0: with echo, the prompt alone (scoring)
     logprobs: int | None = Field(default=None, ge=0)
     echo: bool | None = False
     best_of: int | None = Field(default=None, ge=1)
@@ -211,11 +212,20 @@ class CompletionRequest(SamplingFields):
 
     def check_fields(self) -> None:
         super().check_fields()
+        if self.max_tokens == 0 and not self.echo:
+            raise ApiError(400, "max_tokens=0 asks for no answer: it needs echo=true (the prompt alone, with its "
+                                "log-probabilities where logprobs is given)", "max_tokens")
         if self.best_of is not None and self.best_of < self.samples:
             raise ApiError(400, f"best_of={self.best_of} must be at least n={self.samples}", "best_of")
         if self.best_of is not None and self.best_of > self.samples and self.stream:
             raise ApiError(400, f"best_of={self.best_of} with n={self.samples} cannot stream: the best answers "
                                 f"are known only at the end", "best_of")
+
+    @property
+    def echo_only(self) -> bool:
+        """``echo`` with ``max_tokens=0``: the prompt is scored, nothing generated (as OpenAI's legacy
+        API and vLLM, which generate one token to prefill the prompt and drop it)."""
+        return bool(self.echo) and self.max_tokens == 0
 
     @property
     def candidates(self) -> int:
