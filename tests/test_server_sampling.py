@@ -327,3 +327,70 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, server):
     assert chunks[-1].usage.completion_tokens == 0
     refused = httpx.post(server.url + "/completions", timeout=30, json={"model": "tiny", "prompt": "a", "max_tokens": 0})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+
+
+def _strict(model, raw: dict, extra_keys=("stop_reason", "prompt_logprobs")) -> None:
+    """``raw`` validates strictly against the client's pydantic ``model`` and holds no key the model
+    lacks but vLLM's ``extra_keys``. Where OpenAI's own answers are looser than the client's types
+    (a stream chunk's ``finish_reason`` null until the last; an echoed prompt's first token without
+    a log-probability), the values OpenAI sends are put in the typed form first."""
+    import copy
+
+    from pydantic import BaseModel
+
+    typed = copy.deepcopy(raw)
+    for choice in typed.get("choices", []):
+        if choice.get("finish_reason", "") is None and "text" in choice:
+            choice["finish_reason"] = "length"
+        logprobs = choice.get("logprobs") or {}
+        if "token_logprobs" in logprobs:
+            logprobs["token_logprobs"] = [0.0 if v is None else v for v in logprobs["token_logprobs"]]
+            logprobs["top_logprobs"] = [{} if v is None else v for v in logprobs["top_logprobs"]]
+    parsed = model.model_validate(typed, strict=True)
+
+    def undeclared(value, data, path):
+        if isinstance(value, BaseModel) and isinstance(data, dict):
+            for key, item in data.items():
+                if key not in type(value).model_fields:
+                    yield path + key
+                else:
+                    yield from undeclared(getattr(value, key), item, path + key + ".")
+        elif isinstance(value, list) and isinstance(data, list):
+            for i, (a, b) in enumerate(zip(value, data)):
+                yield from undeclared(a, b, f"{path}{i}.")
+
+    extra = {path for path in undeclared(parsed, typed, "") if path.rsplit(".", 1)[-1] not in extra_keys}
+    assert not extra, extra
+
+
+@pytest.mark.parametrize("endpoint, body", [
+    ("completions", {"prompt": PROMPT, "n": 2, "logprobs": 2, "echo": True}),
+    ("completions", {"prompt": ["Hi", PROMPT], "n": 2, "best_of": 3, "logprobs": 1, "stop": ["e", "x"]}),
+    ("completions", {"prompt": PROMPT, "n": 2, "logprobs": 1, "echo": True, "stream": True,
+                     "stream_options": {"include_usage": True}}),
+    ("chat/completions", {"n": 2, "logprobs": True, "top_logprobs": 2}),
+    ("chat/completions", {"n": 2, "logprobs": True, "top_logprobs": 1, "stream": True,
+                          "stream_options": {"include_usage": True, "continuous_usage_stats": True}}),
+])
+def test_answers_validate_strictly_against_the_clients_models(server, endpoint, body):
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    request = {"model": "tiny", "max_tokens": 5, "temperature": 1.0, "seed": 3, **body}
+    if endpoint == "chat/completions":
+        request["messages"] = [{"role": "user", "content": "Hi"}]
+    if not body.get("stream"):
+        raw = httpx.post(f"{server.url}/{endpoint}", json=request, timeout=60).json()
+        _strict(Completion if endpoint == "completions" else ChatCompletion, raw)
+        assert [c["index"] for c in raw["choices"]] == list(range(len(raw["choices"])))
+        return
+    with httpx.stream("POST", f"{server.url}/{endpoint}", json=request, timeout=60) as response:
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    for chunk in chunks:
+        _strict(Completion if endpoint == "completions" else ChatCompletionChunk, chunk)
+    assert len({(c["id"], c["created"], c["object"]) for c in chunks}) == 1
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 10
+    finished = [c["choices"][0]["index"] for c in chunks[:-1] if c["choices"][0]["finish_reason"] is not None]
+    assert sorted(finished) == [0, 1]
