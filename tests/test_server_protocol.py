@@ -319,7 +319,8 @@ def test_an_assistant_message_as_openai_answers_it_is_history(client, server):
     resent = chat() + [first.choices[0].message, {"role": "user", "content": "More"}]
     assert client.chat.completions.create(messages=resent, **knobs).choices[0].message.content == again
     refusal = [{"role": "assistant", "content": None, "refusal": "No."}, {"role": "user", "content": "x"}]
-    as_part = [{"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]}, {"role": "user", "content": "x"}]
+    as_part = [{"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+               {"role": "user", "content": "x"}]
     as_text = [{"role": "assistant", "content": "No."}, {"role": "user", "content": "x"}]
     answers = {client.chat.completions.create(messages=m, **knobs).choices[0].message.content
                for m in (refusal, as_part, as_text)}
@@ -384,7 +385,8 @@ def test_vllms_chat_rendering_fields_and_add_special_tokens(client, server, monk
                         encode(text, add_special_tokens))
     one = dict(model="tiny", max_tokens=1)
     assert client.completions.create(prompt="Hi", **one).usage.prompt_tokens == 3
-    assert client.completions.create(prompt="Hi", extra_body={"add_special_tokens": False}, **one).usage.prompt_tokens == 2
+    unmarked = client.completions.create(prompt="Hi", extra_body={"add_special_tokens": False}, **one)
+    assert unmarked.usage.prompt_tokens == 2
     plain = len("user: Hi\nassistant:")        # no chat template: the tokenizer's BOS by default
     assert client.chat.completions.create(messages=chat(), **one).usage.prompt_tokens == plain + 1
     assert client.chat.completions.create(messages=chat(), extra_body={"add_special_tokens": False},

@@ -325,7 +325,8 @@ def test_echo_with_max_tokens_0_scores_the_prompt_alone(client, server):
                                             **knobs))
     assert "".join(c.choices[0].text for c in chunks if c.choices) == PROMPT
     assert chunks[-1].usage.completion_tokens == 0
-    refused = httpx.post(server.url + "/completions", timeout=30, json={"model": "tiny", "prompt": "a", "max_tokens": 0})
+    refused = httpx.post(server.url + "/completions", timeout=30,
+                         json={"model": "tiny", "prompt": "a", "max_tokens": 0})
     assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
 
 

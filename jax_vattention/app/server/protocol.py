@@ -1,7 +1,8 @@
 """The OpenAI request bodies the server accepts, and the JSON it answers with.
 
-Every field of a request is either honoured as OpenAI (and vLLM, for its extra sampling fields)
-defines it, or refused with a 400 that names it; none is accepted and ignored:
+Every field of a request is either honoured as OpenAI (and vLLM, for its extra fields) defines
+it, accepted where it changes no answer at OpenAI either (hints for OpenAI's own services), or
+refused with a 400 that names it:
 
 * the fields of :class:`CompletionRequest` and :class:`ChatCompletionRequest` are honoured:
   ``model``, ``prompt`` (text or token ids, one or a list) / ``messages`` (content as a string or
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -186,8 +186,8 @@ class CompletionRequest(SamplingFields):
     """``POST /v1/completions``: ``prompt`` is a string or token ids, or a list of either (a batch:
     ``n`` choices each, indexed prompt by prompt). ``logprobs=N``: the sampled tokens' and the ``N``
     most likely; ``echo``: the prompt comes first in each choice's text (and its tokens'
-    log-probabilities, with ``logprobs``), alone with ``max_tokens=0``; ``best_of``: that many samples of each prompt, the ``n``
-    most likely returned (not with ``stream``)."""
+    log-probabilities, with ``logprobs``), alone with ``max_tokens=0``; ``best_of``: that many
+    samples of each prompt, the ``n`` most likely returned (not with ``stream``)."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=None, ge=0)      # 0: with echo, the prompt alone (scoring)
