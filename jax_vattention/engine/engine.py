@@ -153,7 +153,9 @@ class Engine:
 
         The prompt is prefilled once and forked into a slot per sample
         (:mod:`~jax_vattention.engine.groups`); with a ``seed``, sample ``i`` draws with ``seed + i``.
-        Each sample streams its own events. Raises ``ValueError`` as :meth:`submit` does, and (where
+        Each sample streams its own events. Where the samples cannot fork (a host without aliased
+        pages, a prompt longer than the sliding window) they are independent requests, counted in
+        ``stats.unforked_samples``. Raises ``ValueError`` as :meth:`submit` does, and (where
         the samples fork) for more samples than slots or than the whole page budget holds, with
         nothing queued.
         """
@@ -163,8 +165,9 @@ class Engine:
             return [self.submit(request)]
         request = self._checked(request)
         requests = sample_requests(request, samples)
-        if not self.groups.forks:   # each sample is a request of its own
+        if not self.groups.forks_for(request):   # each sample is a request of its own
             self.memory.check_fits(request)
+            self.stats.unforked_samples += samples
             return [self._queue(one).request_id for one in requests]
         self.memory.check_fits(request, samples)
         prefill = self._queue(request)

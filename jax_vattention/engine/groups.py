@@ -32,8 +32,11 @@ on its own. Before it, the group is its prefill: the prefill is preempted and re
 request; cancelling a sample drops it from the group (the last one drops the prefill); a failure of
 the prefill ends every sample with its error.
 
-Where the host cannot fork (``tokens_per_page`` 0: the CPU backend's own memory), the samples are
-submitted as independent requests, each prefilling the prompt.
+Where the host cannot fork (``tokens_per_page`` 0: the CPU backend's own memory), or where the prompt
+reaches past the cache's sliding window (its prefill may unmap the pages behind the window, and a
+fork shares a slot's pages from its first one), the samples are submitted as independent requests,
+each prefilling the prompt: the same tokens, without the shared pages
+(``EngineStats.unforked_samples`` counts them).
 
 ``best_of``: :func:`best_samples` ranks samples by their cumulative log-probability (vLLM's
 definition); samples compute it when they ask for ``logprobs`` (0 is enough).
@@ -90,6 +93,13 @@ class SampleGroups:
     def forks(self) -> bool:
         """Whether the host forks slots (else samples are independent requests)."""
         return self.memory.host.tokens_per_page > 0
+
+    def forks_for(self, request: Request) -> bool:
+        """Whether the samples of ``request`` fork: the host forks, and no page of the prompt's prefill
+        can be behind the sliding window when the fork comes (the next query, at the last prompt
+        token's position, sees position 0)."""
+        window = self.memory.host.config.window
+        return self.forks and (window is None or len(request.prompt) <= window)
 
     def add(self, prefill: RequestState, samples: list[RequestState]) -> None:
         """Registers a group; ``prefill`` is queued by the caller, the samples wait here."""

@@ -76,6 +76,8 @@ class EngineStats:
     verifications: int = 0
     proposed_tokens: int = 0
     accepted_tokens: int = 0
+    # Samples (Engine.submit_samples) that ran as requests of their own instead of forks.
+    unforked_samples: int = 0
 
     def __post_init__(self):
         if self.window < 1:
