@@ -71,17 +71,47 @@ def run(engine, requests):
     return [outputs[i] for i in ids]
 
 
+_PLAIN = {}   # cache options -> (engine, manager): one reference engine per kind of cache, compiled once
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _plain_engines_closed():
+    yield
+    for _, manager in _PLAIN.values():
+        manager.close()
+    _PLAIN.clear()
+
+
+def plain_engine(model, **cache):
+    """The reference: an engine with no speculation, sharing or pipelining, on a roomy cache of the
+    given kind (so no preemption)."""
+    key = (id(model), tuple(sorted((name, str(value)) for name, value in cache.items())))
+    if key not in _PLAIN:
+        manager, _ = make_manager(model, **{**cache, "budget_pages": 10_000})
+        _PLAIN[key] = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, pipeline=False,
+                                                          prefix_sharing=False)), manager
+    return _PLAIN[key][0]
+
+
 def plain_engine_tokens(model, requests, **cache):
-    """The reference: the requests through an engine with no speculation, sharing or pipelining, on a
-    roomy cache of the same kind (so no preemption)."""
-    manager, driver = make_manager(model, **{**cache, "budget_pages": 10_000})
-    with manager:
-        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, pipeline=False,
-                                                     prefix_sharing=False))
-        return run(engine, requests)
+    return run(plain_engine(model, **cache), requests)
 
 
 # -- speculation x ... -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def speculating(model):
+    """One engine that speculates by prompt lookup (6 slots, a roomy budget), for the tests that need
+    no budget of their own: its programs compile once. Each test starts its stats afresh."""
+    manager, driver = make_manager(model, max_batch=6)
+    with manager:
+        yield Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram")), manager, driver
+
+
+def fresh(speculating):
+    engine, manager, driver = speculating
+    engine.reset_stats()
+    return engine, manager, driver
 
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])
 def test_speculation_on_an_fp8_cache_gives_the_plain_fp8_engines_tokens(model, layout):
@@ -95,20 +125,22 @@ def test_speculation_on_an_fp8_cache_gives_the_plain_fp8_engines_tokens(model, l
         check_drained(engine, manager, driver)
 
 
-@pytest.mark.parametrize("pipeline", [True, False])
-def test_speculating_samples_fork_and_stream_the_greedy_answer(model, pipeline):
-    requests = copying_requests(seed=2, count=2)
+def test_speculating_samples_fork_and_stream_what_independent_requests_stream(model, speculating):
+    """Greedy samples stream the plain greedy answer; seeded sampling ones (temperature 0.8) what the
+    same samples submitted as requests of their own stream, speculating too."""
+    from jax_vattention.engine.groups import sample_requests
+
+    requests = copying_requests(seed=2, count=2, new=(24, 32))
     want = plain_engine_tokens(model, requests)
-    manager, driver = make_manager(model, max_batch=6)
-    with manager:
-        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram",
-                                                     pipeline=pipeline))
-        groups = [engine.submit_samples(request, 3) for request in requests]
-        outputs = engine.run()
-        assert not engine.failed
-        assert [[outputs[i] for i in ids] for ids in groups] == [[tokens] * 3 for tokens in want]
-        assert engine.stats.accepted_tokens > 0
-        check_drained(engine, manager, driver)
+    sampled = dataclasses.replace(requests[1], temperature=0.8, top_k=20, seed=7)
+    engine, manager, driver = fresh(speculating)
+    groups = [engine.submit_samples(request, 3) for request in (requests[0], sampled)]
+    outputs = engine.run()
+    assert not engine.failed
+    assert [outputs[i] for i in groups[0]] == [want[0]] * 3
+    assert engine.stats.accepted_tokens > 0 and engine.stats.unforked_samples == 0
+    assert [outputs[i] for i in groups[1]] == run(engine, sample_requests(sampled, 3))
+    check_drained(engine, manager, driver)
 
 
 def test_speculating_samples_under_a_tight_budget_are_preempted_and_come_back_the_same(model):
@@ -126,27 +158,42 @@ def test_speculating_samples_under_a_tight_budget_are_preempted_and_come_back_th
         check_drained(engine, manager, driver)
 
 
-def test_cancelling_a_speculating_group_leaks_nothing(model):
-    request = dataclasses.replace(copying_requests(seed=4, count=1)[0], max_new_tokens=60)
-    manager, driver = make_manager(model, max_batch=4)
+def test_speculation_with_every_memory_policy_off_under_a_tight_budget(model):
+    """No overlap, no deferred reclamation, no eager allocation, no prefix sharing, 4 tokens mapped
+    ahead: proposals' pages are mapped and given back like any growth, requests are preempted, and
+    the tokens are the plain engine's."""
+    requests = copying_requests(seed=12, count=4, new=(20, 28))
+    want = plain_engine_tokens(model, requests)
+    manager, driver = make_manager(model, budget_pages=18)
     with manager:
-        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram"))
-        ids = engine.submit_samples(request, 3)
-        while engine.stats.verifications < 3:
-            engine.step()
-        assert engine.cancel(ids[1])
-        streamed = {i: [] for i in ids}
-        while engine.stats.verifications < 6:
-            for event in engine.step():
-                streamed[event.request_id].append(event.token)
-        assert engine.cancel(ids[0]) and engine.cancel(ids[2])
-        for event in engine.stream():
-            assert False, f"a cancelled sample streamed {event}"
+        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram",
+                                                     overlap=False, deferred_reclamation=False,
+                                                     eager_allocation=False, prefix_sharing=False,
+                                                     prefetch_tokens=4))
+        assert run(engine, requests) == want
+        assert engine.stats.preemptions > 0 and engine.stats.accepted_tokens > 0
         check_drained(engine, manager, driver)
 
 
+def test_cancelling_a_speculating_group_leaks_nothing(speculating):
+    request = dataclasses.replace(copying_requests(seed=4, count=1)[0], max_new_tokens=60)
+    engine, manager, driver = fresh(speculating)
+    ids = engine.submit_samples(request, 3)
+    while engine.stats.verifications < 3:
+        engine.step()
+    assert engine.cancel(ids[1])
+    streamed = {i: [] for i in ids}
+    while engine.stats.verifications < 6:
+        for event in engine.step():
+            streamed[event.request_id].append(event.token)
+    assert engine.cancel(ids[0]) and engine.cancel(ids[2])
+    for event in engine.stream():
+        assert False, f"a cancelled sample streamed {event}"
+    check_drained(engine, manager, driver)
+
+
 @pytest.mark.parametrize("field", ["stop_tokens", "stop_token_ids"])
-def test_a_stop_token_inside_an_accepted_run_ends_the_request_there(model, field):
+def test_a_stop_token_inside_an_accepted_run_ends_the_request_there(model, speculating, field):
     requests = copying_requests(seed=0, count=3)
     plain = plain_engine_tokens(model, requests)
     # Stop on a token of each output's loop, after the loop began (the proposals cover it).
@@ -157,15 +204,13 @@ def test_a_stop_token_inside_an_accepted_run_ends_the_request_there(model, field
     want = plain_engine_tokens(model, stopped)
     for tokens, stop in zip(want, stops):
         assert tokens[-1] == stop
-    manager, driver = make_manager(model)
-    with manager:
-        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram"))
-        assert run(engine, stopped) == want
-        assert engine.stats.accepted_tokens > 0
-        check_drained(engine, manager, driver)
+    engine, manager, driver = fresh(speculating)
+    assert run(engine, stopped) == want
+    assert engine.stats.accepted_tokens > 0
+    check_drained(engine, manager, driver)
 
 
-def test_logprobs_beside_speculation_are_the_plain_engines(model):
+def test_logprobs_beside_speculation_are_the_plain_engines(model, speculating):
     requests = copying_requests(seed=6, count=3)
     requests[1] = dataclasses.replace(requests[1], logprobs=2, prompt_logprobs=1)
     requests[2] = dataclasses.replace(requests[2], prompt_logprobs=2)
@@ -178,46 +223,40 @@ def test_logprobs_beside_speculation_are_the_plain_engines(model):
         assert not engine.failed
         return [by_id[i] for i in ids]
 
-    with make_manager(model)[0] as manager:
-        want = events(Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, pipeline=False)))
-    manager, driver = make_manager(model)
-    with manager:
-        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram"))
-        got = events(engine)
-        assert [[e.token for e in r] for r in got] == [[e.token for e in r] for r in want]
-        for mine, theirs in zip(got, want):
-            for a, b in zip(mine, theirs):
-                assert (a.logprobs is None) == (b.logprobs is None)
-                if a.logprobs is not None:
-                    assert abs(a.logprobs.logprob - b.logprobs.logprob) < 1e-4
-                    assert [t for t, _ in a.logprobs.top] == [t for t, _ in b.logprobs.top]
-            assert (mine[0].prompt_logprobs is None) == (theirs[0].prompt_logprobs is None)
-            if mine[0].prompt_logprobs is not None:
-                np.testing.assert_allclose([e.logprob for e in mine[0].prompt_logprobs[1:]],
-                                           [e.logprob for e in theirs[0].prompt_logprobs[1:]], atol=1e-4)
-        assert engine.stats.accepted_tokens > 0
-        check_drained(engine, manager, driver)
+    want = events(plain_engine(model))
+    engine, manager, driver = fresh(speculating)
+    got = events(engine)
+    assert [[e.token for e in r] for r in got] == [[e.token for e in r] for r in want]
+    for mine, theirs in zip(got, want):
+        for a, b in zip(mine, theirs):
+            assert (a.logprobs is None) == (b.logprobs is None)
+            if a.logprobs is not None:
+                assert abs(a.logprobs.logprob - b.logprobs.logprob) < 1e-4
+                assert [t for t, _ in a.logprobs.top] == [t for t, _ in b.logprobs.top]
+        assert (mine[0].prompt_logprobs is None) == (theirs[0].prompt_logprobs is None)
+        if mine[0].prompt_logprobs is not None:
+            np.testing.assert_allclose([e.logprob for e in mine[0].prompt_logprobs[1:]],
+                                       [e.logprob for e in theirs[0].prompt_logprobs[1:]], atol=1e-4)
+    assert engine.stats.accepted_tokens > 0
+    check_drained(engine, manager, driver)
 
 
-def test_speculation_to_the_end_of_the_slot_stays_within_max_len(model):
+def test_speculation_to_the_end_of_the_slot_stays_within_max_len(model, speculating):
     rng = np.random.default_rng(7)
     phrase = rng.integers(2, 256, 6).tolist()
-    prompt = phrase * 8                       # 48 tokens: a slot of 64 leaves 17 new tokens
-    request = Request(prompt=prompt, max_new_tokens=64 - len(prompt) + 1)
-    want = plain_engine_tokens(model, [request], max_len=64)
-    manager, driver = make_manager(model, max_len=64)
-    with manager:
-        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram",
-                                                     num_speculative_tokens=8))
-        assert run(engine, [request]) == want
-        assert engine.stats.verifications > 0
-        check_drained(engine, manager, driver)
+    prompt = phrase * 24                      # 144 tokens: a slot of 160 leaves 17 new tokens
+    request = Request(prompt=prompt, max_new_tokens=160 - len(prompt) + 1)
+    want = plain_engine_tokens(model, [request])
+    engine, manager, driver = fresh(speculating)
+    assert run(engine, [request]) == want
+    assert engine.stats.verifications > 0
+    check_drained(engine, manager, driver)
 
 
 def test_a_draft_model_speculates_for_forked_samples_and_preempted_requests(model):
     from jax_vattention.engine.draft import DraftProposer
 
-    requests = copying_requests(seed=8, count=2)
+    requests = copying_requests(seed=8, count=2, new=(16, 24))
     want = plain_engine_tokens(model, requests)
     manager, driver = make_manager(model, max_batch=6, budget_pages=20)
     draft_manager, draft_driver = make_manager(model, max_batch=6)

@@ -724,8 +724,39 @@ def serve_tp2() -> None:
     assert answers[0] == answers[1], answers
 
 
+def engine_tp2_forks_speculating_samples() -> None:
+    """Samples (n = 2) forked over a ShardedCacheManager, speculating by prompt lookup, under a
+    tight budget: each sample streams TP 1's plain greedy tokens, and every device's
+    manager gives every page back."""
+    from jax_vattention.engine import Engine, EngineConfig, Request
+
+    prompts = [([5, 6, 7, 8, 9] * 6, 14), (list(range(20, 60)), 10)]
+    fake = lambda device: _core.FakeDriver(4096, host_pages=True)  # noqa: E731
+    config = dataclasses.replace(cache_config("interleaved"), budget_bytes=14 * 4096, page_bytes=4096)
+    with jv.ShardedCacheManager(config, tp_mesh(2), driver_factory=fake) as manager:
+        engine = Engine(model(), manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram",
+                                                       prefetch_tokens=4))
+        groups = [engine.submit_samples(Request(prompt=p, max_new_tokens=n), 2) for p, n in prompts]
+        outputs = engine.run()
+        assert not engine.failed, engine.failed
+        got = [[outputs[i] for i in ids] for ids in groups]
+        stats = engine.stats
+        assert stats.verifications > 0 and stats.unforked_samples == 0, stats
+        assert manager.stats()["active_slots"] == 0
+        manager.reclaim()
+        manager.evict()
+        manager.trim()
+        for device in manager.stats()["per_device"]:
+            assert device["mapped_pages"] == device["created_pages"] == 0, device
+    with jv.CacheManager(cache_config()) as single:
+        engine = Engine(model(), single, EngineConfig(token_budget=24, chunk_tokens=8, pipeline=False))
+        ids = [engine.submit(Request(prompt=p, max_new_tokens=n)) for p, n in prompts]
+        plain = engine.run()
+    assert got == [[plain[i]] * 2 for i in ids], (got, plain)
+
+
 ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_tp2_samples_as_tp1_with_every_knob",
-                "engine_shares_prefixes_at_tp2",
+                "engine_shares_prefixes_at_tp2", "engine_tp2_forks_speculating_samples",
                 "engine_refuses_a_mismatched_model",
                 "checkpoint_straight_into_shards", "families_tp2_give_tp1_tokens", "fused_checkpoint_weights_per_device",
                 "bad_tp_degrees_are_refused_in_one_line"]
