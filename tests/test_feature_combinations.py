@@ -158,6 +158,24 @@ def test_speculating_samples_under_a_tight_budget_are_preempted_and_come_back_th
         check_drained(engine, manager, driver)
 
 
+def test_interleaved_speculation_shares_prefixes_published_after_rejections(model):
+    """Interleaved pages of 16 tokens: the system prompt's pages and pages the accepted runs complete
+    are published (the rejected proposals' rows were written past the length and are never keys of a
+    page), later requests share them, and every request streams the plain engine's tokens."""
+    requests = copying_requests(seed=13, count=4, system=40, new=(24, 32))
+    want = plain_engine_tokens(model, requests, layout="interleaved")
+    manager, driver = make_manager(model, layout="interleaved", budget_pages=24)
+    with manager:
+        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram",
+                                                     prefetch_tokens=4))
+        first = run(engine, requests[:1])
+        assert first == want[:1]
+        assert run(engine, requests[1:] + requests[:1]) == want[1:] + want[:1]   # the first again: all shared
+        stats = engine.stats
+        assert stats.shared_admissions >= 4 and stats.accepted_tokens > 0 and stats.preemptions > 0
+        check_drained(engine, manager, driver)
+
+
 def test_speculation_with_every_memory_policy_off_under_a_tight_budget(model):
     """No overlap, no deferred reclamation, no eager allocation, no prefix sharing, 4 tokens mapped
     ahead: proposals' pages are mapped and given back like any growth, requests are preempted, and
@@ -172,6 +190,21 @@ def test_speculation_with_every_memory_policy_off_under_a_tight_budget(model):
                                                      prefetch_tokens=4))
         assert run(engine, requests) == want
         assert engine.stats.preemptions > 0 and engine.stats.accepted_tokens > 0
+        check_drained(engine, manager, driver)
+
+
+def test_cancelling_speculating_groups_with_preempted_samples_leaks_nothing(model):
+    requests = [dataclasses.replace(r, max_new_tokens=60) for r in copying_requests(seed=3, count=2)]
+    manager, driver = make_manager(model, max_batch=6, budget_pages=20)
+    with manager:
+        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram",
+                                                     prefetch_tokens=4))
+        groups = [engine.submit_samples(request, 3) for request in requests]
+        while engine.stats.preemptions == 0:
+            engine.step()
+        assert engine.waiting > 0
+        assert all(engine.cancel(request_id) for ids in groups for request_id in ids)
+        assert list(engine.stream()) == []
         check_drained(engine, manager, driver)
 
 

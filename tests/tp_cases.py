@@ -755,8 +755,41 @@ def engine_tp2_forks_speculating_samples() -> None:
     assert got == [[plain[i]] * 2 for i in ids], (got, plain)
 
 
+def engine_tp2_fp8_and_windows_give_one_devices_tokens() -> None:
+    """An FP8 cache and a sliding-window cache (a Gemma-like model: layer 0 slides) over a
+    ShardedCacheManager: the engine streams what it streams over one device's manager of the same
+    kind, and every device gives its pages back."""
+    from jax_vattention.engine import Engine, EngineConfig, Request
+
+    windowed = Llama(dataclasses.replace(MODEL, sliding_window=16, sliding_layers=(0,), rope_scaling=None),
+                     rngs=nnx.Rngs(1))
+    prompts = [([5, 6, 7, 8, 9] * 6, 14), (list(range(20, 60)), 10), ([3] * 12, 20)]
+    for target, kind in ((model(), dict(dtype=jnp.float8_e4m3fn)),
+                         (windowed, dict(window=16, window_layers=windowed.config.window_layers))):
+        config = dataclasses.replace(cache_config("per_layer"), **kind)
+
+        def run(manager):
+            engine = Engine(target, manager, EngineConfig(token_budget=24, chunk_tokens=8))
+            ids = [engine.submit(Request(prompt=p, max_new_tokens=n)) for p, n in prompts]
+            outputs = engine.run()
+            assert not engine.failed, engine.failed
+            assert manager.stats()["active_slots"] == 0
+            return [outputs[i] for i in ids]
+
+        with jv.CacheManager(config) as single:
+            want = run(single)
+        with jv.ShardedCacheManager(config, tp_mesh(2)) as manager:
+            got = run(manager)
+            manager.reclaim()
+            manager.trim()
+            for device in manager.stats()["per_device"]:
+                assert device["mapped_pages"] == 0, device
+        assert got == want, (kind, got, want)
+
+
 ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_tp2_samples_as_tp1_with_every_knob",
                 "engine_shares_prefixes_at_tp2", "engine_tp2_forks_speculating_samples",
+                "engine_tp2_fp8_and_windows_give_one_devices_tokens",
                 "engine_refuses_a_mismatched_model",
                 "checkpoint_straight_into_shards", "families_tp2_give_tp1_tokens", "fused_checkpoint_weights_per_device",
                 "bad_tp_degrees_are_refused_in_one_line"]
