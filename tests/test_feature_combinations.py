@@ -176,6 +176,26 @@ def test_interleaved_speculation_shares_prefixes_published_after_rejections(mode
         check_drained(engine, manager, driver)
 
 
+def test_speculating_samples_on_the_cpu_backends_own_memory_run_unforked(model):
+    """The CPU backend's own pages cannot back two addresses: nothing is shared or forked, samples are
+    requests of their own (counted), and speculation's rewinds work the same."""
+    config = model.config
+    cache_config = jv.CacheConfig(num_layers=config.num_layers, max_batch=4, max_len=160,
+                                  kv_heads=config.num_kv_heads, head_dim=config.head_dim, dtype=jnp.float32,
+                                  budget_bytes=1 << 22)
+    requests = copying_requests(seed=14, count=2, new=(20, 28))
+    want = plain_engine_tokens(model, requests)
+    with jv.CacheManager(cache_config, CPU) as manager:
+        assert manager.tokens_per_page == 0
+        engine = Engine(model, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram"))
+        groups = [engine.submit_samples(request, 2) for request in requests]
+        outputs = engine.run()
+        assert not engine.failed
+        assert [[outputs[i] for i in ids] for ids in groups] == [[tokens] * 2 for tokens in want]
+        assert engine.stats.unforked_samples == 4 and engine.stats.accepted_tokens > 0
+        assert manager.stats()["active_slots"] == 0
+
+
 def test_speculation_with_every_memory_policy_off_under_a_tight_budget(model):
     """No overlap, no deferred reclamation, no eager allocation, no prefix sharing, 4 tokens mapped
     ahead: proposals' pages are mapped and given back like any growth, requests are preempted, and
@@ -306,13 +326,6 @@ def test_a_draft_model_speculates_for_forked_samples_and_preempted_requests(mode
         check_drained(engine, draft_manager, draft_driver)
 
 
-def test_speculation_over_a_sliding_window_is_refused_naming_both(model):
-    manager, _ = make_manager(model, window=16)
-    with manager:
-        with pytest.raises(ValueError, match="(?s)speculative decoding.*sliding window.*speculate"):
-            Engine(model, manager, EngineConfig(speculate="ngram"))
-
-
 # -- sliding windows x ... -------------------------------------------------------------------------
 
 WINDOW = 16
@@ -348,11 +361,29 @@ def dense_tokens(model, requests):
                     max_new_tokens=[r.max_new_tokens for r in requests])[0].tokens
 
 
-def test_speculation_over_a_sliding_window_is_refused_naming_both(windowed):
+def test_speculation_over_a_sliding_window_is_refused_naming_both_and_a_windowless_cache_speculates(windowed):
+    """A cache that unmaps behind the window cannot undo a rejection (the pages the lowered length's
+    window needs may be gone): refused, naming what to do. A windowed model over a cache that keeps
+    every page speculates to the dense tokens."""
+    from jax_vattention.engine.draft import DraftProposer
+
     manager, _ = windowed_manager(windowed)
     with manager:
-        with pytest.raises(ValueError, match="(?s)speculative decoding.*sliding window.*speculate"):
+        with pytest.raises(ValueError, match="(?s)speculative decoding.*sliding window.*window=None"):
             Engine(windowed, manager, EngineConfig(speculate="ngram"))
+        plain_manager, _ = make_manager(windowed)
+        with plain_manager:
+            with pytest.raises(ValueError, match="(?s)draft's cache has a sliding window.*window=None"):
+                Engine(windowed, plain_manager, EngineConfig(speculate="draft"),
+                       draft=DraftProposer(windowed, manager))
+    requests = copying_requests(seed=15, count=2, new=(24, 32))
+    want = dense_tokens(windowed, requests)
+    manager, driver = make_manager(windowed, budget_pages=24)
+    with manager:
+        engine = Engine(windowed, manager, EngineConfig(token_budget=24, chunk_tokens=8, speculate="ngram"))
+        assert run(engine, requests) == want
+        assert engine.stats.verifications > 0
+        check_drained(engine, manager, driver)
 
 
 @pytest.mark.parametrize("layout", ["per_layer", "interleaved"])

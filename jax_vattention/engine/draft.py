@@ -67,7 +67,9 @@ class DraftProposer:
             raise ValueError(f"the draft's cache ({draft_config.max_batch} slots x {draft_config.max_len} tokens) "
                              f"must hold the target's ({cache_config.max_batch} x {cache_config.max_len})")
         if draft_config.window is not None:
-            raise ValueError("the draft's cache has a sliding window: its rejected tokens could not be undone")
+            raise ValueError("the draft's cache has a sliding window: its rejected tokens could not be undone; "
+                             "give the draft's cache window=None (a windowed draft still attends within its "
+                             "window; the pages behind it stay mapped)")
 
     def propose_many(self, wanted: list[tuple[RequestState, int]]) -> dict[int, tuple[int, ...]]:
         """Up to ``k`` greedy tokens for each ``(state, k)``, by request id (none for a request whose

@@ -101,7 +101,8 @@ class Engine:
         if config.speculate is not None and cache_config.window is not None:
             raise ValueError("speculative decoding needs a cache without a sliding window (rejected tokens are "
                              "undone by lowering the length, and pages behind the window may be gone): "
-                             "leave out speculate")
+                             "leave out speculate, or give the cache window=None (the model still attends "
+                             "within its window; the pages behind it stay mapped)")
         # draft: with speculate="draft", its proposer (a jax_vattention.engine.draft.DraftProposer)
         self.speculator = speculator_for(config.speculate, config.num_speculative_tokens, cache_config.max_len,
                                          draft)
