@@ -130,7 +130,7 @@ def test_speculating_samples_fork_and_stream_what_independent_requests_stream(mo
     same samples submitted as requests of their own stream, speculating too."""
     from jax_vattention.engine.groups import sample_requests
 
-    requests = copying_requests(seed=2, count=2, new=(24, 32))
+    requests = copying_requests(seed=0, count=2, new=(24, 32))
     want = plain_engine_tokens(model, requests)
     sampled = dataclasses.replace(requests[1], temperature=0.8, top_k=20, seed=7)
     engine, manager, driver = fresh(speculating)

@@ -76,6 +76,7 @@ class Speculator:
         self.num_tokens = num_tokens
         self.max_len = max_len
         self._records: dict[int, _Record] = {}
+        self._first: set[int] = set()   # requests whose step planned last draws their first token in a decode row
 
     def _record(self, state: RequestState) -> _Record:
         return self._records.setdefault(state.request_id, _Record())
@@ -92,10 +93,17 @@ class Speculator:
         return max(0, min(k, state.remaining - 1, self.max_len - state.computed - 1))
 
     def propose(self, plan: StepPlan) -> StepPlan:
-        """``plan`` with proposals for its decoding requests that speculate and whose last token is on
-        the host (none in flight)."""
+        """``plan`` with proposals for its decoding requests that speculate, whose last token is on
+        the host (none in flight) and that generated a token already.
+
+        Why not before the first token: a forked sample (:mod:`~jax_vattention.engine.groups`) draws
+        its first token in a decode row that feeds the prompt's last token, where a request of its
+        own draws it in its last prefill chunk, which proposes nothing. A seeded draw's keys depend
+        on whether a verification makes it, so a sample that proposed there would stream other
+        tokens than the same request submitted alone (``seed + i``)."""
+        self._first = {state.request_id for state in plan.decodes if not state.generated}
         wanted = [(state, self.tokens_for(state)) for state in plan.decodes
-                  if not state.in_flight and self.active(state)]
+                  if not state.in_flight and state.generated and self.active(state)]
         wanted = [(state, k) for state, k in wanted if k]
         if not wanted:
             return plan
@@ -122,6 +130,9 @@ class Speculator:
         """After ``plan``'s step was read: ``streamed[request_id]`` tokens each decoding request
         streamed, ``accepted[request_id]`` proposals each verification accepted."""
         for state in plan.decodes:
+            if state.request_id in self._first:
+                self._first.discard(state.request_id)
+                continue   # its first token (a forked sample's), which no request proposes for
             if state.done:
                 continue
             record = self._record(state)
@@ -141,6 +152,7 @@ class Speculator:
     def forget(self, state: RequestState) -> None:
         """``state`` left for good: its record goes."""
         self._records.pop(state.request_id, None)
+        self._first.discard(state.request_id)
         self.proposer.forget(state)
 
 
