@@ -211,8 +211,8 @@ def test_a_request_that_gains_too_little_stops_speculating_then_retries():
             return ()
 
     speculator = Speculator(Never(), num_tokens=4, max_len=1000)
-    state = RequestState(0, Request(prompt=[1, 2, 3], max_new_tokens=500), 0.0, generated=[4], slot=0,
-                         computed=3, prefilled=True)
+    state = RequestState(0, Request(prompt=[1, 2, 3], max_new_tokens=500), 0.0, generated=[4, 5], slot=0,
+                         computed=4, prefilled=True)
     plan = StepPlan((state,), (), ())
     for _ in range(WINDOW):
         assert speculator.synchronous(plan) and not speculator.propose(plan).proposals

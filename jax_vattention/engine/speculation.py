@@ -76,7 +76,6 @@ class Speculator:
         self.num_tokens = num_tokens
         self.max_len = max_len
         self._records: dict[int, _Record] = {}
-        self._first: set[int] = set()   # requests whose step planned last draws their first token in a decode row
 
     def _record(self, state: RequestState) -> _Record:
         return self._records.setdefault(state.request_id, _Record())
@@ -101,7 +100,6 @@ class Speculator:
         own draws it in its last prefill chunk, which proposes nothing. A seeded draw's keys depend
         on whether a verification makes it, so a sample that proposed there would stream other
         tokens than the same request submitted alone (``seed + i``)."""
-        self._first = {state.request_id for state in plan.decodes if not state.generated}
         wanted = [(state, self.tokens_for(state)) for state in plan.decodes
                   if not state.in_flight and state.generated and self.active(state)]
         wanted = [(state, k) for state, k in wanted if k]
@@ -130,11 +128,8 @@ class Speculator:
         """After ``plan``'s step was read: ``streamed[request_id]`` tokens each decoding request
         streamed, ``accepted[request_id]`` proposals each verification accepted."""
         for state in plan.decodes:
-            if state.request_id in self._first:
-                self._first.discard(state.request_id)
-                continue   # its first token (a forked sample's), which no request proposes for
-            if state.done:
-                continue
+            if state.done or (len(state.generated) == 1 and state.request_id not in accepted):
+                continue   # its first token (a forked sample's, drawn in a decode row): nothing proposes for it
             record = self._record(state)
             if record.off_for:
                 record.off_for -= 1
@@ -152,7 +147,6 @@ class Speculator:
     def forget(self, state: RequestState) -> None:
         """``state`` left for good: its record goes."""
         self._records.pop(state.request_id, None)
-        self._first.discard(state.request_id)
         self.proposer.forget(state)
 
 
