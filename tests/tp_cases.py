@@ -788,7 +788,8 @@ def engine_tp2_fp8_and_windows_give_one_devices_tokens() -> None:
 
 
 ENGINE_CASES = ["engine_tp2_and_tp4_give_tp1_tokens_with_exact_pages", "engine_tp2_samples_as_tp1_with_every_knob",
-                "engine_shares_prefixes_at_tp2", "engine_tp2_forks_speculating_samples",
+                "engine_shares_prefixes_at_tp2", "engine_tp2_speculates_to_tp1_plain_tokens",
+                "engine_tp2_forks_speculating_samples",
                 "engine_tp2_fp8_and_windows_give_one_devices_tokens",
                 "engine_refuses_a_mismatched_model",
                 "checkpoint_straight_into_shards", "families_tp2_give_tp1_tokens", "fused_checkpoint_weights_per_device",
