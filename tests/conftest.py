@@ -70,6 +70,23 @@ def model():
     return Llama(get_config("tiny"), rngs=nnx.Rngs(0))
 
 
+# The sliding window of the windowed tiny models (windowed_model).
+SLIDING_WINDOW = 16
+
+
+@pytest.fixture(scope="module", params=["every_layer", "alternate"])
+def windowed_model(request):
+    """The ``tiny`` Llama with a sliding window of :data:`SLIDING_WINDOW` (seed 3): Mistral-like (every
+    layer slides) or Gemma-like (layer 0 slides, layer 1 attends to all)."""
+    from flax import nnx
+
+    from jax_vattention.models import Llama, get_config
+
+    layers = None if request.param == "every_layer" else (0,)
+    config = get_config("tiny").replace(sliding_window=SLIDING_WINDOW, sliding_layers=layers, rope_scaling=None)
+    return Llama(config, rngs=nnx.Rngs(3))
+
+
 @pytest.fixture
 def fake_host():
     """A factory of cache managers on the CPU over the fake driver, closed after the test.

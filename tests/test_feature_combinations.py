@@ -328,20 +328,11 @@ def test_a_draft_model_speculates_for_forked_samples_and_preempted_requests(mode
 
 # -- sliding windows x ... -------------------------------------------------------------------------
 
-WINDOW = 16
 
-
-@pytest.fixture(scope="module", params=["every_layer", "alternate"])
-def windowed(request):
-    """Mistral-like (every layer slides) or Gemma-like (layer 0 slides, layer 1 attends to all)."""
-    from flax import nnx
-
-    from jax_vattention.models.configs import get_config
-    from jax_vattention.models.llama import Llama
-
-    layers = None if request.param == "every_layer" else (0,)
-    config = get_config("tiny").replace(sliding_window=WINDOW, sliding_layers=layers, rope_scaling=None)
-    return Llama(config, rngs=nnx.Rngs(3))
+@pytest.fixture(scope="module")
+def windowed(windowed_model):
+    """Mistral-like or Gemma-like: the conftest's windowed tiny models."""
+    return windowed_model
 
 
 def windowed_manager(model, **options):

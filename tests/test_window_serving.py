@@ -20,18 +20,17 @@ from jax_vattention.engine import Engine, EngineConfig, Request
 from jax_vattention.models.configs import get_config
 from jax_vattention.models.llama import Llama
 
+from conftest import SLIDING_WINDOW as WINDOW  # the windowed models' window
+
 CPU = jax.devices("cpu")[0]
 PAGE = 4096                  # 32 tokens of one layer (2 KV heads x 16 x float32)
-WINDOW = 16
 MAX_LEN = 224
 
 
-@pytest.fixture(scope="module", params=["every_layer", "alternate"])
-def model(request):
-    """Mistral-like (every layer slides) or Gemma-like (layer 0 slides, layer 1 attends to all)."""
-    layers = None if request.param == "every_layer" else (0,)
-    config = get_config("tiny").replace(sliding_window=WINDOW, sliding_layers=layers, rope_scaling=None)
-    return Llama(config, rngs=nnx.Rngs(3))
+@pytest.fixture(scope="module")
+def model(windowed_model):
+    """Mistral-like or Gemma-like: the conftest's windowed tiny models."""
+    return windowed_model
 
 
 def manager_for(model, *, max_batch=3, budget_pages=10_000, layout="per_layer"):
